@@ -1,0 +1,162 @@
+"""Run configuration: one YAML file with `data`, `model` and `train` blocks, plus overrides.
+
+Defaults are the paper's settings (SPEC.md). An override is `section.key=value` on the command
+line; its value is parsed as YAML (so `train.lr=1e-3`, `model.asta_form=literal` work). An unknown
+section or key is an error, never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class QINConfig:
+    """Sizes and switches of the QIN model; defaults are the paper's on MicroLens_1M_x1."""
+
+    num_items: int = 91_718  # item vocabulary, row 0 = padding
+    num_tags: int = 11_740  # tag vocabulary, id 0 = padding
+    num_levels: int = 11  # likes_level / views_level take 0..10
+    tags_per_item: int = 5
+    embed_dim: int = 128
+    mm_dim: int = 128  # width of the frozen multimodal embedding item_emb_d128
+    attention_dim: int = 768  # d_a of ASTA
+    qnn_layers: int = 4
+    qnn_rows: int = 4  # M, the num_row of the quadratic layer
+    dropout: float = 0.1
+    embedding_init_std: float = 1e-4
+    # ASTA computed literally (K and V projected per history item) or through the exact
+    # hoisted algebra of SPEC.md (never forms K or V).
+    asta_form: str = "hoisted"
+    # Encode each distinct item of a batch once and gather (exact); False encodes every
+    # position separately, as the authors' code does.
+    dedup_items: bool = True
+    asta_kernel: str = "auto"  # backend of the hoisted ASTA op: auto | torch | triton
+    qnn_kernel: str = "auto"  # backend of the QNN quadratic projection: auto | torch | triton
+
+    @property
+    def item_dim(self) -> int:
+        return 3 * self.embed_dim
+
+    @property
+    def qnn_dim(self) -> int:
+        return 2 * self.embed_dim + 2 * self.item_dim
+
+    def validate(self) -> None:
+        if self.asta_form not in ("hoisted", "literal"):
+            raise ConfigError(f"model.asta_form must be 'hoisted' or 'literal', got {self.asta_form!r}")
+        for name in ("asta_kernel", "qnn_kernel"):
+            if getattr(self, name) not in ("auto", "torch", "triton"):
+                raise ConfigError(f"model.{name} must be auto, torch or triton, got {getattr(self, name)!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        for name in ("num_items", "num_tags", "num_levels", "embed_dim", "mm_dim", "attention_dim",
+                     "qnn_layers", "qnn_rows", "tags_per_item"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+
+
+@dataclass
+class DataConfig:
+    dir: str | None = None  # None: the built-in generated dataset
+    max_len: int = 64
+
+
+@dataclass
+class TrainConfig:
+    """The paper's training settings (SPEC.md, 'Training')."""
+
+    lr: float = 2e-3
+    batch_size: int = 8192
+    eval_batch_size: int = 8192
+    epochs: int = 100
+    embedding_l2: float = 2e-4  # loss += embedding_l2 / 2 * sum of squares of embedding tables and P
+    grad_clip: float = 10.0
+    lr_decay: float = 0.5  # lr *= lr_decay after an epoch without valid-AUC gain
+    min_lr: float = 1e-6
+    patience: int = 8  # epochs without gain before early stop
+    seed: int = 20242025
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole split
+    out_dir: str = "runs/qin"
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: QINConfig = field(default_factory=QINConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _apply(section_obj, section: str, values: dict, source: str) -> None:
+    known = {f.name: f for f in dataclasses.fields(section_obj)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{section}.{key}'; known keys: {', '.join(sorted(known))}")
+        setattr(section_obj, key, value)
+
+
+def _coerce_types(cfg: RunConfig) -> None:
+    """YAML gives ints where floats are meant (lr: 1) and strings for 1e-3; make types exact."""
+    for section in ("data", "model", "train"):
+        obj = getattr(cfg, section)
+        defaults = type(obj)()
+        for f in dataclasses.fields(obj):
+            value, default = getattr(obj, f.name), getattr(defaults, f.name)
+            try:
+                if isinstance(default, bool):
+                    if not isinstance(value, bool):
+                        raise TypeError
+                elif isinstance(default, float):
+                    value = float(value)
+                elif isinstance(default, int):
+                    if isinstance(value, bool) or float(value) != int(value):
+                        raise TypeError
+                    value = int(value)
+                elif f.name == "max_steps_per_epoch" and value is not None:
+                    value = int(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{section}.{f.name} must be of type {type(default).__name__}, got {value!r}") from None
+            setattr(obj, f.name, value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), base: dict | None = None) -> RunConfig:
+    """Defaults <- `base` dict <- YAML file <- `section.key=value` overrides; validated."""
+    cfg = RunConfig()
+    layers: list[tuple[str, dict]] = []
+    if base:
+        layers.append(("built-in settings", base))
+    if path is not None:
+        with open(path, encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping with data/model/train blocks")
+        layers.append((str(path), loaded))
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=1e-3)")
+        section, _, name = key.partition(".")
+        layers.append((f"override {text!r}", {section: {name: yaml.safe_load(raw)}}))
+    for source, tree in layers:
+        for section, values in tree.items():
+            if section not in ("data", "model", "train"):
+                raise ConfigError(f"{source}: unknown section '{section}'; expected data, model or train")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{source}: section '{section}' must be a mapping")
+            _apply(getattr(cfg, section), section, values, source)
+    _coerce_types(cfg)
+    cfg.model.validate()
+    if cfg.data.max_len < 1:
+        raise ConfigError(f"data.max_len must be a positive integer, got {cfg.data.max_len}")
+    return cfg

@@ -1,0 +1,176 @@
+"""The Quadratic Interest Network, section by section as SPEC.md describes it.
+
+    item representation  e(i) = [E_item[i], mean(E_tag[tags(i)]), P item_emb_d128[i]]   (384)
+    ASTA                 out = Wo sum_l ReLU(m_l q.k_l / sqrt(d_a)) v_l + t
+    QNN                  x <- x + Dropout(PReLU(BN(x * sum_r Dropout(W_r x + b_r))))      (x4)
+    output               p = sigmoid(w . x + b)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from qin.config import QINConfig
+
+
+class ItemEncoder(nn.Module):
+    """e(i) = concat(E_item[i], masked_mean(E_tag[tags(i)]), P @ item_emb_d128[i]).
+
+    The item side information (tags and the frozen multimodal embedding) is data, not
+    parameters: it lives in non-persistent buffers filled by `load_item_info`.
+    """
+
+    def __init__(self, cfg: QINConfig):
+        super().__init__()
+        self.item_embedding = nn.Embedding(cfg.num_items, cfg.embed_dim, padding_idx=0)
+        self.tag_embedding = nn.Embedding(cfg.num_tags, cfg.embed_dim, padding_idx=0)
+        self.mm_projection = nn.Linear(cfg.mm_dim, cfg.embed_dim, bias=False)  # P
+        self.register_buffer("item_tags", torch.zeros(cfg.num_items, cfg.tags_per_item, dtype=torch.long), persistent=False)
+        self.register_buffer("item_mm", torch.zeros(cfg.num_items, cfg.mm_dim), persistent=False)
+
+    def load_item_info(self, tags: torch.Tensor, mm: torch.Tensor) -> None:
+        if tags.shape != self.item_tags.shape or mm.shape != self.item_mm.shape:
+            raise ValueError(
+                f"item_info does not fit the model: tags {tuple(tags.shape)} and embeddings {tuple(mm.shape)}, "
+                f"expected {tuple(self.item_tags.shape)} and {tuple(self.item_mm.shape)}"
+            )
+        self.item_tags.copy_(tags)
+        self.item_mm.copy_(mm)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        # mode="mean" with padding_idx leaves tag 0 out of the mean; an all-padding bag gives zeros.
+        tag_mean = F.embedding_bag(self.item_tags[flat], self.tag_embedding.weight, mode="mean", padding_idx=0)
+        rep = torch.cat(
+            [self.item_embedding(flat), tag_mean, self.mm_projection(self.item_mm[flat])], dim=-1
+        )
+        return rep.view(*ids.shape, rep.shape[-1])
+
+
+class SparseTargetAttention(nn.Module):
+    """ASTA: ReLU-gated, mask-multiplied, unnormalised target attention with a residual."""
+
+    def __init__(self, cfg: QINConfig):
+        super().__init__()
+        d, d_a = cfg.item_dim, cfg.attention_dim
+        self.W_q = nn.Linear(d, d_a, bias=False)
+        self.W_k = nn.Linear(d, d_a, bias=False)
+        self.W_v = nn.Linear(d, d_a, bias=False)
+        self.W_o = nn.Linear(d_a, d, bias=False)
+        self.scale = 1.0 / math.sqrt(d_a)
+        self.form = cfg.asta_form
+        self.backend = cfg.asta_kernel
+
+    def forward(self, target: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.form == "literal":
+            q, k, v = self.W_q(target), self.W_k(history), self.W_v(history)
+            scores = torch.einsum("bd,bld->bl", q, k) * self.scale * mask.to(q.dtype)
+            pooled = torch.einsum("bl,bld->bd", torch.relu(scores), v)
+            return self.W_o(pooled) + target
+        # Hoisted (SPEC.md, "Exact algebra"): q.k_l = x_l.(Wk^T q) and sum_l a_l Wv x_l = Wv sum_l a_l x_l.
+        query = (self.W_q(target) @ self.W_k.weight) * self.scale
+        pooled = kernels.sparse_target_attention(history, query, mask, backend=self.backend)
+        return self.W_o(self.W_v(pooled)) + target
+
+
+class QuadraticLayer(nn.Module):
+    """y = x * sum_r Dropout(W_r x + b_r): the Khatri-Rao quadratic unit of QNN."""
+
+    def __init__(self, dim: int, num_row: int, dropout: float, backend: str):
+        super().__init__()
+        self.linear = nn.Linear(dim, num_row * dim)
+        self.num_row, self.dropout, self.backend = num_row, dropout, backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.quadratic_projection(
+            x, self.linear.weight, self.linear.bias, self.num_row,
+            dropout_p=self.dropout, training=self.training, backend=self.backend,
+        )
+
+
+class QNN(nn.Module):
+    """x <- x + Dropout(PReLU(BatchNorm1d(quadratic_layer(x)))), repeated qnn_layers times."""
+
+    def __init__(self, cfg: QINConfig):
+        super().__init__()
+        dim = cfg.qnn_dim
+        self.quadratic = nn.ModuleList(
+            QuadraticLayer(dim, cfg.qnn_rows, cfg.dropout, cfg.qnn_kernel) for _ in range(cfg.qnn_layers)
+        )
+        self.norms = nn.ModuleList(nn.BatchNorm1d(dim) for _ in range(cfg.qnn_layers))
+        self.activations = nn.ModuleList(nn.PReLU(num_parameters=1, init=0.25) for _ in range(cfg.qnn_layers))
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for quadratic, norm, activation in zip(self.quadratic, self.norms, self.activations):
+            x = x + self.dropout(activation(norm(quadratic(x))))
+        return x
+
+
+class QIN(nn.Module):
+    def __init__(self, cfg: QINConfig | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or QINConfig()
+        cfg.validate()
+        self.items = ItemEncoder(cfg)
+        self.likes_embedding = nn.Embedding(cfg.num_levels, cfg.embed_dim)
+        self.views_embedding = nn.Embedding(cfg.num_levels, cfg.embed_dim)
+        self.asta = SparseTargetAttention(cfg)
+        self.qnn = QNN(cfg)
+        self.output = nn.Linear(cfg.qnn_dim, 1)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Embeddings normal(std=1e-4) with padding rows 0; Linear weights xavier_normal, biases 0."""
+        for module in self.modules():
+            if isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=self.cfg.embedding_init_std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.Linear):
+                nn.init.xavier_normal_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def load_item_info(self, tags: torch.Tensor, mm: torch.Tensor) -> None:
+        self.items.load_item_info(tags, mm)
+
+    def embedding_tables(self) -> list[torch.Tensor]:
+        """The tensors under the embedding L2 penalty: every embedding table and P."""
+        return [
+            self.items.item_embedding.weight, self.items.tag_embedding.weight, self.items.mm_projection.weight,
+            self.likes_embedding.weight, self.views_embedding.weight,
+        ]
+
+    def embedding_l2(self) -> torch.Tensor:
+        return sum(w.pow(2).sum() for w in self.embedding_tables())
+
+    def encode_items(self, target_ids: torch.Tensor, history_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.cfg.dedup_items:
+            return self.items(target_ids), self.items(history_ids)
+        # A batch names far fewer distinct items than positions: encode each once, then gather.
+        ids = torch.cat([target_ids, history_ids.reshape(-1)])
+        unique_ids, inverse = torch.unique(ids, return_inverse=True)
+        reps = self.items(unique_ids)[inverse]
+        batch = target_ids.shape[0]
+        return reps[:batch], reps[batch:].view(*history_ids.shape, reps.shape[-1])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Click logits (B,) for a batch with item_id (B), item_seq (B, L), likes_level, views_level (B)."""
+        target, history = self.encode_items(batch["item_id"], batch["item_seq"])
+        mask = batch["item_seq"] > 0
+        interest = self.asta(target, history, mask)
+        x = torch.cat(
+            [self.likes_embedding(batch["likes_level"]), self.views_embedding(batch["views_level"]), target, interest],
+            dim=-1,
+        )
+        return self.output(self.qnn(x)).squeeze(-1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

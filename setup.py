@@ -1,0 +1,26 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="qin-triton",
+    version="0.1.0",
+    description="Quadratic Interest Network (QIN) for multimodal CTR prediction, with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernels", "kernels.*", "qin", "qin.*"]),
+    package_data={"qin": ["configs/*.yaml"]},
+    install_requires=[
+        # The CPU build 2.13.0 satisfies this range; an open upper bound would pull a newer CUDA build.
+        "torch>=2.4,<=2.13.0",
+        "triton>=3.0",
+        "numpy>=1.24",
+        "pyarrow>=14",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "hypothesis>=6.80", "pytest-benchmark>=4"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+    },
+    entry_points={"console_scripts": ["qin=qin.cli:main"]},
+)

@@ -1,0 +1,22 @@
+import os
+
+# The Triton kernels run on the CPU through Triton's interpreter. It must be chosen before
+# triton is first imported, so it is set here, before any test module imports `kernels`.
+if not os.environ.get("QIN_TEST_CUDA"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+from hypothesis import settings
+
+# Interpreter runs are slow and timing varies with load: no deadlines, few examples by default.
+settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
+settings.register_profile("dev", deadline=None, max_examples=10)
+settings.register_profile("thorough", deadline=None, max_examples=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where kernel tests run: the CPU under the interpreter, or CUDA when QIN_TEST_CUDA=1."""
+    return torch.device("cuda" if os.environ.get("QIN_TEST_CUDA") else "cpu")
