@@ -1,0 +1,135 @@
+"""Timing, memory and CSV helpers shared by every benchmark in bench/.
+
+Times are the median with 20th/80th percentiles: `triton.testing.do_bench` on CUDA (device
+events), a perf_counter loop on the CPU. Inputs and output gradients are allocated by the caller,
+outside the timed region. Every figure becomes one CSV row in the same schema.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+CSV_FIELDS = [
+    "kernel", "provider", "mode", "metric", "unit", "x_name", "x_value",
+    "p50", "p20", "p80", "device", "dtype", "timestamp", "torch", "triton", "commit",
+]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, reps: int = 10,
+            min_seconds: float = 0.0) -> tuple[float, float, float]:
+    """(p50, p20, p80) milliseconds of fn()."""
+    if device.type == "cuda":
+        import triton.testing
+
+        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
+        return float(p50), float(p20), float(p80)
+    for _ in range(warmup):
+        fn()
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < reps or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    q = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
+    return statistics.median(samples), q[1], q[7]
+
+
+def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak device memory allocated during fn(), above what was allocated before; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def make_row(kernel: str, provider: str, mode: str, metric: str, unit: str, x_name: str, x_value,
+             values: tuple[float, float, float] | float, device: torch.device, dtype: torch.dtype | str = "") -> dict:
+    if not isinstance(values, tuple):
+        values = (values, values, values)
+    import triton
+
+    return {
+        "kernel": kernel, "provider": provider, "mode": mode, "metric": metric, "unit": unit,
+        "x_name": x_name, "x_value": x_value, "p50": values[0], "p20": values[1], "p80": values[2],
+        "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
+    }
+
+
+def append_csv(rows: list[dict], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def measure_copy_bandwidth_gbs(device: torch.device, mbytes: int = 512) -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written: the memory ceiling."""
+    n = mbytes * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    p50, _, _ = time_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * 4 / (p50 * 1e-3) / 1e9
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 4096) -> float:
+    """Dense matrix-product rate of this device and dtype: the compute ceiling."""
+    if device.type == "cpu":
+        n = min(n, 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    p50, _, _ = time_ms(lambda: a @ b, device)
+    return 2 * n**3 / (p50 * 1e-3) / 1e12
+
+
+def print_table(rows: list[dict], title: str = "") -> None:
+    """Plain-text table of rows (provider, mode, x, p50) for the terminal."""
+    if title:
+        print(f"\n## {title}")
+    cols = ["kernel", "provider", "mode", "dtype", "x_name", "x_value", "metric", "p50", "unit"]
+    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols} if rows else {}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(_fmt(r[c]).ljust(widths[c]) for c in cols))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
