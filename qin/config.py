@@ -85,6 +85,7 @@ class TrainConfig:
     seed: int = 20242025
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole split
+    checkpoint_every_steps: int = 0  # also write latest.pt every N steps (0: at epoch ends only)
     out_dir: str = "runs/qin"
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from qin.cli import main
+
+sys.exit(main())

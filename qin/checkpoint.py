@@ -1,0 +1,80 @@
+"""Checkpoints written atomically: a kill at any moment leaves the previous file readable."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "qin-checkpoint-v1"
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call write(file_object) on a temporary file beside `path`, fsync it, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    atomic_write(path, lambda fh: torch.save({"format": FORMAT, **payload}, fh))
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a QIN checkpoint (expected format {FORMAT})")
+    return payload
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ between two (nested) config dicts, as 'section.key: saved -> current'."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<missing>"), current.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} in the checkpoint, {b!r} here")
+    return diffs
+
+
+# Switches that change how the model computes, not what: a checkpoint loads across them.
+EXECUTION_KEYS = ("asta_form", "asta_kernel", "qnn_kernel", "dedup_items")
+
+
+def check_model_config(payload: dict, model_config: dict, source: str) -> None:
+    """Refuse a checkpoint whose model config differs from `model_config`, naming the keys."""
+    saved = {k: v for k, v in payload["config"]["model"].items() if k not in EXECUTION_KEYS}
+    current = {k: v for k, v in model_config.items() if k not in EXECUTION_KEYS}
+    diffs = config_differences(saved, current, "model.")
+    if diffs:
+        raise CheckpointError(f"{source}: checkpoint config does not match the model: " + "; ".join(diffs))

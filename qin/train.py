@@ -1,0 +1,278 @@
+"""The training loop of SPEC.md: Adam, BCE + embedding L2, grad-norm clip, valid AUC every epoch,
+LR halved on an epoch without gain, early stop, best checkpoint kept; resumable at any step.
+
+Files in the run folder:
+    config.yaml     the resolved settings        metrics.jsonl  one line per epoch
+    latest.pt       everything needed to resume  best.pt        the best model by valid AUC
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from qin.checkpoint import check_model_config, load_checkpoint, save_checkpoint, atomic_write
+from qin.config import RunConfig
+from qin.data import Dataset, Split, iterate_batches, num_batches
+from qin.metrics import log_loss, roc_auc
+from qin.model import QIN, count_parameters
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient); the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C: a checkpoint was saved, the run can be resumed."""
+
+
+@dataclasses.dataclass
+class TrainerState:
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    batches_done: int = 0  # batches of the unfinished epoch `epoch` already trained
+    loss_sum: float = 0.0  # running sums over those batches, for the epoch's mean loss
+    loss_count: int = 0
+    lr: float = 0.0
+    best_auc: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0  # consecutive epochs without valid-AUC gain
+    finished: bool = False
+    history: list = dataclasses.field(default_factory=list)  # one metrics record per epoch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available")
+    return device
+
+
+def fill_vocab_from_data(cfg: RunConfig, dataset: Dataset) -> None:
+    """Vocabulary sizes come from the data, not from the paper's defaults."""
+    cfg.model.num_items = dataset.item_info.num_items
+    cfg.model.num_tags = max(dataset.item_info.num_tags, 1)
+    cfg.model.tags_per_item = dataset.item_info.tags.shape[1]
+    cfg.model.mm_dim = dataset.item_info.mm.shape[1]
+
+
+def build_model(cfg: RunConfig, dataset: Dataset, device: torch.device) -> QIN:
+    model = QIN(cfg.model)
+    model.load_item_info(dataset.item_info.tags, dataset.item_info.mm)
+    return model.to(device)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def predict(model: QIN, split: Split, batch_size: int, device: torch.device) -> np.ndarray:
+    """Click probabilities for every row of `split`, in row order."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for batch in iterate_batches(split, batch_size, shuffle=False):
+        out.append(torch.sigmoid(model(_to_device(batch, device)).float()).cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def evaluate(model: QIN, split: Split, batch_size: int, device: torch.device) -> dict:
+    if split.label is None:
+        raise ValueError(f"split '{split.name}' has no label column: it cannot be evaluated")
+    probs = predict(model, split, batch_size, device)
+    return {"auc": roc_auc(split.label, probs), "logloss": log_loss(split.label, probs)}
+
+
+def loss_fn(model: QIN, batch: dict, embedding_l2: float) -> torch.Tensor:
+    logits = model(batch)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])
+    if embedding_l2:
+        loss = loss + embedding_l2 / 2.0 * model.embedding_l2()
+    return loss
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextmanager
+def _catch_sigint():
+    """Turn Ctrl-C into a flag the loop checks between steps, so a checkpoint can be written."""
+    flag = {"set": False}
+
+    def handler(signum, frame):
+        flag["set"] = True
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, dataset: Dataset, out_dir: str | Path, log=print):
+        self.cfg, self.dataset, self.out_dir, self.log = cfg, dataset, Path(out_dir), log
+        self.device = resolve_device(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg, dataset, self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.state = TrainerState(lr=cfg.train.lr)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _payload(self, model_only: bool = False) -> dict:
+        payload = {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "trainer": dataclasses.asdict(self.state),
+            "num_parameters": count_parameters(self.model),
+        }
+        if not model_only:
+            payload["optimizer"] = self.optimizer.state_dict()
+            payload["rng"] = _rng_state(self.device)
+        return payload
+
+    def save(self, name: str, model_only: bool = False) -> None:
+        save_checkpoint(self.out_dir / name, self._payload(model_only))
+
+    def restore(self, path: Path) -> None:
+        payload = load_checkpoint(path, map_location=self.device)
+        check_model_config(payload, self.cfg.to_dict()["model"], str(path))
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.state = TrainerState(**payload["trainer"])
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.state.lr
+        _set_rng_state(payload["rng"], self.device)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainerState:
+        cfg, tc = self.cfg, self.cfg.train
+        train, valid = self.dataset.splits["train"], self.dataset.splits["valid"]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.restore(self.out_dir / "latest.pt")
+            self.log(f"resumed from {self.out_dir / 'latest.pt'} at epoch {self.state.epoch + 1}, "
+                     f"step {self.state.step}")
+        else:
+            atomic_write(self.out_dir / "config.yaml", lambda fh: fh.write(yaml.safe_dump(cfg.to_dict()).encode()))
+        self.log(f"QIN: {count_parameters(self.model):,} parameters on {self.device}; "
+                 f"train {len(train):,} rows, valid {len(valid):,} rows")
+        self.log("settings: " + json.dumps(cfg.to_dict(), sort_keys=True))
+
+        batches_per_epoch = num_batches(train, tc.batch_size)
+        if tc.max_steps_per_epoch:
+            batches_per_epoch = min(batches_per_epoch, tc.max_steps_per_epoch)
+        self.model.train()
+        with _catch_sigint() as interrupted:
+            while not self.state.finished and self.state.epoch < tc.epochs:
+                self._train_epoch(train, batches_per_epoch, interrupted)
+                self._end_epoch(valid)
+        return self.state
+
+    def _train_epoch(self, train: Split, batches_per_epoch: int, interrupted: dict) -> None:
+        tc, st = self.cfg.train, self.state
+        batches = iterate_batches(train, tc.batch_size, shuffle=True, seed=tc.seed, epoch=st.epoch)
+        bar = tqdm(total=batches_per_epoch, initial=st.batches_done, desc=f"epoch {st.epoch + 1}",
+                   unit="batch", leave=False, dynamic_ncols=True, disable=None)
+        start, samples = time.perf_counter(), 0
+        for index, batch in enumerate(batches):
+            if index >= batches_per_epoch:
+                break
+            if index < st.batches_done:  # resumed mid-epoch: the same order, skip what was done
+                continue
+            batch = _to_device(batch, self.device)
+            loss = loss_fn(self.model, batch, tc.embedding_l2)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value) or not torch.isfinite(grad_norm):
+                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
+                raise TrainingError(
+                    f"non-finite {what} at epoch {st.epoch + 1}, step {st.step + 1}: training stopped; "
+                    f"the last good checkpoint in {self.out_dir} is kept"
+                )
+            self.optimizer.step()
+            st.step += 1
+            st.batches_done += 1
+            st.loss_sum += loss_value
+            st.loss_count += 1
+            samples += batch["label"].shape[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / (time.perf_counter() - start):,.0f}")
+            if tc.checkpoint_every_steps and st.step % tc.checkpoint_every_steps == 0:
+                self.save("latest.pt")
+            if interrupted["set"]:
+                bar.close()
+                self.save("latest.pt")
+                raise TrainingInterrupted(
+                    f"interrupted at epoch {st.epoch + 1}, step {st.step}; checkpoint saved to "
+                    f"{self.out_dir / 'latest.pt'}; continue with: qin train --resume {self.out_dir}"
+                )
+        bar.close()
+        self._epoch_seconds = time.perf_counter() - start
+        self._epoch_samples = samples
+
+    def _end_epoch(self, valid: Split) -> None:
+        tc, st = self.cfg.train, self.state
+        metrics = evaluate(self.model, valid, tc.eval_batch_size, self.device)
+        improved = metrics["auc"] > st.best_auc
+        epoch_loss = st.loss_sum / max(st.loss_count, 1)
+        st.epoch += 1
+        st.batches_done, st.loss_sum, st.loss_count = 0, 0.0, 0
+        if improved:
+            st.best_auc, st.best_epoch, st.bad_epochs = metrics["auc"], st.epoch, 0
+        else:
+            st.bad_epochs += 1
+            st.lr = max(st.lr * tc.lr_decay, tc.min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = st.lr
+        if st.bad_epochs >= tc.patience:
+            st.finished = True
+        record = {
+            "epoch": st.epoch, "step": st.step, "train_loss": epoch_loss,
+            "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"], "lr": st.lr,
+            "samples_per_s": self._epoch_samples / max(self._epoch_seconds, 1e-9),
+            "epoch_seconds": self._epoch_seconds, "best": improved,
+        }
+        st.history.append(record)
+        if improved:
+            self.save("best.pt", model_only=True)
+        self.save("latest.pt")
+        # Rewritten whole from the state, so it always agrees with latest.pt, also after a resume.
+        lines = "".join(json.dumps(r) + "\n" for r in st.history)
+        atomic_write(self.out_dir / "metrics.jsonl", lambda fh: fh.write(lines.encode()))
+        self.log(
+            f"epoch {st.epoch}: train loss {epoch_loss:.4f}, valid AUC {metrics['auc']:.4f}, "
+            f"logloss {metrics['logloss']:.4f}, {record['samples_per_s']:,.0f} samples/s"
+            + ("  (best)" if improved else f"  (no gain; lr -> {st.lr:g})")
+            + ("; early stop" if st.finished else "")
+        )

@@ -1,0 +1,130 @@
+import copy
+
+import pytest
+import torch
+
+from qin import QIN, QINConfig
+from qin.model import count_parameters
+
+SMALL = dict(num_items=40, num_tags=15, embed_dim=8, mm_dim=6, attention_dim=16, dropout=0.0)
+
+
+def small_model(seed=0, **overrides) -> QIN:
+    torch.manual_seed(seed)
+    model = QIN(QINConfig(**{**SMALL, **overrides}))
+    generator = torch.Generator().manual_seed(seed + 1)
+    tags = torch.randint(0, 15, (40, 5), generator=generator)
+    tags[:, :2] = 0  # left padding
+    tags[0] = 0
+    tags[7] = 0  # an item without tags
+    mm = torch.randn(40, 6, generator=generator)
+    mm[0] = 0
+    model.load_item_info(tags, mm)
+    return model
+
+
+def random_batch(batch=5, length=9, num_items=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, num_items, (batch, length), generator=g)
+    lengths = torch.randint(0, length + 1, (batch,), generator=g)
+    lengths[0] = 0  # an empty history
+    lengths[1] = length
+    positions = torch.arange(length).expand(batch, length)
+    seq = torch.where(positions >= length - lengths[:, None], seq, 0)  # left-padded
+    return {
+        "item_id": torch.randint(1, num_items, (batch,), generator=g),
+        "item_seq": seq,
+        "likes_level": torch.randint(0, 11, (batch,), generator=g),
+        "views_level": torch.randint(0, 11, (batch,), generator=g),
+        "label": torch.randint(0, 2, (batch,), generator=g).float(),
+    }
+
+
+def test_paper_config_has_the_published_parameter_count():
+    assert count_parameters(QIN(QINConfig())) == 31_244_293
+
+
+def test_forward_shape_and_finite():
+    model = small_model()
+    logits = model(random_batch())
+    assert logits.shape == (5,)
+    assert torch.isfinite(logits).all()
+
+
+def test_item_representation_follows_spec():
+    model = small_model()
+    enc = model.items
+    ids = torch.tensor([0, 7, 3])
+    rep = enc(ids)
+    assert rep.shape == (3, 24)
+    assert torch.all(rep[0] == 0), "the padding item must encode to zeros"
+    assert torch.all(rep[1, 8:16] == 0), "an item whose tags are all padding has a zero tag mean"
+    tags = enc.item_tags[3]
+    real = tags[tags > 0]
+    expected_tag_mean = enc.tag_embedding.weight[real].mean(0)
+    torch.testing.assert_close(rep[2, 8:16], expected_tag_mean)
+    torch.testing.assert_close(rep[2, :8], enc.item_embedding.weight[3])
+    torch.testing.assert_close(rep[2, 16:], enc.mm_projection.weight @ enc.item_mm[3])
+
+
+def test_initialisation_follows_spec():
+    model = QIN(QINConfig(**SMALL))
+    emb = model.items.item_embedding.weight
+    assert torch.all(emb[0] == 0) and torch.all(model.items.tag_embedding.weight[0] == 0)
+    assert 0.5e-4 < emb[1:].std().item() < 2e-4
+    for layer in model.qnn.quadratic:
+        assert torch.all(layer.linear.bias == 0)
+    assert all(a.weight.item() == 0.25 for a in model.qnn.activations)
+
+
+def test_embedding_l2_covers_the_tables_and_P():
+    model = small_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    covered = sorted(names[id(t)] for t in model.embedding_tables())
+    assert covered == sorted([
+        "items.item_embedding.weight", "items.tag_embedding.weight", "items.mm_projection.weight",
+        "likes_embedding.weight", "views_embedding.weight",
+    ])
+
+
+def _outputs_and_grads(model, batch):
+    model.zero_grad()
+    logits = model(batch)
+    torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["label"]).backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("variant", [dict(asta_form="literal"), dict(dedup_items=False)])
+def test_exact_reformulations_agree(variant):
+    """Hoisted ASTA and per-batch item dedup compute the same function and gradients."""
+    reference = small_model(asta_form="hoisted", asta_kernel="torch").double()
+    other = copy.deepcopy(reference)
+    other.cfg = QINConfig(**{**SMALL, **variant})
+    other.asta.form = other.cfg.asta_form
+    batch = random_batch()
+    batch["label"] = batch["label"].double()
+    out_a, grads_a = _outputs_and_grads(reference.train(), batch)
+    out_b, grads_b = _outputs_and_grads(other.train(), batch)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-10, atol=1e-12)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_history_changes_the_prediction_and_padding_does_not():
+    model = small_model().eval()
+    batch = random_batch()
+    base = model(batch)
+    longer = dict(batch, item_seq=torch.cat([torch.zeros(5, 3, dtype=torch.long), batch["item_seq"]], 1))
+    torch.testing.assert_close(model(longer), base)  # extra left padding is invisible
+    other = dict(batch, item_seq=batch["item_seq"].flip(0))
+    assert not torch.allclose(model(other), base)
+
+
+def test_dropout_is_active_in_training_only():
+    model = small_model(dropout=0.5)
+    batch = random_batch()
+    model.train()
+    assert not torch.equal(model(batch), model(batch))
+    model.eval()
+    assert torch.equal(model(batch), model(batch))
