@@ -1,0 +1,51 @@
+import pytest
+
+from qin.config import ConfigError, QINConfig, load_config
+
+
+def test_defaults_are_the_papers_settings():
+    cfg = load_config()
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_clip, cfg.train.seed) == (2e-3, 8192, 10.0, 20242025)
+    assert (cfg.train.lr_decay, cfg.train.min_lr, cfg.train.patience, cfg.train.embedding_l2) == (0.5, 1e-6, 8, 2e-4)
+    assert (cfg.model.qnn_layers, cfg.model.qnn_rows, cfg.model.attention_dim, cfg.data.max_len) == (4, 4, 768, 64)
+    assert cfg.model.item_dim == 384 and cfg.model.qnn_dim == 1024
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  lr: 1\n  batch_size: 256\nmodel:\n  asta_form: literal\n")
+    cfg = load_config(path, ["train.batch_size=128", "model.dropout=0"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.train.batch_size == 128
+    assert cfg.model.asta_form == "literal" and cfg.model.dropout == 0.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rate=1", "unknown key 'train.learning_rate'"),
+        ("optim.lr=1", "unknown section 'optim'"),
+        ("lr=1", "section.key=value"),
+        ("train.batch_size=1.5", "train.batch_size must be of type int"),
+        ("train.lr=fast", "train.lr must be of type float"),
+        ("model.asta_form=sparse", "asta_form"),
+        ("model.qnn_kernel=cuda", "qnn_kernel"),
+        ("model.dropout=1.0", "dropout"),
+        ("model.embed_dim=0", "embed_dim"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(overrides=[override])
+
+
+def test_unknown_key_in_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  heads: 2\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.heads"):
+        load_config(path)
+
+
+def test_qin_config_validates():
+    with pytest.raises(ConfigError):
+        QINConfig(asta_form="x").validate()
