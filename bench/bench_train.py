@@ -1,0 +1,148 @@
+"""One optimizer step of QIN, end to end: samples/s and peak memory per variant.
+
+Variants switch the fused parts on one at a time, starting from the literal eager model
+(SPEC.md's form, as the authors wrote it). Batches are drawn like the real data (91,718 items,
+histories of median length about 6 out of 64, left-padded) and made outside the timed region.
+
+    python -m bench.bench_train --device cuda [--batch 8192] [--csv out.csv]
+"""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from bench.common import append_csv, make_row, peak_memory_mb, print_table, time_ms
+from qin.config import QINConfig
+from qin.model import QIN
+from qin.train import loss_fn
+
+AUTHORS_SAMPLES_PER_S = 21_000  # SPEC.md: 2.8 min an epoch of 3.6M rows on an RTX 4090
+AUTHORS_DEVICE = "RTX 4090 (authors' log)"
+
+EAGER = dict(asta_kernel="torch", qnn_kernel="torch")
+VARIANTS = [
+    ("literal eager", dict(asta_form="literal", dedup_items=False, **EAGER), False),
+    ("+ hoisted ASTA", dict(asta_form="hoisted", dedup_items=False, **EAGER), False),
+    ("+ item dedup", dict(asta_form="hoisted", dedup_items=True, **EAGER), False),
+    ("+ Triton ASTA", dict(asta_form="hoisted", dedup_items=True, asta_kernel="triton", qnn_kernel="torch"), False),
+    ("+ Triton QNN (all fused)", dict(asta_form="hoisted", dedup_items=True, asta_kernel="triton", qnn_kernel="triton"), False),
+    ("all fused + torch.compile", dict(asta_form="hoisted", dedup_items=True, asta_kernel="triton", qnn_kernel="triton"), True),
+]
+CPU_VARIANTS = ("literal eager", "+ hoisted ASTA", "+ item dedup")
+
+
+def synthetic_batch(batch: int, device: torch.device, num_items: int = 91_718, num_tags: int = 11_740,
+                    max_len: int = 64, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(np.round(rng.lognormal(np.log(6), 0.9, batch)), 3, max_len).astype(np.int64)
+    seq = rng.integers(1, num_items, (batch, max_len))
+    seq[np.arange(max_len)[None, :] < (max_len - lengths)[:, None]] = 0
+    out = {
+        "item_id": rng.integers(1, num_items, batch), "item_seq": seq,
+        "likes_level": rng.integers(0, 11, batch), "views_level": rng.integers(0, 11, batch),
+        "label": (rng.random(batch) < 0.25).astype(np.float32),
+    }
+    return {k: torch.from_numpy(v).to(device) for k, v in out.items()}
+
+
+def build(cfg: QINConfig, device: torch.device, seed: int = 0) -> QIN:
+    torch.manual_seed(seed)
+    model = QIN(cfg)
+    g = torch.Generator().manual_seed(seed)
+    model.load_item_info(torch.randint(0, cfg.num_tags, (cfg.num_items, cfg.tags_per_item), generator=g),
+                         torch.randn(cfg.num_items, cfg.mm_dim, generator=g))
+    return model.to(device).train()
+
+
+def run(device: torch.device, quick: bool = False, batch: int | None = None) -> list[dict]:
+    batch = batch or (8192 if device.type == "cuda" else (256 if quick else 1024))
+    data = synthetic_batch(batch, device)
+    rows = []
+    for name, overrides, compiled in VARIANTS:
+        if device.type != "cuda" and name not in CPU_VARIANTS:
+            print(f"skipped on the CPU: {name} (needs CUDA)")
+            continue
+        try:
+            model = build(QINConfig(**overrides), device)
+            optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+            forward = torch.compile(model) if compiled else model
+
+            def step():
+                loss = loss_fn(forward, data, 2e-4)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+                optimizer.step()
+
+            step()  # first step: allocate optimizer state, compile
+            p50, p20, p80 = time_ms(step, device, warmup=1, reps=3 if quick else 8)
+            # Samples/s from the median time; p20 time gives the higher throughput.
+            rows.append(make_row("train_step", name, "full", "throughput", "samples/s", "batch", batch,
+                                 (batch / p50 * 1e3, batch / p80 * 1e3, batch / p20 * 1e3), device, "fp32"))
+            memory = peak_memory_mb(step, device)
+            if memory is not None:
+                rows.append(make_row("train_step", name, "full", "peak_memory", "MB", "batch", batch, memory, device, "fp32"))
+        except Exception as exc:  # report and go on: one broken variant must not hide the others
+            print(f"variant {name!r} failed: {type(exc).__name__}: {exc}")
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    rows += loader_rows(device, batch, quick)
+    return rows
+
+
+def loader_rows(device: torch.device, batch: int, quick: bool) -> list[dict]:
+    """Batch assembly plus the host-to-device copy, as its own line beside the model step."""
+    from qin.data import Split, iterate_batches
+
+    n = batch * (4 if quick else 16)
+    rng = np.random.default_rng(0)
+    split = Split(name="train", item_id=rng.integers(1, 91_718, n), item_seq=rng.integers(0, 91_718, (n, 64)).astype(np.int32),
+                  likes_level=rng.integers(0, 11, n), views_level=rng.integers(0, 11, n),
+                  label=(rng.random(n) < 0.25).astype(np.float32))
+
+    def epoch():
+        for b in iterate_batches(split, batch, shuffle=True, seed=0, epoch=0):
+            {k: v.to(device, non_blocking=True) for k, v in b.items()}
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    p50, p20, p80 = time_ms(epoch, torch.device("cpu"), warmup=1, reps=3)
+    return [make_row("train_step", "data loading (assemble + copy)", "full", "throughput", "samples/s", "batch",
+                     batch, (n / p50 * 1e3, n / p80 * 1e3, n / p20 * 1e3), device, "")]
+
+
+def print_ratios(rows: list[dict]) -> None:
+    speed = {r["provider"]: r["p50"] for r in rows if r["metric"] == "throughput"}
+    memory = {r["provider"]: r["p50"] for r in rows if r["metric"] == "peak_memory"}
+    base = speed.get("literal eager")
+    print("\nvariant                              samples/s   x literal   peak MB   / literal")
+    for name, value in speed.items():
+        if name.startswith("data loading"):
+            print(f"{name:36s} {value:10,.0f}  (the loader alone: compare with the model's samples/s)")
+            continue
+        ratio = f"{value / base:9.2f}x" if base else "        -"
+        mem = memory.get(name)
+        mem_text = f"{mem:9.0f}  {mem / memory['literal eager']:9.2f}" if mem and memory.get("literal eager") else ""
+        print(f"{name:36s} {value:10,.0f}  {ratio}  {mem_text}")
+    print(f"{AUTHORS_DEVICE:36s} {AUTHORS_SAMPLES_PER_S:10,d}   (published figure, not measured here)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--csv")
+    args = parser.parse_args()
+    rows = run(torch.device(args.device), args.quick, args.batch)
+    print_table(rows, "QIN training step")
+    print_ratios(rows)
+    if args.csv:
+        append_csv(rows, args.csv)
+
+
+if __name__ == "__main__":
+    main()
