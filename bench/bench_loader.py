@@ -1,0 +1,86 @@
+"""Data loader speed: batch assembly (a loaded split -> shuffled batches of tensors) and load_dataset.
+
+Assembly is timed over one whole shuffled epoch at batch 8192, from the in-memory split to the
+tensors on `device`; the target on 2 CPU cores is 500k samples/s. Loading is timed on a folder
+written by qin.synth, parquet to validated arrays. Throughput percentiles come from the time
+percentiles (the 20th percentile of time is the 80th of throughput).
+
+    python -m bench.bench_loader [--quick] [--device cpu] [--csv bench/results/loader.csv]
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import numpy as np
+import torch
+
+from bench.common import append_csv, make_row, print_table, time_ms
+from qin.data import Split, iterate_batches, load_dataset
+from qin.synth import make_dataset
+
+BATCH_SIZE = 8192
+MAX_LEN = 64
+NUM_ITEMS = 91_718  # the real item vocabulary
+
+
+def make_split(rows: int, seed: int = 0) -> Split:
+    """A random split of `rows` rows with the loaded dtypes and shapes (histories half padding)."""
+    rng = np.random.default_rng(seed)
+    item_seq = rng.integers(1, NUM_ITEMS, size=(rows, MAX_LEN), dtype=np.int32)
+    item_seq[:, : MAX_LEN // 2] = 0
+    return Split(
+        name="train",
+        item_id=rng.integers(1, NUM_ITEMS, size=rows),
+        item_seq=item_seq,
+        likes_level=rng.integers(0, 11, size=rows),
+        views_level=rng.integers(0, 11, size=rows),
+        label=(rng.random(rows) < 0.25).astype(np.float32),
+    )
+
+
+def _throughput(count: int, times_ms: tuple[float, float, float]) -> tuple[float, float, float]:
+    p50, p20, p80 = times_ms
+    return count / (p50 * 1e-3), count / (p80 * 1e-3), count / (p20 * 1e-3)
+
+
+def run(device, quick: bool = False) -> list[dict]:
+    device = torch.device(device)
+    rows = 200_000 if quick else 1_000_000
+    split = make_split(rows)
+    epoch = iter(range(1_000_000))
+
+    def one_epoch():
+        for _ in iterate_batches(split, BATCH_SIZE, shuffle=True, seed=0, epoch=next(epoch), device=device):
+            pass
+
+    assemble = _throughput(rows, time_ms(one_epoch, device, warmup=1, reps=3 if quick else 5))
+    results = [make_row("loader", "numpy", "assemble", "throughput", "samples/s", "batch", BATCH_SIZE,
+                        assemble, device, "int64")]
+
+    load_rows = 20_000 if quick else 200_000
+    with tempfile.TemporaryDirectory() as folder:
+        root = make_dataset(folder, rows=load_rows, items=5_000, seed=0, valid_rows=1000, test_rows=1000)
+        cpu = torch.device("cpu")
+        load = _throughput(load_rows + 2000, time_ms(lambda: load_dataset(root), cpu, warmup=1, reps=3))
+    results.append(make_row("loader", "pyarrow", "load", "throughput", "rows/s", "rows", load_rows + 2000,
+                            load, cpu, "int64"))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller split, fewer repeats")
+    parser.add_argument("--device", default="cpu", help="where the batches go (cpu, cuda)")
+    parser.add_argument("--csv", help="append the rows to this CSV file")
+    args = parser.parse_args()
+    rows = run(args.device, quick=args.quick)
+    print_table(rows, "data loader")
+    print(f"batch assembly: {rows[0]['p50']:,.0f} samples/s at batch {BATCH_SIZE}; "
+          f"load_dataset: {rows[1]['p50']:,.0f} rows/s")
+    if args.csv:
+        append_csv(rows, args.csv)
+
+
+if __name__ == "__main__":
+    main()
