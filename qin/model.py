@@ -156,7 +156,9 @@ class QIN(nn.Module):
         # A batch names far fewer distinct items than positions: encode each once, then gather.
         ids = torch.cat([target_ids, history_ids.reshape(-1)])
         unique_ids, inverse = torch.unique(ids, return_inverse=True)
-        reps = self.items(unique_ids)[inverse]
+        # A gather through F.embedding, not reps[inverse]: on the CPU the backward of advanced
+        # indexing accumulates in a thread-dependent order, which would make runs unrepeatable.
+        reps = F.embedding(inverse, self.items(unique_ids))
         batch = target_ids.shape[0]
         return reps[:batch], reps[batch:].view(*history_ids.shape, reps.shape[-1])
 

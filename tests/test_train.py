@@ -1,0 +1,213 @@
+"""The training loop: it learns, it resumes exactly, it survives kills and refuses to diverge silently."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import qin.train
+from qin.checkpoint import CheckpointError, load_checkpoint
+from qin.config import load_config
+from qin.data import load_dataset
+from qin.synth import make_dataset
+from qin.train import Trainer, TrainingError, fill_vocab_from_data
+
+# A small QIN (item dim 24, QNN width 64) so that a run takes seconds on the CPU.
+SMALL_MODEL = ["model.embed_dim=8", "model.attention_dim=16"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", rows=4000, items=300, seed=3,
+                        valid_rows=1500, test_rows=300)
+
+
+def small_config(data_dir, *overrides):
+    cfg = load_config(overrides=[*SMALL_MODEL, "train.batch_size=256", "train.eval_batch_size=1024",
+                                 "train.epochs=2", "train.device=cpu", *overrides])
+    cfg.data.dir = str(data_dir)
+    return cfg
+
+
+def make_trainer(data_dir, out_dir, *overrides, dataset=None):
+    cfg = small_config(data_dir, *overrides)
+    dataset = dataset or load_dataset(data_dir)
+    fill_vocab_from_data(cfg, dataset)
+    return Trainer(cfg, dataset, out_dir, log=lambda *_: None)
+
+
+def final_weights(out_dir):
+    return load_checkpoint(Path(out_dir) / "latest.pt")["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs"
+
+
+def test_training_learns_and_history_matters(tmp_path):
+    # Enough rows that three epochs of the small model pick up the planted history signal.
+    data = make_dataset(tmp_path / "ds", rows=16000, items=200, seed=3, valid_rows=1500, test_rows=300)
+    dataset = load_dataset(data)
+    run = ("train.epochs=3", "train.lr=1e-2")
+    state = make_trainer(data, tmp_path / "with", *run, dataset=dataset).fit()
+    # The same model, blind to the history: every history item replaced by padding.
+    for split in dataset.splits.values():
+        split.item_seq[:] = 0
+    blind = make_trainer(data, tmp_path / "blind", *run, dataset=dataset).fit()
+    assert state.best_auc > 0.68, f"valid AUC {state.best_auc:.3f} is not clearly above chance"
+    assert state.best_auc > blind.best_auc + 0.05, (state.best_auc, blind.best_auc)
+    records = [json.loads(line) for line in (tmp_path / "with" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert {"train_loss", "valid_auc", "valid_logloss", "lr", "samples_per_s"} <= records[0].keys()
+
+
+def test_resume_at_an_epoch_boundary_gives_the_same_weights(data_dir, tmp_path):
+    dataset = load_dataset(data_dir)
+    make_trainer(data_dir, tmp_path / "straight", dataset=dataset).fit()
+    make_trainer(data_dir, tmp_path / "split", "train.epochs=1", dataset=dataset).fit()
+    make_trainer(data_dir, tmp_path / "split", dataset=dataset).fit(resume=True)
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "split"))
+
+
+def test_resume_mid_epoch_gives_the_same_weights(data_dir, tmp_path):
+    dataset = load_dataset(data_dir)
+    make_trainer(data_dir, tmp_path / "straight", dataset=dataset).fit()
+    # Stop after 5 steps of the first epoch (max_steps_per_epoch caps it), then resume the full run.
+    first = make_trainer(data_dir, tmp_path / "split", "train.checkpoint_every_steps=5", dataset=dataset)
+    calls = {"n": 0}
+    original = qin.train.loss_fn
+
+    def stop_after_five(*args):
+        calls["n"] += 1
+        if calls["n"] > 5:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    qin.train.loss_fn = stop_after_five
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            first.fit()
+    finally:
+        qin.train.loss_fn = original
+    assert load_checkpoint(tmp_path / "split" / "latest.pt")["trainer"]["batches_done"] == 5
+    make_trainer(data_dir, tmp_path / "split", dataset=dataset).fit(resume=True)
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "split"))
+
+
+def test_lr_halves_without_gain_and_early_stop(data_dir, tmp_path, monkeypatch):
+    # Patience counts consecutive epochs without gain; a new best resets it.
+    aucs = iter([0.6, 0.7, 0.65, 0.64, 0.71, 0.5, 0.5, 0.5])
+    monkeypatch.setattr(qin.train, "evaluate", lambda *a, **k: {"auc": next(aucs), "logloss": 0.5})
+    trainer = make_trainer(data_dir, tmp_path / "run", "train.epochs=10", "train.patience=3",
+                           "train.max_steps_per_epoch=1", "train.lr=0.004")
+    state = trainer.fit()
+    lrs = [r["lr"] for r in state.history]
+    assert lrs == [0.004, 0.004, 0.002, 0.001, 0.001, 0.0005, 0.00025, 0.000125]
+    assert state.finished and state.epoch == 8 and state.best_epoch == 5 and state.best_auc == 0.71
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(data_dir, tmp_path / "run", "train.epochs=3")
+    calls = {"n": 0}
+    original = qin.train.loss_fn
+
+    def nan_in_epoch_two(*args):
+        calls["n"] += 1
+        loss = original(*args)
+        return loss * float("nan") if calls["n"] == 20 else loss  # 16 steps an epoch
+
+    monkeypatch.setattr(qin.train, "loss_fn", nan_in_epoch_two)
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2, step 20"):
+        trainer.fit()
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    latest = load_checkpoint(tmp_path / "run" / "latest.pt")
+    assert latest["trainer"]["epoch"] == 1
+    for tensor in [*best["model"].values(), *latest["model"].values()]:
+        if tensor.is_floating_point():
+            assert torch.isfinite(tensor).all()
+
+
+def test_checkpoint_from_another_model_is_refused_by_key(data_dir, tmp_path):
+    make_trainer(data_dir, tmp_path / "run", "train.epochs=1").fit()
+    other = make_trainer(data_dir, tmp_path / "run", "model.qnn_layers=2", "model.dropout=0.2")
+    with pytest.raises(CheckpointError, match=r"model\.dropout.*model\.qnn_layers"):
+        other.restore(tmp_path / "run" / "latest.pt")
+
+
+# -- real processes: SIGKILL at random points, Ctrl-C -----------------------------------------
+
+def qin_command(*args):
+    return [sys.executable, "-m", "qin", *args]
+
+
+def run_env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "QIN_CACHE": os.environ.get("QIN_CACHE", "")}
+
+
+def train_args(data_dir, out_dir, epochs=3):
+    return ["--data", str(data_dir), "--out", str(out_dir), *SMALL_MODEL, "train.batch_size=256",
+            "train.eval_batch_size=1024", f"train.epochs={epochs}", "train.device=cpu",
+            "train.checkpoint_every_steps=1"]
+
+
+def test_sigkill_at_random_points_then_resume_finishes_with_the_same_weights(data_dir, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(qin_command("train", *train_args(data_dir, straight)), env=run_env(), check=True,
+                   capture_output=True, timeout=300)
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(3):
+        args = ["--resume", str(killed)] if (killed / "latest.pt").exists() else train_args(data_dir, killed)
+        if args[0] == "--resume":
+            args += ["train.checkpoint_every_steps=1"]
+        proc = subprocess.Popen(qin_command("train", *args), env=run_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        start_step = _latest_step(killed)
+        while time.time() < deadline and _latest_step(killed) <= start_step and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait(timeout=60)
+        load_checkpoint(killed / "latest.pt")  # readable after every kill
+    assert kills >= 2
+    result = subprocess.run(qin_command("train", "--resume", str(killed)), env=run_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(killed / "latest.pt")["trainer"]["epoch"] == 3
+    assert_same_weights(final_weights(straight), final_weights(killed))
+    assert not list(killed.glob(".*.tmp")), "a temporary checkpoint was left behind"
+
+
+def _latest_step(out_dir):
+    try:
+        return load_checkpoint(out_dir / "latest.pt")["trainer"]["step"]
+    except CheckpointError:
+        return -1
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(qin_command("train", *train_args(data_dir, out, epochs=50)), env=run_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and _latest_step(out) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert f"qin train --resume {out}" in stderr
+    assert load_checkpoint(out / "latest.pt")["trainer"]["step"] >= 2
