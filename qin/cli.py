@@ -94,6 +94,8 @@ def cmd_evaluate(args) -> int:
     model, dataset, cfg, device = _model_from_checkpoint(args.checkpoint, args.data, args.device)
     if args.split not in dataset.splits:
         raise UsageError(f"split '{args.split}' not found in {dataset.root}")
+    if dataset.splits[args.split].label is None:
+        raise UsageError(f"{dataset.root / (args.split + '.parquet')} has no label column: it cannot be evaluated")
     metrics = evaluate(model, dataset.splits[args.split], args.batch_size or cfg.train.eval_batch_size, device)
     print(f"{args.split}: AUC {metrics['auc']:.6f}, logloss {metrics['logloss']:.6f}")
     return 0

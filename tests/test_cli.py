@@ -1,0 +1,136 @@
+"""The `qin` command as a user meets it: each subcommand end to end, and every refusal with its message."""
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from qin.checkpoint import load_checkpoint
+from qin.cli import main
+from qin.synth import make_dataset
+
+SMALL_RUN = ["model.embed_dim=8", "model.attention_dim=16", "train.batch_size=256",
+             "train.eval_batch_size=1024", "train.epochs=1", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", rows=3000, items=200, seed=5,
+                        valid_rows=800, test_rows=300)
+
+
+@pytest.fixture(scope="module")
+def run_dir(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["train", "--data", str(data_dir), "--out", str(out), *SMALL_RUN]) == 0
+    return out
+
+
+def test_make_data_writes_the_layout_and_refuses_a_non_empty_folder(tmp_path, capsys):
+    out = tmp_path / "generated"
+    assert main(["make-data", str(out), "--rows", "500", "--items", "50", "--seed", "1"]) == 0
+    assert {p.name for p in out.iterdir()} >= {"train.parquet", "valid.parquet", "test.parquet", "item_info.parquet"}
+    assert pq.read_table(out / "train.parquet").num_rows == 500
+    assert "label" not in pq.read_schema(out / "test.parquet").names
+    before = (out / "train.parquet").read_bytes()
+    assert main(["make-data", str(out), "--rows", "100"]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "train.parquet").read_bytes() == before
+
+
+def test_train_writes_a_complete_run(run_dir, capsys):
+    assert {p.name for p in run_dir.iterdir()} == {"best.pt", "latest.pt", "config.yaml", "metrics.jsonl"}
+    ckpt = load_checkpoint(run_dir / "latest.pt")
+    assert ckpt["trainer"]["epoch"] == 1
+    assert ckpt["config"]["model"]["num_items"] == 201  # filled from the data: 200 items + padding
+
+
+def test_train_refuses_to_overwrite_a_run(data_dir, run_dir, capsys):
+    before = (run_dir / "latest.pt").read_bytes()
+    assert main(["train", "--data", str(data_dir), "--out", str(run_dir), *SMALL_RUN]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and f"--resume {run_dir}" in err
+    assert (run_dir / "latest.pt").read_bytes() == before
+
+
+def test_resume_continues_and_refuses_new_data(data_dir, run_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in run_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert main(["train", "--resume", str(copy), "--data", str(data_dir)]) == 2
+    assert "drop --config/--data" in capsys.readouterr().err
+    assert main(["train", "--resume", str(copy), "train.epochs=2"]) == 0
+    assert load_checkpoint(copy / "latest.pt")["trainer"]["epoch"] == 2
+    assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no latest.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, named", [
+    ("train.lr_max=1", "train.lr_max"),
+    ("model.embed_dim=big", "model.embed_dim"),
+    ("nonsense", "nonsense"),
+])
+def test_bad_overrides_are_refused_by_name(data_dir, tmp_path, capsys, override, named):
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data_dir), "--out", str(out), *SMALL_RUN, override]) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_data_is_refused_before_anything_is_written(data_dir, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in data_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    table = pq.read_table(bad / "valid.parquet")
+    pq.write_table(table.drop(["likes_level"]), bad / "valid.parquet")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(bad), "--out", str(out), *SMALL_RUN]) == 2
+    err = capsys.readouterr().err
+    assert "valid.parquet" in err and "likes_level" in err
+    assert not out.exists()
+
+
+def test_evaluate_a_run_folder_and_a_checkpoint_file(run_dir, capsys):
+    assert main(["evaluate", str(run_dir)]) == 0
+    from_folder = capsys.readouterr().out
+    assert from_folder.startswith("valid: AUC ")
+    assert main(["evaluate", str(run_dir / "best.pt"), "--split", "valid"]) == 0
+    assert capsys.readouterr().out == from_folder
+    assert main(["evaluate", str(run_dir), "--split", "test"]) == 2  # test has no label
+    assert "no label" in capsys.readouterr().err
+
+
+def test_predict_writes_one_probability_per_test_row_and_never_overwrites(run_dir, data_dir, tmp_path, capsys):
+    output = tmp_path / "prediction.csv"
+    assert main(["predict", str(run_dir), "--output", str(output)]) == 0
+    lines = output.read_text().splitlines()
+    assert lines[0] == "ID,Task2"
+    assert len(lines) == 1 + pq.read_table(data_dir / "test.parquet").num_rows
+    ids, probs = zip(*(line.split(",") for line in lines[1:]))
+    assert [int(i) for i in ids] == list(range(len(ids)))
+    assert all(0.0 < float(p) < 1.0 for p in probs)
+
+    output.write_text("precious\n")
+    assert main(["predict", str(run_dir), "--output", str(output)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert output.read_text() == "precious\n"
+    assert main(["predict", str(run_dir), "--output", str(output), "--force"]) == 0
+    assert output.read_text().splitlines() == lines
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_checkpoint_does_not_load_against_other_items(run_dir, tmp_path, capsys):
+    other = make_dataset(tmp_path / "other", rows=300, items=120, seed=1, valid_rows=100, test_rows=50)
+    output = tmp_path / "prediction.csv"
+    assert main(["predict", str(run_dir), "--data", str(other), "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    assert "201 items" in err and "item_info.parquet" in err
+    assert not output.exists()
+
+
+def test_unreadable_checkpoint_is_refused(tmp_path, capsys):
+    bad = tmp_path / "best.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["evaluate", str(bad)]) == 2
+    assert "not a readable checkpoint" in capsys.readouterr().err
