@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["kernels", "kernels.*", "qin", "qin.*"]),
+    packages=find_packages(include=["kernels", "kernels.*", "qin", "qin.*", "bench", "bench.*"]),
     package_data={"qin": ["configs/*.yaml"]},
     install_requires=[
         # The CPU build 2.13.0 satisfies this range; an open upper bound would pull a newer CUDA build.
@@ -17,10 +17,11 @@ setup(
         "pyarrow>=14",
         "pyyaml>=6",
         "tqdm>=4.60",
+        "matplotlib>=3.7",  # the plots of `qin bench`
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.80", "pytest-benchmark>=4"],
-        "bench": ["pytest-benchmark>=4", "matplotlib>=3.7"],
+        "bench": ["pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["qin=qin.cli:main"]},
 )

@@ -84,18 +84,27 @@ def make_row(kernel: str, provider: str, mode: str, metric: str, unit: str, x_na
     return {
         "kernel": kernel, "provider": provider, "mode": mode, "metric": metric, "unit": unit,
         "x_name": x_name, "x_value": x_value, "p50": values[0], "p20": values[1], "p80": values[2],
-        "device": device_name(device), "dtype": str(dtype).replace("torch.", ""),
+        "device": device_name(device), "dtype": short_dtype(dtype),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
     }
 
 
-def append_csv(rows: list[dict], path: str | Path) -> None:
+SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}
+
+
+def short_dtype(dtype: torch.dtype | str) -> str:
+    """torch.bfloat16 -> 'bf16': one spelling per dtype in every table."""
+    name = str(dtype).replace("torch.", "")
+    return SHORT_DTYPES.get(name, name)
+
+
+def append_csv(rows: list[dict], path: str | Path, extra_fields: tuple[str, ...] = ()) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists()
     with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(fh, fieldnames=[*CSV_FIELDS, *extra_fields], extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerows(rows)

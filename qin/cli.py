@@ -1,4 +1,4 @@
-"""The `qin` command: make-data, train, evaluate, predict.
+"""The `qin` command: make-data, train, evaluate, predict, bench.
 
 Every user error (bad data, bad config, a refused overwrite) ends with one line naming what is
 wrong and exit status 2, before anything is trained or written.
@@ -117,6 +117,15 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from bench.report import BenchError, run_command
+
+    try:
+        return run_command(args)
+    except BenchError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qin", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", default="prediction.csv")
             p.add_argument("--force", action="store_true", help="overwrite an existing output file")
         p.set_defaults(func=func)
+
+    from bench.report import build_parser as bench_parser
+
+    p = sub.add_parser("bench", help="run the benchmarks; write report.md, results.csv and plots")
+    bench_parser(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -1,0 +1,363 @@
+"""`qin bench` / `python -m bench`: every benchmark of bench/ in one run, one report.
+
+Writes into --out: report.md (tables with each variant's ratio against the baseline of its own
+section, measured in the same run), results.csv (every figure, with device, versions, date and
+commit) and PNG plots. Outputs are built in a temporary folder beside --out and moved into place
+only when complete, and existing files are never overwritten without --force.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from bench import common
+
+# Published, not measured here (SPEC.md): 2.8 minutes an epoch of 3.6M rows on an RTX 4090.
+AUTHORS_SAMPLES_PER_S = 21_000
+AUTHORS_DEVICE = "RTX 4090 (the authors' log)"
+
+# Metrics where larger is better; for the rest (time, memory) smaller is better.
+HIGHER_IS_BETTER = {"throughput", "bandwidth", "tflops", "fraction_of_peak"}
+
+REPORT_FILES = ("report.md", "results.csv")
+
+
+class BenchError(Exception):
+    pass
+
+
+def _sections(quick: bool, device: torch.device, codegen: bool):
+    """(title, callable returning rows). Imported lazily: a broken section must not hide the rest."""
+    def asta():
+        from bench import bench_asta
+        return bench_asta.run(device, quick=quick)
+
+    def qnn():
+        from bench import bench_qnn
+        return bench_qnn.run(device, quick=quick)
+
+    def train():
+        from bench import bench_train
+        return bench_train.run(device, quick=quick)
+
+    def loader():
+        from bench import bench_loader
+        return bench_loader.run(device, quick=quick)
+
+    def ceilings():
+        rows = [common.make_row("ceiling", "copy", "device", "bandwidth", "GB/s", "", "",
+                                common.measure_copy_bandwidth_gbs(device, 64 if quick else 512), device, "fp32")]
+        dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+        for dtype in dtypes:
+            rows.append(common.make_row("ceiling", "matmul", "device", "tflops", "TFLOP/s", "", "",
+                                        common.measure_matmul_tflops(device, dtype), device, dtype))
+        return rows
+
+    sections = [("Device ceilings", ceilings), ("ASTA: sparse target attention", asta),
+                ("QNN: quadratic projection", qnn), ("Training step, end to end", train),
+                ("Data loading", loader)]
+    if codegen:
+        def codegen_rows():
+            from bench import codegen
+            return codegen.run()
+        sections.append(("Generated code (sm_89, sm_90)", codegen_rows))
+    return sections
+
+
+def collect(device: torch.device, quick: bool, codegen: bool = False, only: list[str] | None = None,
+            log=print) -> tuple[list[dict], list[str]]:
+    rows, failures = [], []
+    for title, fn in _sections(quick, device, codegen):
+        if only and not any(word.lower() in title.lower() for word in only):
+            continue
+        log(f"== {title}")
+        start = time.perf_counter()
+        try:
+            section_rows = fn()
+        except Exception as exc:  # keep going: the report says which section failed and why
+            traceback.print_exc()
+            failures.append(f"{title}: {type(exc).__name__}: {exc}")
+            continue
+        for row in section_rows:
+            row.setdefault("section", title)
+        rows += section_rows
+        log(f"   {len(section_rows)} figures in {time.perf_counter() - start:.0f} s")
+    return rows, failures
+
+
+# -- the Markdown report ---------------------------------------------------------------------------
+
+def _fmt(value) -> str:
+    if isinstance(value, str):
+        return value
+    value = float(value)
+    if value == 0:
+        return "0"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}"
+
+
+def _ratio(metric: str, value: float, base: float) -> str:
+    if not base or not value:
+        return ""
+    ratio = value / base if metric in HIGHER_IS_BETTER or metric == "peak_memory" else base / value
+    return f" ({ratio:.2f}x)"
+
+
+def pivot_tables(rows: list[dict]) -> list[str]:
+    """One table per (kernel, metric): a line per (mode, dtype, x), a column per provider.
+
+    Each cell is the median with its ratio to the first provider of the table (the baseline):
+    speed-up for time and throughput, fraction for memory.
+    """
+    out = []
+    kernels = list(dict.fromkeys(r["kernel"] for r in rows))
+    for kernel in kernels:
+        kernel_rows = [r for r in rows if r["kernel"] == kernel]
+        for metric in dict.fromkeys(r["metric"] for r in kernel_rows):
+            metric_rows = [r for r in kernel_rows if r["metric"] == metric]
+            providers = list(dict.fromkeys(r["provider"] for r in metric_rows))
+            keys = list(dict.fromkeys((r["mode"], r["dtype"], r["x_name"], str(r["x_value"])) for r in metric_rows))
+            cells = {(r["mode"], r["dtype"], r["x_name"], str(r["x_value"]), r["provider"]): r for r in metric_rows}
+            unit = metric_rows[0]["unit"]
+            ratio_note = "" if len(providers) < 2 else (
+                f"; in brackets: against {providers[0]}" + (" (x = its fraction)" if metric == "peak_memory" else
+                                                            " (x = speed-up)"))
+            out.append(f"**{kernel}: {metric.replace('_', ' ')} ({unit})**{ratio_note}\n")
+            out.append("| mode | dtype | shape | " + " | ".join(providers) + " |")
+            out.append("|" + "---|" * (3 + len(providers)))
+            for mode, dtype, x_name, x_value in keys:
+                base = cells.get((mode, dtype, x_name, x_value, providers[0]))
+                line = [mode, dtype or "-", f"{x_name}={x_value}" if x_name else "-"]
+                for provider in providers:
+                    cell = cells.get((mode, dtype, x_name, x_value, provider))
+                    if cell is None:
+                        line.append("-")
+                        continue
+                    text = _fmt(cell["p50"])
+                    if provider != providers[0] and base is not None:
+                        text += _ratio(metric, float(cell["p50"]), float(base["p50"]))
+                    line.append(text)
+                out.append("| " + " | ".join(line) + " |")
+            out.append("")
+    return out
+
+
+def _value(rows, **match) -> float | None:
+    for r in rows:
+        if all(str(r.get(k)) == str(v) for k, v in match.items()):
+            return float(r["p50"])
+    return None
+
+
+def targets(rows: list[dict], device: torch.device) -> list[str]:
+    """The issues' targets, each with its measured figure or 'unmeasured'."""
+    train = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "throughput"]
+    batches = sorted({int(r["x_value"]) for r in train}, reverse=True)
+    lines = ["| target | measured here | verdict |", "|---|---|---|"]
+
+    def add(name, figure, ok):
+        verdict = "unmeasured" if figure is None else ("met" if ok else "not met")
+        lines.append(f"| {name} | {figure or 'unmeasured'} | {verdict} |")
+
+    fused = ["all fused + torch.compile", "+ Triton QNN (all fused)", "+ item dedup"]
+    best = None
+    for batch in batches:
+        literal = _value(train, provider="literal eager", x_value=batch)
+        for name in fused:
+            ours = _value(train, provider=name, x_value=batch)
+            if ours and literal:
+                best = (batch, name, ours, literal)
+                break
+        if best:
+            break
+    on_cpu = device.type == "cpu"
+    if on_cpu and best:
+        batch, name, ours, literal = best
+        add("CPU: full training step >= 2x the literal eager model (same batch, same run)",
+            f"{ours / literal:.2f}x ({name}, batch {batch}: {ours:,.0f} vs {literal:,.0f} samples/s)", ours / literal >= 2)
+    else:
+        add("CPU: full training step >= 2x the literal eager model", None, False)
+    gpu = not on_cpu and best and best[0] == 8192
+    if gpu:
+        batch, name, ours, literal = best
+        add("GPU: >= 10x the literal eager model's samples/s at batch 8192",
+            f"{ours / literal:.1f}x ({ours:,.0f} vs {literal:,.0f} samples/s)", ours / literal >= 10)
+        add("GPU (H100 class): >= 300,000 samples/s at batch 8192", f"{ours:,.0f} samples/s on {common.device_name(device)}",
+            ours >= 300_000)
+        memory = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "peak_memory"]
+        ours_mem, lit_mem = _value(memory, provider=name, x_value=batch), _value(memory, provider="literal eager", x_value=batch)
+        add("GPU: peak training memory <= 1/3 of the literal eager model",
+            f"{ours_mem / lit_mem:.2f} ({ours_mem:,.0f} vs {lit_mem:,.0f} MB)" if ours_mem and lit_mem else None,
+            bool(ours_mem and lit_mem and ours_mem / lit_mem <= 1 / 3))
+    else:
+        for name in ("GPU: >= 10x the literal eager model's samples/s at batch 8192",
+                     "GPU (H100 class): >= 300,000 samples/s at batch 8192",
+                     "GPU: peak training memory <= 1/3 of the literal eager model"):
+            add(name, None, False)
+    loader = _value(rows, kernel="loader", provider="numpy", mode="assemble")
+    add("Loader: batch assembly at batch 8192 >= 500k samples/s on 2 CPU cores",
+        f"{loader:,.0f} samples/s" if loader else None, bool(loader and loader >= 500_000))
+    return lines
+
+
+def render(rows: list[dict], failures: list[str], device: torch.device, quick: bool, plots: list[str],
+           seconds: float) -> str:
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    import triton
+
+    parts = [
+        f"# QIN benchmark report: {common.device_name(device)}",
+        "",
+        f"{when}; torch {torch.__version__}, triton {triton.__version__}, commit {common.git_commit()}; "
+        f"{'--quick' if quick else 'full'} run, {seconds / 60:.1f} minutes. Medians (p50) of repeated runs; "
+        "every ratio compares two variants measured in this same run. Absolute times mean little on a CPU.",
+        "",
+    ]
+    if device.type == "cpu":
+        parts += ["On the CPU the Triton variants are not timed: the kernels run there only through "
+                  "Triton's interpreter, which checks correctness, not speed.", ""]
+    if failures:
+        parts += ["## Sections that failed", ""] + [f"- {f}" for f in failures] + [""]
+    parts += ["## Targets", ""] + targets(rows, device) + [""]
+    train = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "throughput"]
+    if train:
+        ours = max(train, key=lambda r: float(r["p50"]) if not r["provider"].startswith("data") else 0)
+        parts += ["## Against the authors' published speed", "",
+                  "| implementation | device | samples/s |", "|---|---|---|",
+                  f"| authors' FuxiCTR QIN (published, not measured here) | {AUTHORS_DEVICE} | {AUTHORS_SAMPLES_PER_S:,} |",
+                  f"| ours, fastest variant ({ours['provider']}, batch {ours['x_value']}) | {ours['device']} | {float(ours['p50']):,.0f} |",
+                  ""]
+    sections = list(dict.fromkeys(r["section"] for r in rows))
+    for section in sections:
+        parts += [f"## {section}", ""] + pivot_tables([r for r in rows if r["section"] == section])
+    if plots:
+        parts += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    parts += ["Reproduce: `qin bench" + (" --quick" if quick else "") + f" --device {device.type} --out DIR`.", ""]
+    return "\n".join(parts)
+
+
+# -- plots -----------------------------------------------------------------------------------------
+
+def make_plots(rows: list[dict], folder: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    # Time and memory per variant, at each kernel's largest shape and first mode/dtype.
+    for metric, unit_label, name in (("time", "ms", "time_per_variant.png"), ("peak_memory", "MB", "memory_per_variant.png")):
+        kernels = [k for k in dict.fromkeys(r["kernel"] for r in rows)
+                   if any(r["kernel"] == k and r["metric"] == metric for r in rows)]
+        if not kernels:
+            continue
+        fig, axes = plt.subplots(1, len(kernels), figsize=(4.5 * len(kernels), 3.6), squeeze=False)
+        for ax, kernel in zip(axes[0], kernels):
+            subset = [r for r in rows if r["kernel"] == kernel and r["metric"] == metric]
+            groups = list(dict.fromkeys((r["mode"], r["dtype"]) for r in subset))
+            labels, values = [], []
+            for mode, dtype in groups:
+                in_group = [r for r in subset if (r["mode"], r["dtype"]) == (mode, dtype)]
+                largest = max(in_group, key=lambda r: float(r["x_value"]) if str(r["x_value"]).replace(".", "").isdigit() else 0)
+                for r in in_group:
+                    if r["x_value"] == largest["x_value"]:
+                        labels.append(f"{r['provider']}\n{mode} {dtype}".strip())
+                        values.append(float(r["p50"]))
+            ax.barh(range(len(values)), values, color="tab:blue")
+            ax.set_yticks(range(len(values)), labels, fontsize=6)
+            ax.invert_yaxis()
+            ax.set_xlabel(unit_label)
+            ax.set_title(kernel, fontsize=9)
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=120)
+        plt.close(fig)
+        written.append(str(folder / name))
+    # Training throughput against batch size, one line per variant.
+    train = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "throughput"
+             and not r["provider"].startswith("data")]
+    if train:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for provider in dict.fromkeys(r["provider"] for r in train):
+            points = sorted((int(r["x_value"]), float(r["p50"])) for r in train if r["provider"] == provider)
+            ax.plot(*zip(*points), marker="o", label=provider)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("samples/s")
+        ax.set_title(f"QIN training step: {train[0]['device']}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "train_throughput.png", dpi=120)
+        plt.close(fig)
+        written.append(str(folder / "train_throughput.png"))
+    return written
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+def write_outputs(out: Path, rows: list[dict], failures: list[str], device: torch.device, quick: bool,
+                  seconds: float, force: bool) -> None:
+    """Build everything in a temporary folder beside `out`, then move the files into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        common.append_csv(rows, staging / "results.csv", extra_fields=("section",))
+        plots = make_plots(rows, staging)
+        (staging / "report.md").write_text(render(rows, failures, device, quick, plots, seconds))
+        out.mkdir(exist_ok=True)
+        for f in staging.iterdir():
+            target = out / f.name
+            if target.exists() and not force:  # checked again: something may have appeared meanwhile
+                raise BenchError(f"{target} exists; pass --force to overwrite it")
+            os.replace(f, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats: minutes on a 2-core CPU")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="bench-report", help="folder for report.md, results.csv and plots")
+    parser.add_argument("--force", action="store_true", help="overwrite files already in --out")
+    parser.add_argument("--codegen", action="store_true",
+                        help="also compile every Triton kernel for sm_89 and sm_90 and report registers, spills, SASS")
+    parser.add_argument("--only", nargs="+", metavar="WORD", help="run only the sections whose title holds a word")
+    return parser
+
+
+def run_command(args) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda, but no CUDA device is available")
+    out = Path(args.out)
+    clashes = [out / name for name in REPORT_FILES if (out / name).exists()]
+    if clashes and not args.force:
+        raise BenchError(f"{clashes[0]} exists; pass --force to overwrite it, or choose another --out")
+    start = time.perf_counter()
+    rows, failures = collect(device, args.quick, codegen=args.codegen, only=args.only)
+    if not rows:
+        raise BenchError("no section produced a figure: " + "; ".join(failures))
+    write_outputs(out, rows, failures, device, args.quick, time.perf_counter() - start, args.force)
+    print(f"\nwrote {out / 'report.md'}, {out / 'results.csv'} and plots ({len(rows)} figures"
+          + (f"; {len(failures)} section(s) failed, see the report" if failures else "") + ")")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except BenchError as exc:
+        print(f"bench: error: {exc}", file=sys.stderr)
+        return 2
