@@ -36,6 +36,18 @@ def atomic_write(path: str | Path, write) -> None:
         os.close(dir_fd)
 
 
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of atomic_write that a killed process left in `folder`.
+
+    A SIGKILL between mkstemp and the rename leaves `.<name>.<random>.tmp` behind; the file it was
+    meant to replace is intact, so the leftover holds nothing worth keeping.
+    """
+    stale = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def save_checkpoint(path: str | Path, payload: dict) -> None:
     atomic_write(path, lambda fh: torch.save({"format": FORMAT, **payload}, fh))
 

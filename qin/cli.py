@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
 
 
 def _model_from_checkpoint(path: str, data: str | None, device_name: str):
-    from qin.model import QIN
+    from qin.model import build_model
     from qin.train import resolve_device
 
     payload = load_checkpoint(path)
@@ -82,7 +82,7 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str):
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "
                               f"{dataset.root / 'item_info.parquet'} has {dataset.item_info.num_items:,}")
     device = resolve_device(device_name)
-    model = QIN(cfg.model)
+    model = build_model(cfg.model)
     model.load_item_info(dataset.item_info.tags, dataset.item_info.mm)
     model.load_state_dict(payload["model"])
     return model.to(device).eval(), dataset, cfg, device

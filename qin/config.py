@@ -40,6 +40,18 @@ class QINConfig:
     dedup_items: bool = True
     asta_kernel: str = "auto"  # backend of the hoisted ASTA op: auto | torch | triton
     qnn_kernel: str = "auto"  # backend of the QNN quadratic projection: auto | torch | triton
+    # Which model: QIN, or the challenge's official DIN baseline (SPEC.md; sizes below).
+    architecture: str = "qin"  # qin | din
+    # The paper's ablations (Table 3), each a switch; the defaults are QIN itself.
+    use_asta: bool = True  # False: no interest vector, the QNN sees likes, views and the target only
+    asta_activation: str = "relu"  # relu | softmax (over the unmasked history positions)
+    asta_dropout: float = 0.0  # dropout on ASTA's attention weights
+    interaction: str = "qnn"  # qnn | mlp (QNN replaced by residual MLP blocks of the same size)
+    qnn_activation: str = "prelu"  # prelu | relu
+    # DIN baseline sizes (used only when architecture is din).
+    din_embed_dim: int = 64
+    din_attention_units: list = field(default_factory=lambda: [512, 256])
+    din_dnn_units: list = field(default_factory=lambda: [1024, 512, 256])
 
     @property
     def item_dim(self) -> int:
@@ -47,7 +59,7 @@ class QINConfig:
 
     @property
     def qnn_dim(self) -> int:
-        return 2 * self.embed_dim + 2 * self.item_dim
+        return 2 * self.embed_dim + (2 if self.use_asta else 1) * self.item_dim
 
     def validate(self) -> None:
         if self.asta_form not in ("hoisted", "literal"):
@@ -55,10 +67,20 @@ class QINConfig:
         for name in ("asta_kernel", "qnn_kernel"):
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 raise ConfigError(f"model.{name} must be auto, torch or triton, got {getattr(self, name)!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        choices = {"architecture": ("qin", "din"), "asta_activation": ("relu", "softmax"),
+                   "interaction": ("qnn", "mlp"), "qnn_activation": ("prelu", "relu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("dropout", "asta_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("din_attention_units", "din_dnn_units"):
+            units = getattr(self, name)
+            if not isinstance(units, list) or not units or not all(isinstance(u, int) and u > 0 for u in units):
+                raise ConfigError(f"model.{name} must be a non-empty list of positive integers, got {units!r}")
         for name in ("num_items", "num_tags", "num_levels", "embed_dim", "mm_dim", "attention_dim",
-                     "qnn_layers", "qnn_rows", "tags_per_item"):
+                     "qnn_layers", "qnn_rows", "tags_per_item", "din_embed_dim"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
 

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from qin.checkpoint import check_model_config, load_checkpoint, save_checkpoint, atomic_write
+from qin.checkpoint import atomic_write, check_model_config, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from qin.config import RunConfig
 from qin.data import Dataset, Split, iterate_batches, num_batches
 from qin.metrics import log_loss, roc_auc
-from qin.model import QIN, count_parameters
+from qin.model import QIN, build_model as build_network, count_parameters
 
 
 class TrainingError(RuntimeError):
@@ -68,8 +68,8 @@ def fill_vocab_from_data(cfg: RunConfig, dataset: Dataset) -> None:
     cfg.model.mm_dim = dataset.item_info.mm.shape[1]
 
 
-def build_model(cfg: RunConfig, dataset: Dataset, device: torch.device) -> QIN:
-    model = QIN(cfg.model)
+def build_model(cfg: RunConfig, dataset: Dataset, device: torch.device) -> torch.nn.Module:
+    model = build_network(cfg.model)
     model.load_item_info(dataset.item_info.tags, dataset.item_info.mm)
     return model.to(device)
 
@@ -178,12 +178,14 @@ class Trainer:
         train, valid = self.dataset.splits["train"], self.dataset.splits["valid"]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
+            for path in remove_stale_temporaries(self.out_dir):
+                self.log(f"removed {path.name}, a partial write left by the interrupted run")
             self.restore(self.out_dir / "latest.pt")
             self.log(f"resumed from {self.out_dir / 'latest.pt'} at epoch {self.state.epoch + 1}, "
                      f"step {self.state.step}")
         else:
             atomic_write(self.out_dir / "config.yaml", lambda fh: fh.write(yaml.safe_dump(cfg.to_dict()).encode()))
-        self.log(f"QIN: {count_parameters(self.model):,} parameters on {self.device}; "
+        self.log(f"{type(self.model).__name__}: {count_parameters(self.model):,} parameters on {self.device}; "
                  f"train {len(train):,} rows, valid {len(valid):,} rows")
         self.log("settings: " + json.dumps(cfg.to_dict(), sort_keys=True))
 

@@ -1,0 +1,64 @@
+"""DIN, the challenge's official baseline (SPEC.md, "DIN baseline"), on QIN's inputs.
+
+    item      e(i) = [E_item[i] (64), mean E_tag[tags(i)] (64), item_emb_d128[i] (128, frozen)]   (256)
+    attention w_l = MLP_[512, 256](q, k_l, q - k_l, q * k_l) * m_l   (ReLU, dropout; no softmax)
+              u   = sum_l w_l k_l
+    DNN       [likes (64), views (64), q, u] -> [1024, 512, 256] (Linear, BatchNorm, ReLU, dropout) -> 1
+
+The paper trains it with Adam lr 1e-3 and early-stop patience 3 (`qin compare` sets those).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from qin.config import QINConfig
+from qin.model import ItemEncoder, init_weights
+
+
+def _mlp(widths: list[int], dropout: float, batch_norm: bool) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width_in, width_out in zip(widths[:-1], widths[1:]):
+        layers.append(nn.Linear(width_in, width_out))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(width_out))
+        layers += [nn.ReLU(), nn.Dropout(dropout)]
+    return nn.Sequential(*layers)
+
+
+class DIN(nn.Module):
+    def __init__(self, cfg: QINConfig):
+        super().__init__()
+        self.cfg = cfg
+        cfg.validate()
+        dim = cfg.din_embed_dim
+        self.items = ItemEncoder(cfg, embed_dim=dim, project_mm=False)
+        item_dim = 2 * dim + cfg.mm_dim
+        self.likes_embedding = nn.Embedding(cfg.num_levels, dim)
+        self.views_embedding = nn.Embedding(cfg.num_levels, dim)
+        units = cfg.din_attention_units
+        self.attention = nn.Sequential(_mlp([4 * item_dim, *units], cfg.dropout, batch_norm=False),
+                                       nn.Linear(units[-1], 1))
+        self.dnn = _mlp([2 * dim + 2 * item_dim, *cfg.din_dnn_units], cfg.dropout, batch_norm=True)
+        self.output = nn.Linear(cfg.din_dnn_units[-1], 1)
+        init_weights(self, cfg.embedding_init_std)
+
+    def load_item_info(self, tags: torch.Tensor, mm: torch.Tensor) -> None:
+        self.items.load_item_info(tags, mm)
+
+    def embedding_tables(self) -> list[torch.Tensor]:
+        return [*self.items.tables, self.likes_embedding.weight, self.views_embedding.weight]
+
+    def embedding_l2(self) -> torch.Tensor:
+        return sum(w.pow(2).sum() for w in self.embedding_tables())
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        target, history = self.items.encode(batch["item_id"], batch["item_seq"])
+        query = target.unsqueeze(1).expand_as(history)
+        features = torch.cat([query, history, query - history, query * history], dim=-1)
+        # Unnormalised weights, zero at padding (the mask multiplies, as in SPEC.md's DIN).
+        weights = self.attention(features).squeeze(-1) * (batch["item_seq"] > 0).to(history.dtype)
+        interest = torch.einsum("bl,bld->bd", weights, history)
+        x = torch.cat([self.likes_embedding(batch["likes_level"]), self.views_embedding(batch["views_level"]),
+                       target, interest], dim=-1)
+        return self.output(self.dnn(x)).squeeze(-1)
