@@ -1,0 +1,143 @@
+"""QNN quadratic projection: eager reference vs torch.compile vs the fused Triton op.
+
+Training mode with dropout 0.1, as the model runs it. Per provider, dtype and batch: forward and
+forward+backward time, achieved TFLOP/s (forward 2*B*D*M*D FLOPs, forward+backward 3x) against
+the measured matmul rate of the same device and dtype, peak memory, and speed-up over eager in
+the same run. Plus the 4-layer QNN stack (quadratic + BatchNorm + PReLU + dropout + residual)
+forward+backward peak memory, eager vs Triton.
+
+    python -m bench.bench_qnn --device cuda [--quick] [--csv out.csv]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import kernels
+from bench.common import append_csv, make_row, measure_matmul_tflops, peak_memory_mb, print_table, time_ms
+from kernels import reference
+
+DIM, ROWS, DROPOUT = 1024, 4, 0.1  # the paper's QNN width and num_row
+
+
+def _make(batch, dim, dtype, device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, dim, generator=g).to(device, dtype).requires_grad_()
+    weight = (torch.randn(ROWS * dim, dim, generator=g) / dim**0.5).to(device, dtype).requires_grad_()
+    bias = torch.zeros(ROWS * dim, device=device, dtype=dtype, requires_grad=True)
+    gy = torch.randn(batch, dim, generator=g).to(device, dtype)
+    return x, weight, bias, gy
+
+
+def _providers(device):
+    """name -> op(x, weight, bias). Triton needs CUDA; compile is tried everywhere and dropped if it fails."""
+    eager = lambda x, w, b: reference.quadratic_projection(x, w, b, ROWS, DROPOUT, True)
+    out = {"eager": eager, "compile": torch.compile(eager)}
+    if device.type == "cuda":
+        out["triton"] = lambda x, w, b: kernels.quadratic_projection(
+            x, w, b, ROWS, dropout_p=DROPOUT, training=True, backend="triton")
+    return out
+
+
+def _projection_rows(device, dtype, batches, dim, rate):
+    rows = []
+    for batch in batches:
+        x, weight, bias, gy = _make(batch, dim, dtype, device)
+        flops = 2 * batch * dim * ROWS * dim
+        base = {}
+        for provider, op in _providers(device).items():
+            def fwd():
+                with torch.no_grad():
+                    op(x, weight, bias)
+
+            def fwd_bwd():
+                torch.autograd.grad(op(x, weight, bias), (x, weight, bias), gy)
+
+            for mode, fn, mode_flops in (("fwd", fwd, flops), ("fwd+bwd", fwd_bwd, 3 * flops)):
+                try:
+                    fn()  # compile / warm up outside the timing
+                    times = time_ms(fn, device)
+                except Exception as exc:  # torch.compile may be unavailable (no compiler on the CPU)
+                    print(f"skipping {provider} {mode} B={batch}: {type(exc).__name__}: {str(exc)[:120]}")
+                    break
+                tflops = mode_flops / (times[0] * 1e-3) / 1e12
+                kw = dict(device=device, dtype=dtype)
+                row = make_row("qnn", provider, mode, "time", "ms", "batch", batch, times, **kw)
+                rows.append(row)
+                rows.append(make_row("qnn", provider, mode, "tflops", "TFLOP/s", "batch", batch, tflops, **kw))
+                rows.append(make_row("qnn", provider, mode, "matmul_fraction", "x", "batch", batch,
+                                     tflops / rate, **kw))
+                memory = peak_memory_mb(fn, device)
+                if memory is not None:
+                    rows.append(make_row("qnn", provider, mode, "peak_memory", "MB", "batch", batch, memory, **kw))
+                if provider == "eager":
+                    base[mode] = times[0]
+                elif mode in base:
+                    rows.append(make_row("qnn", provider, mode, "speedup_vs_eager", "x", "batch", batch,
+                                         base[mode] / times[0], **kw))
+    return rows
+
+
+def _stack_rows(device, dtype, batch):
+    """Peak memory and time of the model's 4-layer QNN stack, forward+backward, eager vs Triton."""
+    from qin.config import QINConfig
+    from qin.model import QNN
+
+    rows = []
+    backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]
+    for backend in backends:
+        torch.manual_seed(0)
+        cfg = QINConfig(qnn_kernel=backend)  # paper sizes: qnn_dim 1024, 4 rows, 4 layers, dropout 0.1
+        model = QNN(cfg).to(device=device, dtype=dtype).train()
+        x = torch.randn(batch, cfg.qnn_dim, device=device, dtype=dtype)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(x).float().square().mean().backward()
+
+        step()
+        provider = "eager" if backend == "torch" else "triton"
+        kw = dict(device=device, dtype=dtype)
+        rows.append(make_row("qnn_stack", provider, "fwd+bwd", "time", "ms", "batch", batch, time_ms(step, device), **kw))
+        memory = peak_memory_mb(step, device)
+        if memory is not None:
+            rows.append(make_row("qnn_stack", provider, "fwd+bwd", "peak_memory", "MB", "batch", batch, memory, **kw))
+    return rows
+
+
+def run(device: torch.device, quick: bool = False, csv: str | None = None) -> list[dict]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        dtypes = [torch.float32, torch.bfloat16]
+        batches = [8192] if quick else [1024, 2048, 4096, 8192, 16384]
+        dim, stack_batch = DIM, 8192
+    else:  # the CPU only runs the reference (Triton needs CUDA), at a small size
+        dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+        batches = [256] if quick else [256, 1024]
+        dim, stack_batch = (256, 256) if quick else (DIM, 1024)
+    rows = []
+    for dtype in dtypes:
+        rate = measure_matmul_tflops(device, dtype)
+        n = 4096 if device.type == "cuda" else 1024  # the size measure_matmul_tflops uses
+        rows.append(make_row("matmul", "torch", "ceiling", "tflops", "TFLOP/s", "n", n, rate, device=device, dtype=dtype))
+        rows += _projection_rows(device, dtype, batches, dim, rate)
+        if not (quick and device.type == "cpu"):
+            rows += _stack_rows(device, dtype, stack_batch)
+    print_table(rows, f"QNN quadratic projection (D={dim}, M={ROWS}, dropout {DROPOUT}, training)")
+    if csv:
+        append_csv(rows, csv)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="one batch size (CPU: B=256, D=256)")
+    parser.add_argument("--csv", help="append the rows to this CSV file")
+    args = parser.parse_args(argv)
+    run(torch.device(args.device), quick=args.quick, csv=args.csv)
+
+
+if __name__ == "__main__":
+    main()
