@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qin import distributed
 from qin.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from qin.config import ConfigError, load_config
 
@@ -66,8 +67,12 @@ def cmd_train(args) -> int:
     cfg.data.dir = str(dataset.root.resolve())
     fill_vocab_from_data(cfg, dataset)
     trainer = Trainer(cfg, dataset, out_dir)
-    state = trainer.fit(resume=bool(args.resume))
-    print(f"best valid AUC {state.best_auc:.4f} at epoch {state.best_epoch}; model in {out_dir / 'best.pt'}")
+    try:
+        state = trainer.fit(resume=bool(args.resume))
+    finally:
+        distributed.shutdown()
+    if trainer.ctx.is_main:
+        print(f"best valid AUC {state.best_auc:.4f} at epoch {state.best_epoch}; model in {out_dir / 'best.pt'}")
     return 0
 
 
@@ -81,7 +86,7 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str):
     if dataset.item_info.num_items != cfg.model.num_items:
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "
                               f"{dataset.root / 'item_info.parquet'} has {dataset.item_info.num_items:,}")
-    device = resolve_device(device_name)
+    device = distributed.setup(distributed.context_from_env(), resolve_device(device_name))
     model = build_model(cfg.model)
     model.load_item_info(dataset.item_info.tags, dataset.item_info.mm)
     model.load_state_dict(payload["model"])
@@ -96,8 +101,14 @@ def cmd_evaluate(args) -> int:
         raise UsageError(f"split '{args.split}' not found in {dataset.root}")
     if dataset.splits[args.split].label is None:
         raise UsageError(f"{dataset.root / (args.split + '.parquet')} has no label column: it cannot be evaluated")
-    metrics = evaluate(model, dataset.splits[args.split], args.batch_size or cfg.train.eval_batch_size, device)
-    print(f"{args.split}: AUC {metrics['auc']:.6f}, logloss {metrics['logloss']:.6f}")
+    # Under torchrun each rank scores a share of the split; the AUC is computed once, on all of it.
+    ctx = distributed.context_from_env()
+    try:
+        metrics = evaluate(model, dataset.splits[args.split], args.batch_size or cfg.train.eval_batch_size, device, ctx)
+    finally:
+        distributed.shutdown()
+    if ctx.is_main:
+        print(f"{args.split}: AUC {metrics['auc']:.6f}, logloss {metrics['logloss']:.6f}")
     return 0
 
 

@@ -83,6 +83,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.item_id)
 
+    def rows(self, start: int, stop: int) -> "Split":
+        """Rows start..stop-1 as a Split of views (no copy)."""
+        return Split(self.name, self.item_id[start:stop], self.item_seq[start:stop], self.likes_level[start:stop],
+                     self.views_level[start:stop], None if self.label is None else self.label[start:stop])
+
 
 @dataclass
 class Dataset:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
+from qin import distributed
 from qin.checkpoint import atomic_write, check_model_config, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from qin.config import RunConfig
 from qin.data import Dataset, Split, iterate_batches, num_batches
@@ -79,8 +80,19 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 @torch.no_grad()
-def predict(model: QIN, split: Split, batch_size: int, device: torch.device) -> np.ndarray:
-    """Click probabilities for every row of `split`, in row order."""
+def predict(model, split: Split, batch_size: int, device: torch.device,
+            ctx: distributed.Context | None = None) -> np.ndarray:
+    """Click probabilities for every row of `split`, in row order.
+
+    Under torch.distributed each rank scores a contiguous share of the rows and the shares are
+    gathered, so every rank returns the whole split's predictions.
+    """
+    ctx = ctx or distributed.Context()
+    if ctx.distributed:
+        n = len(split)
+        lo, hi = n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
+        share = predict(model, split.rows(lo, hi), batch_size, device)
+        return distributed.gather_rows(ctx, share)
     was_training = model.training
     model.eval()
     out = []
@@ -90,18 +102,26 @@ def predict(model: QIN, split: Split, batch_size: int, device: torch.device) -> 
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
-def evaluate(model: QIN, split: Split, batch_size: int, device: torch.device) -> dict:
+def evaluate(model, split: Split, batch_size: int, device: torch.device,
+             ctx: distributed.Context | None = None) -> dict:
     if split.label is None:
         raise ValueError(f"split '{split.name}' has no label column: it cannot be evaluated")
-    probs = predict(model, split, batch_size, device)
+    probs = predict(model, split, batch_size, device, ctx)
     return {"auc": roc_auc(split.label, probs), "logloss": log_loss(split.label, probs)}
 
 
-def loss_fn(model: QIN, batch: dict, embedding_l2: float) -> torch.Tensor:
+def loss_fn(model, batch: dict, embedding_l2: float, global_rows: int | None = None,
+            world_size: int = 1) -> torch.Tensor:
+    """Mean BCE + embedding L2. Under DDP (global_rows given) this rank's BCE is scaled so that
+    DDP's average of the ranks' gradients is the gradient of the global batch's mean."""
     logits = model(batch)
-    loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])
+    if global_rows is None:
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])
+    else:
+        loss = distributed.local_loss(logits, batch["label"], global_rows, world_size)
     if embedding_l2:
-        loss = loss + embedding_l2 / 2.0 * model.embedding_l2()
+        core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        loss = loss + embedding_l2 / 2.0 * core.embedding_l2()
     return loss
 
 
@@ -138,11 +158,27 @@ def _catch_sigint():
 
 
 class Trainer:
+    """Single-process training, or DistributedDataParallel when launched by torchrun.
+
+    Under DDP every rank runs this same loop on its share of each global batch; only rank 0
+    logs and writes files, and every decision (LR, early stop) is taken from gathered, identical
+    numbers, so the ranks never disagree.
+    """
+
     def __init__(self, cfg: RunConfig, dataset: Dataset, out_dir: str | Path, log=print):
-        self.cfg, self.dataset, self.out_dir, self.log = cfg, dataset, Path(out_dir), log
-        self.device = resolve_device(cfg.train.device)
+        self.cfg, self.dataset, self.out_dir = cfg, dataset, Path(out_dir)
+        self.ctx = distributed.context_from_env()
+        self.log = log if self.ctx.is_main else (lambda *_: None)
+        self.device = distributed.setup(self.ctx, resolve_device(cfg.train.device))
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, dataset, self.device)
+        self.forward_model = self.model
+        if self.ctx.distributed:
+            distributed.convert_batchnorm(self.model)
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            # Dropout must differ between ranks (the model itself is identical: same seed above).
+            torch.manual_seed(cfg.train.seed + 1_000_003 * self.ctx.rank)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
         self.state = TrainerState(lr=cfg.train.lr)
 
@@ -156,11 +192,15 @@ class Trainer:
         }
         if not model_only:
             payload["optimizer"] = self.optimizer.state_dict()
-            payload["rng"] = _rng_state(self.device)
+            # Every rank's RNG state, so that a resumed DDP run draws what the uninterrupted one would.
+            payload["rng"] = distributed.all_gather_objects(self.ctx, _rng_state(self.device))
         return payload
 
     def save(self, name: str, model_only: bool = False) -> None:
-        save_checkpoint(self.out_dir / name, self._payload(model_only))
+        """Called on every rank (the RNG states are gathered); only rank 0 writes."""
+        payload = self._payload(model_only)
+        if self.ctx.is_main:
+            save_checkpoint(self.out_dir / name, payload)
 
     def restore(self, path: Path) -> None:
         payload = load_checkpoint(path, map_location=self.device)
@@ -170,22 +210,30 @@ class Trainer:
         self.state = TrainerState(**payload["trainer"])
         for group in self.optimizer.param_groups:
             group["lr"] = self.state.lr
-        _set_rng_state(payload["rng"], self.device)
+        states = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]
+        if len(states) == self.ctx.world_size:
+            _set_rng_state(states[self.ctx.rank], self.device)
+        else:  # resumed with another number of processes: the data order is kept, dropout draws are not
+            self.log(f"{path} was written by {len(states)} process(es), this run has {self.ctx.world_size}: "
+                     f"the data order resumes exactly, dropout draws restart from the seed")
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> TrainerState:
         cfg, tc = self.cfg, self.cfg.train
         train, valid = self.dataset.splits["train"], self.dataset.splits["valid"]
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.ctx.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            for path in remove_stale_temporaries(self.out_dir):
-                self.log(f"removed {path.name}, a partial write left by the interrupted run")
+            if self.ctx.is_main:
+                for path in remove_stale_temporaries(self.out_dir):
+                    self.log(f"removed {path.name}, a partial write left by the interrupted run")
             self.restore(self.out_dir / "latest.pt")
             self.log(f"resumed from {self.out_dir / 'latest.pt'} at epoch {self.state.epoch + 1}, "
                      f"step {self.state.step}")
-        else:
+        elif self.ctx.is_main:
             atomic_write(self.out_dir / "config.yaml", lambda fh: fh.write(yaml.safe_dump(cfg.to_dict()).encode()))
-        self.log(f"{type(self.model).__name__}: {count_parameters(self.model):,} parameters on {self.device}; "
+        where = f"{self.ctx.world_size} processes ({self.device.type})" if self.ctx.distributed else str(self.device)
+        self.log(f"{type(self.model).__name__}: {count_parameters(self.model):,} parameters on {where}; "
                  f"train {len(train):,} rows, valid {len(valid):,} rows")
         self.log("settings: " + json.dumps(cfg.to_dict(), sort_keys=True))
 
@@ -200,10 +248,11 @@ class Trainer:
         return self.state
 
     def _train_epoch(self, train: Split, batches_per_epoch: int, interrupted: dict) -> None:
-        tc, st = self.cfg.train, self.state
-        batches = iterate_batches(train, tc.batch_size, shuffle=True, seed=tc.seed, epoch=st.epoch)
+        tc, st, ctx = self.cfg.train, self.state, self.ctx
+        batches = iterate_batches(train, tc.batch_size, shuffle=True, seed=tc.seed, epoch=st.epoch,
+                                  rank=ctx.rank, world_size=ctx.world_size)
         bar = tqdm(total=batches_per_epoch, initial=st.batches_done, desc=f"epoch {st.epoch + 1}",
-                   unit="batch", leave=False, dynamic_ncols=True, disable=None)
+                   unit="batch", leave=False, dynamic_ncols=True, disable=None if ctx.is_main else True)
         start, samples = time.perf_counter(), 0
         for index, batch in enumerate(batches):
             if index >= batches_per_epoch:
@@ -211,11 +260,21 @@ class Trainer:
             if index < st.batches_done:  # resumed mid-epoch: the same order, skip what was done
                 continue
             batch = _to_device(batch, self.device)
-            loss = loss_fn(self.model, batch, tc.embedding_l2)
+            global_rows = min(tc.batch_size, len(train) - index * tc.batch_size)
+            if ctx.distributed:
+                loss = loss_fn(self.forward_model, batch, tc.embedding_l2, global_rows, ctx.world_size)
+            else:
+                loss = loss_fn(self.forward_model, batch, tc.embedding_l2)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             loss_value = loss.item()
+            if ctx.distributed:
+                # One small all_reduce gives every rank the global loss and whether any rank got
+                # Ctrl-C, so all of them stop (or save) at the same step.
+                shared = torch.tensor([loss_value, float(interrupted["set"])], dtype=torch.float64, device=self.device)
+                torch.distributed.all_reduce(shared)
+                loss_value, interrupted["set"] = shared[0].item() / ctx.world_size, bool(shared[1].item())
             if not math.isfinite(loss_value) or not torch.isfinite(grad_norm):
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                 raise TrainingError(
@@ -227,7 +286,7 @@ class Trainer:
             st.batches_done += 1
             st.loss_sum += loss_value
             st.loss_count += 1
-            samples += batch["label"].shape[0]
+            samples += global_rows
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / (time.perf_counter() - start):,.0f}")
             if tc.checkpoint_every_steps and st.step % tc.checkpoint_every_steps == 0:
@@ -245,7 +304,7 @@ class Trainer:
 
     def _end_epoch(self, valid: Split) -> None:
         tc, st = self.cfg.train, self.state
-        metrics = evaluate(self.model, valid, tc.eval_batch_size, self.device)
+        metrics = evaluate(self.model, valid, tc.eval_batch_size, self.device, self.ctx)
         improved = metrics["auc"] > st.best_auc
         epoch_loss = st.loss_sum / max(st.loss_count, 1)
         st.epoch += 1
@@ -271,7 +330,8 @@ class Trainer:
         self.save("latest.pt")
         # Rewritten whole from the state, so it always agrees with latest.pt, also after a resume.
         lines = "".join(json.dumps(r) + "\n" for r in st.history)
-        atomic_write(self.out_dir / "metrics.jsonl", lambda fh: fh.write(lines.encode()))
+        if self.ctx.is_main:
+            atomic_write(self.out_dir / "metrics.jsonl", lambda fh: fh.write(lines.encode()))
         self.log(
             f"epoch {st.epoch}: train loss {epoch_loss:.4f}, valid AUC {metrics['auc']:.4f}, "
             f"logloss {metrics['logloss']:.4f}, {record['samples_per_s']:,.0f} samples/s"

@@ -1,0 +1,144 @@
+"""Multi-process training with torch.distributed, launched by torchrun.
+
+torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; with WORLD_SIZE > 1 the trainer wraps QIN in
+DistributedDataParallel (NCCL on GPUs, gloo on the CPU). Each rank takes a contiguous share of
+every global batch of the same shuffled order, so a step sees exactly the rows single-process
+training would see at the same global batch. BatchNorm statistics are reduced over all ranks
+(`SyncBatchNorm1d`), so the math equals single-process training up to summation order.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def context_from_env() -> Context:
+    return Context(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def setup(ctx: Context, device: torch.device) -> torch.device:
+    """Join the process group (once) and return this rank's device."""
+    if not ctx.distributed:
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", ctx.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        # Share the cores among the ranks of this machine instead of oversubscribing them.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
+    return device
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_gather_objects(ctx: Context, obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank; [obj] in a single process."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_rows(ctx: Context, values: np.ndarray) -> np.ndarray:
+    """Concatenate each rank's contiguous share back into the split's row order, on every rank."""
+    return np.concatenate(all_gather_objects(ctx, values))
+
+
+def global_count(ctx: Context, count: int, device: torch.device) -> int:
+    if not ctx.distributed:
+        return count
+    total = torch.tensor([count], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """y = sum over ranks of x, with the gradient that makes it exact: every rank's loss depends
+    on y, so dx on each rank is the sum over ranks of dL/dy."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are those of the global batch across all ranks.
+
+    torch's nn.SyncBatchNorm runs on GPUs only; this one reduces (count, sum, sum of squares)
+    with a differentiable all_reduce, so it works over gloo on the CPU as well as over NCCL,
+    and gradients flow through the global statistics as in single-process BatchNorm.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        stats = torch.cat([x.new_full((1,), float(x.shape[0])), x.sum(0), (x * x).sum(0)]).float()
+        stats = _AllReduceSum.apply(stats)
+        count, total, squares = stats[0], stats[1:1 + x.shape[1]], stats[1 + x.shape[1]:]
+        mean = total / count
+        var = (squares / count - mean * mean).clamp_min(0.0)
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            unbiased = var * count / (count - 1).clamp_min(1.0)
+            self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
+            self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
+        y = (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
+
+def convert_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm1d in `module` by a SyncBatchNorm1d holding the same parameters and buffers."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            sync = SyncBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats).to(child.weight.device if child.affine else "cpu")
+            sync.load_state_dict(child.state_dict())
+            setattr(module, name, sync)
+        else:
+            convert_batchnorm(child)
+    return module
+
+
+def local_loss(logits: torch.Tensor, labels: torch.Tensor, global_rows: int, world_size: int) -> torch.Tensor:
+    """This rank's share of the global mean BCE, scaled so DDP's gradient average gives the global mean."""
+    return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="sum") * (world_size / max(global_rows, 1))

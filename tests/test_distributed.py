@@ -1,0 +1,128 @@
+"""DistributedDataParallel on the CPU: 2 gloo processes launched by torchrun, against 1 process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from qin.checkpoint import CheckpointError, load_checkpoint
+from qin.synth import make_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+LR = 2e-3
+SMALL = ["model.embed_dim=8", "model.attention_dim=16", "model.dropout=0", "train.batch_size=256",
+         "train.eval_batch_size=512", "train.device=cpu", f"train.lr={LR}"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", rows=3000, items=200, seed=2,
+                        valid_rows=700, test_rows=50)
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+def qin(*args, procs=1, **kwargs):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+    command = [*(launcher if procs > 1 else [sys.executable]), "-m", "qin", *args]
+    return subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_two_ranks_take_the_same_steps_as_one_process(data_dir, tmp_path):
+    args = ["train", "--data", str(data_dir), *SMALL, "train.epochs=2", "train.max_steps_per_epoch=4"]
+    single = qin(*args, "--out", str(tmp_path / "one"))
+    assert single.returncode == 0, single.stderr
+    double = qin(*args, "--out", str(tmp_path / "two"), procs=2)
+    assert double.returncode == 0, double.stderr
+    assert "2 processes" in double.stdout + double.stderr
+
+    one, two = (load_checkpoint(tmp_path / name / "latest.pt") for name in ("one", "two"))
+    assert one["trainer"]["step"] == two["trainer"]["step"] == 8
+    for name, a in one["model"].items():
+        b = two["model"][name]
+        if not a.is_floating_point():
+            assert torch.equal(a, b), name
+        elif "running_" in name:
+            # BatchNorm statistics of the global batch, reduced over the ranks; they follow the
+            # weights, so they inherit the weights' rounding differences (about 1e-4 relative).
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)
+        else:
+            # Same rows, same synchronised BatchNorm: the two differ only by the order of sums.
+            # Adam divides by the gradient's own size, so a rounding difference in a near-zero
+            # gradient becomes part of a step for that one element: the bound is on the RMS
+            # difference (under 0.2% of one step), with any single element under one step.
+            diff = (b - a).double()
+            assert diff.pow(2).mean().sqrt() < LR * 2e-3, name
+            assert diff.abs().max() < LR, name
+    losses = lambda run: [json.loads(line)["train_loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert losses("one") == pytest.approx(losses("two"), rel=1e-5)
+    # Only rank 0 writes: the run folder holds one set of files and no leftovers.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["best.pt", "config.yaml", "latest.pt", "metrics.jsonl"]
+
+
+def test_validation_auc_is_computed_once_over_the_gathered_split(data_dir, tmp_path):
+    run = tmp_path / "run"
+    assert qin("train", "--data", str(data_dir), "--out", str(run), *SMALL, "train.epochs=1",
+               "train.max_steps_per_epoch=3").returncode == 0
+    single = qin("evaluate", str(run))
+    double = qin("evaluate", str(run), procs=2)
+    assert single.returncode == 0 and double.returncode == 0, double.stderr
+    assert single.stdout.startswith("valid: AUC")
+    auc = lambda out: float(out.split("AUC ")[1].split(",")[0])
+    assert auc(double.stdout) == pytest.approx(auc(single.stdout), abs=1e-6)
+    assert double.stdout.count("valid: AUC") == 1  # printed by rank 0 only
+
+
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the worker processes torchrun started."""
+    out = {}
+    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+    for pid in map(int, children):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            if item.startswith(b"RANK="):
+                out[int(item[5:])] = pid
+    return out
+
+
+def _step(run: Path) -> int:
+    try:
+        return load_checkpoint(run / "latest.pt")["trainer"]["step"]
+    except CheckpointError:
+        return -1
+
+
+def test_a_killed_rank_stops_the_job_and_the_run_resumes_on_two_ranks(data_dir, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--data", str(data_dir), "--out", str(run), *SMALL, "train.epochs=2",
+            "train.checkpoint_every_steps=1"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.Popen([*launcher, "-m", "qin", *args], env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and _step(run) < 3 and proc.poll() is None:
+        time.sleep(0.1)
+    ranks = _rank_pids(proc.pid)
+    assert 1 in ranks, f"no rank 1 worker found under torchrun ({ranks})"
+    os.kill(ranks[1], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert "rank" in stderr and ": 1 (local_rank: 1)" in stderr.replace("rank      ", "rank"), stderr[-2000:]
+    killed_at = _step(run)
+    assert killed_at >= 3  # the last checkpoint is readable
+    resumed = qin("train", "--resume", str(run), procs=2)
+    assert resumed.returncode == 0, resumed.stderr
+    final = load_checkpoint(run / "latest.pt")["trainer"]
+    batches = -(-pq.read_metadata(data_dir / "train.parquet").num_rows // 256)
+    assert final["epoch"] == 2 and final["step"] == 2 * batches
