@@ -53,6 +53,10 @@ def _sections(quick: bool, device: torch.device, codegen: bool):
         from bench import bench_loader
         return bench_loader.run(device, quick=quick)
 
+    def ddp():
+        from bench import bench_ddp
+        return bench_ddp.run(device, quick=quick)
+
     def ceilings():
         rows = [common.make_row("ceiling", "copy", "device", "bandwidth", "GB/s", "", "",
                                 common.measure_copy_bandwidth_gbs(device, 64 if quick else 512), device, "fp32")]
@@ -64,7 +68,7 @@ def _sections(quick: bool, device: torch.device, codegen: bool):
 
     sections = [("Device ceilings", ceilings), ("ASTA: sparse target attention", asta),
                 ("QNN: quadratic projection", qnn), ("Training step, end to end", train),
-                ("Data loading", loader)]
+                ("Data loading", loader), ("Several processes (DDP)", ddp)]
     if codegen:
         def codegen_rows():
             from bench import codegen
