@@ -1,4 +1,4 @@
-"""The `qin` command: make-data, train, evaluate, predict, bench.
+"""The `qin` command: make-data, train, evaluate, predict, compare, bench.
 
 Every user error (bad data, bad config, a refused overwrite) ends with one line naming what is
 wrong and exit status 2, before anything is trained or written.
@@ -128,6 +128,15 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from qin.compare import parse_variants, run_compare
+
+    run_compare(args.data, parse_variants(args.variants), args.epochs, args.seeds, Path(args.out),
+                args.overrides, args.force)
+    print(f"wrote {Path(args.out) / 'compare.md'}, compare.csv and compare.png")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from bench.report import BenchError, run_command
 
@@ -170,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", default="prediction.csv")
             p.add_argument("--force", action="store_true", help="overwrite an existing output file")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("compare", help="train QIN, its ablations and DIN on the same data; write a table")
+    p.add_argument("--data", help="dataset folder (default: the built-in generated dataset)")
+    p.add_argument("--variants", help="comma-separated: qin,asta_dropout,qnn_relu,asta_softmax,no_asta,no_qnn,din (default: all)")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds train.seed + 0..N-1")
+    p.add_argument("--out", default="runs/compare", help="folder for compare.md, compare.csv, compare.png")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier table in --out")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every variant")
+    p.set_defaults(func=cmd_compare)
 
     from bench.report import build_parser as bench_parser
 

@@ -1,0 +1,171 @@
+"""`qin compare`: the paper's two tables as runs on your data, QIN against DIN and the ablations.
+
+Every variant trains with the same loop, on the same data, with the same seeds; the table gives
+valid AUC (mean and spread over seeds), logloss, parameters and training samples/s, with the
+paper's published figure beside it in its own column (the paper's, on MicroLens_1M_x1, not ours).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from qin.config import ConfigError, load_config
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    overrides: tuple[str, ...]
+    paper_auc: float | None  # SPEC.md, Table 3 and the DIN baseline
+
+
+VARIANTS = {v.name: v for v in [
+    Variant("qin", "QIN", (), 0.9701),
+    Variant("asta_dropout", "ASTA with Dropout", ("model.asta_dropout=0.1",), 0.9681),
+    Variant("qnn_relu", "QNN with ReLU instead of PReLU", ("model.qnn_activation=relu",), 0.9584),
+    Variant("asta_softmax", "ASTA with SoftMax instead of ReLU", ("model.asta_activation=softmax",), 0.9490),
+    Variant("no_asta", "QIN without ASTA", ("model.use_asta=false",), 0.9321),
+    Variant("no_qnn", "QIN without QNN (an MLP instead)", ("model.interaction=mlp",), 0.7396),
+    # DIN is trained as the challenge's baseline was: Adam lr 1e-3, early-stop patience 3.
+    Variant("din", "DIN (official baseline)", ("model.architecture=din", "train.lr=1e-3", "train.patience=3"), 0.8655),
+]}
+
+
+@dataclass
+class Result:
+    variant: Variant
+    seed: int
+    auc: float
+    logloss: float
+    parameters: int
+    samples_per_s: float
+
+
+def parse_variants(text: str | None) -> list[Variant]:
+    if not text:
+        return list(VARIANTS.values())
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"--variants: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    return [VARIANTS[n] for n in names]
+
+
+def train_variant(variant: Variant, seed: int, dataset, data_dir: str, run_dir: Path, epochs: int,
+                  overrides: list[str], base: dict | None, log) -> Result:
+    from qin.model import count_parameters
+    from qin.train import Trainer, fill_vocab_from_data
+
+    cfg = load_config(overrides=[*overrides, *variant.overrides, f"train.epochs={epochs}"], base=base)
+    cfg.data.dir = data_dir
+    cfg.train.seed += seed
+    fill_vocab_from_data(cfg, dataset)
+    trainer = Trainer(cfg, dataset, run_dir, log=lambda *_: None)
+    state = trainer.fit()
+    best = next(r for r in state.history if r["epoch"] == state.best_epoch)
+    speed = statistics.mean(r["samples_per_s"] for r in state.history)
+    result = Result(variant, seed, state.best_auc, best["valid_logloss"], count_parameters(trainer.model), speed)
+    log(f"{variant.name} seed {seed}: valid AUC {result.auc:.4f}, logloss {result.logloss:.4f}, "
+        f"{result.parameters:,} parameters, {speed:,.0f} samples/s")
+    return result
+
+
+def summarise(results: list[Result]) -> list[dict]:
+    rows = []
+    for name in dict.fromkeys(r.variant.name for r in results):
+        mine = [r for r in results if r.variant.name == name]
+        aucs = [r.auc for r in mine]
+        rows.append({
+            "variant": name, "description": mine[0].variant.description, "seeds": len(mine),
+            "auc_mean": statistics.mean(aucs), "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+            "logloss_mean": statistics.mean(r.logloss for r in mine), "parameters": mine[0].parameters,
+            "samples_per_s": statistics.mean(r.samples_per_s for r in mine),
+            "paper_auc_microlens": mine[0].variant.paper_auc,
+        })
+    return rows
+
+
+def markdown(rows: list[dict], data_label: str, epochs: int, seconds: float) -> str:
+    lines = [f"Data: {data_label}; {epochs} epoch(s) per run; {rows[0]['seeds']} seed(s) per variant; "
+             f"{seconds / 60:.1f} minutes in all.", "",
+             "| variant | valid AUC (mean ± std over seeds) | logloss | parameters | train samples/s "
+             "| paper's valid AUC on MicroLens_1M_x1 |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        paper = f"{r['paper_auc_microlens']:.4f}" if r["paper_auc_microlens"] is not None else "-"
+        lines.append(f"| {r['description']} (`{r['variant']}`) | {r['auc_mean']:.4f} ± {r['auc_std']:.4f} | "
+                     f"{r['logloss_mean']:.4f} | {r['parameters']:,} | {r['samples_per_s']:,.0f} | {paper} |")
+    lines += ["", "The last column is the paper's published figure on the real MicroLens_1M_x1 data, "
+              "not a result of this run."]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    names = [r["variant"] for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["auc_mean"] for r in rows], width=0.4, yerr=[r["auc_std"] for r in rows],
+           label="this run (valid AUC)")
+    ax.bar([i + 0.2 for i in x], [r["paper_auc_microlens"] or 0 for r in rows], width=0.4,
+           label="paper, MicroLens_1M_x1", alpha=0.5)
+    ax.set_xticks(list(x), names, rotation=20, fontsize=8)
+    low = min(min(r["auc_mean"] for r in rows), min(r["paper_auc_microlens"] or 1 for r in rows))
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)
+    ax.set_ylabel("valid AUC")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+OUTPUTS = ("compare.md", "compare.csv", "compare.png")
+
+
+def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: int, out: Path,
+                overrides: list[str], force: bool, log=print) -> list[dict]:
+    from qin.cli import BUILTIN_SETTINGS, UsageError, _load_data
+
+    clashes = [out / name for name in OUTPUTS if (out / name).exists()]
+    if clashes and not force:
+        raise UsageError(f"{clashes[0]} exists; pass --force to overwrite it, or choose another --out")
+    if epochs < 1 or seeds < 1:
+        raise UsageError("--epochs and --seeds must be at least 1")
+    load_config(overrides=overrides)  # refuse bad overrides before any training
+    dataset = _load_data(data, load_config(overrides=overrides).data.max_len)
+    base = None if data else BUILTIN_SETTINGS
+    label = str(dataset.root) if data else f"the built-in generated dataset ({dataset.root.name}): generated data, not MicroLens"
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    runs = Path(tempfile.mkdtemp(prefix=".compare-runs.", dir=out))
+    try:
+        results = [train_variant(v, seed, dataset, str(dataset.root), runs / f"{v.name}-seed{seed}", epochs,
+                                 overrides, base, log)
+                   for v in variants for seed in range(seeds)]
+    finally:
+        shutil.rmtree(runs, ignore_errors=True)
+    rows = summarise(results)
+    staging = Path(tempfile.mkdtemp(prefix=".compare.", dir=out))
+    try:
+        (staging / "compare.md").write_text(markdown(rows, label, epochs, time.perf_counter() - start))
+        with open(staging / "compare.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        bar_chart(rows, staging / "compare.png")
+        for name in OUTPUTS:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(markdown(rows, label, epochs, time.perf_counter() - start))
+    return rows
