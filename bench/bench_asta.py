@@ -1,0 +1,190 @@
+"""ASTA block (sparse target attention with its projections): literal vs hoisted, eager vs fused.
+
+The block, with target t (B, D), history X (B, L, D), mask (B, L), Wq, Wk, Wv (d_a, D) and
+Wo (D, d_a) in nn.Linear layout, D = 384, d_a = 768:
+    literal eager    K = X Wk^T, V = X Wv^T, a = relu(mask * (t Wq^T) K^T / sqrt(d_a)),
+                     out = (a V) Wo^T + t                       (B x L x d_a tensors K and V)
+    hoisted eager    q~ = (t Wq^T) Wk / sqrt(d_a), z = reference op on (X, q~, mask),
+                     out = (z Wv^T) Wo^T + t                    (nothing wider than B x L x D)
+    hoisted compile  torch.compile of the hoisted block
+    hoisted triton   the hoisted block with the fused Triton op (CUDA only)
+Forward and forward+backward (gradients of X, t and the four weights), over batch (L=64) and
+history length (B=8192 on CUDA). Histories are left-padded with a median of 6 items out of 64,
+like the real data.
+
+Figures per case: time; "bandwidth" = bytes of history the op must cover (B*L*D elements read
+in the forward; read again plus its gradient written in the backward) / time, and its fraction
+of the measured copy bandwidth; peak memory; speed-up over literal eager in the same run. The
+fused kernel never loads padded positions, so with realistic masks its effective bandwidth can
+exceed the copy ceiling; the "full mask" modes (every position live, the op alone) measure the
+kernel's real bandwidth.
+
+    python -m bench.bench_asta --device cuda [--quick] [--csv out.csv]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+import kernels
+from bench.common import append_csv, make_row, measure_copy_bandwidth_gbs, peak_memory_mb, print_table, time_ms
+from kernels import reference
+
+DIM, ATTN_DIM, HIST_LEN = 384, 768, 64  # the paper's item width, d_a and history length
+MEDIAN_LEN = 6  # median number of real items per history in the data
+
+
+def realistic_mask(batch: int, seq_len: int, device, g: torch.Generator) -> torch.Tensor:
+    """Left-padded (B, L) bool mask, lengths log-normal with median 6, clipped to [1, L]."""
+    lengths = torch.exp(math.log(MEDIAN_LEN) + torch.randn(batch, generator=g)).round().clamp(1, seq_len)
+    return (torch.arange(seq_len)[None, :] >= (seq_len - lengths)[:, None]).to(device)
+
+
+def make_block(batch, seq_len, dtype, device, full_mask=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_()
+
+    t, x = rand(batch, DIM), rand(batch, seq_len, DIM)
+    weights = [rand(ATTN_DIM, DIM, scale=DIM**-0.5) for _ in range(3)] + [rand(DIM, ATTN_DIM, scale=ATTN_DIM**-0.5)]
+    mask = (torch.ones(batch, seq_len, dtype=torch.bool, device=device) if full_mask
+            else realistic_mask(batch, seq_len, device, g))
+    grad_out = torch.randn(batch, DIM, generator=g).to(device, dtype)
+    return t, x, mask, weights, grad_out
+
+
+def literal(t, x, mask, wq, wk, wv, wo):
+    q, k, v = t @ wq.T, x @ wk.T, x @ wv.T  # k, v: (B, L, d_a)
+    scores = torch.einsum("bd,bld->bl", q, k) / math.sqrt(ATTN_DIM)
+    pooled = torch.einsum("bl,bld->bd", torch.relu(scores * mask.to(x.dtype)), v)
+    return pooled @ wo.T + t
+
+
+def hoisted(op):
+    """The hoisted block around an ASTA op (history, query, mask) -> (B, D)."""
+    def block(t, x, mask, wq, wk, wv, wo):
+        query = ((t @ wq.T) @ wk) / math.sqrt(ATTN_DIM)
+        return (op(x, query, mask) @ wv.T) @ wo.T + t
+    return block
+
+
+def _providers(device) -> dict:
+    """provider -> block function. The first is the baseline every ratio refers to."""
+    out = {"literal eager": literal, "hoisted eager": hoisted(reference.sparse_target_attention)}
+    if device.type == "cuda":
+        out["hoisted compile"] = torch.compile(hoisted(reference.sparse_target_attention))
+        out["hoisted triton"] = hoisted(lambda x, q, m: kernels.sparse_target_attention(x, q, m, backend="triton"))
+    return out
+
+
+def _op_providers(device) -> dict:
+    """The bare op, for the full-mask bandwidth figures (CUDA only: that is where Triton runs)."""
+    return {"reference eager": reference.sparse_target_attention,
+            "triton": lambda x, q, m: kernels.sparse_target_attention(x, q, m, backend="triton")}
+
+
+def _measure(fn, device):
+    fn()  # compile / warm up outside the timing
+    return time_ms(fn, device), peak_memory_mb(fn, device)
+
+
+def _case_rows(kernel, providers, args, grad_inputs, grad_out, history, x_name, x_value, dtype, device,
+               copy_gbs, full_mask, speedup="speedup_vs_literal"):
+    """time, bandwidth, fraction of copy bandwidth, peak memory of each provider, and its speed-up
+    over the first provider (the baseline) measured in the same call."""
+    rows, base = [], {}
+    hist_bytes = history.numel() * history.element_size()
+    kw = dict(device=device, dtype=dtype)
+    suffix = " full mask" if full_mask else ""
+    for provider, block in providers.items():
+        def fwd():
+            with torch.no_grad():
+                block(*args)
+
+        def fwd_bwd():
+            torch.autograd.grad(block(*args), grad_inputs, grad_out)
+
+        for mode, fn, nbytes in (("fwd", fwd, hist_bytes), ("fwd+bwd", fwd_bwd, 3 * hist_bytes)):
+            mode = mode + suffix
+            try:
+                times, memory = _measure(fn, device)
+            except Exception as exc:  # torch.compile may be unavailable, literal may run out of memory
+                print(f"skipping {provider} {mode} {x_name}={x_value}: {type(exc).__name__}: {str(exc)[:120]}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            gbs = nbytes / (times[0] * 1e-3) / 1e9
+            row = lambda metric, unit, value: make_row(kernel, provider, mode, metric, unit, x_name, x_value, value, **kw)
+            rows += [row("time", "ms", times), row("bandwidth", "GB/s", gbs),
+                     row("fraction_of_peak", "x", gbs / copy_gbs)]
+            if memory is not None:
+                rows.append(row("peak_memory", "MB", memory))
+            if mode not in base:
+                base[mode] = times[0]
+            else:
+                rows.append(row(speedup, "x", base[mode] / times[0]))
+    return rows
+
+
+def _block_rows(batch, seq_len, dtype, device, copy_gbs, x_name, x_value, full_mask=False):
+    t, x, mask, weights, grad_out = make_block(batch, seq_len, dtype, device, full_mask)
+    rows = _case_rows("asta_block", _providers(device), (t, x, mask, *weights), (x, t, *weights), grad_out, x,
+                      x_name, x_value, dtype, device, copy_gbs, full_mask)
+    del t, x, mask, weights, grad_out
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _op_rows(batch, seq_len, dtype, device, copy_gbs):
+    """The bare op with every position live: the kernel's true memory bandwidth."""
+    _, x, mask, _, grad_out = make_block(batch, seq_len, dtype, device, full_mask=True)
+    query = (torch.randn(batch, DIM, device=device, dtype=dtype) / DIM**0.5).requires_grad_()
+    return _case_rows("asta_op", _op_providers(device), (x, query, mask), (x, query), grad_out, x,
+                      "batch", batch, dtype, device, copy_gbs, full_mask=True, speedup="speedup_vs_reference")
+
+
+def run(device: torch.device, quick: bool = False, csv: str | None = None) -> list[dict]:
+    device = torch.device(device)
+    if device.type == "cuda":
+        dtypes = [torch.float32, torch.bfloat16]
+        batches = [8192] if quick else [1024, 2048, 4096, 8192, 16384]
+        lengths = [] if quick else [16, 32, 128, 256]  # L=64 is in the batch sweep
+        length_batch = 8192
+    else:  # the CPU runs the two eager forms only, at small sizes
+        dtypes = [torch.float32]
+        batches = [256] if quick else [256, 1024]
+        lengths = [] if quick else [16, 128]
+        length_batch = 256
+    copy_gbs = measure_copy_bandwidth_gbs(device, 64 if quick or device.type == "cpu" else 512)
+    rows = [make_row("copy", "torch", "ceiling", "bandwidth", "GB/s", "", "", copy_gbs, device=device, dtype="fp32")]
+    for dtype in dtypes:
+        for batch in batches:
+            rows += _block_rows(batch, HIST_LEN, dtype, device, copy_gbs, "batch", batch)
+        for seq_len in lengths:
+            rows += _block_rows(length_batch, seq_len, dtype, device, copy_gbs, "history_len", seq_len)
+        if device.type == "cuda":  # every position live: the paper's shape at full density
+            paper = 8192
+            rows += _block_rows(paper, HIST_LEN, dtype, device, copy_gbs, "batch", paper, full_mask=True)
+            rows += _op_rows(paper, HIST_LEN, dtype, device, copy_gbs)
+    print_table(rows, f"ASTA block (D={DIM}, d_a={ATTN_DIM}, L={HIST_LEN} unless swept; "
+                      f"histories left-padded, median {MEDIAN_LEN} items)")
+    if csv:
+        append_csv(rows, csv)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="one batch size (CPU: B=256)")
+    parser.add_argument("--csv", help="append the rows to this CSV file")
+    args = parser.parse_args(argv)
+    run(torch.device(args.device), quick=args.quick, csv=args.csv)
+
+
+if __name__ == "__main__":
+    main()
