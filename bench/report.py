@@ -53,6 +53,9 @@ def _sections(quick: bool, device: torch.device, codegen: bool):
         from bench import bench_loader
         return bench_loader.run(device, quick=quick)
 
+    def suite():
+        return pytest_benchmark_rows(device, quick)
+
     def ddp():
         from bench import bench_ddp
         return bench_ddp.run(device, quick=quick)
@@ -66,7 +69,8 @@ def _sections(quick: bool, device: torch.device, codegen: bool):
                                         common.measure_matmul_tflops(device, dtype), device, dtype))
         return rows
 
-    sections = [("Device ceilings", ceilings), ("ASTA: sparse target attention", asta),
+    sections = [("Device ceilings", ceilings), ("pytest-benchmark suite of the fused ops", suite),
+                ("ASTA: sparse target attention", asta),
                 ("QNN: quadratic projection", qnn), ("Training step, end to end", train),
                 ("Data loading", loader), ("Several processes (DDP)", ddp)]
     if codegen:
@@ -75,6 +79,32 @@ def _sections(quick: bool, device: torch.device, codegen: bool):
             return codegen.run()
         sections.append(("Generated code (sm_89, sm_90)", codegen_rows))
     return sections
+
+
+def pytest_benchmark_rows(device: torch.device, quick: bool) -> list[dict]:
+    """Run bench/test_ops_benchmark.py under pytest-benchmark in a subprocess; its medians as rows."""
+    import json
+    import subprocess
+
+    suite = Path(__file__).with_name("test_ops_benchmark.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real kernels, never the interpreter
+    env.update(QIN_BENCH_DEVICE=device.type, QIN_BENCH_QUICK="1" if quick else "0")
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "benchmark.json"
+        result = subprocess.run([sys.executable, "-m", "pytest", str(suite), "-q", "-p", "no:cacheprovider",
+                                 "--benchmark-only", f"--benchmark-json={out}", "-o", "addopts="],
+                                env=env, capture_output=True, text=True, cwd=suite.parent.parent, timeout=3600)
+        if result.returncode != 0:
+            raise BenchError(f"the pytest-benchmark suite failed:\n{result.stdout[-3000:]}{result.stderr[-2000:]}")
+        data = json.loads(out.read_text())
+    rows = []
+    for bench in data["benchmarks"]:
+        info = bench["extra_info"]
+        stats = bench["stats"]
+        rows.append(common.make_row(f"pytest-benchmark {info['op']}", info["backend"], info["mode"], "time", "ms",
+                                    "batch", info["batch"], (stats["median"] * 1e3, stats["q1"] * 1e3, stats["q3"] * 1e3),
+                                    device, info["dtype"]))
+    return rows
 
 
 def collect(device: torch.device, quick: bool, codegen: bool = False, only: list[str] | None = None,
