@@ -16,7 +16,7 @@ import torch
 from bench.common import append_csv, make_row, peak_memory_mb, print_table, time_ms
 from qin.config import QINConfig
 from qin.model import QIN
-from qin.train import loss_fn
+from qin.train import loss_fn, make_optimizer
 
 AUTHORS_SAMPLES_PER_S = 21_000  # SPEC.md: 2.8 min an epoch of 3.6M rows on an RTX 4090
 AUTHORS_DEVICE = "RTX 4090 (authors' log)"
@@ -81,7 +81,7 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
             continue
         try:
             model = build(QINConfig(**overrides), device)
-            optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+            optimizer = make_optimizer(model, 2e-3)  # the trainer's own optimizer, for every variant
             forward = torch.compile(model) if compiled else model
 
             def step():

@@ -75,6 +75,13 @@ def build_model(cfg: RunConfig, dataset: Dataset, device: torch.device) -> torch
     return model.to(device)
 
 
+def make_optimizer(model: torch.nn.Module, lr: float) -> torch.optim.Adam:
+    """Adam with its fused kernel (one pass over each parameter instead of a dozen elementwise
+    ops): on the CPU the paper's optimizer step over 31M parameters otherwise costs as much as
+    the model's own forward."""
+    return torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
@@ -179,7 +186,7 @@ class Trainer:
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
             # Dropout must differ between ranks (the model itself is identical: same seed above).
             torch.manual_seed(cfg.train.seed + 1_000_003 * self.ctx.rank)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr)
+        self.optimizer = make_optimizer(self.model, cfg.train.lr)
         self.state = TrainerState(lr=cfg.train.lr)
 
     # -- checkpoints -------------------------------------------------------------------------
