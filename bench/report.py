@@ -73,12 +73,16 @@ def _sections(quick: bool, device: torch.device, codegen: bool):
                 ("ASTA: sparse target attention", asta),
                 ("QNN: quadratic projection", qnn), ("Training step, end to end", train),
                 ("Data loading", loader), ("Several processes (DDP)", ddp)]
-    if codegen:
-        def codegen_rows():
-            from bench import codegen
-            return codegen.run()
-        sections.append(("Generated code (sm_89, sm_90)", codegen_rows))
-    return sections
+    def codegen_rows():
+        from bench import codegen
+        rows = codegen.run()
+        print(codegen_table(rows))
+        return rows
+
+    generated = [(CODEGEN_SECTION, codegen_rows)]
+    if codegen:  # --codegen: the generated-code table alone
+        return generated
+    return sections + ([] if quick else generated)
 
 
 def pytest_benchmark_rows(device: torch.device, quick: bool) -> list[dict]:
@@ -131,14 +135,44 @@ def collect(device: torch.device, quick: bool, codegen: bool = False, only: list
 # -- the Markdown report ---------------------------------------------------------------------------
 
 def _fmt(value) -> str:
-    if isinstance(value, str):
-        return value
+    if _number(value) is None:
+        return str(value)
     value = float(value)
     if value == 0:
         return "0"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     return f"{value:.3g}"
+
+
+CODEGEN_SECTION = "Generated code for sm_89 (RTX 4090) and sm_90 (H100), compiled on this machine"
+CODEGEN_COLUMNS = ["registers", "shared_memory", "local_memory", "occupancy", "load_width_bits",
+                   "store_width_bits", "matrix_instructions", "sass_instructions"]
+
+
+def codegen_table(rows: list[dict]) -> str:
+    """One line per (kernel, dtype, target): registers, shared/local memory, occupancy, access widths, SASS."""
+    records: dict[tuple, dict] = {}
+    for r in rows:
+        if r.get("mode") == "codegen":
+            records.setdefault((r["kernel"], r["dtype"], r["provider"]), {})[r["metric"]] = r["p50"]
+    header = ["kernel", "dtype", "target", "regs/thread", "shared B", "local B (spills)", "occupancy",
+              "load bits", "store bits", "matrix instr.", "SASS instr."]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (kernel, dtype, target), metrics in records.items():
+        if "compile_error" in metrics:
+            lines.append(f"| {kernel} | {dtype} | {target} | compile error: {metrics['compile_error']} |")
+            continue
+        cells = [_fmt(metrics.get(c, "-")) for c in CODEGEN_COLUMNS]
+        lines.append("| " + " | ".join([kernel, dtype, target, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _ratio(metric: str, value: float, base: float) -> str:
@@ -179,8 +213,9 @@ def pivot_tables(rows: list[dict]) -> list[str]:
                         line.append("-")
                         continue
                     text = _fmt(cell["p50"])
-                    if provider != providers[0] and base is not None:
-                        text += _ratio(metric, float(cell["p50"]), float(base["p50"]))
+                    numbers = (_number(cell["p50"]), _number(base["p50"]) if base is not None else None)
+                    if provider != providers[0] and None not in numbers:
+                        text += _ratio(metric, *numbers)
                     line.append(text)
                 out.append("| " + " | ".join(line) + " |")
             out.append("")
@@ -263,7 +298,9 @@ def render(rows: list[dict], failures: list[str], device: torch.device, quick: b
                   "Triton's interpreter, which checks correctness, not speed.", ""]
     if failures:
         parts += ["## Sections that failed", ""] + [f"- {f}" for f in failures] + [""]
-    parts += ["## Targets", ""] + targets(rows, device) + [""]
+    timed = [r for r in rows if r["section"] != CODEGEN_SECTION]
+    if timed:
+        parts += ["## Targets", ""] + targets(rows, device) + [""]
     train = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "throughput"]
     if train:
         ours = max(train, key=lambda r: float(r["p50"]) if not r["provider"].startswith("data") else 0)
@@ -274,7 +311,13 @@ def render(rows: list[dict], failures: list[str], device: torch.device, quick: b
                   ""]
     sections = list(dict.fromkeys(r["section"] for r in rows))
     for section in sections:
-        parts += [f"## {section}", ""] + pivot_tables([r for r in rows if r["section"] == section])
+        in_section = [r for r in rows if r["section"] == section]
+        if section == CODEGEN_SECTION:
+            parts += [f"## {section}", "", "From `triton.compile` for each target and the triton wheel's cuobjdump: "
+                      "the configurations the autograd wrappers launch at the paper's shapes.", "",
+                      codegen_table(in_section), ""]
+        else:
+            parts += [f"## {section}", ""] + pivot_tables(in_section)
     if plots:
         parts += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     parts += ["Reproduce: `qin bench" + (" --quick" if quick else "") + f" --device {device.type} --out DIR`.", ""]
@@ -365,7 +408,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--out", default="bench-report", help="folder for report.md, results.csv and plots")
     parser.add_argument("--force", action="store_true", help="overwrite files already in --out")
     parser.add_argument("--codegen", action="store_true",
-                        help="also compile every Triton kernel for sm_89 and sm_90 and report registers, spills, SASS")
+                        help="only compile every Triton kernel for sm_89 and sm_90 and report registers, spills, "
+                             "load widths, tensor-core instructions (part of every full run)")
     parser.add_argument("--only", nargs="+", metavar="WORD", help="run only the sections whose title holds a word")
     return parser
 

@@ -62,3 +62,15 @@ def test_cuda_without_a_gpu_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_codegen_table_alone(tmp_path, capsys):
+    out = tmp_path / "codegen"
+    assert main(["bench", "--codegen", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    for kernel in ("asta_fwd", "asta_bwd", "qnn_fwd", "qnn_bwd_dx", "qnn_bwd_dw"):
+        assert f"| {kernel} | bf16 | sm_90 |" in report and f"| {kernel} | fp32 | sm_89 |" in report
+        assert kernel in printed
+    assert "HGMMA" in report and "HMMA" in report
+    assert "## Targets" not in report  # nothing was timed

@@ -1,0 +1,234 @@
+"""bench/codegen.py: the kernels' GPU code for sm_89 and sm_90, checked on a machine without a GPU.
+
+The suite runs under TRITON_INTERPRET=1 (conftest), where Triton cannot compile, so everything is
+compiled once per module in a subprocess without it (bench.codegen.compile_in_subprocess).
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from bench import codegen
+
+ARCHS = (89, 90)
+DTYPES = ("fp32", "bf16", "fp16")
+# The launches of issue 8 at the paper's shapes; any further case a module returns is added below.
+EXPECTED = {
+    "kernels.sparse_target_attention": ["asta_fwd", "asta_bwd"],
+    "kernels.quadratic_projection": ["qnn_fwd", "qnn_bwd_dx", "qnn_bwd_dw", "qnn_fwd_eval"],
+}
+HISTORY_POINTER = "x_ptr"  # the ASTA kernels' name for the history tensor (B, L, D)
+
+
+def _case_names(module_name: str) -> list[str]:
+    """Expected names plus whatever codegen_cases returns. Guarded: while a module has no
+    codegen_cases (or fails to import) the expected names still make their tests, which fail."""
+    names = list(EXPECTED[module_name])
+    try:
+        import torch
+
+        module = importlib.import_module(module_name)
+        names += [c["name"] for c in module.codegen_cases(torch.bfloat16) if c["name"] not in names]
+    except Exception:  # noqa: BLE001 - reported by the tests themselves
+        pass
+    return names
+
+
+ALL_KERNELS = [name for module in EXPECTED for name in _case_names(module)]
+ASTA_KERNELS = [k for k in ALL_KERNELS if k.startswith("asta")]
+QNN_KERNELS = [k for k in ALL_KERNELS if k.startswith("qnn")]
+
+
+def _params(kernels, dtypes=DTYPES, archs=ARCHS):
+    return [pytest.param(k, d, a, id=f"{k}-{d}-sm_{a}") for k in kernels for d in dtypes for a in archs]
+
+
+def _need_tools():
+    import triton
+
+    bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    if not (bindir / "cuobjdump").exists() or not (bindir / "ptxas").exists():
+        pytest.skip("this triton wheel has no NVIDIA tools (ptxas, cuobjdump)")
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict]:
+    """Every case of both kernel modules, all dtypes, both archs (about 20 s on 2 cores)."""
+    _need_tools()
+    return codegen.compile_in_subprocess(DTYPES, ARCHS)
+
+
+@pytest.fixture(scope="module")
+def examples() -> dict:
+    """The toy kernels of bench.codegen, keyed by (kernel, dtype, arch)."""
+    _need_tools()
+    return {(r["kernel"], r["dtype"], r["arch"]): r
+            for r in codegen.compile_in_subprocess(("fp32", "bf16"), ARCHS, examples=True)}
+
+
+def _record(records, kernel, dtype, arch) -> dict:
+    """The record of one compile; fails naming the kernel when it is missing or did not compile."""
+    errors = [f"{r['kernel']} {r['dtype']} {r['arch']}: {r['error'][-500:]}" for r in records if "error" in r]
+    found = [r for r in records if (r["kernel"], r["dtype"], r["arch"]) == (kernel, dtype, f"sm_{arch}")]
+    assert found, f"{kernel} ({dtype}, sm_{arch}) was not compiled; errors: {errors or 'none'}"
+    rec = found[0]
+    assert "error" not in rec, f"{kernel} ({dtype}, sm_{arch}) failed to compile: {rec['error'][-2000:]}"
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------
+# The real kernels
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kernel,dtype,arch", _params(ALL_KERNELS))
+def test_kernel_compiles(records, kernel, dtype, arch):
+    rec = _record(records, kernel, dtype, arch)
+    assert rec["sass_instructions"] > 0 and rec["registers"] > 0, f"{kernel}: empty cubin? {rec}"
+
+
+@pytest.mark.parametrize("kernel,dtype,arch", _params(ALL_KERNELS))
+def test_kernel_does_not_spill(records, kernel, dtype, arch):
+    rec = _record(records, kernel, dtype, arch)
+    assert rec["local_memory"] == 0, (
+        f"{kernel} ({dtype}, sm_{arch}) uses {rec['local_memory']} bytes of local memory (register spills "
+        f"or stack) at {rec['registers']} registers/thread, {rec['num_warps']} warps")
+
+
+@pytest.mark.parametrize("kernel,dtype,arch", _params(ASTA_KERNELS))
+def test_asta_reads_history_with_128_bit_loads(records, kernel, dtype, arch):
+    rec = _record(records, kernel, dtype, arch)
+    by_pointer = rec["ptx_loads_by_pointer"]
+    # Attributed through the PTX to the history pointer itself: every load of it is 16 bytes.
+    assert by_pointer.get(HISTORY_POINTER) == "128", (
+        f"{kernel} ({dtype}, sm_{arch}) loads {HISTORY_POINTER} with {by_pointer.get(HISTORY_POINTER)}-bit "
+        f"loads (all pointers: {by_pointer})")
+    # And ptxas kept them 128 bits wide in the machine code.
+    assert rec["load_widths"].split(",")[-1] == "128", f"{kernel}: SASS global loads {rec['load_widths']}"
+
+
+@pytest.mark.parametrize("kernel,dtype,arch", _params(QNN_KERNELS, dtypes=("bf16", "fp16")))
+def test_qnn_uses_tensor_cores(records, kernel, dtype, arch):
+    rec = _record(records, kernel, dtype, arch)
+    used = rec["matrix_instructions"].split(",")
+    # sm_89 has only the mma.sync path (HMMA); on sm_90 Triton emits wgmma (HGMMA), or HMMA
+    # for shapes wgmma does not take. Either is a tensor core.
+    wanted = ("HMMA",) if arch == 89 else ("HGMMA", "HMMA")
+    assert any(op in used for op in wanted), (
+        f"{kernel} ({dtype}, sm_{arch}) has no tensor-core instruction ({wanted}): {rec['matrix_instructions']}")
+
+
+def test_rows_follow_the_csv_schema(records):
+    from bench import common
+
+    rows = codegen.to_rows([r for r in records if r["kernel"] == "asta_fwd"] + [
+        {"kernel": "broken", "dtype": "bf16", "arch": "sm_90", "error": "CompilationError: boom"}])
+    assert rows and all(list(r)[:len(common.CSV_FIELDS)] == common.CSV_FIELDS for r in rows)
+    assert {r["provider"] for r in rows} == {"sm_89", "sm_90"}
+    assert {r["mode"] for r in rows} == {"codegen"}
+    assert {r["device"] for r in rows} == {"compiled for sm_89 (RTX 4090)", "compiled for sm_90 (H100)"}
+    metrics = {r["metric"] for r in rows}
+    assert {"registers", "shared_memory", "local_memory", "occupancy", "load_width_bits", "store_width_bits",
+            "sass_instructions", "matrix_instructions", "compile_error"} <= metrics
+    matrix = [r for r in rows if r["metric"] == "matrix_instructions"]
+    assert all(isinstance(r["p50"], str) for r in matrix)
+    assert [r["p50"] for r in rows if r["metric"] == "compile_error"] == ["CompilationError: boom"]
+
+
+def test_run_spawns_its_own_compiler():
+    """run() is what `qin bench --codegen` calls, from a process that may be in interpreter mode."""
+    _need_tools()
+    rows = codegen.run(dtypes=("bf16",), archs=(89,))
+    names = {r["kernel"] for r in rows}
+    assert {"asta_fwd", "qnn_fwd"} <= names, names
+    assert all(r["provider"] == "sm_89" and r["dtype"] == "bf16" for r in rows)
+
+
+def test_a_module_without_codegen_cases_is_named():
+    # kernels.reference has no codegen_cases: a record per arch says so instead of raising.
+    recs = codegen.compile_all(("kernels.reference",), ("fp32",), (89, 90))
+    assert [r["arch"] for r in recs] == ["sm_89", "sm_90"]
+    assert all("kernels.reference has no codegen_cases" in r["error"] for r in recs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The parsing, on toy kernels with known code and on literal text
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_vector_add_uses_128_bit_accesses(examples, arch):
+    rec = examples[("example_add", "fp32", f"sm_{arch}")]
+    assert rec["load_widths"] == "128" and rec["store_widths"] == "128", rec
+    assert rec["ptx_loads_by_pointer"] == {"x_ptr": "128", "y_ptr": "128"}
+    assert rec["matrix_instructions"] == "none"
+    assert rec["local_memory"] == 0 and rec["shared_memory"] == 0
+    assert rec["num_warps"] == 4
+    assert rec["occupancy"] == 1.0  # few registers, no shared memory: 12 (16) blocks of 4 warps fill the SM
+
+
+def test_dot_uses_tensor_cores(examples):
+    assert "HMMA" in examples[("example_dot", "bf16", "sm_89")]["matrix_instructions"].split(",")
+    # Triton 3.9 uses wgmma for a 64x64 bf16 dot on Hopper.
+    assert "HGMMA" in examples[("example_dot", "bf16", "sm_90")]["matrix_instructions"].split(",")
+    assert examples[("example_dot", "bf16", "sm_89")]["shared_memory"] > 0
+
+
+def test_parse_resource_usage():
+    text = (" Function k:\n  REG:168 STACK:16 SHARED:1024 LOCAL:8 CONSTANT[0]:600 TEXTURE:0 SURFACE:0\n")
+    assert codegen.parse_resource_usage(text) == {"registers": 168, "shared": 1024, "local": 8, "stack": 16}
+
+
+SASS = """
+        /*0150*/              @!P0 LDG.E.128 R16, [R12.64] ;                /* 0x000000040c108981 */
+        /*0160*/                   LDG.E.U16 R20, [R14.64] ;                /* 0x000000040e148981 */
+        /*0170*/                   LDG.E.EL.64.CONSTANT R4, [R12.64+0x800] ; /* 0x0 */
+        /*0180*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R8.64] ; /* 0x0 */
+        /*0190*/                   HMMA.16816.F32.BF16 R24, R4, R8, R24 ;   /* 0x0 */
+        /*01a0*/                   STG.E [R2.64], R16 ;                     /* 0x0 */
+        /*01b0*/              @P1 STG.E.U16 [R2.64+0x800], R4 ;             /* 0x0 */
+        /*01c0*/                   EXIT ;                                   /* 0x0 */
+        /*01d0*/                   BRA 0x1d0;                               /* 0x0 */
+        /*01e0*/                   NOP;                                     /* 0x0 */
+"""
+
+
+def test_parse_sass():
+    assert codegen.global_access_widths(SASS) == {"load_widths": "16,64,128", "store_widths": "16,32"}
+    assert codegen.matrix_instructions(SASS) == "HMMA,LDGSTS"
+    assert codegen.matrix_instructions("        /*0000*/  EXIT ;") == "none"
+    assert codegen.count_instructions(SASS) == 9  # the NOP padding is not counted
+
+
+def test_ptx_loads_are_attributed_to_pointers():
+    ptx = """
+        ld.param.b64 	%rd1, [k_param_0];
+        ld.param.b64 	%rd2, [k_param_1];
+        ld.param.b32 	%r1, [k_param_2];
+        mul.wide.s32 	%rd3, %r1, 2;
+        add.s64 	%rd4, %rd1, %rd3;
+        add.s64 	%rd5, %rd2, %rd3;
+    $L__BB0_1:
+        @%p1 ld.global.v4.b32 { %r2, %r3, %r4, %r5 }, [ %rd6 + 0 ];
+        ld.global.b16 { %rs1 }, [ %rd5 + 0 ];
+        cp.async.cg.shared.global [ %r9 + 0 ], [ %rd5 + 0 ], 0x10, %r8;
+        add.s64 	%rd6, %rd4, 16;
+        bra.uni 	$L__BB0_1;
+    """
+    # %rd6 is defined after its use in the loop: the pass must go round until nothing changes.
+    got = codegen.ptx_load_widths_by_pointer(ptx, ["x_ptr", "m_ptr", "L"], ["x_ptr", "m_ptr"])
+    assert got == {"x_ptr": "128", "m_ptr": "16,128"}
+
+
+def test_occupancy():
+    # 255 registers -> 8192 a warp -> 8 warps an SM -> one block of 8 warps of sm_89's 48.
+    assert codegen.occupancy(89, 255, 0, 8) == pytest.approx(8 / 48)
+    # Shared memory bound: 49152 + 1 KB reserved -> 2 blocks in 100 KB (sm_89), 4 in 228 KB (sm_90).
+    assert codegen.occupancy(89, 32, 49152, 4) == pytest.approx(2 * 4 / 48)
+    assert codegen.occupancy(90, 32, 49152, 4) == pytest.approx(4 * 4 / 64)
+    # Block-count bound: 1-warp blocks stop at 24 (sm_89) / 32 (sm_90) blocks an SM.
+    assert codegen.occupancy(89, 16, 0, 1) == pytest.approx(24 / 48)
+    assert codegen.occupancy(90, 16, 0, 1) == pytest.approx(32 / 64)
+    # More shared memory than a block may have on sm_89, fine on sm_90.
+    assert codegen.occupancy(89, 32, 120 * 1024, 4) == 0.0
+    assert codegen.occupancy(90, 32, 120 * 1024, 4) == pytest.approx(4 / 64)
