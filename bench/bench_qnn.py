@@ -10,12 +10,12 @@ forward+backward peak memory, eager vs Triton.
 """
 from __future__ import annotations
 
-import argparse
 
 import torch
 
 import kernels
-from bench.common import append_csv, make_row, measure_matmul_tflops, peak_memory_mb, print_table, time_ms
+from bench.common import (append_csv, kernel_bench_main, make_row, measure_matmul_tflops, peak_memory_mb,
+                          print_table, time_ms)
 from kernels import reference
 
 DIM, ROWS, DROPOUT = 1024, 4, 0.1  # the paper's QNN width and num_row
@@ -131,12 +131,7 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="one batch size (CPU: B=256, D=256)")
-    parser.add_argument("--csv", help="append the rows to this CSV file")
-    args = parser.parse_args(argv)
-    run(torch.device(args.device), quick=args.quick, csv=args.csv)
+    kernel_bench_main(run, __doc__, "one batch size (CPU: B=256, D=256)", argv)
 
 
 if __name__ == "__main__":

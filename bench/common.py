@@ -142,3 +142,15 @@ def print_table(rows: list[dict], title: str = "") -> None:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def kernel_bench_main(run: Callable, doc: str, quick_help: str, argv=None) -> None:
+    """The command line of a kernel benchmark module: --device, --quick, --csv, then run()."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--csv", help="append the rows to this CSV file")
+    args = parser.parse_args(argv)
+    run(torch.device(args.device), quick=args.quick, csv=args.csv)

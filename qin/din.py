@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from qin.config import QINConfig
-from qin.model import ItemEncoder, init_weights
+from qin.model import CTRModel, ItemEncoder, init_weights
 
 
 def _mlp(widths: list[int], dropout: float, batch_norm: bool) -> nn.Sequential:
@@ -26,7 +26,7 @@ def _mlp(widths: list[int], dropout: float, batch_norm: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class DIN(nn.Module):
+class DIN(CTRModel):
     def __init__(self, cfg: QINConfig):
         super().__init__()
         self.cfg = cfg
@@ -42,15 +42,6 @@ class DIN(nn.Module):
         self.dnn = _mlp([2 * dim + 2 * item_dim, *cfg.din_dnn_units], cfg.dropout, batch_norm=True)
         self.output = nn.Linear(cfg.din_dnn_units[-1], 1)
         init_weights(self, cfg.embedding_init_std)
-
-    def load_item_info(self, tags: torch.Tensor, mm: torch.Tensor) -> None:
-        self.items.load_item_info(tags, mm)
-
-    def embedding_tables(self) -> list[torch.Tensor]:
-        return [*self.items.tables, self.likes_embedding.weight, self.views_embedding.weight]
-
-    def embedding_l2(self) -> torch.Tensor:
-        return sum(w.pow(2).sum() for w in self.embedding_tables())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         target, history = self.items.encode(batch["item_id"], batch["item_seq"])

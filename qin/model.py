@@ -186,7 +186,24 @@ class QNN(nn.Module):
         return x
 
 
-class QIN(nn.Module):
+class CTRModel(nn.Module):
+    """What the training loop needs of a model beside forward: item side data and the L2 term.
+
+    A subclass has `items` (an ItemEncoder) and `likes_embedding` / `views_embedding`.
+    """
+
+    def load_item_info(self, tags: torch.Tensor, mm: torch.Tensor) -> None:
+        self.items.load_item_info(tags, mm)
+
+    def embedding_tables(self) -> list[torch.Tensor]:
+        """The tensors under the embedding L2 penalty: every embedding table and P."""
+        return [*self.items.tables, self.likes_embedding.weight, self.views_embedding.weight]
+
+    def embedding_l2(self) -> torch.Tensor:
+        return sum(w.pow(2).sum() for w in self.embedding_tables())
+
+
+class QIN(CTRModel):
     def __init__(self, cfg: QINConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or QINConfig()
@@ -201,16 +218,6 @@ class QIN(nn.Module):
 
     def reset_parameters(self) -> None:
         init_weights(self, self.cfg.embedding_init_std)
-
-    def load_item_info(self, tags: torch.Tensor, mm: torch.Tensor) -> None:
-        self.items.load_item_info(tags, mm)
-
-    def embedding_tables(self) -> list[torch.Tensor]:
-        """The tensors under the embedding L2 penalty: every embedding table and P."""
-        return [*self.items.tables, self.likes_embedding.weight, self.views_embedding.weight]
-
-    def embedding_l2(self) -> torch.Tensor:
-        return sum(w.pow(2).sum() for w in self.embedding_tables())
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Click logits (B,) for a batch with item_id (B), item_seq (B, L), likes_level, views_level (B)."""
