@@ -82,17 +82,20 @@ def test_validation_auc_is_computed_once_over_the_gathered_split(data_dir, tmp_p
 
 
 def _rank_pids(launcher_pid: int) -> dict[int, int]:
-    """rank -> pid of the worker processes torchrun started."""
+    """rank -> pid of the worker processes torchrun started (read from /proc, no extra tools)."""
     out = {}
-    children = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
-    for pid in map(int, children):
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
+            # Field 4 of /proc/PID/stat is the parent pid; the name before it may hold spaces.
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0") if parent == launcher_pid else []
+        except (OSError, ValueError, IndexError):
             continue
         for item in environ:
             if item.startswith(b"RANK="):
-                out[int(item[5:])] = pid
+                out[int(item[5:])] = int(entry.name)
     return out
 
 
