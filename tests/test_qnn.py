@@ -184,6 +184,8 @@ def _bad(device, **changes):
     ("x", lambda a: a["x"].long()),
     ("weight", lambda a: a["weight"][:-1]),
     ("weight", lambda a: a["weight"].double()),
+    ("weight", lambda a: a["weight"].to("meta")),
+    ("bias", lambda a: a["bias"].to("meta")),
     ("bias", lambda a: a["bias"][:-1]),
     ("bias", lambda a: a["bias"][None]),
     ("num_row", lambda a: 3),
