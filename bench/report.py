@@ -274,6 +274,20 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
                      "GPU (H100 class): >= 300,000 samples/s at batch 8192",
                      "GPU: peak training memory <= 1/3 of the literal eager model"):
             add(name, None, False)
+    # Issue 4's QNN targets, at the paper's shape in bf16 (GPU only: the CPU runs no Triton).
+    speed = _value(rows, kernel="qnn", provider="triton", mode="fwd+bwd", metric="speedup_vs_eager", dtype="bf16",
+                   x_value=8192)
+    add("GPU: QNN projection bf16 fwd+bwd >= 1.5x eager (B=8192, D=1024, M=4)",
+        f"{speed:.2f}x" if speed else None, bool(speed and speed >= 1.5))
+    fraction = _value(rows, kernel="qnn", provider="triton", mode="fwd+bwd", metric="matmul_fraction", dtype="bf16",
+                      x_value=8192)
+    add("GPU: QNN projection bf16 fwd+bwd >= 60% of the measured matrix-product rate",
+        f"{fraction:.0%}" if fraction else None, bool(fraction and fraction >= 0.6))
+    eager_mem = _value(rows, kernel="qnn_stack", provider="eager", metric="peak_memory", dtype="bf16")
+    triton_mem = _value(rows, kernel="qnn_stack", provider="triton", metric="peak_memory", dtype="bf16")
+    add("GPU: 4-layer QNN fwd+bwd peak memory <= 1/2 of eager (bf16)",
+        f"{triton_mem / eager_mem:.2f} ({triton_mem:,.0f} vs {eager_mem:,.0f} MB)" if eager_mem and triton_mem else None,
+        bool(eager_mem and triton_mem and triton_mem / eager_mem <= 0.5))
     loader = _value(rows, kernel="loader", provider="numpy", mode="assemble")
     add("Loader: batch assembly at batch 8192 >= 500k samples/s on 2 CPU cores",
         f"{loader:,.0f} samples/s" if loader else None, bool(loader and loader >= 500_000))
