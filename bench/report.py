@@ -25,8 +25,10 @@ from bench import common
 AUTHORS_SAMPLES_PER_S = 21_000
 AUTHORS_DEVICE = "RTX 4090 (the authors' log)"
 
-# Metrics where larger is better; for the rest (time, memory) smaller is better.
-HIGHER_IS_BETTER = {"throughput", "bandwidth", "tflops", "fraction_of_peak"}
+# Metrics that get a ratio against the table's baseline: speed-up for time and throughput,
+# fraction for memory. Derived rates (GB/s, TFLOP/s, fractions of a ceiling) repeat the time's ratio.
+HIGHER_IS_BETTER = {"throughput"}
+RATIO_METRICS = {"time", "throughput", "peak_memory"}
 
 REPORT_FILES = ("report.md", "results.csv")
 
@@ -198,7 +200,7 @@ def pivot_tables(rows: list[dict]) -> list[str]:
             keys = list(dict.fromkeys((r["mode"], r["dtype"], r["x_name"], str(r["x_value"])) for r in metric_rows))
             cells = {(r["mode"], r["dtype"], r["x_name"], str(r["x_value"]), r["provider"]): r for r in metric_rows}
             unit = metric_rows[0]["unit"]
-            ratio_note = "" if len(providers) < 2 else (
+            ratio_note = "" if len(providers) < 2 or metric not in RATIO_METRICS else (
                 f"; in brackets: against {providers[0]}" + (" (x = its fraction)" if metric == "peak_memory" else
                                                             " (x = speed-up)"))
             out.append(f"**{kernel}: {metric.replace('_', ' ')} ({unit})**{ratio_note}\n")
@@ -214,7 +216,7 @@ def pivot_tables(rows: list[dict]) -> list[str]:
                         continue
                     text = _fmt(cell["p50"])
                     numbers = (_number(cell["p50"]), _number(base["p50"]) if base is not None else None)
-                    if provider != providers[0] and None not in numbers:
+                    if provider != providers[0] and None not in numbers and metric in RATIO_METRICS:
                         text += _ratio(metric, *numbers)
                     line.append(text)
                 out.append("| " + " | ".join(line) + " |")
