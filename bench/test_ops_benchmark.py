@@ -51,39 +51,39 @@ def qnn_inputs(dtype):
     return x, weight, bias
 
 
-@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend", BACKENDS)
+CASES = pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+DTYPE_CASES = pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+BACKEND_CASES = pytest.mark.parametrize("backend", BACKENDS)
+
+
+def time_op(benchmark, op: str, backend: str, dtype, mode: str, forward, inputs) -> None:
+    """Time forward() alone (no autograd graph) or with the gradients of all `inputs`."""
+    benchmark.extra_info.update(op=op, backend=backend, dtype=str(dtype), mode=mode, batch=BATCH)
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                forward()
+    else:
+        def run():
+            out = forward()
+            torch.autograd.grad(out, inputs, torch.ones_like(out))
+    timed(benchmark, run)
+
+
+@CASES
+@DTYPE_CASES
+@BACKEND_CASES
 def test_asta(benchmark, backend, dtype, mode):
     history, query, mask = asta_inputs(dtype)
-    benchmark.extra_info.update(op="asta", backend=backend, dtype=str(dtype), mode=mode, batch=BATCH)
-
-    def run():
-        z = kernels.sparse_target_attention(history, query, mask, backend=backend)
-        if mode == "forward+backward":
-            torch.autograd.grad(z, (history, query), torch.ones_like(z))
-
-    if mode == "forward":
-        with torch.no_grad():
-            timed(benchmark, run)
-    else:
-        timed(benchmark, run)
+    time_op(benchmark, "asta", backend, dtype, mode,
+            lambda: kernels.sparse_target_attention(history, query, mask, backend=backend), (history, query))
 
 
-@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend", BACKENDS)
+@CASES
+@DTYPE_CASES
+@BACKEND_CASES
 def test_qnn(benchmark, backend, dtype, mode):
     x, weight, bias = qnn_inputs(dtype)
-    benchmark.extra_info.update(op="qnn", backend=backend, dtype=str(dtype), mode=mode, batch=BATCH)
-
-    def run():
-        y = kernels.quadratic_projection(x, weight, bias, 4, dropout_p=0.1, training=True, backend=backend)
-        if mode == "forward+backward":
-            torch.autograd.grad(y, (x, weight, bias), torch.ones_like(y))
-
-    if mode == "forward":
-        with torch.no_grad():
-            timed(benchmark, run)
-    else:
-        timed(benchmark, run)
+    time_op(benchmark, "qnn", backend, dtype, mode,
+            lambda: kernels.quadratic_projection(x, weight, bias, 4, dropout_p=0.1, training=True, backend=backend),
+            (x, weight, bias))

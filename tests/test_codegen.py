@@ -50,7 +50,9 @@ def _need_tools():
 
     bindir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     if not (bindir / "cuobjdump").exists() or not (bindir / "ptxas").exists():
-        pytest.skip("this triton wheel has no NVIDIA tools (ptxas, cuobjdump)")
+        # The triton wheel ships them; without them the generated code cannot be checked at all,
+        # which must show as a failure, not a silent skip.
+        pytest.fail(f"no NVIDIA tools (ptxas, cuobjdump) in {bindir}: the triton wheel should ship them")
 
 
 @pytest.fixture(scope="module")
