@@ -26,7 +26,7 @@ from qin.checkpoint import atomic_write, check_model_config, load_checkpoint, re
 from qin.config import RunConfig
 from qin.data import Dataset, Split, iterate_batches, num_batches
 from qin.metrics import log_loss, roc_auc
-from qin.model import QIN, build_model as build_network, count_parameters
+from qin.model import build_model as build_network, count_parameters
 
 
 class TrainingError(RuntimeError):

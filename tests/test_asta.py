@@ -5,8 +5,6 @@ with QIN_TEST_CUDA=1 the same tests run on the GPU. Every comparison evaluates t
 float64 on the very same (possibly 16-bit) inputs, so only the kernel's own rounding is measured.
 """
 import importlib
-import json
-import os
 from pathlib import Path
 
 import pytest

@@ -1,5 +1,4 @@
 """The `qin` command as a user meets it: each subcommand end to end, and every refusal with its message."""
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
