@@ -1,10 +1,11 @@
 """Fused Triton kernels for QIN, each behind one entry point with a `backend=` argument.
 
-backend="triton" runs the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1),
-backend="torch" runs the plain-PyTorch reference of kernels/reference.py, and
-backend="auto" picks Triton on CUDA and the reference elsewhere.
+backend="triton" runs the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1) through
+the registered ops qin::sparse_target_attention and qin::quadratic_projection_dropout,
+backend="torch" runs the plain-PyTorch reference of kernels/reference.py, and backend="auto"
+runs Triton only where kernels.utils.MEASURED_FASTER records it measured faster (today: nowhere).
 """
 from kernels.quadratic_projection import quadratic_projection
-from kernels.sparse_target_attention import sparse_target_attention
+from kernels.sparse_target_attention import gathered_sparse_target_attention, sparse_target_attention
 
-__all__ = ["sparse_target_attention", "quadratic_projection"]
+__all__ = ["sparse_target_attention", "gathered_sparse_target_attention", "quadratic_projection"]

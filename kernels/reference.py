@@ -15,6 +15,16 @@ def sparse_target_attention(history: torch.Tensor, query: torch.Tensor, mask: to
     return torch.einsum("bl,bld->bd", torch.relu(scores), history)
 
 
+def gathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
+                                     mask: torch.Tensor) -> torch.Tensor:
+    """sparse_target_attention(reps[index], query, mask): reps (U, D), index (B, L) rows of reps.
+
+    Masked positions may hold any index in range; F.embedding gathers (its CPU backward sums
+    repeated rows in a fixed order, unlike reps[index]'s).
+    """
+    return sparse_target_attention(F.embedding(index, reps), query, mask)
+
+
 def quadratic_projection(
     x: torch.Tensor,
     weight: torch.Tensor,

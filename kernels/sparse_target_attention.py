@@ -1,19 +1,26 @@
 """Fused Triton sparse target attention (ASTA): z[b] = sum_l relu(m_l * <x_l, q>) * x_l.
 
-history x (B, L, D), query q (B, D), mask m (B, L) bool / int / float -> z (B, D).
+Two forms of the same op:
+  sparse_target_attention(history, query, mask)                 history x (B, L, D)
+  gathered_sparse_target_attention(reps, index, query, mask)    x_l = reps[index[b, l]], reps (U, D)
+with query q (B, D), mask m (B, L) bool / int / float -> z (B, D). The gathered form reads the
+history rows through the (B, L) index into the representations of a batch's distinct items, so
+no (B, L, D) history exists in forward or backward.
 
 forward   one program per row b: loop over L in (BLOCK_L, BLOCK_D) tiles of x, score
-          s_l = m_l * <x_l, q>, a_l = relu(s_l), z += sum_l a_l * x_l, all in fp32 (fp64 for fp64
-          inputs). x is read once; nothing of size B*L*D is written.
+          s_l = m_l * <x_l, q>, a_l = relu(s_l), z += sum_l a_l * x_l, in fp32 (fp64 for fp64
+          inputs). Positions with m_l == 0 are not even loaded.
 backward  one program per row, one more pass over x: with g = dz, u_l = <g, x_l> and
           gate_l = (s_l > 0) * m_l (relu's gradient is 0 at s = 0, like torch):
-              dx_l = a_l * g + gate_l * u_l * q        (written once, tile by tile)
+              dx_l = a_l * g + gate_l * u_l * q
               dq   = sum_l gate_l * u_l * x_l
-          s_l is recomputed from the tile, so only x, q and the mask are saved for backward.
+          s_l is recomputed from the tile, so only x, q, the mask (and the index) are saved.
+          Plain form: dx_l is stored row by row (zeros at masked positions). Gathered form:
+          dx_l is atomically added into an fp32 (fp64) buffer of reps' shape: no sort, no
+          (B, L, D) temporary; the order of the float additions varies from run to run on a GPU.
 
-Positions with m_l == 0 contribute nothing, so their history rows are not even loaded (the load
-is predicated off): with short left-padded histories most of x is never read. Their gradient
-rows are still written (as zeros).
+Both are registered as torch.library custom ops (qin::sparse_target_attention and its
+backward), with fake implementations for tracing, autograd and autocast registered on them.
 """
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.utils import INTERPRETING, check_tensor, next_power_of_2, resolve_backend
+from kernels.utils import (INTERPRETING, check_tensor, compute_dtype, next_power_of_2, register_autocast,
+                           resolve_backend)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -36,12 +44,22 @@ MAX_D = 8192
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
+def _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER: tl.constexpr):
+    """Pointers to the BLOCK_L history rows of batch row `row`, and the item index of each
+    (positions that are not live read index 0 and are never loaded or written)."""
+    if GATHER:
+        item = tl.load(idx_ptr + row * L + ls, mask=live, other=0).to(tl.int64)
+        return x_ptr + item[:, None] * stride_xl, item
+    return x_ptr + row * stride_xb + ls[:, None] * stride_xl, ls.to(tl.int64)
+
+
+@triton.jit
 def _asta_fwd_kernel(
-    x_ptr, q_ptr, m_ptr, z_ptr,
+    x_ptr, idx_ptr, q_ptr, m_ptr, z_ptr,
     L, D, stride_xb, stride_xl,
-    ACC_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    GATHER: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Row b of z. x rows are strided (stride_xb, stride_xl, 1); q, m, z are contiguous."""
+    """Row b of z. x rows are strided (unit stride along D); q, m, index and z are contiguous."""
     row = tl.program_id(0).to(tl.int64)  # int64: B*L*D may pass 2**31 elements
     offs_d = tl.arange(0, BLOCK_D)
     offs_l = tl.arange(0, BLOCK_L)
@@ -52,10 +70,9 @@ def _asta_fwd_kernel(
     for l0 in range(0, L, BLOCK_L):
         ls = l0 + offs_l
         m = tl.load(m_ptr + row * L + ls, mask=ls < L, other=0).to(ACC_DTYPE)
-        # Masked-off positions are not loaded at all: they read as 0 and so add 0.
-        live = m != 0
-        x = tl.load(x_ptr + row * stride_xb + ls[:, None] * stride_xl + offs_d[None, :],
-                    mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
+        live = m != 0  # masked-off positions are not loaded at all: they read as 0 and add 0
+        rows, _ = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER)
+        x = tl.load(rows + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
         s = tl.sum(x * q[None, :], axis=1) * m
         a = tl.maximum(s, 0.0)
         acc += tl.sum(a[:, None] * x, axis=0)
@@ -64,11 +81,12 @@ def _asta_fwd_kernel(
 
 @triton.jit
 def _asta_bwd_kernel(
-    x_ptr, q_ptr, m_ptr, g_ptr, dx_ptr, dq_ptr,
+    x_ptr, idx_ptr, q_ptr, m_ptr, g_ptr, dx_ptr, dq_ptr,
     L, D, stride_xb, stride_xl,
-    ACC_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    GATHER: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Row b of dx (contiguous, B x L x D) and dq, from one pass over x; g = dz is contiguous."""
+    """Row b of dq, and its share of dx (plain: rows b*L.. of a (B*L, D) buffer, stored;
+    gathered: rows index[b, l] of a (U, D) fp32/fp64 buffer, atomically added); g = dz."""
     row = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_l = tl.arange(0, BLOCK_L)
@@ -82,15 +100,19 @@ def _asta_bwd_kernel(
         in_l = ls < L
         m = tl.load(m_ptr + row * L + ls, mask=in_l, other=0).to(ACC_DTYPE)
         live = m != 0
-        x = tl.load(x_ptr + row * stride_xb + ls[:, None] * stride_xl + offs_d[None, :],
-                    mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
+        rows, item = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER)
+        x = tl.load(rows + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
         s = tl.sum(x * q[None, :], axis=1) * m  # recomputed, not saved
         a = tl.maximum(s, 0.0)
         u = tl.sum(x * g[None, :], axis=1)
         gu = tl.where(s > 0, m, 0.0) * u  # gate_l * u_l; strict > gives relu'(0) = 0 like torch
         dx = a[:, None] * g[None, :] + gu[:, None] * q[None, :]
-        tl.store(dx_ptr + (row * L + ls[:, None]) * D + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=in_l[:, None] & mask_d[None, :])
+        if GATHER:
+            tl.atomic_add(dx_ptr + item[:, None] * D + offs_d[None, :], dx,
+                          mask=live[:, None] & mask_d[None, :], sem="relaxed")
+        else:
+            tl.store(dx_ptr + (row * L + ls[:, None]) * D + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=in_l[:, None] & mask_d[None, :])
         dq += tl.sum(gu[:, None] * x, axis=0)
     tl.store(dq_ptr + row * D + offs_d, dq.to(dq_ptr.dtype.element_ty), mask=mask_d)
 
@@ -103,10 +125,10 @@ def _config(seq_len: int, dim: int, interpreting: bool = INTERPRETING) -> dict:
     """BLOCK_L, BLOCK_D and num_warps for a (L, D) problem.
 
     On a GPU a tile holds about 4096 elements (32 fp32 values per thread with 4 warps), which
-    keeps the x tile and the backward's dx tile in registers without spills (D=384 checked on
-    sm_89/sm_90 by tests/test_asta.py; D = 1, 200, 1024, 2048, 4096, 8192 checked by hand). The interpreter runs each program in numpy, where
-    larger tiles are faster; 16 rows still make the small test histories (L <= 40) take several
-    loop trips with a ragged last one, as real ones do on the GPU.
+    keeps the x tile and the backward's dx tile in registers without spills (checked on sm_89 and
+    sm_90 by tests/test_codegen.py). The interpreter runs each program in numpy, where larger
+    tiles are faster; 16 rows still make the small test histories (L <= 40) take several loop
+    trips with a ragged last one, as real ones do on the GPU.
     """
     block_d = next_power_of_2(dim)
     if interpreting:
@@ -124,107 +146,170 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers (inputs already checked and laid out by `_prepare`)
+# Launchers: x is the history (B, L, D) when index is None, else the representations (U, D)
 # ----------------------------------------------------------------------------------------------
 
-def _forward(history, query, mask):
-    batch, seq_len, dim = history.shape
-    z = torch.zeros((batch, dim), device=history.device, dtype=history.dtype)
-    if z.numel() == 0 or seq_len == 0:  # B=0, D=0 or empty histories: nothing to launch
+def _layout(x, index, query, mask):
+    """Copy only what must be copied: x keeps its strides unless its last one is not 1; a bool
+    mask is read as uint8; a float mask of another dtype is rounded to x's, as the reference does."""
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    if mask.dtype == torch.bool:
+        mask = mask.contiguous().view(torch.uint8)
+    elif mask.is_floating_point() and mask.dtype != x.dtype:
+        mask = mask.to(x.dtype)
+    index = index.contiguous() if index is not None else None
+    return x, index, query.contiguous(), mask.contiguous()
+
+
+def _strides(x, index):
+    if index is None:
+        return x.stride(0), x.stride(1)
+    return 0, x.stride(0)
+
+
+def _forward(x, index, query, mask):
+    batch, dim = query.shape
+    seq_len = mask.shape[1]
+    z = torch.zeros((batch, dim), device=query.device, dtype=x.dtype)
+    if z.numel() == 0 or seq_len == 0 or x.numel() == 0:  # nothing to launch
         return z
+    x, index, query, mask = _layout(x, index, query, mask)
     _asta_fwd_kernel[(batch,)](
-        history, query, mask, z, seq_len, dim, history.stride(0), history.stride(1),
-        ACC_DTYPE=_acc_dtype(history.dtype), **_config(seq_len, dim),
+        x, index if index is not None else mask, query, mask, z, seq_len, dim, *_strides(x, index),
+        GATHER=index is not None, ACC_DTYPE=_acc_dtype(x.dtype), **_config(seq_len, dim),
     )
     return z
 
 
-def _backward(grad_z, history, query, mask):
-    batch, seq_len, dim = history.shape
-    grad_x = torch.empty((batch, seq_len, dim), device=history.device, dtype=history.dtype)
-    grad_q = torch.zeros_like(query)
-    if grad_x.numel() == 0:
-        return grad_x, grad_q
+def _backward(grad_z, x, index, query, mask):
+    batch, dim = query.shape
+    seq_len = mask.shape[1]
+    grad_q = torch.zeros_like(query, memory_format=torch.contiguous_format)
+    if index is None:
+        grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    else:  # accumulated by atomics: fp32 for 16-bit inputs (fp16 atomics are slow or missing)
+        grad_x = torch.zeros(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    if grad_q.numel() == 0 or seq_len == 0 or x.numel() == 0:
+        return grad_x.to(x.dtype), grad_q
+    x, index, query, mask = _layout(x, index, query, mask)
+    grad_z = grad_z.to(x.dtype).contiguous()  # e.g. expanded (stride 0) grads of a sum
     _asta_bwd_kernel[(batch,)](
-        history, query, mask, grad_z, grad_x, grad_q, seq_len, dim, history.stride(0), history.stride(1),
-        ACC_DTYPE=_acc_dtype(history.dtype), **_config(seq_len, dim),
+        x, index if index is not None else mask, query, mask, grad_z, grad_x, grad_q, seq_len, dim,
+        *_strides(x, index),
+        GATHER=index is not None, ACC_DTYPE=_acc_dtype(x.dtype), **_config(seq_len, dim),
     )
-    return grad_x, grad_q
+    return grad_x.to(x.dtype), grad_q
 
 
-class _SparseTargetAttention(torch.autograd.Function):
-    """Saves history, query and the mask: no B x L x D temporary besides grad_history itself."""
+# ----------------------------------------------------------------------------------------------
+# Registered ops: qin::sparse_target_attention(x, index, query, mask) and its backward
+# ----------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, history, query, mask):
-        ctx.save_for_backward(history, query, mask)
-        return _forward(history, query, mask)
+@torch.library.custom_op("qin::sparse_target_attention", mutates_args=())
+def _asta_op(x: torch.Tensor, index: torch.Tensor | None, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return _forward(x, index, query, mask)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_z):
-        history, query, mask = ctx.saved_tensors
-        grad_z = grad_z.to(history.dtype).contiguous()  # e.g. expanded (stride 0) grads of a sum
-        grad_x, grad_q = _backward(grad_z, history, query, mask)
-        need_x, need_q = ctx.needs_input_grad[:2]
-        return (grad_x if need_x else None), (grad_q if need_q else None), None
+
+@_asta_op.register_fake
+def _(x, index, query, mask):
+    return query.new_empty(query.shape, dtype=x.dtype)
+
+
+@torch.library.custom_op("qin::sparse_target_attention_backward", mutates_args=())
+def _asta_backward_op(grad_z: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None, query: torch.Tensor,
+                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(grad_z, x, index, query, mask)
+
+
+@_asta_backward_op.register_fake
+def _(grad_z, x, index, query, mask):
+    contiguous = torch.contiguous_format
+    return torch.empty_like(x, memory_format=contiguous), torch.empty_like(query, memory_format=contiguous)
+
+
+def _setup_context(ctx, inputs, output):
+    x, index, query, mask = inputs
+    ctx.save_for_backward(x, index, query, mask)
+
+
+def _autograd_backward(ctx, grad_z):
+    x, index, query, mask = ctx.saved_tensors
+    grad_x, grad_q = _asta_backward_op(grad_z, x, index, query, mask)
+    return grad_x, None, grad_q, None
+
+
+_asta_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+register_autocast("qin::sparse_target_attention", _asta_op, float_args=(0, 2))
 
 
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
 
-def _check_args(history, query, mask) -> None:
-    check_tensor("history", history, 3, FLOAT_DTYPES)
-    batch, seq_len, dim = history.shape
-    check_tensor("query", query, 2, device=history.device)
-    if query.dtype != history.dtype:
-        raise ValueError(f"query has dtype {query.dtype}, but history has {history.dtype}; they must match")
+def _check_query_mask(query, mask, batch: int, seq_len: int, dim: int, what: str, device) -> None:
+    check_tensor("query", query, 2, FLOAT_DTYPES, device)
     if tuple(query.shape) != (batch, dim):
-        raise ValueError(f"query must have shape (B, D) = {(batch, dim)} for history of shape "
-                         f"{tuple(history.shape)}, got {tuple(query.shape)}")
-    check_tensor("mask", mask, 2, device=history.device)
+        raise ValueError(f"query must have shape (B, D) = {(batch, dim)} for {what}, got {tuple(query.shape)}")
+    check_tensor("mask", mask, 2, device=device)
     if mask.is_complex():
         raise ValueError(f"mask must be bool, integer or real floating point, got {mask.dtype}")
     if tuple(mask.shape) != (batch, seq_len):
-        raise ValueError(f"mask must have shape (B, L) = {(batch, seq_len)} for history of shape "
-                         f"{tuple(history.shape)}, got {tuple(mask.shape)}")
+        raise ValueError(f"mask must have shape (B, L) = {(batch, seq_len)} for {what}, got {tuple(mask.shape)}")
 
 
-def _prepare(history, query, mask):
-    """Lay the inputs out for the kernels, copying only what must be copied.
+def _check_width(dim: int) -> None:
+    if dim > MAX_D:
+        raise ValueError(f"the history has D={dim} features; the Triton kernel keeps a row in registers and "
+                         f"supports D <= {MAX_D} (use backend='torch')")
 
-    history keeps its strides; only a non-unit last stride (no vector loads) forces a copy.
-    query and mask are small (B x D, B x L) and are made contiguous. A bool mask is reinterpreted
-    as uint8 (no copy); a float mask of another dtype is rounded to history's dtype, as the
-    reference does; integer masks are converted inside the kernel.
-    """
-    if history.stride(-1) != 1 and history.shape[-1] > 1:
-        history = history.contiguous()
-    query = query.contiguous()
-    if mask.dtype == torch.bool:
-        mask = mask.contiguous().view(torch.uint8)
-    elif mask.is_floating_point() and mask.dtype != history.dtype:
-        mask = mask.to(history.dtype)
-    return history, query, mask.contiguous()
+
+def _cast(dtype, *tensors):
+    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
 def sparse_target_attention(history, query, mask, *, backend="auto"):
     """z[b] = sum_l relu(mask[b,l] * <history[b,l], query[b]>) * history[b,l]; see the module docstring.
 
-    history (B, L, D), query (B, D) of the same float dtype, mask (B, L) bool or 0/1 numbers
-    -> (B, D) in history's dtype. Differentiable in history and query (not in mask).
+    history (B, L, D), query (B, D), mask (B, L) bool or 0/1 numbers -> (B, D). Floating inputs
+    are read in one dtype: autocast's where it is on, else their promoted type, which is the
+    output's dtype; sums run in fp32 (fp64 for fp64). Differentiable in history and query.
     """
-    _check_args(history, query, mask)
-    if resolve_backend(backend, history.device) == "torch":
+    check_tensor("history", history, 3, FLOAT_DTYPES)
+    batch, seq_len, dim = history.shape
+    _check_query_mask(query, mask, batch, seq_len, dim, f"history of shape {tuple(history.shape)}", history.device)
+    dtype = compute_dtype(history.device, history, query)
+    history, query = _cast(dtype, history, query)
+    if resolve_backend(backend, history.device, "asta", dtype) == "torch":
         return reference.sparse_target_attention(history, query, mask)
-    if history.shape[-1] > MAX_D:
-        raise ValueError(f"history has D={history.shape[-1]} features; the Triton kernel keeps a row in "
-                         f"registers and supports D <= {MAX_D} (use backend='torch')")
-    history, query, mask = _prepare(history, query, mask)
-    if torch.is_grad_enabled() and (history.requires_grad or query.requires_grad):
-        return _SparseTargetAttention.apply(history, query, mask)
-    return _forward(history, query, mask)
+    _check_width(dim)
+    return _asta_op(history, None, query, mask)
+
+
+def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"):
+    """sparse_target_attention(reps[index], query, mask), without ever forming reps[index].
+
+    reps (U, D) the representations of a batch's distinct items, index (B, L) integer row of reps
+    for each history position (read only where the mask is non-zero), query (B, D), mask (B, L).
+    The gradient reaches reps through the index (summed over repeats), and query.
+    """
+    check_tensor("reps", reps, 2, FLOAT_DTYPES)
+    check_tensor("index", index, 2, (torch.int32, torch.int64), reps.device)
+    batch, seq_len = index.shape
+    dim = reps.shape[1]
+    _check_query_mask(query, mask, batch, seq_len, dim, f"index of shape {tuple(index.shape)} and reps of "
+                      f"shape {tuple(reps.shape)}", reps.device)
+    if index.device.type == "cpu" and index.numel() and not torch.compiler.is_compiling():
+        # On a GPU this check would cost a device sync per call; there a bad index faults instead.
+        live = index[mask != 0]
+        if live.numel() and (int(live.min()) < 0 or int(live.max()) >= reps.shape[0]):
+            raise ValueError(f"index holds rows outside reps' {reps.shape[0]} rows at unmasked positions")
+    dtype = compute_dtype(reps.device, reps, query)
+    reps, query = _cast(dtype, reps, query)
+    if resolve_backend(backend, reps.device, "asta", dtype) == "torch":
+        return reference.gathered_sparse_target_attention(reps, index, query, mask)
+    _check_width(dim)
+    return _asta_op(reps, index, query, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,8 +317,8 @@ def sparse_target_attention(history, query, mask, *, backend="auto"):
 # ----------------------------------------------------------------------------------------------
 
 def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
-    """One dict per kernel launched in training at B=8192, L=64, D=384 (mask in history's dtype,
-    as the model passes it).
+    """One dict per kernel launched in training at B=8192, L=64, D=384 (mask in x's dtype, as the
+    model passes it): the plain and the gathered forms.
 
     Each has name, fn, signature, constexprs, attrs, num_warps, num_stages, so that
     triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 89, 32),
@@ -245,18 +330,25 @@ def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     t = f"*{_TL_DTYPE[dtype]}"
     cfg = _config(seq_len, dim, interpreting=False)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    constexprs = dict(ACC_DTYPE=_acc_dtype(dtype), **cfg)
-    ints = dict(L=seq_len, D=dim, stride_xb=seq_len * dim, stride_xl=dim)
 
-    def case(name, fn, pointers):
-        types = {**{p: t for p in pointers}, **{k: "i32" for k in ints}, **{k: "constexpr" for k in constexprs}}
+    def case(name, fn, pointers, gather):
+        constexprs = dict(GATHER=gather, ACC_DTYPE=_acc_dtype(dtype), **cfg)
+        ints = dict(L=seq_len, D=dim, stride_xb=0 if gather else seq_len * dim, stride_xl=dim)
+        types = {**{p: t for p in pointers}, "idx_ptr": "*i64" if gather else t,
+                 **{k: "i32" for k in ints}, **{k: "constexpr" for k in constexprs}}
+        if gather and "dx_ptr" in pointers:
+            types["dx_ptr"] = "*fp32"  # the atomic accumulator
         signature = {arg: types[arg] for arg in fn.arg_names}  # in the kernel's argument order
-        aligned = [*pointers, *(k for k, v in ints.items() if v % 16 == 0)]
+        aligned = [*pointers, "idx_ptr", *(k for k, v in ints.items() if v % 16 == 0 and v)]
         attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in aligned}
-        return dict(name=name, fn=fn, signature=signature, constexprs=dict(constexprs), attrs=attrs,
+        return dict(name=name, fn=fn, signature=signature, constexprs=constexprs, attrs=attrs,
                     num_warps=num_warps, num_stages=num_stages)
 
+    fwd = ("x_ptr", "q_ptr", "m_ptr", "z_ptr")
+    bwd = ("x_ptr", "q_ptr", "m_ptr", "g_ptr", "dx_ptr", "dq_ptr")
     return [
-        case("asta_fwd", _asta_fwd_kernel, ("x_ptr", "q_ptr", "m_ptr", "z_ptr")),
-        case("asta_bwd", _asta_bwd_kernel, ("x_ptr", "q_ptr", "m_ptr", "g_ptr", "dx_ptr", "dq_ptr")),
+        case("asta_fwd", _asta_fwd_kernel, fwd, False),
+        case("asta_bwd", _asta_bwd_kernel, bwd, False),
+        case("asta_gather_fwd", _asta_fwd_kernel, fwd, True),
+        case("asta_gather_bwd", _asta_bwd_kernel, bwd, True),
     ]

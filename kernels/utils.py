@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton ops: interpreter detection, block sizes, argument checks."""
+"""Helpers shared by the Triton ops: interpreter detection, backend choice, autocast, argument checks."""
 import os
 
 import torch
@@ -8,13 +8,22 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BACKENDS = ("auto", "torch", "triton")
 
+# Where backend="auto" runs the Triton path: (op, dtype, CUDA compute capability) entries that
+# were MEASURED faster than the torch path on that GPU, in the same benchmark run (bench/gpu_run.sh,
+# `qin bench` prints the entries its measurements support). Everything else runs the torch path.
+# Empty: the kernels of this version have not been timed on a GPU yet. The first GPU run (H200,
+# sm_90) timed the previous kernels: its QNN lost to cuBLAS, its ASTA forward lost to the
+# reference, so nothing of it carried over.
+MEASURED_FASTER: set[tuple[str, torch.dtype, tuple[int, int]]] = set()
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Map 'auto' to 'triton' on CUDA and 'torch' elsewhere; refuse Triton where it cannot run."""
+
+def resolve_backend(backend: str, device: torch.device, op: str = "", dtype: torch.dtype | None = None) -> str:
+    """Map 'auto' to 'triton' where MEASURED_FASTER says so and to 'torch' elsewhere; refuse Triton
+    where it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if auto_picks_triton(op, dtype, device) else "torch"
     if backend == "triton" and device.type != "cuda" and not INTERPRETING:
         raise ValueError(
             f"backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before triton is "
@@ -23,8 +32,56 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def auto_picks_triton(op: str, dtype: torch.dtype | None, device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    return (op, dtype, torch.cuda.get_device_capability(device)) in MEASURED_FASTER
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts matrix products to on this device type, or None when it is off."""
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def compute_dtype(device: torch.device, *tensors: torch.Tensor) -> torch.dtype:
+    """The one dtype an op reads its floating inputs in: autocast's where it is on (inputs of any
+    floating dtype are cast to it, as torch.matmul's would be), else their common promoted type."""
+    dtype = autocast_dtype(device.type)
+    if dtype is not None:
+        return dtype
+    common = tensors[0].dtype
+    for t in tensors[1:]:
+        common = torch.promote_types(common, t.dtype)
+    return common
+
+
+def register_autocast(qualname: str, op, float_args: tuple[int, ...]) -> None:
+    """Autocast on a custom op: the floating arguments at positions `float_args` are cast to the
+    autocast dtype in force at call time (bf16 or fp16, whichever the user chose; torch's own
+    register_autocast fixes one dtype), then the op runs with autocast off."""
+    namespace, name = qualname.split("::")
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+        dispatch_key = getattr(torch._C.DispatchKey, key)
+
+        def kernel(_keyset, *args, _device_type=device_type, _key=dispatch_key):
+            dtype = torch.get_autocast_dtype(_device_type)
+            args = [a.to(dtype) if i in float_args and isinstance(a, torch.Tensor) and a.is_floating_point()
+                    and a.device.type == _device_type else a for i, a in enumerate(args)]
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(*args)
+
+        lib.impl(name, kernel, key, with_keyset=True)
+    _LIBRARIES.append(lib)  # a Library's registrations last as long as the object
+
+
+_LIBRARIES: list = []
 
 
 def check_tensor(name: str, t, ndim: int, dtypes=None, device=None) -> None:

@@ -61,18 +61,25 @@ class ItemEncoder(nn.Module):
         rep = torch.cat([self.item_embedding(flat), tag_mean, self.mm_projection(mm) if self.mm_projection else mm], dim=-1)
         return rep.view(*ids.shape, rep.shape[-1])
 
+    def unique_representations(self, target_ids: torch.Tensor, history_ids: torch.Tensor):
+        """(reps, target_index, history_index): e(i) of each distinct item of the batch (U, D),
+        and where each target (B,) and history position (B, L) finds its row in reps.
+
+        A batch names far fewer distinct items than positions, so each is encoded once.
+        """
+        ids = torch.cat([target_ids, history_ids.reshape(-1)])
+        unique_ids, inverse = torch.unique(ids, return_inverse=True)
+        batch = target_ids.shape[0]
+        return self(unique_ids), inverse[:batch], inverse[batch:].view(history_ids.shape)
+
     def encode(self, target_ids: torch.Tensor, history_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(e(targets), e(history)); with dedup, each distinct item of the batch is encoded once."""
         if not self.dedup:
             return self(target_ids), self(history_ids)
-        # A batch names far fewer distinct items than positions: encode each once, then gather.
-        ids = torch.cat([target_ids, history_ids.reshape(-1)])
-        unique_ids, inverse = torch.unique(ids, return_inverse=True)
-        # A gather through F.embedding, not reps[inverse]: on the CPU the backward of advanced
+        reps, target_index, history_index = self.unique_representations(target_ids, history_ids)
+        # A gather through F.embedding, not reps[index]: on the CPU the backward of advanced
         # indexing accumulates in a thread-dependent order, which would make runs unrepeatable.
-        reps = F.embedding(inverse, self(unique_ids))
-        batch = target_ids.shape[0]
-        return reps[:batch], reps[batch:].view(*history_ids.shape, reps.shape[-1])
+        return F.embedding(target_index, reps), F.embedding(history_index, reps)
 
 
 class SparseTargetAttention(nn.Module):
@@ -117,7 +124,12 @@ class SparseTargetAttention(nn.Module):
             weights = F.dropout(weights, self.dropout, training=True)
         return torch.einsum("bl,bld->bd", weights, values)
 
-    def forward(self, target: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, target: torch.Tensor, history: torch.Tensor, mask: torch.Tensor,
+                history_index: torch.Tensor | None = None) -> torch.Tensor:
+        """target (B, D), mask (B, L); history (B, L, D), or with history_index (B, L) the (U, D)
+        representations that index points into (the hoisted ReLU form then never gathers them)."""
+        if history_index is not None and (self.form == "literal" or self.softmax):
+            history, history_index = F.embedding(history_index, history), None
         if self.form == "literal":
             q, k, v = self.W_q(target), self.W_k(history), self.W_v(history)
             scores = torch.einsum("bd,bld->bl", q, k) * self.scale
@@ -130,9 +142,12 @@ class SparseTargetAttention(nn.Module):
         query = (self.W_q(target) @ self.W_k.weight) * self.scale
         if self.softmax:
             pooled = self._softmax_pool(torch.einsum("bld,bd->bl", history, query), mask, history)
-        else:
+        elif history_index is None:
             pooled = kernels.sparse_target_attention(history, query, self._weights_mask(mask, history.dtype),
                                                      backend=self.backend)
+        else:
+            pooled = kernels.gathered_sparse_target_attention(
+                history, history_index, query, self._weights_mask(mask, history.dtype), backend=self.backend)
         return self.W_o(self.W_v(pooled)) + target
 
 
@@ -221,13 +236,18 @@ class QIN(CTRModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Click logits (B,) for a batch with item_id (B), item_seq (B, L), likes_level, views_level (B)."""
+        item_id, item_seq = batch["item_id"], batch["item_seq"]
+        parts = [self.likes_embedding(batch["likes_level"]), self.views_embedding(batch["views_level"])]
         if self.asta is None:  # the no-ASTA ablation never looks at the history
-            target, history = self.items(batch["item_id"]), None
+            parts.append(self.items(item_id))
+        elif self.items.dedup:
+            # ASTA reads the history through the index into the distinct items' representations.
+            reps, target_index, history_index = self.items.unique_representations(item_id, item_seq)
+            target = F.embedding(target_index, reps)
+            parts += [target, self.asta(target, reps, item_seq > 0, history_index=history_index)]
         else:
-            target, history = self.items.encode(batch["item_id"], batch["item_seq"])
-        parts = [self.likes_embedding(batch["likes_level"]), self.views_embedding(batch["views_level"]), target]
-        if self.asta is not None:
-            parts.append(self.asta(target, history, batch["item_seq"] > 0))
+            target, history = self.items.encode(item_id, item_seq)
+            parts += [target, self.asta(target, history, item_seq > 0)]
         x = torch.cat(parts, dim=-1)
         return self.output(self.qnn(x)).squeeze(-1)
 

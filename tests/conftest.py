@@ -13,7 +13,10 @@ from hypothesis import settings
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
 settings.register_profile("dev", deadline=None, max_examples=10)
 settings.register_profile("thorough", deadline=None, max_examples=200)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+# On a GPU every new shape of a hypothesis draw compiles the kernels again (about a second each):
+# fewer draws keep the CUDA suite within minutes; the fixed-shape tests cover the paper's shapes.
+settings.register_profile("cuda", deadline=None, max_examples=8, derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cuda" if os.environ.get("QIN_TEST_CUDA") else "ci"))
 
 
 @pytest.fixture

@@ -284,7 +284,7 @@ def _good(device, dtype=torch.float32):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("case,arg", [
-    ("history_2d", "history"), ("history_int", "history"), ("query_dtype", "query"), ("query_shape", "query"),
+    ("history_2d", "history"), ("history_int", "history"), ("query_int", "query"), ("query_shape", "query"),
     ("query_device", "query"), ("mask_shape", "mask"), ("mask_3d", "mask"), ("mask_complex", "mask"),
     ("mask_device", "mask"),
 ])
@@ -293,7 +293,7 @@ def test_bad_arguments_name_the_argument(device, backend, case, arg):
     h, q, m = {
         "history_2d": lambda: (h[0], q, m),
         "history_int": lambda: (h.long(), q, m),
-        "query_dtype": lambda: (h, q.double(), m),
+        "query_int": lambda: (h, q.long(), m),
         "query_shape": lambda: (h, q[:, :3], m),
         "query_device": lambda: (h, q.to("meta"), m),
         "mask_shape": lambda: (h, q, m[:, :4]),
@@ -331,3 +331,124 @@ def test_auto_backend_matches_reference(device):
     h, q, m = _good(device)
     torch.testing.assert_close(kernels.sparse_target_attention(h, q, m), reference.sparse_target_attention(h, q, m))
 
+
+
+def test_mixed_dtypes_are_read_in_their_promoted_type(device):
+    """A bf16 query with an fp32 history reads both in fp32 (torch's promotion), on both backends."""
+    history, query, mask, _ = make_inputs(3, 9, 16, torch.float32, device, "random", "bool", seed=9)
+    want = reference.sparse_target_attention(history, query.bfloat16().float(), mask)
+    for backend in ("torch", "triton"):
+        z = kernels.sparse_target_attention(history, query.bfloat16(), mask, backend=backend)
+        assert z.dtype == torch.float32
+        assert_close(backend, z, want.double(), torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The gathered form: history rows read through an index into the distinct items' representations
+# ---------------------------------------------------------------------------------------------
+
+def make_gathered(batch, seq_len, dim, num_unique, dtype, device, style="left_padded", seed=0):
+    """reps (U, D), index (B, L) with repeated ids and id U-1 present, query, mask, grad_z; no live
+    score near the ReLU kink (query rows redrawn, as make_inputs redraws history rows)."""
+    g = torch.Generator().manual_seed(seed)
+    reps = torch.randn(num_unique, dim, generator=g).to(dtype)
+    index = torch.randint(0, num_unique, (batch, seq_len), generator=g)
+    index.view(-1)[-1] = num_unique - 1
+    keep = make_mask(batch, seq_len, style, g)
+    keep.view(-1)[-1] = True
+    query = (torch.randn(batch, dim, generator=g) / dim**0.5).to(dtype)
+    for _ in range(100):
+        prod = reps.double()[index] * query.double()[:, None, :]
+        near_kink = (prod.sum(-1).abs() <= 1e-3 * prod.abs().sum(-1)) & keep
+        rows = near_kink.any(1)
+        if not rows.any():
+            break
+        query[rows] = (torch.randn(int(rows.sum()), dim, generator=g) / dim**0.5).to(dtype)
+    grad_z = torch.randn(batch, dim, generator=g).to(dtype)
+    return reps.to(device), index.to(device), query.to(device), keep.to(device), grad_z.to(device)
+
+
+def gathered_oracle(reps, index, query, mask, grad_z):
+    r = reps.detach().double().requires_grad_()
+    q = query.detach().double().requires_grad_()
+    z = reference.gathered_sparse_target_attention(r, index, q, mask.double())
+    return (z.detach(), *torch.autograd.grad(z, (r, q), grad_z.double()))
+
+
+def run_gathered(reps, index, query, mask, grad_z, backend="triton"):
+    r = reps.detach().clone().requires_grad_()
+    q = query.detach().clone().requires_grad_()
+    z = kernels.gathered_sparse_target_attention(r, index, q, mask, backend=backend)
+    return (z, *torch.autograd.grad(z, (r, q), grad_z))
+
+
+def check_gathered(reps, index, query, mask, grad_z):
+    got = run_gathered(reps, index, query, mask, grad_z)
+    want = gathered_oracle(reps, index, query, mask, grad_z)
+    for name, g, w, like in zip(("z", "grad_reps", "grad_query"), got, want, (query, reps, query)):
+        assert g.dtype == reps.dtype and g.shape == like.shape, name
+        assert_close(name, g, w, reps.dtype)
+
+
+@fixture_ok
+@given(batch=st.integers(1, 6), seq_len=st.integers(1, 40), dim=st.integers(1, 70), num_unique=st.integers(1, 30),
+       dtype=st.sampled_from(DTYPES), style=st.sampled_from(MASK_STYLES), seed=st.integers(0, 2**16))
+def test_gathered_matches_reference(device, batch, seq_len, dim, num_unique, dtype, style, seed):
+    check_gathered(*make_gathered(batch, seq_len, dim, num_unique, dtype, device, style, seed))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch,seq_len,dim,num_unique", [(4, 64, 384, 40), (3, 9, 200, 1), (5, 513, 16, 7)])
+def test_gathered_fixed_shapes(device, batch, seq_len, dim, num_unique, dtype):
+    """The model's row width with many repeats, a single distinct item (U=1), a long history."""
+    check_gathered(*make_gathered(batch, seq_len, dim, num_unique, dtype, device, "left_padded", seed=11))
+
+
+def test_gathered_equals_the_plain_form(device):
+    """Through an identity index the gathered op is the plain op on the same rows."""
+    history, query, mask, grad_z = make_inputs(3, 11, 24, torch.float32, device, "random", "bool", seed=12)
+    index = torch.arange(3 * 11, device=device).view(3, 11)
+    plain = run_triton(history, query, mask, grad_z)
+    gathered = run_gathered(history.reshape(33, 24), index, query, mask, grad_z)
+    torch.testing.assert_close(gathered[0], plain[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gathered[1].view(3, 11, 24), plain[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gathered[2], plain[2], rtol=1e-6, atol=1e-6)
+
+
+def test_gathered_padding_never_reads_its_index(device):
+    """Masked positions may point anywhere in range: rows reached only through them get no gradient
+    and do not change the output, even when they hold non-finite values."""
+    reps, index, query, mask, grad_z = make_gathered(4, 10, 8, 6, torch.float32, device, "random", seed=13)
+    mask[:, :] = True
+    mask[:, :3] = False
+    index[:, :3] = 5  # only padding points at row 5
+    index[:, 3:] = index[:, 3:] % 5
+    poisoned = reps.clone()
+    poisoned[5] = float("nan")
+    z, grad_reps, grad_q = run_gathered(poisoned, index, query, mask, grad_z)
+    want = run_gathered(reps, index, query, mask, grad_z)
+    assert torch.equal(z, want[0]) and torch.equal(grad_q, want[2])
+    assert torch.equal(grad_reps[5], torch.zeros_like(grad_reps[5]))
+
+
+def test_gathered_saves_no_history(device):
+    reps, index, query, mask, _ = make_gathered(3, 12, 16, 5, torch.float32, device, seed=14)
+    reps.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.gathered_sparse_target_attention(reps, index, query, mask, backend="triton")
+    assert sorted(t.numel() for t in saved) == sorted([reps.numel(), index.numel(), query.numel(), mask.numel()])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gathered_bad_arguments_name_the_argument(device, backend):
+    reps, index, query, mask, _ = make_gathered(2, 5, 4, 3, torch.float32, device, seed=15)
+    for args, name in (((reps[0], index, query, mask), "reps"), ((reps, index.float(), query, mask), "index"),
+                       ((reps, index[:, :2], query, mask), "mask"), ((reps, index, query[:, :2], mask), "query")):
+        with pytest.raises(ValueError, match=name):
+            kernels.gathered_sparse_target_attention(*args, backend=backend)
+    if device.type == "cpu":
+        bad = index.clone()
+        bad[mask] = 3  # one past the last row
+        with pytest.raises(ValueError, match="index"):
+            kernels.gathered_sparse_target_attention(reps, bad, query, mask, backend=backend)
