@@ -15,7 +15,8 @@ Rounding, in bf16/fp16: the GEMMs round their outputs (h, and G @ W + gy * s) to
 dtype, as torch's own would; every sum around them runs in fp32, so y and grad_x carry at most
 four roundings (h, gy * s, G, the output), grad_W and grad_b two.
 Without dropout (eval, or p == 0) every mask is all ones, so sum_r (x @ W_r.T + b_r) =
-x @ W_bar.T + b_bar with W_bar = sum_r W_r: one M times smaller GEMM, in plain torch.
+x @ W_bar.T + b_bar with W_bar = sum_r W_r: one M times smaller GEMM, in plain torch, on every
+backend (kernels/reference.py keeps the literal M-group form as the oracle).
 
 The dropout stream: element (b, r, j) of the hidden keeps iff tl.rand(seed, b*M*D + r*D + j) >= p
 (int32 offsets). The seed is an int64 tensor input of the op (drawn on the device from torch's
@@ -274,21 +275,25 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     dtype = compute_dtype(x.device, x, weight, bias)
     x, weight, bias = (t if t.dtype == dtype else t.to(dtype) for t in (x, weight, bias))
     chosen = resolve_backend(backend, x.device, "qnn", dtype)
-    seed = _seed_tensor(seed, x.device) if chosen == "triton" and training and p > 0.0 else None
+    if not (training and p > 0.0):
+        return _folded(x, weight, bias, num_row)
     if chosen == "torch":
         return reference.quadratic_projection(x, weight, bias, num_row, p, training)
-
     batch, dim = x.shape
     if batch * num_row * dim >= _INT32_LIMIT:
         raise ValueError(f"x of shape {tuple(x.shape)} with num_row={num_row} needs 2**31 or more hidden "
                          f"elements; the dropout offsets are int32")
-    if seed is not None:
-        return _qnn_op(x, weight, bias, seed, num_row, p)[0]
-    # No dropout: sum the M groups first (in fp32 or wider) and run one M = 1 product.
+    return _qnn_op(x, weight, bias, _seed_tensor(seed, x.device), num_row, p)[0]
+
+
+def _folded(x, weight, bias, num_row):
+    """No dropout, any backend: sum the M groups first (in fp32 or wider), one M = 1 product,
+    plain torch ops (which torch.compile and torch.export see through)."""
     if num_row > 1:
-        acc_dtype = torch.promote_types(dtype, torch.float32)
-        weight = weight.view(num_row, dim, dim).sum(0, dtype=acc_dtype).to(dtype)
-        bias = bias.view(num_row, dim).sum(0, dtype=acc_dtype).to(dtype)
+        dim = x.shape[1]
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        weight = weight.view(num_row, dim, dim).sum(0, dtype=acc_dtype).to(x.dtype)
+        bias = bias.view(num_row, dim).sum(0, dtype=acc_dtype).to(x.dtype)
     return x * torch.addmm(bias, x, weight.t())
 
 

@@ -128,6 +128,19 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from qin import export
+
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise UsageError(f"{output} exists; pass --force to overwrite it")
+    model, dataset, cfg, device = _model_from_checkpoint(args.checkpoint, args.data, args.device)
+    program = export.export_model(model, export.example_batch(4, cfg.data.max_len, cfg.model.num_items, device))
+    atomic_write(output, lambda fh: export.save(program, fh))
+    print(f"wrote {output}: load it with `import kernels; torch.export.load('{output}').module()(batch)`")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from qin.compare import parse_variants, run_compare
 
@@ -179,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--output", default="prediction.csv")
             p.add_argument("--force", action="store_true", help="overwrite an existing output file")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("export", help="torch.export the trained model (eval form) to a .pt2 file")
+    p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
+    p.add_argument("--output", default="model.pt2")
+    p.add_argument("--data", help="dataset folder (default: the one the run trained on): its item side data")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="train QIN, its ablations and DIN on the same data; write a table")
     p.add_argument("--data", help="dataset folder (default: the built-in generated dataset)")

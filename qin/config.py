@@ -108,6 +108,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole split
     checkpoint_every_steps: int = 0  # also write latest.pt every N steps (0: at epoch ends only)
+    compile: bool = False  # torch.compile the model for training (the first step also compiles)
     out_dir: str = "runs/qin"
 
 

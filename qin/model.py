@@ -69,6 +69,9 @@ class ItemEncoder(nn.Module):
         """
         ids = torch.cat([target_ids, history_ids.reshape(-1)])
         unique_ids, inverse = torch.unique(ids, return_inverse=True)
+        # The count of distinct ids is data-dependent; telling torch.compile it is at least one
+        # lets the gathers' backward be compiled (a batch always names one item, the target).
+        torch._check(unique_ids.shape[0] >= 1)
         batch = target_ids.shape[0]
         return self(unique_ids), inverse[:batch], inverse[batch:].view(history_ids.shape)
 

@@ -186,6 +186,9 @@ class Trainer:
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
             # Dropout must differ between ranks (the model itself is identical: same seed above).
             torch.manual_seed(cfg.train.seed + 1_000_003 * self.ctx.rank)
+        if cfg.train.compile:
+            self.forward_model = torch.compile(self.forward_model)
+        self._compiling = cfg.train.compile  # until the first step has run (and compiled)
         self.optimizer = make_optimizer(self.model, cfg.train.lr)
         self.state = TrainerState(lr=cfg.train.lr)
 
@@ -294,6 +297,10 @@ class Trainer:
             st.loss_sum += loss_value
             st.loss_count += 1
             samples += global_rows
+            if self._compiling:  # report compilation once and keep it out of samples/s
+                self._compiling = False
+                self.log(f"torch.compile: the first step took {time.perf_counter() - start:.1f} s, compilation included")
+                start, samples = time.perf_counter(), 0
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / (time.perf_counter() - start):,.0f}")
             if tc.checkpoint_every_steps and st.step % tc.checkpoint_every_steps == 0:

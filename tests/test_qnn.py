@@ -167,9 +167,25 @@ def test_empty_batch(device):
 
 
 def test_auto_backend_on_cpu_is_the_reference():
+    """With dropout, auto on the CPU is the reference itself (torch's dropout, same draw)."""
     x, weight, bias, _ = make_inputs(3, 4, 2, torch.float32, "cpu")
-    want = reference.quadratic_projection(x, weight, bias, 2)
-    assert torch.equal(kernels.quadratic_projection(x, weight, bias, 2, backend="auto"), want)
+    torch.manual_seed(5)
+    want = reference.quadratic_projection(x, weight, bias, 2, 0.5, True)
+    torch.manual_seed(5)
+    assert torch.equal(kernels.quadratic_projection(x, weight, bias, 2, dropout_p=0.5, training=True), want)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_without_dropout_every_backend_folds_the_groups(device, backend):
+    """Eval (and p = 0): one product with W_bar = sum_r W_r, equal to the M-group reference."""
+    x, weight, bias, gy = make_inputs(7, 10, 3, torch.float32, device, seed=3)
+    (want, mag) = reference_and_magnitude(x, weight, bias, gy, 3, 0.0, False, None)
+    y = kernels.quadratic_projection(x, weight, bias, 3, dropout_p=0.4, training=False, backend=backend)
+    assert_close("y", y, want[0], mag[0], torch.float32)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        kernels.quadratic_projection(x.requires_grad_(), weight, bias, 3, backend=backend)
+    assert max(t.numel() for t in saved) < 3 * 10 * 7, "an M-wide hidden was saved: the groups were not folded"
 
 
 def _bad(device, **changes):

@@ -1,0 +1,49 @@
+"""`qin export`: the trained model as a torch.export program whose probabilities equal `qin predict`'s."""
+import numpy as np
+import pytest
+import torch
+
+from qin.cli import main
+from qin.data import iterate_batches, load_dataset
+from qin.synth import make_dataset
+
+SMALL_RUN = ["model.embed_dim=8", "model.attention_dim=16", "train.batch_size=256",
+             "train.eval_batch_size=1024", "train.epochs=1", "train.device=cpu", "data.max_len=16"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    data = make_dataset(root / "ds", rows=1500, items=120, seed=9, valid_rows=300, test_rows=257)
+    assert main(["train", "--data", str(data), "--out", str(root / "run"), *SMALL_RUN]) == 0
+    return root, data
+
+
+def test_exported_program_gives_the_predictions_of_qin_predict(run):
+    root, data = run
+    assert main(["export", str(root / "run"), "--output", str(root / "model.pt2")]) == 0
+    assert main(["predict", str(root / "run"), "--output", str(root / "prediction.csv")]) == 0
+    want = np.loadtxt(root / "prediction.csv", delimiter=",", skiprows=1)[:, 1]
+
+    import kernels  # noqa: F401  - registers the qin:: ops a program may hold
+
+    module = torch.export.load(str(root / "model.pt2")).module()
+    test = load_dataset(data, max_len=16).splits["test"]
+    got, start = [], 0
+    for size in (1, 100, 156):  # any batch size, including 1
+        batch = next(iterate_batches(test.rows(start, start + size), size, shuffle=False))
+        batch.pop("label", None)
+        with torch.no_grad():
+            got.append(torch.sigmoid(module(batch)).numpy())
+        start += size
+    got = np.concatenate(got)
+    assert got.shape == want.shape == (257,)
+    assert np.abs(got - want).max() <= 5e-7  # predict writes 6 decimals
+
+
+def test_export_refuses_to_overwrite(run, capsys):
+    root, _ = run
+    out = root / "taken.pt2"
+    out.write_bytes(b"keep")
+    assert main(["export", str(root / "run"), "--output", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and out.read_bytes() == b"keep"
