@@ -312,7 +312,7 @@ def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: 
         raise ValueError(f"a mask of {n} elements does not fit the kernels' int32 offsets")
     out = torch.empty((batch, num_row * dim), dtype=torch.int8, device=device)
     if n:
-        block = 256 if INTERPRETING else 1024
+        block = 4096 if INTERPRETING else 1024  # the interpreter: few large numpy programs
         _qnn_keep_mask_kernel[(triton.cdiv(n, block),)](out, n, seed, p, BLOCK=block)
     return out.bool()
 

@@ -452,3 +452,14 @@ def test_gathered_bad_arguments_name_the_argument(device, backend):
         bad[mask] = 3  # one past the last row
         with pytest.raises(ValueError, match="index"):
             kernels.gathered_sparse_target_attention(reps, bad, query, mask, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gathered", [False, True], ids=["plain", "gathered"])
+def test_paper_shape_against_float64(device, dtype, gathered):
+    """L=64, D=384 with every position live: B=8192 on a GPU, a slice of it under the interpreter."""
+    batch = 8192 if device.type == "cuda" else 16
+    if gathered:
+        check_gathered(*make_gathered(batch, 64, 384, batch * 16, dtype, device, "all_one", seed=18))
+    else:
+        check_against_oracle(*make_inputs(batch, 64, 384, dtype, device, "all_one", "bool", seed=18))

@@ -246,3 +246,13 @@ def test_tiny_qnn_training_matches_torch_backend(device):
             losses[backend].append(loss.item())
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5)
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paper_shape_against_float64(device, dtype):
+    """D=1024, M=4, dropout 0.1: the paper's layer, at B=8192 on a GPU (a slice of it under the
+    interpreter, whose time grows with B), forward and every gradient against float64."""
+    batch = 8192 if device.type == "cuda" else 16
+    x, weight, bias, gy = make_inputs(batch, 1024, 4, dtype, device, seed=17)
+    mask = dropout_keep_mask(99, batch, 4, 1024, 0.1, device)
+    run_and_check(x, weight, bias, gy, 4, 0.1, True, 99, mask.cpu())
