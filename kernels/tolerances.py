@@ -55,15 +55,19 @@ OPS = {
 # model.double() at the same weights. Downstream of ASTA the model is ill-conditioned at the
 # authors' initialisation: one fp32 rounding of ASTA's output alone moved some float64 gradients
 # by 6e-4 (issue 17, 256 rows of a real dataset). So fp32 gets 2e-3, above that measured noise
-# floor: a wrong kernel is off by O(1), rounding is not. 16-bit models round every activation:
-# their floor is that of a bf16/fp16 rounding (2^8 / 2^5 times fp32's), amplified the same way.
-# `qin parity` measures each floor on its own inputs and prints it beside these numbers.
+# floor: a wrong kernel is off by O(1), rounding is not. A 16-bit model rounds every activation
+# and is far from its float64 self whatever its kernels (with the reference ops, 35% (bf16) and
+# 9% (fp16) in some gradients on `qin parity --quick`'s model): the 16-bit numbers only bound the
+# plain model, and the fused model is held to MODEL_VS_PLAIN x the plain model's own error in the
+# same dtype where that is larger. `qin parity` measures each noise floor and prints it beside.
 MODEL = {
     torch.float64: Tolerance(rtol=1e-10, floor=0.0),
     torch.float32: Tolerance(rtol=2e-3, floor=0.0),
-    torch.bfloat16: Tolerance(rtol=2.5e-1, floor=0.0),
-    torch.float16: Tolerance(rtol=5e-2, floor=0.0),
+    torch.bfloat16: Tolerance(rtol=1.0, floor=0.0),
+    torch.float16: Tolerance(rtol=0.25, floor=0.0),
 }
+# The fused ops may add at most as much error again as the reference ops in the same dtype.
+MODEL_VS_PLAIN = 2.0
 
 # The loss after each of a few Adam steps (dropout off), relative, against the float64 model.
 # Adam divides each step by the root of its own squared gradient, so rounding in a near-zero
