@@ -151,6 +151,9 @@ def cmd_parity(args) -> int:
 
     if args.device == "cuda" and not __import__("torch").cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available")
+    if args.training and args.device != "cuda":
+        raise UsageError("--training needs --device cuda: under the CPU's Triton interpreter one training run "
+                         "takes minutes, and a run short enough to finish trains to chance AUC, which shows nothing")
     if args.seeds < 2:
         raise UsageError(f"--seeds must be at least 2 (a spread needs two runs), got {args.seeds}")
     status = parity.rerun_if_interpreter_differs(args)  # TRITON_INTERPRET must fit the device

@@ -178,13 +178,13 @@ def _qnn_eval_reference(leaves, extra):
 
 ASTA_CASES = (
     Case(dict(B=8192, L=64, D=384), "paper", runs="compiled"),
-    Case(dict(B=256, L=513, D=384), "long history", runs="compiled"),
+    Case(dict(B=256, L=513, D=384), runs="compiled"),
     Case(dict(B=4, L=64, D=384), "model's L and D"),
-    Case(dict(B=1, L=64, D=384), "batch 1"),
-    Case(dict(B=3, L=1, D=384), "L=1"),
-    Case(dict(B=2, L=513, D=48), "L=513"),
-    Case(dict(B=5, L=20, D=1), "D=1"),
-    Case(dict(B=3, L=33, D=200), "D=200"),
+    Case(dict(B=1, L=64, D=384)),
+    Case(dict(B=3, L=1, D=384)),
+    Case(dict(B=2, L=513, D=48)),
+    Case(dict(B=5, L=20, D=1)),
+    Case(dict(B=3, L=33, D=200)),
     Case(dict(B=4, L=16, D=32), "all-padding"),
     Case(dict(B=3, L=24, D=40), "non-contiguous history", layout="strided"),
 )
@@ -192,12 +192,12 @@ QNN_CASES = (
     Case(dict(B=8192, D=1024, M=4), "paper", runs="compiled"),
     # Under the interpreter a QNN case costs about a second per 100 (16 x 16) tiles: --quick keeps
     # the odd shapes small and leaves the wide ones to full mode.
-    Case(dict(B=16, D=128, M=4), "", runs="full"),
-    Case(dict(B=9, D=200, M=4), "D=200", runs="full"),
+    Case(dict(B=16, D=128, M=4), runs="full"),
+    Case(dict(B=9, D=200, M=4), runs="full"),
     Case(dict(B=5, D=24, M=4), "ragged tiles"),
-    Case(dict(B=1, D=17, M=4), "batch 1"),
-    Case(dict(B=7, D=1, M=4), "D=1"),
-    Case(dict(B=8, D=33, M=1), "M=1"),
+    Case(dict(B=1, D=17, M=4)),
+    Case(dict(B=7, D=1, M=4)),
+    Case(dict(B=8, D=33, M=1)),
     Case(dict(B=6, D=20, M=3), "non-contiguous x", layout="strided"),
 )
 
@@ -436,38 +436,33 @@ AGREE_WITHIN = 2.0  # |difference of means| <= 2 x the larger seed spread (std)
 
 
 def training_runs(device: torch.device, seeds: int, quick: bool, log=print) -> tuple[list[Row], list[str]]:
-    """Valid AUC of the same run per backend and seed. On a GPU: the built-in `qin train` run
-    (the paper's model, batch 512, 4 epochs). On the CPU, where the Triton kernels run under the
-    interpreter: a tiny run (a small generated dataset, a narrow model, one epoch)."""
+    """Valid AUC of the same run per backend and seed, on CUDA (the CLI refuses --training on the
+    CPU). Full: the built-in `qin train` run (the paper's model, batch 512, 4 epochs); --quick:
+    the same with 1 epoch."""
+    from qin.cli import BUILTIN_SETTINGS
     from qin.config import load_config
     from qin.data import load_dataset
-    from qin.synth import builtin_dataset, make_dataset
+    from qin.synth import builtin_dataset
     from qin.train import Trainer, fill_vocab_from_data
 
+    epochs = 1 if quick else BUILTIN_SETTINGS["train"]["epochs"]
+    what = f"built-in dataset, the `qin train` run, {epochs} epoch(s)"
+    dataset = load_dataset(builtin_dataset())
+    aucs = {}
     with tempfile.TemporaryDirectory(prefix="qin-parity-") as tmp:
-        if device.type == "cuda" and not quick:
-            from qin.cli import BUILTIN_SETTINGS
-
-            root, base, overrides, what = builtin_dataset(), BUILTIN_SETTINGS, [], "built-in dataset, `qin train` run"
-        else:
-            root = make_dataset(Path(tmp) / "data", rows=2000, items=150, seed=0, valid_rows=600, test_rows=10)
-            base = None
-            overrides = ["model.embed_dim=8", "model.attention_dim=16", "train.batch_size=250",
-                         "train.eval_batch_size=600", "train.epochs=1"]
-            what = "tiny run: 2,000 generated rows, embed_dim 8, 1 epoch"
-        dataset = load_dataset(root)
-        aucs = {}
         for backend in ("torch", "triton"):
             aucs[backend] = []
             for s in range(seeds):
-                cfg = load_config(overrides=[*overrides, f"model.asta_kernel={backend}",
-                                             f"model.qnn_kernel={backend}", f"train.device={device}"], base=base)
+                cfg = load_config(overrides=[f"model.asta_kernel={backend}", f"model.qnn_kernel={backend}",
+                                             f"train.device={device}", f"train.epochs={epochs}"],
+                                  base=BUILTIN_SETTINGS)
                 cfg.train.seed += s
                 fill_vocab_from_data(cfg, dataset)
                 start = time.perf_counter()
                 state = Trainer(cfg, dataset, Path(tmp) / f"{backend}-{s}", log=lambda *_: None).fit()
                 aucs[backend].append(state.best_auc)
-                log(f"  training {backend} seed {s}: valid AUC {state.best_auc:.4f} ({time.perf_counter() - start:.0f} s)")
+                log(f"  training {backend} seed {s}: valid AUC {state.best_auc:.4f} "
+                    f"({time.perf_counter() - start:.0f} s)")
     return summarise_training(aucs, what)
 
 
