@@ -86,8 +86,9 @@ def error_bound(scale: torch.Tensor, tol: Tolerance) -> torch.Tensor:
 
 def relative_error(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, tol: Tolerance) -> float:
     """max |got - want| / (scale + floor * max(scale)); 0/0 counts as 0, x/0 as infinity."""
-    err = (got.detach().double().cpu() - want.detach().double().cpu()).abs()
-    denom = (error_bound(scale.detach().cpu(), tol) / tol.rtol)
+    want = want.detach().double()  # computed where the result lives: paper-size tensors stay on the GPU
+    err = (got.detach().to(want.device).double() - want).abs()
+    denom = error_bound(scale.detach().to(want.device), tol) / tol.rtol
     ratio = torch.where(err == 0, torch.zeros_like(err), err / denom)  # err/0 -> inf, nan stays nan
     if ratio.numel() == 0:
         return 0.0

@@ -156,6 +156,10 @@ def cmd_parity(args) -> int:
                          "takes minutes, and a run short enough to finish trains to chance AUC, which shows nothing")
     if args.seeds < 2:
         raise UsageError(f"--seeds must be at least 2 (a spread needs two runs), got {args.seeds}")
+    try:
+        parity.only_prefixes(args.only)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     status = parity.rerun_if_interpreter_differs(args)  # TRITON_INTERPRET must fit the device
     return parity.run(args) if status is None else status
 

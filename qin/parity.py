@@ -201,6 +201,9 @@ QNN_CASES = (
     Case(dict(B=6, D=20, M=3), "non-contiguous x", layout="strided"),
 )
 
+# A new fused op is one more entry here: e.g. the gathered ASTA (history = reps[index]) would be
+# Op("gathered_asta", inputs giving reps and index, kernels.gathered_sparse_target_attention(...),
+#    reference.sparse_target_attention(reps[index], ...), ASTA_CASES).
 OPS = (
     Op("asta", _asta_inputs, _asta_fused, _asta_reference, ASTA_CASES),
     Op("qnn_train", _qnn_inputs, _qnn_train_fused, _qnn_train_reference, QNN_CASES),
@@ -343,8 +346,8 @@ class RoundAstaOutput:
 
 
 def _normwise(got: torch.Tensor, want: torch.Tensor, tol) -> tuple[float, float]:
-    abs_err = (got.double().cpu() - want.double().cpu()).abs().max().item()
-    scale = torch.full_like(want.double().cpu(), want.abs().max().item())
+    abs_err = (got.double() - want.double()).abs().max().item()
+    scale = torch.full_like(want.double(), want.abs().max().item())
     return abs_err, tolerances.relative_error(got, want, scale, tol)
 
 
@@ -599,8 +602,21 @@ def rerun_if_interpreter_differs(args) -> int | None:
     return subprocess.run([sys.executable, "-m", "qin", "parity", *_argv(args)], env=env).returncode
 
 
+CHECK_NAMES = tuple(op.name for op in OPS) + ("model",)
+
+
+def only_prefixes(only: str | None) -> list[str]:
+    """The --only prefixes; each must name at least one check, so a typo cannot pass by checking nothing."""
+    prefixes = [p.strip() for p in (only or "").split(",") if p.strip()]
+    unknown = [p for p in prefixes if not any(n.startswith(p) for n in CHECK_NAMES)]
+    if unknown:
+        raise ValueError(f"--only: {', '.join(unknown)} names no check; the checks are {', '.join(CHECK_NAMES)}")
+    return prefixes
+
+
 def selected(name: str, only: str | None) -> bool:
-    return not only or any(name.startswith(p.strip()) for p in only.split(",") if p.strip())
+    prefixes = only_prefixes(only)
+    return not prefixes or any(name.startswith(p) for p in prefixes)
 
 
 def run(args, log=print) -> int:

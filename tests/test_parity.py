@@ -143,3 +143,8 @@ def test_training_runs_each_backend_over_the_seeds(monkeypatch):
     seed = qin.config.TrainConfig().seed
     assert runs == [(b, b, seed + s, base["epochs"]) for b in ("torch", "triton") for s in range(3)]
     assert rows[0].passed and "3 seeds per backend" in lines[0]
+
+
+def test_an_unknown_check_name_is_refused(tmp_path, capsys):
+    assert main(["parity", "--quick", "--device", "cpu", "--only", "asat", "--out", str(tmp_path)]) == 2
+    assert "asat names no check" in capsys.readouterr().err
