@@ -9,9 +9,8 @@ import torch
 import kernels
 import kernels.utils
 from kernels import tolerances
-import qin.cli
 from qin import parity
-from qin.cli import main
+from qin.cli import BUILTIN_SETTINGS, main
 from qin.config import TrainConfig
 
 
@@ -139,7 +138,7 @@ def test_training_runs_each_backend_over_the_seeds(monkeypatch):
     monkeypatch.setattr(qin.synth, "builtin_dataset", lambda: "builtin")
     monkeypatch.setattr(qin.data, "load_dataset", lambda root: root)
     rows, lines = parity.training_runs(torch.device("cpu"), seeds=3, quick=False, log=lambda *_: None)
-    base = qin.cli.BUILTIN_SETTINGS["train"]
+    base = BUILTIN_SETTINGS["train"]
     seed = TrainConfig().seed
     assert runs == [(b, b, seed + s, base["epochs"]) for b in ("torch", "triton") for s in range(3)]
     assert rows[0].passed and "3 seeds per backend" in lines[0]
