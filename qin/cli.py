@@ -147,9 +147,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_parity(args) -> int:
+    import torch
+
     from qin import parity
 
-    if args.device == "cuda" and not __import__("torch").cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available")
     if args.training and args.device != "cuda":
         raise UsageError("--training needs --device cuda: under the CPU's Triton interpreter one training run "
@@ -158,9 +160,9 @@ def cmd_parity(args) -> int:
         raise UsageError(f"--seeds must be at least 2 (a spread needs two runs), got {args.seeds}")
     try:
         parity.only_prefixes(args.only)
+        status = parity.rerun_if_interpreter_differs(args)  # TRITON_INTERPRET must fit the device
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    status = parity.rerun_if_interpreter_differs(args)  # TRITON_INTERPRET must fit the device
     return parity.run(args) if status is None else status
 
 

@@ -593,7 +593,7 @@ def rerun_if_interpreter_differs(args) -> int | None:
     if kernels.utils.INTERPRETING == want:
         return None
     if os.environ.get(CHILD_ENV):
-        raise RuntimeError("TRITON_INTERPRET does not match the device even in a fresh process")
+        raise ValueError("TRITON_INTERPRET does not match the device even in a fresh process")
     env = dict(os.environ, **{CHILD_ENV: "1"})
     if want:
         env["TRITON_INTERPRET"] = "1"
