@@ -1,4 +1,4 @@
-"""The `qin` command: make-data, train, evaluate, predict, compare, bench.
+"""The `qin` command: make-data, train, evaluate, predict, compare, bench, parity.
 
 Every user error (bad data, bad config, a refused overwrite) ends with one line naming what is
 wrong and exit status 2, before anything is trained or written.
@@ -159,6 +159,26 @@ def cmd_bench(args) -> int:
         raise UsageError(str(exc)) from None
 
 
+def cmd_parity(args) -> int:
+    import torch
+
+    from qin import parity
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available")
+    if args.training and args.device != "cuda":
+        raise UsageError("--training needs --device cuda: under the CPU's Triton interpreter one training run "
+                         "takes minutes, and a run short enough to finish trains to chance AUC, which shows nothing")
+    if args.seeds < 2:
+        raise UsageError(f"--seeds must be at least 2 (a spread needs two runs), got {args.seeds}")
+    try:
+        parity.only_prefixes(args.only)
+        status = parity.rerun_if_interpreter_differs(args)  # TRITON_INTERPRET must fit the device
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return parity.run(args) if status is None else status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qin", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +236,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run the benchmarks; write report.md, results.csv and plots")
     bench_parser(p)
     p.set_defaults(func=cmd_bench)
+
+    import torch
+
+    p = sub.add_parser("parity", help="check the fused kernels and the model against float64; write parity.md/.csv")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="small shapes only (a few minutes on a CPU)")
+    p.add_argument("--out", default="runs/parity", help="folder for parity.md and parity.csv")
+    p.add_argument("--training", action="store_true", help="also train with each backend over --seeds seeds")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per backend for --training (default 3)")
+    p.add_argument("--only", help="comma-separated name prefixes of the checks to run: asta, qnn_train, qnn_eval, model")
+    p.set_defaults(func=cmd_parity)
     return parser
 
 

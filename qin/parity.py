@@ -1,0 +1,683 @@
+"""`qin parity`: do the fused kernels still compute QIN on this machine, and how closely?
+
+Three checks, each against a float64 evaluation of the same function on the same inputs:
+
+  ops       every fused op (ASTA; the QNN projection in training, its dropout replayed from the
+            seed; the QNN projection in eval, through W_bar), forward and every gradient, in each
+            dtype, against kernels/reference.py run in float64 on the inputs upcast.
+  model     QIN with the fused ops and QIN with the reference ops, in each dtype, against
+            model.double() at the same weights: logits (train and eval mode) and every parameter
+            gradient of the training loss; then a few Adam steps with dropout off, loss by loss.
+            Beside each tolerance: the check's own noise floor, how far the float64 results move
+            when ASTA's output alone is rounded to the dtype under test.
+  training  (--training) the same short training run with each backend over N seeds: valid AUC
+            mean and spread per backend; they must agree within the spread.
+
+Tolerances come from kernels/tolerances.py, the table the tests use too.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+import kernels.utils
+from kernels import reference, tolerances
+from kernels.quadratic_projection import dropout_keep_mask
+
+DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+CHILD_ENV = "QIN_PARITY_CHILD"
+
+
+@dataclass
+class Row:
+    """One line of the report."""
+
+    check: str  # ops | model | training
+    op: str
+    quantity: str
+    dtype: str
+    shape: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    noise_floor: float | None = None
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel <= self.tolerance  # NaN never passes
+
+    @property
+    def name(self) -> str:
+        return f"{self.op} {self.quantity} {self.dtype} [{self.shape}]"
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused ops: one entry per op. An op builds its inputs for a case, and runs either through
+# the fused kernels or through the reference formulas; the harness does the rest.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    """One shape of an op. `layout` names an input layout other than contiguous."""
+
+    sizes: dict
+    label: str = ""
+    layout: str = "contiguous"  # contiguous | strided
+    runs: str = "always"  # always | full (not with --quick) | compiled (full, on CUDA: paper sizes)
+
+    def describe(self) -> str:
+        text = " ".join(f"{k}={v}" for k, v in self.sizes.items())
+        return f"{text} {self.label}".strip()
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    make_inputs: Callable  # (case, dtype, device, generator) -> (leaves: dict, extra: dict)
+    fused: Callable  # (leaves, extra) -> output, through kernels.* with backend="triton"
+    reference: Callable  # (leaves, extra) -> output, through kernels.reference (run in float64)
+    cases: tuple
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as a view whose rows are padded apart (last stride 1, others not dense)."""
+    return F.pad(t, (0, 3))[..., : t.shape[-1]]
+
+
+def _asta_inputs(case, dtype, device, g):
+    """Left-padded histories of random length (row 0 always empty), scores O(1), no score near
+    the ReLU kink: there a rounding may flip the gate in the kernel or the oracle, a property
+    of the input, not an error (such history rows are redrawn)."""
+    B, L, D = case.sizes["B"], case.sizes["L"], case.sizes["D"]
+    x = torch.randn(B, L, D, generator=g).to(dtype).to(device)
+    q = (torch.randn(B, D, generator=g) / math.sqrt(D)).to(dtype).to(device)
+    for _ in range(100):
+        prod = x.double() * q.double()[:, None, :]
+        near_kink = prod.sum(-1).abs() <= 1e-3 * prod.abs().sum(-1)
+        if not near_kink.any():
+            break
+        x[near_kink] = torch.randn(int(near_kink.sum()), D, generator=g).to(dtype).to(device)
+    lengths = torch.randint(0, L + 1, (B,), generator=g)
+    if case.label == "all-padding":
+        lengths.zero_()
+    elif B > 1:
+        lengths[0] = 0  # one all-padding row in every batch
+    mask = torch.arange(L)[None, :] >= (L - lengths)[:, None]
+    grad_out = torch.randn(B, D, generator=g).to(dtype).to(device)
+    return {"history": x, "query": q}, {"mask": mask.to(dtype).to(device), "layout": case.layout,
+                                         "grad_out": grad_out}
+
+
+def _asta_fused(leaves, extra):
+    history = _strided(leaves["history"]) if extra["layout"] == "strided" else leaves["history"]
+    return kernels.sparse_target_attention(history, leaves["query"], extra["mask"], backend="triton")
+
+
+def _asta_reference(leaves, extra):
+    history = _strided(leaves["history"]) if extra["layout"] == "strided" else leaves["history"]
+    return reference.sparse_target_attention(history, leaves["query"], extra["mask"].to(history.dtype))
+
+
+QNN_DROPOUT = 0.1  # the paper's
+
+
+def _qnn_inputs(case, dtype, device, g):
+    B, D, M = case.sizes["B"], case.sizes["D"], case.sizes["M"]
+    x = torch.randn(B, D, generator=g)
+    weight = torch.randn(M * D, D, generator=g) / math.sqrt(D)
+    bias = torch.randn(M * D, generator=g) * 0.5
+    grad_out = torch.randn(B, D, generator=g)
+    leaves = {name: t.to(dtype).to(device) for name, t in (("x", x), ("weight", weight), ("bias", bias))}
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+    return leaves, {"num_row": M, "seed": seed, "layout": case.layout, "grad_out": grad_out.to(dtype).to(device)}
+
+
+def _qnn_x(leaves, extra):
+    # A column-major x: transposed in memory, the same values.
+    return leaves["x"].t().contiguous().t() if extra["layout"] == "strided" else leaves["x"]
+
+
+def _qnn_train_fused(leaves, extra):
+    return kernels.quadratic_projection(_qnn_x(leaves, extra), leaves["weight"], leaves["bias"], extra["num_row"],
+                                        dropout_p=QNN_DROPOUT, training=True, seed=extra["seed"], backend="triton")
+
+
+def _qnn_train_reference(leaves, extra):
+    x = _qnn_x(leaves, extra)
+    keep = dropout_keep_mask(extra["seed"], x.shape[0], extra["num_row"], x.shape[1], QNN_DROPOUT, x.device)
+    return reference.quadratic_projection(x, leaves["weight"], leaves["bias"], extra["num_row"], QNN_DROPOUT,
+                                          True, dropout_mask=keep)
+
+
+def _qnn_eval_fused(leaves, extra):
+    return kernels.quadratic_projection(_qnn_x(leaves, extra), leaves["weight"], leaves["bias"], extra["num_row"],
+                                        dropout_p=QNN_DROPOUT, training=False, backend="triton")
+
+
+def _qnn_eval_reference(leaves, extra):
+    # The literal sum over the M row groups, not W_bar: the rewrite is what is under test.
+    return reference.quadratic_projection(_qnn_x(leaves, extra), leaves["weight"], leaves["bias"],
+                                          extra["num_row"], QNN_DROPOUT, False)
+
+
+ASTA_CASES = (
+    Case(dict(B=8192, L=64, D=384), "paper", runs="compiled"),
+    Case(dict(B=256, L=513, D=384), runs="compiled"),
+    Case(dict(B=4, L=64, D=384), "model's L and D"),
+    Case(dict(B=1, L=64, D=384)),
+    Case(dict(B=3, L=1, D=384)),
+    Case(dict(B=2, L=513, D=48)),
+    Case(dict(B=5, L=20, D=1)),
+    Case(dict(B=3, L=33, D=200)),
+    Case(dict(B=4, L=16, D=32), "all-padding"),
+    Case(dict(B=3, L=24, D=40), "non-contiguous history", layout="strided"),
+)
+QNN_CASES = (
+    Case(dict(B=8192, D=1024, M=4), "paper", runs="compiled"),
+    # Under the interpreter a QNN case costs about a second per 100 (16 x 16) tiles: --quick keeps
+    # the odd shapes small and leaves the wide ones to full mode.
+    Case(dict(B=16, D=128, M=4), runs="full"),
+    Case(dict(B=9, D=200, M=4), runs="full"),
+    Case(dict(B=5, D=24, M=4), "ragged tiles"),
+    Case(dict(B=1, D=17, M=4)),
+    Case(dict(B=7, D=1, M=4)),
+    Case(dict(B=8, D=33, M=1)),
+    Case(dict(B=6, D=20, M=3), "non-contiguous x", layout="strided"),
+)
+
+# A new fused op is one more entry here: e.g. the gathered ASTA (history = reps[index]) would be
+# Op("gathered_asta", inputs giving reps and index, kernels.gathered_sparse_target_attention(...),
+#    reference.sparse_target_attention(reps[index], ...), ASTA_CASES).
+OPS = (
+    Op("asta", _asta_inputs, _asta_fused, _asta_reference, ASTA_CASES),
+    Op("qnn_train", _qnn_inputs, _qnn_train_fused, _qnn_train_reference, QNN_CASES),
+    Op("qnn_eval", _qnn_inputs, _qnn_eval_fused, _qnn_eval_reference, QNN_CASES),
+)
+
+
+def _forward_and_grads(fn, leaves, extra, grad_out):
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+    out = fn(leaves, extra)
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out)
+    return {"out": out.detach(), **{f"grad_{k}": g for k, g in zip(leaves, grads)}}
+
+
+def check_op(op: Op, case: Case, dtype: torch.dtype, device: torch.device, seed: int = 0) -> list[Row]:
+    """Forward and every gradient of one op at one shape and dtype, against float64."""
+    g = torch.Generator().manual_seed(seed)
+    leaves, extra = op.make_inputs(case, dtype, device, g)
+    grad_out = extra["grad_out"]
+    got = _forward_and_grads(op.fused, leaves, extra, grad_out)
+    up = {k: v.double() for k, v in leaves.items()}
+    want = _forward_and_grads(op.reference, up, extra, grad_out.double())
+    # The error scale: the same formulas on |inputs|, the sum of |terms| each rounding scales with.
+    scale = _forward_and_grads(op.reference, {k: v.abs() for k, v in up.items()}, extra, grad_out.double().abs())
+    tol = tolerances.OPS[dtype]
+    rows = []
+    for quantity in got:
+        g_, w, s = got[quantity], want[quantity], scale[quantity]
+        note = ""
+        if g_.dtype != dtype or g_.shape != w.shape:
+            note = f"wrong result: {g_.dtype} {tuple(g_.shape)}, expected {dtype} {tuple(w.shape)}"
+        abs_err = (g_.double() - w).abs().max().item() if w.numel() and not note else math.inf
+        rel = tolerances.relative_error(g_, w, s, tol) if not note else math.inf
+        rows.append(Row("ops", op.name, quantity, DTYPE_NAMES[dtype], case.describe(), abs_err, rel, tol.rtol,
+                        note=note))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole model
+# ----------------------------------------------------------------------------------------------
+
+QUICK_MODEL = dict(num_items=300, num_tags=40, embed_dim=8, mm_dim=16, attention_dim=16)
+
+
+@dataclass
+class ModelSetup:
+    cfg: object  # QINConfig with dropout off
+    batches: list  # dicts of CPU tensors
+    tags: torch.Tensor
+    mm: torch.Tensor
+    weights: dict = field(default_factory=dict)  # the shared initial state_dict
+
+
+def model_setup(quick: bool, steps: int, batch_size: int, seq_len: int = 64, seed: int = 0) -> ModelSetup:
+    from qin.config import QINConfig
+    from qin.model import QIN
+
+    cfg = QINConfig(**(QUICK_MODEL if quick else {}), dropout=0.0, asta_kernel="torch", qnn_kernel="torch")
+    g = torch.Generator().manual_seed(seed)
+    tags = torch.randint(0, cfg.num_tags, (cfg.num_items, cfg.tags_per_item), generator=g)
+    tags[:, :2] = 0  # left padding, as in item_info.parquet
+    tags[0] = 0
+    mm = torch.randn(cfg.num_items, cfg.mm_dim, generator=g)
+    mm[0] = 0
+    batches = []
+    for _ in range(1 + steps):
+        seq = torch.randint(1, cfg.num_items, (batch_size, seq_len), generator=g)
+        lengths = torch.randint(0, seq_len + 1, (batch_size,), generator=g)
+        lengths[0] = 0  # an all-padding history
+        seq = torch.where(torch.arange(seq_len)[None, :] >= (seq_len - lengths)[:, None], seq, 0)
+        batches.append({
+            "item_id": torch.randint(1, cfg.num_items, (batch_size,), generator=g),
+            "item_seq": seq,
+            "likes_level": torch.randint(0, cfg.num_levels, (batch_size,), generator=g),
+            "views_level": torch.randint(0, cfg.num_levels, (batch_size,), generator=g),
+            "label": torch.randint(0, 2, (batch_size,), generator=g).double(),
+        })
+    torch.manual_seed(seed)
+    weights = QIN(cfg).state_dict()  # the authors' initialisation
+    return ModelSetup(cfg, batches, tags, mm, weights)
+
+
+def build(setup: ModelSetup, backend: str, dtype: torch.dtype, device: torch.device):
+    from qin.model import QIN
+
+    model = QIN(dataclasses.replace(setup.cfg, asta_kernel=backend, qnn_kernel=backend))
+    model.load_state_dict(setup.weights)
+    model.load_item_info(setup.tags, setup.mm)
+    return model.to(device=device, dtype=dtype).train()
+
+
+def training_loss(model, batch: dict, embedding_l2: float = 2e-4) -> torch.Tensor:
+    """The training loss (BCE + embedding L2), with the BCE in fp32 or wider: in float64 for
+    the float64 model (the training loop's fp32 BCE would put an fp32 rounding into the oracle)."""
+    logits = model(batch)
+    wide = torch.promote_types(logits.dtype, torch.float32)
+    bce = F.binary_cross_entropy_with_logits(logits.to(wide), batch["label"].to(wide))
+    return bce + embedding_l2 / 2.0 * model.embedding_l2().to(wide)
+
+
+def _on(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def logits_and_grads(model, batch) -> dict:
+    """Eval-mode logits, train-mode logits and every parameter gradient of the training loss.
+
+    The BatchNorm running statistics are put back afterwards, so that every call on a model
+    sees the same ones (a train-mode forward moves them)."""
+    saved = {name: b.clone() for name, b in model.named_buffers()}
+    model.eval()
+    with torch.no_grad():
+        out = {"logits (eval mode)": model(batch)}
+    model.train()
+    model.zero_grad(set_to_none=True)
+    logits = model(batch)
+    training_loss(model, batch).backward()
+    out["logits (train mode)"] = logits.detach()
+    out.update({f"grad {n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(saved[name])
+    return out
+
+
+class RoundAstaOutput:
+    """While active, ASTA's output is rounded to `dtype` and back: one rounding of that size,
+    injected into an otherwise float64 model."""
+
+    def __init__(self, model, dtype):
+        self.model, self.dtype, self.handle = model, dtype, None
+
+    def __enter__(self):
+        self.handle = self.model.asta.register_forward_hook(lambda mod, args, out: out.to(self.dtype).to(out.dtype))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def _normwise(got: torch.Tensor, want: torch.Tensor, tol) -> tuple[float, float]:
+    abs_err = (got.double() - want.double()).abs().max().item()
+    scale = torch.full_like(want.double(), want.abs().max().item())
+    return abs_err, tolerances.relative_error(got, want, scale, tol)
+
+
+def check_model(setup: ModelSetup, dtypes, device, steps: int = 0, all_grads: list | None = None) -> list[Row]:
+    """Logits and gradients per dtype, with the reference ops and with the fused ops, against
+    model.double(); then `steps` Adam steps. The plain (reference-ops) model must be within the
+    table's tolerance; the fused model within that, or within MODEL_VS_PLAIN x the plain model's
+    own error in the same dtype where that is larger (16-bit QIN is far from its float64 self)."""
+    cfg = setup.cfg
+    shape = (f"B={setup.batches[0]['item_id'].shape[0]} L={setup.batches[0]['item_seq'].shape[1]} "
+             f"D={cfg.qnn_dim} items={cfg.num_items}")
+    batch = _on(setup.batches[0], device)
+    oracle = build(setup, "torch", torch.float64, device)
+    want = logits_and_grads(oracle, batch)
+    rows = []
+    for dtype in dtypes:
+        table = tolerances.MODEL[dtype]
+        with RoundAstaOutput(oracle, dtype):
+            moved = logits_and_grads(oracle, batch)
+        floors = {q: _normwise(moved[q], want[q], table)[1] for q in want}
+        plain_error = {}
+        for backend in ("torch", "triton"):  # the plain model first: it sets the fused one's tolerance
+            got = logits_and_grads(build(setup, backend, dtype, device), batch)
+            label = f"model[{backend}]"
+            grads = []
+            for q in want:
+                abs_err, rel = _normwise(got[q], want[q], table)
+                tol, note = table.rtol, ""
+                if backend == "torch":
+                    plain_error[q] = rel
+                elif tolerances.MODEL_VS_PLAIN * plain_error[q] > tol:
+                    tol, note = tolerances.MODEL_VS_PLAIN * plain_error[q], f"{tolerances.MODEL_VS_PLAIN:g} x torch's"
+                row = Row("model", label, q, DTYPE_NAMES[dtype], shape, abs_err, rel, tol, floors[q], note)
+                if q.startswith("grad"):
+                    grads.append(row)
+                    if all_grads is not None:
+                        all_grads.append(row)
+                else:
+                    rows.append(row)
+            # One summary line for the gradients: the one furthest over (or nearest to) its tolerance.
+            worst = max(grads, key=lambda r: (math.isnan(r.max_rel), r.max_rel / r.tolerance))
+            rows.append(Row("model", label, f"every parameter gradient ({len(grads)})", DTYPE_NAMES[dtype], shape,
+                            worst.max_abs, worst.max_rel, worst.tolerance, max(r.noise_floor for r in grads),
+                            f"worst: {worst.quantity[5:]}" + (f"; tol {worst.note}" if worst.note else "")))
+    if steps:
+        rows += check_steps(setup, device, steps, shape)
+    return rows
+
+
+def loss_curve(model, batches, device, perturb_dtype=None) -> list[float]:
+    """Losses of `len(batches)` Adam steps (the paper's lr), dropout off."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    losses = []
+    for batch in batches:
+        batch = _on(batch, device)
+        if perturb_dtype is None:
+            loss = training_loss(model, batch)
+        else:
+            with RoundAstaOutput(model, perturb_dtype):
+                loss = training_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def check_steps(setup, device, steps, shape) -> list[Row]:
+    dtype = torch.float32
+    tol = tolerances.STEPS[dtype]
+    batches = setup.batches[1:1 + steps]
+    want = torch.tensor(loss_curve(build(setup, "torch", torch.float64, device), batches, device))
+    moved = torch.tensor(loss_curve(build(setup, "torch", torch.float64, device), batches, device, dtype))
+    floor = ((moved - want).abs() / want.abs()).max().item()
+    rows = []
+    for backend in ("torch", "triton"):
+        got = torch.tensor(loss_curve(build(setup, backend, dtype, device), batches, device))
+        err = (got - want).abs()
+        rows.append(Row("model", f"model[{backend}]", f"loss over {steps} Adam steps", DTYPE_NAMES[dtype], shape,
+                        err.max().item(), (err / want.abs()).max().item(), tol.rtol, floor))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: the same short run with each backend over N seeds
+# ----------------------------------------------------------------------------------------------
+
+AGREE_WITHIN = 2.0  # |difference of means| <= 2 x the larger seed spread (std)
+
+
+def training_runs(device: torch.device, seeds: int, quick: bool, log=print) -> tuple[list[Row], list[str]]:
+    """Valid AUC of the same run per backend and seed, on CUDA (the CLI refuses --training on the
+    CPU). Full: the built-in `qin train` run (the paper's model, batch 512, 4 epochs); --quick:
+    the same with 1 epoch."""
+    from qin.cli import BUILTIN_SETTINGS
+    from qin.config import load_config
+    from qin.data import load_dataset
+    from qin.synth import builtin_dataset
+    from qin.train import Trainer, fill_vocab_from_data
+
+    epochs = 1 if quick else BUILTIN_SETTINGS["train"]["epochs"]
+    what = f"built-in dataset, the `qin train` run, {epochs} epoch(s)"
+    dataset = load_dataset(builtin_dataset())
+    aucs = {}
+    with tempfile.TemporaryDirectory(prefix="qin-parity-") as tmp:
+        for backend in ("torch", "triton"):
+            aucs[backend] = []
+            for s in range(seeds):
+                cfg = load_config(overrides=[f"model.asta_kernel={backend}", f"model.qnn_kernel={backend}",
+                                             f"train.device={device}", f"train.epochs={epochs}"],
+                                  base=BUILTIN_SETTINGS)
+                cfg.train.seed += s
+                fill_vocab_from_data(cfg, dataset)
+                start = time.perf_counter()
+                state = Trainer(cfg, dataset, Path(tmp) / f"{backend}-{s}", log=lambda *_: None).fit()
+                aucs[backend].append(state.best_auc)
+                log(f"  training {backend} seed {s}: valid AUC {state.best_auc:.4f} "
+                    f"({time.perf_counter() - start:.0f} s)")
+    return summarise_training(aucs, what)
+
+
+def summarise_training(aucs: dict, what: str) -> tuple[list[Row], list[str]]:
+    """One row: |mean(triton) - mean(torch)| in units of the larger spread; passes within AGREE_WITHIN."""
+    stats = {b: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for b, v in aucs.items()}
+    diff = abs(stats["triton"][0] - stats["torch"][0])
+    spread = max(s for _, s in stats.values())
+    in_spreads = diff / spread if spread > 0 else (0.0 if diff == 0 else math.inf)
+    seeds = len(aucs["torch"])
+    row = Row("training", "training", "valid AUC: |difference of means| / spread", "fp32", f"{seeds} seeds, {what}",
+              diff, in_spreads, AGREE_WITHIN,
+              note=f"torch {stats['torch'][0]:.4f} ± {stats['torch'][1]:.4f}, "
+                   f"triton {stats['triton'][0]:.4f} ± {stats['triton'][1]:.4f}")
+    verdict = "agree" if row.passed else "DO NOT agree"
+    lines = [f"Training ({what}; {seeds} seeds per backend): valid AUC torch {stats['torch'][0]:.4f} ± "
+             f"{stats['torch'][1]:.4f}, triton {stats['triton'][0]:.4f} ± {stats['triton'][1]:.4f} (mean ± std); "
+             f"the means differ by {diff:.4f} = {in_spreads:.2f} x the larger spread: they {verdict} "
+             f"(allowed: {AGREE_WITHIN:g} x)."]
+    return [row], lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+def environment(device: torch.device) -> list[str]:
+    import triton
+
+    if device.type == "cuda":
+        where = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}), Triton kernels compiled"
+    else:
+        where = f"CPU {platform.machine()} ({os.cpu_count()} cores), Triton kernels under the interpreter " \
+                f"(TRITON_INTERPRET=1; bf16/fp16 arithmetic upcast to fp32 there)"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    return [f"device: {where}",
+            f"versions: python {platform.python_version()}, torch {torch.__version__}, triton {triton.__version__}, "
+            f"commit {commit}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
+
+
+COLUMNS = ("check", "op", "quantity", "dtype", "shape", "max abs error", "max rel error", "tolerance",
+           "noise floor", "pass", "note")
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+def _cells(r: Row) -> list[str]:
+    return [r.check, r.op, r.quantity, r.dtype, r.shape, _fmt(r.max_abs), _fmt(r.max_rel), _fmt(r.tolerance),
+            _fmt(r.noise_floor), "yes" if r.passed else "FAIL", r.note]
+
+
+def worst_per_op(rows: list[Row]) -> list[Row]:
+    """The worst relative error per (op, dtype) of the op checks: the summary table."""
+    worst: dict = {}
+    for r in rows:
+        if r.check != "ops":
+            continue
+        key = (r.op, r.dtype)
+        if key not in worst or not r.max_rel <= worst[key].max_rel:
+            worst[key] = r
+    return list(worst.values())
+
+
+def markdown_table(rows: list[Row]) -> list[str]:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
+    return lines
+
+
+def write_report(out: Path, header: list[str], rows: list[Row], extra_rows: list[Row], notes: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "parity.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([c.replace(" ", "_") for c in COLUMNS])
+        for r in rows + extra_rows:
+            writer.writerow([r.check, r.op, r.quantity, r.dtype, r.shape, repr(r.max_abs), repr(r.max_rel),
+                             repr(r.tolerance), "" if r.noise_floor is None else repr(r.noise_floor),
+                             "yes" if r.passed else "FAIL", r.note])
+    failed = [r for r in rows + extra_rows if not r.passed]
+    md = ["# qin parity", "", *[f"- {h}" for h in header], ""]
+    md += [f"**{len(failed)} FAILED**: " + "; ".join(r.name for r in failed) if failed else
+           f"**All {len(rows) + len(extra_rows)} comparisons pass.**", ""]
+    md += ["Worst relative error per op and dtype (every shape, forward and every gradient):", ""]
+    md += markdown_table(worst_per_op(rows)) + [""]
+    md += [*notes, ""] if notes else []
+    md += ["Every comparison (parity.csv also has each parameter's gradient):", ""] + markdown_table(rows) + [""]
+    md += ["Errors are against float64 evaluations of the same function on the same inputs; tolerances are "
+           "kernels/tolerances.py. Ops: relative to the formula evaluated on |inputs| (the sum of |terms|). "
+           "Model: normwise per tensor (max |error| / max |float64 value|); its noise floor is how far the "
+           "float64 result moves when ASTA's output alone is rounded to that dtype."]
+    (out / "parity.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+
+
+def print_table(rows: list[Row], log=print) -> None:
+    cells = [list(COLUMNS)] + [_cells(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    for c in cells:
+        log("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+def _argv(args) -> list[str]:
+    argv = ["--device", args.device, "--out", str(args.out), "--seeds", str(args.seeds)]
+    argv += ["--quick"] if args.quick else []
+    argv += ["--training"] if args.training else []
+    argv += ["--only", args.only] if args.only else []
+    return argv
+
+
+def rerun_if_interpreter_differs(args) -> int | None:
+    """The Triton kernels run compiled on CUDA and under the interpreter on the CPU, and Triton
+    reads TRITON_INTERPRET once, when it is imported: `qin` imports it before any subcommand
+    runs. So when the setting does not fit the device, run this same command again in a fresh
+    Python with TRITON_INTERPRET set (CPU) or removed (CUDA), and return its exit status."""
+    want = args.device == "cpu"
+    if kernels.utils.INTERPRETING == want:
+        return None
+    if os.environ.get(CHILD_ENV):
+        raise ValueError("TRITON_INTERPRET does not match the device even in a fresh process")
+    env = dict(os.environ, **{CHILD_ENV: "1"})
+    if want:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-m", "qin", "parity", *_argv(args)], env=env).returncode
+
+
+CHECK_NAMES = tuple(op.name for op in OPS) + ("model",)
+
+
+def only_prefixes(only: str | None) -> list[str]:
+    """The --only prefixes; each must name at least one check, so a typo cannot pass by checking nothing."""
+    prefixes = [p.strip() for p in (only or "").split(",") if p.strip()]
+    unknown = [p for p in prefixes if not any(n.startswith(p) for n in CHECK_NAMES)]
+    if unknown:
+        raise ValueError(f"--only: {', '.join(unknown)} names no check; the checks are {', '.join(CHECK_NAMES)}")
+    return prefixes
+
+
+def selected(name: str, only: str | None) -> bool:
+    prefixes = only_prefixes(only)
+    return not prefixes or any(name.startswith(p) for p in prefixes)
+
+
+def run(args, log=print) -> int:
+    """`qin parity`; returns 0 when every comparison passes, 1 (naming them) when any fails."""
+    device = torch.device(args.device)
+    compiled = device.type == "cuda"
+    dtypes = [torch.float32, torch.bfloat16, torch.float16] + ([] if compiled else [torch.float64])
+    start = time.perf_counter()
+    header = environment(device)
+    header.append(f"mode: {'--quick' if args.quick else 'full'}" + (" --training" if args.training else ""))
+    for line in header:
+        log(line)
+    notes = []
+    if not compiled:
+        notes.append("On the CPU the paper-size cases (ASTA B=8192 L=64 D=384, B=256 L=513; QNN B=8192 D=1024 "
+                     "M=4) are left out: the interpreter would take hours. `qin parity --device cuda` runs them.")
+    elif args.quick:
+        notes.append("--quick: the paper-size cases are left out; run without --quick for them.")
+
+    rows: list[Row] = []
+    for op in OPS:
+        if not selected(op.name, args.only):
+            continue
+        for case in op.cases:
+            if (case.runs == "compiled" and not compiled) or (case.runs != "always" and args.quick):
+                continue
+            for dtype in dtypes:
+                rows += check_op(op, case, dtype, device)
+        log(f"{op.name}: {len([r for r in rows if r.op == op.name])} comparisons "
+            f"({time.perf_counter() - start:.0f} s)")
+
+    all_grads: list[Row] = []
+    if selected("model", args.only):
+        quick_model = args.quick or not compiled
+        setup = model_setup(quick_model, steps=3 if quick_model else 10, batch_size=16 if quick_model else 2048,
+                            seq_len=8 if quick_model else 64)
+        model_dtypes = [torch.float32, torch.bfloat16, torch.float16]
+        rows += check_model(setup, model_dtypes, device, steps=3 if quick_model else 10, all_grads=all_grads)
+        log(f"model: done ({time.perf_counter() - start:.0f} s)")
+        notes.append("Model: a small QINConfig (300 items, embed_dim 8, d_a 16, the paper's 4 layers and M=4), "
+                     "batch 16, history 8." if quick_model else
+                     "Model: the paper's QINConfig (31,244,293 parameters), batch 2048, history 64.")
+    if args.training:
+        train_rows, lines = training_runs(device, args.seeds, args.quick, log)
+        rows += train_rows
+        notes += lines
+
+    elapsed = time.perf_counter() - start
+    header.append(f"wall time: {elapsed:.0f} s")
+    out = Path(args.out)
+    write_report(out, header, rows, all_grads, notes)
+    log("")
+    print_table(rows, log)
+    for n in notes:
+        log(n)
+    failed = [r for r in rows + all_grads if not r.passed]
+    log(f"\nwrote {out / 'parity.md'} and {out / 'parity.csv'} ({elapsed:.0f} s)")
+    if failed:
+        log(f"qin parity: {len(failed)} comparison(s) FAILED:", )
+        for r in failed:
+            log(f"  {r.name}: relative error {_fmt(r.max_rel)} > tolerance {_fmt(r.tolerance)} {r.note}".rstrip())
+        return 1
+    log(f"qin parity: all {len(rows) + len(all_grads)} comparisons pass")
+    return 0

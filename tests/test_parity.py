@@ -1,0 +1,149 @@
+"""`qin parity`: the quick run passes and reports everything it claims; a broken kernel fails it by name."""
+import csv
+import math
+import subprocess
+
+import pytest
+import torch
+
+import kernels
+import kernels.utils
+from kernels import tolerances
+from qin import parity
+from qin.cli import BUILTIN_SETTINGS, main
+from qin.config import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    """One `qin parity --quick` run through the CLI (about a minute here), shared by the tests below."""
+    out = tmp_path_factory.mktemp("parity")
+    status = main(["parity", "--quick", "--device", "cpu", "--out", str(out)])
+    with open(out / "parity.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return status, out, rows
+
+
+def test_quick_run_passes_and_writes_both_files(quick_report):
+    status, out, rows = quick_report
+    failed = [f"{r['op']} {r['quantity']} {r['dtype']} {r['shape']}" for r in rows if r["pass"] != "yes"]
+    assert status == 0, failed
+    assert not failed
+    md = (out / "parity.md").read_text()
+    assert "device: CPU" in md and "torch " + torch.__version__ in md and "All " in md
+    for row in rows:  # every number is a measurement, within its tolerance
+        assert float(row["max_rel_error"]) <= float(row["tolerance"]), row
+
+
+def test_quick_run_covers_every_op_dtype_gradient_and_odd_shape(quick_report):
+    _, _, rows = quick_report
+    ops = {(r["op"], r["quantity"], r["dtype"]) for r in rows if r["check"] == "ops"}
+    for op, quantities in (("asta", ("out", "grad_history", "grad_query")),
+                           ("qnn_train", ("out", "grad_x", "grad_weight", "grad_bias")),
+                           ("qnn_eval", ("out", "grad_x", "grad_weight", "grad_bias"))):
+        for dtype in ("fp32", "bf16", "fp16", "fp64"):
+            for quantity in quantities:
+                assert (op, quantity, dtype) in ops
+    asta_shapes = " ".join(r["shape"] for r in rows if r["op"] == "asta")
+    for label in ("L=1 ", "L=513", "D=1 ", "D=200", "B=1 ", "all-padding", "non-contiguous"):
+        assert label in asta_shapes + " ", label
+    qnn_shapes = " ".join(r["shape"] for r in rows if r["op"] == "qnn_train")
+    assert "B=1 " in qnn_shapes and "D=1 " in qnn_shapes and "non-contiguous" in qnn_shapes
+    model = {(r["op"], r["quantity"], r["dtype"]) for r in rows if r["check"] == "model"}
+    for backend in ("torch", "triton"):
+        for dtype in ("fp32", "bf16", "fp16"):
+            assert (f"model[{backend}]", "logits (train mode)", dtype) in model
+            assert (f"model[{backend}]", "logits (eval mode)", dtype) in model
+            assert (f"model[{backend}]", "grad asta.W_o.weight", dtype) in model
+            assert (f"model[{backend}]", "grad items.item_embedding.weight", dtype) in model
+        assert any(q.startswith("loss over") for b, q, d in model if b == f"model[{backend}]")
+    # Every model row reports the measured noise floor beside its tolerance.
+    assert all(r["noise_floor"] for r in rows if r["check"] == "model")
+
+
+def test_a_broken_kernel_fails_by_name(tmp_path, monkeypatch, capsys):
+    """A QNN projection off by 1e-3 relative: over fp32's tolerance, within bf16's."""
+    real = kernels.quadratic_projection
+
+    def off_by_a_little(*args, **kwargs):
+        return real(*args, **kwargs) * (1 + 1e-3)
+
+    monkeypatch.setattr(kernels, "quadratic_projection", off_by_a_little)
+    assert main(["parity", "--quick", "--device", "cpu", "--only", "qnn_eval", "--out", str(tmp_path)]) == 1
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and "qnn_eval out fp32" in printed and "qnn_eval out fp64" in printed
+    assert "qnn_eval out bf16" not in printed.split("FAILED")[-1]
+    assert "FAILED" in (tmp_path / "parity.md").read_text()
+
+
+def test_a_wrong_interpreter_setting_reruns_the_command_in_a_fresh_process(monkeypatch, tmp_path):
+    """Triton reads TRITON_INTERPRET when `qin` imports it, so a mismatch means a new process."""
+    calls = []
+    monkeypatch.setattr(kernels.utils, "INTERPRETING", False)
+    monkeypatch.delenv(parity.CHILD_ENV, raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, env: calls.append((cmd, env)) or subprocess.CompletedProcess(cmd, 3))
+    assert main(["parity", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 3
+    (cmd, env), = calls
+    assert cmd[1:4] == ["-m", "qin", "parity"] and "--quick" in cmd and str(tmp_path) in cmd
+    assert env["TRITON_INTERPRET"] == "1" and env[parity.CHILD_ENV] == "1"
+
+
+def test_training_verdict_agrees_within_the_spread_or_says_it_does_not():
+    rows, lines = parity.summarise_training({"torch": [0.80, 0.82, 0.81], "triton": [0.815, 0.80, 0.82]}, "t")
+    assert rows[0].passed and "they agree" in lines[0]
+    rows, lines = parity.summarise_training({"torch": [0.868, 0.870, 0.869], "triton": [0.838, 0.84, 0.839]}, "t")
+    assert not rows[0].passed and "DO NOT agree" in lines[0]
+
+
+def test_tolerance_arithmetic():
+    tol = tolerances.Tolerance(rtol=1e-2, floor=0.0)
+    zeros = torch.zeros(3)
+    assert tolerances.relative_error(zeros, zeros, zeros, tol) == 0.0  # exact zeros where the scale is 0
+    assert tolerances.relative_error(torch.tensor([1e-30, 0, 0]), zeros, zeros, tol) == math.inf
+    nan = tolerances.relative_error(torch.tensor([float("nan"), 0, 0]), zeros, torch.ones(3), tol)
+    assert not tolerances.passes(nan, tol)
+    got, want, scale = torch.tensor([1.01, 2.0]), torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0])
+    assert tolerances.relative_error(got, want, scale, tol) == pytest.approx(0.005)
+    # The floor lifts an element's scale by a part of the tensor's largest scale.
+    floored = tolerances.Tolerance(rtol=1e-2, floor=0.5)
+    assert tolerances.relative_error(torch.tensor([0.01, 4.0]), torch.tensor([0.0, 4.0]), torch.tensor([0.0, 4.0]),
+                                     floored) == pytest.approx(0.005)
+
+
+def test_training_on_the_cpu_is_refused_with_the_reason(tmp_path, capsys):
+    assert main(["parity", "--training", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "--training needs --device cuda" in capsys.readouterr().err
+    assert not (tmp_path / "parity.md").exists()
+
+
+def test_training_runs_each_backend_over_the_seeds(monkeypatch):
+    """The plumbing of --training (a GPU runs it for real): same run, each backend, seeds 0..N-1."""
+    from types import SimpleNamespace
+
+    import qin.data
+    import qin.synth
+    import qin.train
+
+    runs = []
+
+    class FakeTrainer:
+        def __init__(self, cfg, dataset, out_dir, log):
+            runs.append((cfg.model.asta_kernel, cfg.model.qnn_kernel, cfg.train.seed, cfg.train.epochs))
+
+        def fit(self):
+            return SimpleNamespace(best_auc=0.8 + 0.01 * (len(runs) % 3))
+
+    monkeypatch.setattr(qin.train, "Trainer", FakeTrainer)
+    monkeypatch.setattr(qin.train, "fill_vocab_from_data", lambda cfg, dataset: None)
+    monkeypatch.setattr(qin.synth, "builtin_dataset", lambda: "builtin")
+    monkeypatch.setattr(qin.data, "load_dataset", lambda root: root)
+    rows, lines = parity.training_runs(torch.device("cpu"), seeds=3, quick=False, log=lambda *_: None)
+    base = BUILTIN_SETTINGS["train"]
+    seed = TrainConfig().seed
+    assert runs == [(b, b, seed + s, base["epochs"]) for b in ("torch", "triton") for s in range(3)]
+    assert rows[0].passed and "3 seeds per backend" in lines[0]
+
+
+def test_an_unknown_check_name_is_refused(tmp_path, capsys):
+    assert main(["parity", "--quick", "--device", "cpu", "--only", "asat", "--out", str(tmp_path)]) == 2
+    assert "asat names no check" in capsys.readouterr().err
