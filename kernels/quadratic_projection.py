@@ -52,15 +52,18 @@ def _keep(seed, offsets, p):
 @triton.jit
 def _qnn_dropout_sum_kernel(
     h_ptr, x_ptr, seed_ptr, y_ptr, s_ptr,
-    B, D, M, p,
+    B, D, M, P: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """y = x * s and s = sum_r keep * h_r / (1-p) for one (BLOCK_B, BLOCK_D) tile; h is (B, M*D)."""
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tile_mask = (offs_b < B)[:, None] & (offs_d < D)[None, :]
-    p = tl.cast(p, tl.float32)  # Inductor passes Python floats as fp64: keep the kernel in fp32
-    scale = 1.0 / (1.0 - p)
+    # P is a compile-time constant (one model has one p): the scale 1/(1-p) is exact in the
+    # accumulation dtype (a float argument would reach the kernel rounded to fp32), and the keep
+    # decision compares the fp32 draws with fp32(p), as the mask kernel does.
+    scale = tl.full((), 1.0 / (1.0 - P), ACC_DTYPE)
+    p = tl.full((), P, tl.float32)
     seed = tl.load(seed_ptr)
     s = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC_DTYPE)
     for r in range(0, M):
@@ -76,15 +79,15 @@ def _qnn_dropout_sum_kernel(
 @triton.jit
 def _qnn_masked_grad_kernel(
     gy_ptr, x_ptr, s_ptr, seed_ptr, g_ptr, gys_ptr,
-    B, D, M, p,
+    B, D, M, P: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """G[b, r*D + j] = keep * gy * x / (1-p) (B, M*D) and gys = gy * s (B, D), for one tile."""
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tile_mask = (offs_b < B)[:, None] & (offs_d < D)[None, :]
-    p = tl.cast(p, tl.float32)
-    scale = 1.0 / (1.0 - p)
+    scale = tl.full((), 1.0 / (1.0 - P), ACC_DTYPE)  # as in _qnn_dropout_sum_kernel
+    p = tl.full((), P, tl.float32)
     seed = tl.load(seed_ptr)
     tile = offs_b[:, None] * D + offs_d[None, :]
     gy = tl.load(gy_ptr + tile, mask=tile_mask, other=0.0).to(ACC_DTYPE)
@@ -143,7 +146,7 @@ def _forward(x, weight, bias, seed, num_row, p):
         return y, s
     cfg = _config(dim)
     _qnn_dropout_sum_kernel[_grid(batch, dim, cfg)](
-        hidden, x, seed, y, s, batch, dim, num_row, p, ACC_DTYPE=_acc_dtype(x.dtype), **cfg)
+        hidden, x, seed, y, s, batch, dim, num_row, P=p, ACC_DTYPE=_acc_dtype(x.dtype), **cfg)
     return y, s
 
 
@@ -156,7 +159,7 @@ def _backward(gy, x, weight, s, seed, num_row, p):
     if batch:
         cfg = _config(dim)
         _qnn_masked_grad_kernel[_grid(batch, dim, cfg)](
-            gy, x, s, seed, g, gys, batch, dim, num_row, p, ACC_DTYPE=_acc_dtype(x.dtype), **cfg)
+            gy, x, s, seed, g, gys, batch, dim, num_row, P=p, ACC_DTYPE=_acc_dtype(x.dtype), **cfg)
     grad_x = torch.addmm(gys, g, weight)
     grad_w = g.t() @ x
     grad_b = g.sum(0, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
@@ -334,8 +337,8 @@ def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     t = _TL_DTYPE[dtype]
     cfg = _config(1024, interpreting=False)
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
-    constexprs = dict(ACC_DTYPE=_acc_dtype(dtype), **cfg)
-    scalars = dict(B="i32", D="i32", M="i32", p="fp32")
+    constexprs = dict(P=0.1, ACC_DTYPE=_acc_dtype(dtype), **cfg)  # the paper's dropout
+    scalars = dict(B="i32", D="i32", M="i32")
 
     def case(name, fn, pointers):
         types = {**{ptr: f"*{t}" for ptr in pointers}, "seed_ptr": "*i64", **scalars,

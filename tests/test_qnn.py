@@ -14,13 +14,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels import reference
+from kernels import reference, tolerances
 from kernels.quadratic_projection import dropout_keep_mask
 
 REPO = Path(__file__).resolve().parent.parent
-# 16-bit: four unit roundoffs (2**-8 bf16, 2**-11 fp16), one per rounding point on the longest
-# path (the module docstring: h, gy * s, G, the output); fp32/fp64: the fp32 sums' accumulation.
-TOL = {torch.float32: 1e-5, torch.bfloat16: 4 * 2.0**-8, torch.float16: 4 * 2.0**-11, torch.float64: 1e-12}
+# kernels/tolerances.py, the table `qin parity` uses too: in 16-bit one unit roundoff per rounding
+# point on the longest path (h, gy * s, G, the output); fp32/fp64: the sums' accumulation.
+TOL = {dtype: tolerances.op_tolerance("qnn", dtype).rtol for dtype in tolerances.OPS}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
