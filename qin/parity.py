@@ -228,7 +228,7 @@ def check_op(op: Op, case: Case, dtype: torch.dtype, device: torch.device, seed:
     want = _forward_and_grads(op.reference, up, extra, grad_out.double())
     # The error scale: the same formulas on |inputs|, the sum of |terms| each rounding scales with.
     scale = _forward_and_grads(op.reference, {k: v.abs() for k, v in up.items()}, extra, grad_out.double().abs())
-    tol = tolerances.op_tolerance(op.name, dtype)
+    tol = tolerances.OPS[dtype]
     rows = []
     for quantity in got:
         g_, w, s = got[quantity], want[quantity], scale[quantity]
