@@ -14,23 +14,8 @@ import numpy as np
 
 from qin import distributed
 from qin.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from qin.commands_common import BUILTIN_SETTINGS, UsageError, load_data
 from qin.config import ConfigError, load_config
-
-# Settings of the no-argument run: the paper's model on the small built-in dataset, sized to train
-# in about five minutes on a 2-core CPU. Everything else is the paper's.
-BUILTIN_SETTINGS = {"train": {"batch_size": 512, "eval_batch_size": 2048, "epochs": 4, "out_dir": "runs/builtin"}}
-
-
-class UsageError(Exception):
-    pass
-
-
-def _load_data(path: str | None, max_len: int):
-    from qin.data import load_dataset
-    from qin.synth import builtin_dataset
-
-    root = Path(path) if path else builtin_dataset()
-    return load_dataset(root, max_len=max_len)
 
 
 def cmd_make_data(args) -> int:
@@ -63,7 +48,7 @@ def cmd_train(args) -> int:
         if (out_dir / "latest.pt").exists():
             raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} "
                              f"or choose another --out")
-    dataset = _load_data(cfg.data.dir, cfg.data.max_len)  # validated before anything is written
+    dataset = load_data(cfg.data.dir, cfg.data.max_len)  # validated before anything is written
     cfg.data.dir = str(dataset.root.resolve())
     fill_vocab_from_data(cfg, dataset)
     trainer = Trainer(cfg, dataset, out_dir)
@@ -77,12 +62,12 @@ def cmd_train(args) -> int:
 
 
 def _model_from_checkpoint(path: str, data: str | None, device_name: str):
-    from qin.model import build_model
+    from qin.models import build_model
     from qin.train import resolve_device
 
     payload = load_checkpoint(path)
     cfg = load_config(overrides=[], base=payload["config"])
-    dataset = _load_data(data or cfg.data.dir, cfg.data.max_len)
+    dataset = load_data(data or cfg.data.dir, cfg.data.max_len)
     if dataset.item_info.num_items != cfg.model.num_items:
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "
                               f"{dataset.root / 'item_info.parquet'} has {dataset.item_info.num_items:,}")

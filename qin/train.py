@@ -26,7 +26,8 @@ from qin.checkpoint import atomic_write, check_model_config, load_checkpoint, re
 from qin.config import RunConfig
 from qin.data import Dataset, Split, iterate_batches, num_batches
 from qin.metrics import log_loss, roc_auc
-from qin.model import build_model as build_network, count_parameters
+from qin.model import count_parameters
+from qin.models import build_model as build_network
 
 
 class TrainingError(RuntimeError):
