@@ -1,4 +1,4 @@
-"""The `qin` command: make-data, train, evaluate, predict, compare, bench.
+"""The `qin` command: make-data, train, evaluate, predict, compare, plot, bench.
 
 Every user error (bad data, bad config, a refused overwrite) ends with one line naming what is
 wrong and exit status 2, before anything is trained or written.
@@ -122,6 +122,17 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    from qin.curves import NoCurvesError, draw_runs
+
+    try:
+        draw_runs(args.runs, args.output)
+    except NoCurvesError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {args.output} ({len(args.runs)} run(s))")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from bench.report import BenchError, run_command
 
@@ -174,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an earlier table in --out")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every variant")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plot", help="draw the curves of one or more runs on the same axes")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (labels are their names)")
+    p.add_argument("--output", default="curves.png", help="the picture to write (replaced if it exists)")
+    p.set_defaults(func=cmd_plot)
 
     from bench.report import build_parser as bench_parser
 

@@ -108,6 +108,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole split
     checkpoint_every_steps: int = 0  # also write latest.pt every N steps (0: at epoch ends only)
+    log_every_steps: int = 10  # one TensorBoard point of train loss, grad norm, lr, samples/s every N steps
     out_dir: str = "runs/qin"
 
 
@@ -180,6 +181,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             _apply(getattr(cfg, section), section, values, source)
     _coerce_types(cfg)
     cfg.model.validate()
+    if cfg.train.log_every_steps < 1:
+        raise ConfigError(f"train.log_every_steps must be a positive integer, got {cfg.train.log_every_steps}")
     if cfg.data.max_len < 1:
         raise ConfigError(f"data.max_len must be a positive integer, got {cfg.data.max_len}")
     return cfg
