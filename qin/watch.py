@@ -26,10 +26,10 @@ class RunWatch:
     """The scalars and the picture of one run; `enabled=False` (DDP ranks other than 0) writes nothing."""
 
     def __init__(self, run_dir: str | Path, log_every_steps: int, enabled: bool = True):
-        self.run_dir, self.log_every_steps, self.enabled = Path(run_dir), log_every_steps, enabled
+        self.run_dir, self.log_every_steps = Path(run_dir), log_every_steps
         self.writer = None
-        self.events_failed = not enabled
-        self.curves_failed = not enabled
+        # Each kind of output is switched off by its first failure.
+        self.write_events = self.write_curves = enabled
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -39,12 +39,12 @@ class RunWatch:
     def _events_error(self, exc: OSError) -> None:
         logger.warning("could not write TensorBoard events in %s (%s); training goes on without them",
                        self.run_dir, exc)
-        self.events_failed = True
+        self.write_events = False
         self.writer = None  # a failed writer may raise again on close: drop it
 
     def open(self, resumed_at: tuple[int, int] | None = None) -> None:
         """Start writing; `resumed_at` = (step, epochs done) of the checkpoint a resumed run starts from."""
-        if self.events_failed:
+        if not self.write_events:
             return
         try:
             if resumed_at is not None and events.keep_covered(self.run_dir, *resumed_at):
@@ -67,7 +67,7 @@ class RunWatch:
 
     def after_step(self, step: int, loss: float, grad_norm: float, lr: float, rows: int) -> None:
         """Called after every optimizer step; writes one point every `log_every_steps` steps."""
-        if self.events_failed:
+        if not self.write_events:
             return
         self._losses.append(loss)
         self._max_grad_norm = max(self._max_grad_norm, grad_norm)
@@ -96,14 +96,14 @@ class RunWatch:
 
     def end_epoch(self) -> None:
         """The epoch is over and metrics.jsonl written: redraw curves.png from it and the events."""
-        if not self.curves_failed:
+        if self.write_curves:
             self.flush()
             try:
                 curves.draw_runs([self.run_dir], self.run_dir / "curves.png")
             except OSError as exc:
                 logger.warning("could not write %s (%s); training goes on without it",
                                self.run_dir / "curves.png", exc)
-                self.curves_failed = True
+                self.write_curves = False
         # Evaluation, checkpoints and drawing are not training: the next samples/s window starts now.
         self._rows, self._window_start = 0, time.perf_counter()
 
