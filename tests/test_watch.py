@@ -23,6 +23,9 @@ from qin.train import Trainer, fill_vocab_from_data
 SMALL = ["model.embed_dim=8", "model.attention_dim=16", "train.batch_size=250", "train.eval_batch_size=1000",
          "train.epochs=2", "train.device=cpu"]
 STEPS_PER_EPOCH = 8
+# A clip far below the gradient norm (the logged norm must be the one before clipping), and
+# checkpoints that leave logged steps uncovered when a run stops between them.
+WATCHED = ("train.log_every_steps=2", "train.checkpoint_every_steps=5", "train.grad_clip=0.001")
 
 
 @pytest.fixture(scope="module")
@@ -45,25 +48,24 @@ def steps_by_tag(run_dir):
 
 @pytest.fixture(scope="module")
 def run_dir(dataset, tmp_path_factory):
-    # A clip far below the gradient norm: the logged norm must be the one before clipping.
     out = tmp_path_factory.mktemp("runs") / "small-run"
-    make_trainer(dataset, out, "train.log_every_steps=4", "train.grad_clip=0.001").fit()
+    make_trainer(dataset, out, *WATCHED).fit()
     return out
 
 
 def test_events_hold_the_step_and_epoch_scalars(run_dir):
     scalars = read_scalars(run_dir)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    logged = [4, 8, 12, 16]
+    logged = list(range(2, 2 * STEPS_PER_EPOCH + 1, 2))
     for tag in ("train/loss", "train/grad_norm", "train/lr", "train/samples_per_s"):
         assert [step for step, _ in scalars[tag]] == logged, tag
     for tag in ("epoch/train_loss", "epoch/valid_auc", "epoch/valid_logloss", "epoch/lr", "epoch/samples_per_s"):
         assert [step for step, _ in scalars[tag]] == [1, 2], tag
         values = [v for _, v in scalars[tag]]
         np.testing.assert_allclose(values, [r[tag.split("/")[1]] for r in records], rtol=1e-6)
-    # Each point is the mean loss of its 4 steps, so an epoch's two points average to the epoch's loss.
+    # Each point is the mean loss of its 2 steps, so an epoch's four points average to the epoch's loss.
     losses = [v for _, v in scalars["train/loss"]]
-    np.testing.assert_allclose([np.mean(losses[:2]), np.mean(losses[2:])], [r["train_loss"] for r in records],
+    np.testing.assert_allclose([np.mean(losses[:4]), np.mean(losses[4:])], [r["train_loss"] for r in records],
                                rtol=1e-5)
     assert all(norm > 0.01 for _, norm in scalars["train/grad_norm"]), "a clipped norm was logged"
     np.testing.assert_allclose([v for _, v in scalars["train/lr"]], 2e-3, rtol=1e-6)
@@ -101,11 +103,9 @@ def test_labels_and_epoch_axis():
     np.testing.assert_allclose(steps_to_epochs(records, np.array([4.0, 8.0, 12.0, 20.0])), [0.5, 1.0, 1.5, 2.5])
 
 
-def test_a_stopped_run_resumes_its_curves_with_each_step_once(dataset, tmp_path, monkeypatch):
-    settings = ("train.log_every_steps=2", "train.checkpoint_every_steps=5")
-    make_trainer(dataset, tmp_path / "straight", *settings).fit()
+def test_a_stopped_run_resumes_its_curves_with_each_step_once(dataset, run_dir, tmp_path, monkeypatch):
     # Stop at step 7: the checkpoint covers step 5, the events already hold step 6.
-    first = make_trainer(dataset, tmp_path / "split", *settings)
+    first = make_trainer(dataset, tmp_path / "split", *WATCHED)
     original, calls = qin.train.loss_fn, {"n": 0}
 
     def stop_at_step_seven(*args):
@@ -122,8 +122,8 @@ def test_a_stopped_run_resumes_its_curves_with_each_step_once(dataset, tmp_path,
     assert load_checkpoint(tmp_path / "split" / "latest.pt")["trainer"]["step"] == 5
     assert steps_by_tag(tmp_path / "split")["train/loss"] == [2, 4, 6]
 
-    make_trainer(dataset, tmp_path / "split", *settings).fit(resume=True)
-    straight, split = read_scalars(tmp_path / "straight"), read_scalars(tmp_path / "split")
+    make_trainer(dataset, tmp_path / "split", *WATCHED).fit(resume=True)
+    straight, split = read_scalars(run_dir), read_scalars(tmp_path / "split")
     assert split.keys() == straight.keys()
     for tag, points in split.items():
         counts = Counter(step for step, _ in points)
