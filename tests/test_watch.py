@@ -157,3 +157,26 @@ def test_a_failing_events_file_or_picture_warns_once_and_training_goes_on(datase
     assert len([w for w in warnings if "curves.png" in w]) == 1, warnings
     assert "No space left on device" in " ".join(warnings)
     assert len(event_files(out)) <= 1
+
+
+def test_log_every_steps_must_be_positive():
+    from qin.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.log_every_steps must be a positive integer"):
+        load_config(overrides=["train.log_every_steps=0"])
+
+
+def test_trimming_removes_the_duplicates_an_interrupted_trim_leaves(run_dir, tmp_path):
+    from qin.events import keep_covered
+
+    (original,) = event_files(run_dir)
+    # As if a kill came after the trimmed copy was written but before the old file was deleted.
+    for name in (original.name, original.name + ".resumed"):
+        (tmp_path / name).write_bytes(original.read_bytes())
+    assert keep_covered(tmp_path, last_step=2 * STEPS_PER_EPOCH, last_epoch=2)
+    assert len(event_files(tmp_path)) == 1
+    assert steps_by_tag(tmp_path) == steps_by_tag(run_dir)
+    assert not keep_covered(tmp_path, last_step=2 * STEPS_PER_EPOCH, last_epoch=2)  # nothing left to do
+    assert keep_covered(tmp_path, last_step=STEPS_PER_EPOCH, last_epoch=1)
+    assert steps_by_tag(tmp_path)["train/loss"] == [2, 4, 6, 8]
+    assert steps_by_tag(tmp_path)["epoch/valid_auc"] == [1]
