@@ -1,4 +1,4 @@
-"""The `qin` command: make-data, train, evaluate, predict, compare, bench, parity.
+"""The `qin` command: make-data, train, evaluate, predict, export, compare, plot, bench, parity.
 
 Every user error (bad data, bad config, a refused overwrite) ends with one line naming what is
 wrong and exit status 2, before anything is trained or written.
@@ -14,23 +14,8 @@ import numpy as np
 
 from qin import distributed
 from qin.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from qin.commands_common import BUILTIN_SETTINGS, UsageError, load_data
 from qin.config import ConfigError, load_config
-
-# Settings of the no-argument run: the paper's model on the small built-in dataset, sized to train
-# in about five minutes on a 2-core CPU. Everything else is the paper's.
-BUILTIN_SETTINGS = {"train": {"batch_size": 512, "eval_batch_size": 2048, "epochs": 4, "out_dir": "runs/builtin"}}
-
-
-class UsageError(Exception):
-    pass
-
-
-def _load_data(path: str | None, max_len: int):
-    from qin.data import load_dataset
-    from qin.synth import builtin_dataset
-
-    root = Path(path) if path else builtin_dataset()
-    return load_dataset(root, max_len=max_len)
 
 
 def cmd_make_data(args) -> int:
@@ -63,7 +48,7 @@ def cmd_train(args) -> int:
         if (out_dir / "latest.pt").exists():
             raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} "
                              f"or choose another --out")
-    dataset = _load_data(cfg.data.dir, cfg.data.max_len)  # validated before anything is written
+    dataset = load_data(cfg.data.dir, cfg.data.max_len)  # validated before anything is written
     cfg.data.dir = str(dataset.root.resolve())
     fill_vocab_from_data(cfg, dataset)
     trainer = Trainer(cfg, dataset, out_dir)
@@ -77,12 +62,12 @@ def cmd_train(args) -> int:
 
 
 def _model_from_checkpoint(path: str, data: str | None, device_name: str):
-    from qin.model import build_model
+    from qin.models import build_model
     from qin.train import resolve_device
 
     payload = load_checkpoint(path)
     cfg = load_config(overrides=[], base=payload["config"])
-    dataset = _load_data(data or cfg.data.dir, cfg.data.max_len)
+    dataset = load_data(data or cfg.data.dir, cfg.data.max_len)
     if dataset.item_info.num_items != cfg.model.num_items:
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "
                               f"{dataset.root / 'item_info.parquet'} has {dataset.item_info.num_items:,}")
@@ -147,6 +132,17 @@ def cmd_compare(args) -> int:
     run_compare(args.data, parse_variants(args.variants), args.epochs, args.seeds, Path(args.out),
                 args.overrides, args.force)
     print(f"wrote {Path(args.out) / 'compare.md'}, compare.csv and compare.png")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from qin.curves import NoCurvesError, draw_runs
+
+    try:
+        draw_runs(args.runs, args.output)
+    except NoCurvesError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {args.output} ({len(args.runs)} run(s))")
     return 0
 
 
@@ -230,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an earlier table in --out")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every variant")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("plot", help="draw the curves of one or more runs on the same axes")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (labels are their names)")
+    p.add_argument("--output", default="curves.png", help="the picture to write (replaced if it exists)")
+    p.set_defaults(func=cmd_plot)
 
     from bench.report import build_parser as bench_parser
 

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qin.commands_common import BUILTIN_SETTINGS, UsageError, load_data
 from qin.config import ConfigError, load_config
 
 
@@ -134,15 +135,13 @@ OUTPUTS = ("compare.md", "compare.csv", "compare.png")
 
 def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: int, out: Path,
                 overrides: list[str], force: bool, log=print) -> list[dict]:
-    from qin.cli import BUILTIN_SETTINGS, UsageError, _load_data
-
     clashes = [out / name for name in OUTPUTS if (out / name).exists()]
     if clashes and not force:
         raise UsageError(f"{clashes[0]} exists; pass --force to overwrite it, or choose another --out")
     if epochs < 1 or seeds < 1:
         raise UsageError("--epochs and --seeds must be at least 1")
     load_config(overrides=overrides)  # refuse bad overrides before any training
-    dataset = _load_data(data, load_config(overrides=overrides).data.max_len)
+    dataset = load_data(data, load_config(overrides=overrides).data.max_len)
     base = None if data else BUILTIN_SETTINGS
     label = str(dataset.root) if data else f"the built-in generated dataset ({dataset.root.name}): generated data, not MicroLens"
     start = time.perf_counter()

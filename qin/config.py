@@ -109,6 +109,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole split
     checkpoint_every_steps: int = 0  # also write latest.pt every N steps (0: at epoch ends only)
     compile: bool = False  # torch.compile the model for training (the first step also compiles)
+    log_every_steps: int = 10  # one TensorBoard point of train loss, grad norm, lr, samples/s every N steps
     out_dir: str = "runs/qin"
 
 
@@ -181,6 +182,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             _apply(getattr(cfg, section), section, values, source)
     _coerce_types(cfg)
     cfg.model.validate()
+    if cfg.train.log_every_steps < 1:
+        raise ConfigError(f"train.log_every_steps must be a positive integer, got {cfg.train.log_every_steps}")
     if cfg.data.max_len < 1:
         raise ConfigError(f"data.max_len must be a positive integer, got {cfg.data.max_len}")
     return cfg

@@ -269,14 +269,5 @@ def init_weights(model: nn.Module, embedding_std: float) -> None:
                 nn.init.zeros_(module.bias)
 
 
-def build_model(cfg: QINConfig) -> nn.Module:
-    """QIN, or the DIN baseline when cfg.architecture is 'din'."""
-    if cfg.architecture == "din":
-        from qin.din import DIN
-
-        return DIN(cfg)
-    return QIN(cfg)
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

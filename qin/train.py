@@ -26,7 +26,9 @@ from qin.checkpoint import atomic_write, check_model_config, load_checkpoint, re
 from qin.config import RunConfig
 from qin.data import Dataset, Split, iterate_batches, num_batches
 from qin.metrics import log_loss, roc_auc
-from qin.model import build_model as build_network, count_parameters
+from qin.model import count_parameters
+from qin.models import build_model as build_network
+from qin.watch import RunWatch
 
 
 class TrainingError(RuntimeError):
@@ -191,6 +193,7 @@ class Trainer:
         self._compiling = cfg.train.compile  # until the first step has run (and compiled)
         self.optimizer = make_optimizer(self.model, cfg.train.lr)
         self.state = TrainerState(lr=cfg.train.lr)
+        self.watch = RunWatch(self.out_dir, cfg.train.log_every_steps, enabled=self.ctx.is_main)
 
     # -- checkpoints -------------------------------------------------------------------------
     def _payload(self, model_only: bool = False) -> dict:
@@ -210,6 +213,7 @@ class Trainer:
         """Called on every rank (the RNG states are gathered); only rank 0 writes."""
         payload = self._payload(model_only)
         if self.ctx.is_main:
+            self.watch.flush()  # the events hold every step the checkpoint covers
             save_checkpoint(self.out_dir / name, payload)
 
     def restore(self, path: Path) -> None:
@@ -251,10 +255,13 @@ class Trainer:
         if tc.max_steps_per_epoch:
             batches_per_epoch = min(batches_per_epoch, tc.max_steps_per_epoch)
         self.model.train()
+        # Events past the checkpoint that an error leaves unwritten are repeated by the resumed run.
+        self.watch.open(resumed_at=(self.state.step, self.state.epoch) if resume else None)
         with _catch_sigint() as interrupted:
             while not self.state.finished and self.state.epoch < tc.epochs:
                 self._train_epoch(train, batches_per_epoch, interrupted)
                 self._end_epoch(valid)
+        self.watch.close()
         return self.state
 
     def _train_epoch(self, train: Split, batches_per_epoch: int, interrupted: dict) -> None:
@@ -297,6 +304,7 @@ class Trainer:
             st.loss_sum += loss_value
             st.loss_count += 1
             samples += global_rows
+            self.watch.after_step(st.step, loss_value, float(grad_norm), st.lr, global_rows)
             if self._compiling:  # report compilation once and keep it out of samples/s
                 self._compiling = False
                 self.log(f"torch.compile: the first step took {time.perf_counter() - start:.1f} s, compilation included")
@@ -339,6 +347,7 @@ class Trainer:
             "epoch_seconds": self._epoch_seconds, "best": improved,
         }
         st.history.append(record)
+        self.watch.after_epoch(record)
         if improved:
             self.save("best.pt", model_only=True)
         self.save("latest.pt")
@@ -346,6 +355,7 @@ class Trainer:
         lines = "".join(json.dumps(r) + "\n" for r in st.history)
         if self.ctx.is_main:
             atomic_write(self.out_dir / "metrics.jsonl", lambda fh: fh.write(lines.encode()))
+        self.watch.end_epoch()
         self.log(
             f"epoch {st.epoch}: train loss {epoch_loss:.4f}, valid AUC {metrics['auc']:.4f}, "
             f"logloss {metrics['logloss']:.4f}, {record['samples_per_s']:,.0f} samples/s"

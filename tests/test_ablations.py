@@ -6,7 +6,8 @@ import torch.nn as nn
 from qin import QIN, QINConfig
 from qin.config import ConfigError, load_config
 from qin.din import DIN
-from qin.model import MLPLayer, build_model, count_parameters
+from qin.model import MLPLayer, count_parameters
+from qin.models import build_model
 
 from test_model import SMALL, random_batch, small_model
 

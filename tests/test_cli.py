@@ -37,7 +37,10 @@ def test_make_data_writes_the_layout_and_refuses_a_non_empty_folder(tmp_path, ca
 
 
 def test_train_writes_a_complete_run(run_dir, capsys):
-    assert {p.name for p in run_dir.iterdir()} == {"best.pt", "latest.pt", "config.yaml", "metrics.jsonl"}
+    names = {p.name for p in run_dir.iterdir()}
+    events = {n for n in names if n.startswith("events.out.tfevents.")}
+    assert len(events) == 1, names
+    assert names - events == {"best.pt", "latest.pt", "config.yaml", "metrics.jsonl", "curves.png"}
     ckpt = load_checkpoint(run_dir / "latest.pt")
     assert ckpt["trainer"]["epoch"] == 1
     assert ckpt["config"]["model"]["num_items"] == 201  # filled from the data: 200 items + padding

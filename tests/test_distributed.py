@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from qin.checkpoint import CheckpointError, load_checkpoint
+from qin.events import read_scalars
 from qin.synth import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,8 @@ def qin(*args, procs=1, **kwargs):
 
 
 def test_two_ranks_take_the_same_steps_as_one_process(data_dir, tmp_path):
-    args = ["train", "--data", str(data_dir), *SMALL, "train.epochs=2", "train.max_steps_per_epoch=4"]
+    args = ["train", "--data", str(data_dir), *SMALL, "train.epochs=2", "train.max_steps_per_epoch=4",
+            "train.log_every_steps=2"]
     single = qin(*args, "--out", str(tmp_path / "one"))
     assert single.returncode == 0, single.stderr
     double = qin(*args, "--out", str(tmp_path / "two"), procs=2)
@@ -65,7 +67,15 @@ def test_two_ranks_take_the_same_steps_as_one_process(data_dir, tmp_path):
     losses = lambda run: [json.loads(line)["train_loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     assert losses("one") == pytest.approx(losses("two"), rel=1e-5)
     # Only rank 0 writes: the run folder holds one set of files and no leftovers.
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["best.pt", "config.yaml", "latest.pt", "metrics.jsonl"]
+    names = sorted(p.name for p in (tmp_path / "two").iterdir())
+    events = [n for n in names if n.startswith("events.out.tfevents.")]
+    assert len(events) == 1, names  # rank 1 wrote none
+    assert [n for n in names if n not in events] == ["best.pt", "config.yaml", "curves.png", "latest.pt",
+                                                     "metrics.jsonl"]
+    # The logged steps and losses are the single process's (the loss is all-reduced before it is logged).
+    one, two = read_scalars(tmp_path / "one"), read_scalars(tmp_path / "two")
+    assert [s for s, _ in two["train/loss"]] == [s for s, _ in one["train/loss"]]
+    assert [v for _, v in two["train/loss"]] == pytest.approx([v for _, v in one["train/loss"]], rel=1e-5)
 
 
 def test_validation_auc_is_computed_once_over_the_gathered_split(data_dir, tmp_path):

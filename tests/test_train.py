@@ -15,6 +15,7 @@ import qin.train
 from qin.checkpoint import CheckpointError, load_checkpoint
 from qin.config import load_config
 from qin.data import load_dataset
+from qin.events import read_scalars
 from qin.synth import make_dataset
 from qin.train import Trainer, TrainingError, fill_vocab_from_data
 
@@ -188,6 +189,11 @@ def test_sigkill_at_random_points_then_resume_finishes_with_the_same_weights(dat
     assert load_checkpoint(killed / "latest.pt")["trainer"]["epoch"] == 3
     assert_same_weights(final_weights(straight), final_weights(killed))
     assert not list(killed.glob(".*.tmp")), "a temporary checkpoint was left behind"
+    # The TensorBoard curves survived the kills: every logged step once, the same steps as the straight run.
+    assert read_scalars(killed).keys() == read_scalars(straight).keys()
+    for tag, points in read_scalars(killed).items():
+        steps = [step for step, _ in points]
+        assert sorted(steps) == [step for step, _ in read_scalars(straight)[tag]], tag
 
 
 def _latest_step(out_dir):

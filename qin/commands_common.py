@@ -1,0 +1,25 @@
+"""What several `qin` commands share: the error a user's mistake raises, the settings of the
+no-argument run, and the dataset loader that falls back to the built-in dataset.
+
+cli.py and compare.py import this module; it imports neither of them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+# Settings of the no-argument run: the paper's model on the small built-in dataset, sized to train
+# in about five minutes on a 2-core CPU. Everything else is the paper's.
+BUILTIN_SETTINGS = {"train": {"batch_size": 512, "eval_batch_size": 2048, "epochs": 4, "out_dir": "runs/builtin"}}
+
+
+class UsageError(Exception):
+    """A command was asked for something it refuses (exit status 2, one line naming why)."""
+
+
+def load_data(path: str | None, max_len: int):
+    """The dataset in `path`, or the built-in generated one (made on first use) when it is None."""
+    from qin.data import load_dataset
+    from qin.synth import builtin_dataset
+
+    root = Path(path) if path else builtin_dataset()
+    return load_dataset(root, max_len=max_len)

@@ -1,0 +1,72 @@
+"""TensorBoard event files of a run folder: read the scalars back, and trim them to a checkpoint.
+
+Two step axes: tags under `train/` count optimizer steps, tags under `epoch/` count completed
+epochs. A resumed run repeats what its checkpoint did not cover, so before it writes anything
+`keep_covered` rewrites the run's events to hold each (tag, step) once, none beyond the checkpoint.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+EVENT_FILE_GLOB = "events.out.tfevents.*"
+
+
+def event_files(run_dir: str | Path) -> list[Path]:
+    # The name starts with the creation time in seconds, so name order is writing order.
+    return sorted(Path(run_dir).glob(EVENT_FILE_GLOB))
+
+
+def _scalar_events(path: Path):
+    """(tag, step, value, wall_time) of every scalar in one event file; a record cut short by a
+    kill ends the file quietly (the loader stops at it)."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    for event in LegacyEventFileLoader(str(path)).Load():
+        if event.HasField("summary"):
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    yield value.tag, event.step, value.simple_value, event.wall_time
+
+
+def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value), ...] in writing order} over all event files of the run."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in event_files(run_dir):
+        for tag, step, value, _ in _scalar_events(path):
+            scalars.setdefault(tag, []).append((step, value))
+    return scalars
+
+
+def _covered(tag: str, step: int, last_step: int, last_epoch: int) -> bool:
+    return step <= (last_epoch if tag.startswith("epoch/") else last_step)
+
+
+def keep_covered(run_dir: str | Path, last_step: int, last_epoch: int) -> bool:
+    """Make the run's events hold each (tag, step) once and nothing past the checkpoint (optimizer
+    step `last_step`, `last_epoch` epochs done). Returns whether anything had to be rewritten.
+
+    The kept scalars go to one new file before the old files are deleted; a kill in between leaves
+    duplicates that the next resume removes the same way.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    files = event_files(run_dir)
+    kept, seen, clean = [], set(), True
+    for path in files:
+        for tag, step, value, wall_time in _scalar_events(path):
+            if (tag, step) in seen or not _covered(tag, step, last_step, last_epoch):
+                clean = False
+                continue
+            seen.add((tag, step))
+            kept.append((tag, step, value, wall_time))
+    if clean:
+        return False
+    writer = SummaryWriter(str(run_dir), filename_suffix=".resumed")
+    try:
+        for tag, step, value, wall_time in kept:
+            writer.add_scalar(tag, value, step, walltime=wall_time)
+    finally:
+        writer.close()
+    for path in files:
+        path.unlink()
+    return True

@@ -1,0 +1,182 @@
+"""Watching a run: the TensorBoard events hold what the run did, each step once also across a stop
+and resume; curves.png is drawn; a failing events file or picture warns once and training goes on."""
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.utils.tensorboard
+
+import qin.train
+from qin.checkpoint import load_checkpoint
+from qin.cli import main
+from qin.config import load_config
+from qin.curves import labels_for, steps_to_epochs
+from qin.data import load_dataset
+from qin.events import event_files, read_scalars
+from qin.synth import make_dataset
+from qin.train import Trainer, fill_vocab_from_data
+
+# 2000 rows at batch 250: 8 steps an epoch.
+SMALL = ["model.embed_dim=8", "model.attention_dim=16", "train.batch_size=250", "train.eval_batch_size=1000",
+         "train.epochs=2", "train.device=cpu"]
+STEPS_PER_EPOCH = 8
+# A clip far below the gradient norm (the logged norm must be the one before clipping), and
+# checkpoints that leave logged steps uncovered when a run stops between them.
+WATCHED = ("train.log_every_steps=2", "train.checkpoint_every_steps=5", "train.grad_clip=0.001")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = make_dataset(tmp_path_factory.mktemp("data") / "ds", rows=2000, items=100, seed=6,
+                        valid_rows=500, test_rows=50)
+    return load_dataset(root)
+
+
+def make_trainer(dataset, out_dir, *overrides):
+    cfg = load_config(overrides=[*SMALL, *overrides])
+    cfg.data.dir = str(dataset.root)
+    fill_vocab_from_data(cfg, dataset)
+    return Trainer(cfg, dataset, out_dir, log=lambda *_: None)
+
+
+def steps_by_tag(run_dir):
+    return {tag: [step for step, _ in points] for tag, points in read_scalars(run_dir).items()}
+
+
+@pytest.fixture(scope="module")
+def run_dir(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "small-run"
+    make_trainer(dataset, out, *WATCHED).fit()
+    return out
+
+
+def test_events_hold_the_step_and_epoch_scalars(run_dir):
+    scalars = read_scalars(run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = list(range(2, 2 * STEPS_PER_EPOCH + 1, 2))
+    for tag in ("train/loss", "train/grad_norm", "train/lr", "train/samples_per_s"):
+        assert [step for step, _ in scalars[tag]] == logged, tag
+    for tag in ("epoch/train_loss", "epoch/valid_auc", "epoch/valid_logloss", "epoch/lr", "epoch/samples_per_s"):
+        assert [step for step, _ in scalars[tag]] == [1, 2], tag
+        values = [v for _, v in scalars[tag]]
+        np.testing.assert_allclose(values, [r[tag.split("/")[1]] for r in records], rtol=1e-6)
+    # Each point is the mean loss of its 2 steps, so an epoch's four points average to the epoch's loss.
+    losses = [v for _, v in scalars["train/loss"]]
+    np.testing.assert_allclose([np.mean(losses[:4]), np.mean(losses[4:])], [r["train_loss"] for r in records],
+                               rtol=1e-5)
+    assert all(norm > 0.01 for _, norm in scalars["train/grad_norm"]), "a clipped norm was logged"
+    np.testing.assert_allclose([v for _, v in scalars["train/lr"]], 2e-3, rtol=1e-6)
+    assert all(v > 0 for _, v in scalars["train/samples_per_s"])
+
+
+def test_tensorboard_reads_the_run_folder(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir))
+    accumulator.Reload()
+    assert {"train/loss", "epoch/valid_auc"} <= set(accumulator.Tags()["scalars"])
+    assert [e.step for e in accumulator.Scalars("epoch/valid_auc")] == [1, 2]
+
+
+def test_curves_png_is_drawn_and_qin_plot_draws_several_runs(run_dir, tmp_path, capsys):
+    import matplotlib.image
+
+    assert matplotlib.image.imread(run_dir / "curves.png").shape[1] > 800
+    other = tmp_path / "other-run"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())  # no step log: epochs only
+    output = tmp_path / "both.png"
+    assert main(["plot", str(run_dir), str(other), "--output", str(output)]) == 0
+    assert matplotlib.image.imread(output).shape[1] > 800
+    assert main(["plot", str(tmp_path / "missing"), "--output", str(tmp_path / "x.png")]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_labels_and_epoch_axis():
+    assert labels_for([Path("runs/fp32"), Path("runs/bf16")]) == ["fp32", "bf16"]
+    assert labels_for([Path("a/qin"), Path("b/qin")]) == ["a/qin", "b/qin"]
+    records = [{"step": 8}, {"step": 16}]
+    np.testing.assert_allclose(steps_to_epochs(records, np.array([4.0, 8.0, 12.0, 20.0])), [0.5, 1.0, 1.5, 2.5])
+
+
+def test_a_stopped_run_resumes_its_curves_with_each_step_once(dataset, run_dir, tmp_path, monkeypatch):
+    # Stop at step 7: the checkpoint covers step 5, the events already hold step 6.
+    first = make_trainer(dataset, tmp_path / "split", *WATCHED)
+    original, calls = qin.train.loss_fn, {"n": 0}
+
+    def stop_at_step_seven(*args):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(qin.train, "loss_fn", stop_at_step_seven)
+    with pytest.raises(KeyboardInterrupt):
+        first.fit()
+    monkeypatch.setattr(qin.train, "loss_fn", original)
+    first.watch.close()  # the worst case: everything the process logged reached the disk
+    assert load_checkpoint(tmp_path / "split" / "latest.pt")["trainer"]["step"] == 5
+    assert steps_by_tag(tmp_path / "split")["train/loss"] == [2, 4, 6]
+
+    make_trainer(dataset, tmp_path / "split", *WATCHED).fit(resume=True)
+    straight, split = read_scalars(run_dir), read_scalars(tmp_path / "split")
+    assert split.keys() == straight.keys()
+    for tag, points in split.items():
+        counts = Counter(step for step, _ in points)
+        assert max(counts.values()) == 1, f"{tag}: steps written twice: {[s for s, n in counts.items() if n > 1]}"
+        assert sorted(counts) == [step for step, _ in straight[tag]], tag
+    # After the resume the run retraces the uninterrupted one (its windows no longer straddle step 5).
+    for step in range(8, 2 * STEPS_PER_EPOCH + 1, 2):
+        assert dict(split["train/loss"])[step] == dict(straight["train/loss"])[step], step
+
+
+@pytest.mark.parametrize("failing", ["__init__", "add_scalar", "flush"])
+def test_a_failing_events_file_or_picture_warns_once_and_training_goes_on(dataset, tmp_path, monkeypatch,
+                                                                          caplog, failing):
+    calls = {"n": 0}
+    real = getattr(torch.utils.tensorboard.SummaryWriter, failing)
+
+    def full_disk(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] >= 2 or failing == "__init__":  # fails from its second use on, as a disk fills
+            raise OSError(28, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.tensorboard.SummaryWriter, failing, full_disk)
+    out = tmp_path / "run"
+    (out / "curves.png").mkdir(parents=True)  # a folder where the picture should go: it cannot be written
+    caplog.set_level(logging.WARNING, logger="qin.watch")
+    state = make_trainer(dataset, out, "train.log_every_steps=1", "train.max_steps_per_epoch=3").fit()
+    assert state.epoch == 2 and load_checkpoint(out / "latest.pt")["trainer"]["step"] == 6
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warnings if "TensorBoard" in w]) == 1, warnings
+    assert len([w for w in warnings if "curves.png" in w]) == 1, warnings
+    assert "No space left on device" in " ".join(warnings)
+    assert len(event_files(out)) <= 1
+
+
+def test_log_every_steps_must_be_positive():
+    from qin.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.log_every_steps must be a positive integer"):
+        load_config(overrides=["train.log_every_steps=0"])
+
+
+def test_trimming_removes_the_duplicates_an_interrupted_trim_leaves(run_dir, tmp_path):
+    from qin.events import keep_covered
+
+    (original,) = event_files(run_dir)
+    # As if a kill came after the trimmed copy was written but before the old file was deleted.
+    for name in (original.name, original.name + ".resumed"):
+        (tmp_path / name).write_bytes(original.read_bytes())
+    assert keep_covered(tmp_path, last_step=2 * STEPS_PER_EPOCH, last_epoch=2)
+    assert len(event_files(tmp_path)) == 1
+    assert steps_by_tag(tmp_path) == steps_by_tag(run_dir)
+    assert not keep_covered(tmp_path, last_step=2 * STEPS_PER_EPOCH, last_epoch=2)  # nothing left to do
+    assert keep_covered(tmp_path, last_step=STEPS_PER_EPOCH, last_epoch=1)
+    assert steps_by_tag(tmp_path)["train/loss"] == [2, 4, 6, 8]
+    assert steps_by_tag(tmp_path)["epoch/valid_auc"] == [1]
