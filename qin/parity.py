@@ -442,7 +442,7 @@ def training_runs(device: torch.device, seeds: int, quick: bool, log=print) -> t
     """Valid AUC of the same run per backend and seed, on CUDA (the CLI refuses --training on the
     CPU). Full: the built-in `qin train` run (the paper's model, batch 512, 4 epochs); --quick:
     the same with 1 epoch."""
-    from qin.cli import BUILTIN_SETTINGS
+    from qin.commands_common import BUILTIN_SETTINGS
     from qin.config import load_config
     from qin.data import load_dataset
     from qin.synth import builtin_dataset
