@@ -50,7 +50,7 @@ def other_dir(tmp_path_factory):
 
 
 def load_other(root):
-    return load_dataset(root, features=OTHER_FEATURES, label="clicked", history="clicked_items")
+    return load_dataset(root, **OTHER_DATA_SECTION)
 
 
 def test_the_authors_microlens_block_gives_todays_model(tmp_path):
@@ -121,7 +121,8 @@ def test_qin_and_din_learn_the_other_schema_end_to_end(other_dir, tmp_path):
         state = Trainer(cfg, dataset, tmp_path / architecture, log=lambda *_: None).fit()
         aucs[architecture] = state.best_auc
     # The planted signal (history match, level cross, item quality) is learnable through these features.
-    assert aucs["qin"] > 0.65 and aucs["din"] > 0.6, aucs
+    # Measured here: QIN 0.659, DIN 0.781; chance on 1,500 valid rows is 0.5 +- 0.02.
+    assert aucs["qin"] > 0.6 and aucs["din"] > 0.7, aucs
 
 
 def test_cli_trains_and_evaluates_from_a_fuxictr_block(other_dir, tmp_path, capsys):
