@@ -239,3 +239,34 @@ def _microlens_small():
     from qin.features import model_features
 
     return model_features(QINConfig(num_items=40, num_tags=15, mm_dim=6))
+
+
+def test_every_feature_type_on_either_side_builds_and_trains():
+    features = [
+        {"name": "item_id", "type": "categorical", "source": "item", "vocab_size": 30},
+        {"name": "item_words", "type": "sequence", "source": "item", "max_len": 3, "vocab_size": 12},
+        {"name": "item_price", "type": "numeric", "source": "item"},
+        {"name": "user_topics", "type": "sequence", "max_len": 4, "vocab_size": 7, "embedding_dim": 5},
+        {"name": "user_vector", "type": "embedding", "embedding_dim": 3},
+        {"name": "age", "type": "numeric"},
+    ]
+    cfg = QINConfig(embed_dim=4, attention_dim=8, features=features)
+    assert cfg.item_dim == 3 * 4 and cfg.context_dim == 5 + 4 + 4
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(0, 12, (30, 3), generator=g)
+    words[0] = 0
+    batch = {"item_id": torch.randint(1, 30, (6,), generator=g), "item_seq": torch.randint(0, 30, (6, 5), generator=g),
+             "user_topics": torch.tensor([[0, 0, 0, 0]] + [[0, 1, 2, 3]] * 5), "user_vector": torch.randn(6, 3, generator=g),
+             "age": torch.rand(6, generator=g)}
+    for architecture in ("qin", "din"):
+        model = (QIN if architecture == "qin" else DIN)(QINConfig(**{**cfg.__dict__, "architecture": architecture}))
+        model.load_item_info({"item_words": words, "item_price": torch.rand(30, generator=g)})
+        logits = model(batch)
+        logits.sum().backward()
+        assert logits.shape == (6,) and torch.isfinite(logits).all()
+        tables = dict(model.named_parameters())
+        # Only the ids present reach their rows; padding 0 and the unused ids 4..6 get no gradient.
+        grad = tables["user_topics_embedding.weight"].grad
+        assert torch.all(grad[0] == 0) and torch.all(grad[4:] == 0)
+        assert grad[1:4].abs().sum() > 0
+        assert tables["items.item_price_embedding.weight"].grad.abs().sum() > 0
