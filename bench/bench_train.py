@@ -114,8 +114,8 @@ def loader_rows(device: torch.device, batch: int, quick: bool) -> list[dict]:
     n = batch * (4 if quick else 16)
     rng = np.random.default_rng(0)
     split = Split(name="train", item_id=rng.integers(1, 91_718, n), item_seq=rng.integers(0, 91_718, (n, 64)).astype(np.int32),
-                  likes_level=rng.integers(0, 11, n), views_level=rng.integers(0, 11, n),
-                  label=(rng.random(n) < 0.25).astype(np.float32))
+                  label=(rng.random(n) < 0.25).astype(np.float32),
+                  features={"likes_level": rng.integers(0, 11, n), "views_level": rng.integers(0, 11, n)})
 
     def epoch():
         for b in iterate_batches(split, batch, shuffle=True, seed=0, epoch=0):

@@ -15,7 +15,7 @@ import numpy as np
 from qin import distributed
 from qin.checkpoint import CheckpointError, atomic_write, load_checkpoint
 from qin.commands_common import BUILTIN_SETTINGS, UsageError, load_data
-from qin.config import ConfigError, load_config
+from qin.config import ConfigError, load_config, read_fuxictr_dataset
 
 
 def cmd_make_data(args) -> int:
@@ -24,8 +24,8 @@ def cmd_make_data(args) -> int:
     out = Path(args.dir)
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UsageError(f"{out} exists and is not empty; pass --force to write into it")
-    make_dataset(out, rows=args.rows, items=args.items, seed=args.seed)
-    print(f"wrote a generated dataset ({args.rows:,} train rows, {args.items:,} items) to {out}")
+    make_dataset(out, rows=args.rows, items=args.items, seed=args.seed, schema=args.schema)
+    print(f"wrote a generated dataset ({args.schema} schema, {args.rows:,} train rows, {args.items:,} items) to {out}")
     return 0
 
 
@@ -36,19 +36,22 @@ def cmd_train(args) -> int:
         out_dir = Path(args.resume)
         if not (out_dir / "latest.pt").exists():
             raise UsageError(f"{out_dir}: no latest.pt to resume from")
-        if args.config or args.data:
-            raise UsageError("--resume takes the run's own config.yaml and data; drop --config/--data")
+        if args.config or args.data or args.data_config:
+            raise UsageError("--resume takes the run's own config.yaml and data; drop --config/--data/--data-config")
         cfg = load_config(out_dir / "config.yaml", args.overrides)
     else:
-        base = None if (args.data or args.config) else BUILTIN_SETTINGS
-        cfg = load_config(args.config, args.overrides, base=base)
+        if bool(args.data_config) != bool(args.dataset_id):
+            raise UsageError("--data-config and --dataset-id go together")
+        dataset_block = read_fuxictr_dataset(args.data_config, args.dataset_id) if args.data_config else None
+        base = None if (args.data or args.config or dataset_block) else BUILTIN_SETTINGS
+        cfg = load_config(args.config, args.overrides, base=base, dataset=dataset_block)
         if args.data:
             cfg.data.dir = args.data
         out_dir = Path(args.out or cfg.train.out_dir)
         if (out_dir / "latest.pt").exists():
             raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} "
                              f"or choose another --out")
-    dataset = load_data(cfg.data.dir, cfg.data.max_len)  # validated before anything is written
+    dataset = load_data(cfg.data.dir, cfg.data)  # validated before anything is written
     cfg.data.dir = str(dataset.root.resolve())
     fill_vocab_from_data(cfg, dataset)
     trainer = Trainer(cfg, dataset, out_dir)
@@ -67,13 +70,13 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str):
 
     payload = load_checkpoint(path)
     cfg = load_config(overrides=[], base=payload["config"])
-    dataset = load_data(data or cfg.data.dir, cfg.data.max_len)
+    dataset = load_data(data or cfg.data.dir, cfg.data)
     if dataset.item_info.num_items != cfg.model.num_items:
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "
                               f"{dataset.root / 'item_info.parquet'} has {dataset.item_info.num_items:,}")
     device = distributed.setup(distributed.context_from_env(), resolve_device(device_name))
     model = build_model(cfg.model)
-    model.load_item_info(dataset.item_info.tags, dataset.item_info.mm)
+    model.load_item_info(dataset.item_info.columns)
     model.load_state_dict(payload["model"])
     return model.to(device).eval(), dataset, cfg, device
 
@@ -120,7 +123,9 @@ def cmd_export(args) -> int:
     if output.exists() and not args.force:
         raise UsageError(f"{output} exists; pass --force to overwrite it")
     model, dataset, cfg, device = _model_from_checkpoint(args.checkpoint, args.data, args.device)
-    program = export.export_model(model, export.example_batch(4, cfg.data.max_len, cfg.model.num_items, device))
+    split = dataset.splits["valid"] if "valid" in dataset.splits else dataset.splits["train"]
+    batch = {k: v.to(device) for k, v in export.example_batch(split).items()}
+    program = export.export_model(model, batch)
     atomic_write(output, lambda fh: export.save(program, fh))
     print(f"wrote {output}: load it with `import kernels; torch.export.load('{output}').module()(batch)`")
     return 0
@@ -184,12 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=200_000, help="train rows (valid and test are about 10%% each)")
     p.add_argument("--items", type=int, default=5_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schema", choices=("microlens", "other"), default="microlens",
+                   help="other: 3 context features, 2 categorical item attributes, a 64-wide embedding, no tags "
+                        "(its features block: qin.synth.OTHER_FEATURES)")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     p.set_defaults(func=cmd_make_data)
 
     p = sub.add_parser("train", help="train QIN (no arguments: the built-in dataset on this machine)")
     p.add_argument("--data", help="dataset folder (default: the built-in generated dataset)")
     p.add_argument("--config", help="YAML file with data/model/train blocks")
+    p.add_argument("--data-config", help="a FuxiCTR dataset_config.yaml; its block --dataset-id sets the data section")
+    p.add_argument("--dataset-id", help="the dataset block to read from --data-config")
     p.add_argument("--out", help="run folder (default: train.out_dir)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest.pt")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-3 model.asta_form=literal")

@@ -16,10 +16,12 @@ class UsageError(Exception):
     """A command was asked for something it refuses (exit status 2, one line naming why)."""
 
 
-def load_data(path: str | None, max_len: int):
-    """The dataset in `path`, or the built-in generated one (made on first use) when it is None."""
+def load_data(path: str | None, data_cfg):
+    """The dataset in `path`, or the built-in generated one (made on first use) when it is None,
+    read as the config's data block declares it (features, label and history columns, max_len)."""
     from qin.data import load_dataset
     from qin.synth import builtin_dataset
 
     root = Path(path) if path else builtin_dataset()
-    return load_dataset(root, max_len=max_len)
+    return load_dataset(root, max_len=data_cfg.max_len, features=data_cfg.features, label=data_cfg.label,
+                        history=data_cfg.history)

@@ -141,7 +141,7 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
     if epochs < 1 or seeds < 1:
         raise UsageError("--epochs and --seeds must be at least 1")
     load_config(overrides=overrides)  # refuse bad overrides before any training
-    dataset = load_data(data, load_config(overrides=overrides).data.max_len)
+    dataset = load_data(data, load_config(overrides=overrides).data)
     base = None if data else BUILTIN_SETTINGS
     label = str(dataset.root) if data else f"the built-in generated dataset ({dataset.root.name}): generated data, not MicroLens"
     start = time.perf_counter()

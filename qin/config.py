@@ -52,14 +52,26 @@ class QINConfig:
     din_embed_dim: int = 64
     din_attention_units: list = field(default_factory=lambda: [512, 256])
     din_dnn_units: list = field(default_factory=lambda: [1024, 512, 256])
+    # The dataset's features (qin.features), vocabularies resolved; None: the MicroLens layout
+    # sized by num_items, num_tags, num_levels, tags_per_item and mm_dim above.
+    features: list | None = None
 
     @property
     def item_dim(self) -> int:
-        return 3 * self.embed_dim
+        """Width of e(i): the item attributes' parts side by side (3 x 128 on MicroLens)."""
+        from qin.features import item_features, model_features
+
+        return sum(f.width(self.embed_dim) for f in item_features(model_features(self)))
+
+    @property
+    def context_dim(self) -> int:
+        from qin.features import context_features, model_features
+
+        return sum(f.width(self.embed_dim) for f in context_features(model_features(self)))
 
     @property
     def qnn_dim(self) -> int:
-        return 2 * self.embed_dim + (2 if self.use_asta else 1) * self.item_dim
+        return self.context_dim + (2 if self.use_asta else 1) * self.item_dim
 
     def validate(self) -> None:
         if self.asta_form not in ("hoisted", "literal"):
@@ -83,12 +95,21 @@ class QINConfig:
                      "qnn_layers", "qnn_rows", "tags_per_item", "din_embed_dim"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+        from qin.features import model_features
+
+        missing = [f.name for f in model_features(self) if f.has_ids and f.vocab_size is None]
+        if missing:
+            raise ConfigError(f"model.features: no vocab_size for {', '.join(missing)} (fill it from the data)")
 
 
 @dataclass
 class DataConfig:
     dir: str | None = None  # None: the built-in generated dataset
-    max_len: int = 64
+    max_len: int = 64  # history items kept per row (the most recent)
+    # The columns, in FuxiCTR's feature_cols vocabulary (qin.features); None: the MicroLens layout.
+    features: list | None = None
+    label: str = "label"
+    history: str = "item_seq"  # the list of the user's earlier item ids, left-padded with 0
 
 
 @dataclass
@@ -155,8 +176,41 @@ def _coerce_types(cfg: RunConfig) -> None:
             setattr(obj, f.name, value)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), base: dict | None = None) -> RunConfig:
-    """Defaults <- `base` dict <- YAML file <- `section.key=value` overrides; validated."""
+def read_fuxictr_dataset(path: str | Path, dataset_id: str) -> dict:
+    """The `data` section for one dataset block of a FuxiCTR dataset_config.yaml, read as it is.
+
+    feature_cols become data.features and label_col data.label; the folder is the one holding
+    train_data (relative paths resolved from the working directory, as FuxiCTR does), whose
+    splits and item table must be train/valid/test/item_info.parquet.
+    """
+    with open(path, encoding="utf-8") as fh:
+        blocks = yaml.safe_load(fh) or {}
+    if not isinstance(blocks, dict) or dataset_id not in blocks:
+        known = ", ".join(blocks) if isinstance(blocks, dict) else "none"
+        raise ConfigError(f"{path}: no dataset block '{dataset_id}' (blocks: {known})")
+    block = blocks[dataset_id]
+    if not isinstance(block, dict) or "feature_cols" not in block:
+        raise ConfigError(f"{path}: block '{dataset_id}' has no feature_cols")
+    data: dict = {"features": block["feature_cols"]}
+    label = block.get("label_col")
+    if label is not None:
+        if not isinstance(label, dict) or not isinstance(label.get("name"), str):
+            raise ConfigError(f"{path}: block '{dataset_id}': label_col must be a mapping with a name")
+        data["label"] = label["name"]
+    if block.get("train_data"):
+        folder = Path(block["train_data"]).parent
+        for key, name in (("valid_data", "valid.parquet"), ("test_data", "test.parquet"),
+                          ("item_info", "item_info.parquet"), ("train_data", "train.parquet")):
+            if block.get(key) and Path(block[key]) != folder / name:
+                raise ConfigError(f"{path}: block '{dataset_id}': {key} is {block[key]}; this loader reads "
+                                  f"{folder / name} (the four files of a dataset share one folder)")
+        data["dir"] = str(folder)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), base: dict | None = None,
+                dataset: dict | None = None) -> RunConfig:
+    """Defaults <- `base` dict <- YAML file <- `dataset` (a data section) <- overrides; validated."""
     cfg = RunConfig()
     layers: list[tuple[str, dict]] = []
     if base:
@@ -167,6 +221,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping with data/model/train blocks")
         layers.append((str(path), loaded))
+    if dataset:
+        layers.append(("the dataset block", {"data": dataset}))
     for text in overrides:
         key, sep, raw = text.partition("=")
         if not sep or "." not in key:
@@ -184,6 +240,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     cfg.model.validate()
     if cfg.train.log_every_steps < 1:
         raise ConfigError(f"train.log_every_steps must be a positive integer, got {cfg.train.log_every_steps}")
+    if cfg.data.features is not None:
+        from qin.features import parse_features
+
+        parse_features(cfg.data.features)
     if cfg.data.max_len < 1:
         raise ConfigError(f"data.max_len must be a positive integer, got {cfg.data.max_len}")
     return cfg

@@ -1,4 +1,6 @@
-"""Reading, validating and batching a dataset folder in the MicroLens_1M_x1 layout of SPEC.md.
+"""Reading, validating and batching a dataset folder: the MicroLens_1M_x1 layout of SPEC.md, or any
+schema declared as features (qin.features): train/valid/test.parquet hold the label, the history,
+the target item id and the context features; item_info.parquet the item attributes, row i = item i.
 
 Every check runs when the folder is loaded, vectorised over whole columns, so bad data fails before
 training starts with one DataError naming the file, the column and the first bad row (rows count
@@ -6,6 +8,7 @@ from 0). Files are streamed in record batches, so the peak memory is the loaded 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,19 +20,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from qin.features import MICROLENS_FEATURES, context_features, item_features, item_key, parse_features, to_dicts
+
 logger = logging.getLogger("qin.data")
 
-TAGS_PER_ITEM = 5
-EMBEDDING_DIM = 128
-MAX_LEVEL = 10  # likes_level / views_level take 0..10
 READ_BATCH_ROWS = 1 << 18
 REQUIRED_SPLITS = ("train", "valid")  # test is optional
 
-# Column kinds: what each column must hold. user_id is in the layout but not a model feature:
-# its type is checked when present, its values are never read.
-SPLIT_COLUMNS = {"user_id": "int", "item_seq": "int_list", "item_id": "int", "likes_level": "int",
-                 "views_level": "int", "label": "number"}
-ITEM_INFO_COLUMNS = {"item_id": "int", "item_tags": "int_list", "item_emb_d128": "float_list"}
+# What each column must hold, by feature type (qin.features).
+KIND_OF_TYPE = {"categorical": "int", "sequence": "int_list", "embedding": "float_list", "numeric": "number"}
 KIND_NAMES = {"int": "an integer type", "number": "an integer or floating type",
               "int_list": "a list of integers", "float_list": "a list of floats"}
 
@@ -57,36 +56,51 @@ def data_error(file: str, message: str, column: str | None = None, row: int | No
 
 @dataclass
 class ItemInfo:
-    tags: torch.Tensor  # (num_items, 5) int64, row = item id, left-padded with 0
-    mm: torch.Tensor  # (num_items, 128) float32, the frozen item_emb_d128
+    """The item attributes as tensors, row = item id (row 0 = padding, all zeros); the item id
+    column itself is the row number and is not stored."""
+
+    columns: dict[str, torch.Tensor]  # sequence (N, max_len) int64, categorical (N,) int64, else float32
+    num_items: int  # rows of item_info, padding row 0 included
 
     @property
-    def num_items(self) -> int:
-        """Rows of item_info, padding row 0 included."""
-        return self.tags.shape[0]
+    def tags(self) -> torch.Tensor:
+        """MicroLens: item_tags (num_items, 5)."""
+        return self.columns["item_tags"]
+
+    @property
+    def mm(self) -> torch.Tensor:
+        """MicroLens: the frozen item_emb_d128 (num_items, 128)."""
+        return self.columns["item_emb_d128"]
 
     @property
     def num_tags(self) -> int:
-        """Tag vocabulary: max tag id + 1 (id 0 is padding)."""
+        """MicroLens: tag vocabulary, max tag id + 1 (id 0 is padding)."""
         return int(self.tags.max()) + 1
 
 
 @dataclass
 class Split:
     name: str  # "train" / "valid" / "test"
-    item_id: np.ndarray  # (N,) int64
+    item_id: np.ndarray  # (N,) int64, the target items
     item_seq: np.ndarray  # (N, max_len) int32, the last max_len history items, left-padded with 0
-    likes_level: np.ndarray  # (N,) int64
-    views_level: np.ndarray  # (N,) int64
     label: np.ndarray | None  # (N,) float32; None when the file has no label column (test)
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # context features by name
 
     def __len__(self) -> int:
         return len(self.item_id)
 
+    def __getattr__(self, name: str) -> np.ndarray:
+        # A context feature reads like a field: split.likes_level.
+        features = self.__dict__.get("features", {})
+        if name in features:
+            return features[name]
+        raise AttributeError(name)
+
     def rows(self, start: int, stop: int) -> "Split":
         """Rows start..stop-1 as a Split of views (no copy)."""
-        return Split(self.name, self.item_id[start:stop], self.item_seq[start:stop], self.likes_level[start:stop],
-                     self.views_level[start:stop], None if self.label is None else self.label[start:stop])
+        return Split(self.name, self.item_id[start:stop], self.item_seq[start:stop],
+                     None if self.label is None else self.label[start:stop],
+                     {name: values[start:stop] for name, values in self.features.items()})
 
 
 @dataclass
@@ -95,6 +109,7 @@ class Dataset:
     item_info: ItemInfo
     splits: dict[str, Split]
     extra_columns: dict[str, list[str]] = field(default_factory=dict)  # file -> ignored columns
+    features: list = field(default_factory=list)  # qin.features.Feature, vocab sizes resolved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +194,7 @@ class _FileReader:
         if missing:
             raise data_error(self.name, f"missing (the file has {', '.join(schema.names) or 'no columns'})", missing[0])
         for column, kind in kinds.items():
-            if column in schema.names and not _type_fits(kind, schema.field(column).type):
+            if kind is not None and column in schema.names and not _type_fits(kind, schema.field(column).type):
                 raise data_error(self.name, f"expected {KIND_NAMES[kind]}, got {schema.field(column).type}", column)
         self.extra = [name for name in schema.names if name not in kinds]
         self.present = [name for name in kinds if name in schema.names]
@@ -245,122 +260,176 @@ def _describe_item_id(num_items: int):
     return describe
 
 
-def _describe_level(value: int) -> str:
-    return f"level {value} is outside 0..{MAX_LEVEL}"
+def _describe_id(feature):
+    def describe(value: int) -> str:
+        if value < 0:
+            return f"id {value} is negative"
+        return f"id {value} is outside the vocabulary 0..{feature.vocab_size - 1}"
+    return describe
+
+
+def _empty_column(feature, rows: int) -> np.ndarray:
+    if feature.type == "categorical":
+        return np.zeros(rows, dtype=np.int64)
+    if feature.type == "sequence":
+        return np.zeros((rows, feature.max_len), dtype=np.int32)
+    if feature.type == "embedding":
+        return np.zeros((rows, feature.embedding_dim), dtype=np.float32)
+    return np.zeros(rows, dtype=np.float32)
+
+
+def _read_feature(reader: _FileReader, feature, array: pa.Array, start: int, out: np.ndarray) -> None:
+    """Check one record batch of a feature's column and write it into out[start:]."""
+    name, stop = feature.name, start + len(array)
+    highest = feature.vocab_size - 1 if feature.vocab_size else np.iinfo(np.int64).max
+    if feature.type == "categorical":
+        ids = reader.ints(name, array, start)
+        reader.check_range(name, ids, start, 0, highest, _describe_id(feature))
+        out[start:stop] = ids
+    elif feature.type == "sequence":
+        lengths, values = reader.lists(name, array, start)
+        bad = _first(lengths > feature.max_len)
+        if bad is not None:
+            raise reader.fail(name, start + bad, f"{lengths[bad]} ids, at most max_len {feature.max_len} allowed")
+        values = values.astype(np.int64, copy=False)
+        reader.check_range(name, values, start, 0, highest, _describe_id(feature), lengths)
+        out[start:stop] = keep_last(lengths, values, feature.max_len, dtype=out.dtype)
+    elif feature.type == "embedding":
+        width = feature.embedding_dim
+        lengths, values = reader.lists(name, array, start)
+        bad = _first(lengths != width)
+        if bad is not None:
+            raise reader.fail(name, start + bad, f"{lengths[bad]} values, expected {width}")
+        values = values.astype(np.float32, copy=False)  # a float64 too large for float32 becomes inf here
+        bad = _first(~np.isfinite(values))
+        if bad is not None:
+            raise reader.fail(name, start + bad // width, f"non-finite value {values[bad]}")
+        out[start:stop] = values.reshape(-1, width)
+    else:  # numeric
+        reader.check_no_nulls(name, array, start)
+        values = array.to_numpy(zero_copy_only=False).astype(np.float32)
+        bad = _first(~np.isfinite(values))
+        if bad is not None:
+            raise reader.fail(name, start + bad, f"non-finite value {values[bad]}")
+        out[start:stop] = values
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
 
-def _load_item_info(path: Path) -> tuple[ItemInfo, list[str]]:
-    with _FileReader(path, ITEM_INFO_COLUMNS, set(ITEM_INFO_COLUMNS)) as reader:
-        return _read_item_info(reader)
+def _meta_kinds(features) -> dict[str, None]:
+    """Meta columns: declared, so not named as extra, but never read or checked."""
+    return {f.name: None for f in features if f.type == "meta"}
 
 
-def _read_item_info(reader: _FileReader) -> tuple[ItemInfo, list[str]]:
-    n = reader.num_rows
-    tags = np.zeros((n, TAGS_PER_ITEM), dtype=np.int64)
-    mm = np.zeros((n, EMBEDDING_DIM), dtype=np.float32)
-    for start, batch in reader.batches(list(ITEM_INFO_COLUMNS)):
-        stop = start + batch.num_rows
-        ids = reader.ints("item_id", batch.column("item_id"), start)
-        bad = _first(ids != np.arange(start, stop))
-        if bad is not None:
-            raise reader.fail("item_id", start + bad, f"item_id {ids[bad]}, expected {start + bad} (row i must hold item i)")
-
-        lengths, values = reader.lists("item_tags", batch.column("item_tags"), start)
-        bad = _first(lengths > TAGS_PER_ITEM)
-        if bad is not None:
-            raise reader.fail("item_tags", start + bad, f"{lengths[bad]} tags, at most {TAGS_PER_ITEM} allowed")
-        bad = _first(values < 0)
-        if bad is not None:
-            raise reader.fail("item_tags", start + reader.row_of(lengths, bad), f"tag id {values[bad]} is negative")
-        tags[start:stop] = keep_last(lengths, values.astype(np.int64, copy=False), TAGS_PER_ITEM)
-
-        lengths, values = reader.lists("item_emb_d128", batch.column("item_emb_d128"), start)
-        bad = _first(lengths != EMBEDDING_DIM)
-        if bad is not None:
-            raise reader.fail("item_emb_d128", start + bad, f"{lengths[bad]} values, expected {EMBEDDING_DIM}")
-        values = values.astype(np.float32, copy=False)  # a float64 too large for float32 becomes inf here
-        bad = _first(~np.isfinite(values))
-        if bad is not None:
-            raise reader.fail("item_emb_d128", start + bad // EMBEDDING_DIM, f"non-finite value {values[bad]}")
-        mm[start:stop] = values.reshape(-1, EMBEDDING_DIM)
-
-    if tags[0].any():
-        raise reader.fail("item_tags", 0, "the padding row 0 must be all zeros")
-    if mm[0].any():
-        raise reader.fail("item_emb_d128", 0, "the padding row 0 must be all zeros")
-    return ItemInfo(tags=torch.from_numpy(tags), mm=torch.from_numpy(mm)), reader.extra
-
-
-def _load_split(path: Path, name: str, num_items: int, max_len: int) -> tuple[Split, list[str]]:
-    required = set(SPLIT_COLUMNS) - {"user_id", "label"}
-    if name != "test":
-        required.add("label")
-    with _FileReader(path, SPLIT_COLUMNS, required) as reader:
-        return _read_split(reader, name, num_items, max_len)
-
-
-def _read_split(reader: _FileReader, name: str, num_items: int, max_len: int) -> tuple[Split, list[str]]:
-    has_label = "label" in reader.present
-    n = reader.num_rows
-    item_id = np.empty(n, dtype=np.int64)
-    item_seq = np.empty((n, max_len), dtype=np.int32)
-    likes_level = np.empty(n, dtype=np.int64)
-    views_level = np.empty(n, dtype=np.int64)
-    label = np.empty(n, dtype=np.float32) if has_label else None
-    columns = [c for c in reader.present if c != "user_id"]
-    for start, batch in reader.batches(columns):
-        stop = start + batch.num_rows
-        ids = reader.ints("item_id", batch.column("item_id"), start)
-        reader.check_range("item_id", ids, start, 1, num_items - 1, _describe_item_id(num_items))
-        item_id[start:stop] = ids
-
-        lengths, values = reader.lists("item_seq", batch.column("item_seq"), start)
-        values = values.astype(np.int64, copy=False)
-        reader.check_range("item_seq", values, start, 0, num_items - 1, _describe_item_id(num_items), lengths)
-        item_seq[start:stop] = keep_last(lengths, values, max_len, dtype=np.int32)
-
-        for column, out in (("likes_level", likes_level), ("views_level", views_level)):
-            levels = reader.ints(column, batch.column(column), start)
-            reader.check_range(column, levels, start, 0, MAX_LEVEL, _describe_level)
-            out[start:stop] = levels
-
-        if has_label:
-            reader.check_no_nulls("label", batch.column("label"), start)
-            labels = batch.column("label").to_numpy(zero_copy_only=False)
-            bad = _first(np.isnan(labels)) if labels.dtype.kind == "f" else None
+def _load_item_info(path: Path, features) -> tuple[ItemInfo, list[str]]:
+    key, attributes = item_key(features), item_features(features)[1:]
+    kinds = {key.name: "int", **{f.name: KIND_OF_TYPE[f.type] for f in attributes}}
+    with _FileReader(path, kinds, set(kinds)) as reader:
+        n = reader.num_rows
+        if key.vocab_size is not None and n > key.vocab_size:
+            raise reader.fail(key.name, key.vocab_size, f"{n} items, beyond the vocab_size {key.vocab_size}")
+        columns = {f.name: _empty_column(f, n) for f in attributes}
+        for start, batch in reader.batches(list(kinds)):
+            stop = start + batch.num_rows
+            ids = reader.ints(key.name, batch.column(key.name), start)
+            bad = _first(ids != np.arange(start, stop))
             if bad is not None:
-                raise reader.fail("label", start + bad, "label is NaN")
-            bad = _first((labels != 0) & (labels != 1))
-            if bad is not None:
-                raise reader.fail("label", start + bad, f"label {labels[bad]} is not 0 or 1")
-            label[start:stop] = labels
-    split = Split(name=name, item_id=item_id, item_seq=item_seq, likes_level=likes_level,
-                  views_level=views_level, label=label)
-    return split, reader.extra
+                raise reader.fail(key.name, start + bad,
+                                  f"{key.name} {ids[bad]}, expected {start + bad} (row i must hold item i)")
+            for f in attributes:
+                _read_feature(reader, f, batch.column(f.name), start, columns[f.name])
+        for f in attributes:
+            if columns[f.name][0].any():
+                raise reader.fail(f.name, 0, "the padding row 0 must be all zeros")
+        tensors = {name: torch.from_numpy(values.astype(np.int64) if values.dtype == np.int32 else values)
+                   for name, values in columns.items()}
+        return ItemInfo(columns=tensors, num_items=n), reader.extra
 
 
-def load_dataset(root, max_len: int = 64, splits=("train", "valid", "test")) -> Dataset:
-    """Read and validate item_info.parquet and the named splits; train and valid must exist, others may not."""
+def _load_split(path: Path, name: str, num_items: int, max_len: int, features, label: str,
+                history: str) -> tuple[Split, list[str]]:
+    key, context = item_key(features), context_features(features)
+    kinds = {history: "int_list", key.name: "int", **{f.name: KIND_OF_TYPE[f.type] for f in context},
+             label: "number"}
+    required = set(kinds) - ({label} if name == "test" else set())
+    with _FileReader(path, {**_meta_kinds(features), **kinds}, required) as reader:
+        has_label = label in reader.present
+        n = reader.num_rows
+        item_id = np.empty(n, dtype=np.int64)
+        item_seq = np.empty((n, max_len), dtype=np.int32)
+        labels = np.empty(n, dtype=np.float32) if has_label else None
+        columns = {f.name: _empty_column(f, n) for f in context}
+        for start, batch in reader.batches([c for c in kinds if c in reader.present]):
+            stop = start + batch.num_rows
+            ids = reader.ints(key.name, batch.column(key.name), start)
+            reader.check_range(key.name, ids, start, 1, num_items - 1, _describe_item_id(num_items))
+            item_id[start:stop] = ids
+
+            lengths, values = reader.lists(history, batch.column(history), start)
+            values = values.astype(np.int64, copy=False)
+            reader.check_range(history, values, start, 0, num_items - 1, _describe_item_id(num_items), lengths)
+            item_seq[start:stop] = keep_last(lengths, values, max_len, dtype=np.int32)
+
+            for f in context:
+                _read_feature(reader, f, batch.column(f.name), start, columns[f.name])
+
+            if has_label:
+                reader.check_no_nulls(label, batch.column(label), start)
+                values = batch.column(label).to_numpy(zero_copy_only=False)
+                bad = _first(np.isnan(values)) if values.dtype.kind == "f" else None
+                if bad is not None:
+                    raise reader.fail(label, start + bad, "label is NaN")
+                bad = _first((values != 0) & (values != 1))
+                if bad is not None:
+                    raise reader.fail(label, start + bad, f"label {values[bad]} is not 0 or 1")
+                labels[start:stop] = values
+        return Split(name=name, item_id=item_id, item_seq=item_seq, label=labels, features=columns), reader.extra
+
+
+def _resolve_vocab(features, item_info: ItemInfo, splits: dict[str, Split]) -> list:
+    """Features with every vocab_size known: the declared one, else the largest id seen + 1."""
+    resolved = []
+    for f in features:
+        f = dataclasses.replace(f)
+        if f.vocab_size is None and f.has_ids:
+            if f.name == item_key(features).name:
+                f.vocab_size = item_info.num_items
+            else:
+                arrays = ([item_info.columns[f.name].numpy()] if f.is_item
+                          else [split.features[f.name] for split in splits.values()])
+                f.vocab_size = max(int(a.max()) if a.size else 0 for a in arrays) + 1
+        resolved.append(f)
+    return resolved
+
+
+def load_dataset(root, max_len: int = 64, splits=("train", "valid", "test"), features=None,
+                 label: str = "label", history: str = "item_seq") -> Dataset:
+    """Read and validate item_info.parquet and the named splits; train and valid must exist, others may not.
+
+    `features` is a list of qin.features.Feature or config dicts; None reads the MicroLens layout.
+    Dataset.features holds them back with every vocab_size resolved.
+    """
     if max_len < 1:
         raise ValueError(f"max_len must be a positive integer, got {max_len}")
+    features = parse_features(MICROLENS_FEATURES if features is None else
+                              [f if isinstance(f, dict) else to_dicts([f])[0] for f in features])
     root = Path(root)
-    item_info, extra = _load_item_info(root / "item_info.parquet")
+    item_info, extra = _load_item_info(root / "item_info.parquet", features)
     extra_columns = {"item_info.parquet": extra} if extra else {}
     loaded = {}
     for name in splits:
         path = root / f"{name}.parquet"
         if name not in REQUIRED_SPLITS and not path.exists():
             continue
-        loaded[name], extra = _load_split(path, name, item_info.num_items, max_len)
+        loaded[name], extra = _load_split(path, name, item_info.num_items, max_len, features, label, history)
         if extra:
             extra_columns[path.name] = extra
     for file, names in extra_columns.items():
         logger.info("%s: ignoring extra columns %s", file, ", ".join(names))
-    return Dataset(root=root, item_info=item_info, splits=loaded, extra_columns=extra_columns)
+    return Dataset(root=root, item_info=item_info, splits=loaded, extra_columns=extra_columns,
+                   features=_resolve_vocab(features, item_info, loaded))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,13 +449,13 @@ def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def assemble_batch(split: Split, rows: np.ndarray, device=None) -> dict[str, torch.Tensor]:
-    """Gather `rows` of every column into tensors (ids widened to int64, as embeddings want)."""
-    batch = {
-        "item_id": torch.from_numpy(split.item_id[rows]),
-        "item_seq": torch.from_numpy(split.item_seq[rows]).long(),
-        "likes_level": torch.from_numpy(split.likes_level[rows]),
-        "views_level": torch.from_numpy(split.views_level[rows]),
-    }
+    """Gather `rows` of every column into tensors (ids widened to int64, as embeddings want):
+    item_id, item_seq, label and each context feature by its name."""
+    batch = {"item_id": torch.from_numpy(split.item_id[rows]),
+             "item_seq": torch.from_numpy(split.item_seq[rows]).long()}
+    for name, values in split.features.items():
+        column = torch.from_numpy(values[rows])
+        batch[name] = column.long() if column.dtype == torch.int32 else column
     if split.label is not None:
         batch["label"] = torch.from_numpy(split.label[rows])
     if device is not None:

@@ -5,6 +5,8 @@
               u   = sum_l w_l k_l
     DNN       [likes (64), views (64), q, u] -> [1024, 512, 256] (Linear, BatchNorm, ReLU, dropout) -> 1
 
+On another schema: the item and context features of qin.features, 64 wide, frozen embeddings as they are.
+
 The paper trains it with Adam lr 1e-3 and early-stop patience 3 (`qin compare` sets those).
 """
 from __future__ import annotations
@@ -33,13 +35,13 @@ class DIN(CTRModel):
         cfg.validate()
         dim = cfg.din_embed_dim
         self.items = ItemEncoder(cfg, embed_dim=dim, project_mm=False)
-        item_dim = 2 * dim + cfg.mm_dim
-        self.likes_embedding = nn.Embedding(cfg.num_levels, dim)
-        self.views_embedding = nn.Embedding(cfg.num_levels, dim)
+        self.add_context(cfg, dim, project=False)
+        item_dim = sum(f.width(dim, project=False) for f in self.items.features)
+        context_dim = sum(f.width(dim, project=False) for f in self.context)
         units = cfg.din_attention_units
         self.attention = nn.Sequential(_mlp([4 * item_dim, *units], cfg.dropout, batch_norm=False),
                                        nn.Linear(units[-1], 1))
-        self.dnn = _mlp([2 * dim + 2 * item_dim, *cfg.din_dnn_units], cfg.dropout, batch_norm=True)
+        self.dnn = _mlp([context_dim + 2 * item_dim, *cfg.din_dnn_units], cfg.dropout, batch_norm=True)
         self.output = nn.Linear(cfg.din_dnn_units[-1], 1)
         init_weights(self, cfg.embedding_init_std)
 
@@ -50,6 +52,5 @@ class DIN(CTRModel):
         # Unnormalised weights, zero at padding (the mask multiplies, as in SPEC.md's DIN).
         weights = self.attention(features).squeeze(-1) * (batch["item_seq"] > 0).to(history.dtype)
         interest = torch.einsum("bl,bld->bd", weights, history)
-        x = torch.cat([self.likes_embedding(batch["likes_level"]), self.views_embedding(batch["views_level"]),
-                       target, interest], dim=-1)
+        x = torch.cat([*self.embed_context(batch), target, interest], dim=-1)
         return self.output(self.dnn(x)).squeeze(-1)

@@ -1,6 +1,7 @@
 """The Quadratic Interest Network, section by section as SPEC.md describes it.
 
     item representation  e(i) = [E_item[i], mean(E_tag[tags(i)]), P item_emb_d128[i]]   (384)
+                         (any schema: the parts of the item features, qin.features)
     ASTA                 out = Wo sum_l ReLU(m_l q.k_l / sqrt(d_a)) v_l + t
     QNN                  x <- x + Dropout(PReLU(BN(x * sum_r Dropout(W_r x + b_r))))      (x4)
     output               p = sigmoid(w . x + b)
@@ -16,57 +17,121 @@ import torch.nn.functional as F
 
 import kernels
 from qin.config import QINConfig
+from qin.features import Feature, context_features, item_features, model_features
 
 logger = logging.getLogger("qin.model")
 
 
-class ItemEncoder(nn.Module):
-    """e(i) = concat(E_item[i], masked_mean(E_tag[tags(i)]), P @ item_emb_d128[i]).
+# MicroLens features keep the module names they had before features could be declared, so the
+# state_dict keys (and older checkpoints) stay as they were.
+MODULE_NAMES = {"item_id": "item_embedding", "item_tags": "tag_embedding", "item_emb_d128": "mm_projection",
+                "likes_level": "likes_embedding", "views_level": "views_embedding"}
 
-    The item side information (tags and the frozen multimodal embedding) is data, not
-    parameters: it lives in non-persistent buffers filled by `load_item_info`. Without
-    `project_mm` (the DIN baseline) the frozen embedding enters as it is.
+
+def feature_module(feature: Feature, dim: int, project: bool) -> nn.Module | None:
+    """The trainable part of one feature (FuxiCTR's FeatureEmbedding): a table, a numeric weight
+    vector, or the projection P of a frozen embedding (None: the embedding enters as it is)."""
+    if feature.has_ids:
+        return nn.Embedding(feature.vocab_size, feature.embedding_dim or dim, padding_idx=feature.padding_idx)
+    if feature.type == "numeric":
+        return nn.Linear(1, feature.embedding_dim or dim, bias=False)
+    return nn.Linear(feature.embedding_dim, dim, bias=False) if project else None
+
+
+def embed_feature(feature: Feature, module: nn.Module | None, values: torch.Tensor) -> torch.Tensor:
+    """(N, width) for N values of one feature."""
+    if feature.type == "categorical":
+        return module(values)
+    if feature.type == "sequence":
+        # mode="mean" with padding_idx leaves id 0 out of the mean; an all-padding bag gives zeros.
+        return F.embedding_bag(values, module.weight, mode="mean", padding_idx=0)
+    if feature.type == "numeric":
+        return module(values.to(module.weight.dtype).unsqueeze(-1))
+    return values if module is None else module(values)
+
+
+class FeatureModules(nn.Module):
+    """Holds one module per feature, under MODULE_NAMES or `<name>_embedding` / `<name>_projection`."""
+
+    def add_feature_modules(self, features: list[Feature], dim: int, project: bool) -> None:
+        self._feature_modules = getattr(self, "_feature_modules", {})
+        for feature in features:
+            module = feature_module(feature, dim, project)
+            if module is not None:
+                name = MODULE_NAMES.get(feature.name) or (
+                    f"{feature.name}_projection" if feature.type == "embedding" else f"{feature.name}_embedding")
+                self.add_module(name, module)
+                self._feature_modules[feature.name] = name
+
+    def module_of(self, feature: Feature) -> nn.Module | None:
+        name = self._feature_modules.get(feature.name)
+        return None if name is None else getattr(self, name)
+
+    def feature_tables(self, features: list[Feature]) -> list[torch.Tensor]:
+        """The weights of these features' modules: the tensors under the embedding L2 penalty."""
+        return [self.module_of(f).weight for f in features if self.module_of(f) is not None]
+
+
+def _item_info_buffer(feature: Feature, num_items: int) -> torch.Tensor:
+    if feature.type == "sequence":
+        return torch.zeros(num_items, feature.max_len, dtype=torch.long)
+    if feature.type == "categorical":
+        return torch.zeros(num_items, dtype=torch.long)
+    if feature.type == "embedding":
+        return torch.zeros(num_items, feature.embedding_dim)
+    return torch.zeros(num_items)
+
+
+class ItemEncoder(FeatureModules):
+    """e(i) = concat over the item features of their parts; on MicroLens
+    concat(E_item[i], masked_mean(E_tag[tags(i)]), P @ item_emb_d128[i]).
+
+    The item attributes other than the id (tags, the frozen embedding) are data, not parameters:
+    they live in non-persistent buffers `info_<name>` filled by `load_item_info`. Without
+    `project_mm` (the DIN baseline) a frozen embedding enters as it is.
     """
 
     def __init__(self, cfg: QINConfig, embed_dim: int | None = None, project_mm: bool = True):
         super().__init__()
-        embed_dim = embed_dim or cfg.embed_dim
-        self.item_embedding = nn.Embedding(cfg.num_items, embed_dim, padding_idx=0)
-        self.tag_embedding = nn.Embedding(cfg.num_tags, embed_dim, padding_idx=0)
-        self.mm_projection = nn.Linear(cfg.mm_dim, embed_dim, bias=False) if project_mm else None  # P
+        self.features = item_features(model_features(cfg))
+        self.key = self.features[0]
+        self.add_feature_modules(self.features, embed_dim or cfg.embed_dim, project_mm)
+        for feature in self.features[1:]:
+            self.register_buffer(f"info_{feature.name}", _item_info_buffer(feature, self.key.vocab_size),
+                                 persistent=False)
         self.dedup = cfg.dedup_items
-        self.register_buffer("item_tags", torch.zeros(cfg.num_items, cfg.tags_per_item, dtype=torch.long), persistent=False)
-        self.register_buffer("item_mm", torch.zeros(cfg.num_items, cfg.mm_dim), persistent=False)
 
     @property
     def tables(self) -> list[torch.Tensor]:
-        """The item-side tensors under the embedding L2 penalty: E_item, E_tag and P."""
-        tables = [self.item_embedding.weight, self.tag_embedding.weight]
-        return tables + ([self.mm_projection.weight] if self.mm_projection is not None else [])
+        """The item-side tensors under the embedding L2 penalty: E_item, E_tag and P on MicroLens."""
+        return self.feature_tables(self.features)
 
-    def load_item_info(self, tags: torch.Tensor, mm: torch.Tensor) -> None:
-        if tags.shape != self.item_tags.shape or mm.shape != self.item_mm.shape:
-            raise ValueError(
-                f"item_info does not fit the model: tags {tuple(tags.shape)} and embeddings {tuple(mm.shape)}, "
-                f"expected {tuple(self.item_tags.shape)} and {tuple(self.item_mm.shape)}"
-            )
-        self.item_tags.copy_(tags)
-        self.item_mm.copy_(mm)
+    def load_item_info(self, columns, mm: torch.Tensor | None = None) -> None:
+        """Fill the item attributes from {name: tensor with row = item id}; (tags, mm) on MicroLens.
+
+        A declared item vocabulary may hold more rows than the data: those items stay all zeros."""
+        if mm is not None:
+            columns = {"item_tags": columns, "item_emb_d128": mm}
+        for feature in self.features[1:]:
+            buffer, given = getattr(self, f"info_{feature.name}"), columns[feature.name]
+            if given.shape[1:] != buffer.shape[1:] or given.shape[0] > buffer.shape[0]:
+                raise ValueError(f"item_info does not fit the model: {feature.name} {tuple(given.shape)}, "
+                                 f"expected {tuple(buffer.shape)}")
+            buffer.zero_()
+            buffer[: given.shape[0]].copy_(given)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        # mode="mean" with padding_idx leaves tag 0 out of the mean; an all-padding bag gives zeros.
-        tag_mean = F.embedding_bag(self.item_tags[flat], self.tag_embedding.weight, mode="mean", padding_idx=0)
-        mm = self.item_mm[flat]
-        rep = torch.cat([self.item_embedding(flat), tag_mean, self.mm_projection(mm) if self.mm_projection else mm], dim=-1)
+        parts = [embed_feature(f, self.module_of(f), flat if f is self.key else getattr(self, f"info_{f.name}")[flat])
+                 for f in self.features]
+        rep = torch.cat(parts, dim=-1)
         return rep.view(*ids.shape, rep.shape[-1])
 
-    def unique_representations(self, target_ids: torch.Tensor, history_ids: torch.Tensor):
-        """(reps, target_index, history_index): e(i) of each distinct item of the batch (U, D),
-        and where each target (B,) and history position (B, L) finds its row in reps.
+    def unique_representations(self, target_ids: torch.Tensor, history_ids: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reps (U, D) of the distinct item ids of the batch, target index (B,), history index (B, L)).
 
-        A batch names far fewer distinct items than positions, so each is encoded once.
-        """
+        A batch names far fewer distinct items than positions: each is encoded once."""
         ids = torch.cat([target_ids, history_ids.reshape(-1)])
         unique_ids, inverse = torch.unique(ids, return_inverse=True)
         # The count of distinct ids is data-dependent; telling torch.compile it is at least one
@@ -82,7 +147,9 @@ class ItemEncoder(nn.Module):
         reps, target_index, history_index = self.unique_representations(target_ids, history_ids)
         # A gather through F.embedding, not reps[index]: on the CPU the backward of advanced
         # indexing accumulates in a thread-dependent order, which would make runs unrepeatable.
-        return F.embedding(target_index, reps), F.embedding(history_index, reps)
+        rows = F.embedding(torch.cat([target_index, history_index.reshape(-1)]), reps)
+        batch = target_ids.shape[0]
+        return rows[:batch], rows[batch:].view(*history_ids.shape, reps.shape[-1])
 
 
 class SparseTargetAttention(nn.Module):
@@ -204,31 +271,42 @@ class QNN(nn.Module):
         return x
 
 
-class CTRModel(nn.Module):
-    """What the training loop needs of a model beside forward: item side data and the L2 term.
+class CTRModel(FeatureModules):
+    """What QIN and DIN share: the item encoder `items`, one module per context feature, the
+    item side data and the L2 term."""
 
-    A subclass has `items` (an ItemEncoder) and `likes_embedding` / `views_embedding`.
-    """
+    def add_context(self, cfg: QINConfig, dim: int, project: bool) -> None:
+        self.context = context_features(model_features(cfg))
+        self.add_feature_modules(self.context, dim, project)
 
-    def load_item_info(self, tags: torch.Tensor, mm: torch.Tensor) -> None:
-        self.items.load_item_info(tags, mm)
+    def embed_context(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [embed_feature(f, self.module_of(f), batch[f.name]) for f in self.context]
+
+    def load_item_info(self, columns, mm: torch.Tensor | None = None) -> None:
+        self.items.load_item_info(columns, mm)
 
     def embedding_tables(self) -> list[torch.Tensor]:
         """The tensors under the embedding L2 penalty: every embedding table and P."""
-        return [*self.items.tables, self.likes_embedding.weight, self.views_embedding.weight]
+        return [*self.items.tables, *self.feature_tables(self.context)]
 
     def embedding_l2(self) -> torch.Tensor:
         return sum(w.pow(2).sum() for w in self.embedding_tables())
 
 
 class QIN(CTRModel):
+    """QIN built from the dataset's features (cfg.features, or the MicroLens layout of SPEC.md).
+
+    Padding, as in the authors' FuxiCTR feature map: every categorical and sequence feature has
+    padding_idx 0, so likes_level = 0 and views_level = 0 map to an all-zero row that never trains,
+    like item id 0 and tag 0. `padding_idx: null` on a feature makes its row 0 an ordinary one.
+    """
+
     def __init__(self, cfg: QINConfig | None = None):
         super().__init__()
         self.cfg = cfg = cfg or QINConfig()
         cfg.validate()
         self.items = ItemEncoder(cfg)
-        self.likes_embedding = nn.Embedding(cfg.num_levels, cfg.embed_dim)
-        self.views_embedding = nn.Embedding(cfg.num_levels, cfg.embed_dim)
+        self.add_context(cfg, cfg.embed_dim, project=True)
         self.asta = SparseTargetAttention(cfg) if cfg.use_asta else None
         self.qnn = QNN(cfg)
         self.output = nn.Linear(cfg.qnn_dim, 1)
@@ -238,9 +316,9 @@ class QIN(CTRModel):
         init_weights(self, self.cfg.embedding_init_std)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Click logits (B,) for a batch with item_id (B), item_seq (B, L), likes_level, views_level (B)."""
+        """Click logits (B,) for a batch with item_id (B), item_seq (B, L) and the context features."""
         item_id, item_seq = batch["item_id"], batch["item_seq"]
-        parts = [self.likes_embedding(batch["likes_level"]), self.views_embedding(batch["views_level"])]
+        parts = list(self.embed_context(batch))
         if self.asta is None:  # the no-ASTA ablation never looks at the history
             parts.append(self.items(item_id))
         elif self.items.dedup:

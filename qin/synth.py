@@ -66,6 +66,8 @@ class SyntheticData:
     item_tags: np.ndarray  # (items + 1, 5) int64, left-padded, row 0 zeros
     item_emb: np.ndarray  # (items + 1, 128) float32, row 0 zeros
     item_latent: np.ndarray  # (items + 1, LATENT_DIM) float32, row 0 zeros
+    item_topic: np.ndarray  # (items + 1,) int64, the cluster of each item (row 0: 0)
+    item_quality: np.ndarray  # (items + 1,) float64, each item's own term of the logit
     user_id: np.ndarray  # (rows,) int64
     history_offsets: np.ndarray  # (rows + 1,) int64, row r's history is history_items[o[r]:o[r+1]]
     history_items: np.ndarray  # (sum of lengths,) int64, oldest first
@@ -127,7 +129,8 @@ def _solve_bias(logit: np.ndarray, rate: float) -> float:
     return (lo + hi) / 2
 
 
-def generate(rows: int, items: int, *, seed: int = 0, tags: int | None = None) -> SyntheticData:
+def generate(rows: int, items: int, *, seed: int = 0, tags: int | None = None,
+             embedding_dim: int = EMBEDDING_DIM) -> SyntheticData:
     """Draw `rows` rows over `items` items (ids 1..items) and their click labels."""
     topics = min(TOPICS, items)  # every topic must own at least one item
     tags = tags if tags is not None else max(2 * topics, items // 8)
@@ -142,9 +145,9 @@ def generate(rows: int, items: int, *, seed: int = 0, tags: int | None = None) -
     latent = centres[topic] + TOPIC_SPREAD * rng.standard_normal((items + 1, LATENT_DIM)) / np.sqrt(LATENT_DIM)
     latent /= np.linalg.norm(latent, axis=1, keepdims=True)
     latent[0] = 0.0
-    projection = rng.standard_normal((LATENT_DIM, EMBEDDING_DIM))
-    item_emb = latent @ projection + EMBEDDING_NOISE * rng.standard_normal((items + 1, EMBEDDING_DIM))
-    item_emb = (EMBEDDING_NORM * item_emb / np.sqrt(EMBEDDING_DIM * (1 + EMBEDDING_NOISE**2))).astype(np.float32)
+    projection = rng.standard_normal((LATENT_DIM, embedding_dim))
+    item_emb = latent @ projection + EMBEDDING_NOISE * rng.standard_normal((items + 1, embedding_dim))
+    item_emb = (EMBEDDING_NORM * item_emb / np.sqrt(embedding_dim * (1 + EMBEDDING_NOISE**2))).astype(np.float32)
     item_emb[0] = 0.0
 
     # Tags 1..tags are dealt out to topics round-robin; an item has 1..5, mostly its topic's.
@@ -199,6 +202,7 @@ def generate(rows: int, items: int, *, seed: int = 0, tags: int | None = None) -
 
     return SyntheticData(
         item_tags=item_tags, item_emb=item_emb, item_latent=latent.astype(np.float32),
+        item_topic=np.where(np.arange(items + 1) > 0, topic, 0).astype(np.int64), item_quality=quality,
         user_id=user_id.astype(np.int64), history_offsets=offsets, history_items=history_items.astype(np.int64),
         item_id=item_id.astype(np.int64), likes_level=likes_level, views_level=views_level,
         match=match, logit_without_history=other + bias, click_probability=probability, label=label,
@@ -250,12 +254,23 @@ def _write_split(path: Path, data: SyntheticData, start: int, stop: int, with_la
 
 
 def make_dataset(root, *, rows: int = 200_000, items: int = 5_000, seed: int = 0,
-                 valid_rows: int | None = None, test_rows: int | None = None, tags: int | None = None) -> Path:
-    """Write train/valid/test/item_info.parquet into `root`; valid and test default to ~10% of rows each."""
+                 valid_rows: int | None = None, test_rows: int | None = None, tags: int | None = None,
+                 schema: str = "microlens") -> Path:
+    """Write train/valid/test/item_info.parquet into `root`; valid and test default to ~10% of rows each.
+
+    schema "microlens" is SPEC.md's layout; "other" the one of OTHER_DATA_SECTION."""
     valid_rows = valid_rows if valid_rows is not None else max(1000, rows // 10)
     test_rows = test_rows if test_rows is not None else max(1000, rows // 10)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    if schema == "other":
+        data = generate(rows + valid_rows + test_rows, items, seed=seed, tags=tags, embedding_dim=OTHER_EMBEDDING_DIM)
+        splits = {"train": (0, rows), "valid": (rows, rows + valid_rows),
+                  "test": (rows + valid_rows, rows + valid_rows + test_rows)}
+        _write_other_schema(root, data, splits, seed)
+        return root
+    if schema != "microlens":
+        raise ValueError(f"schema must be 'microlens' or 'other', got {schema!r}")
     data = generate(rows + valid_rows + test_rows, items, seed=seed, tags=tags)
 
     num_items = items + 1
@@ -269,6 +284,48 @@ def make_dataset(root, *, rows: int = 200_000, items: int = 5_000, seed: int = 0
     _write_split(root / "valid.parquet", data, rows, rows + valid_rows, with_label=True)
     _write_split(root / "test.parquet", data, rows + valid_rows, rows + valid_rows + test_rows, with_label=False)
     return root
+
+
+# The second schema of `qin make-data --schema other`, as a data section of our YAML: three context
+# features (two levels and a numeric hour), two categorical item attributes beside the id, a 64-wide
+# frozen embedding and no tags; the history and label columns have other names. The same planted
+# signal: the history match (seen through ids, topic and embedding), the cross of the two levels
+# and the item's quality (seen through its id and its quality bucket).
+OTHER_EMBEDDING_DIM = 64
+QUALITY_BUCKETS = 8
+OTHER_FEATURES = [
+    {"name": "session_id", "type": "meta"},
+    {"name": "activity_level", "type": "categorical", "vocab_size": 11},
+    {"name": "popularity_level", "type": "categorical", "vocab_size": 11},
+    {"name": "hour", "type": "numeric"},
+    {"name": "item_id", "type": "categorical", "source": "item"},
+    {"name": "item_topic", "type": "categorical", "source": "item"},
+    {"name": "item_quality_bucket", "type": "categorical", "source": "item", "vocab_size": QUALITY_BUCKETS + 1},
+    {"name": "item_emb_d64", "type": "embedding", "source": "item", "embedding_dim": OTHER_EMBEDDING_DIM},
+]
+OTHER_DATA_SECTION = {"features": OTHER_FEATURES, "label": "clicked", "history": "clicked_items"}
+
+
+def _write_other_schema(root: Path, data: SyntheticData, splits: dict[str, tuple[int, int]], seed: int) -> None:
+    num_items = len(data.item_topic)
+    quantiles = np.quantile(data.item_quality[1:], np.linspace(0, 1, QUALITY_BUCKETS + 1)[1:-1])
+    bucket = np.where(np.arange(num_items) > 0, 1 + np.searchsorted(quantiles, data.item_quality), 0)
+    pq.write_table(pa.table({
+        "item_id": pa.array(np.arange(num_items, dtype=np.int64)),
+        "item_topic": pa.array(np.where(np.arange(num_items) > 0, data.item_topic + 1, 0)),  # 0 = padding
+        "item_quality_bucket": pa.array(bucket.astype(np.int64)),
+        "item_emb_d64": _list_array(data.item_emb, pa.float32()),
+    }), root / "item_info.parquet")
+    hour = np.random.default_rng([seed, 1]).integers(0, 24, size=len(data.item_id))  # no signal
+    for name, (lo, hi) in splits.items():
+        history = _left_padded(data.history_offsets[lo:hi + 1], data.history_items, HISTORY_WIDTH)
+        columns = {"session_id": pa.array(data.user_id[lo:hi]), "clicked_items": _list_array(history, pa.int64()),
+                   "item_id": pa.array(data.item_id[lo:hi]), "activity_level": pa.array(data.likes_level[lo:hi]),
+                   "popularity_level": pa.array(data.views_level[lo:hi]),
+                   "hour": pa.array(hour[lo:hi].astype(np.float32) / 23)}
+        if name != "test":
+            columns["clicked"] = pa.array(data.label[lo:hi])
+        pq.write_table(pa.table(columns), root / f"{name}.parquet")
 
 
 def default_cache_dir() -> Path:

@@ -64,16 +64,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def fill_vocab_from_data(cfg: RunConfig, dataset: Dataset) -> None:
-    """Vocabulary sizes come from the data, not from the paper's defaults."""
+    """The model's features are the dataset's, with the vocabulary sizes the data gave or declared."""
+    from qin.features import to_dicts
+
     cfg.model.num_items = dataset.item_info.num_items
-    cfg.model.num_tags = max(dataset.item_info.num_tags, 1)
-    cfg.model.tags_per_item = dataset.item_info.tags.shape[1]
-    cfg.model.mm_dim = dataset.item_info.mm.shape[1]
+    cfg.model.features = to_dicts(dataset.features)
 
 
 def build_model(cfg: RunConfig, dataset: Dataset, device: torch.device) -> torch.nn.Module:
     model = build_network(cfg.model)
-    model.load_item_info(dataset.item_info.tags, dataset.item_info.mm)
+    model.load_item_info(dataset.item_info.columns)
     return model.to(device)
 
 

@@ -251,7 +251,7 @@ MALFORMED = {
                             "train.parquet", "item_seq", None, "list"),
     "float embedding as ints": (_cast("item_info.parquet", "item_emb_d128", pa.list_(pa.int64())),
                                 "item_info.parquet", "item_emb_d128", None, "list of floats"),
-    "six tags": (_cell("item_info.parquet", "item_tags", 3, [1, 2, 3, 4, 5, 6]), "item_info.parquet", "item_tags", 3, "6 tags"),
+    "six tags": (_cell("item_info.parquet", "item_tags", 3, [1, 2, 3, 4, 5, 6]), "item_info.parquet", "item_tags", 3, "6 ids, at most max_len 5"),
     "127 embedding values": (_cell("item_info.parquet", "item_emb_d128", 2, [0.5] * 127),
                              "item_info.parquet", "item_emb_d128", 2, "127 values"),
     "history id beyond item_info": (_list_cell("train.parquet", "item_seq", 17, 0, 99999),
@@ -337,7 +337,7 @@ def make_split(rows: int, with_label: bool = True, max_len: int = 6) -> Split:
     return Split(
         name="train", item_id=ids,
         item_seq=(ids[:, None] * 10 + np.arange(max_len)).astype(np.int32),
-        likes_level=ids % 11, views_level=(ids * 3) % 11,
+        features={"likes_level": ids % 11, "views_level": (ids * 3) % 11},
         label=(ids % 2).astype(np.float32) if with_label else None,
     )
 

@@ -13,12 +13,18 @@ import torch
 
 from qin.checkpoint import CheckpointError, load_checkpoint
 from qin.events import read_scalars
+from qin.features import MICROLENS_FEATURES
 from qin.synth import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 LR = 2e-3
+# Level 0 trained (padding_idx null), not the authors' padding row: with the padding row the
+# one-process and two-process runs take the same steps but the model's ill-conditioning at its
+# initialisation (issue 17) amplifies their order-of-sums rounding tenfold past the bound below.
+LEVELS_TRAINED = [dict(f, padding_idx=None) if f["name"].endswith("_level") else f for f in MICROLENS_FEATURES]
 SMALL = ["model.embed_dim=8", "model.attention_dim=16", "model.dropout=0", "train.batch_size=256",
-         "train.eval_batch_size=512", "train.device=cpu", f"train.lr={LR}"]
+         "train.eval_batch_size=512", "train.device=cpu", f"train.lr={LR}",
+         f"data.features={json.dumps(LEVELS_TRAINED)}"]
 
 
 @pytest.fixture(scope="module")

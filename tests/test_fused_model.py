@@ -2,16 +2,25 @@
 import pytest
 import torch
 
+from qin import QINConfig
+from qin.features import model_features, to_dicts
 from qin.train import loss_fn
-from test_model import random_batch, small_model
+from test_model import SMALL, random_batch, small_model
+
+# Level 0 trained (padding_idx null), not the authors' padding row: with the padding row this batch
+# sequence reaches, at step 3, a step where the model's ill-conditioning at its initialisation
+# (issue 17) amplifies the backends' rounding to 12% of a gradient, for the torch and Triton paths
+# alike (measured). This test is about the kernels, so it keeps the trajectory it was built on.
+LEVELS_TRAINED = [dict(f, padding_idx=None) if f["name"].endswith("_level") else f
+                  for f in to_dicts(model_features(QINConfig(**SMALL)))]
 
 
 @pytest.mark.parametrize("fused", [dict(asta_kernel="triton"), dict(qnn_kernel="triton"),
                                    dict(asta_kernel="triton", qnn_kernel="triton")], ids=["asta", "qnn", "both"])
 def test_training_follows_the_same_loss_curve(fused, device):
     # Dropout off: the Triton and PyTorch paths draw their dropout masks from different streams.
-    eager = small_model(seed=3, asta_kernel="torch", qnn_kernel="torch").to(device)
-    triton_model = small_model(seed=3, **fused).to(device)
+    eager = small_model(seed=3, asta_kernel="torch", qnn_kernel="torch", features=LEVELS_TRAINED).to(device)
+    triton_model = small_model(seed=3, **fused, features=LEVELS_TRAINED).to(device)
     triton_model.load_state_dict(eager.state_dict())
     initial = {k: v.clone() for k, v in eager.state_dict().items()}
     curves = []

@@ -59,12 +59,12 @@ def test_item_representation_follows_spec():
     assert rep.shape == (3, 24)
     assert torch.all(rep[0] == 0), "the padding item must encode to zeros"
     assert torch.all(rep[1, 8:16] == 0), "an item whose tags are all padding has a zero tag mean"
-    tags = enc.item_tags[3]
+    tags = enc.info_item_tags[3]
     real = tags[tags > 0]
     expected_tag_mean = enc.tag_embedding.weight[real].mean(0)
     torch.testing.assert_close(rep[2, 8:16], expected_tag_mean)
     torch.testing.assert_close(rep[2, :8], enc.item_embedding.weight[3])
-    torch.testing.assert_close(rep[2, 16:], enc.mm_projection.weight @ enc.item_mm[3])
+    torch.testing.assert_close(rep[2, 16:], enc.mm_projection.weight @ enc.info_item_emb_d128[3])
 
 
 def test_initialisation_follows_spec():
