@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
+from qin.errors import ConfigError  # noqa: F401  - re-exported: qin.config.ConfigError
 
-class ConfigError(ValueError):
-    pass
+
 
 
 @dataclass

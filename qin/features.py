@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from qin.config import ConfigError
+from qin.errors import ConfigError
 
 FEATURE_TYPES = ("categorical", "sequence", "embedding", "numeric", "meta")
 FEATURE_KEYS = {"name", "type", "source", "vocab_size", "embedding_dim", "max_len", "padding_idx"}
