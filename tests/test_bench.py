@@ -2,6 +2,7 @@
 import csv
 
 import pytest
+import torch
 
 import bench.report
 from qin.cli import main
@@ -27,6 +28,7 @@ def test_quick_bench_writes_report_csv_and_plots(quick_report):
             "Data loading", "Several processes (DDP)", "pytest-benchmark suite of the fused ops"} <= sections
     report = (out / "report.md").read_text()
     assert "## Targets" in report and "21,000" in report and "Sections that failed" not in report
+    assert '| qnn | fp32 | torch | not measured |' in report  # what backend="auto" runs here
     # Every ratio in the training table compares with the literal eager model of the same run.
     providers = {r["provider"] for r in rows if r["kernel"] == "train_step"}
     assert {"literal eager", "+ hoisted ASTA", "+ item dedup"} <= providers
@@ -57,8 +59,6 @@ def test_a_failed_bench_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
 
 
 def test_cuda_without_a_gpu_is_refused(tmp_path, capsys, monkeypatch):
-    import torch
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
@@ -74,3 +74,75 @@ def test_codegen_table_alone(tmp_path, capsys):
         assert kernel in printed
     assert "HGMMA" in report and "HMMA" in report
     assert "## Targets" not in report  # nothing was timed
+
+
+def _time(kernel, provider, mode, dtype, p50):
+    return {"kernel": kernel, "provider": provider, "mode": mode, "metric": "time", "unit": "ms",
+            "x_name": "batch", "x_value": 8192, "p50": p50, "dtype": dtype}
+
+
+def _lines(kernel, dtype, times, mode_suffix="", torch_names=("reference eager", "reference compile")):
+    """Rows of one op table: times = {mode: (eager, compiled, triton)}."""
+    rows = []
+    for mode, values in times.items():
+        for provider, p50 in zip((*torch_names, "triton"), values):
+            rows.append(_time(kernel, provider, mode + mode_suffix, dtype, p50))
+    return rows
+
+
+def test_measured_faster_needs_triton_ahead_of_every_torch_line_in_both_modes():
+    from bench.report import auto_evidence, measured_faster, measured_faster_source
+
+    qnn = ("eager", "compile")
+    wins = {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 2.5, 2.0)}
+    loses_to_compile = {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 1.9, 2.0)}
+    rows = (_lines("qnn", "bf16", wins, torch_names=qnn)  # an entry
+            + _lines("qnn", "fp32", wins, torch_names=qnn)  # TF32 off: wins ...
+            + _lines("qnn", "fp32-tf32", loses_to_compile, torch_names=qnn)  # ... TF32 on: loses, so no entry
+            + _lines("asta_op", "bf16", wins, " full mask")  # the plain form wins,
+            + _lines("asta_gathered_op", "bf16", loses_to_compile)  # the gathered loses: no entry
+            + _lines("asta_op", "fp32", wins, " full mask") + _lines("asta_gathered_op", "fp32", wins)  # an entry
+            + _lines("asta_op", "fp16", {"fwd": (1.0, 0.8, 0.7)}, " full mask")  # fwd alone: no entry
+            + _lines("qnn_stack", "fp16", wins, torch_names=qnn))  # not an op table of auto: ignored
+    # Only times count: a higher bandwidth is not a faster kernel.
+    rows.append(dict(_time("qnn", "triton", "fwd", "fp16", 9.0), metric="tflops"))
+    rows.append(dict(_time("qnn", "eager", "fwd", "fp16", 1.0), metric="tflops"))
+    cap = (9, 0)
+    assert measured_faster(rows, cap) == {("qnn", torch.bfloat16, cap), ("asta", torch.float32, cap)}
+    evidence = auto_evidence(rows)
+    assert ("qnn", "fp16") not in evidence and evidence[("asta", "fp16")]["modes"] == {"fwd"}
+    assert "asta_gathered_op fwd+bwd bf16" in evidence[("asta", "bf16")]["losses"][0]
+    # A tie is not faster.
+    assert measured_faster(_lines("qnn", "bf16", {"fwd": (1, 1, 1), "fwd+bwd": (2, 2, 2)}, torch_names=qnn), cap) == set()
+    # The printed source is the set itself, ready to paste.
+    for entries in (measured_faster(rows, cap), set()):
+        namespace = {"torch": torch}
+        exec(measured_faster_source(entries), namespace)
+        assert namespace["MEASURED_FASTER"] == entries
+
+
+def test_report_says_what_auto_runs_on_the_device(monkeypatch):
+    import kernels.utils
+    from bench.report import auto_section
+
+    rows = _lines("qnn", "bf16", {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 2.5, 2.0)}, torch_names=("eager", "compile"))
+    cpu = "\n".join(auto_section(rows, torch.device("cpu")))
+    assert "| qnn | bf16 | torch | yes, fwd and fwd+bwd |" in cpu and "| asta | fp32 | torch | not measured |" in cpu
+    assert "```python" not in cpu  # no capability to key an entry on
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake H200")
+    monkeypatch.setattr(kernels.utils, "MEASURED_FASTER", {("qnn", torch.bfloat16, (9, 0))})
+    gpu = "\n".join(auto_section(rows, torch.device("cuda")))
+    assert "| qnn | bf16 | triton |" in gpu and "| qnn | fp32 | torch |" in gpu and "| asta | bf16 | torch |" in gpu
+    assert "('qnn', torch.bfloat16, (9, 0))," in gpu
+
+
+def test_every_training_variant_is_a_valid_config():
+    from bench.bench_train import CPU_VARIANTS, VARIANTS
+    from qin.config import QINConfig
+
+    names = [name for name, *_ in VARIANTS]
+    assert len(set(names)) == len(names) and set(CPU_VARIANTS) <= set(names)
+    for name, overrides, compiled, amp in VARIANTS:
+        QINConfig(**overrides).validate()
+        assert amp in (None, torch.bfloat16) and isinstance(compiled, bool), name
