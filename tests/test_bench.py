@@ -1,5 +1,6 @@
 """`qin bench`: one command, a report, a CSV and plots; never overwriting, never leaving partial files."""
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -146,3 +147,30 @@ def test_every_training_variant_is_a_valid_config():
     for name, overrides, compiled, amp in VARIANTS:
         QINConfig(**overrides).validate()
         assert amp in (None, torch.bfloat16) and isinstance(compiled, bool), name
+
+
+def _gpu_run(tmp_path, **env):
+    import os
+    import subprocess
+
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "GPU_RUN_DRY": "1", **env}
+    result = subprocess.run(["bash", "bench/gpu_run.sh"], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).parent.parent)
+    return result, out
+
+
+def test_gpu_run_dry_mode_runs_its_stages_on_the_cpu(tmp_path):
+    # The whole dry run takes minutes on a 2-core CPU; its first stages show the script works.
+    result, out = _gpu_run(tmp_path, GPU_RUN_STAGES="device auto")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    device = (out / "device.txt").read_text()
+    assert "torch" in device and "triton" in device and "stage auto: exit 0" in device
+    assert "| qnn | bf16 | torch | not measured |" in (out / "auto.md").read_text()
+    assert len(list(out.rglob("*"))) <= 8
+
+
+def test_gpu_run_skips_a_stage_the_budget_cannot_fit(tmp_path):
+    result, out = _gpu_run(tmp_path, GPU_RUN_STAGES="auto", GPU_RUN_BUDGET="5")
+    assert result.returncode == 1
+    assert "stage auto: not run" in (out / "device.txt").read_text() and not (out / "auto.md").exists()
