@@ -395,7 +395,8 @@ def auto_section(rows: list[dict], device: torch.device) -> list[str]:
 
 
 def render(rows: list[dict], failures: list[str], device: torch.device, quick: bool, plots: list[str],
-           seconds: float) -> str:
+           seconds: float | None) -> str:
+    """report.md; seconds None: the rows come from a CSV (bench/csv_report.py), not from this run."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import triton
 
@@ -403,7 +404,8 @@ def render(rows: list[dict], failures: list[str], device: torch.device, quick: b
         f"# QIN benchmark report: {common.device_name(device)}",
         "",
         f"{when}; torch {torch.__version__}, triton {triton.__version__}, commit {common.git_commit()}; "
-        f"{'--quick' if quick else 'full'} run, {seconds / 60:.1f} minutes. Medians (p50) of repeated runs; "
+        + (f"{'--quick' if quick else 'full'} run, {seconds / 60:.1f} minutes. " if seconds is not None else
+           "figures read from the CSV of bench/gpu_run.sh. ") + "Medians (p50) of repeated runs; "
         "every ratio compares two variants measured in this same run. Absolute times mean little on a CPU.",
         "",
     ]

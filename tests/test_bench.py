@@ -174,3 +174,21 @@ def test_gpu_run_skips_a_stage_the_budget_cannot_fit(tmp_path):
     result, out = _gpu_run(tmp_path, GPU_RUN_STAGES="auto", GPU_RUN_BUDGET="5")
     assert result.returncode == 1
     assert "stage auto: not run" in (out / "device.txt").read_text() and not (out / "auto.md").exists()
+
+
+def test_report_from_the_csv_of_a_gpu_run(tmp_path):
+    from bench import csv_report
+    from bench.common import append_csv, make_row
+
+    cpu = torch.device("cpu")
+    rows = [make_row("train_step", name, "full", "throughput", "samples/s", "batch", 1024, value, cpu, "fp32")
+            for name, value in (("literal eager", 100.0), ("+ item dedup", 300.0))]
+    rows += [make_row("asta_gathered_op", "reference eager", "fwd+bwd full mask", "time", "ms", "batch", 256, 2.0,
+                      cpu, "fp32")]
+    append_csv(rows, tmp_path / "results.csv")
+    assert csv_report.main([str(tmp_path / "results.csv"), "--device", "cpu", "--out", str(tmp_path / "report.md")]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "3.00x (+ item dedup, batch 1024" in report  # the targets, from the CSV's rows
+    assert "## Training step, end to end" in report and "## ASTA: sparse target attention" in report
+    assert "| asta | fp32 | torch | not measured |" in report and "read from the CSV" in report
+    assert csv_report.main([str(tmp_path / "missing.csv"), "--device", "cpu"]) == 1
