@@ -6,12 +6,14 @@
 # GPU_RUN_DRY=1      every stage on the CPU at toy sizes: checks this script, says nothing of a GPU
 # GPU_RUN_STAGES     the stages to run, e.g. "device train" (default: all, in the order below)
 # GPU_RUN_BUDGET     seconds for the whole run (default 560: the device tool's 600 less a margin)
+# GPU_RUN_CAP_<stage> seconds for one stage instead of its cap below, e.g. GPU_RUN_CAP_train=300
 # $OUT holds at most 8 files:
 #   device.txt      GPU, driver, torch/triton; then one line per stage: exit code, seconds
 #   results.csv     every figure of the training table and the op tables (bench/common.py's schema)
 #   bench.log       their printed tables
-#   auto.md         what backend="auto" runs per op and dtype, and the MEASURED_FASTER entries the
-#                   op tables support (ready to paste into kernels/utils.py)
+#   report.md       bench/report.py's report of results.csv: the targets, the tables, what
+#                   backend="auto" runs per op and dtype here and the MEASURED_FASTER entries the
+#                   op tables support (ready to paste into kernels/utils.py); plots: make_plots
 #   profile.md      the top CUDA kernels of the default training step, fp32 and autocast bf16
 #   tests_cuda.log  the kernel tests compiled for real (QIN_TEST_CUDA=1)
 #   parity/         `python3 -m qin parity --device cuda` where this tree has the command
@@ -22,7 +24,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 BUDGET=${GPU_RUN_BUDGET:-560}
-STAGES=" ${GPU_RUN_STAGES:-device train asta qnn auto profile tests parity} "
+STAGES=" ${GPU_RUN_STAGES:-device train asta qnn report profile tests parity} "
 START=$SECONDS
 failed=0
 
@@ -44,6 +46,8 @@ stage() {
   local name=$1 cap=$2 log=$3
   shift 3
   [[ $STAGES == *" $name "* ]] || return 0
+  local override="GPU_RUN_CAP_$name"
+  cap=${!override:-$cap}
   local left=$(( BUDGET - (SECONDS - START) ))
   local limit=$(( cap < left ? cap : left ))
   if (( limit < 15 )); then
@@ -74,7 +78,7 @@ fi
 stage train 230 "$OUT/bench.log" python3 -m bench.bench_train --device "$DEV" "${TRAIN[@]}" --csv "$OUT/results.csv"
 stage asta 100 "$OUT/bench.log" python3 -m bench.bench_asta --device "$DEV" --quick --csv "$OUT/results.csv"
 stage qnn 90 "$OUT/bench.log" python3 -m bench.bench_qnn --device "$DEV" --quick --csv "$OUT/results.csv"
-stage auto 30 "$OUT/bench.log" python3 -m bench.auto_choice "$OUT/results.csv" --device "$DEV" --out "$OUT/auto.md"
+stage report 40 "$OUT/bench.log" python3 -m bench.csv_report "$OUT/results.csv" --device "$DEV" --out "$OUT/report.md"
 stage profile 70 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" "${PROFILE[@]}" \
   --precision fp32 bf16 --out "$OUT/profile.md"
 if [ "$DEV" = cuda ]; then
