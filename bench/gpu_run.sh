@@ -32,12 +32,10 @@ if [ "${GPU_RUN_DRY:-0}" = 1 ]; then
   DEV=cpu
   TRAIN=(--batch 64)
   PROFILE=(--batch 64 --steps 1 --top 5)
-  TESTS=(--collect-only)  # the kernel tests on the CPU run through Triton's interpreter: minutes
 else
   DEV=cuda
   TRAIN=(--batch 8192 --quick)
   PROFILE=(--batch 8192 --steps 5 --top 15)
-  TESTS=()
 fi
 
 # stage NAME CAP LOG COMMAND...: run COMMAND for at most CAP seconds (fewer if the budget is
@@ -83,9 +81,9 @@ stage profile 70 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" 
   --precision fp32 bf16 --out "$OUT/profile.md"
 if [ "$DEV" = cuda ]; then
   stage tests 180 "$OUT/tests_cuda.log" \
-    env QIN_TEST_CUDA=1 python3 -m pytest tests/test_asta.py tests/test_qnn.py -q -x -p no:cacheprovider "${TESTS[@]}"
-else
-  stage tests 60 "$OUT/tests_cuda.log" python3 -m pytest tests/test_asta.py tests/test_qnn.py -q -p no:cacheprovider "${TESTS[@]}"
+    env QIN_TEST_CUDA=1 python3 -m pytest tests/test_asta.py tests/test_qnn.py -q -x -p no:cacheprovider
+else  # collected only: on the CPU the kernel tests run through Triton's interpreter, for minutes
+  stage tests 60 "$OUT/tests_cuda.log" python3 -m pytest tests/test_asta.py tests/test_qnn.py -q -p no:cacheprovider --collect-only
 fi
 if [[ $STAGES == *" parity "* ]]; then
   if python3 -m qin parity --help > /dev/null 2>&1; then
