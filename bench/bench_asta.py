@@ -8,6 +8,10 @@ Wo (D, d_a) in nn.Linear layout, D = 384, d_a = 768:
                      out = (z Wv^T) Wo^T + t                    (nothing wider than B x L x D)
     hoisted compile  torch.compile of the hoisted block
     hoisted triton   the hoisted block with the fused Triton op (CUDA only)
+The bare op ("asta_op", every position live) and its gathered form ("asta_gathered_op": history
+rows read through a (B, L) index into the (U, D) distinct items' representations, U drawn like a
+deduplicated batch) each against the reference, eager and under torch.compile, at B=8192, L=64,
+in fp32, bf16 and fp16; the gathered form with every position live and with real masks.
 Forward and forward+backward (gradients of X, t and the four weights), over batch (L=64) and
 history length (B=8192 on CUDA). Histories are left-padded with a median of 6 items out of 64,
 like the real data.
@@ -28,7 +32,7 @@ import math
 import torch
 
 import kernels
-from bench.common import (append_csv, kernel_bench_main, make_row, measure_copy_bandwidth_gbs, peak_memory_mb,
+from bench.common import (STOPPED, append_csv, kernel_bench_main, make_row, measure_copy_bandwidth_gbs, peak_memory_mb,
                           print_table, time_ms)
 from kernels import reference
 
@@ -81,9 +85,21 @@ def _providers(device) -> dict:
 
 
 def _op_providers(device) -> dict:
-    """The bare op, for the full-mask bandwidth figures (CUDA only: that is where Triton runs)."""
+    """The bare op, for the full-mask bandwidth figures (CUDA only: that is where Triton runs).
+    The first is the baseline; every line but "triton" is a torch-only alternative."""
     return {"reference eager": reference.sparse_target_attention,
+            "reference compile": torch.compile(reference.sparse_target_attention),
             "triton": lambda x, q, m: kernels.sparse_target_attention(x, q, m, backend="triton")}
+
+
+def _gathered_providers(device) -> dict:
+    """The gathered op (reps (U, D), index (B, L)): the reference gathers with F.embedding, so it
+    materialises the (B, L, D) history and sums its gradient with the sort-based embedding backward."""
+    out = {"reference eager": reference.gathered_sparse_target_attention}
+    if device.type == "cuda":  # the CPU times the reference alone: its numbers only smoke-test the code
+        out["reference compile"] = torch.compile(reference.gathered_sparse_target_attention)
+        out["triton"] = lambda r, i, q, m: kernels.gathered_sparse_target_attention(r, i, q, m, backend="triton")
+    return out
 
 
 def _measure(fn, device):
@@ -100,6 +116,9 @@ def _case_rows(kernel, providers, args, grad_inputs, grad_out, history, x_name, 
     kw = dict(device=device, dtype=dtype)
     suffix = " full mask" if full_mask else ""
     for provider, block in providers.items():
+        if STOPPED.is_set():
+            break
+
         def fwd():
             with torch.no_grad():
                 block(*args)
@@ -147,10 +166,40 @@ def _op_rows(batch, seq_len, dtype, device, copy_gbs):
                       "batch", batch, dtype, device, copy_gbs, full_mask=True, speedup="speedup_vs_reference")
 
 
+def make_gathered(batch, seq_len, dtype, device, full_mask, seed=0):
+    """(reps, index, query, mask, grad_out) drawn like a deduplicated batch: history ids skewed
+    over a catalogue of B*L/4 items (popular items repeat, as in real data), padding positions on
+    item 0, then torch.unique, so reps holds only the U distinct items the batch names."""
+    g = torch.Generator().manual_seed(seed)
+    catalogue = max(batch * seq_len // 4, 2)
+    mask = (torch.ones(batch, seq_len, dtype=torch.bool) if full_mask
+            else realistic_mask(batch, seq_len, "cpu", g))
+    ids = (torch.rand(batch, seq_len, generator=g) ** 2 * (catalogue - 1)).long() + 1  # skewed to low ids
+    ids = ids.where(mask, 0)
+    unique, index = torch.unique(ids, return_inverse=True)
+    reps = torch.randn(len(unique), DIM, generator=g).to(device, dtype).requires_grad_()
+    query = (torch.randn(batch, DIM, generator=g) / DIM**0.5).to(device, dtype).requires_grad_()
+    grad_out = torch.randn(batch, DIM, generator=g).to(device, dtype)
+    return reps, index.to(device), query, mask.to(device), grad_out
+
+
+def _gathered_rows(batch, seq_len, dtype, device, copy_gbs, full_mask):
+    """The gathered op against F.embedding + reference. Bandwidth counts the bytes of the (B, L, D)
+    history the plain op would read (never formed here), so the fractions compare with asta_op's."""
+    reps, index, query, mask, grad_out = make_gathered(batch, seq_len, dtype, device, full_mask)
+    history = torch.empty(batch, seq_len, DIM, dtype=dtype, device="meta")  # only its size is used
+    rows = _case_rows("asta_gathered_op", _gathered_providers(device), (reps, index, query, mask), (reps, query),
+                      grad_out, history, "batch", batch, dtype, device, copy_gbs, full_mask,
+                      speedup="speedup_vs_reference")
+    unique = make_row("asta_gathered_op", "data", "fwd" + (" full mask" if full_mask else ""), "distinct_items",
+                      "U", "batch", batch, float(reps.shape[0]), device=device, dtype=dtype)
+    return rows + [unique]
+
+
 def run(device: torch.device, quick: bool = False, csv: str | None = None) -> list[dict]:
     device = torch.device(device)
     if device.type == "cuda":
-        dtypes = [torch.float32, torch.bfloat16]
+        dtypes = [torch.float32, torch.bfloat16, torch.float16]
         batches = [8192] if quick else [1024, 2048, 4096, 8192, 16384]
         lengths = [] if quick else [16, 32, 128, 256]  # L=64 is in the batch sweep
         length_batch = 8192
@@ -161,15 +210,25 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
         length_batch = 256
     copy_gbs = measure_copy_bandwidth_gbs(device, 64 if quick or device.type == "cpu" else 512)
     rows = [make_row("copy", "torch", "ceiling", "bandwidth", "GB/s", "", "", copy_gbs, device=device, dtype="fp32")]
+    paper = 8192 if device.type == "cuda" else batches[-1]
     for dtype in dtypes:
-        for batch in batches:
-            rows += _block_rows(batch, HIST_LEN, dtype, device, copy_gbs, "batch", batch)
-        for seq_len in lengths:
-            rows += _block_rows(length_batch, seq_len, dtype, device, copy_gbs, "history_len", seq_len)
+        torch._dynamo.reset()  # a fresh compile cache per dtype: never past its recompile limit
+        # The bare ops first: they decide MEASURED_FASTER; the block sweeps after them.
+        cases = [lambda: _op_rows(paper, HIST_LEN, dtype, device, copy_gbs)] if device.type == "cuda" else []
+        cases += [lambda full=full: _gathered_rows(paper, HIST_LEN, dtype, device, copy_gbs, full) for full in (True, False)]
         if device.type == "cuda":  # every position live: the paper's shape at full density
-            paper = 8192
-            rows += _block_rows(paper, HIST_LEN, dtype, device, copy_gbs, "batch", paper, full_mask=True)
-            rows += _op_rows(paper, HIST_LEN, dtype, device, copy_gbs)
+            cases.append(lambda: _block_rows(paper, HIST_LEN, dtype, device, copy_gbs, "batch", paper, full_mask=True))
+        cases += [lambda b=b: _block_rows(b, HIST_LEN, dtype, device, copy_gbs, "batch", b) for b in batches]
+        cases += [lambda n=n: _block_rows(length_batch, n, dtype, device, copy_gbs, "history_len", n) for n in lengths]
+        for case in cases:
+            if STOPPED.is_set():
+                break
+            try:
+                rows += case()
+            except KeyboardInterrupt:  # SIGTERM (bench/gpu_run.sh's time box): keep the rows so far
+                STOPPED.set()
+    if STOPPED.is_set():
+        print("out of time: the cases after the last table line were not run")
     print_table(rows, f"ASTA block (D={DIM}, d_a={ATTN_DIM}, L={HIST_LEN} unless swept; "
                       f"histories left-padded, median {MEDIAN_LEN} items)")
     if csv:

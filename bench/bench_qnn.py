@@ -4,17 +4,20 @@ Training mode with dropout 0.1, as the model runs it. Per provider, dtype and ba
 forward+backward time, achieved TFLOP/s (forward 2*B*D*M*D FLOPs, forward+backward 3x) against
 the measured matmul rate of the same device and dtype, peak memory, and speed-up over eager in
 the same run. Plus the 4-layer QNN stack (quadratic + BatchNorm + PReLU + dropout + residual)
-forward+backward peak memory, eager vs Triton.
+forward+backward time and peak memory, eager vs torch.compile vs Triton. On a GPU fp32 runs twice,
+with TF32 off ("fp32") and on ("fp32-tf32"): every path's products follow torch's switch, and
+auto must not lose under either; the matmul ceiling is measured under the same setting.
 
     python -m bench.bench_qnn --device cuda [--quick] [--csv out.csv]
 """
 from __future__ import annotations
 
+import contextlib
 
 import torch
 
 import kernels
-from bench.common import (append_csv, kernel_bench_main, make_row, measure_matmul_tflops, peak_memory_mb,
+from bench.common import (STOPPED, append_csv, kernel_bench_main, make_row, measure_matmul_tflops, peak_memory_mb,
                           print_table, time_ms)
 from kernels import reference
 
@@ -40,13 +43,27 @@ def _providers(device):
     return out
 
 
-def _projection_rows(device, dtype, batches, dim, rate):
+@contextlib.contextmanager
+def tf32(enabled: bool):
+    """torch's TF32 switch for matrix products (cuBLAS, and the Triton path's addmm), restored after."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _projection_rows(device, dtype, batches, dim, rate, label):
     rows = []
     for batch in batches:
         x, weight, bias, gy = _make(batch, dim, dtype, device)
         flops = 2 * batch * dim * ROWS * dim
         base = {}
         for provider, op in _providers(device).items():
+            if STOPPED.is_set():
+                break
+
             def fwd():
                 with torch.no_grad():
                     op(x, weight, bias)
@@ -62,7 +79,7 @@ def _projection_rows(device, dtype, batches, dim, rate):
                     print(f"skipping {provider} {mode} B={batch}: {type(exc).__name__}: {str(exc)[:120]}")
                     break
                 tflops = mode_flops / (times[0] * 1e-3) / 1e12
-                kw = dict(device=device, dtype=dtype)
+                kw = dict(device=device, dtype=label)
                 row = make_row("qnn", provider, mode, "time", "ms", "batch", batch, times, **kw)
                 rows.append(row)
                 rows.append(make_row("qnn", provider, mode, "tflops", "TFLOP/s", "batch", batch, tflops, **kw))
@@ -79,26 +96,32 @@ def _projection_rows(device, dtype, batches, dim, rate):
     return rows
 
 
-def _stack_rows(device, dtype, batch):
-    """Peak memory and time of the model's 4-layer QNN stack, forward+backward, eager vs Triton."""
+def _stack_rows(device, dtype, batch, label):
+    """Peak memory and time of the model's 4-layer QNN stack, forward+backward: eager, compiled, Triton."""
     from qin.config import QINConfig
     from qin.model import QNN
 
     rows = []
-    backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]
-    for backend in backends:
+    providers = [("eager", "torch", False)]
+    if device.type == "cuda":
+        providers += [("compile", "torch", True), ("triton", "triton", False)]
+    for provider, backend, compiled in providers:
         torch.manual_seed(0)
         cfg = QINConfig(qnn_kernel=backend)  # paper sizes: qnn_dim 1024, 4 rows, 4 layers, dropout 0.1
         model = QNN(cfg).to(device=device, dtype=dtype).train()
+        forward = torch.compile(model) if compiled else model
         x = torch.randn(batch, cfg.qnn_dim, device=device, dtype=dtype)
 
         def step():
             model.zero_grad(set_to_none=True)
-            model(x).float().square().mean().backward()
+            forward(x).float().square().mean().backward()
 
-        step()
-        provider = "eager" if backend == "torch" else "triton"
-        kw = dict(device=device, dtype=dtype)
+        try:
+            step()  # compile / warm up outside the timing
+        except Exception as exc:  # torch.compile may be unavailable
+            print(f"skipping qnn_stack {provider}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        kw = dict(device=device, dtype=label)
         rows.append(make_row("qnn_stack", provider, "fwd+bwd", "time", "ms", "batch", batch, time_ms(step, device), **kw))
         memory = peak_memory_mb(step, device)
         if memory is not None:
@@ -109,22 +132,31 @@ def _stack_rows(device, dtype, batch):
 def run(device: torch.device, quick: bool = False, csv: str | None = None) -> list[dict]:
     device = torch.device(device)
     if device.type == "cuda":
-        dtypes = [torch.float32, torch.bfloat16]
+        precisions = [("fp32", torch.float32, False), ("fp32-tf32", torch.float32, True), ("bf16", torch.bfloat16, False)]
         batches = [8192] if quick else [1024, 2048, 4096, 8192, 16384]
         dim, stack_batch = DIM, 8192
     else:  # the CPU only runs the reference (Triton needs CUDA), at a small size, in fp32: bf16
         # products on a CPU without bf16 units are emulated and take many minutes while saying nothing
-        dtypes = [torch.float32]
+        precisions = [("fp32", torch.float32, False)]
         batches = [256] if quick else [256, 1024]
         dim, stack_batch = (256, 256) if quick else (DIM, 1024)
     rows = []
-    for dtype in dtypes:
-        rate = measure_matmul_tflops(device, dtype)
-        n = 4096 if device.type == "cuda" else 1024  # the size measure_matmul_tflops uses
-        rows.append(make_row("matmul", "torch", "ceiling", "tflops", "TFLOP/s", "n", n, rate, device=device, dtype=dtype))
-        rows += _projection_rows(device, dtype, batches, dim, rate)
-        if not (quick and device.type == "cpu"):
-            rows += _stack_rows(device, dtype, stack_batch)
+    for label, dtype, allow_tf32 in precisions:
+        if STOPPED.is_set():
+            print(f"out of time: {label} and the precisions after it were not run")
+            break
+        torch._dynamo.reset()  # a fresh compile cache per precision: never past its recompile limit
+        try:
+            with tf32(allow_tf32):
+                rate = measure_matmul_tflops(device, dtype)
+                n = 4096 if device.type == "cuda" else 1024  # the size measure_matmul_tflops uses
+                rows.append(make_row("matmul", "torch", "ceiling", "tflops", "TFLOP/s", "n", n, rate, device=device,
+                                     dtype=label))
+                rows += _projection_rows(device, dtype, batches, dim, rate, label)
+                if not (quick and device.type == "cpu"):
+                    rows += _stack_rows(device, dtype, stack_batch, label)
+        except KeyboardInterrupt:  # SIGTERM (bench/gpu_run.sh's time box): keep the rows so far
+            STOPPED.set()
     print_table(rows, f"QNN quadratic projection (D={dim}, M={ROWS}, dropout {DROPOUT}, training)")
     if csv:
         append_csv(rows, csv)

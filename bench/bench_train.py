@@ -13,7 +13,7 @@ import argparse
 import numpy as np
 import torch
 
-from bench.common import append_csv, make_row, peak_memory_mb, print_table, time_ms
+from bench.common import STOPPED, append_csv, make_row, peak_memory_mb, print_table, stop_on_sigterm, time_ms
 from qin.config import QINConfig
 from qin.model import QIN
 from qin.train import loss_fn, make_optimizer
@@ -22,13 +22,28 @@ AUTHORS_SAMPLES_PER_S = 21_000  # SPEC.md: 2.8 min an epoch of 3.6M rows on an R
 AUTHORS_DEVICE = "RTX 4090 (authors' log)"
 
 EAGER = dict(asta_kernel="torch", qnn_kernel="torch")
+LITERAL = dict(asta_form="literal", dedup_items=False, **EAGER)
+DEDUP = dict(asta_form="hoisted", dedup_items=True)
+BF16 = torch.bfloat16
+# (name, config overrides, torch.compile the model, autocast dtype or None). The stock recipes a
+# user has without us (the literal model, eager or compiled, fp32 or under autocast bf16) sit
+# beside ours, so every ratio is against the strongest torch-only alternative of the same run.
+# The compiled ones come last: they take longest to start, and a time-boxed run keeps the rest.
 VARIANTS = [
-    ("literal eager", dict(asta_form="literal", dedup_items=False, **EAGER), False),
-    ("+ hoisted ASTA", dict(asta_form="hoisted", dedup_items=False, **EAGER), False),
-    ("+ item dedup", dict(asta_form="hoisted", dedup_items=True, **EAGER), False),
-    ("+ Triton ASTA", dict(asta_form="hoisted", dedup_items=True, asta_kernel="triton", qnn_kernel="torch"), False),
-    ("+ Triton QNN (all fused)", dict(asta_form="hoisted", dedup_items=True, asta_kernel="triton", qnn_kernel="triton"), False),
-    ("all fused + torch.compile", dict(asta_form="hoisted", dedup_items=True, asta_kernel="triton", qnn_kernel="triton"), True),
+    ("literal eager", LITERAL, False, None),
+    ("literal eager, autocast bf16", LITERAL, False, BF16),
+    ("+ hoisted ASTA", dict(asta_form="hoisted", dedup_items=False, **EAGER), False, None),
+    ("+ item dedup", dict(DEDUP, **EAGER), False, None),
+    ("+ item dedup, autocast bf16", dict(DEDUP, **EAGER), False, BF16),
+    ("+ Triton ASTA", dict(DEDUP, asta_kernel="triton", qnn_kernel="torch"), False, None),
+    ("Triton QNN, torch ASTA", dict(DEDUP, asta_kernel="torch", qnn_kernel="triton"), False, None),
+    ("+ Triton QNN (all fused)", dict(DEDUP, asta_kernel="triton", qnn_kernel="triton"), False, None),
+    ("all fused, autocast bf16", dict(DEDUP, asta_kernel="triton", qnn_kernel="triton"), False, BF16),
+    ("default (auto)", {}, False, None),  # what `qin train` runs: the kernels' backend="auto"
+    ("default (auto), autocast bf16", {}, False, BF16),
+    ("literal + torch.compile", LITERAL, True, None),
+    ("literal + torch.compile, autocast bf16", LITERAL, True, BF16),
+    ("all fused + torch.compile, autocast bf16", dict(DEDUP, asta_kernel="triton", qnn_kernel="triton"), True, BF16),
 ]
 CPU_VARIANTS = ("literal eager", "+ hoisted ASTA", "+ item dedup")
 
@@ -68,6 +83,8 @@ def run(device: torch.device, quick: bool = False, batch: int | None = None) -> 
     rows = []
     for size in ([batch] if batch else default_batches(device, quick)):
         rows += run_batch(device, quick, size)
+    if STOPPED.is_set():
+        return rows
     rows += loader_rows(device, batch or default_batches(device, quick)[0], quick)
     return rows
 
@@ -75,9 +92,12 @@ def run(device: torch.device, quick: bool = False, batch: int | None = None) -> 
 def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
     data = synthetic_batch(batch, device)
     rows = []
-    for name, overrides, compiled in VARIANTS:
+    for name, overrides, compiled, amp in VARIANTS:
+        if STOPPED.is_set():
+            print(f"out of time: {name} and the variants after it were not run")
+            break
         if device.type != "cuda" and name not in CPU_VARIANTS:
-            print(f"skipped on the CPU: {name} (needs CUDA)")
+            print(f"skipped on the CPU: {name} (GPU only: Triton, or too slow here to say anything)")
             continue
         try:
             model = build(QINConfig(**overrides), device)
@@ -85,7 +105,8 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
             forward = torch.compile(model) if compiled else model
 
             def step():
-                loss = loss_fn(forward, data, 2e-4)
+                with torch.autocast(device.type, dtype=amp or BF16, enabled=amp is not None):
+                    loss = loss_fn(forward, data, 2e-4)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -95,13 +116,23 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
             p50, p20, p80 = time_ms(step, device, warmup=1, reps=3 if quick else 8)
             # Samples/s from the median time; p20 time gives the higher throughput.
             rows.append(make_row("train_step", name, "full", "throughput", "samples/s", "batch", batch,
-                                 (batch / p50 * 1e3, batch / p80 * 1e3, batch / p20 * 1e3), device, "fp32"))
+                                 (batch / p50 * 1e3, batch / p80 * 1e3, batch / p20 * 1e3), device, amp or "fp32"))
             memory = peak_memory_mb(step, device)
             if memory is not None:
-                rows.append(make_row("train_step", name, "full", "peak_memory", "MB", "batch", batch, memory, device, "fp32"))
+                rows.append(make_row("train_step", name, "full", "peak_memory", "MB", "batch", batch, memory, device,
+                                     amp or "fp32"))
+            # One line as each variant ends: a run stopped later still shows it.
+            print(f"{name}: {batch / p50 * 1e3:,.0f} samples/s" + (f", peak {memory:,.0f} MB" if memory else ""))
+        except KeyboardInterrupt:  # SIGTERM: keep the rows measured so far
+            STOPPED.set()
+            print(f"out of time during {name}: it and the variants after it were not run")
+            break
         except Exception as exc:  # report and go on: one broken variant must not hide the others
             print(f"variant {name!r} failed: {type(exc).__name__}: {exc}")
         finally:
+            model = optimizer = forward = step = None  # free this variant's weights before the next
+            if compiled:
+                torch._dynamo.reset()  # the next compiled variant starts from an empty cache
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -151,6 +182,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int)
     parser.add_argument("--csv")
     args = parser.parse_args()
+    stop_on_sigterm()
     rows = run(torch.device(args.device), args.quick, args.batch)
     print_table(rows, "QIN training step")
     print_ratios(rows)

@@ -10,8 +10,10 @@ import csv
 import datetime
 import os
 import platform
+import signal
 import statistics
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -133,8 +135,11 @@ def print_table(rows: list[dict], title: str = "") -> None:
     """Plain-text table of rows (provider, mode, x, p50) for the terminal."""
     if title:
         print(f"\n## {title}")
+    if not rows:  # e.g. a run stopped by its time box before its first figure
+        print("(no figures)")
+        return
     cols = ["kernel", "provider", "mode", "dtype", "x_name", "x_value", "metric", "p50", "unit"]
-    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols} if rows else {}
+    widths = {c: max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
     for r in rows:
         print("  ".join(_fmt(r[c]).ljust(widths[c]) for c in cols))
@@ -153,4 +158,20 @@ def kernel_bench_main(run: Callable, doc: str, quick_help: str, argv=None) -> No
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--csv", help="append the rows to this CSV file")
     args = parser.parse_args(argv)
+    stop_on_sigterm()
     run(torch.device(args.device), quick=args.quick, csv=args.csv)
+
+
+# Set when SIGTERM arrived (bench/gpu_run.sh time-boxes each stage with `timeout`): a benchmark's
+# loop then stops and still prints and saves the rows it has. Not SIGINT: a script started in the
+# background inherits SIGINT ignored, and Python then never raises KeyboardInterrupt for it.
+STOPPED = threading.Event()
+
+
+def stop_on_sigterm() -> None:
+    """From now on SIGTERM sets STOPPED and raises KeyboardInterrupt where the program is."""
+    def handler(signum, frame):
+        STOPPED.set()
+        raise KeyboardInterrupt("SIGTERM: out of time")
+
+    signal.signal(signal.SIGTERM, handler)

@@ -1,19 +1,106 @@
 #!/usr/bin/env bash
-# Everything a lent GPU is for, in one call: the kernel tests compiled for real (QIN_TEST_CUDA=1),
-# then the full benchmark report with the code-generation table. Run from the repository root:
+# Everything a lent GPU is for, in one call of at most 10 minutes: stages in order of value, each
+# time-boxed with `timeout` so that a slow one cannot eat the rest (a benchmark stopped by its
+# box still prints and saves what it measured). Run from the repository root, no install:
 #     OUT=/some/folder bash bench/gpu_run.sh
-# Results land in $OUT (at most 8 files): device.txt, tests_cuda.log, bench.log, report/...
-# Copy $OUT/report into bench/results/<device>-<date>/ and commit it.
+# GPU_RUN_DRY=1      every stage on the CPU at toy sizes: checks this script, says nothing of a GPU
+# GPU_RUN_STAGES     the stages to run, e.g. "device train" (default: all, in the order below)
+# GPU_RUN_BUDGET     seconds for the whole run (default 560: the device tool's 600 less a margin)
+# GPU_RUN_CAP_<stage> seconds for one stage instead of its cap below, e.g. GPU_RUN_CAP_train=300
+# $OUT holds at most 8 files:
+#   device.txt      GPU, driver, torch/triton; then one line per stage: exit code, seconds
+#   results.csv     every figure of the training table and the op tables (bench/common.py's schema)
+#   bench.log       their printed tables
+#   report.md       bench/report.py's report of results.csv: the targets, the tables, what
+#                   backend="auto" runs per op and dtype here and the MEASURED_FASTER entries the
+#                   op tables support (ready to paste into kernels/utils.py); plots: make_plots
+#   profile.md      the top CUDA kernels of the default training step, fp32 and autocast bf16
+#   tests_cuda.log  the kernel tests compiled for real (QIN_TEST_CUDA=1)
+#   parity/         `python3 -m qin parity --device cuda` where this tree has the command
+#                   (packed into parity.tar.gz if it would pass the file or folder-depth limits)
 set -uo pipefail
 OUT=${OUT:-bench-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; \
-  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/device.txt" 2>&1
-QIN_TEST_CUDA=1 python3 -m pytest tests/test_asta.py tests/test_qnn.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests_cuda.log"
-tests_rc=${PIPESTATUS[0]}
-python3 -m bench --device cuda --codegen --out "$OUT/report" --force 2>&1 | tee "$OUT/bench.log"
-bench_rc=${PIPESTATUS[0]}
-echo "tests exit $tests_rc, bench exit $bench_rc"
-exit $(( tests_rc != 0 || bench_rc != 0 ))
+BUDGET=${GPU_RUN_BUDGET:-560}
+STAGES=" ${GPU_RUN_STAGES:-device train asta qnn report profile tests parity} "
+START=$SECONDS
+failed=0
+
+if [ "${GPU_RUN_DRY:-0}" = 1 ]; then
+  DEV=cpu
+  TRAIN=(--batch 64)
+  PROFILE=(--batch 64 --steps 1 --top 5)
+else
+  DEV=cuda
+  TRAIN=(--batch 8192 --quick)
+  PROFILE=(--batch 8192 --steps 5 --top 15)
+fi
+
+# stage NAME CAP LOG COMMAND...: run COMMAND for at most CAP seconds (fewer if the budget is
+# nearly spent), its output to the terminal and appended to LOG; a status line to device.txt.
+stage() {
+  local name=$1 cap=$2 log=$3
+  shift 3
+  [[ $STAGES == *" $name "* ]] || return 0
+  local override="GPU_RUN_CAP_$name"
+  cap=${!override:-$cap}
+  local left=$(( BUDGET - (SECONDS - START) ))
+  local limit=$(( cap < left ? cap : left ))
+  if (( limit < 15 )); then
+    echo "stage $name: not run, ${left}s of the budget left" | tee -a "$OUT/device.txt"
+    failed=1
+    return 0
+  fi
+  echo "== stage $name (at most ${limit}s)" | tee -a "$log"
+  local t0=$SECONDS rc
+  # TERM first (the benchmarks then print and save what they have), KILL 15 s later.
+  timeout -k 15 "$limit" "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  local note=""
+  (( rc == 124 || rc == 137 )) && note=" (stopped by its ${limit}s time box)"
+  echo "stage $name: exit $rc in $(( SECONDS - t0 ))s$note" | tee -a "$OUT/device.txt"
+  (( rc == 0 )) || failed=1
+}
+
+if [[ $STAGES == *" device "* ]]; then
+  { date -u
+    [ "$DEV" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)"
+    git rev-parse --short HEAD 2>/dev/null || echo "commit unknown (no git here)"
+  } >> "$OUT/device.txt" 2>&1
+  cat "$OUT/device.txt"
+fi
+
+stage train 230 "$OUT/bench.log" python3 -m bench.bench_train --device "$DEV" "${TRAIN[@]}" --csv "$OUT/results.csv"
+stage asta 100 "$OUT/bench.log" python3 -m bench.bench_asta --device "$DEV" --quick --csv "$OUT/results.csv"
+stage qnn 90 "$OUT/bench.log" python3 -m bench.bench_qnn --device "$DEV" --quick --csv "$OUT/results.csv"
+stage report 40 "$OUT/bench.log" python3 -m bench.csv_report "$OUT/results.csv" --device "$DEV" --out "$OUT/report.md"
+stage profile 70 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" "${PROFILE[@]}" \
+  --precision fp32 bf16 --out "$OUT/profile.md"
+if [ "$DEV" = cuda ]; then
+  stage tests 180 "$OUT/tests_cuda.log" \
+    env QIN_TEST_CUDA=1 python3 -m pytest tests/test_asta.py tests/test_qnn.py -q -x -p no:cacheprovider
+else  # collected only: on the CPU the kernel tests run through Triton's interpreter, for minutes
+  stage tests 60 "$OUT/tests_cuda.log" python3 -m pytest tests/test_asta.py tests/test_qnn.py -q -p no:cacheprovider --collect-only
+fi
+if [[ $STAGES == *" parity "* ]]; then
+  if python3 -m qin parity --help > /dev/null 2>&1; then
+    stage parity 120 "$OUT/bench.log" python3 -m qin parity --device "$DEV" --out "$OUT/parity"
+  else
+    echo "stage parity: not run, this tree has no 'python3 -m qin parity'" | tee -a "$OUT/device.txt"
+  fi
+fi
+
+# The device tool brings back at most 8 files, none more than two folders down.
+if [ -d "$OUT/parity" ]; then
+  files=$(find "$OUT" -type f | wc -l)
+  deep=$(find "$OUT/parity" -mindepth 2 -type f | wc -l)
+  if (( files > 8 || deep > 0 )); then
+    tar -czf "$OUT/parity.tar.gz" -C "$OUT" parity && rm -rf "$OUT/parity"
+    echo "parity/ packed into parity.tar.gz ($files files in \$OUT)" | tee -a "$OUT/device.txt"
+  fi
+fi
+echo "total $(( SECONDS - START ))s of a ${BUDGET}s budget; $(find "$OUT" -type f | wc -l) files in $OUT" | tee -a "$OUT/device.txt"
+exit "$failed"

@@ -241,7 +241,7 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
         verdict = "unmeasured" if figure is None else ("met" if ok else "not met")
         lines.append(f"| {name} | {figure or 'unmeasured'} | {verdict} |")
 
-    fused = ["all fused + torch.compile", "+ Triton QNN (all fused)", "+ item dedup"]
+    fused = ["default (auto)", "+ Triton QNN (all fused)", "+ item dedup"]
     best = None
     for batch in batches:
         literal = _value(train, provider="literal eager", x_value=batch)
@@ -290,14 +290,113 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
     add("GPU: 4-layer QNN fwd+bwd peak memory <= 1/2 of eager (bf16)",
         f"{triton_mem / eager_mem:.2f} ({triton_mem:,.0f} vs {eager_mem:,.0f} MB)" if eager_mem and triton_mem else None,
         bool(eager_mem and triton_mem and triton_mem / eager_mem <= 0.5))
+    # Issue 14: the default step against the strongest torch-only recipes, batch 8192, same run.
+    def step_ratio(name, ours, theirs, need):
+        a, b = _value(train, provider=ours, x_value=8192), _value(train, provider=theirs, x_value=8192)
+        add(name, f"{a / b:.2f}x ({a:,.0f} vs {b:,.0f} samples/s)" if a and b else None, bool(a and b and a / b >= need))
+
+    step_ratio("GPU fp32: default step >= 1.3x hoisted + dedup eager (batch 8192)", "default (auto)", "+ item dedup", 1.3)
+    step_ratio("GPU bf16: default step under autocast >= 1.5x literal + torch.compile + autocast (batch 8192)",
+               "default (auto), autocast bf16", "literal + torch.compile, autocast bf16", 1.5)
+    memory = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "peak_memory"]
+    ours_mem = _value(memory, provider="default (auto)", x_value=8192)
+    hoisted_mem = _value(memory, provider="+ hoisted ASTA", x_value=8192)
+    add("GPU: default step peak memory <= the hoisted eager variant's (batch 8192)",
+        f"{ours_mem:,.0f} vs {hoisted_mem:,.0f} MB" if ours_mem and hoisted_mem else None,
+        bool(ours_mem and hoisted_mem and ours_mem <= hoisted_mem))
+    for kernel in ("asta_op", "asta_gathered_op"):
+        fraction = _value(rows, kernel=kernel, provider="triton", mode="fwd+bwd full mask", metric="fraction_of_peak",
+                          dtype="bf16", x_value=8192)
+        add(f"GPU: {kernel} bf16 fwd+bwd, every position live, >= 0.7 of the copy ceiling (B=8192, L=64)",
+            f"{fraction:.2f}" if fraction else None, bool(fraction and fraction >= 0.7))
     loader = _value(rows, kernel="loader", provider="numpy", mode="assemble")
     add("Loader: batch assembly at batch 8192 >= 500k samples/s on 2 CPU cores",
         f"{loader:,.0f} samples/s" if loader else None, bool(loader and loader >= 500_000))
     return lines
 
 
+# -- what backend="auto" runs, and what the measurements support adding to MEASURED_FASTER --------
+
+# The op names of kernels.utils.MEASURED_FASTER and the op tables that time each (a table's
+# "triton" line against its torch-only lines: eager and torch.compile of the reference).
+AUTO_OPS = {"asta": ("asta_op", "asta_gathered_op"), "qnn": ("qnn",)}
+AUTO_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TORCH_NAMES = {torch.float32: "torch.float32", torch.bfloat16: "torch.bfloat16", torch.float16: "torch.float16"}
+
+
+def auto_evidence(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """(op, dtype) -> {"won": Triton beat the best torch line in every case timed, "modes": the
+    modes timed ("fwd", "fwd+bwd"), "losses": the cases it lost}. A case is one line of an op
+    table (kernel, mode, dtype, shape) holding a triton time and at least one torch time.
+    'fp32-tf32' lines count as fp32: auto follows one entry whatever the TF32 switch says."""
+    cases: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        op = next((op for op, tables in AUTO_OPS.items() if r["kernel"] in tables), None)
+        if op is None or r["metric"] != "time" or _number(r["p50"]) is None:
+            continue
+        key = (op, r["dtype"].split("-")[0], r["kernel"], r["mode"], r["dtype"], f"{r['x_name']}={r['x_value']}")
+        cases.setdefault(key, {})[r["provider"]] = float(r["p50"])
+    evidence: dict[tuple[str, str], dict] = {}
+    for (op, family, kernel, mode, dtype, shape), times in cases.items():
+        torch_times = [t for provider, t in times.items() if provider != "triton"]
+        if "triton" not in times or not torch_times:
+            continue
+        entry = evidence.setdefault((op, family), {"won": True, "modes": set(), "losses": []})
+        entry["modes"].add(mode.split()[0])  # "fwd full mask" -> "fwd"
+        if times["triton"] >= min(torch_times):
+            entry["won"] = False
+            entry["losses"].append(f"{kernel} {mode} {dtype} {shape}: {times['triton']:.3g} vs {min(torch_times):.3g} ms")
+    return evidence
+
+
+def measured_faster(rows: list[dict], capability: tuple[int, int]) -> set[tuple[str, torch.dtype, tuple[int, int]]]:
+    """The MEASURED_FASTER entries these rows support: Triton faster than the best torch line in
+    every forward and every forward+backward case timed, both modes timed at least once."""
+    return {(op, AUTO_DTYPES[family], tuple(capability)) for (op, family), e in auto_evidence(rows).items()
+            if e["won"] and {"fwd", "fwd+bwd"} <= e["modes"] and family in AUTO_DTYPES}
+
+
+def measured_faster_source(entries) -> str:
+    """The entries as Python to paste into kernels/utils.py."""
+    if not entries:
+        return "MEASURED_FASTER: set[tuple[str, torch.dtype, tuple[int, int]]] = set()"
+    lines = [f"    ({op!r}, {_TORCH_NAMES[dtype]}, {tuple(cap)!r})," for op, dtype, cap in sorted(entries, key=str)]
+    return "MEASURED_FASTER: set[tuple[str, torch.dtype, tuple[int, int]]] = {\n" + "\n".join(lines) + "\n}"
+
+
+def auto_section(rows: list[dict], device: torch.device) -> list[str]:
+    """What backend="auto" runs on this device for each op and dtype, and the table entries this
+    run's op timings support."""
+    from kernels.utils import resolve_backend
+
+    evidence = auto_evidence(rows)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    where = f"compute capability {capability[0]}.{capability[1]}" if capability else "the CPU"
+    lines = [f'On {common.device_name(device)} ({where}), with kernels.utils.MEASURED_FASTER as committed:', "",
+             '| op | dtype | backend="auto" runs | this run: Triton faster than every torch line? |', "|---|---|---|---|"]
+    for op in AUTO_OPS:
+        for name, dtype in AUTO_DTYPES.items():
+            e = evidence.get((op, name))
+            if e is None:
+                verdict = "not measured"
+            elif not {"fwd", "fwd+bwd"} <= e["modes"]:
+                verdict = f"only {', '.join(sorted(e['modes']))} measured"
+            else:
+                verdict = "yes, fwd and fwd+bwd" if e["won"] else "no: " + "; ".join(e["losses"][:3])
+            lines.append(f"| {op} | {name} | {resolve_backend('auto', device, op, dtype)} | {verdict} |")
+    lines.append("")
+    if capability is None:
+        lines += ["No CUDA device: auto runs torch everywhere and nothing can be added to MEASURED_FASTER.", ""]
+    else:
+        lines += ["The entries this run supports (Triton faster than the best torch line, eager or compiled, "
+                  "in every forward and forward+backward case timed), ready to paste into kernels/utils.py:", "",
+                  "```python", measured_faster_source(measured_faster(rows, capability)), "```", ""]
+    return lines
+
+
 def render(rows: list[dict], failures: list[str], device: torch.device, quick: bool, plots: list[str],
-           seconds: float) -> str:
+           seconds: float | None) -> str:
+    """report.md; seconds None: the rows come from a CSV (bench/csv_report.py), not from this run."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import triton
 
@@ -305,7 +404,8 @@ def render(rows: list[dict], failures: list[str], device: torch.device, quick: b
         f"# QIN benchmark report: {common.device_name(device)}",
         "",
         f"{when}; torch {torch.__version__}, triton {triton.__version__}, commit {common.git_commit()}; "
-        f"{'--quick' if quick else 'full'} run, {seconds / 60:.1f} minutes. Medians (p50) of repeated runs; "
+        + (f"{'--quick' if quick else 'full'} run, {seconds / 60:.1f} minutes. " if seconds is not None else
+           "figures read from the CSV of bench/gpu_run.sh. ") + "Medians (p50) of repeated runs; "
         "every ratio compares two variants measured in this same run. Absolute times mean little on a CPU.",
         "",
     ]
@@ -325,6 +425,8 @@ def render(rows: list[dict], failures: list[str], device: torch.device, quick: b
                   f"| authors' FuxiCTR QIN (published, not measured here) | {AUTHORS_DEVICE} | {AUTHORS_SAMPLES_PER_S:,} |",
                   f"| ours, fastest variant ({ours['provider']}, batch {ours['x_value']}) | {ours['device']} | {float(ours['p50']):,.0f} |",
                   ""]
+    if timed:
+        parts += ['## What backend="auto" runs', ""] + auto_section(rows, device)
     sections = list(dict.fromkeys(r["section"] for r in rows))
     for section in sections:
         in_section = [r for r in rows if r["section"] == section]

@@ -1,7 +1,9 @@
 """`qin bench`: one command, a report, a CSV and plots; never overwriting, never leaving partial files."""
 import csv
+from pathlib import Path
 
 import pytest
+import torch
 
 import bench.report
 from qin.cli import main
@@ -27,6 +29,7 @@ def test_quick_bench_writes_report_csv_and_plots(quick_report):
             "Data loading", "Several processes (DDP)", "pytest-benchmark suite of the fused ops"} <= sections
     report = (out / "report.md").read_text()
     assert "## Targets" in report and "21,000" in report and "Sections that failed" not in report
+    assert '| qnn | fp32 | torch | not measured |' in report  # what backend="auto" runs here
     # Every ratio in the training table compares with the literal eager model of the same run.
     providers = {r["provider"] for r in rows if r["kernel"] == "train_step"}
     assert {"literal eager", "+ hoisted ASTA", "+ item dedup"} <= providers
@@ -57,8 +60,6 @@ def test_a_failed_bench_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
 
 
 def test_cuda_without_a_gpu_is_refused(tmp_path, capsys, monkeypatch):
-    import torch
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["bench", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
@@ -74,3 +75,131 @@ def test_codegen_table_alone(tmp_path, capsys):
         assert kernel in printed
     assert "HGMMA" in report and "HMMA" in report
     assert "## Targets" not in report  # nothing was timed
+
+
+def _time(kernel, provider, mode, dtype, p50):
+    return {"kernel": kernel, "provider": provider, "mode": mode, "metric": "time", "unit": "ms",
+            "x_name": "batch", "x_value": 8192, "p50": p50, "dtype": dtype}
+
+
+def _lines(kernel, dtype, times, mode_suffix="", torch_names=("reference eager", "reference compile")):
+    """Rows of one op table: times = {mode: (eager, compiled, triton)}."""
+    rows = []
+    for mode, values in times.items():
+        for provider, p50 in zip((*torch_names, "triton"), values):
+            rows.append(_time(kernel, provider, mode + mode_suffix, dtype, p50))
+    return rows
+
+
+def test_measured_faster_needs_triton_ahead_of_every_torch_line_in_both_modes():
+    from bench.report import auto_evidence, measured_faster, measured_faster_source
+
+    qnn = ("eager", "compile")
+    wins = {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 2.5, 2.0)}
+    loses_to_compile = {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 1.9, 2.0)}
+    rows = (_lines("qnn", "bf16", wins, torch_names=qnn)  # an entry
+            + _lines("qnn", "fp32", wins, torch_names=qnn)  # TF32 off: wins ...
+            + _lines("qnn", "fp32-tf32", loses_to_compile, torch_names=qnn)  # ... TF32 on: loses, so no entry
+            + _lines("asta_op", "bf16", wins, " full mask")  # the plain form wins,
+            + _lines("asta_gathered_op", "bf16", loses_to_compile)  # the gathered loses: no entry
+            + _lines("asta_op", "fp32", wins, " full mask") + _lines("asta_gathered_op", "fp32", wins)  # an entry
+            + _lines("asta_op", "fp16", {"fwd": (1.0, 0.8, 0.7)}, " full mask")  # fwd alone: no entry
+            + _lines("qnn_stack", "fp16", wins, torch_names=qnn))  # not an op table of auto: ignored
+    # Only times count: a higher bandwidth is not a faster kernel.
+    rows.append(dict(_time("qnn", "triton", "fwd", "fp16", 9.0), metric="tflops"))
+    rows.append(dict(_time("qnn", "eager", "fwd", "fp16", 1.0), metric="tflops"))
+    cap = (9, 0)
+    assert measured_faster(rows, cap) == {("qnn", torch.bfloat16, cap), ("asta", torch.float32, cap)}
+    evidence = auto_evidence(rows)
+    assert ("qnn", "fp16") not in evidence and evidence[("asta", "fp16")]["modes"] == {"fwd"}
+    assert "asta_gathered_op fwd+bwd bf16" in evidence[("asta", "bf16")]["losses"][0]
+    # A tie is not faster.
+    assert measured_faster(_lines("qnn", "bf16", {"fwd": (1, 1, 1), "fwd+bwd": (2, 2, 2)}, torch_names=qnn), cap) == set()
+    # The printed source is the set itself, ready to paste.
+    for entries in (measured_faster(rows, cap), set()):
+        namespace = {"torch": torch}
+        exec(measured_faster_source(entries), namespace)
+        assert namespace["MEASURED_FASTER"] == entries
+
+
+def test_report_says_what_auto_runs_on_the_device(monkeypatch):
+    import kernels.utils
+    from bench.report import auto_section
+
+    rows = _lines("qnn", "bf16", {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 2.5, 2.0)}, torch_names=("eager", "compile"))
+    cpu = "\n".join(auto_section(rows, torch.device("cpu")))
+    assert "| qnn | bf16 | torch | yes, fwd and fwd+bwd |" in cpu and "| asta | fp32 | torch | not measured |" in cpu
+    assert "```python" not in cpu  # no capability to key an entry on
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake H200")
+    monkeypatch.setattr(kernels.utils, "MEASURED_FASTER", {("qnn", torch.bfloat16, (9, 0))})
+    gpu = "\n".join(auto_section(rows, torch.device("cuda")))
+    assert "| qnn | bf16 | triton |" in gpu and "| qnn | fp32 | torch |" in gpu and "| asta | bf16 | torch |" in gpu
+    assert "('qnn', torch.bfloat16, (9, 0))," in gpu
+
+
+def test_every_training_variant_is_a_valid_config():
+    from bench.bench_train import CPU_VARIANTS, VARIANTS
+    from qin.config import QINConfig
+
+    names = [name for name, *_ in VARIANTS]
+    assert len(set(names)) == len(names) and set(CPU_VARIANTS) <= set(names)
+    for name, overrides, compiled, amp in VARIANTS:
+        QINConfig(**overrides).validate()
+        assert amp in (None, torch.bfloat16) and isinstance(compiled, bool), name
+
+
+def _gpu_run(tmp_path, rows=(), **env):
+    """bench/gpu_run.sh in its CPU dry mode, with `rows` already in its results.csv."""
+    import os
+    import subprocess
+
+    from bench.common import append_csv
+
+    out = tmp_path / "out"
+    if rows:
+        append_csv(list(rows), out / "results.csv")
+    env = {**os.environ, "OUT": str(out), "GPU_RUN_DRY": "1", **env}
+    result = subprocess.run(["bash", "bench/gpu_run.sh"], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).parent.parent)
+    return result, out
+
+
+def test_gpu_run_dry_mode_runs_its_stages_on_the_cpu(tmp_path):
+    # The whole dry run takes minutes on a 2-core CPU: the device stage and the report from rows
+    # already in the CSV show the script's plumbing; each benchmark's CPU path has its own test.
+    from bench.common import make_row
+
+    rows = [make_row("train_step", "literal eager", "full", "throughput", "samples/s", "batch", 64, 7.0,
+                     torch.device("cpu"), "fp32")]
+    result, out = _gpu_run(tmp_path, rows, GPU_RUN_STAGES="device report")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    device = (out / "device.txt").read_text()
+    assert "torch" in device and "triton" in device and "stage report: exit 0" in device
+    report = (out / "report.md").read_text()
+    assert "## Targets" in report and "| qnn | bf16 | torch | not measured |" in report
+    assert len(list(out.rglob("*"))) <= 8
+
+
+def test_gpu_run_skips_a_stage_the_budget_cannot_fit(tmp_path):
+    result, out = _gpu_run(tmp_path, GPU_RUN_STAGES="report", GPU_RUN_BUDGET="5")
+    assert result.returncode == 1
+    assert "stage report: not run" in (out / "device.txt").read_text() and not (out / "report.md").exists()
+
+
+def test_report_from_the_csv_of_a_gpu_run(tmp_path):
+    from bench import csv_report
+    from bench.common import append_csv, make_row
+
+    cpu = torch.device("cpu")
+    rows = [make_row("train_step", name, "full", "throughput", "samples/s", "batch", 1024, value, cpu, "fp32")
+            for name, value in (("literal eager", 100.0), ("+ item dedup", 300.0))]
+    rows += [make_row("asta_gathered_op", "reference eager", "fwd+bwd full mask", "time", "ms", "batch", 256, 2.0,
+                      cpu, "fp32")]
+    append_csv(rows, tmp_path / "results.csv")
+    assert csv_report.main([str(tmp_path / "results.csv"), "--device", "cpu", "--out", str(tmp_path / "report.md")]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "3.00x (+ item dedup, batch 1024" in report  # the targets, from the CSV's rows
+    assert "## Training step, end to end" in report and "## ASTA: sparse target attention" in report
+    assert "| asta | fp32 | torch | not measured |" in report and "read from the CSV" in report
+    assert csv_report.main([str(tmp_path / "missing.csv"), "--device", "cpu"]) == 1

@@ -1,0 +1,53 @@
+"""report.md from the CSV the benchmark modules appended to (bench/gpu_run.sh's results.csv).
+
+Run it on the device that made the CSV: the report's targets, its tables and what backend="auto"
+runs here with the MEASURED_FASTER entries the op tables support (bench/report.py's render,
+without plots: `bench.report.make_plots` draws them anywhere from the same CSV).
+
+    python -m bench.csv_report results.csv [--device cuda] [--out report.md]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import torch
+
+from bench.report import auto_section, render
+
+# The report's section of each kernel the modules write (bench/report.py's section titles).
+SECTIONS = {"train_step": "Training step, end to end", "copy": "ASTA: sparse target attention",
+            "matmul": "QNN: quadratic projection"}
+
+
+def section_of(kernel: str) -> str:
+    if kernel in SECTIONS:
+        return SECTIONS[kernel]
+    if kernel.startswith("asta"):
+        return "ASTA: sparse target attention"
+    if kernel.startswith("qnn"):
+        return "QNN: quadratic projection"
+    return "Other"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("csv", help="rows of bench_train / bench_asta / bench_qnn (a missing file: no rows)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", help="write report.md here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    path = Path(args.csv)
+    rows = list(csv.DictReader(open(path))) if path.exists() else []
+    for row in rows:
+        row["section"] = section_of(row["kernel"])
+    print("\n".join(['## What backend="auto" runs', "", *auto_section(rows, device)]))
+    if args.out:
+        failures = [] if rows else [f"no figures in {path}"]
+        Path(args.out).write_text(render(rows, failures, device, quick=False, plots=[], seconds=None))
+    return 0 if rows else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

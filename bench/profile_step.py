@@ -1,0 +1,112 @@
+"""Where the default training step spends its time: torch.profiler over a few steps, top kernels.
+
+The step is bench_train's (the default config, so the kernels' backend="auto", the trainer's
+optimizer, a batch drawn like the real data), fp32 and/or under autocast bf16. On CUDA the table
+lists the CUDA kernels by total device time; on the CPU the operators by self CPU time (a smoke
+run: a CPU profile says little about a GPU step).
+
+    python -m bench.profile_step --device cuda [--batch 8192] [--precision fp32 bf16] [--out profile.md]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench.bench_train import build, synthetic_batch
+from bench.common import device_name, git_commit
+from qin.config import QINConfig
+from qin.train import loss_fn, make_optimizer
+
+AMP = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def _device_time_us(event, self_only: bool) -> float:
+    """An event's device time in us (the attribute was renamed from cuda_* to device_* in torch 2.4)."""
+    names = ("self_device_time_total", "self_cuda_time_total") if self_only else ("device_time_total", "cuda_time_total")
+    return float(next((getattr(event, n) for n in names if hasattr(event, n)), 0.0))
+
+
+def profile_step(device: torch.device, batch: int, precision: str, steps: int, top: int) -> list[str]:
+    """Markdown lines: the top `top` kernels (CUDA) or operators (CPU) of `steps` profiled steps."""
+    model = build(QINConfig(), device)
+    optimizer = make_optimizer(model, 2e-3)
+    data = synthetic_batch(batch, device)
+    amp = AMP[precision]
+
+    def step():
+        with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            loss = loss_fn(model, data, 2e-4)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        optimizer.step()
+
+    for _ in range(3 if device.type == "cuda" else 1):  # compile the kernels, allocate optimizer state
+        step()
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    events = prof.key_averages()
+    if cuda:  # kernels only: a CPU-side op's device time would count its kernels a second time
+        events = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+        time_of = lambda e: _device_time_us(e, self_only=True)  # noqa: E731
+        what, kinds = "CUDA kernel", "CUDA kernels"
+    else:
+        time_of = lambda e: float(e.self_cpu_time_total)  # noqa: E731
+        what, kinds = "operator (self CPU time)", "operators"
+    total = sum(time_of(e) for e in events) or 1.0
+    ranked = sorted(events, key=time_of, reverse=True)[:top]
+    cfg = QINConfig()
+    lines = [f"## {precision}{' (autocast)' if amp else ''}, batch {batch}: {wall_ms:.2f} ms a step "
+             f"({batch / wall_ms * 1e3:,.0f} samples/s under the profiler), "
+             f"asta_kernel={cfg.asta_kernel}, qnn_kernel={cfg.qnn_kernel}", "",
+             f"| {what} | calls a step | ms a step | share of the {'device' if cuda else 'CPU'} time |",
+             "|---|---|---|---|"]
+    for e in ranked:
+        name = e.key if len(e.key) <= 90 else e.key[:87] + "..."
+        lines.append(f"| `{name}` | {e.count / steps:g} | {time_of(e) / steps / 1e3:.3f} | {time_of(e) / total:.1%} |")
+    lines += ["", f"All {len(events)} {kinds}: {total / steps / 1e3:.2f} ms a step.", ""]
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, help="default: 8192 on CUDA, 256 on the CPU")
+    parser.add_argument("--precision", nargs="+", choices=list(AMP), default=["fp32"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--out", help="also write the Markdown here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    batch = args.batch or (8192 if device.type == "cuda" else 256)
+    lines = [f"# Profile of the default training step: {device_name(device)}", "",
+             f"torch {torch.__version__}, commit {git_commit()}; {args.steps} profiled steps after warm-up.", ""]
+    for precision in args.precision:
+        try:
+            lines += profile_step(device, batch, precision, args.steps, args.top)
+        except Exception as exc:  # one failed precision must not hide the other
+            lines += [f"## {precision}: failed: {type(exc).__name__}: {exc}", ""]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    return 1 if any(line.startswith("## ") and ": failed: " in line for line in lines) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
