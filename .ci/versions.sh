@@ -60,7 +60,7 @@ run_tests() {
     local result
     result=$(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed)' "$log" | tail -n 1)
     [ $rc -eq 0 ] && verdict=PASS || { verdict=FAIL; status=1; tail -n 40 "$log"; }
-    summary+=("$verdict  $label  ($versions): ${result:-no pytest summary, see $log}; tests $((SECONDS - start)) s")
+    summary+=("$verdict  $label  ($versions): ${result:-no pytest summary (its log is printed above)}; tests $((SECONDS - start)) s")
 }
 
 if [ $quick -eq 1 ]; then
@@ -80,7 +80,7 @@ else
         if ! { [ -x "$venv/bin/python" ] || python3 -m venv "$venv"; } ||
            ! "$venv/bin/python" -m pip install -q $pair -e ".[test]" >"$venv.install.log" 2>&1; then
             tail -n 20 "$venv.install.log"
-            summary+=("FAIL  $pair: install failed, see $venv.install.log")
+            summary+=("FAIL  $pair: install failed (the end of its log is printed above)")
             status=1
             continue
         fi
