@@ -6,8 +6,10 @@ backend="torch" runs the plain-PyTorch reference of kernels/reference.py, and ba
 runs Triton only where kernels.utils.MEASURED_FASTER records it measured faster (today: nowhere).
 """
 try:
-    import triton  # noqa: F401
+    import triton
 except ImportError:  # no triton wheel for this platform: the same entry points, PyTorch only
+    triton = None
+if triton is None:
     from kernels.torch_only import gathered_sparse_target_attention, quadratic_projection, sparse_target_attention
 else:
     from kernels.quadratic_projection import quadratic_projection
