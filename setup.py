@@ -10,9 +10,12 @@ setup(
     packages=find_packages(include=["kernels", "kernels.*", "qin", "qin.*", "bench", "bench.*"]),
     package_data={"qin": ["configs/*.yaml"]},
     install_requires=[
-        # The CPU build 2.13.0 satisfies this range; an open upper bound would pull a newer CUDA build.
-        "torch>=2.4,<=2.13.0",
-        "triton>=3.0",
+        # The floor is the oldest pair .ci/versions.sh tests (README, "Supported versions"). No upper
+        # bound: pip keeps the torch a user has; `pip install torch==2.13.0 -e .` still takes the CPU build.
+        "torch>=2.7",
+        # PyPI has triton wheels for Linux x86_64 and aarch64 only; elsewhere `import kernels` falls
+        # back to the PyTorch reference (kernels/torch_only.py).
+        'triton>=3.3; platform_system == "Linux" and (platform_machine == "x86_64" or platform_machine == "aarch64")',
         "numpy>=1.24",
         "pyarrow>=14",
         "pyyaml>=6",

@@ -261,6 +261,10 @@ def _example_cases(dtype: str) -> list[dict]:
     """Two toy kernels with known code, used by tests/test_codegen.py to test the parsing:
     a vector add (fp32, BLOCK=1024, 4 warps: 4 consecutive floats a thread, so LDG.E.128) and a
     64x64x64 tl.dot (16-bit inputs: HMMA on sm_89)."""
+    # Triton 3.3 (seen with 3.3.1) reads the string annotations (`from __future__ import annotations`)
+    # in the kernel's module globals, so `tl` must be a global of this module; triton is still
+    # imported only here, when compiling.
+    global tl
     import triton
     import triton.language as tl
 

@@ -5,7 +5,14 @@ the registered ops qin::sparse_target_attention and qin::quadratic_projection_dr
 backend="torch" runs the plain-PyTorch reference of kernels/reference.py, and backend="auto"
 runs Triton only where kernels.utils.MEASURED_FASTER records it measured faster (today: nowhere).
 """
-from kernels.quadratic_projection import quadratic_projection
-from kernels.sparse_target_attention import gathered_sparse_target_attention, sparse_target_attention
+try:
+    import triton
+except ImportError:  # no triton wheel for this platform: the same entry points, PyTorch only
+    triton = None
+if triton is None:
+    from kernels.torch_only import gathered_sparse_target_attention, quadratic_projection, sparse_target_attention
+else:
+    from kernels.quadratic_projection import quadratic_projection
+    from kernels.sparse_target_attention import gathered_sparse_target_attention, sparse_target_attention
 
 __all__ = ["sparse_target_attention", "gathered_sparse_target_attention", "quadratic_projection"]

@@ -1,0 +1,86 @@
+"""Without the triton package (platforms with no triton wheel), `import kernels` and the torch
+backend still work, and backend="triton" says what is missing.
+
+Run in a subprocess whose sys.modules blocks triton (an entry of None makes `import triton` raise
+ImportError), so that this process's own triton import is untouched.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from test_model import random_batch, small_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+CHILD = """
+import json, sys
+sys.modules["triton"] = None  # as if no triton wheel existed for this platform
+import torch
+import kernels
+from qin.train import loss_fn
+from test_model import random_batch, small_model
+
+out = {"modules": sorted(m for m in sys.modules if m.startswith("triton") and sys.modules[m] is not None),
+       "entry": kernels.quadratic_projection.__module__}
+model = small_model(seed=2)  # model.asta_kernel and qnn_kernel: "auto"
+model.train()
+torch.manual_seed(5)
+loss = loss_fn(model, random_batch(batch=6, length=7), 2e-4)
+loss.backward()
+out["loss"] = loss.item()
+out["grad_norm"] = sum(p.grad.double().pow(2).sum().item() for p in model.parameters() if p.grad is not None)
+x = torch.randn(3, 4)
+errors = []
+for call in (lambda: kernels.quadratic_projection(x, torch.randn(8, 4), torch.randn(8), 2, backend="triton"),
+             lambda: kernels.sparse_target_attention(torch.randn(3, 5, 4), x, torch.ones(3, 5), backend="triton"),
+             lambda: kernels.gathered_sparse_target_attention(torch.randn(6, 4), torch.zeros(3, 5, dtype=torch.long),
+                                                              x, torch.ones(3, 5), backend="triton")):
+    try:
+        call()
+        errors.append(None)
+    except RuntimeError as exc:
+        errors.append(str(exc))
+out["errors"] = errors
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def child() -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    proc = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_kernels_import_and_train_without_triton(child):
+    from qin.train import loss_fn
+
+    assert child["modules"] == []  # nothing of triton was loaded
+    assert child["entry"] == "kernels.torch_only"
+    # The same model, batch and dropout draws through the full kernels package's torch backend.
+    model = small_model(seed=2, asta_kernel="torch", qnn_kernel="torch")
+    model.train()
+    torch.manual_seed(5)
+    loss = loss_fn(model, random_batch(batch=6, length=7), 2e-4)
+    loss.backward()
+    grad_norm = sum(p.grad.double().pow(2).sum().item() for p in model.parameters() if p.grad is not None)
+    assert child["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    assert child["grad_norm"] == pytest.approx(grad_norm, rel=1e-6)
+    assert grad_norm > 0
+
+
+def test_triton_backend_names_the_missing_package(child):
+    assert len(child["errors"]) == 3
+    for message in child["errors"]:
+        assert message is not None and "triton package" in message and "backend='torch'" in message
+
+
+def test_full_package_is_used_when_triton_is_present():
+    assert kernels.quadratic_projection.__module__ == "kernels.quadratic_projection"
