@@ -134,6 +134,30 @@ def _asta_reference(leaves, extra):
     return reference.sparse_target_attention(history, leaves["query"], extra["mask"].to(history.dtype))
 
 
+def _gathered_asta_inputs(case, dtype, device, g):
+    """ASTA's inputs with the history as rows of a table: reps (B*L, D) and index (B, L). The
+    last position of each row repeats its first, so gradients must sum over repeats (and the
+    row no position reads gets none); a repeat within a row keeps the scores off the kink."""
+    leaves, extra = _asta_inputs(case, dtype, device, g)
+    B, L, D = leaves["history"].shape
+    index = torch.arange(B * L, device=device).view(B, L)
+    if L > 1:
+        index[:, -1] = index[:, 0]
+    extra["index"] = index
+    return {"reps": leaves["history"].reshape(B * L, D), "query": leaves["query"]}, extra
+
+
+def _gathered_asta_fused(leaves, extra):
+    reps = _strided(leaves["reps"]) if extra["layout"] == "strided" else leaves["reps"]
+    return kernels.gathered_sparse_target_attention(reps, extra["index"], leaves["query"], extra["mask"],
+                                                    backend="triton")
+
+
+def _gathered_asta_reference(leaves, extra):
+    reps = _strided(leaves["reps"]) if extra["layout"] == "strided" else leaves["reps"]
+    return reference.sparse_target_attention(reps[extra["index"]], leaves["query"], extra["mask"].to(reps.dtype))
+
+
 QNN_DROPOUT = 0.1  # the paper's
 
 
@@ -201,11 +225,10 @@ QNN_CASES = (
     Case(dict(B=6, D=20, M=3), "non-contiguous x", layout="strided"),
 )
 
-# A new fused op is one more entry here: e.g. the gathered ASTA (history = reps[index]) would be
-# Op("gathered_asta", inputs giving reps and index, kernels.gathered_sparse_target_attention(...),
-#    reference.sparse_target_attention(reps[index], ...), ASTA_CASES).
+# A new fused op is one more entry here: its inputs, the fused call, the reference, its shapes.
 OPS = (
     Op("asta", _asta_inputs, _asta_fused, _asta_reference, ASTA_CASES),
+    Op("gathered_asta", _gathered_asta_inputs, _gathered_asta_fused, _gathered_asta_reference, ASTA_CASES),
     Op("qnn_train", _qnn_inputs, _qnn_train_fused, _qnn_train_reference, QNN_CASES),
     Op("qnn_eval", _qnn_inputs, _qnn_eval_fused, _qnn_eval_reference, QNN_CASES),
 )
