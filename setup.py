@@ -20,8 +20,8 @@ setup(
         "pyarrow>=14",
         "pyyaml>=6",
         "tqdm>=4.60",
-        "matplotlib>=3.7",  # the plots of `qin bench`, curves.png, `qin plot`
-        "tensorboard>=2.10",  # the run's event files (torch.utils.tensorboard writes them)
+        "matplotlib>=3.7",  # the plots of `qin bench` and curves.png
+        "tensorboard>=2.14",  # the event files of a training run (torch.utils.tensorboard writes them)
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6.80", "pytest-benchmark>=4"],
