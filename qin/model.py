@@ -20,6 +20,13 @@ from qin.config import QINConfig
 logger = logging.getLogger("qin.model")
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes matrix products in on `device`, or None when it is off."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
 class ItemEncoder(nn.Module):
     """e(i) = concat(E_item[i], masked_mean(E_tag[tags(i)]), P @ item_emb_d128[i]).
 
@@ -118,6 +125,12 @@ class SparseTargetAttention(nn.Module):
         return torch.einsum("bl,bld->bd", weights, values)
 
     def forward(self, target: torch.Tensor, history: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # Under autocast the history (B x L x 384, the largest tensor) is cast once here rather
+        # than by every product that reads it, and the fused op gets one dtype throughout. The
+        # target stays fp32: it is the residual below (the projections autocast it themselves).
+        low = autocast_dtype(history.device)
+        if low is not None:
+            history = history.to(low)
         if self.form == "literal":
             q, k, v = self.W_q(target), self.W_k(history), self.W_v(history)
             scores = torch.einsum("bd,bld->bl", q, k) * self.scale
@@ -127,7 +140,7 @@ class SparseTargetAttention(nn.Module):
                 pooled = torch.einsum("bl,bld->bd", torch.relu(scores * self._weights_mask(mask, q.dtype)), v)
             return self.W_o(pooled) + target
         # Hoisted (SPEC.md, "Exact algebra"): q.k_l = x_l.(Wk^T q) and sum_l a_l Wv x_l = Wv sum_l a_l x_l.
-        query = (self.W_q(target) @ self.W_k.weight) * self.scale
+        query = ((self.W_q(target) @ self.W_k.weight) * self.scale).to(history.dtype)
         if self.softmax:
             pooled = self._softmax_pool(torch.einsum("bld,bd->bl", history, query), mask, history)
         else:
