@@ -1,22 +1,27 @@
-"""One optimizer step of QIN, end to end: samples/s and peak memory per variant.
+"""One optimizer step of QIN, end to end: samples/s, peak memory and bytes saved for backward
+per variant, in fp32 and in bf16 (train.precision=bf16: autocast over the forward).
 
 Variants switch the fused parts on one at a time, starting from the literal eager model
 (SPEC.md's form, as the authors wrote it). Batches are drawn like the real data (91,718 items,
 histories of median length about 6 out of 64, left-padded) and made outside the timed region.
+The fp32 and bf16 steps of a variant are timed alternately, rep by rep, so that a change in the
+machine's load hits both alike.
 
     python -m bench.bench_train --device cuda [--batch 8192] [--csv out.csv]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import numpy as np
 import torch
 
-from bench.common import append_csv, make_row, peak_memory_mb, print_table, time_ms
+from bench.common import append_csv, make_row, peak_memory_mb, print_table, synchronize, time_ms
 from qin.config import QINConfig
 from qin.model import QIN
-from qin.train import loss_fn, make_optimizer
+from qin.train import loss_fn, make_optimizer, resolve_precision
 
 AUTHORS_SAMPLES_PER_S = 21_000  # SPEC.md: 2.8 min an epoch of 3.6M rows on an RTX 4090
 AUTHORS_DEVICE = "RTX 4090 (authors' log)"
@@ -31,6 +36,49 @@ VARIANTS = [
     ("all fused + torch.compile", dict(asta_form="hoisted", dedup_items=True, asta_kernel="triton", qnn_kernel="triton"), True),
 ]
 CPU_VARIANTS = ("literal eager", "+ hoisted ASTA", "+ item dedup")
+PRECISIONS = ("fp32", "bf16")
+
+
+def saved_bytes(forward, resident_tensors) -> int:
+    """Bytes autograd keeps for backward during `forward()`, each storage counted once.
+
+    Saved tensors that are `resident_tensors` (parameters, buffers, the batch) are left out: they
+    exist whether or not a backward follows. What autocast saves of them (their bf16 copies) is
+    new memory and counts.
+    """
+    resident = {t.untyped_storage().data_ptr() for t in resident_tensors}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in resident:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = forward()
+    del loss  # the graph (and what it saved) goes with it
+    return sum(storages.values())
+
+
+def time_alternating(steps: dict, device: torch.device, warmup: int, reps: int) -> dict:
+    """{name: (p50, p20, p80) ms}, running the steps in turn each rep."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    samples = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            step()
+            synchronize(device)
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, values in samples.items():
+        q = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
+        out[name] = (statistics.median(values), q[1], q[7])
+    return out
 
 
 def synthetic_batch(batch: int, device: torch.device, num_items: int = 91_718, num_tags: int = 11_740,
@@ -83,28 +131,48 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
             model = build(QINConfig(**overrides), device)
             optimizer = make_optimizer(model, 2e-3)  # the trainer's own optimizer, for every variant
             forward = torch.compile(model) if compiled else model
+            precisions = [p for p in PRECISIONS if p == "fp32" or _runs(p, device)]
 
-            def step():
-                loss = loss_fn(forward, data, 2e-4)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-                optimizer.step()
+            def make_step(precision):
+                def step():
+                    loss = loss_fn(forward, data, 2e-4, precision=precision)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+                    optimizer.step()
+                return step
 
-            step()  # first step: allocate optimizer state, compile
-            p50, p20, p80 = time_ms(step, device, warmup=1, reps=3 if quick else 8)
-            # Samples/s from the median time; p20 time gives the higher throughput.
-            rows.append(make_row("train_step", name, "full", "throughput", "samples/s", "batch", batch,
-                                 (batch / p50 * 1e3, batch / p80 * 1e3, batch / p20 * 1e3), device, "fp32"))
-            memory = peak_memory_mb(step, device)
-            if memory is not None:
-                rows.append(make_row("train_step", name, "full", "peak_memory", "MB", "batch", batch, memory, device, "fp32"))
+            steps = {p: make_step(p) for p in precisions}
+            # warmup: allocate optimizer state, compile
+            times = time_alternating(steps, device, warmup=1, reps=3 if quick else 8)
+            for precision in precisions:
+                p50, p20, p80 = times[precision]
+                # Samples/s from the median time; p20 time gives the higher throughput.
+                rows.append(make_row("train_step", name, "full", "throughput", "samples/s", "batch", batch,
+                                     (batch / p50 * 1e3, batch / p80 * 1e3, batch / p20 * 1e3), device, precision))
+                memory = peak_memory_mb(steps[precision], device)
+                if memory is not None:
+                    rows.append(make_row("train_step", name, "full", "peak_memory", "MB", "batch", batch, memory,
+                                         device, precision))
+                saved = saved_bytes(lambda: loss_fn(forward, data, 2e-4, precision=precision),
+                                    [*model.parameters(), *model.buffers(), *data.values()])
+                rows.append(make_row("train_step", name, "full", "saved_bytes", "bytes/sample", "batch", batch,
+                                     saved / batch, device, precision))
         except Exception as exc:  # report and go on: one broken variant must not hide the others
             print(f"variant {name!r} failed: {type(exc).__name__}: {exc}")
         finally:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
+
+
+def _runs(precision: str, device: torch.device) -> bool:
+    try:
+        resolve_precision(precision, device)
+        return True
+    except ValueError:
+        print(f"skipped: {precision} (autocast does not run it on {device})")
+        return False
 
 
 def loader_rows(device: torch.device, batch: int, quick: bool) -> list[dict]:
@@ -129,18 +197,22 @@ def loader_rows(device: torch.device, batch: int, quick: bool) -> list[dict]:
 
 
 def print_ratios(rows: list[dict]) -> None:
-    speed = {r["provider"]: r["p50"] for r in rows if r["metric"] == "throughput"}
-    memory = {r["provider"]: r["p50"] for r in rows if r["metric"] == "peak_memory"}
-    base = speed.get("literal eager")
-    print("\nvariant                              samples/s   x literal   peak MB   / literal")
-    for name, value in speed.items():
+    def table(metric):
+        return {(r["provider"], r["dtype"]): r["p50"] for r in rows if r["metric"] == metric}
+
+    speed, memory, saved = table("throughput"), table("peak_memory"), table("saved_bytes")
+    base = speed.get(("literal eager", "fp32"))
+    print("\nvariant                        dtype   samples/s  x literal  x fp32   saved B/sample  / fp32   peak MB")
+    for (name, dtype), value in speed.items():
         if name.startswith("data loading"):
-            print(f"{name:36s} {value:10,.0f}  (the loader alone: compare with the model's samples/s)")
+            print(f"{name:30s}        {value:10,.0f}  (the loader alone: compare with the model's samples/s)")
             continue
-        ratio = f"{value / base:9.2f}x" if base else "        -"
-        mem = memory.get(name)
-        mem_text = f"{mem:9.0f}  {mem / memory['literal eager']:9.2f}" if mem and memory.get("literal eager") else ""
-        print(f"{name:36s} {value:10,.0f}  {ratio}  {mem_text}")
+        fp32 = speed.get((name, "fp32"))
+        saved_here, saved_fp32 = saved.get((name, dtype)), saved.get((name, "fp32"))
+        mem = memory.get((name, dtype))
+        print(f"{name:30s} {dtype:5s} {value:10,.0f}  {value / base if base else 0:8.2f}x "
+              f"{value / fp32 if fp32 else 0:6.2f}x  {saved_here or 0:14,.0f}  "
+              f"{saved_here / saved_fp32 if saved_here and saved_fp32 else 0:6.2f}  {mem or 0:8.0f}")
     print(f"{AUTHORS_DEVICE:36s} {AUTHORS_SAMPLES_PER_S:10,d}   (published figure, not measured here)")
 
 

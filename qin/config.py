@@ -17,6 +17,9 @@ class ConfigError(ValueError):
     pass
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass
 class QINConfig:
     """Sizes and switches of the QIN model; defaults are the paper's on MicroLens_1M_x1."""
@@ -106,6 +109,10 @@ class TrainConfig:
     patience: int = 8  # epochs without gain before early stop
     seed: int = 20242025
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Autocast dtype of the training forward: fp32 | bf16 | fp16 | auto (bf16 on a CUDA device
+    # that has it, fp32 elsewhere). Weights, optimizer state, BatchNorm statistics, the residual
+    # stream and the loss stay fp32 whatever this says; fp16 adds a gradient scaler.
+    precision: str = "auto"
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole split
     checkpoint_every_steps: int = 0  # also write latest.pt every N steps (0: at epoch ends only)
     out_dir: str = "runs/qin"
@@ -180,6 +187,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             _apply(getattr(cfg, section), section, values, source)
     _coerce_types(cfg)
     cfg.model.validate()
+    if cfg.train.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
     if cfg.data.max_len < 1:
         raise ConfigError(f"data.max_len must be a positive integer, got {cfg.data.max_len}")
     return cfg
