@@ -1,8 +1,11 @@
-"""One optimizer step of QIN, end to end: samples/s and peak memory per variant.
+"""One optimizer step of QIN, end to end: samples/s, peak memory and bytes saved for backward
+per variant, in fp32 and in bf16 (train.precision=bf16: autocast over the forward).
 
 Variants switch the fused parts on one at a time, starting from the literal eager model
 (SPEC.md's form, as the authors wrote it). Batches are drawn like the real data (91,718 items,
 histories of median length about 6 out of 64, left-padded) and made outside the timed region.
+The fp32 and bf16 steps of a variant are timed alternately, rep by rep, so that a change in the
+machine's load hits both alike.
 
     python -m bench.bench_train --device cuda [--batch 8192] [--csv out.csv]
 """
@@ -45,7 +48,37 @@ VARIANTS = [
     ("literal + torch.compile, autocast bf16", LITERAL, True, BF16),
     ("all fused + torch.compile, autocast bf16", dict(DEDUP, asta_kernel="triton", qnn_kernel="triton"), True, BF16),
 ]
-CPU_VARIANTS = ("literal eager", "+ hoisted ASTA", "+ item dedup")
+# On the CPU: the eager torch variants, and the bf16 lines of issue 15's CPU targets.
+CPU_VARIANTS = ("literal eager", "literal eager, autocast bf16", "+ hoisted ASTA", "+ item dedup",
+                "+ item dedup, autocast bf16")
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def saved_bytes(forward, resident_tensors) -> int:
+    """Bytes autograd keeps for backward during `forward()`, each storage counted once.
+
+    Saved tensors that are `resident_tensors` (parameters, buffers, the batch) are left out: they
+    exist whether or not a backward follows. What autocast saves of them (their bf16 copies) is
+    new memory and counts.
+    """
+    resident = {t.untyped_storage().data_ptr() for t in resident_tensors}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in resident:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = forward()
+    del loss  # the graph (and what it saved) goes with it
+    return sum(storages.values())
+
+
+def _forward_loss(forward, data: dict, amp: torch.dtype | None) -> torch.Tensor:
+    """The trainer's loss, its forward under autocast in `amp` as train.precision runs it."""
+    return loss_fn(forward, data, 2e-4, precision=PRECISION_NAMES[amp])
 
 
 def synthetic_batch(batch: int, device: torch.device, num_items: int = 91_718, num_tags: int = 11_740,
@@ -105,8 +138,7 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
             forward = torch.compile(model) if compiled else model
 
             def step():
-                with torch.autocast(device.type, dtype=amp or BF16, enabled=amp is not None):
-                    loss = loss_fn(forward, data, 2e-4)
+                loss = _forward_loss(forward, data, amp)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -121,6 +153,10 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
             if memory is not None:
                 rows.append(make_row("train_step", name, "full", "peak_memory", "MB", "batch", batch, memory, device,
                                      amp or "fp32"))
+            saved = saved_bytes(lambda: _forward_loss(forward, data, amp), [*model.parameters(), *model.buffers(),
+                                                                          *data.values()])
+            rows.append(make_row("train_step", name, "full", "saved_bytes", "bytes/sample", "batch", batch,
+                                 saved / batch, device, amp or "fp32"))
             # One line as each variant ends: a run stopped later still shows it.
             print(f"{name}: {batch / p50 * 1e3:,.0f} samples/s" + (f", peak {memory:,.0f} MB" if memory else ""))
         except KeyboardInterrupt:  # SIGTERM: keep the rows measured so far
@@ -160,18 +196,22 @@ def loader_rows(device: torch.device, batch: int, quick: bool) -> list[dict]:
 
 
 def print_ratios(rows: list[dict]) -> None:
-    speed = {r["provider"]: r["p50"] for r in rows if r["metric"] == "throughput"}
-    memory = {r["provider"]: r["p50"] for r in rows if r["metric"] == "peak_memory"}
-    base = speed.get("literal eager")
-    print("\nvariant                              samples/s   x literal   peak MB   / literal")
-    for name, value in speed.items():
+    def table(metric):
+        return {(r["provider"], r["dtype"]): r["p50"] for r in rows if r["metric"] == metric}
+
+    speed, memory, saved = table("throughput"), table("peak_memory"), table("saved_bytes")
+    base = speed.get(("literal eager", "fp32"))
+    print("\nvariant                        dtype   samples/s  x literal  x fp32   saved B/sample  / fp32   peak MB")
+    for (name, dtype), value in speed.items():
         if name.startswith("data loading"):
-            print(f"{name:36s} {value:10,.0f}  (the loader alone: compare with the model's samples/s)")
+            print(f"{name:30s}        {value:10,.0f}  (the loader alone: compare with the model's samples/s)")
             continue
-        ratio = f"{value / base:9.2f}x" if base else "        -"
-        mem = memory.get(name)
-        mem_text = f"{mem:9.0f}  {mem / memory['literal eager']:9.2f}" if mem and memory.get("literal eager") else ""
-        print(f"{name:36s} {value:10,.0f}  {ratio}  {mem_text}")
+        fp32 = speed.get((name, "fp32"))
+        saved_here, saved_fp32 = saved.get((name, dtype)), saved.get((name, "fp32"))
+        mem = memory.get((name, dtype))
+        print(f"{name:30s} {dtype:5s} {value:10,.0f}  {value / base if base else 0:8.2f}x "
+              f"{value / fp32 if fp32 else 0:6.2f}x  {saved_here or 0:14,.0f}  "
+              f"{saved_here / saved_fp32 if saved_here and saved_fp32 else 0:6.2f}  {mem or 0:8.0f}")
     print(f"{AUTHORS_DEVICE:36s} {AUTHORS_SAMPLES_PER_S:10,d}   (published figure, not measured here)")
 
 

@@ -28,7 +28,8 @@ AUTHORS_DEVICE = "RTX 4090 (the authors' log)"
 # Metrics that get a ratio against the table's baseline: speed-up for time and throughput,
 # fraction for memory. Derived rates (GB/s, TFLOP/s, fractions of a ceiling) repeat the time's ratio.
 HIGHER_IS_BETTER = {"throughput"}
-RATIO_METRICS = {"time", "throughput", "peak_memory"}
+MEMORY_METRICS = {"peak_memory", "saved_bytes"}
+RATIO_METRICS = {"time", "throughput", *MEMORY_METRICS}
 
 REPORT_FILES = ("report.md", "results.csv")
 
@@ -180,7 +181,7 @@ def _number(value) -> float | None:
 def _ratio(metric: str, value: float, base: float) -> str:
     if not base or not value:
         return ""
-    ratio = value / base if metric in HIGHER_IS_BETTER or metric == "peak_memory" else base / value
+    ratio = value / base if metric in HIGHER_IS_BETTER or metric in MEMORY_METRICS else base / value
     return f" ({ratio:.2f}x)"
 
 
@@ -201,7 +202,7 @@ def pivot_tables(rows: list[dict]) -> list[str]:
             cells = {(r["mode"], r["dtype"], r["x_name"], str(r["x_value"]), r["provider"]): r for r in metric_rows}
             unit = metric_rows[0]["unit"]
             ratio_note = "" if len(providers) < 2 or metric not in RATIO_METRICS else (
-                f"; in brackets: against {providers[0]}" + (" (x = its fraction)" if metric == "peak_memory" else
+                f"; in brackets: against {providers[0]}" + (" (x = its fraction)" if metric in MEMORY_METRICS else
                                                             " (x = speed-up)"))
             out.append(f"**{kernel}: {metric.replace('_', ' ')} ({unit})**{ratio_note}\n")
             out.append("| mode | dtype | shape | " + " | ".join(providers) + " |")
@@ -233,7 +234,8 @@ def _value(rows, **match) -> float | None:
 
 def targets(rows: list[dict], device: torch.device) -> list[str]:
     """The issues' targets, each with its measured figure or 'unmeasured'."""
-    train = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "throughput"]
+    every_train = [r for r in rows if r["kernel"] == "train_step"]
+    train = [r for r in every_train if r["metric"] == "throughput" and r["dtype"] in ("fp32", "")]
     batches = sorted({int(r["x_value"]) for r in train}, reverse=True)
     lines = ["| target | measured here | verdict |", "|---|---|---|"]
 
@@ -266,7 +268,7 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
             f"{ours / literal:.1f}x ({ours:,.0f} vs {literal:,.0f} samples/s)", ours / literal >= 10)
         add("GPU (H100 class): >= 300,000 samples/s at batch 8192", f"{ours:,.0f} samples/s on {common.device_name(device)}",
             ours >= 300_000)
-        memory = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "peak_memory"]
+        memory = [r for r in every_train if r["metric"] == "peak_memory" and r["dtype"] == "fp32"]
         ours_mem, lit_mem = _value(memory, provider=name, x_value=batch), _value(memory, provider="literal eager", x_value=batch)
         add("GPU: peak training memory <= 1/3 of the literal eager model",
             f"{ours_mem / lit_mem:.2f} ({ours_mem:,.0f} vs {lit_mem:,.0f} MB)" if ours_mem and lit_mem else None,
@@ -276,6 +278,26 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
                      "GPU (H100 class): >= 300,000 samples/s at batch 8192",
                      "GPU: peak training memory <= 1/3 of the literal eager model"):
             add(name, None, False)
+    # Mixed precision: the default model (PyTorch ops on the CPU, fused kernels on a GPU) in bf16
+    # against fp32, same run, same batch; and the bytes it saves for backward.
+    default = "+ item dedup" if on_cpu else "default (auto)"
+    where, goal = ("CPU", 2.0) if on_cpu else ("GPU", 2.5)
+    pair = None
+    for batch in batches:
+        speeds = [_value(every_train, provider=p, metric="throughput", x_value=batch)
+                  for p in (f"{default}, autocast bf16", default)]
+        saved = [_value(every_train, provider=p, metric="saved_bytes", x_value=batch)
+                 for p in (f"{default}, autocast bf16", default)]
+        if None not in speeds:
+            pair = batch, speeds, saved
+            break
+    batch, (bf16, fp32), (saved_bf16, saved_fp32) = pair or (None, (None, None), (None, None))
+    add(f"{where}: default training step in bf16 >= {goal}x fp32 (same run, same batch)",
+        f"{bf16 / fp32:.2f}x ({default}, batch {batch}: {bf16:,.0f} vs {fp32:,.0f} samples/s)" if pair else None,
+        bool(pair and bf16 / fp32 >= goal))
+    add("Saved for backward: bf16 bytes/sample <= 0.55x fp32 (default model)",
+        f"{saved_bf16 / saved_fp32:.2f} ({saved_bf16:,.0f} vs {saved_fp32:,.0f} bytes/sample, batch {batch})"
+        if saved_bf16 and saved_fp32 else None, bool(saved_bf16 and saved_fp32 and saved_bf16 / saved_fp32 <= 0.55))
     # Issue 4's QNN targets, at the paper's shape in bf16 (GPU only: the CPU runs no Triton).
     speed = _value(rows, kernel="qnn", provider="triton", mode="fwd+bwd", metric="speedup_vs_eager", dtype="bf16",
                    x_value=8192)
@@ -423,7 +445,7 @@ def render(rows: list[dict], failures: list[str], device: torch.device, quick: b
         parts += ["## Against the authors' published speed", "",
                   "| implementation | device | samples/s |", "|---|---|---|",
                   f"| authors' FuxiCTR QIN (published, not measured here) | {AUTHORS_DEVICE} | {AUTHORS_SAMPLES_PER_S:,} |",
-                  f"| ours, fastest variant ({ours['provider']}, batch {ours['x_value']}) | {ours['device']} | {float(ours['p50']):,.0f} |",
+                  f"| ours, fastest variant ({ours['provider']}, {ours['dtype']}, batch {ours['x_value']}) | {ours['device']} | {float(ours['p50']):,.0f} |",
                   ""]
     if timed:
         parts += ['## What backend="auto" runs', ""] + auto_section(rows, device)
@@ -483,9 +505,11 @@ def make_plots(rows: list[dict], folder: Path) -> list[str]:
              and not r["provider"].startswith("data")]
     if train:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for provider in dict.fromkeys(r["provider"] for r in train):
-            points = sorted((int(r["x_value"]), float(r["p50"])) for r in train if r["provider"] == provider)
-            ax.plot(*zip(*points), marker="o", label=provider)
+        for provider, dtype in dict.fromkeys((r["provider"], r["dtype"]) for r in train):
+            points = sorted((int(r["x_value"]), float(r["p50"])) for r in train
+                            if (r["provider"], r["dtype"]) == (provider, dtype))
+            ax.plot(*zip(*points), marker="o", label=f"{provider} {dtype}".strip(),
+                    linestyle="--" if dtype == "bf16" else "-")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size")
         ax.set_ylabel("samples/s")

@@ -64,9 +64,9 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _model_from_checkpoint(path: str, data: str | None, device_name: str):
+def _model_from_checkpoint(path: str, data: str | None, device_name: str, precision: str = "fp32"):
     from qin.models import build_model
-    from qin.train import resolve_device
+    from qin.train import resolve_device, resolve_precision
 
     payload = load_checkpoint(path)
     cfg = load_config(overrides=[], base=payload["config"])
@@ -78,13 +78,15 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str):
     model = build_model(cfg.model)
     model.load_item_info(dataset.item_info.columns)
     model.load_state_dict(payload["model"])
-    return model.to(device).eval(), dataset, cfg, device
+    # Weights are fp32 whatever the run trained in, so any precision can score them.
+    return model.to(device).eval(), dataset, cfg, device, resolve_precision(precision, device)
 
 
 def cmd_evaluate(args) -> int:
     from qin.train import evaluate
 
-    model, dataset, cfg, device = _model_from_checkpoint(args.checkpoint, args.data, args.device)
+    model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
+                                                                    args.precision)
     if args.split not in dataset.splits:
         raise UsageError(f"split '{args.split}' not found in {dataset.root}")
     if dataset.splits[args.split].label is None:
@@ -92,7 +94,8 @@ def cmd_evaluate(args) -> int:
     # Under torchrun each rank scores a share of the split; the AUC is computed once, on all of it.
     ctx = distributed.context_from_env()
     try:
-        metrics = evaluate(model, dataset.splits[args.split], args.batch_size or cfg.train.eval_batch_size, device, ctx)
+        metrics = evaluate(model, dataset.splits[args.split], args.batch_size or cfg.train.eval_batch_size, device, ctx,
+                           precision)
     finally:
         distributed.shutdown()
     if ctx.is_main:
@@ -106,10 +109,12 @@ def cmd_predict(args) -> int:
     output = Path(args.output)
     if output.exists() and not args.force:
         raise UsageError(f"{output} exists; pass --force to overwrite it")
-    model, dataset, cfg, device = _model_from_checkpoint(args.checkpoint, args.data, args.device)
+    model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
+                                                                    args.precision)
     if "test" not in dataset.splits:
         raise UsageError(f"{dataset.root}: no test.parquet to predict")
-    probs = predict(model, dataset.splits["test"], args.batch_size or cfg.train.eval_batch_size, device)
+    probs = predict(model, dataset.splits["test"], args.batch_size or cfg.train.eval_batch_size, device,
+                    precision=precision)
     lines = ["ID,Task2"] + [f"{i},{p:.6f}" for i, p in enumerate(np.asarray(probs, dtype=np.float64))]
     atomic_write(output, lambda fh: fh.write(("\n".join(lines) + "\n").encode()))
     print(f"wrote {len(probs):,} predictions to {output}")
@@ -122,7 +127,7 @@ def cmd_export(args) -> int:
     output = Path(args.output)
     if output.exists() and not args.force:
         raise UsageError(f"{output} exists; pass --force to overwrite it")
-    model, dataset, cfg, device = _model_from_checkpoint(args.checkpoint, args.data, args.device)
+    model, dataset, cfg, device, _ = _model_from_checkpoint(args.checkpoint, args.data, args.device)
     split = dataset.splits["valid"] if "valid" in dataset.splits else dataset.splits["train"]
     batch = {k: v.to(device) for k, v in export.example_batch(split).items()}
     program = export.export_model(model, batch)
@@ -212,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", help="dataset folder (default: the one the run trained on)")
         p.add_argument("--device", default="auto")
         p.add_argument("--batch-size", type=int)
+        p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
+                       help="autocast dtype of the forward (default fp32, as training validates; "
+                            "any precision reads any run's fp32 weights)")
         if name == "evaluate":
             p.add_argument("--split", default="valid")
         else:

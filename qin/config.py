@@ -17,6 +17,9 @@ from qin.errors import ConfigError  # noqa: F401  - re-exported: qin.config.Conf
 
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass
 class QINConfig:
     """Sizes and switches of the QIN model; defaults are the paper's on MicroLens_1M_x1."""
@@ -127,6 +130,10 @@ class TrainConfig:
     patience: int = 8  # epochs without gain before early stop
     seed: int = 20242025
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Autocast dtype of the training forward: fp32 | bf16 | fp16 | auto (bf16 on a CUDA device
+    # that has it, fp32 elsewhere). Weights, optimizer state, BatchNorm statistics, the residual
+    # stream and the loss stay fp32 whatever this says; fp16 adds a gradient scaler.
+    precision: str = "auto"
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole split
     checkpoint_every_steps: int = 0  # also write latest.pt every N steps (0: at epoch ends only)
     compile: bool = False  # torch.compile the model for training (the first step also compiles)
@@ -244,6 +251,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         from qin.features import parse_features
 
         parse_features(cfg.data.features)
+    if cfg.train.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
     if cfg.data.max_len < 1:
         raise ConfigError(f"data.max_len must be a positive integer, got {cfg.data.max_len}")
     return cfg

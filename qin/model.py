@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.utils import autocast_dtype
 from qin.config import QINConfig
 from qin.features import Feature, context_features, item_features, model_features
 
@@ -198,6 +199,12 @@ class SparseTargetAttention(nn.Module):
                 history_index: torch.Tensor | None = None) -> torch.Tensor:
         """target (B, D), mask (B, L); history (B, L, D), or with history_index (B, L) the (U, D)
         representations that index points into (the hoisted ReLU form then never gathers them)."""
+        # Under autocast the history (or the representations it is read from, the largest input)
+        # is cast once here rather than by every product that reads it, and the fused op gets one
+        # dtype throughout. The target stays fp32: it is the residual below.
+        low = autocast_dtype(history.device.type)
+        if low is not None:
+            history = history.to(low)
         if history_index is not None and (self.form == "literal" or self.softmax):
             history, history_index = F.embedding(history_index, history), None
         if self.form == "literal":
@@ -209,7 +216,7 @@ class SparseTargetAttention(nn.Module):
                 pooled = torch.einsum("bl,bld->bd", torch.relu(scores * self._weights_mask(mask, q.dtype)), v)
             return self.W_o(pooled) + target
         # Hoisted (SPEC.md, "Exact algebra"): q.k_l = x_l.(Wk^T q) and sum_l a_l Wv x_l = Wv sum_l a_l x_l.
-        query = (self.W_q(target) @ self.W_k.weight) * self.scale
+        query = ((self.W_q(target) @ self.W_k.weight) * self.scale).to(history.dtype)
         if self.softmax:
             pooled = self._softmax_pool(torch.einsum("bld,bd->bl", history, query), mask, history)
         elif history_index is None:

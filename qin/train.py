@@ -12,7 +12,7 @@ import json
 import math
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from qin import distributed
 from qin.checkpoint import atomic_write, check_model_config, load_checkpoint, remove_stale_temporaries, save_checkpoint
-from qin.config import RunConfig
+from qin.config import ConfigError, RunConfig
 from qin.data import Dataset, Split, iterate_batches, num_batches
 from qin.metrics import log_loss, roc_auc
 from qin.model import count_parameters
@@ -51,6 +51,7 @@ class TrainerState:
     best_epoch: int = -1
     bad_epochs: int = 0  # consecutive epochs without valid-AUC gain
     finished: bool = False
+    skipped_steps: int = 0  # fp16 steps the gradient scaler skipped for an overflow (counted in `step`)
     history: list = dataclasses.field(default_factory=list)  # one metrics record per epoch
 
 
@@ -61,6 +62,45 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but no CUDA device is available")
     return device
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _autocast_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether autocast on this device and torch really computes a matrix product in `dtype`."""
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            out = F.linear(torch.ones(2, 2, device=device), torch.ones(2, 2, device=device))
+        return out.dtype == dtype
+    except (RuntimeError, ValueError):
+        return False
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """train.precision as run: 'auto' is bf16 on a CUDA device that has it, fp32 elsewhere.
+
+    The CPU stays fp32 under 'auto': bf16 pays there only on CPUs with bf16 instructions
+    (AVX512-BF16, AMX), which torch does not report; elsewhere it can run slower than fp32.
+    """
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp32":
+        return name
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16; "
+                          f"use train.precision=fp16 or fp32")
+    if not _autocast_works(device, AUTOCAST_DTYPES[name]):
+        raise ConfigError(f"train.precision={name}: autocast to {AUTOCAST_DTYPES[name]} does not work on "
+                          f"{device.type} with torch {torch.__version__}; use train.precision=fp32")
+    return name
+
+
+def autocast(device: torch.device, precision: str):
+    """The context the model's forward runs in: nothing for fp32, autocast to bf16/fp16 otherwise."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
 def fill_vocab_from_data(cfg: RunConfig, dataset: Dataset) -> None:
@@ -90,8 +130,8 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 @torch.no_grad()
 def predict(model, split: Split, batch_size: int, device: torch.device,
-            ctx: distributed.Context | None = None) -> np.ndarray:
-    """Click probabilities for every row of `split`, in row order.
+            ctx: distributed.Context | None = None, precision: str = "fp32") -> np.ndarray:
+    """Click probabilities for every row of `split`, in row order, the forward in `precision`.
 
     Under torch.distributed each rank scores a contiguous share of the rows and the shares are
     gathered, so every rank returns the whole split's predictions.
@@ -100,30 +140,37 @@ def predict(model, split: Split, batch_size: int, device: torch.device,
     if ctx.distributed:
         n = len(split)
         lo, hi = n * ctx.rank // ctx.world_size, n * (ctx.rank + 1) // ctx.world_size
-        share = predict(model, split.rows(lo, hi), batch_size, device)
+        share = predict(model, split.rows(lo, hi), batch_size, device, precision=precision)
         return distributed.gather_rows(ctx, share)
     was_training = model.training
     model.eval()
     out = []
     for batch in iterate_batches(split, batch_size, shuffle=False):
-        out.append(torch.sigmoid(model(_to_device(batch, device)).float()).cpu())
+        with autocast(device, precision):
+            logits = model(_to_device(batch, device))
+        out.append(torch.sigmoid(logits.float()).cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
 def evaluate(model, split: Split, batch_size: int, device: torch.device,
-             ctx: distributed.Context | None = None) -> dict:
+             ctx: distributed.Context | None = None, precision: str = "fp32") -> dict:
     if split.label is None:
         raise ValueError(f"split '{split.name}' has no label column: it cannot be evaluated")
-    probs = predict(model, split, batch_size, device, ctx)
+    probs = predict(model, split, batch_size, device, ctx, precision)
     return {"auc": roc_auc(split.label, probs), "logloss": log_loss(split.label, probs)}
 
 
 def loss_fn(model, batch: dict, embedding_l2: float, global_rows: int | None = None,
-            world_size: int = 1) -> torch.Tensor:
+            world_size: int = 1, precision: str = "fp32") -> torch.Tensor:
     """Mean BCE + embedding L2. Under DDP (global_rows given) this rank's BCE is scaled so that
-    DDP's average of the ranks' gradients is the gradient of the global batch's mean."""
-    logits = model(batch)
+    DDP's average of the ranks' gradients is the gradient of the global batch's mean.
+
+    Only the model's forward runs under autocast (`precision`); the loss and the L2 term are
+    computed in fp32 from the fp32 weights.
+    """
+    with autocast(batch["label"].device, precision):
+        logits = model(batch)
     if global_rows is None:
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch["label"])
     else:
@@ -192,6 +239,12 @@ class Trainer:
             self.forward_model = torch.compile(self.forward_model)
         self._compiling = cfg.train.compile  # until the first step has run (and compiled)
         self.optimizer = make_optimizer(self.model, cfg.train.lr)
+        # Resolved once and written back, so config.yaml names what ran ('auto' would resolve
+        # anew on another machine) and --resume continues in it.
+        cfg.train.precision = resolve_precision(cfg.train.precision, self.device)
+        # fp16 gradients underflow without a loss scale; bf16 has fp32's range and needs none.
+        # A disabled scaler passes everything through, so one code path serves every precision.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.precision == "fp16")
         self.state = TrainerState(lr=cfg.train.lr)
         self.watch = RunWatch(self.out_dir, cfg.train.log_every_steps, enabled=self.ctx.is_main)
 
@@ -205,6 +258,7 @@ class Trainer:
         }
         if not model_only:
             payload["optimizer"] = self.optimizer.state_dict()
+            payload["scaler"] = self.scaler.state_dict()  # {} unless fp16: the loss scale and its counters
             # Every rank's RNG state, so that a resumed DDP run draws what the uninterrupted one would.
             payload["rng"] = distributed.all_gather_objects(self.ctx, _rng_state(self.device))
         return payload
@@ -221,6 +275,11 @@ class Trainer:
         check_model_config(payload, self.cfg.to_dict()["model"], str(path))
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        saved_precision = payload["config"]["train"].get("precision", "fp32")
+        if saved_precision != self.cfg.train.precision:
+            self.log(f"{path} was trained in {saved_precision}; this run continues in {self.cfg.train.precision}")
+        if payload.get("scaler") and self.scaler.is_enabled():  # else a fresh scale (e.g. bf16 -> fp16)
+            self.scaler.load_state_dict(payload["scaler"])
         self.state = TrainerState(**payload["trainer"])
         for group in self.optimizer.param_groups:
             group["lr"] = self.state.lr
@@ -247,7 +306,8 @@ class Trainer:
         elif self.ctx.is_main:
             atomic_write(self.out_dir / "config.yaml", lambda fh: fh.write(yaml.safe_dump(cfg.to_dict()).encode()))
         where = f"{self.ctx.world_size} processes ({self.device.type})" if self.ctx.distributed else str(self.device)
-        self.log(f"{type(self.model).__name__}: {count_parameters(self.model):,} parameters on {where}; "
+        self.log(f"{type(self.model).__name__}: {count_parameters(self.model):,} parameters on {where}, "
+                 f"precision {tc.precision}; "
                  f"train {len(train):,} rows, valid {len(valid):,} rows")
         self.log("settings: " + json.dumps(cfg.to_dict(), sort_keys=True))
 
@@ -278,12 +338,11 @@ class Trainer:
                 continue
             batch = _to_device(batch, self.device)
             global_rows = min(tc.batch_size, len(train) - index * tc.batch_size)
-            if ctx.distributed:
-                loss = loss_fn(self.forward_model, batch, tc.embedding_l2, global_rows, ctx.world_size)
-            else:
-                loss = loss_fn(self.forward_model, batch, tc.embedding_l2)
+            rows = (global_rows, ctx.world_size) if ctx.distributed else (None, 1)
+            loss = loss_fn(self.forward_model, batch, tc.embedding_l2, *rows, tc.precision)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             loss_value = loss.item()
             if ctx.distributed:
@@ -292,13 +351,19 @@ class Trainer:
                 shared = torch.tensor([loss_value, float(interrupted["set"])], dtype=torch.float64, device=self.device)
                 torch.distributed.all_reduce(shared)
                 loss_value, interrupted["set"] = shared[0].item() / ctx.world_size, bool(shared[1].item())
-            if not math.isfinite(loss_value) or not torch.isfinite(grad_norm):
+            # Under fp16 an overflowing gradient is the scaler's business: it skips the step and
+            # halves the scale. Only once the scale is below 1 is the overflow the model's own.
+            overflow = not torch.isfinite(grad_norm)
+            skipped = overflow and self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0
+            if not math.isfinite(loss_value) or (overflow and not skipped):
                 what = "loss" if not math.isfinite(loss_value) else "gradient norm"
                 raise TrainingError(
                     f"non-finite {what} at epoch {st.epoch + 1}, step {st.step + 1}: training stopped; "
                     f"the last good checkpoint in {self.out_dir} is kept"
                 )
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # the optimizer's step, unless skipped for an overflow
+            self.scaler.update()
+            st.skipped_steps += int(skipped)
             st.step += 1
             st.batches_done += 1
             st.loss_sum += loss_value
@@ -326,6 +391,8 @@ class Trainer:
 
     def _end_epoch(self, valid: Split) -> None:
         tc, st = self.cfg.train, self.state
+        # Validated in fp32 whatever the training precision, like `qin evaluate` by default: the
+        # AUC measures the weights (fp32 masters), and runs in different precisions compare.
         metrics = evaluate(self.model, valid, tc.eval_batch_size, self.device, self.ctx)
         improved = metrics["auc"] > st.best_auc
         epoch_loss = st.loss_sum / max(st.loss_count, 1)
@@ -344,7 +411,7 @@ class Trainer:
             "epoch": st.epoch, "step": st.step, "train_loss": epoch_loss,
             "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"], "lr": st.lr,
             "samples_per_s": self._epoch_samples / max(self._epoch_seconds, 1e-9),
-            "epoch_seconds": self._epoch_seconds, "best": improved,
+            "epoch_seconds": self._epoch_seconds, "best": improved, "skipped_steps": st.skipped_steps,
         }
         st.history.append(record)
         self.watch.after_epoch(record)

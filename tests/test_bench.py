@@ -33,6 +33,23 @@ def test_quick_bench_writes_report_csv_and_plots(quick_report):
     # Every ratio in the training table compares with the literal eager model of the same run.
     providers = {r["provider"] for r in rows if r["kernel"] == "train_step"}
     assert {"literal eager", "+ hoisted ASTA", "+ item dedup"} <= providers
+    # Mixed precision beside fp32, same run: a bf16 step, and the bytes saved for backward.
+    speed = {(r["provider"], r["dtype"]) for r in rows if r["kernel"] == "train_step" and r["metric"] == "throughput"}
+    assert {("+ item dedup", "fp32"), ("+ item dedup, autocast bf16", "bf16")} <= speed
+    saved = {r["provider"]: float(r["p50"]) for r in rows if r["metric"] == "saved_bytes"}
+    assert 0 < saved["+ item dedup, autocast bf16"] < saved["+ item dedup"] < saved["literal eager"]
+    assert "default training step in bf16" in report and "Saved for backward" in report
+
+
+def test_saved_bytes_counts_each_storage_once_and_leaves_resident_tensors_out():
+    from bench.bench_train import saved_bytes
+
+    weight, x = torch.randn(64, requires_grad=True), torch.randn(64)
+    # x * weight saves x; exp saves its output, which the next product saves again (one storage);
+    # the weight, saved twice, is resident and left out.
+    assert saved_bytes(lambda: (torch.exp(x * weight) * weight).sum(), [weight]) == 64 * 4 * 2
+    # x * x saves x twice: one storage.
+    assert saved_bytes(lambda: (x * x.requires_grad_()).sum(), []) == 64 * 4
 
 
 def test_bench_never_overwrites_without_force(quick_report, capsys):

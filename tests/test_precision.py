@@ -1,0 +1,189 @@
+"""Mixed precision (train.precision): QIN under CPU autocast against the fp32 model, and training
+runs in bf16 and fp16 that learn, skip overflowing fp16 steps and resume exactly."""
+import pytest
+import torch
+
+import kernels
+import qin.train
+from qin.checkpoint import load_checkpoint
+from qin.cli import main
+from qin.config import ConfigError, QINConfig, load_config
+from qin.data import load_dataset
+from qin.model import QIN
+from qin.synth import make_dataset
+from qin.train import loss_fn
+from test_train import assert_same_weights, final_weights, make_trainer
+
+U_BF16 = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits): one rounding errs by at most this
+
+
+def small_qin(**overrides) -> QIN:
+    """Dropout off, so that fp32 and bf16 compute the same function; embeddings big enough
+    (std 0.1, not 1e-4) that every part of the item representation counts."""
+    torch.manual_seed(0)
+    cfg = QINConfig(num_items=60, num_tags=12, embed_dim=8, attention_dim=16, mm_dim=16, dropout=0.0,
+                    embedding_init_std=0.1, **overrides)
+    model = QIN(cfg)
+    g = torch.Generator().manual_seed(1)
+    tags = torch.randint(0, 12, (60, 5), generator=g)
+    mm = torch.randn(60, 16, generator=g)
+    tags[0], mm[0] = 0, 0
+    model.load_item_info(tags, mm)
+    return model.train()  # BatchNorm on batch statistics, as in a training step
+
+
+def random_batch(batch=16, length=8, seed=0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, length + 1, (batch,), generator=g)
+    seq = torch.randint(1, 60, (batch, length), generator=g)
+    seq = torch.where(torch.arange(length) >= length - lengths[:, None], seq, 0)  # left-padded
+    return {"item_id": torch.randint(1, 60, (batch,), generator=g), "item_seq": seq,
+            "likes_level": torch.randint(0, 11, (batch,), generator=g),
+            "views_level": torch.randint(0, 11, (batch,), generator=g),
+            "label": torch.randint(0, 2, (batch,), generator=g).float()}
+
+
+def logits_and_grads(model, batch, precision):
+    model.zero_grad(set_to_none=True)
+    with qin.train.autocast(torch.device("cpu"), precision):
+        logits = model(batch)
+    loss_fn(model, batch, 2e-4, precision=precision).backward()
+    return logits.detach().float(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def relative_error(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def flat(grads) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in grads.values()])
+
+
+PLAIN = dict(asta_form="literal", asta_kernel="torch", qnn_kernel="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, monkeypatch):
+    """The tolerance is derived, not chosen: plain PyTorch under autocast (the literal model,
+    where every product rounds its inputs to bf16 and nothing else changes) sets the error that
+    bf16 itself costs; our hoisted and fused model may err at most twice as much (FlashAttention's
+    criterion for its bf16 kernels), and the plain error itself must be bf16-sized."""
+    batch = random_batch()
+    reference_logits, reference_grads = logits_and_grads(small_qin(**PLAIN), batch, "fp32")
+    plain_logits, plain_grads = logits_and_grads(small_qin(**PLAIN), batch, "bf16")
+
+    seen = []
+    original = kernels.sparse_target_attention
+
+    def record(history, query, mask, **kwargs):  # what reaches the fused op
+        seen.append((history.dtype, query.dtype, mask.dtype))
+        return original(history, query, mask, **kwargs)
+
+    monkeypatch.setattr(kernels, "sparse_target_attention", record)
+    model = small_qin(asta_form="hoisted", asta_kernel=backend, qnn_kernel=backend)
+    logits, grads = logits_and_grads(model, batch, "bf16")
+    # It really ran in bf16: the op got one dtype (the history cast once, before it).
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
+
+    plain_error = relative_error(plain_logits, reference_logits)
+    # bf16 ran (not zero), and to first order the error is at most one u per bf16 rounding on the
+    # longest path: 3 per product (both inputs, the output) for P, W_q, W_k, the pooling, W_v,
+    # W_o, four QNN layers and the output layer (12 products), plus the history's cast: 37.
+    assert 0 < plain_error < 37 * U_BF16, plain_error
+    assert relative_error(logits, reference_logits) <= 2 * plain_error
+    # Gradients: over all parameters at once, and each tensor within twice the worst tensor of
+    # the plain model (a few small tensors, e.g. PReLU slopes, are sums that cancel: their
+    # relative error is large in any bf16 model, so a tensor-by-tensor factor would be noise).
+    assert grads.keys() == reference_grads.keys()
+    assert relative_error(flat(grads), flat(reference_grads)) <= 2 * relative_error(flat(plain_grads), flat(reference_grads))
+    worst_plain = max(relative_error(plain_grads[n], g) for n, g in reference_grads.items())
+    for name, g in reference_grads.items():
+        assert relative_error(grads[name], g) <= 2 * worst_plain, name
+
+
+# -- training runs --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", rows=4000, items=300, seed=3,
+                        valid_rows=1500, test_rows=300)
+
+
+def test_precision_setting_is_checked():
+    with pytest.raises(ConfigError, match="train.precision must be one of"):
+        load_config(overrides=["train.precision=fp8"])
+    assert qin.train.resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def test_a_precision_autocast_cannot_run_is_refused_naming_the_setting(monkeypatch):
+    # This torch runs fp16 autocast on the CPU (the runs below use it); an older one would not.
+    assert qin.train.resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    monkeypatch.setattr(qin.train, "_autocast_works", lambda device, dtype: False)
+    with pytest.raises(ConfigError, match=r"train.precision=fp16.*use train.precision=fp32"):
+        qin.train.resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_a_bf16_run_learns_and_its_checkpoint_scores_in_any_precision(tmp_path):
+    data = make_dataset(tmp_path / "ds", rows=16000, items=200, seed=3, valid_rows=1500, test_rows=300)
+    state = make_trainer(data, tmp_path / "run", "train.epochs=3", "train.lr=1e-2", "train.precision=bf16",
+                         dataset=load_dataset(data)).fit()
+    # The bar of the fp32 run in test_train (same data, model and settings).
+    assert state.best_auc > 0.68, f"valid AUC {state.best_auc:.3f} is not clearly above chance"
+    assert load_config(tmp_path / "run" / "config.yaml").train.precision == "bf16"
+    for precision in ("fp32", "bf16"):
+        assert main(["evaluate", str(tmp_path / "run"), "--precision", precision]) == 0
+
+
+def test_fp16_skips_an_overflowing_step_and_halves_the_scale(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path / "run", "train.precision=fp16", "train.epochs=1",
+                           "train.max_steps_per_epoch=10")
+    assert trainer.scaler.is_enabled()
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    calls, scales = {"n": 0}, []
+
+    def overflow_on_step_9(grad):  # as a too-large loss scale makes a step overflow
+        calls["n"] += 1
+        return torch.full_like(grad, float("inf")) if calls["n"] == 9 else grad
+
+    trainer.model.output.bias.register_hook(overflow_on_step_9)
+    update = trainer.scaler.update
+    trainer.scaler.update = lambda *a: (update(*a), scales.append(trainer.scaler.get_scale()))
+    state = trainer.fit()
+    # The first steps overflow on their own (GradScaler starts high, at 2**16, and halves the
+    # scale on each overflow); by step 8 it has settled, and the poisoned step 9 halves it again.
+    assert state.step == 10 and scales[8] == scales[7] / 2
+    halvings = sum(b == a / 2 for a, b in zip([2.0 ** 16, *scales], scales))
+    assert state.skipped_steps == halvings and scales[-1] == 2.0 ** (16 - halvings)
+    assert load_checkpoint(tmp_path / "run" / "latest.pt")["scaler"]["scale"] == scales[-1]
+    # Adam was told of each overflow and left weights and its step count alone.
+    taken = 10 - state.skipped_steps
+    assert {s["step"].item() for s in trainer.optimizer.state_dict()["state"].values()} == {float(taken)}
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # an inf step would show
+    moved = max((p.detach() - before[n]).abs().max().item() for n, p in trainer.model.named_parameters())
+    assert taken >= 1 and moved > 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_resume_continues_in_the_runs_precision_exactly(precision, data_dir, tmp_path):
+    dataset = load_dataset(data_dir)
+    run = (f"train.precision={precision}", "train.max_steps_per_epoch=8")
+
+    make_trainer(data_dir, tmp_path / "straight", *run, dataset=dataset).fit()
+    make_trainer(data_dir, tmp_path / "split", *run, "train.epochs=1", dataset=dataset).fit()
+    # Resumed as `qin train --resume` does: the run's own config.yaml, which names the precision.
+    cfg = load_config(tmp_path / "split" / "config.yaml")
+    assert cfg.train.precision == precision
+    resumed = qin.train.Trainer(cfg, dataset, tmp_path / "split", log=lambda *_: None)
+    resumed.cfg.train.epochs = 2
+    resumed.fit(resume=True)
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "split"))
+    straight = load_checkpoint(tmp_path / "straight" / "latest.pt")
+    split = load_checkpoint(tmp_path / "split" / "latest.pt")
+    assert straight["scaler"] == split["scaler"]
+    if precision == "fp16":
+        # Restored, not a fresh 2**16: every overflow of both epochs halved it (the first steps of
+        # an fp16 run overflow on their own while the scale comes down from 2**16).
+        skipped = split["trainer"]["skipped_steps"]
+        assert skipped >= 1 and split["scaler"]["scale"] == 2.0 ** (16 - skipped)
+    else:
+        assert split["scaler"] == {}  # bf16 needs no scaler
