@@ -7,6 +7,9 @@
 # GPU_RUN_STAGES     the stages to run, e.g. "device train" (default: all, in the order below)
 # GPU_RUN_BUDGET     seconds for the whole run (default 560: the device tool's 600 less a margin)
 # GPU_RUN_CAP_<stage> seconds for one stage instead of its cap below, e.g. GPU_RUN_CAP_train=300
+# GPU_RUN_PARITY_ARGS more arguments for `qin parity`. Its full check with --training (about 5-8
+#                    minutes) does not fit beside the benchmarks: a second call runs it alone,
+#                    GPU_RUN_STAGES="device parity" GPU_RUN_CAP_parity=540 GPU_RUN_PARITY_ARGS=--training
 # $OUT holds at most 8 files:
 #   device.txt      GPU, driver, torch/triton; then one line per stage: exit code, seconds
 #   results.csv     every figure of the training table and the op tables (bench/common.py's schema)
@@ -87,7 +90,8 @@ else  # collected only: on the CPU the kernel tests run through Triton's interpr
 fi
 if [[ $STAGES == *" parity "* ]]; then
   if python3 -m qin parity --help > /dev/null 2>&1; then
-    stage parity 120 "$OUT/bench.log" python3 -m qin parity --device "$DEV" --out "$OUT/parity"
+    # shellcheck disable=SC2086  # the arguments are meant to split
+    stage parity 120 "$OUT/bench.log" python3 -m qin parity --device "$DEV" --out "$OUT/parity" ${GPU_RUN_PARITY_ARGS:-}
   else
     echo "stage parity: not run, this tree has no 'python3 -m qin parity'" | tee -a "$OUT/device.txt"
   fi
