@@ -16,7 +16,8 @@ dtype, as torch's own would; every sum around them runs in fp32, so y and grad_x
 four roundings (h, gy * s, G, the output), grad_W and grad_b two.
 Without dropout (eval, or p == 0) every mask is all ones, so sum_r (x @ W_r.T + b_r) =
 x @ W_bar.T + b_bar with W_bar = sum_r W_r: one M times smaller GEMM, in plain torch, on every
-backend (kernels/reference.py keeps the literal M-group form as the oracle).
+backend in eval (and in training at p = 0 on the Triton backend); kernels/reference.py keeps the
+literal M-group form as the oracle, and the torch backend trains with it.
 
 The dropout stream: element (b, r, j) of the hidden keeps iff tl.rand(seed, b*M*D + r*D + j) >= p
 (int32 offsets). The seed is an int64 tensor input of the op (drawn on the device from torch's
@@ -280,9 +281,9 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     dtype = compute_dtype(x.device, x, weight, bias)
     x, weight, bias = (t if t.dtype == dtype else t.to(dtype) for t in (x, weight, bias))
     chosen = resolve_backend(backend, x.device, "qnn", dtype)
-    if not (training and p > 0.0):
+    if not training or (p == 0.0 and chosen == "triton"):
         return _folded(x, weight, bias, num_row)
-    if chosen == "torch":
+    if chosen == "torch":  # training: the reference itself (torch's dropout, or none at p = 0)
         return reference.quadratic_projection(x, weight, bias, num_row, p, training)
     batch, dim = x.shape
     if batch * num_row * dim >= _INT32_LIMIT:
@@ -292,8 +293,9 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
 
 
 def _folded(x, weight, bias, num_row):
-    """No dropout, any backend: sum the M groups first (in fp32 or wider), one M = 1 product,
-    plain torch ops (which torch.compile and torch.export see through)."""
+    """No dropout: sum the M groups first (in fp32 or wider), one M = 1 product, plain torch ops
+    (which torch.compile and torch.export see through). Every backend in eval; in training the
+    torch backend keeps the reference's literal M-group form, whose gradients it defines."""
     if num_row > 1:
         dim = x.shape[1]
         acc_dtype = torch.promote_types(x.dtype, torch.float32)
