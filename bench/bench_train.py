@@ -44,13 +44,15 @@ VARIANTS = [
     ("all fused, autocast bf16", dict(DEDUP, asta_kernel="triton", qnn_kernel="triton"), False, BF16),
     ("default (auto)", {}, False, None),  # what `qin train` runs: the kernels' backend="auto"
     ("default (auto), autocast bf16", {}, False, BF16),
+    ("default (auto) + torch.compile", {}, True, None),
     ("literal + torch.compile", LITERAL, True, None),
     ("literal + torch.compile, autocast bf16", LITERAL, True, BF16),
     ("all fused + torch.compile, autocast bf16", dict(DEDUP, asta_kernel="triton", qnn_kernel="triton"), True, BF16),
 ]
-# On the CPU: the eager torch variants, and the bf16 lines of issue 15's CPU targets.
+# On the CPU: the eager torch variants, the bf16 lines of issue 15's CPU targets, and (not with
+# --quick: compiling the paper's model takes a minute or two here) the default compiled.
 CPU_VARIANTS = ("literal eager", "literal eager, autocast bf16", "+ hoisted ASTA", "+ item dedup",
-                "+ item dedup, autocast bf16")
+                "+ item dedup, autocast bf16", "default (auto) + torch.compile")
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -129,7 +131,7 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
         if STOPPED.is_set():
             print(f"out of time: {name} and the variants after it were not run")
             break
-        if device.type != "cuda" and name not in CPU_VARIANTS:
+        if device.type != "cuda" and (name not in CPU_VARIANTS or (quick and compiled)):
             print(f"skipped on the CPU: {name} (GPU only: Triton, or too slow here to say anything)")
             continue
         try:
@@ -206,8 +208,9 @@ def print_ratios(rows: list[dict]) -> None:
         if name.startswith("data loading"):
             print(f"{name:30s}        {value:10,.0f}  (the loader alone: compare with the model's samples/s)")
             continue
-        fp32 = speed.get((name, "fp32"))
-        saved_here, saved_fp32 = saved.get((name, dtype)), saved.get((name, "fp32"))
+        twin = name.removesuffix(", autocast bf16")  # the same variant in fp32
+        fp32 = speed.get((twin, "fp32"))
+        saved_here, saved_fp32 = saved.get((name, dtype)), saved.get((twin, "fp32"))
         mem = memory.get((name, dtype))
         print(f"{name:30s} {dtype:5s} {value:10,.0f}  {value / base if base else 0:8.2f}x "
               f"{value / fp32 if fp32 else 0:6.2f}x  {saved_here or 0:14,.0f}  "
