@@ -282,7 +282,7 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     x, weight, bias = (t if t.dtype == dtype else t.to(dtype) for t in (x, weight, bias))
     chosen = resolve_backend(backend, x.device, "qnn", dtype)
     if not training or (p == 0.0 and chosen == "triton"):
-        return _folded(x, weight, bias, num_row)
+        return reference.folded_quadratic_projection(x, weight, bias, num_row)
     if chosen == "torch":  # training: the reference itself (torch's dropout, or none at p = 0)
         return reference.quadratic_projection(x, weight, bias, num_row, p, training)
     batch, dim = x.shape
@@ -290,18 +290,6 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
         raise ValueError(f"x of shape {tuple(x.shape)} with num_row={num_row} needs 2**31 or more hidden "
                          f"elements; the dropout offsets are int32")
     return _qnn_op(x, weight, bias, _seed_tensor(seed, x.device), num_row, p)[0]
-
-
-def _folded(x, weight, bias, num_row):
-    """No dropout: sum the M groups first (in fp32 or wider), one M = 1 product, plain torch ops
-    (which torch.compile and torch.export see through). Every backend in eval; in training the
-    torch backend keeps the reference's literal M-group form, whose gradients it defines."""
-    if num_row > 1:
-        dim = x.shape[1]
-        acc_dtype = torch.promote_types(x.dtype, torch.float32)
-        weight = weight.view(num_row, dim, dim).sum(0, dtype=acc_dtype).to(x.dtype)
-        bias = bias.view(num_row, dim).sum(0, dtype=acc_dtype).to(x.dtype)
-    return x * torch.addmm(bias, x, weight.t())
 
 
 def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: float,
