@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.utils import INTERPRETING, check_tensor, compute_dtype, register_autocast, resolve_backend
+from kernels.utils import INTERPRETING, cast, check_tensor, compute_dtype, register_autocast, resolve_backend
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -279,7 +279,7 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     p = _check_dropout_p(dropout_p)
     seed = _check_seed(seed)
     dtype = compute_dtype(x.device, x, weight, bias)
-    x, weight, bias = (t if t.dtype == dtype else t.to(dtype) for t in (x, weight, bias))
+    x, weight, bias = cast(dtype, x, weight, bias)
     chosen = resolve_backend(backend, x.device, "qnn", dtype)
     if not training or (p == 0.0 and chosen == "triton"):
         return reference.folded_quadratic_projection(x, weight, bias, num_row)

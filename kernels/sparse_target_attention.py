@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.utils import (INTERPRETING, check_tensor, compute_dtype, next_power_of_2, register_autocast,
+from kernels.utils import (INTERPRETING, cast, check_tensor, compute_dtype, next_power_of_2, register_autocast,
                            resolve_backend)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -264,10 +264,6 @@ def _check_width(dim: int) -> None:
                          f"supports D <= {MAX_D} (use backend='torch')")
 
 
-def _cast(dtype, *tensors):
-    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
-
-
 def sparse_target_attention(history, query, mask, *, backend="auto"):
     """z[b] = sum_l relu(mask[b,l] * <history[b,l], query[b]>) * history[b,l]; see the module docstring.
 
@@ -279,7 +275,7 @@ def sparse_target_attention(history, query, mask, *, backend="auto"):
     batch, seq_len, dim = history.shape
     _check_query_mask(query, mask, batch, seq_len, dim, f"history of shape {tuple(history.shape)}", history.device)
     dtype = compute_dtype(history.device, history, query)
-    history, query = _cast(dtype, history, query)
+    history, query = cast(dtype, history, query)
     if resolve_backend(backend, history.device, "asta", dtype) == "torch":
         return reference.sparse_target_attention(history, query, mask)
     _check_width(dim)
@@ -305,7 +301,7 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
         if live.numel() and (int(live.min()) < 0 or int(live.max()) >= reps.shape[0]):
             raise ValueError(f"index holds rows outside reps' {reps.shape[0]} rows at unmasked positions")
     dtype = compute_dtype(reps.device, reps, query)
-    reps, query = _cast(dtype, reps, query)
+    reps, query = cast(dtype, reps, query)
     if resolve_backend(backend, reps.device, "asta", dtype) == "torch":
         return reference.gathered_sparse_target_attention(reps, index, query, mask)
     _check_width(dim)

@@ -9,7 +9,7 @@ ops cannot be loaded here.
 from __future__ import annotations
 
 from kernels import reference
-from kernels.utils import BACKENDS, compute_dtype
+from kernels.utils import BACKENDS, cast, compute_dtype
 
 TRITON_MISSING = ("backend='triton' needs the triton package, which is not installed here (PyPI has triton "
                   "wheels for Linux x86_64 and aarch64 only); use backend='torch' or 'auto'")
@@ -22,25 +22,21 @@ def _check_backend(backend: str) -> None:
         raise RuntimeError(TRITON_MISSING)
 
 
-def _cast(dtype, *tensors):
-    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
-
-
 def sparse_target_attention(history, query, mask, *, backend="auto"):
     _check_backend(backend)
-    history, query = _cast(compute_dtype(history.device, history, query), history, query)
+    history, query = cast(compute_dtype(history.device, history, query), history, query)
     return reference.sparse_target_attention(history, query, mask)
 
 
 def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"):
     _check_backend(backend)
-    reps, query = _cast(compute_dtype(reps.device, reps, query), reps, query)
+    reps, query = cast(compute_dtype(reps.device, reps, query), reps, query)
     return reference.gathered_sparse_target_attention(reps, index, query, mask)
 
 
 def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=False, seed=None, backend="auto"):
     _check_backend(backend)  # seed only fixes the Triton path's dropout stream; torch's dropout ignores it
-    x, weight, bias = _cast(compute_dtype(x.device, x, weight, bias), x, weight, bias)
+    x, weight, bias = cast(compute_dtype(x.device, x, weight, bias), x, weight, bias)
     if not training:  # as the full package does in eval
         return reference.folded_quadratic_projection(x, weight, bias, num_row)
     return reference.quadratic_projection(x, weight, bias, num_row, float(dropout_p), training)

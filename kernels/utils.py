@@ -61,6 +61,14 @@ def compute_dtype(device: torch.device, *tensors: torch.Tensor) -> torch.dtype:
     return common
 
 
+def cast(dtype: torch.dtype, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors in `dtype`, copying only those that are not already."""
+    return [t if t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+_LIBRARIES: list = []  # a Library's registrations last as long as the object
+
+
 def register_autocast(qualname: str, op, float_args: tuple[int, ...]) -> None:
     """Autocast on a custom op: the floating arguments at positions `float_args` are cast to the
     autocast dtype in force at call time (bf16 or fp16, whichever the user chose; torch's own
@@ -78,10 +86,7 @@ def register_autocast(qualname: str, op, float_args: tuple[int, ...]) -> None:
                 return op(*args)
 
         lib.impl(name, kernel, key, with_keyset=True)
-    _LIBRARIES.append(lib)  # a Library's registrations last as long as the object
-
-
-_LIBRARIES: list = []
+    _LIBRARIES.append(lib)
 
 
 def check_tensor(name: str, t, ndim: int, dtypes=None, device=None) -> None:
