@@ -5,6 +5,8 @@ Each function is the literal formula from SPEC.md, written for readability, not 
 import torch
 import torch.nn.functional as F
 
+from kernels.dropout import dropout
+
 
 def sparse_target_attention(history: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """z[b] = sum_l relu(mask[b,l] * <history[b,l], query[b]>) * history[b,l].
@@ -44,7 +46,7 @@ def quadratic_projection(
     hidden = F.linear(x, weight, bias)  # (B, num_row * D)
     if training and dropout_p > 0.0:
         if dropout_mask is None:
-            hidden = F.dropout(hidden, dropout_p, training=True)
+            hidden = dropout(hidden, dropout_p)  # F.dropout's, its CPU mask drawn cheaper
         else:
             hidden = hidden * dropout_mask.to(hidden.dtype) / (1.0 - dropout_p)
     return x * hidden.view(batch, num_row, dim).sum(dim=1)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.dropout import Dropout, dropout
 from kernels.utils import autocast_dtype
 from qin.config import QINConfig
 from qin.features import Feature, context_features, item_features, model_features
@@ -184,7 +185,7 @@ class SparseTargetAttention(nn.Module):
         """
         mask = mask.to(dtype)
         if self.training and self.dropout > 0:
-            mask = F.dropout(mask, self.dropout, training=True)
+            mask = dropout(mask, self.dropout)
         return mask
 
     def _softmax_pool(self, scores: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -192,7 +193,7 @@ class SparseTargetAttention(nn.Module):
         scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)
         if self.training and self.dropout > 0:
-            weights = F.dropout(weights, self.dropout, training=True)
+            weights = dropout(weights, self.dropout)
         return torch.einsum("bl,bld->bd", weights, values)
 
     def forward(self, target: torch.Tensor, history: torch.Tensor, mask: torch.Tensor,
@@ -270,7 +271,7 @@ class QNN(nn.Module):
         make_activation = (lambda: nn.ReLU()) if cfg.qnn_activation == "relu" else (
             lambda: nn.PReLU(num_parameters=1, init=0.25))
         self.activations = nn.ModuleList(make_activation() for _ in range(cfg.qnn_layers))
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for quadratic, norm, activation in zip(self.quadratic, self.norms, self.activations):
