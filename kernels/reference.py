@@ -27,6 +27,46 @@ def gathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, qu
     return sparse_target_attention(F.embedding(index, reps), query, mask)
 
 
+
+class _RegatheredAttention(torch.autograd.Function):
+    """gathered_sparse_target_attention that keeps its inputs for backward, not the history.
+
+    Autograd would keep the gathered (B, L, D) history, the largest tensor of the training step
+    (100 MB in fp32 at batch 1024 on MicroLens); here backward gathers it again and runs the same
+    forward under autograd, so the gradients are the reference's own, bit for bit, and what is
+    kept is the (U, D) reps, the index, query and mask.
+    """
+
+    @staticmethod
+    def forward(ctx, reps, index, query, mask):
+        ctx.save_for_backward(reps, index, query, mask)
+        with torch.no_grad():
+            return gathered_sparse_target_attention(reps, index, query, mask)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        reps, index, query, mask = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        leaves = [t.detach().requires_grad_(need) for t, need in ((reps, needs[0]), (query, needs[2]), (mask, needs[3]))]
+        with torch.enable_grad():
+            z = gathered_sparse_target_attention(leaves[0], index, leaves[1], leaves[2])
+        wanted = [t for t in leaves if t.requires_grad]
+        grads = iter(torch.autograd.grad(z, wanted, grad_z) if wanted else ())
+        reps_grad, query_grad, mask_grad = (next(grads) if t.requires_grad else None for t in leaves)
+        return reps_grad, None, query_grad, mask_grad
+
+
+def regathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
+                                       mask: torch.Tensor) -> torch.Tensor:
+    """gathered_sparse_target_attention, re-gathering the history in backward instead of keeping it:
+    what the torch backend trains with. Under torch.compile/export, or with nothing to differentiate,
+    it is the plain reference (the compiler decides what to keep)."""
+    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
+            or not any(t.requires_grad for t in (reps, query, mask))):
+        return gathered_sparse_target_attention(reps, index, query, mask)
+    return _RegatheredAttention.apply(reps, index, query, mask)
+
+
 def quadratic_projection(
     x: torch.Tensor,
     weight: torch.Tensor,

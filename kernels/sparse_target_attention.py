@@ -303,7 +303,7 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
     dtype = compute_dtype(reps.device, reps, query)
     reps, query = cast(dtype, reps, query)
     if resolve_backend(backend, reps.device, "asta", dtype) == "torch":
-        return reference.gathered_sparse_target_attention(reps, index, query, mask)
+        return reference.regathered_sparse_target_attention(reps, index, query, mask)
     _check_width(dim)
     return _asta_op(reps, index, query, mask)
 

@@ -31,7 +31,7 @@ def sparse_target_attention(history, query, mask, *, backend="auto"):
 def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"):
     _check_backend(backend)
     reps, query = cast(compute_dtype(reps.device, reps, query), reps, query)
-    return reference.gathered_sparse_target_attention(reps, index, query, mask)
+    return reference.regathered_sparse_target_attention(reps, index, query, mask)
 
 
 def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=False, seed=None, backend="auto"):

@@ -431,13 +431,38 @@ def test_gathered_padding_never_reads_its_index(device):
     assert torch.equal(grad_reps[5], torch.zeros_like(grad_reps[5]))
 
 
-def test_gathered_saves_no_history(device):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gathered_saves_no_history(device, backend):
+    """Both backends keep the inputs for backward, never the (B, L, D) history: the torch one gathers
+    it again in backward."""
     reps, index, query, mask, _ = make_gathered(3, 12, 16, 5, torch.float32, device, seed=14)
     reps.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        kernels.gathered_sparse_target_attention(reps, index, query, mask, backend="triton")
+        kernels.gathered_sparse_target_attention(reps, index, query, mask, backend=backend)
     assert sorted(t.numel() for t in saved) == sorted([reps.numel(), index.numel(), query.numel(), mask.numel()])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_torch_backend_regathers_to_the_same_bits(device, dtype, mask_kind):
+    """The torch backend's re-gathering backward gives the plain reference's autograd gradients
+    exactly (the same ops, run again), including a float mask's gradient."""
+    reps, index, query, keep, grad_z = make_gathered(5, 23, 40, 9, dtype, device, "random", seed=16)
+    mask = keep if mask_kind == "bool" else (keep * torch.rand(keep.shape, device=device) * 2).to(dtype)
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in (reps, query, mask)]
+    z = kernels.gathered_sparse_target_attention(leaves[0], index, leaves[1], leaves[2], backend="torch")
+    want_leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in (reps, query, mask)]
+    want = reference.gathered_sparse_target_attention(want_leaves[0], index, want_leaves[1], want_leaves[2])
+    assert torch.equal(z, want)
+    wanted = [t for t in leaves if t.requires_grad]
+    got_grads = torch.autograd.grad(z, wanted, grad_z)
+    want_grads = torch.autograd.grad(want, [t for t in want_leaves if t.requires_grad], grad_z)
+    assert len(got_grads) == (3 if mask_kind == "float" else 2)
+    for got, expected in zip(got_grads, want_grads):
+        assert torch.equal(got, expected)
+    with torch.no_grad():
+        assert torch.equal(kernels.gathered_sparse_target_attention(reps, index, query, mask, backend="torch"), want)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
