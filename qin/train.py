@@ -330,7 +330,14 @@ class Trainer:
                                   rank=ctx.rank, world_size=ctx.world_size)
         bar = tqdm(total=batches_per_epoch, initial=st.batches_done, desc=f"epoch {st.epoch + 1}",
                    unit="batch", leave=False, dynamic_ncols=True, disable=None if ctx.is_main else True)
-        start, samples = time.perf_counter(), 0
+        self._clock = [time.perf_counter(), 0]  # start, samples since: the epoch's samples/s
+        # One process in fp32 or bf16: a step's loss and gradient norm stay on the device until
+        # the next report (every log_every_steps steps, before a checkpoint, at the epoch's end), so
+        # the host never waits for the device mid-epoch and the next batch is assembled while the
+        # device still works. Under DDP (the ranks agree on every step) and fp16 (the scaler's
+        # verdict needs the scale) each step is checked on the host as it ends.
+        lazy = not ctx.distributed and not self.scaler.is_enabled()
+        pending: list[tuple] = []  # (step, rows, (loss, grad_norm)) not yet reported
         for index, batch in enumerate(batches):
             if index >= batches_per_epoch:
                 break
@@ -344,39 +351,28 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-            loss_value = loss.item()
-            if ctx.distributed:
-                # One small all_reduce gives every rank the global loss and whether any rank got
-                # Ctrl-C, so all of them stop (or save) at the same step.
-                shared = torch.tensor([loss_value, float(interrupted["set"])], dtype=torch.float64, device=self.device)
-                torch.distributed.all_reduce(shared)
-                loss_value, interrupted["set"] = shared[0].item() / ctx.world_size, bool(shared[1].item())
-            # Under fp16 an overflowing gradient is the scaler's business: it skips the step and
-            # halves the scale. Only once the scale is below 1 is the overflow the model's own.
-            overflow = not torch.isfinite(grad_norm)
-            skipped = overflow and self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0
-            if not math.isfinite(loss_value) or (overflow and not skipped):
-                what = "loss" if not math.isfinite(loss_value) else "gradient norm"
-                raise TrainingError(
-                    f"non-finite {what} at epoch {st.epoch + 1}, step {st.step + 1}: training stopped; "
-                    f"the last good checkpoint in {self.out_dir} is kept"
-                )
-            self.scaler.step(self.optimizer)  # the optimizer's step, unless skipped for an overflow
-            self.scaler.update()
-            st.skipped_steps += int(skipped)
             st.step += 1
             st.batches_done += 1
-            st.loss_sum += loss_value
-            st.loss_count += 1
-            samples += global_rows
-            self.watch.after_step(st.step, loss_value, float(grad_norm), st.lr, global_rows)
+            if lazy:
+                # A step whose loss or gradient is not finite is skipped on the device (fused Adam's
+                # found_inf, as GradScaler passes it); _report raises for it when its numbers arrive.
+                finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+                self.optimizer.found_inf = (~finite).float()
+                self.optimizer.step()
+                del self.optimizer.found_inf
+                pending.append((st.step, global_rows, torch.stack([loss.detach().float(), grad_norm.float()])))
+            else:
+                pending.append(self._checked_step(loss, grad_norm, global_rows, interrupted))
+            checkpoint = bool(tc.checkpoint_every_steps and st.step % tc.checkpoint_every_steps == 0)
+            if not lazy or st.step % tc.log_every_steps == 0 or checkpoint or interrupted["set"] or self._compiling:
+                self._report(pending, bar)
+            bar.update(1)
             if self._compiling:  # report compilation once and keep it out of samples/s
                 self._compiling = False
-                self.log(f"torch.compile: the first step took {time.perf_counter() - start:.1f} s, compilation included")
-                start, samples = time.perf_counter(), 0
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{samples / (time.perf_counter() - start):,.0f}")
-            if tc.checkpoint_every_steps and st.step % tc.checkpoint_every_steps == 0:
+                self.log(f"torch.compile: the first step took {time.perf_counter() - self._clock[0]:.1f} s, "
+                         f"compilation included")
+                self._clock = [time.perf_counter(), 0]
+            if checkpoint:
                 self.save("latest.pt")
             if interrupted["set"]:
                 bar.close()
@@ -385,9 +381,58 @@ class Trainer:
                     f"interrupted at epoch {st.epoch + 1}, step {st.step}; checkpoint saved to "
                     f"{self.out_dir / 'latest.pt'}; continue with: qin train --resume {self.out_dir}"
                 )
+        self._report(pending, bar)
         bar.close()
-        self._epoch_seconds = time.perf_counter() - start
-        self._epoch_samples = samples
+        self._epoch_seconds = time.perf_counter() - self._clock[0]
+        self._epoch_samples = self._clock[1]
+
+    def _checked_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, global_rows: int,
+                      interrupted: dict) -> tuple:
+        """The optimizer step after the host has seen the loss and gradient norm (DDP, fp16)."""
+        st = self.state
+        loss_value = loss.item()
+        if self.ctx.distributed:
+            # One small all_reduce gives every rank the global loss and whether any rank got
+            # Ctrl-C, so all of them stop (or save) at the same step.
+            shared = torch.tensor([loss_value, float(interrupted["set"])], dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(shared)
+            loss_value, interrupted["set"] = shared[0].item() / self.ctx.world_size, bool(shared[1].item())
+        # Under fp16 an overflowing gradient is the scaler's business: it skips the step and
+        # halves the scale. Only once the scale is below 1 is the overflow the model's own.
+        grad_norm_value = float(grad_norm)
+        overflow = not math.isfinite(grad_norm_value)
+        skipped = overflow and self.scaler.is_enabled() and self.scaler.get_scale() >= 1.0
+        if not math.isfinite(loss_value) or (overflow and not skipped):
+            self._non_finite(st.step, "loss" if not math.isfinite(loss_value) else "gradient norm")
+        self.scaler.step(self.optimizer)  # the optimizer's step, unless skipped for an overflow
+        self.scaler.update()
+        st.skipped_steps += int(skipped)
+        return st.step, global_rows, (loss_value, grad_norm_value)
+
+    def _report(self, pending: list[tuple], bar) -> None:
+        """Bring the pending steps' numbers to the host (one transfer), check them, and log them."""
+        if not pending:
+            return
+        st = self.state
+        numbers = [pair for _, _, pair in pending]
+        if torch.is_tensor(numbers[0]):  # the lazy steps' device tensors: one copy for all of them
+            numbers = torch.stack(numbers).tolist()
+        for (step, rows, _), (loss_value, grad_norm_value) in zip(pending, numbers):
+            if not math.isfinite(loss_value) or not math.isfinite(grad_norm_value) and not self.scaler.is_enabled():
+                self._non_finite(step, "loss" if not math.isfinite(loss_value) else "gradient norm")
+            st.loss_sum += loss_value
+            st.loss_count += 1
+            self._clock[1] += rows
+            self.watch.after_step(step, loss_value, grad_norm_value, st.lr, rows)
+        pending.clear()
+        bar.set_postfix(loss=f"{loss_value:.4f}",
+                        samples_s=f"{self._clock[1] / (time.perf_counter() - self._clock[0]):,.0f}")
+
+    def _non_finite(self, step: int, what: str) -> None:
+        raise TrainingError(
+            f"non-finite {what} at epoch {self.state.epoch + 1}, step {step}: training stopped; "
+            f"the last good checkpoint in {self.out_dir} is kept"
+        )
 
     def _end_epoch(self, valid: Split) -> None:
         tc, st = self.cfg.train, self.state

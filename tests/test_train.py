@@ -129,6 +129,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
     monkeypatch.setattr(qin.train, "loss_fn", nan_in_epoch_two)
     with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2, step 20"):
         trainer.fit()
+    # The bad step was skipped on the device before the host saw its loss: the weights are intact.
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     best = load_checkpoint(tmp_path / "run" / "best.pt")
     latest = load_checkpoint(tmp_path / "run" / "latest.pt")
     assert latest["trainer"]["epoch"] == 1
@@ -136,6 +138,18 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
         if tensor.is_floating_point():
             assert torch.isfinite(tensor).all()
 
+
+
+def test_fp32_steps_reach_the_host_in_batches_of_log_every_steps(data_dir, tmp_path, monkeypatch):
+    """In one process in fp32/bf16 the loop never waits for a step's numbers: they are fetched
+    together every log_every_steps steps and at the epoch's end (16 steps an epoch here)."""
+    trainer = make_trainer(data_dir, tmp_path / "run", "train.epochs=1", "train.log_every_steps=5")
+    sizes, report = [], Trainer._report
+    monkeypatch.setattr(Trainer, "_report", lambda self, pending, bar: (sizes.append(len(pending)),
+                                                                         report(self, pending, bar)))
+    state = trainer.fit()
+    assert [n for n in sizes if n] == [5, 5, 5, 1]
+    assert state.history[0]["train_loss"] > 0 and state.step == 16
 
 def test_checkpoint_from_another_model_is_refused_by_key(data_dir, tmp_path):
     make_trainer(data_dir, tmp_path / "run", "train.epochs=1").fit()
