@@ -382,26 +382,31 @@ def run_gathered(reps, index, query, mask, grad_z, backend="triton"):
     return (z, *torch.autograd.grad(z, (r, q), grad_z))
 
 
-def check_gathered(reps, index, query, mask, grad_z):
-    got = run_gathered(reps, index, query, mask, grad_z)
+def check_gathered(reps, index, query, mask, grad_z, backend="triton"):
+    got = run_gathered(reps, index, query, mask, grad_z, backend)
     want = gathered_oracle(reps, index, query, mask, grad_z)
     for name, g, w, like in zip(("z", "grad_reps", "grad_query"), got, want, (query, reps, query)):
         assert g.dtype == reps.dtype and g.shape == like.shape, name
         assert_close(name, g, w, reps.dtype)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @fixture_ok
 @given(batch=st.integers(1, 6), seq_len=st.integers(1, 40), dim=st.integers(1, 70), num_unique=st.integers(1, 30),
        dtype=st.sampled_from(DTYPES), style=st.sampled_from(MASK_STYLES), seed=st.integers(0, 2**16))
-def test_gathered_matches_reference(device, batch, seq_len, dim, num_unique, dtype, style, seed):
-    check_gathered(*make_gathered(batch, seq_len, dim, num_unique, dtype, device, style, seed))
+def test_gathered_matches_reference(device, backend, batch, seq_len, dim, num_unique, dtype, style, seed):
+    """Both backends' gathered op (the Triton kernel; the torch path's hand-written re-gathering
+    backward) against autograd through the reference in float64."""
+    check_gathered(*make_gathered(batch, seq_len, dim, num_unique, dtype, device, style, seed), backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("batch,seq_len,dim,num_unique", [(4, 64, 384, 40), (3, 9, 200, 1), (5, 513, 16, 7)])
-def test_gathered_fixed_shapes(device, batch, seq_len, dim, num_unique, dtype):
+def test_gathered_fixed_shapes(device, batch, seq_len, dim, num_unique, dtype, backend):
     """The model's row width with many repeats, a single distinct item (U=1), a long history."""
-    check_gathered(*make_gathered(batch, seq_len, dim, num_unique, dtype, device, "left_padded", seed=11))
+    check_gathered(*make_gathered(batch, seq_len, dim, num_unique, dtype, device, "left_padded", seed=11),
+                   backend=backend)
 
 
 def test_gathered_equals_the_plain_form(device):
@@ -434,35 +439,41 @@ def test_gathered_padding_never_reads_its_index(device):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_gathered_saves_no_history(device, backend):
     """Both backends keep the inputs for backward, never the (B, L, D) history: the torch one gathers
-    it again in backward."""
+    it again in backward (and keeps the (B, L) scores besides)."""
     reps, index, query, mask, _ = make_gathered(3, 12, 16, 5, torch.float32, device, seed=14)
     reps.requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         kernels.gathered_sparse_target_attention(reps, index, query, mask, backend=backend)
-    assert sorted(t.numel() for t in saved) == sorted([reps.numel(), index.numel(), query.numel(), mask.numel()])
+    scores = [mask.numel()] if backend == "torch" else []
+    assert sorted(t.numel() for t in saved) == sorted([reps.numel(), index.numel(), query.numel(), mask.numel(),
+                                                       *scores])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
-def test_torch_backend_regathers_to_the_same_bits(device, dtype, mask_kind):
-    """The torch backend's re-gathering backward gives the plain reference's autograd gradients
-    exactly (the same ops, run again), including a float mask's gradient."""
+def test_torch_backend_backward_matches_autograd_of_the_reference(device, dtype, mask_kind):
+    """The torch backend's hand-written backward against autograd through the reference in float64,
+    a float mask's gradient included; without grad it is the reference itself."""
     reps, index, query, keep, grad_z = make_gathered(5, 23, 40, 9, dtype, device, "random", seed=16)
     mask = keep if mask_kind == "bool" else (keep * torch.rand(keep.shape, device=device) * 2).to(dtype)
-    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in (reps, query, mask)]
-    z = kernels.gathered_sparse_target_attention(leaves[0], index, leaves[1], leaves[2], backend="torch")
-    want_leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in (reps, query, mask)]
-    want = reference.gathered_sparse_target_attention(want_leaves[0], index, want_leaves[1], want_leaves[2])
-    assert torch.equal(z, want)
-    wanted = [t for t in leaves if t.requires_grad]
-    got_grads = torch.autograd.grad(z, wanted, grad_z)
-    want_grads = torch.autograd.grad(want, [t for t in want_leaves if t.requires_grad], grad_z)
-    assert len(got_grads) == (3 if mask_kind == "float" else 2)
-    for got, expected in zip(got_grads, want_grads):
-        assert torch.equal(got, expected)
+
+    def run(op, wide):
+        leaves = [(t.double() if wide and t.is_floating_point() else t).detach().clone()
+                  .requires_grad_(t.is_floating_point()) for t in (reps, query, mask)]
+        z = op(leaves[0], index, leaves[1], leaves[2])
+        wanted = [t for t in leaves if t.requires_grad]
+        return (z, *torch.autograd.grad(z, wanted, grad_z.double() if wide else grad_z))
+
+    got = run(lambda *a: kernels.gathered_sparse_target_attention(*a, backend="torch"), wide=False)
+    want = run(reference.gathered_sparse_target_attention, wide=True)
+    assert len(got) == len(want) == (4 if mask_kind == "float" else 3)
+    for name, g, w in zip(("z", "grad_reps", "grad_query", "grad_mask"), got, want):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        assert_close(name, g, w, dtype)
     with torch.no_grad():
-        assert torch.equal(kernels.gathered_sparse_target_attention(reps, index, query, mask, backend="torch"), want)
+        assert torch.equal(kernels.gathered_sparse_target_attention(reps, index, query, mask, backend="torch"),
+                           reference.gathered_sparse_target_attention(reps, index, query, mask))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
