@@ -56,14 +56,20 @@ class _RegatheredAttention(torch.autograd.Function):
         grad_s = grad_w * mask
         grad_reps = grad_query = grad_mask = None
         if ctx.needs_input_grad[0]:
-            # Formed and summed over repeated rows in fp32 (or wider), as the Triton kernel does: a
-            # popular item is repeated hundreds of times in a batch, and a 16-bit running sum loses
-            # the later terms (13% error at 366 repeats in bf16, tests/test_asta.py).
+            # d reps[u] sums w_bl dz_b + ds_bl q_b over the positions (b, l) that read row u: one
+            # sparse (U, 2B) @ [dz; q] product in fp32 (or wider), never forming the (B, L, D)
+            # gradient of the history. The sum is fp32 as in the Triton kernel: a popular item is
+            # read hundreds of times in a batch, and a 16-bit running sum loses the later terms
+            # (13% off at 366 repeats in bf16, tests/test_asta.py). The index is in range: the
+            # gather above has read through it.
+            batch, seq_len = index.shape
             acc = torch.promote_types(reps.dtype, torch.float32)
-            grad_history = torch.addcmul(torch.relu(masked).to(acc).unsqueeze(2) * grad_z.to(acc).unsqueeze(1),
-                                         grad_s.to(acc).unsqueeze(2), query.to(acc).unsqueeze(1))
-            grad_reps = torch.ops.aten.embedding_backward(grad_history, index, reps.shape[0], -1, False, False)
-            grad_reps = grad_reps.to(reps.dtype)
+            readers = torch.arange(batch, device=index.device).repeat_interleave(seq_len)
+            coefficients = torch.sparse_coo_tensor(
+                torch.stack([index.reshape(-1).long().repeat(2), torch.cat([readers, readers + batch])]),
+                torch.cat([torch.relu(masked).reshape(-1), grad_s.reshape(-1)]).to(acc),
+                (reps.shape[0], 2 * batch), check_invariants=False)
+            grad_reps = torch.sparse.mm(coefficients, torch.cat([grad_z, query]).to(acc)).to(reps.dtype)
         if ctx.needs_input_grad[2]:
             grad_query = torch.einsum("bl,bld->bd", grad_s, history)
         if ctx.needs_input_grad[3]:
