@@ -130,8 +130,11 @@ def test_a_bf16_run_learns_and_its_checkpoint_scores_in_any_precision(tmp_path):
     data = make_dataset(tmp_path / "ds", rows=16000, items=200, seed=3, valid_rows=1500, test_rows=300)
     state = make_trainer(data, tmp_path / "run", "train.epochs=3", "train.lr=1e-2", "train.precision=bf16",
                          dataset=load_dataset(data)).fit()
-    # The bar of the fp32 run in test_train (same data, model and settings).
-    assert state.best_auc > 0.68, f"valid AUC {state.best_auc:.3f} is not clearly above chance"
+    # Chance is 0.5, and with 1,500 valid rows an AUC's standard error without signal is about
+    # 0.015: 0.6 is six of them above chance. (These settings land anywhere in 0.62-0.74 by seed, in
+    # fp32 as in bf16, so a bar near one seed's fp32 result would test luck.)
+    assert state.best_auc > 0.6, f"valid AUC {state.best_auc:.3f} is not clearly above chance"
+    assert state.history[-1]["train_loss"] < state.history[0]["train_loss"]
     assert load_config(tmp_path / "run" / "config.yaml").train.precision == "bf16"
     for precision in ("fp32", "bf16"):
         assert main(["evaluate", str(tmp_path / "run"), "--precision", precision]) == 0
