@@ -64,7 +64,9 @@ def test_training_learns_and_history_matters(tmp_path):
     for split in dataset.splits.values():
         split.item_seq[:] = 0
     blind = make_trainer(data, tmp_path / "blind", *run, dataset=dataset).fit()
-    assert state.best_auc > 0.68, f"valid AUC {state.best_auc:.3f} is not clearly above chance"
+    # 0.6 is six standard errors (1,500 valid rows) above chance. These settings land anywhere in
+    # 0.62-0.74 by seed (tests/test_precision.py), so the history's part is the paired check below.
+    assert state.best_auc > 0.6, f"valid AUC {state.best_auc:.3f} is not clearly above chance"
     assert state.best_auc > blind.best_auc + 0.05, (state.best_auc, blind.best_auc)
     records = [json.loads(line) for line in (tmp_path / "with" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3]
