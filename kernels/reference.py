@@ -27,7 +27,6 @@ def gathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, qu
     return sparse_target_attention(F.embedding(index, reps), query, mask)
 
 
-
 class _RegatheredAttention(torch.autograd.Function):
     """gathered_sparse_target_attention that keeps its inputs for backward, not the history.
 

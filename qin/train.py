@@ -353,16 +353,8 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             st.step += 1
             st.batches_done += 1
-            if lazy:
-                # A step whose loss or gradient is not finite is skipped on the device (fused Adam's
-                # found_inf, as GradScaler passes it); _report raises for it when its numbers arrive.
-                finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
-                self.optimizer.found_inf = (~finite).float()
-                self.optimizer.step()
-                del self.optimizer.found_inf
-                pending.append((st.step, global_rows, torch.stack([loss.detach().float(), grad_norm.float()])))
-            else:
-                pending.append(self._checked_step(loss, grad_norm, global_rows, interrupted))
+            step = self._deferred_step if lazy else self._checked_step
+            pending.append(step(loss, grad_norm, global_rows, interrupted))
             checkpoint = bool(tc.checkpoint_every_steps and st.step % tc.checkpoint_every_steps == 0)
             if not lazy or st.step % tc.log_every_steps == 0 or checkpoint or interrupted["set"] or self._compiling:
                 self._report(pending, bar)
@@ -385,6 +377,17 @@ class Trainer:
         bar.close()
         self._epoch_seconds = time.perf_counter() - self._clock[0]
         self._epoch_samples = self._clock[1]
+
+    def _deferred_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, global_rows: int,
+                       interrupted: dict) -> tuple:
+        """The optimizer step without the host looking: a step whose loss or gradient is not finite
+        is skipped on the device (fused Adam's found_inf, as GradScaler passes it), and _report
+        raises for it when its numbers arrive."""
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(grad_norm)
+        self.optimizer.found_inf = (~finite).float()
+        self.optimizer.step()
+        del self.optimizer.found_inf
+        return self.state.step, global_rows, torch.stack([loss.detach().float(), grad_norm.float()])
 
     def _checked_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, global_rows: int,
                       interrupted: dict) -> tuple:
