@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.dropout import Dropout, dropout
+from kernels.dropout import Dropout, dropout, keep_mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -31,15 +31,25 @@ def test_the_drop_rate_is_p(p):
     assert abs(dropped - p) < 6 * math.sqrt(p * (1 - p) / n)  # six standard deviations of the rate
 
 
-def test_every_bit_position_is_used_and_neighbours_are_independent():
-    """Each int64 draw feeds two elements: both halves must drop at rate p, and not together."""
+def test_every_lane_is_used_and_neighbours_are_independent():
+    """Each 64-bit draw feeds four elements: each lane must drop at rate p, and not with its neighbour."""
     torch.manual_seed(2)
     n, p = 1 << 20, 0.5
     dropped = (dropout(torch.ones(n), p) == 0).double()
-    even, odd = dropped[0::2], dropped[1::2]
-    bound = 6 * math.sqrt(p * (1 - p) / (n // 2))
-    assert abs(even.mean().item() - p) < bound and abs(odd.mean().item() - p) < bound
-    assert abs((even * odd).mean().item() - p * p) < bound
+    lanes = [dropped[k::4] for k in range(4)]
+    bound = 6 * math.sqrt(p * (1 - p) / (n // 4))
+    assert all(abs(lane.mean().item() - p) < bound for lane in lanes)
+    assert all(abs((a * b).mean().item() - p * p) < bound for a, b in zip(lanes, lanes[1:]))
+
+
+def test_keep_mask_repeats_for_a_seed_and_p_is_rounded_to_sixteen_bits():
+    a = keep_mask((3, 1000), 0.3, seed=7)
+    assert a.shape == (3, 1000) and a.dtype == torch.bool
+    assert torch.equal(a, keep_mask((3000,), 0.3, seed=7).view(3, 1000))
+    assert not torch.equal(a, keep_mask((3, 1000), 0.3, seed=8))
+    # p below 2**-17 rounds to 0 (keep all); just below 1 it rounds to 1 - 2**-16 (keep 1 in 65,536).
+    assert keep_mask((1 << 16,), 2.0**-18, seed=1).all()
+    assert keep_mask((1 << 20,), 1 - 2.0**-18, seed=1).sum().item() < 64
 
 
 def test_a_seed_repeats_the_mask_and_eval_or_p0_is_the_identity():

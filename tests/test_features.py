@@ -121,8 +121,10 @@ def test_qin_and_din_learn_the_other_schema_end_to_end(other_dir, tmp_path):
         state = Trainer(cfg, dataset, tmp_path / architecture, log=lambda *_: None).fit()
         aucs[architecture] = state.best_auc
     # The planted signal (history match, level cross, item quality) is learnable through these features.
-    # Measured here: QIN 0.659, DIN 0.781; chance on 1,500 valid rows is 0.5 +- 0.02.
-    assert aucs["qin"] > 0.6 and aucs["din"] > 0.7, aucs
+    # Chance on 1,500 valid rows is 0.5 +- 0.02. QIN's two epochs here land anywhere in 0.578-0.663
+    # with the seed (8 seeds before and 8 after the CPU dropout draw changed on 2026-11-30: means
+    # 0.634 and 0.620), DIN at 0.781: the bars sit below every measured seed, above chance.
+    assert aucs["qin"] > 0.55 and aucs["din"] > 0.7, aucs
 
 
 def test_cli_trains_and_evaluates_from_a_fuxictr_block(other_dir, tmp_path, capsys):
