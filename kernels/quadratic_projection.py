@@ -17,7 +17,8 @@ four roundings (h, gy * s, G, the output), grad_W and grad_b two.
 Without dropout (eval, or p == 0) every mask is all ones, so sum_r (x @ W_r.T + b_r) =
 x @ W_bar.T + b_bar with W_bar = sum_r W_r: one M times smaller GEMM, in plain torch, on every
 backend in eval (and in training at p = 0 on the Triton backend); kernels/reference.py keeps the
-literal M-group form as the oracle, and the torch backend trains with it.
+literal M-group form as the oracle, and the torch backend trains with it (on the CPU with dropout
+as reference.regenerated_quadratic_projection, which keeps what these kernels keep).
 
 The dropout stream: element (b, r, j) of the hidden keeps iff tl.rand(seed, b*M*D + r*D + j) >= p
 (int32 offsets). The seed is an int64 tensor input of the op (drawn on the device from torch's
@@ -273,18 +274,19 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     Floating inputs are read in one dtype (autocast's where it is on, else their promoted type),
     which is the output's dtype; sums run in fp32 (fp64 for fp64). seed fixes the dropout stream
     of the Triton path: an int, a one-element integer tensor, or None (drawn on x's device from
-    torch's generator); the torch backend uses torch's own dropout.
+    torch's generator); the torch backend draws its own (kernels.dropout on the CPU, F.dropout's
+    on CUDA).
     """
     _check_args(x, weight, bias, num_row)
     p = _check_dropout_p(dropout_p)
     seed = _check_seed(seed)
     dtype = compute_dtype(x.device, x, weight, bias)
-    x, weight, bias = cast(dtype, x, weight, bias)
     chosen = resolve_backend(backend, x.device, "qnn", dtype)
-    if not training or (p == 0.0 and chosen == "triton"):
+    if training and chosen == "torch":  # the reference, its CPU mask regenerated in backward
+        return reference.regenerated_quadratic_projection(x, weight, bias, num_row, p, training, dtype)
+    x, weight, bias = cast(dtype, x, weight, bias)
+    if not training or p == 0.0:
         return reference.folded_quadratic_projection(x, weight, bias, num_row)
-    if chosen == "torch":  # training: the reference itself (torch's dropout, or none at p = 0)
-        return reference.quadratic_projection(x, weight, bias, num_row, p, training)
     batch, dim = x.shape
     if batch * num_row * dim >= _INT32_LIMIT:
         raise ValueError(f"x of shape {tuple(x.shape)} with num_row={num_row} needs 2**31 or more hidden "

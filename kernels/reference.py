@@ -5,7 +5,7 @@ Each function is the literal formula from SPEC.md, written for readability, not 
 import torch
 import torch.nn.functional as F
 
-from kernels.dropout import dropout
+from kernels.dropout import draw_seed, dropout, keep_mask
 
 
 def sparse_target_attention(history: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -110,6 +110,65 @@ def quadratic_projection(
         else:
             hidden = hidden * dropout_mask.to(hidden.dtype) / (1.0 - dropout_p)
     return x * hidden.view(batch, num_row, dim).sum(dim=1)
+
+
+class _RegeneratedQuadraticProjection(torch.autograd.Function):
+    """quadratic_projection in training with dropout on the CPU, keeping for backward only x and
+    s = sum_r dropout(h_r), both (B, D), as the Triton kernels do.
+
+    Autograd through the reference keeps the (B, M * D) keep mask, and under autocast the 16-bit
+    copy of the weight (M * D * D elements, whatever the batch). Here forward keeps the mask's
+    seed and backward draws the same mask again (kernels.dropout's keep_mask: 3 ms for the paper's
+    layer at batch 1024 on our 2-core test machine), and casts the weight to the compute dtype
+    again. With G[b, r*D + j] = keep * gy[b, j] * x[b, j] / (1 - p):
+        grad_x = gy * s + G @ W,  grad_W = G.T @ x,  grad_b = sum_b G.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_row, p, dtype):
+        batch, dim = x.shape
+        ctx.input_dtypes = (x.dtype, weight.dtype, bias.dtype)
+        x = x.to(dtype)
+        hidden = torch.addmm(bias.to(dtype), x, weight.to(dtype).t())
+        ctx.seed = draw_seed()
+        keep = keep_mask(hidden.shape, p, ctx.seed)
+        # torch's sums accumulate 16-bit floats in fp32 and round once (an fp32 `dtype=` would
+        # first copy the whole (B, M * D) hidden to fp32).
+        s = torch.where(keep, hidden, 0.0).view(batch, num_row, dim).sum(1) * (1.0 / (1.0 - p))
+        ctx.save_for_backward(x, weight, s)
+        ctx.num_row, ctx.p = num_row, p
+        return x * s
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, s = ctx.saved_tensors
+        batch, dim = x.shape
+        keep = keep_mask((batch, ctx.num_row, dim), ctx.p, ctx.seed)
+        grad_y = grad_y.to(x.dtype)
+        scaled = (grad_y * x * (1.0 / (1.0 - ctx.p)))[:, None, :]
+        g = torch.where(keep, scaled, 0.0).view(batch, ctx.num_row * dim)
+        x_dtype, weight_dtype, bias_dtype = ctx.input_dtypes
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.addmm(grad_y * s, g, weight.to(x.dtype)).to(x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (g.t() @ x).to(weight_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = g.sum(0).to(bias_dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+def regenerated_quadratic_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_row: int,
+                                     dropout_p: float, training: bool, dtype: torch.dtype) -> torch.Tensor:
+    """quadratic_projection of x, weight and bias read in `dtype`: what the torch backend trains
+    with. In training with dropout on the CPU, with something to differentiate and outside
+    torch.compile/export, it regenerates the mask in backward (above); elsewhere it is the
+    reference, whose dropout is F.dropout's (CUDA) or the same CPU draw."""
+    if (training and 0.0 < dropout_p < 1.0 and x.device.type == "cpu" and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling() and any(t.requires_grad for t in (x, weight, bias))):
+        return _RegeneratedQuadraticProjection.apply(x, weight, bias, num_row, dropout_p, dtype)
+    x, weight, bias = (t.to(dtype) for t in (x, weight, bias))
+    return quadratic_projection(x, weight, bias, num_row, dropout_p, training)
 
 
 def folded_quadratic_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_row: int) -> torch.Tensor:

@@ -36,7 +36,8 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
 
 def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=False, seed=None, backend="auto"):
     _check_backend(backend)  # seed only fixes the Triton path's dropout stream; torch's dropout ignores it
-    x, weight, bias = cast(compute_dtype(x.device, x, weight, bias), x, weight, bias)
-    if not training:  # as the full package does in eval
-        return reference.folded_quadratic_projection(x, weight, bias, num_row)
-    return reference.quadratic_projection(x, weight, bias, num_row, float(dropout_p), training)
+    dtype = compute_dtype(x.device, x, weight, bias)
+    if training:  # as the full package's torch backend does
+        return reference.regenerated_quadratic_projection(x, weight, bias, num_row, float(dropout_p), training, dtype)
+    x, weight, bias = cast(dtype, x, weight, bias)
+    return reference.folded_quadratic_projection(x, weight, bias, num_row)

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import kernels
 from kernels import reference, tolerances
+from kernels.dropout import keep_mask
 from kernels.quadratic_projection import dropout_keep_mask
 
 REPO = Path(__file__).resolve().parent.parent
@@ -138,11 +139,61 @@ def test_gradcheck_float64_triton(device):
         assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8)
 
 
-def test_gradcheck_float64_torch_backend():
+@pytest.mark.parametrize("training, p", [(False, 0.3), (True, 0.0), (True, 0.3)])
+def test_gradcheck_float64_torch_backend(training, p):
+    """With dropout in training the backward regenerates the mask: every call seeds the same one."""
     x, weight, bias, _ = make_inputs(4, 5, 3, torch.float64, "cpu")
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
-    fn = lambda a, w, b: kernels.quadratic_projection(a, w, b, 3, backend="torch")
+
+    def fn(a, w, b):
+        torch.manual_seed(0)
+        return kernels.quadratic_projection(a, w, b, 3, dropout_p=p, training=training, backend="torch")
     assert torch.autograd.gradcheck(fn, leaves)
+
+
+@settings(max_examples=40, deadline=None)
+@given(**shapes, dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]), p=st.floats(0.05, 0.9),
+       seed=st.integers(0, 2**31 - 1))
+def test_torch_backend_training_regenerates_the_mask_it_drew(batch, dim, num_row, dtype, p, seed):
+    """The CPU torch backend in training draws keep_mask's mask from torch's generator, keeps only
+    x and the group sum, and draws the mask again in backward: y and every gradient equal the
+    float64 reference replaying that mask, whatever the generator did in between."""
+    x, weight, bias, gy = make_inputs(batch, dim, num_row, dtype, "cpu", seed % 1000)
+    torch.manual_seed(seed)
+    mask = keep_mask((batch, num_row * dim), p)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    torch.manual_seed(seed)
+    y = kernels.quadratic_projection(*leaves, num_row, dropout_p=p, training=True, backend="torch")
+    torch.rand(5)  # moves the global generator: backward must not read it
+    grads = torch.autograd.grad(y, leaves, gy)
+    want, mag = reference_and_magnitude(x, weight, bias, gy, num_row, p, True, mask)
+    for name, got, w, m in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, *grads), want, mag):
+        assert got.dtype == dtype
+        assert_close(name, got, w, m, dtype)
+
+
+def test_torch_backend_under_autocast_keeps_neither_mask_nor_weight_copy():
+    """Under CPU autocast bf16 the fp32 weight is read in bf16, and what backward keeps is x and the
+    group sum in bf16 (B x D each) and the fp32 weight itself: no (B, M*D) tensor, no bf16 copy of W."""
+    batch, dim, num_row = 32, 24, 4
+    x, weight, bias, gy = make_inputs(batch, dim, num_row, torch.float32, "cpu")
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    saved = []
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = kernels.quadratic_projection(*leaves, num_row, dropout_p=0.1, training=True, backend="torch")
+    assert y.dtype == torch.bfloat16
+    assert sorted((tuple(t.shape), t.dtype) for t in saved) == sorted(
+        [((batch, dim), torch.bfloat16)] * 2 + [((num_row * dim, dim), torch.float32)])
+    assert any(t is leaves[1] for t in saved)  # the parameter, not a copy
+    grads = torch.autograd.grad(y, leaves, gy.bfloat16())
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    torch.manual_seed(1)
+    mask = keep_mask((batch, num_row * dim), 0.1)
+    want, mag = reference_and_magnitude(*(t.bfloat16() for t in (x, weight, bias, gy)), num_row, 0.1, True, mask)
+    for name, got, w, m in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, *grads), want, mag):
+        assert_close(name, got, w, m, torch.bfloat16)
 
 
 def test_no_grad_and_frozen_weights(device):
