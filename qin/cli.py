@@ -51,6 +51,7 @@ def cmd_train(args) -> int:
         if (out_dir / "latest.pt").exists():
             raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} "
                              f"or choose another --out")
+    cfg.train.out_dir = str(out_dir)  # the run's config.yaml names the folder it is in
     dataset = load_data(cfg.data.dir, cfg.data)  # validated before anything is written
     cfg.data.dir = str(dataset.root.resolve())
     fill_vocab_from_data(cfg, dataset)
@@ -139,8 +140,11 @@ def cmd_export(args) -> int:
 def cmd_compare(args) -> int:
     from qin.compare import parse_variants, run_compare
 
+    if bool(args.data_config) != bool(args.dataset_id):
+        raise UsageError("--data-config and --dataset-id go together")
+    dataset_block = read_fuxictr_dataset(args.data_config, args.dataset_id) if args.data_config else None
     run_compare(args.data, parse_variants(args.variants), args.epochs, args.seeds, Path(args.out),
-                args.overrides, args.force)
+                args.overrides, args.force, dataset_block=dataset_block)
     print(f"wrote {Path(args.out) / 'compare.md'}, compare.csv and compare.png")
     return 0
 
@@ -237,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train QIN, its ablations and DIN on the same data; write a table")
     p.add_argument("--data", help="dataset folder (default: the built-in generated dataset)")
+    p.add_argument("--data-config", help="a FuxiCTR dataset_config.yaml; its block --dataset-id sets the data section")
+    p.add_argument("--dataset-id", help="the dataset block to read from --data-config")
     p.add_argument("--variants", help="comma-separated: qin,asta_dropout,qnn_relu,asta_softmax,no_asta,no_qnn,din (default: all)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds train.seed + 0..N-1")

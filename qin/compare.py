@@ -60,11 +60,12 @@ def parse_variants(text: str | None) -> list[Variant]:
 
 
 def train_variant(variant: Variant, seed: int, dataset, data_dir: str, run_dir: Path, epochs: int,
-                  overrides: list[str], base: dict | None, log) -> Result:
+                  overrides: list[str], base: dict | None, log, dataset_block: dict | None = None) -> Result:
     from qin.model import count_parameters
     from qin.train import Trainer, fill_vocab_from_data
 
-    cfg = load_config(overrides=[*overrides, *variant.overrides, f"train.epochs={epochs}"], base=base)
+    cfg = load_config(overrides=[*overrides, *variant.overrides, f"train.epochs={epochs}"], base=base,
+                      dataset=dataset_block)
     cfg.data.dir = data_dir
     cfg.train.seed += seed
     fill_vocab_from_data(cfg, dataset)
@@ -134,14 +135,18 @@ OUTPUTS = ("compare.md", "compare.csv", "compare.png")
 
 
 def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: int, out: Path,
-                overrides: list[str], force: bool, log=print) -> list[dict]:
+                overrides: list[str], force: bool, log=print, dataset_block: dict | None = None) -> list[dict]:
+    """Train each variant `seeds` times on one dataset: the folder `data`, or a FuxiCTR dataset
+    block (read_fuxictr_dataset's data section, with its folder unless `data` names one), or the
+    built-in generated data; write compare.md/.csv/.png into `out`."""
     clashes = [out / name for name in OUTPUTS if (out / name).exists()]
     if clashes and not force:
         raise UsageError(f"{clashes[0]} exists; pass --force to overwrite it, or choose another --out")
     if epochs < 1 or seeds < 1:
         raise UsageError("--epochs and --seeds must be at least 1")
-    load_config(overrides=overrides)  # refuse bad overrides before any training
-    dataset = load_data(data, load_config(overrides=overrides).data)
+    data_section = load_config(overrides=overrides, dataset=dataset_block).data  # bad overrides fail here
+    data = data or (dataset_block or {}).get("dir")
+    dataset = load_data(data, data_section)
     base = None if data else BUILTIN_SETTINGS
     label = str(dataset.root) if data else f"the built-in generated dataset ({dataset.root.name}): generated data, not MicroLens"
     start = time.perf_counter()
@@ -149,7 +154,7 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
     runs = Path(tempfile.mkdtemp(prefix=".compare-runs.", dir=out))
     try:
         results = [train_variant(v, seed, dataset, str(dataset.root), runs / f"{v.name}-seed{seed}", epochs,
-                                 overrides, base, log)
+                                 overrides, base, log, dataset_block)
                    for v in variants for seed in range(seeds)]
     finally:
         shutil.rmtree(runs, ignore_errors=True)

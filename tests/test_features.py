@@ -1,5 +1,6 @@
 """Datasets other than MicroLens: features declared in the config, FuxiCTR's dataset blocks, validation
 of any schema, QIN and DIN trained end to end on a second schema, and level-0 padding (issue 17)."""
+import csv
 import json
 
 import numpy as np
@@ -138,9 +139,26 @@ def test_cli_trains_and_evaluates_from_a_fuxictr_block(other_dir, tmp_path, caps
                  *TINY, "train.epochs=1", "train.max_steps_per_epoch=3", "data.history=clicked_items"]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert [f["name"] for f in saved["model"]["features"]] == [f["name"] for f in OTHER_FEATURES]
+    assert saved["train"]["out_dir"] == str(out)  # the folder the run is in, not the default
     assert main(["evaluate", str(out)]) == 0
     assert "valid: AUC" in capsys.readouterr().out
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["epoch"] == 1
+
+
+def test_compare_reads_a_fuxictr_block(other_dir, tmp_path, capsys):
+    block = {"Other_x1": {"train_data": str(other_dir / "train.parquet"), "feature_cols": OTHER_FEATURES,
+                          "label_col": {"name": "clicked", "dtype": "float"}}}
+    path = tmp_path / "dataset_config.yaml"
+    path.write_text(yaml.safe_dump(block))
+    out = tmp_path / "compare"
+    assert main(["compare", "--data-config", str(path), "--dataset-id", "Other_x1", "--variants", "qin,din",
+                 "--epochs", "1", "--out", str(out), *TINY, "train.max_steps_per_epoch=3",
+                 "data.history=clicked_items"]) == 0
+    table = (out / "compare.md").read_text()
+    assert str(other_dir) in table and "built-in" not in table
+    assert {"qin", "din"} <= {row["variant"] for row in csv.DictReader(open(out / "compare.csv"))}
+    assert main(["compare", "--data-config", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert "--dataset-id" in capsys.readouterr().err
 
 
 def _other_tables(root):
