@@ -152,7 +152,7 @@ def test_gradcheck_float64_torch_backend(training, p):
 
 
 @settings(max_examples=40, deadline=None)
-@given(**shapes, dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]), p=st.floats(0.05, 0.9),
+@given(**shapes, dtype=st.sampled_from([torch.float64, *DTYPES]), p=st.floats(0.05, 0.9),
        seed=st.integers(0, 2**31 - 1))
 def test_torch_backend_training_regenerates_the_mask_it_drew(batch, dim, num_row, dtype, p, seed):
     """The CPU torch backend in training draws keep_mask's mask from torch's generator, keeps only
