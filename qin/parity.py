@@ -374,6 +374,18 @@ def _normwise(got: torch.Tensor, want: torch.Tensor, tol) -> tuple[float, float]
     return abs_err, tolerances.relative_error(got, want, scale, tol)
 
 
+def _subnormal_note(weight: torch.Tensor, dtype: torch.dtype) -> str:
+    """What the model's cast to `dtype` does to this weight before any arithmetic, where it matters:
+    the share of its nonzero entries below the dtype's smallest normal (rounded to a coarse grid).
+    Embedding tables initialised at std 1e-4 lose that way in fp16, and BatchNorm downstream
+    magnifies it: the model's gradient for them is then far from float64's at the unrounded weights."""
+    if not weight.is_floating_point() or dtype.itemsize >= 4:
+        return ""
+    nonzero = weight[weight != 0]
+    share = (nonzero.abs() < torch.finfo(dtype).tiny).double().mean().item() if nonzero.numel() else 0.0
+    return f"{share:.0%} of this weight is subnormal in {DTYPE_NAMES[dtype]}" if share >= 0.01 else ""
+
+
 def check_model(setup: ModelSetup, dtypes, device, steps: int = 0, all_grads: list | None = None) -> list[Row]:
     """Logits and gradients per dtype, with the reference ops and with the fused ops, against
     model.double(); then `steps` Adam steps. The plain (reference-ops) model must be within the
@@ -402,7 +414,9 @@ def check_model(setup: ModelSetup, dtypes, device, steps: int = 0, all_grads: li
                 if backend == "torch":
                     plain_error[q] = rel
                 elif tolerances.MODEL_VS_PLAIN * plain_error[q] > tol:
-                    tol, note = tolerances.MODEL_VS_PLAIN * plain_error[q], f"{tolerances.MODEL_VS_PLAIN:g} x torch's"
+                    tol, note = tolerances.MODEL_VS_PLAIN * plain_error[q], f"tol {tolerances.MODEL_VS_PLAIN:g} x torch's"
+                if q.startswith("grad "):
+                    note = "; ".join(filter(None, [note, _subnormal_note(setup.weights[q[5:]], dtype)]))
                 row = Row("model", label, q, DTYPE_NAMES[dtype], shape, abs_err, rel, tol, floors[q], note)
                 if q.startswith("grad"):
                     grads.append(row)
@@ -414,7 +428,7 @@ def check_model(setup: ModelSetup, dtypes, device, steps: int = 0, all_grads: li
             worst = max(grads, key=lambda r: (math.isnan(r.max_rel), r.max_rel / r.tolerance))
             rows.append(Row("model", label, f"every parameter gradient ({len(grads)})", DTYPE_NAMES[dtype], shape,
                             worst.max_abs, worst.max_rel, worst.tolerance, max(r.noise_floor for r in grads),
-                            f"worst: {worst.quantity[5:]}" + (f"; tol {worst.note}" if worst.note else "")))
+                            f"worst: {worst.quantity[5:]}" + (f"; {worst.note}" if worst.note else "")))
     if steps:
         rows += check_steps(setup, device, steps, shape)
     return rows

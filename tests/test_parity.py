@@ -147,3 +147,19 @@ def test_training_runs_each_backend_over_the_seeds(monkeypatch):
 def test_an_unknown_check_name_is_refused(tmp_path, capsys):
     assert main(["parity", "--quick", "--device", "cpu", "--only", "asat", "--out", str(tmp_path)]) == 2
     assert "asat names no check" in capsys.readouterr().err
+
+
+def test_a_weight_that_fp16_turns_subnormal_is_named_in_the_report(quick_report):
+    """The quick model's item table (std 1e-4, the authors' init) is 40-50% fp16 subnormals, which
+    is why its fp16 gradient is far from float64's; bf16 keeps fp32's exponent range."""
+    torch.manual_seed(0)
+    table = torch.randn(300, 8) * 1e-4
+    table[0] = 0  # a padding row is not counted
+    share = (table[1:].abs() < torch.finfo(torch.float16).tiny).double().mean().item()
+    assert parity._subnormal_note(table, torch.float16) == f"{share:.0%} of this weight is subnormal in fp16"
+    assert 0.4 < share < 0.5
+    assert parity._subnormal_note(table, torch.bfloat16) == parity._subnormal_note(table, torch.float32) == ""
+    assert parity._subnormal_note(torch.randn(300, 8), torch.float16) == ""
+    _, _, rows = quick_report
+    noted = {r["quantity"] for r in rows if r["dtype"] == "fp16" and "subnormal" in r["note"]}
+    assert "grad items.item_embedding.weight" in noted
