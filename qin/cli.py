@@ -56,10 +56,12 @@ def cmd_train(args) -> int:
     cfg.data.dir = str(dataset.root.resolve())
     fill_vocab_from_data(cfg, dataset)
     trainer = Trainer(cfg, dataset, out_dir)
+    finished = False
     try:
         state = trainer.fit(resume=bool(args.resume))
+        finished = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(finished)
     if trainer.ctx.is_main:
         print(f"best valid AUC {state.best_auc:.4f} at epoch {state.best_epoch}; model in {out_dir / 'best.pt'}")
     return 0
@@ -94,11 +96,13 @@ def cmd_evaluate(args) -> int:
         raise UsageError(f"{dataset.root / (args.split + '.parquet')} has no label column: it cannot be evaluated")
     # Under torchrun each rank scores a share of the split; the AUC is computed once, on all of it.
     ctx = distributed.context_from_env()
+    finished = False
     try:
         metrics = evaluate(model, dataset.splits[args.split], args.batch_size or cfg.train.eval_batch_size, device, ctx,
                            precision)
+        finished = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(finished)
     if ctx.is_main:
         print(f"{args.split}: AUC {metrics['auc']:.6f}, logloss {metrics['logloss']:.6f}")
     return 0

@@ -220,3 +220,29 @@ def test_report_from_the_csv_of_a_gpu_run(tmp_path):
     assert "## Training step, end to end" in report and "## ASTA: sparse target attention" in report
     assert "| asta | fp32 | torch | not measured |" in report and "read from the CSV" in report
     assert csv_report.main([str(tmp_path / "missing.csv"), "--device", "cpu"]) == 1
+
+
+def test_the_ddp_line_tries_once_more_when_a_rank_was_killed_by_a_signal(monkeypatch):
+    from bench import bench_ddp
+
+    calls = []
+
+    def killed_once(data, out, procs, device, overrides):
+        calls.append(procs)
+        if procs == 2 and calls.count(2) == 1:
+            raise RuntimeError("2-process training failed (exit 1):\ntraceback : Signal 6 (SIGABRT) received by PID 7")
+        return 100.0 * procs
+
+    monkeypatch.setattr(bench_ddp, "make_dataset", lambda *args, **kwargs: "data")
+    monkeypatch.setattr(bench_ddp, "train_samples_per_s", killed_once)
+    rows = bench_ddp.run(torch.device("cpu"), quick=True)
+    assert calls == [1, 2, 2]
+    assert [r["provider"] for r in rows] == ["1 process", "2 processes (second try: a rank of the first was killed by a signal)"]
+    assert rows[1]["p50"] == 200.0
+
+    def broken(data, out, procs, device, overrides):
+        raise RuntimeError("2-process training failed (exit 1):\nValueError: bad config")
+
+    monkeypatch.setattr(bench_ddp, "train_samples_per_s", broken)
+    with pytest.raises(RuntimeError, match="bad config"):
+        bench_ddp.run(torch.device("cpu"), quick=True)
