@@ -29,6 +29,18 @@ def cmd_make_data(args) -> int:
     return 0
 
 
+def _dataset_block(args) -> dict | None:
+    """The data section from --data-config/--dataset-id (a FuxiCTR dataset block), or None."""
+    if bool(args.data_config) != bool(args.dataset_id):
+        raise UsageError("--data-config and --dataset-id go together")
+    return read_fuxictr_dataset(args.data_config, args.dataset_id) if args.data_config else None
+
+
+def _add_dataset_block_args(p) -> None:
+    p.add_argument("--data-config", help="a FuxiCTR dataset_config.yaml; its block --dataset-id sets the data section")
+    p.add_argument("--dataset-id", help="the dataset block to read from --data-config")
+
+
 def cmd_train(args) -> int:
     from qin.train import Trainer, fill_vocab_from_data
 
@@ -40,9 +52,7 @@ def cmd_train(args) -> int:
             raise UsageError("--resume takes the run's own config.yaml and data; drop --config/--data/--data-config")
         cfg = load_config(out_dir / "config.yaml", args.overrides)
     else:
-        if bool(args.data_config) != bool(args.dataset_id):
-            raise UsageError("--data-config and --dataset-id go together")
-        dataset_block = read_fuxictr_dataset(args.data_config, args.dataset_id) if args.data_config else None
+        dataset_block = _dataset_block(args)
         base = None if (args.data or args.config or dataset_block) else BUILTIN_SETTINGS
         cfg = load_config(args.config, args.overrides, base=base, dataset=dataset_block)
         if args.data:
@@ -56,12 +66,8 @@ def cmd_train(args) -> int:
     cfg.data.dir = str(dataset.root.resolve())
     fill_vocab_from_data(cfg, dataset)
     trainer = Trainer(cfg, dataset, out_dir)
-    finished = False
-    try:
+    with distributed.leaving_group_at_end():
         state = trainer.fit(resume=bool(args.resume))
-        finished = True
-    finally:
-        distributed.shutdown(finished)
     if trainer.ctx.is_main:
         print(f"best valid AUC {state.best_auc:.4f} at epoch {state.best_epoch}; model in {out_dir / 'best.pt'}")
     return 0
@@ -96,13 +102,9 @@ def cmd_evaluate(args) -> int:
         raise UsageError(f"{dataset.root / (args.split + '.parquet')} has no label column: it cannot be evaluated")
     # Under torchrun each rank scores a share of the split; the AUC is computed once, on all of it.
     ctx = distributed.context_from_env()
-    finished = False
-    try:
+    with distributed.leaving_group_at_end():
         metrics = evaluate(model, dataset.splits[args.split], args.batch_size or cfg.train.eval_batch_size, device, ctx,
                            precision)
-        finished = True
-    finally:
-        distributed.shutdown(finished)
     if ctx.is_main:
         print(f"{args.split}: AUC {metrics['auc']:.6f}, logloss {metrics['logloss']:.6f}")
     return 0
@@ -144,11 +146,8 @@ def cmd_export(args) -> int:
 def cmd_compare(args) -> int:
     from qin.compare import parse_variants, run_compare
 
-    if bool(args.data_config) != bool(args.dataset_id):
-        raise UsageError("--data-config and --dataset-id go together")
-    dataset_block = read_fuxictr_dataset(args.data_config, args.dataset_id) if args.data_config else None
     run_compare(args.data, parse_variants(args.variants), args.epochs, args.seeds, Path(args.out),
-                args.overrides, args.force, dataset_block=dataset_block)
+                args.overrides, args.force, dataset_block=_dataset_block(args))
     print(f"wrote {Path(args.out) / 'compare.md'}, compare.csv and compare.png")
     return 0
 
@@ -211,8 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train QIN (no arguments: the built-in dataset on this machine)")
     p.add_argument("--data", help="dataset folder (default: the built-in generated dataset)")
     p.add_argument("--config", help="YAML file with data/model/train blocks")
-    p.add_argument("--data-config", help="a FuxiCTR dataset_config.yaml; its block --dataset-id sets the data section")
-    p.add_argument("--dataset-id", help="the dataset block to read from --data-config")
+    _add_dataset_block_args(p)
     p.add_argument("--out", help="run folder (default: train.out_dir)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest.pt")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="e.g. train.lr=1e-3 model.asta_form=literal")
@@ -245,8 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train QIN, its ablations and DIN on the same data; write a table")
     p.add_argument("--data", help="dataset folder (default: the built-in generated dataset)")
-    p.add_argument("--data-config", help="a FuxiCTR dataset_config.yaml; its block --dataset-id sets the data section")
-    p.add_argument("--dataset-id", help="the dataset block to read from --data-config")
+    _add_dataset_block_args(p)
     p.add_argument("--variants", help="comma-separated: qin,asta_dropout,qnn_relu,asta_softmax,no_asta,no_qnn,din (default: all)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds train.seed + 0..N-1")

@@ -8,6 +8,7 @@ training would see at the same global batch. BatchNorm statistics are reduced ov
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -56,14 +57,21 @@ def setup(ctx: Context, device: torch.device) -> torch.device:
     return device
 
 
-def shutdown(finished: bool = False) -> None:
-    """Leave the process group. `finished`: every rank got here without an error, so they first
-    wait for each other; tearing the gloo connections down while a peer still works in the group
-    can abort that peer (one rank of a 2-process CPU run died with SIGABRT at an unknown point,
-    about once in five full test runs; this barrier is our guess at it, not a proven cure)."""
+@contextlib.contextmanager
+def leaving_group_at_end():
+    """Leave the process group (if one was joined) when the block ends. Ranks that got through it
+    without an error first wait for each other: tearing the gloo connections down while a peer
+    still works in the group can abort that peer (one rank of a 2-process CPU run died with
+    SIGABRT at an unknown point, about once in five full test runs; this barrier is our guess at
+    it, not a proven cure). A rank that failed leaves at once, so its peers are not kept waiting."""
+    try:
+        yield
+    except BaseException:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
     if dist.is_initialized():
-        if finished:
-            dist.barrier()
+        dist.barrier()
         dist.destroy_process_group()
 
 
