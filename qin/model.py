@@ -298,7 +298,46 @@ class CTRModel(FeatureModules):
         return [*self.items.tables, *self.feature_tables(self.context)]
 
     def embedding_l2(self) -> torch.Tensor:
-        return sum(w.pow(2).sum() for w in self.embedding_tables())
+        """The sum of squares of every embedding table and P (the loss adds lambda / 2 of it)."""
+        return sum_of_squares(self.embedding_tables())
+
+
+class _SumOfSquares(torch.autograd.Function):
+    """sum_k sum(w_k ** 2) over whole tensors, with gradient 2 g w_k, written as autograd would
+    not: `w.pow(2).sum()` writes a w ** 2 as large as the table in forward, and its backward reads
+    and writes the table three more times (pow(w, 1), * 2, * g). Over MicroLens's item table
+    (11.7M fp32 numbers, every step: the L2 covers whole tables) that was 7% of a bf16 CPU step.
+    Here forward sums each row's dot product with itself and then the rows: one read, and as
+    accurate as pow + sum (a flat dot or linalg.vector_norm accumulates 11.7M squares of 1e-4
+    numbers 1e-4 to 1e-3 off on the CPU). On a GPU, whose bandwidth makes forward's extra pass
+    cheap, forward is pow + sum as before. Backward is one multiply per tensor, bitwise autograd's
+    gradient (2 g w: the factor 2 is exact).
+    """
+
+    @staticmethod
+    def forward(ctx, *tensors):
+        ctx.save_for_backward(*tensors)
+        sums = []
+        for w in tensors:
+            if w.device.type == "cpu":
+                rows = w.reshape(w.shape[0], -1) if w.dim() else w.reshape(1, 1)
+                sums.append(torch.einsum("ij,ij->i", rows, rows).sum())
+            else:
+                sums.append(w.square().sum())
+        return torch.stack(sums).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tuple(torch._foreach_mul(list(ctx.saved_tensors), 2 * grad))
+
+
+def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """sum(w.pow(2).sum() for w in tensors), its value and gradients, in one read of each tensor
+    forward and one multiply backward (see _SumOfSquares)."""
+    tensors = list(tensors)
+    if not tensors:
+        return torch.zeros(())
+    return _SumOfSquares.apply(*tensors)
 
 
 class QIN(CTRModel):
