@@ -3,7 +3,8 @@
 backend="triton" runs the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1) through
 the registered ops qin::sparse_target_attention and qin::quadratic_projection_dropout,
 backend="torch" runs the plain-PyTorch reference of kernels/reference.py, and backend="auto"
-runs Triton only where kernels.utils.MEASURED_FASTER records it measured faster (today: nowhere).
+runs Triton only where it measured faster on the GPU at hand: kernels.utils.MEASURED_FASTER (our
+benchmark runs; empty today), else a one-time timing of both paths there (kernels.choice).
 """
 try:
     import triton

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
+from kernels import choice, reference
 from kernels.utils import INTERPRETING, cast, check_tensor, compute_dtype, register_autocast, resolve_backend
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -281,7 +281,11 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     p = _check_dropout_p(dropout_p)
     seed = _check_seed(seed)
     dtype = compute_dtype(x.device, x, weight, bias)
-    chosen = resolve_backend(backend, x.device, "qnn", dtype)
+    # Only training with dropout has a Triton path to choose; elsewhere both backends fold.
+    trial = choice.trial(backend, x.device, "qnn", dtype, (f"D={x.shape[1]}", f"M={num_row}"), quadratic_projection,
+                         (x, weight, bias), dict(num_row=num_row, dropout_p=p, training=True, seed=0)) \
+        if training and p > 0.0 else None
+    chosen = resolve_backend(backend, x.device, "qnn", dtype, trial)
     if training and chosen == "torch":  # the reference, its CPU mask regenerated in backward
         return reference.regenerated_quadratic_projection(x, weight, bias, num_row, p, training, dtype)
     x, weight, bias = cast(dtype, x, weight, bias)

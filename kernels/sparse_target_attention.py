@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
+from kernels import choice, reference
 from kernels.utils import (INTERPRETING, cast, check_tensor, compute_dtype, next_power_of_2, register_autocast,
                            resolve_backend)
 
@@ -276,7 +276,9 @@ def sparse_target_attention(history, query, mask, *, backend="auto"):
     _check_query_mask(query, mask, batch, seq_len, dim, f"history of shape {tuple(history.shape)}", history.device)
     dtype = compute_dtype(history.device, history, query)
     history, query = cast(dtype, history, query)
-    if resolve_backend(backend, history.device, "asta", dtype) == "torch":
+    trial = choice.trial(backend, history.device, "asta", dtype, ("plain", f"L={seq_len}", f"D={dim}"),
+                         sparse_target_attention, (history, query, mask), {})
+    if resolve_backend(backend, history.device, "asta", dtype, trial) == "torch":
         return reference.sparse_target_attention(history, query, mask)
     _check_width(dim)
     return _asta_op(history, None, query, mask)
@@ -302,7 +304,11 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
             raise ValueError(f"index holds rows outside reps' {reps.shape[0]} rows at unmasked positions")
     dtype = compute_dtype(reps.device, reps, query)
     reps, query = cast(dtype, reps, query)
-    if resolve_backend(backend, reps.device, "asta", dtype) == "torch":
+    # The batch of the shape class is index's B (reps' U varies from batch to batch).
+    trial = choice.trial(backend, reps.device, "asta", dtype, ("gathered", f"L={seq_len}", f"D={dim}"),
+                         lambda index, reps, query, mask, backend: gathered_sparse_target_attention(
+                             reps, index, query, mask, backend=backend), (index, reps, query, mask), {})
+    if resolve_backend(backend, reps.device, "asta", dtype, trial) == "torch":
         return reference.regathered_sparse_target_attention(reps, index, query, mask)
     _check_width(dim)
     return _asta_op(reps, index, query, mask)

@@ -8,22 +8,25 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BACKENDS = ("auto", "torch", "triton")
 
-# Where backend="auto" runs the Triton path: (op, dtype, CUDA compute capability) entries that
-# were MEASURED faster than the torch path on that GPU, in the same benchmark run (bench/gpu_run.sh,
-# `qin bench` prints the entries its measurements support). Everything else runs the torch path.
-# Empty: the kernels of this version have not been timed on a GPU yet. The first GPU run (H200,
-# sm_90) timed the previous kernels: its QNN lost to cuBLAS, its ASTA forward lost to the
+# Where backend="auto" runs the Triton path without timing it: (op, dtype, CUDA compute capability)
+# entries that were MEASURED faster than the torch path on that GPU, in the same benchmark run
+# (bench/gpu_run.sh; `qin bench` prints the entries its measurements support). Elsewhere on a GPU
+# "auto" times both paths on the user's device (kernels.choice) unless QIN_AUTO_BACKEND=table.
+# Empty: the kernels of this version have not been timed on a GPU of ours yet. The first GPU run
+# (H200, sm_90) timed the previous kernels: its QNN lost to cuBLAS, its ASTA forward lost to the
 # reference, so nothing of it carried over.
 MEASURED_FASTER: set[tuple[str, torch.dtype, tuple[int, int]]] = set()
 
 
-def resolve_backend(backend: str, device: torch.device, op: str = "", dtype: torch.dtype | None = None) -> str:
-    """Map 'auto' to 'triton' where MEASURED_FASTER says so and to 'torch' elsewhere; refuse Triton
-    where it cannot run."""
+def resolve_backend(backend: str, device: torch.device, op: str = "", dtype: torch.dtype | None = None,
+                    trial=None) -> str:
+    """Map 'auto' to 'triton' where it was measured faster (MEASURED_FASTER, or `trial`, a
+    kernels.choice.Trial of this call, timed on this device) and to 'torch' elsewhere; refuse
+    Triton where it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if auto_picks_triton(op, dtype, device) else "torch"
+        return "triton" if auto_picks_triton(op, dtype, device, trial) else "torch"
     if backend == "triton" and device.type != "cuda" and not INTERPRETING:
         raise ValueError(
             f"backend='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before triton is "
@@ -32,10 +35,14 @@ def resolve_backend(backend: str, device: torch.device, op: str = "", dtype: tor
     return backend
 
 
-def auto_picks_triton(op: str, dtype: torch.dtype | None, device: torch.device) -> bool:
-    if device.type != "cuda":
+def auto_picks_triton(op: str, dtype: torch.dtype | None, device: torch.device, trial=None) -> bool:
+    from kernels import choice
+
+    if device.type == "cuda" and (op, dtype, torch.cuda.get_device_capability(device)) in MEASURED_FASTER:
+        return True
+    if trial is None or device.type not in choice.TIMED_DEVICE_TYPES or choice.mode() == "table":
         return False
-    return (op, dtype, torch.cuda.get_device_capability(device)) in MEASURED_FASTER
+    return choice.decide(trial, device) == "triton"
 
 
 def next_power_of_2(n: int) -> int:

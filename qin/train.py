@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
+from kernels import choice as kernels_choice
 from qin import distributed
 from qin.checkpoint import atomic_write, check_model_config, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from qin.config import ConfigError, RunConfig
@@ -236,6 +237,11 @@ class Trainer:
             # Dropout must differ between ranks (the model itself is identical: same seed above).
             torch.manual_seed(cfg.train.seed + 1_000_003 * self.ctx.rank)
         if cfg.train.compile:
+            # The compiled model's backend="auto" follows decisions timed before on this GPU (the
+            # file of kernels.choice): it cannot time inside a graph, and runs torch elsewhere.
+            known = kernels_choice.preload(self.device)
+            if known:
+                self.log(f"backend='auto' under torch.compile: {known} decisions timed before on this device")
             self.forward_model = torch.compile(self.forward_model)
         self._compiling = cfg.train.compile  # until the first step has run (and compiled)
         self.optimizer = make_optimizer(self.model, cfg.train.lr)

@@ -4,6 +4,10 @@ import os
 # triton is first imported, so it is set here, before any test module imports `kernels`.
 if not os.environ.get("QIN_TEST_CUDA"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# backend="auto" from the committed table alone: on a GPU the timed choice (kernels.choice) would
+# otherwise time both paths at every new test shape and write the user's decision file.
+# tests/test_choice.py turns it on, with a file of its own.
+os.environ.setdefault("QIN_AUTO_BACKEND", "table")
 
 import pytest
 import torch

@@ -1,0 +1,285 @@
+"""backend="auto" on a GPU: time both paths of an op on the user's own device, once, and keep the
+faster.
+
+A Triton path may run under "auto" only where it measured faster than the torch path on that
+device, in the same run. kernels.utils.MEASURED_FASTER holds what our benchmark runs measured on
+named GPUs; on any other GPU (or for an entry not there) the first call of an op for a shape
+class times one forward (plus backward when training) of each path on copies of its inputs,
+and keeps Triton only if it took at most MARGIN of torch's time. The decision is logged, kept
+for the process and written to a JSON file (QIN_CACHE or ~/.cache/qin, backend_choice.json),
+keyed by the GPU, torch and Triton versions and a hash of the kernels' source, so a later run on
+the same machine and code does not time again, and a code change times afresh.
+
+QIN_AUTO_BACKEND=table turns the timing off: then "auto" is MEASURED_FASTER alone (torch
+elsewhere). Nothing is timed where timing cannot run or would mislead: under torch.compile
+tracing, during CUDA graph capture, off CUDA. There a decision made earlier in this process (or
+read from the file by `preload`) is used, else torch; a trial that fails on the torch path too
+(out of memory for the copies) means torch for this process, and nothing is written. A trial does not move the random generators (they are forked),
+and a Triton path that fails to compile or run is recorded as torch, with the error.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("kernels.choice")
+
+MARGIN = 0.95  # Triton must take at most 95% of torch's time: noise never flips auto to a loser
+MODES = ("timed", "table")
+_SOURCES = ("quadratic_projection.py", "sparse_target_attention.py", "reference.py", "dropout.py")
+# Device types where "auto" may time the two paths. Only CUDA: on the CPU the Triton path is the
+# interpreter (slow by design). Tests add "cpu" to check the mechanism there.
+TIMED_DEVICE_TYPES = {"cuda"}
+_decisions: dict[str, dict] = {}  # key -> record, this process (and what was read from the file)
+_by_call: dict[tuple, str] = {}  # (op, dtype, shape, device) -> choice: the per-call lookup
+_loaded_from: list[Path] = []
+
+
+@dataclass
+class Trial:
+    """One call of an op, ready to be replayed on either backend: `shape` names its shape class
+    (what a decision is kept for), `run(backend)` runs forward, and backward where the call trains,
+    on copies of the call's inputs."""
+    op: str
+    dtype: torch.dtype
+    shape: tuple
+    run: Callable[[str], None]
+
+
+def mode() -> str:
+    value = os.environ.get("QIN_AUTO_BACKEND", "timed")
+    if value not in MODES:
+        raise ValueError(f"QIN_AUTO_BACKEND must be one of {MODES}, got {value!r}")
+    return value
+
+
+def cache_file() -> Path:
+    return Path(os.environ.get("QIN_CACHE") or Path.home() / ".cache" / "qin") / "backend_choice.json"
+
+
+@functools.cache
+def _source_hash() -> str:
+    digest = hashlib.sha1()
+    here = Path(__file__).parent
+    for name in _SOURCES:
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+@functools.cache
+def _where(device: torch.device) -> str:
+    """The device as decisions name it: the GPU's name and compute capability."""
+    if device.type != "cuda":
+        return device.type
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+
+
+def _key(trial: Trial, device: torch.device) -> str:
+    import triton
+
+    shape = ",".join(map(str, trial.shape))
+    return (f"{trial.op}|{str(trial.dtype).removeprefix('torch.')}|{shape}|{_where(device)}|"
+            f"torch {torch.__version__}|triton {triton.__version__}|kernels {_source_hash()}")
+
+
+def timing_allowed(device: torch.device) -> bool:
+    """Whether a trial may run now: outside compile tracing and CUDA graph capture."""
+    if torch.compiler.is_compiling():
+        return False
+    return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
+
+
+def _load() -> None:
+    path = cache_file()
+    if path in _loaded_from:
+        return
+    _loaded_from.append(path)
+    try:
+        records = json.loads(path.read_text())
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError) as exc:
+        logger.warning("backend='auto': ignoring %s, which cannot be read (%s); timing afresh", path, exc)
+        return
+    for record in records if isinstance(records, list) else []:
+        if isinstance(record, dict) and isinstance(record.get("key"), str) and record.get("choice") in ("torch", "triton"):
+            _decisions.setdefault(record["key"], record)
+
+
+def _save() -> None:
+    """Write every decision this process knows, with what other processes wrote meanwhile (read
+    again and merged), atomically: a reader never sees half a file."""
+    path = cache_file()
+    if path in _loaded_from:
+        _loaded_from.remove(path)
+    _load()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(sorted(_decisions.values(), key=lambda r: r["key"]), indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("backend='auto': could not write %s (%s); decisions last for this process only", path, exc)
+
+
+def _median_ms(run: Callable[[], None], device: torch.device, reps: int = 5, min_seconds: float = 0.02) -> float:
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run()  # the first call compiles (Triton) or initialises (cuBLAS) and is not timed
+    sync()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < reps or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        run()
+        sync()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        if len(samples) >= 50:
+            break
+    return statistics.median(samples)
+
+
+def _time(trial: Trial, device: torch.device) -> dict:
+    record = {"op": trial.op, "dtype": str(trial.dtype).removeprefix("torch."), "shape": list(trial.shape)}
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            record["torch_ms"] = _median_ms(lambda: trial.run("torch"), device)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for the copies: do not time now
+            record["torch_ms"] = None
+            record["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            return record
+        try:
+            record["triton_ms"] = _median_ms(lambda: trial.run("triton"), device)
+        except Exception as exc:  # noqa: BLE001 - any failure of the Triton path means torch
+            record["triton_ms"] = None
+            record["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    faster = record["triton_ms"] is not None and record["triton_ms"] <= MARGIN * record["torch_ms"]
+    record["choice"] = "triton" if faster else "torch"
+    return record
+
+
+def decide(trial: Trial, device: torch.device) -> str | None:
+    """'triton' or 'torch' for this call's shape class on `device` (timing it if it never was and
+    timing is allowed here), or None where it was never timed and cannot be now."""
+    call = (trial.op, trial.dtype, trial.shape, device)
+    known = _by_call.get(call)
+    if known is not None or not timing_allowed(device):
+        return known  # under torch.compile only this lookup is traced: see preload
+    _load()
+    key = _key(trial, device)
+    record = _decisions.get(key)
+    if record is not None:
+        _by_call[call] = record["choice"]
+        return record["choice"]
+    if not timing_allowed(device):
+        return None
+    record = _time(trial, device)
+    if record["torch_ms"] is None:  # the trial itself failed: torch for this process, nothing kept
+        logger.warning("backend='auto' could not time %s (%s) on %s (%s); running torch", trial.op,
+                       record["dtype"], _where(device), record["error"])
+        _by_call[call] = "torch"
+        return "torch"
+    record["key"] = key
+    _decisions[key] = record
+    _by_call[call] = record["choice"]
+    _save()
+    triton_ms = "failed" if record["triton_ms"] is None else f"{record['triton_ms']:.3f} ms"
+    logger.info("backend='auto' timed %s (%s, %s) on %s: torch %.3f ms, triton %s -> %s%s", trial.op,
+                record["dtype"], ", ".join(map(str, trial.shape)), key.split("|")[3], record["torch_ms"],
+                triton_ms, record["choice"], f" ({record['error']})" if "error" in record else "")
+    return record["choice"]
+
+
+def preload(device: torch.device) -> int:
+    """Make the file's decisions for `device` (this GPU, versions and kernels' source) known to
+    traced code. Under torch.compile "auto" only looks up decisions already in this process, so
+    a run that compiles its model calls this first, eagerly. Returns how many there are."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in TIMED_DEVICE_TYPES or mode() == "table":
+        return 0
+    try:
+        import triton
+    except ImportError:  # the torch-only entry points: nothing to choose
+        return 0
+    _load()
+    suffix = f"|{_where(device)}|torch {torch.__version__}|triton {triton.__version__}|kernels {_source_hash()}"
+    count = 0
+    for record in _decisions.values():
+        dtype = getattr(torch, str(record.get("dtype")), None)
+        if record["key"].endswith(suffix) and isinstance(dtype, torch.dtype) and isinstance(record.get("shape"), list):
+            _by_call[(record["op"], dtype, tuple(record["shape"]), device)] = record["choice"]
+            count += 1
+    return count
+
+
+def decisions(device: torch.device | None = None) -> list[dict]:
+    """The decisions known to this process (its own, and the file's), those of `device` if given."""
+    _load()
+    records = sorted(_decisions.values(), key=lambda r: r["key"])
+    return records if device is None else [r for r in records if r["key"].split("|")[3] == _where(device)]
+
+
+def forget() -> None:
+    """Drop what this process knows (tests; a changed QIN_CACHE is read afresh)."""
+    _decisions.clear()
+    _by_call.clear()
+    _loaded_from.clear()
+
+
+def trial(backend: str, device: torch.device, op: str, dtype: torch.dtype, shape: tuple, fn: Callable,
+          tensors: tuple, kwargs: dict) -> Trial | None:
+    """The Trial of a call of `fn(*tensors, backend=..., **kwargs)` (a public op), or None where
+    "auto" will not time it: another backend asked for, or a device it does not time on. The
+    shape class gets the batch (first dimension of the first tensor) rounded up to a power of two,
+    and whether the call trains (grad on, a floating input requiring grad)."""
+    if backend != "auto" or device.type not in TIMED_DEVICE_TYPES:
+        return None
+    train = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    batch = tensors[0].shape[0]
+    shape = (f"B<={1 << max(0, (int(batch) - 1).bit_length())}", *shape, "fwd+bwd" if train else "fwd")
+    return Trial(op, dtype, shape, _replay(fn, tensors, kwargs, train))
+
+
+def _replay(fn: Callable, tensors: tuple, kwargs: dict, train: bool) -> Callable[[str], None]:
+    """Trial.run: the call again on copies of its tensors (floating ones as new leaves, requiring
+    grad when it trains), and backward from a fixed random gradient when it trains. The copies
+    are made at the first run, so a call that is never timed copies nothing."""
+    inputs: list = []
+    grad_out: list[torch.Tensor] = []
+
+    def copy(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        t = t.detach().clone()
+        return t.requires_grad_(train) if t.is_floating_point() else t
+
+    def run(backend: str) -> None:
+        if not inputs:
+            inputs.extend(copy(t) for t in tensors)
+        with torch.set_grad_enabled(train):
+            out = fn(*inputs, backend=backend, **kwargs)
+            if train:
+                if not grad_out:
+                    grad_out.append(torch.randn_like(out))
+                out.backward(grad_out[0])
+                for t in inputs:
+                    if isinstance(t, torch.Tensor):
+                        t.grad = None
+
+    return run
