@@ -16,6 +16,7 @@ import argparse
 import numpy as np
 import torch
 
+from bench.report import timed_section
 from bench.common import STOPPED, append_csv, make_row, peak_memory_mb, print_table, stop_on_sigterm, time_ms
 from qin.config import QINConfig
 from qin.model import QIN
@@ -47,12 +48,14 @@ VARIANTS = [
     ("default (auto) + torch.compile", {}, True, None),
     ("literal + torch.compile", LITERAL, True, None),
     ("literal + torch.compile, autocast bf16", LITERAL, True, BF16),
+    ("default (auto) + torch.compile, autocast bf16", {}, True, BF16),
     ("all fused + torch.compile, autocast bf16", dict(DEDUP, asta_kernel="triton", qnn_kernel="triton"), True, BF16),
 ]
 # On the CPU: the eager torch variants, the bf16 lines of issue 15's CPU targets, and (not with
 # --quick: compiling the paper's model takes a minute or two here) the default compiled.
 CPU_VARIANTS = ("literal eager", "literal eager, autocast bf16", "+ hoisted ASTA", "+ item dedup",
-                "+ item dedup, autocast bf16", "default (auto) + torch.compile")
+                "+ item dedup, autocast bf16", "default (auto) + torch.compile",
+                "default (auto) + torch.compile, autocast bf16")
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -229,6 +232,7 @@ def main() -> None:
     rows = run(torch.device(args.device), args.quick, args.batch)
     print_table(rows, "QIN training step")
     print_ratios(rows)
+    print("\n".join(["", 'What backend="auto" chose for the default variants:', *timed_section(torch.device(args.device))]))
     if args.csv:
         append_csv(rows, args.csv)
 

@@ -15,7 +15,7 @@
 #   results.csv     every figure of the training table and the op tables (bench/common.py's schema)
 #   bench.log       their printed tables
 #   report.md       bench/report.py's report of results.csv: the targets, the tables, what
-#                   backend="auto" runs per op and dtype here and the MEASURED_FASTER entries the
+#                   backend="auto" timed and chose here and the MEASURED_FASTER entries the
 #                   op tables support (ready to paste into kernels/utils.py); plots: make_plots
 #   profile.md      the top CUDA kernels of the default training step, fp32 and autocast bf16
 #   tests_cuda.log  the kernel tests compiled for real (QIN_TEST_CUDA=1)
@@ -26,6 +26,10 @@ OUT=${OUT:-bench-gpu}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
+# backend="auto" times both paths once per op, dtype and shape class on this GPU (kernels.choice)
+# and keeps its decisions in $QIN_CACHE/backend_choice.json: a fresh folder, so this run times
+# afresh, the training table's default variants use what they timed, and the report lists it.
+export QIN_CACHE=${QIN_CACHE:-$(mktemp -d)}
 BUDGET=${GPU_RUN_BUDGET:-560}
 STAGES=" ${GPU_RUN_STAGES:-device train asta qnn report profile tests parity} "
 START=$SECONDS
@@ -84,9 +88,9 @@ stage profile 70 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" 
   --precision fp32 bf16 --out "$OUT/profile.md"
 if [ "$DEV" = cuda ]; then
   stage tests 180 "$OUT/tests_cuda.log" \
-    env QIN_TEST_CUDA=1 python3 -m pytest tests/test_asta.py tests/test_qnn.py -q -x -p no:cacheprovider
+    env QIN_TEST_CUDA=1 python3 -m pytest tests/test_asta.py tests/test_qnn.py tests/test_choice.py -q -x -p no:cacheprovider
 else  # collected only: on the CPU the kernel tests run through Triton's interpreter, for minutes
-  stage tests 60 "$OUT/tests_cuda.log" python3 -m pytest tests/test_asta.py tests/test_qnn.py -q -p no:cacheprovider --collect-only
+  stage tests 60 "$OUT/tests_cuda.log" python3 -m pytest tests/test_asta.py tests/test_qnn.py tests/test_choice.py -q -p no:cacheprovider --collect-only
 fi
 if [[ $STAGES == *" parity "* ]]; then
   if python3 -m qin parity --help > /dev/null 2>&1; then

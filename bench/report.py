@@ -320,6 +320,9 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
     step_ratio("GPU fp32: default step >= 1.3x hoisted + dedup eager (batch 8192)", "default (auto)", "+ item dedup", 1.3)
     step_ratio("GPU bf16: default step under autocast >= 1.5x literal + torch.compile + autocast (batch 8192)",
                "default (auto), autocast bf16", "literal + torch.compile, autocast bf16", 1.5)
+    step_ratio("GPU bf16, both compiled: default + torch.compile under autocast >= 1.5x literal + torch.compile + "
+               "autocast (batch 8192)", "default (auto) + torch.compile, autocast bf16",
+               "literal + torch.compile, autocast bf16", 1.5)
     memory = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "peak_memory"]
     ours_mem = _value(memory, provider="default (auto)", x_value=8192)
     hoisted_mem = _value(memory, provider="+ hoisted ASTA", x_value=8192)
@@ -386,6 +389,25 @@ def measured_faster_source(entries) -> str:
     return "MEASURED_FASTER: set[tuple[str, torch.dtype, tuple[int, int]]] = {\n" + "\n".join(lines) + "\n}"
 
 
+def timed_section(device: torch.device) -> list[str]:
+    """Where the table is silent, "auto" on a GPU times both paths once per shape class
+    (kernels.choice): the decisions this machine has made, as the benchmarks that ran before
+    this report made them."""
+    from kernels import choice
+
+    records = choice.decisions(device)
+    if not records:
+        return [f"No timed decisions for this device in {choice.cache_file()}.", ""]
+    lines = [f"Timed by backend=\"auto\" on this device ({choice.cache_file()}; Triton runs where it took at most "
+             f"{choice.MARGIN:.0%} of torch's time):", "",
+             "| op | dtype | shape class | torch ms | Triton ms | auto runs |", "|---|---|---|---|---|---|"]
+    for r in records:
+        triton_ms = "failed: " + r.get("error", "")[:80] if r["triton_ms"] is None else f"{r['triton_ms']:.3f}"
+        lines.append(f"| {r['op']} | {r['dtype']} | {', '.join(r['shape'])} | {r['torch_ms']:.3f} | {triton_ms} "
+                     f"| {r['choice']} |")
+    return lines + [""]
+
+
 def auto_section(rows: list[dict], device: torch.device) -> list[str]:
     """What backend="auto" runs on this device for each op and dtype, and the table entries this
     run's op timings support."""
@@ -395,7 +417,7 @@ def auto_section(rows: list[dict], device: torch.device) -> list[str]:
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     where = f"compute capability {capability[0]}.{capability[1]}" if capability else "the CPU"
     lines = [f'On {common.device_name(device)} ({where}), with kernels.utils.MEASURED_FASTER as committed:', "",
-             '| op | dtype | backend="auto" runs | this run: Triton faster than every torch line? |', "|---|---|---|---|"]
+             '| op | dtype | the table says | this run: Triton faster than every torch line? |', "|---|---|---|---|"]
     for op in AUTO_OPS:
         for name, dtype in AUTO_DTYPES.items():
             e = evidence.get((op, name))
@@ -407,6 +429,7 @@ def auto_section(rows: list[dict], device: torch.device) -> list[str]:
                 verdict = "yes, fwd and fwd+bwd" if e["won"] else "no: " + "; ".join(e["losses"][:3])
             lines.append(f"| {op} | {name} | {resolve_backend('auto', device, op, dtype)} | {verdict} |")
     lines.append("")
+    lines += timed_section(device)
     if capability is None:
         lines += ["No CUDA device: auto runs torch everywhere and nothing can be added to MEASURED_FASTER.", ""]
     else:
