@@ -141,29 +141,31 @@ def test_a_bf16_run_learns_and_its_checkpoint_scores_in_any_precision(tmp_path):
 
 
 def test_fp16_skips_an_overflowing_step_and_halves_the_scale(data_dir, tmp_path):
+    steps = 24
     trainer = make_trainer(data_dir, tmp_path / "run", "train.precision=fp16", "train.epochs=1",
-                           "train.max_steps_per_epoch=16")
+                           "train.batch_size=128", f"train.max_steps_per_epoch={steps}")  # 31 batches
     assert trainer.scaler.is_enabled()
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     calls, scales = {"n": 0}, []
 
-    def overflow_on_step_16(grad):  # as a too-large loss scale makes a step overflow
+    def overflow_on_the_last_step(grad):  # as a too-large loss scale makes a step overflow
         calls["n"] += 1
-        return torch.full_like(grad, float("inf")) if calls["n"] == 16 else grad
+        return torch.full_like(grad, float("inf")) if calls["n"] == steps else grad
 
-    trainer.model.output.bias.register_hook(overflow_on_step_16)
+    trainer.model.output.bias.register_hook(overflow_on_the_last_step)
     update = trainer.scaler.update
     trainer.scaler.update = lambda *a: (update(*a), scales.append(trainer.scaler.get_scale()))
     state = trainer.fit()
     # The first steps overflow on their own (GradScaler starts high, at 2**16, and halves the
     # scale on each overflow: a dozen times at this initialisation, whose gradients reach the
-    # hundreds); then it settles, and the poisoned last step halves it again.
-    assert state.step == 16 and scales[15] == scales[14] / 2 and scales[14] == scales[13]
+    # hundreds); then it settles (24 steps leave room for that), and the poisoned last step halves
+    # it again.
+    assert state.step == steps and scales[-1] == scales[-2] / 2 and scales[-2] == scales[-3], scales
     halvings = sum(b == a / 2 for a, b in zip([2.0 ** 16, *scales], scales))
     assert state.skipped_steps == halvings and scales[-1] == 2.0 ** (16 - halvings)
     assert load_checkpoint(tmp_path / "run" / "latest.pt")["scaler"]["scale"] == scales[-1]
     # Adam was told of each overflow and left weights and its step count alone.
-    taken = 16 - state.skipped_steps
+    taken = steps - state.skipped_steps
     assert {s["step"].item() for s in trainer.optimizer.state_dict()["state"].values()} == {float(taken)}
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())  # an inf step would show
     moved = max((p.detach() - before[n]).abs().max().item() for n, p in trainer.model.named_parameters())
