@@ -38,7 +38,9 @@ def resolve_backend(backend: str, device: torch.device, op: str = "", dtype: tor
 def auto_picks_triton(op: str, dtype: torch.dtype | None, device: torch.device, trial=None) -> bool:
     from kernels import choice
 
-    if device.type == "cuda" and (op, dtype, torch.cuda.get_device_capability(device)) in MEASURED_FASTER:
+    # (The capability is only asked for when there is an entry to match: a call that torch.compile
+    # traces then holds nothing but constants and dictionary lookups.)
+    if device.type == "cuda" and MEASURED_FASTER and (op, dtype, torch.cuda.get_device_capability(device)) in MEASURED_FASTER:
         return True
     if trial is None or device.type not in choice.TIMED_DEVICE_TYPES or choice.mode() == "table":
         return False
