@@ -27,64 +27,96 @@ def gathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, qu
     return sparse_target_attention(F.embedding(index, reps), query, mask)
 
 
-class _RegatheredAttention(torch.autograd.Function):
-    """gathered_sparse_target_attention that keeps its inputs for backward, not the history.
+# The torch backend's gathered ASTA in training: a registered op (qin::regathered_attention and
+# its backward), so that eager autograd, torch.compile and torch.export all keep what it keeps.
+#
+# Autograd through the reference would keep the gathered (B, L, D) history, the largest tensor of
+# the training step (100 MB in fp32 at batch 1024 on MicroLens), and so would a compiler that sees
+# its gather. The op keeps reps (U, D), the index, query, mask and the (B, L) scores, and its
+# backward gathers the history again and applies the chain rule as the Triton kernel does, with
+# z = sum_l w_l x_l, w = relu(s * m), s_l = <x_l, q>:
+#     dw_l = <dz, x_l>,  ds_l = dw_l [s_l m_l > 0] m_l,  dx_l = w_l dz + ds_l q,
+#     dq = sum_l ds_l x_l,  dm_l = dw_l [s_l m_l > 0] s_l,  d reps = sum over repeats of dx.
 
-    Autograd would keep the gathered (B, L, D) history, the largest tensor of the training step
-    (100 MB in fp32 at batch 1024 on MicroLens). Here forward keeps reps (U, D), the index, query,
-    mask and the (B, L) scores, and backward gathers the history again and applies the chain rule
-    as the Triton kernel does, with z = sum_l w_l x_l, w = relu(s * m), s_l = <x_l, q>:
-        dw_l = <dz, x_l>,  ds_l = dw_l [s_l m_l > 0] m_l,  dx_l = w_l dz + ds_l q,
-        dq = sum_l ds_l x_l,  dm_l = dw_l [s_l m_l > 0] s_l,  d reps = sum over repeats of dx.
-    """
+@torch.library.custom_op("qin::regathered_attention", mutates_args=())
+def _regathered_op(reps: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
+                   mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, scores) of gathered_sparse_target_attention."""
+    history = F.embedding(index, reps)
+    scores = torch.einsum("bld,bd->bl", history, query)
+    return torch.einsum("bl,bld->bd", torch.relu(scores * mask.to(history.dtype)), history), scores
 
-    @staticmethod
-    def forward(ctx, reps, index, query, mask):
-        history = F.embedding(index, reps)
-        scores = torch.einsum("bld,bd->bl", history, query)
-        ctx.save_for_backward(reps, index, query, mask, scores)
-        return torch.einsum("bl,bld->bd", torch.relu(scores * mask.to(history.dtype)), history)
 
-    @staticmethod
-    def backward(ctx, grad_z):
-        reps, index, query, mask, scores = ctx.saved_tensors
-        history = F.embedding(index, reps)
-        mask = mask.to(history.dtype)
-        masked = scores * mask
-        grad_w = torch.einsum("bd,bld->bl", grad_z, history) * (masked > 0)
-        grad_s = grad_w * mask
-        grad_reps = grad_query = grad_mask = None
-        if ctx.needs_input_grad[0]:
-            # d reps[u] sums w_bl dz_b + ds_bl q_b over the positions (b, l) that read row u: one
-            # sparse (U, 2B) @ [dz; q] product in fp32 (or wider), never forming the (B, L, D)
-            # gradient of the history. The sum is fp32 as in the Triton kernel: a popular item is
-            # read hundreds of times in a batch, and a 16-bit running sum loses the later terms
-            # (13% off at 366 repeats in bf16, tests/test_asta.py). The index is in range: the
-            # gather above has read through it.
-            batch, seq_len = index.shape
-            acc = torch.promote_types(reps.dtype, torch.float32)
-            readers = torch.arange(batch, device=index.device).repeat_interleave(seq_len)
-            coefficients = torch.sparse_coo_tensor(
-                torch.stack([index.reshape(-1).long().repeat(2), torch.cat([readers, readers + batch])]),
-                torch.cat([torch.relu(masked).reshape(-1), grad_s.reshape(-1)]).to(acc),
-                (reps.shape[0], 2 * batch), check_invariants=False)
-            grad_reps = torch.sparse.mm(coefficients, torch.cat([grad_z, query]).to(acc)).to(reps.dtype)
-        if ctx.needs_input_grad[2]:
-            grad_query = torch.einsum("bl,bld->bd", grad_s, history)
-        if ctx.needs_input_grad[3]:
-            grad_mask = grad_w * scores
-        return grad_reps, None, grad_query, grad_mask
+@_regathered_op.register_fake
+def _(reps, index, query, mask):
+    return query.new_empty(query.shape), query.new_empty(index.shape)
+
+
+@torch.library.custom_op("qin::regathered_attention_backward", mutates_args=())
+def _regathered_backward_op(grad_z: torch.Tensor, reps: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
+                            mask: torch.Tensor, scores: torch.Tensor,
+                            needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad reps, grad query, grad mask); `needs` says which are wanted, the others are empty."""
+    history = F.embedding(index, reps)
+    mask_f = mask.to(history.dtype)
+    masked = scores * mask_f
+    grad_w = torch.einsum("bd,bld->bl", grad_z, history) * (masked > 0)
+    grad_s = grad_w * mask_f
+    grad_reps = grad_query = grad_mask = reps.new_empty(0)
+    if needs[0]:
+        # d reps[u] sums w_bl dz_b + ds_bl q_b over the positions (b, l) that read row u: one
+        # sparse (U, 2B) @ [dz; q] product in fp32 (or wider), never forming the (B, L, D)
+        # gradient of the history. The sum is fp32 as in the Triton kernel: a popular item is
+        # read hundreds of times in a batch, and a 16-bit running sum loses the later terms
+        # (13% off at 366 repeats in bf16, tests/test_asta.py). The index is in range: the
+        # gather above has read through it.
+        batch, seq_len = index.shape
+        acc = torch.promote_types(reps.dtype, torch.float32)
+        readers = torch.arange(batch, device=index.device).repeat_interleave(seq_len)
+        coefficients = torch.sparse_coo_tensor(
+            torch.stack([index.reshape(-1).long().repeat(2), torch.cat([readers, readers + batch])]),
+            torch.cat([torch.relu(masked).reshape(-1), grad_s.reshape(-1)]).to(acc),
+            (reps.shape[0], 2 * batch), check_invariants=False)
+        grad_reps = torch.sparse.mm(coefficients, torch.cat([grad_z, query]).to(acc)).to(reps.dtype)
+    if needs[1]:
+        grad_query = torch.einsum("bl,bld->bd", grad_s, history)
+    if needs[2]:
+        grad_mask = (grad_w * scores).to(mask.dtype)
+    return grad_reps, grad_query, grad_mask
+
+
+@_regathered_backward_op.register_fake
+def _(grad_z, reps, index, query, mask, scores, needs):
+    return (torch.empty_like(reps) if needs[0] else reps.new_empty(0),
+            torch.empty_like(query) if needs[1] else reps.new_empty(0),
+            torch.empty_like(mask) if needs[2] else reps.new_empty(0))
+
+
+def _regathered_setup_context(ctx, inputs, output):
+    reps, index, query, mask = inputs
+    ctx.save_for_backward(reps, index, query, mask, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _regathered_autograd_backward(ctx, grad_z, _grad_scores):
+    reps, index, query, mask, scores = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+    grads = _regathered_backward_op(grad_z, reps, index, query, mask, scores, needs)
+    grad_reps, grad_query, grad_mask = (g if need else None for g, need in zip(grads, needs))
+    return grad_reps, None, grad_query, grad_mask
+
+
+_regathered_op.register_autograd(_regathered_autograd_backward, setup_context=_regathered_setup_context)
 
 
 def regathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
                                        mask: torch.Tensor) -> torch.Tensor:
     """gathered_sparse_target_attention, re-gathering the history in backward instead of keeping it:
-    what the torch backend trains with. Under torch.compile/export, or with nothing to differentiate,
-    it is the plain reference (the compiler decides what to keep)."""
-    if (torch.compiler.is_compiling() or not torch.is_grad_enabled()
-            or not any(t.requires_grad for t in (reps, query, mask))):
+    what the torch backend trains with (the op above, in eager and compiled runs alike). With
+    nothing to differentiate it is the plain reference."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (reps, query, mask)):
         return gathered_sparse_target_attention(reps, index, query, mask)
-    return _RegatheredAttention.apply(reps, index, query, mask)
+    return _regathered_op(reps, index, query, mask)[0]
 
 
 def quadratic_projection(

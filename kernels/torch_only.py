@@ -3,8 +3,8 @@ x86_64 and aarch64 only: macOS, Windows and other platforms install without it).
 
 Same names and signatures as the fused modules; backend "auto" and "torch" run the plain-PyTorch
 reference, with the same dtype rule (autocast's dtype where it is on, else the promoted type);
-backend "triton" raises. No torch.library op is registered, so a model exported with the Triton
-ops cannot be loaded here.
+backend "triton" raises. The Triton ops are not registered here (the torch backend's own
+qin::regathered_attention is), so a model exported with the Triton ops cannot be loaded here.
 """
 from __future__ import annotations
 

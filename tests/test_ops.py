@@ -1,5 +1,6 @@
-"""The registered ops (qin::sparse_target_attention, qin::quadratic_projection_dropout): torch.library's
-own checks (schema, fake tensors, autograd registration, AOT dispatch) and their autocast behaviour.
+"""The registered ops (qin::sparse_target_attention, qin::quadratic_projection_dropout, and the torch
+backend's qin::regathered_attention): torch.library's own checks (schema, fake tensors, autograd
+registration, AOT dispatch) and their autocast behaviour.
 
 The Triton implementations run under the interpreter on the CPU (tests/conftest.py)."""
 import pytest
@@ -10,6 +11,7 @@ from kernels import reference
 
 ASTA = torch.ops.qin.sparse_target_attention.default
 QNN = torch.ops.qin.quadratic_projection_dropout.default
+REGATHERED = torch.ops.qin.regathered_attention.default
 
 
 def asta_args(dtype, gathered, device, seed=0):
@@ -39,6 +41,41 @@ def qnn_args(dtype, device, seed=0):
 @pytest.mark.parametrize("gathered", [False, True], ids=["plain", "gathered"])
 def test_opcheck_asta(device, dtype, gathered):
     torch.library.opcheck(ASTA, asta_args(dtype, gathered, device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["bool", "float"])
+def test_opcheck_regathered_attention(device, dtype, mask_kind):
+    reps, index, query, mask = asta_args(dtype, True, device)
+    if mask_kind == "float":
+        mask = (mask * 1.5).to(dtype).requires_grad_()
+    torch.library.opcheck(REGATHERED, (reps, index, query, mask))
+
+
+def test_compiled_torch_backend_keeps_no_history():
+    """Compiled, the torch backend's gathered ASTA keeps for backward what it keeps in eager (its
+    inputs and the (B, L) scores), not the (B, L, D) history a compiler would keep for the
+    reference's products; and it computes what eager computes."""
+    reps, index, query, mask = asta_args(torch.float32, True, "cpu")
+    batch, seq_len = index.shape
+
+    def saved_numels(fn):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = fn(reps, index, query, mask)
+        return out, saved
+
+    def op(*args):
+        return kernels.gathered_sparse_target_attention(*args, backend="torch")
+
+    torch._dynamo.reset()
+    eager, _ = saved_numels(op)
+    compiled, saved = saved_numels(torch.compile(op, fullgraph=True))
+    torch.testing.assert_close(compiled, eager)
+    assert batch * seq_len * reps.shape[1] not in saved and max(saved) <= reps.numel() + batch * seq_len
+    grad = torch.randn_like(eager)
+    assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(compiled, (reps, query), grad),
+                                                     torch.autograd.grad(eager, (reps, query), grad)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
