@@ -51,7 +51,7 @@ status=0
 run_tests() {
     local label="$1" python="$2" start log rc
     shift 2
-    log="$root/$(echo "$label" | tr -c 'A-Za-z0-9.=\n' '_').log"
+    log="$root/$(echo "$label" | tr -c 'A-Za-z0-9.\n' '_').log"
     start=$SECONDS
     env "$@" "$python" -m pytest -q -p no:cacheprovider "${TESTS[@]}" >"$log" 2>&1
     rc=$?
@@ -74,7 +74,8 @@ if [ $quick -eq 1 ]; then
     run_tests "installed torch + ${reqs[*]}" python3 PYTHONPATH="$dir${PYTHONPATH:+:$PYTHONPATH}"
 else
     for pair in "${PAIRS[@]}"; do
-        venv="$root/$(echo "$pair" | tr -c 'A-Za-z0-9.=\n' '_')"
+        # No '=' in the folder's name: `env` (run_tests) would read its path as a variable assignment.
+        venv="$root/$(echo "$pair" | tr -c 'A-Za-z0-9.\n' '_')"
         start=$SECONDS
         # `-e .[test]` makes pip check the pair against setup.py's stated range as well.
         if ! { [ -x "$venv/bin/python" ] || python3 -m venv "$venv"; } ||
