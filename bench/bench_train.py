@@ -19,7 +19,7 @@ import torch
 from bench.report import timed_section
 from bench.common import STOPPED, append_csv, make_row, peak_memory_mb, print_table, stop_on_sigterm, time_ms
 from qin.config import QINConfig
-from qin.model import QIN
+from qin.model import QIN, compile_model
 from qin.train import loss_fn, make_optimizer
 
 AUTHORS_SAMPLES_PER_S = 21_000  # SPEC.md: 2.8 min an epoch of 3.6M rows on an RTX 4090
@@ -140,7 +140,7 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
         try:
             model = build(QINConfig(**overrides), device)
             optimizer = make_optimizer(model, 2e-3)  # the trainer's own optimizer, for every variant
-            forward = torch.compile(model) if compiled else model
+            forward = compile_model(model) if compiled else model
 
             def step():
                 loss = _forward_loss(forward, data, amp)

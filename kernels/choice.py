@@ -185,8 +185,6 @@ def decide(trial: Trial, device: torch.device) -> str | None:
     if record is not None:
         _by_call[call] = record["choice"]
         return record["choice"]
-    if not timing_allowed(device):
-        return None
     record = _time(trial, device)
     if record["torch_ms"] is None:  # the trial itself failed: torch for this process, nothing kept
         logger.warning("backend='auto' could not time %s (%s) on %s (%s); running torch", trial.op,

@@ -26,7 +26,7 @@ def example_batch(split, rows: int = 4) -> dict[str, torch.Tensor]:
 def export_model(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
     """torch.export of `model` in eval mode, with the batch dimension left dynamic."""
     model.eval()
-    rows = torch.export.Dim("batch", min=1)
+    rows = getattr(torch.export.Dim, "DYNAMIC", None) or torch.export.Dim("batch", min=1)
     dynamic = ({key: {0: rows} for key in batch},)
     with torch.no_grad():
         return torch.export.export(model, (batch,), dynamic_shapes=dynamic)

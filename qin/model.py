@@ -380,6 +380,14 @@ class QIN(CTRModel):
         return self.output(self.qnn(x)).squeeze(-1)
 
 
+def compile_model(model: nn.Module, **options) -> nn.Module:
+    """torch.compile(model, **options) for a model whose item dedup calls torch.unique, whose
+    output size depends on the data: dynamo is told to capture such ops (torch 2.7 breaks the graph
+    there otherwise, and fullgraph=True fails; newer torch captures it either way)."""
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    return torch.compile(model, **options)
+
+
 def init_weights(model: nn.Module, embedding_std: float) -> None:
     """Embeddings normal(std) with padding rows 0; Linear weights xavier_normal, biases 0."""
     for module in model.modules():

@@ -27,7 +27,7 @@ from qin.checkpoint import atomic_write, check_model_config, load_checkpoint, re
 from qin.config import ConfigError, RunConfig
 from qin.data import Dataset, Split, iterate_batches, num_batches
 from qin.metrics import log_loss, roc_auc
-from qin.model import count_parameters
+from qin.model import compile_model, count_parameters
 from qin.models import build_model as build_network
 from qin.watch import RunWatch
 
@@ -242,7 +242,7 @@ class Trainer:
             known = kernels_choice.preload(self.device)
             if known:
                 self.log(f"backend='auto' under torch.compile: {known} decisions timed before on this device")
-            self.forward_model = torch.compile(self.forward_model)
+            self.forward_model = compile_model(self.forward_model)
         self._compiling = cfg.train.compile  # until the first step has run (and compiled)
         self.optimizer = make_optimizer(self.model, cfg.train.lr)
         # Resolved once and written back, so config.yaml names what ran ('auto' would resolve

@@ -155,6 +155,7 @@ def test_a_compiled_model_follows_the_preloaded_decisions_and_never_times(timed,
     decided eagerly before, read back with preload; without a decision it runs torch."""
     import sys
 
+    from qin.model import compile_model
     from tests.test_compile import step, tiny_batch, tiny_model
 
     timings = iter([1.0, 0.5] * 4)  # torch, then Triton, for each op: Triton wins
@@ -174,7 +175,7 @@ def test_a_compiled_model_follows_the_preloaded_decisions_and_never_times(timed,
             assert choice.preload(device) == 2
         torch._dynamo.reset()
         launched.clear()
-        loss, _ = step(torch.compile(model, fullgraph=True), model, batch)
+        loss, _ = step(compile_model(model, fullgraph=True), model, batch)
         assert torch.isfinite(loss)
         # The Triton forwards: ASTA's, and QNN's in each of the 2 layers; none on the torch path.
         assert len(launched) == (3 if preloaded else 0)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from qin.config import QINConfig
-from qin.model import QIN
+from qin.model import QIN, compile_model
 from qin.train import loss_fn
 
 
@@ -38,7 +38,7 @@ def test_training_step_compiles_to_one_graph_and_equals_eager(backend):
     model = tiny_model(dropout=0.0, asta_kernel=backend, qnn_kernel=backend)
     batch = tiny_batch()
     eager_loss, eager_grads = step(model, model, batch)
-    compiled_loss, compiled_grads = step(torch.compile(model, fullgraph=True), model, batch)
+    compiled_loss, compiled_grads = step(compile_model(model, fullgraph=True), model, batch)
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
     for (name, _), got, want in zip(model.named_parameters(), compiled_grads, eager_grads):
         # fp32 tolerance relative to each gradient's own scale (the compiler reorders sums).
@@ -49,7 +49,7 @@ def test_fused_dropout_compiles_to_one_graph():
     """QNN dropout through the Triton op: the seed is a tensor drawn inside the graph, no .item()."""
     torch._dynamo.reset()
     model = tiny_model(dropout=0.1, asta_kernel="triton", qnn_kernel="triton")
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = compile_model(model, fullgraph=True)
     losses = [step(compiled, model, tiny_batch())[0] for _ in range(2)]
     assert all(torch.isfinite(loss) for loss in losses)
     assert losses[0] != losses[1]  # a fresh seed each step, not one baked into the graph
