@@ -10,6 +10,9 @@
 # GPU_RUN_PARITY_ARGS more arguments for `qin parity`. Its full check with --training (about 5-8
 #                    minutes) does not fit beside the benchmarks: a second call runs it alone,
 #                    GPU_RUN_STAGES="device parity" GPU_RUN_CAP_parity=540 GPU_RUN_PARITY_ARGS=--training
+# The benchmark stages come first and can use most of the budget (the training table alone has
+# five compiled variants); if the first call's tests stage is cut short, give the tests their
+# own second call: GPU_RUN_STAGES="device tests parity" GPU_RUN_CAP_tests=360
 # $OUT holds at most 8 files:
 #   device.txt      GPU, driver, torch/triton; then one line per stage: exit code, seconds
 #   results.csv     every figure of the training table and the op tables (bench/common.py's schema)

@@ -192,6 +192,36 @@ def cmd_parity(args) -> int:
     return parity.run(args) if status is None else status
 
 
+def cmd_backends(args) -> int:
+    """What backend="auto" has timed and chose on this machine (kernels.choice's file)."""
+    from kernels import choice
+
+    path = choice.cache_file()
+    if args.forget:
+        existed = path.exists()
+        path.unlink(missing_ok=True)
+        print(f"removed {path}; auto times again where it is next used" if existed else f"no {path} to remove")
+        return 0
+    try:
+        mode = choice.mode()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    records = choice.decisions()
+    print(f"backend='auto' decisions in {path} (QIN_AUTO_BACKEND={mode}"
+          f"{': timing off, kernels.utils.MEASURED_FASTER alone' if mode == 'table' else ''}):")
+    if not records:
+        print("none yet: auto times an op on a GPU the first time it meets a dtype and shape class")
+        return 0
+    print("| device | op | dtype | shape class | torch ms | Triton ms | auto runs |\n|---|---|---|---|---|---|---|")
+    for r in records:
+        triton_ms = "failed: " + r.get("error", "")[:60] if r.get("triton_ms") is None else f"{r['triton_ms']:.3f}"
+        print(f"| {r['key'].split('|')[3]} | {r['op']} | {r['dtype']} | {', '.join(map(str, r['shape']))} | "
+              f"{r['torch_ms']:.3f} | {triton_ms} | {r['choice']} |")
+    print("(each is kept for that GPU, torch and Triton versions and kernels' source; "
+          "`qin backends --forget` times everything again)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qin", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="seeds per backend for --training (default 3)")
     p.add_argument("--only", help="comma-separated name prefixes of the checks to run: asta, qnn_train, qnn_eval, model")
     p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser("backends", help="list what backend='auto' has timed and chose on this machine's GPUs")
+    p.add_argument("--forget", action="store_true", help="remove the decisions, so that auto times again")
+    p.set_defaults(func=cmd_backends)
     return parser
 
 

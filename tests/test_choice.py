@@ -197,3 +197,20 @@ def test_decisions_written_meanwhile_by_another_process_are_kept(timed, device):
     timed.write_text(json.dumps(json.loads(timed.read_text()) + [other]))
     resolve_backend("auto", device, "asta", torch.float32, _fake_trial(device, 3.0)[0])
     assert len(json.loads(timed.read_text())) == 3 and other in json.loads(timed.read_text())
+
+
+def test_qin_backends_lists_the_decisions_and_forgets_them(timed, device, monkeypatch, capsys):
+    from qin.cli import main
+
+    assert main(["backends"]) == 0 and "none yet" in capsys.readouterr().out
+    trial, times = _fake_trial(device, 0.5)
+    ran = []
+    monkeypatch.setattr(choice, "_median_ms", lambda run, dev: ran.append(1) or times["torch" if len(ran) == 1 else "triton"])
+    resolve_backend("auto", device, "asta", torch.float32, trial)
+    assert main(["backends"]) == 0
+    out = capsys.readouterr().out
+    assert f"| {choice._where(device)} | asta | float32 | B<=8, fake 0.5 False | 1.000 | 0.500 | triton |" in out, out
+    assert main(["backends", "--forget"]) == 0 and not timed.exists()
+    choice.forget()
+    monkeypatch.setenv("QIN_AUTO_BACKEND", "fastest")
+    assert main(["backends"]) == 2 and "QIN_AUTO_BACKEND" in capsys.readouterr().err
