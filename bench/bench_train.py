@@ -19,6 +19,7 @@ import torch
 from bench.report import timed_section
 from bench.common import STOPPED, append_csv, make_row, peak_memory_mb, print_table, stop_on_sigterm, time_ms
 from qin.config import QINConfig
+from qin.host_memory import keep_freed_memory
 from qin.model import QIN, compile_model
 from qin.train import loss_fn, make_optimizer
 
@@ -118,6 +119,8 @@ def default_batches(device: torch.device, quick: bool) -> list[int]:
 
 
 def run(device: torch.device, quick: bool = False, batch: int | None = None) -> list[dict]:
+    if device.type == "cpu":
+        keep_freed_memory()  # as `qin train` does on the CPU, for every variant alike
     rows = []
     for size in ([batch] if batch else default_batches(device, quick)):
         rows += run_batch(device, quick, size)

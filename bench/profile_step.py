@@ -18,6 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.bench_train import build, synthetic_batch
 from bench.common import device_name, git_commit
 from qin.config import QINConfig
+from qin.host_memory import keep_freed_memory
 from qin.train import loss_fn, make_optimizer
 
 AMP = {"fp32": None, "bf16": torch.bfloat16}
@@ -31,6 +32,8 @@ def _device_time_us(event, self_only: bool) -> float:
 
 def profile_step(device: torch.device, batch: int, precision: str, steps: int, top: int) -> list[str]:
     """Markdown lines: the top `top` kernels (CUDA) or operators (CPU) of `steps` profiled steps."""
+    if device.type == "cpu":
+        keep_freed_memory()  # as `qin train` does on the CPU
     model = build(QINConfig(), device)
     optimizer = make_optimizer(model, 2e-3)
     data = synthetic_batch(batch, device)

@@ -26,6 +26,7 @@ from qin import distributed
 from qin.checkpoint import atomic_write, check_model_config, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from qin.config import ConfigError, RunConfig
 from qin.data import Dataset, Split, iterate_batches, num_batches
+from qin.host_memory import keep_freed_memory
 from qin.metrics import log_loss, roc_auc
 from qin.model import compile_model, count_parameters
 from qin.models import build_model as build_network
@@ -227,6 +228,8 @@ class Trainer:
         self.ctx = distributed.context_from_env()
         self.log = log if self.ctx.is_main else (lambda *_: None)
         self.device = distributed.setup(self.ctx, resolve_device(cfg.train.device))
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a CPU step would otherwise fault in fresh pages for every large tensor
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, dataset, self.device)
         self.forward_model = self.model
