@@ -12,13 +12,15 @@ fragments a little, then stays); fp32 steps gain about 5%.
 `keep_freed_memory()` tells glibc to serve every allocation from its heap (M_MMAP_MAX = 0) and to
 keep up to 1 GiB of freed memory there (M_TRIM_THRESHOLD), through mallopt. It is process-wide and
 meant for a process that trains or benchmarks on the CPU; where the C library is not glibc it does
-nothing and says so.
+nothing and says so, and QIN_KEEP_FREED_MEMORY=0 turns it off (a process that embeds the trainer
+and wants glibc's defaults).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+import os
 
 logger = logging.getLogger("qin.host_memory")
 
@@ -34,6 +36,9 @@ def keep_freed_memory() -> bool:
     if _done:
         return _done[0]
     ok = False
+    if os.environ.get("QIN_KEEP_FREED_MEMORY", "1") == "0":
+        _done.append(ok)
+        return ok
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = getattr(libc, "mallopt", None)

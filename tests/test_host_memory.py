@@ -1,5 +1,6 @@
 """qin.host_memory: freed host memory is kept for reuse, so a step's large tensors stop faulting
 in fresh pages. Each check runs in its own process (the setting is process-wide)."""
+import os
 import subprocess
 import sys
 
@@ -8,9 +9,11 @@ import pytest
 PROBE = """
 import resource, sys
 import torch
+from qin.host_memory import keep_freed_memory
 if sys.argv[1] == "keep":
-    from qin.host_memory import keep_freed_memory
     assert keep_freed_memory() and keep_freed_memory()  # a second call is a no-op that agrees
+elif sys.argv[1] == "off":  # QIN_KEEP_FREED_MEMORY=0 in the environment
+    assert not keep_freed_memory()
 faults = []
 for _ in range(10):  # a training step's pattern: the same large tensors made, used and freed
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -24,15 +27,18 @@ print(" ".join(map(str, faults)))
 
 
 def minor_faults(mode: str) -> list[int]:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "QIN_KEEP_FREED_MEMORY": "0" if mode == "off" else "1"}
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                         env=env).stdout
     return [int(n) for n in out.split()]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_kept_memory_is_reused_without_page_faults():
-    usual, kept = minor_faults("usual"), minor_faults("keep")
+    usual, kept, off = minor_faults("usual"), minor_faults("keep"), minor_faults("off")
     # Freed and mapped anew, the pages fault again every time (24,578 a step here). Kept, the heap
     # grows over the first steps, and then the steps mostly reuse it: 0 faults in most of the last
     # five here, 8,192 in a few (glibc's heap fragments a little).
     assert min(usual[-5:]) > 20_000, usual
     assert sum(kept[-5:]) < sum(usual[-5:]) / 4, kept
+    assert min(off[-5:]) > 20_000, off  # QIN_KEEP_FREED_MEMORY=0: glibc's defaults, as usual
