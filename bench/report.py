@@ -398,14 +398,8 @@ def timed_section(device: torch.device) -> list[str]:
     records = choice.decisions(device)
     if not records:
         return [f"No timed decisions for this device in {choice.cache_file()}.", ""]
-    lines = [f"Timed by backend=\"auto\" on this device ({choice.cache_file()}; Triton runs where it took at most "
-             f"{choice.MARGIN:.0%} of torch's time):", "",
-             "| op | dtype | shape class | torch ms | Triton ms | auto runs |", "|---|---|---|---|---|---|"]
-    for r in records:
-        triton_ms = "failed: " + r.get("error", "")[:80] if r["triton_ms"] is None else f"{r['triton_ms']:.3f}"
-        lines.append(f"| {r['op']} | {r['dtype']} | {', '.join(r['shape'])} | {r['torch_ms']:.3f} | {triton_ms} "
-                     f"| {r['choice']} |")
-    return lines + [""]
+    return [f"Timed by backend=\"auto\" on this device ({choice.cache_file()}; Triton runs where it took at most "
+            f"{choice.MARGIN:.0%} of torch's time):", "", *choice.table(records), ""]
 
 
 def auto_section(rows: list[dict], device: torch.device) -> list[str]:

@@ -233,6 +233,18 @@ def decisions(device: torch.device | None = None) -> list[dict]:
     return records if device is None else [r for r in records if r["key"].split("|")[3] == _where(device)]
 
 
+def table(records: list[dict], with_device: bool = False) -> list[str]:
+    """The decisions as Markdown table lines (for `qin backends` and the benchmark report)."""
+    head = ["device"] * with_device + ["op", "dtype", "shape class", "torch ms", "Triton ms", "auto runs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        triton_ms = "failed: " + r.get("error", "")[:80] if r.get("triton_ms") is None else f"{r['triton_ms']:.3f}"
+        cells = [r["key"].split("|")[3]] * with_device + [
+            r["op"], r["dtype"], ", ".join(map(str, r["shape"])), f"{r['torch_ms']:.3f}", triton_ms, r["choice"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def forget() -> None:
     """Drop what this process knows (tests; a changed QIN_CACHE is read afresh)."""
     _decisions.clear()

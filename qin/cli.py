@@ -212,11 +212,7 @@ def cmd_backends(args) -> int:
     if not records:
         print("none yet: auto times an op on a GPU the first time it meets a dtype and shape class")
         return 0
-    print("| device | op | dtype | shape class | torch ms | Triton ms | auto runs |\n|---|---|---|---|---|---|---|")
-    for r in records:
-        triton_ms = "failed: " + r.get("error", "")[:60] if r.get("triton_ms") is None else f"{r['triton_ms']:.3f}"
-        print(f"| {r['key'].split('|')[3]} | {r['op']} | {r['dtype']} | {', '.join(map(str, r['shape']))} | "
-              f"{r['torch_ms']:.3f} | {triton_ms} | {r['choice']} |")
+    print("\n".join(choice.table(records, with_device=True)))
     print("(each is kept for that GPU, torch and Triton versions and kernels' source; "
           "`qin backends --forget` times everything again)")
     return 0

@@ -90,34 +90,39 @@ def test_each_op_form_and_mode_is_its_own_shape_class(timed, device):
     assert all(r["torch_ms"] > 0 and r["triton_ms"] > 0 for r in choice.decisions(device))
 
 
-def _fake_trial(device, triton_ms, torch_ms=1.0, fail=False):
+def _fake_trial(triton_ms, fail=False):
     def run(backend):
         if backend == "triton" and fail:
             raise RuntimeError("no kernel for this GPU")
 
-    trial = choice.Trial("asta", torch.float32, ("B<=8", f"fake {triton_ms} {fail}"), run)
-    return trial, {"torch": torch_ms, "triton": triton_ms}
+    return choice.Trial("asta", torch.float32, ("B<=8", f"fake {triton_ms} {fail}"), run)
+
+
+def _fake_timings(monkeypatch, *times_ms) -> list:
+    """_median_ms returns these in turn (a trial times torch, then Triton); the list of calls."""
+    calls, times = [], iter(times_ms)
+    monkeypatch.setattr(choice, "_median_ms", lambda run, dev: calls.append(1) or next(times))
+    return calls
 
 
 @pytest.mark.parametrize("triton_ms, picked", [(0.5, "triton"), (0.95, "triton"), (0.97, "torch"), (1.5, "torch")])
 def test_triton_is_chosen_only_when_faster_by_the_margin(timed, device, monkeypatch, triton_ms, picked):
-    trial, times = _fake_trial(device, triton_ms)
-    ran = []
-    monkeypatch.setattr(choice, "_median_ms", lambda run, dev: ran.append(1) or times["torch" if len(ran) == 1 else "triton"])
+    trial = _fake_trial(triton_ms)
+    ran = _fake_timings(monkeypatch, 1.0, triton_ms)
     assert resolve_backend("auto", device, "asta", torch.float32, trial) == picked
     assert len(ran) == 2
     assert resolve_backend("auto", device, "asta", torch.float32, trial) == picked and len(ran) == 2  # kept
 
 
 def test_a_failing_triton_path_means_torch_and_says_why(timed, device):
-    trial, _ = _fake_trial(device, 0.1, fail=True)
+    trial = _fake_trial(0.1, fail=True)
     assert resolve_backend("auto", device, "asta", torch.float32, trial) == "torch"
     (record,) = choice.decisions(device)
     assert record["triton_ms"] is None and "no kernel for this GPU" in record["error"]
 
 
 def test_nothing_is_timed_in_table_mode_while_compiling_or_with_another_backend(timed, device, monkeypatch):
-    trial, _ = _fake_trial(device, 0.1)
+    trial = _fake_trial(0.1)
     monkeypatch.setattr(choice, "_time", lambda *a: pytest.fail("timed"))
     monkeypatch.setenv("QIN_AUTO_BACKEND", "table")
     assert resolve_backend("auto", device, "asta", torch.float32, trial) == "torch"
@@ -132,7 +137,7 @@ def test_nothing_is_timed_in_table_mode_while_compiling_or_with_another_backend(
 
 def test_a_damaged_decision_file_is_ignored_with_a_warning(timed, device, monkeypatch, caplog):
     timed.write_text("{ not json")
-    trial, _ = _fake_trial(device, 0.5)
+    trial = _fake_trial(0.5)
     with caplog.at_level(logging.WARNING, logger="kernels.choice"):
         resolve_backend("auto", device, "asta", torch.float32, trial)
     assert "cannot be read" in caplog.text
@@ -143,10 +148,8 @@ def test_the_benchmark_report_lists_the_timed_decisions(timed, device, monkeypat
     from bench.report import timed_section
 
     assert "No timed decisions" in timed_section(device)[0]
-    trial, times = _fake_trial(device, 0.5)
-    ran = []
-    monkeypatch.setattr(choice, "_median_ms", lambda run, dev: ran.append(1) or times["torch" if len(ran) == 1 else "triton"])
-    resolve_backend("auto", device, "asta", torch.float32, trial)
+    _fake_timings(monkeypatch, 1.0, 0.5)
+    resolve_backend("auto", device, "asta", torch.float32, _fake_trial(0.5))
     assert "| asta | float32 | B<=8, fake 0.5 False | 1.000 | 0.500 | triton |" in timed_section(device)
 
 
@@ -158,8 +161,7 @@ def test_a_compiled_model_follows_the_preloaded_decisions_and_never_times(timed,
     from qin.model import compile_model
     from tests.test_compile import step, tiny_batch, tiny_model
 
-    timings = iter([1.0, 0.5] * 4)  # torch, then Triton, for each op: Triton wins
-    monkeypatch.setattr(choice, "_median_ms", lambda run, dev: next(timings))
+    _fake_timings(monkeypatch, *[1.0, 0.5] * 4)  # torch, then Triton, for each op: Triton wins
     model = tiny_model(dropout=0.1).to(device)
     batch = {k: v.to(device) for k, v in tiny_batch().items()}
     step(model, model, batch)  # eager: times both ops
@@ -191,11 +193,11 @@ def test_a_trial_that_cannot_run_at_all_means_torch_for_now_and_is_not_kept(time
 
 
 def test_decisions_written_meanwhile_by_another_process_are_kept(timed, device):
-    resolve_backend("auto", device, "asta", torch.float32, _fake_trial(device, 2.0)[0])
+    resolve_backend("auto", device, "asta", torch.float32, _fake_trial(2.0))
     other = {"key": "qnn|bfloat16|B<=8|another GPU sm_89|...", "op": "qnn", "dtype": "bfloat16", "shape": ["B<=8"],
              "torch_ms": 1.0, "triton_ms": 0.5, "choice": "triton"}
     timed.write_text(json.dumps(json.loads(timed.read_text()) + [other]))
-    resolve_backend("auto", device, "asta", torch.float32, _fake_trial(device, 3.0)[0])
+    resolve_backend("auto", device, "asta", torch.float32, _fake_trial(3.0))
     assert len(json.loads(timed.read_text())) == 3 and other in json.loads(timed.read_text())
 
 
@@ -203,10 +205,8 @@ def test_qin_backends_lists_the_decisions_and_forgets_them(timed, device, monkey
     from qin.cli import main
 
     assert main(["backends"]) == 0 and "none yet" in capsys.readouterr().out
-    trial, times = _fake_trial(device, 0.5)
-    ran = []
-    monkeypatch.setattr(choice, "_median_ms", lambda run, dev: ran.append(1) or times["torch" if len(ran) == 1 else "triton"])
-    resolve_backend("auto", device, "asta", torch.float32, trial)
+    _fake_timings(monkeypatch, 1.0, 0.5)
+    resolve_backend("auto", device, "asta", torch.float32, _fake_trial(0.5))
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
     assert f"| {choice._where(device)} | asta | float32 | B<=8, fake 0.5 False | 1.000 | 0.500 | triton |" in out, out
