@@ -29,13 +29,42 @@ def draw_seed() -> int:
     return int(torch.empty((), dtype=torch.int64).random_(0, None))
 
 
-def keep_mask(shape, p: float, seed: int | None = None) -> torch.Tensor:
-    """A CPU keep mask of `shape`, bool, True with probability 1 - p (see the module docstring);
-    the same seed draws the same mask, and None draws a seed."""
+def _keep_bits(shape, p: float, seed: int | None) -> np.ndarray:
     numel = math.prod(shape)
     bits = np.random.SFC64(draw_seed() if seed is None else seed).random_raw((numel + 3) // 4)
     threshold = min(-2**15 + round(p * 2**16), 2**15 - 1)
-    return torch.from_numpy(bits.view(np.int16)[:numel].reshape(shape)) >= threshold
+    # Compared in NumPy: torch's int16 >= runs 6x slower on the CPU (1.2 ms for 4M elements).
+    return bits.view(np.int16)[:numel].reshape(shape) >= threshold
+
+
+def keep_mask(shape, p: float, seed: int | None = None) -> torch.Tensor:
+    """A CPU keep mask of `shape`, bool, True with probability 1 - p (see the module docstring);
+    the same seed draws the same mask, and None draws a seed."""
+    return torch.from_numpy(_keep_bits(shape, p, seed))
+
+
+# 1.0 in the 16-bit floats, as bits (NumPy has no bfloat16, and its float16 cast is slow), and
+# the wider floats NumPy casts bool to quickly.
+_ONE_BITS = {torch.bfloat16: 0x3F80, torch.float16: 0x3C00}
+_NUMPY_FLOATS = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def keep_multiplier(shape, p: float, seed: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """keep_mask(shape, p, seed) as 1.0 (kept) and 0.0 (dropped) in `dtype`.
+
+    Where the mask is not kept for backward, `x * keep_multiplier(...)` is the cheap form of
+    `torch.where(keep_mask(...), x, 0.0)` on the CPU: torch's where over a bool mask, and its
+    bool to 16-bit cast, run at a fifth of a multiply's speed (1024 x 4096 bf16: where 2.5 ms,
+    multiply 0.4 ms; building the mask here in NumPy costs 0.3 ms more than keep_mask). The values
+    are the same, except that a dropped negative element gives -0.0 and a dropped inf or NaN gives
+    NaN, as F.dropout's multiply does."""
+    keep = _keep_bits(shape, p, seed)
+    if dtype in _ONE_BITS:
+        bits = np.multiply(keep.view(np.uint8), np.uint16(_ONE_BITS[dtype]), dtype=np.uint16)
+        return torch.from_numpy(bits.view(np.int16)).view(dtype)
+    if dtype in _NUMPY_FLOATS:
+        return torch.from_numpy(keep.astype(_NUMPY_FLOATS[dtype]))
+    return torch.from_numpy(keep).to(dtype)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:

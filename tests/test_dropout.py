@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.dropout import Dropout, dropout, keep_mask
+from kernels.dropout import Dropout, dropout, keep_mask, keep_multiplier
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -50,6 +50,17 @@ def test_keep_mask_repeats_for_a_seed_and_p_is_rounded_to_sixteen_bits():
     # p below 2**-17 rounds to 0 (keep all); just below 1 it rounds to 1 - 2**-16 (keep 1 in 65,536).
     assert keep_mask((1 << 16,), 2.0**-18, seed=1).all()
     assert keep_mask((1 << 20,), 1 - 2.0**-18, seed=1).sum().item() < 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", [(0,), (5,), (3, 7), (2, 4, 33)])
+def test_keep_multiplier_is_keep_mask_as_ones_and_zeros(dtype, shape):
+    keep = keep_mask(shape, 0.3, seed=11)
+    ones = keep_multiplier(shape, 0.3, 11, dtype)
+    assert ones.dtype == dtype and ones.shape == keep.shape
+    assert torch.equal(ones, keep.to(dtype))  # exactly 1.0 and 0.0, in every element
+    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    assert torch.equal(x * ones, torch.where(keep, x, 0.0))  # -0.0 == 0.0
 
 
 def test_a_seed_repeats_the_mask_and_eval_or_p0_is_the_identity():
