@@ -94,7 +94,8 @@ def test_embedding_l2_covers_the_tables_and_P():
        scale=st.sampled_from([1e-4, 1.0]), seed=st.integers(0, 2**16))
 def test_sum_of_squares_is_the_l2_of_its_tensors(shapes, scale, seed):
     """The L2 term's value is pow(2).sum()'s within fp32 summation error, and its gradient is
-    autograd's bitwise, added to what the tables already hold."""
+    autograd's bitwise, added to what the tables already hold, for tensors of any rank (a scalar,
+    a bias, an empty table)."""
     g = torch.Generator().manual_seed(seed)
     tables = [(torch.randn(shape, generator=g) * scale).requires_grad_() for shape in shapes]
     for t in tables:
@@ -102,7 +103,6 @@ def test_sum_of_squares_is_the_l2_of_its_tensors(shapes, scale, seed):
     before = [t.grad.clone() for t in tables]
     exact = sum((t.detach().double() ** 2).sum() for t in tables)
     (3.0 * sum_of_squares(tables)).backward()
-    # Tensors of any rank: a scalar, a bias, an empty table.
     value = sum_of_squares(tables).detach()
     assert value.dtype == torch.float32
     assert abs(value.double() - exact) <= 1e-6 * exact
