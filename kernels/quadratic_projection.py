@@ -9,11 +9,14 @@ Triton fuses what surrounds them, so that no dropout mask is ever stored:
             sums the M groups and multiplies by x: y (B, D) and s = sum_r dropout(h_r) (B, D in
             fp32, kept for backward) are written, h is freed.
   backward  one Triton pass forms G[b, r*D + j] = keep * gy[b,j] * x[b,j] / (1-p) (each mask
-            element drawn once) and gy * s; then grad_x = gy * s + G @ W (one GEMM with the
-            addend), grad_W = G.T @ x, grad_b = sum_b G.
-Rounding, in bf16/fp16: the GEMMs round their outputs (h, and G @ W + gy * s) to the input
-dtype, as torch's own would; every sum around them runs in fp32, so y and grad_x carry at most
-four roundings (h, gy * s, G, the output), grad_W and grad_b two.
+            element drawn once) and gy * s; then grad_x = gy * s + G @ W (one GEMM, with the
+            addend where x has the weight's dtype), grad_W = G.T @ x, grad_b = sum_b G.
+Dtypes: the GEMMs read x in the weight's dtype (autocast's, under autocast), and y has that
+dtype; the product y = x * s and the direct term gy * s of grad_x read x as it is, which under
+autocast is the fp32 residual stream (reference.quadratic_product says why). Rounding, in
+bf16/fp16: the GEMMs round their outputs (h, G @ W) to their input dtype, as torch's own would;
+every sum around them runs in fp32, so y carries two roundings (h, y), grad_x three (h, G,
+G @ W) and grad_W and grad_b two.
 Without dropout (eval, or p == 0) every mask is all ones, so sum_r (x @ W_r.T + b_r) =
 x @ W_bar.T + b_bar with W_bar = sum_r W_r: one M times smaller GEMM, in plain torch, on every
 backend in eval (and in training at p = 0 on the Triton backend); kernels/reference.py keeps the
@@ -139,32 +142,40 @@ def _grid(batch: int, dim: int, cfg: dict):
 # ----------------------------------------------------------------------------------------------
 
 def _forward(x, weight, bias, seed, num_row, p):
-    """(y, s): one GEMM for every group's hidden, then the fused dropout / group-sum / product."""
+    """(y, s): one GEMM for every group's hidden, then the fused dropout / group-sum / product.
+    The GEMM reads x in the weight's dtype, the product x as it is; y has the weight's dtype."""
     batch, dim = x.shape
-    hidden = torch.addmm(bias, x, weight.t())  # (B, M*D)
-    # s stays in fp32 (fp64): rounding it to a 16-bit x's dtype would add one more rounding to grad_x.
-    y, s = torch.empty_like(x), torch.empty_like(x, dtype=torch.promote_types(x.dtype, torch.float32))
+    hidden = torch.addmm(bias, x.to(weight.dtype), weight.t())  # (B, M*D)
+    # s stays in fp32 (fp64): rounding it to a 16-bit dtype would add one more rounding to grad_x.
+    y = torch.empty_like(x, dtype=weight.dtype)
+    s = torch.empty_like(x, dtype=torch.promote_types(weight.dtype, torch.float32))
     if batch == 0:
         return y, s
     cfg = _config(dim)
+    acc = _acc_dtype(torch.promote_types(x.dtype, s.dtype))
     _qnn_dropout_sum_kernel[_grid(batch, dim, cfg)](
-        hidden, x, seed, y, s, batch, dim, num_row, P=p, ACC_DTYPE=_acc_dtype(x.dtype), **cfg)
+        hidden, x, seed, y, s, batch, dim, num_row, P=p, ACC_DTYPE=acc, **cfg)
     return y, s
 
 
 def _backward(gy, x, weight, s, seed, num_row, p):
-    """(grad_x, grad_W, grad_b) from the masked gradient G, formed once, and three vendor products."""
+    """(grad_x, grad_W, grad_b) from the masked gradient G, formed once, and three vendor products.
+    G is in the weight's dtype; the direct term gy * s of grad_x in x's, as the product read x."""
     batch, dim = x.shape
-    gy = gy.to(x.dtype).contiguous()
-    g = torch.empty((batch, num_row * dim), device=x.device, dtype=x.dtype)
+    gy = gy.contiguous()
+    g = torch.empty((batch, num_row * dim), device=x.device, dtype=weight.dtype)
     gys = torch.empty_like(x)
     if batch:
         cfg = _config(dim)
+        acc = _acc_dtype(torch.promote_types(x.dtype, s.dtype))
         _qnn_masked_grad_kernel[_grid(batch, dim, cfg)](
-            gy, x, s, seed, g, gys, batch, dim, num_row, P=p, ACC_DTYPE=_acc_dtype(x.dtype), **cfg)
-    grad_x = torch.addmm(gys, g, weight)
-    grad_w = g.t() @ x
-    grad_b = g.sum(0, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
+            gy, x, s, seed, g, gys, batch, dim, num_row, P=p, ACC_DTYPE=acc, **cfg)
+    if x.dtype == weight.dtype:
+        grad_x = torch.addmm(gys, g, weight)
+    else:
+        grad_x = gys.add_(g @ weight)
+    grad_w = g.t() @ x.to(weight.dtype)
+    grad_b = g.sum(0, dtype=s.dtype).to(weight.dtype)
     return grad_x, grad_w, grad_b
 
 
@@ -181,8 +192,8 @@ def _qnn_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seed: tor
 @_qnn_op.register_fake
 def _(x, weight, bias, seed, num_row, p):
     contiguous = torch.contiguous_format
-    return (torch.empty_like(x, memory_format=contiguous),
-            torch.empty_like(x, memory_format=contiguous, dtype=torch.promote_types(x.dtype, torch.float32)))
+    return (torch.empty_like(x, memory_format=contiguous, dtype=weight.dtype),
+            torch.empty_like(x, memory_format=contiguous, dtype=torch.promote_types(weight.dtype, torch.float32)))
 
 
 @torch.library.custom_op("qin::quadratic_projection_dropout_backward", mutates_args=())
@@ -195,7 +206,7 @@ def _qnn_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s:
 def _(gy, x, weight, s, seed, num_row, p):
     contiguous = torch.contiguous_format
     return (torch.empty_like(x, memory_format=contiguous), torch.empty_like(weight, memory_format=contiguous),
-            x.new_empty(weight.shape[0]))
+            weight.new_empty(weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -213,7 +224,9 @@ def _autograd_backward(ctx, gy, _grad_s):
 
 
 _qnn_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-register_autocast("qin::quadratic_projection_dropout", _qnn_op, float_args=(0, 1, 2))
+# Autocast casts the weight and bias; x stays as it is (_forward reads it in the weight's dtype
+# for the GEMM, and as it is for the product).
+register_autocast("qin::quadratic_projection_dropout", _qnn_op, float_args=(1, 2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,11 +284,12 @@ def _check_args(x, weight, bias, num_row):
 def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=False, seed=None, backend="auto"):
     """y = x * sum_r dropout(x @ W_r.T + b_r); see the module docstring.
 
-    Floating inputs are read in one dtype (autocast's where it is on, else their promoted type),
-    which is the output's dtype; sums run in fp32 (fp64 for fp64). seed fixes the dropout stream
-    of the Triton path: an int, a one-element integer tensor, or None (drawn on x's device from
-    torch's generator); the torch backend draws its own (kernels.dropout on the CPU, F.dropout's
-    on CUDA).
+    The products with W read every floating input in one dtype (autocast's where it is on, else
+    their promoted type), which is the output's dtype; the product with x reads x as it is (under
+    autocast the fp32 residual stream) and rounds once. Sums run in fp32 (fp64 for fp64). seed
+    fixes the dropout stream of the Triton path: an int, a one-element integer tensor, or None
+    (drawn on x's device from torch's generator); the torch backend draws its own
+    (kernels.dropout on the CPU, F.dropout's on CUDA).
     """
     _check_args(x, weight, bias, num_row)
     p = _check_dropout_p(dropout_p)
@@ -288,7 +302,9 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     chosen = resolve_backend(backend, x.device, "qnn", dtype, trial)
     if training and chosen == "torch":  # the reference, its CPU mask regenerated in backward
         return reference.regenerated_quadratic_projection(x, weight, bias, num_row, p, training, dtype)
-    x, weight, bias = cast(dtype, x, weight, bias)
+    # x is not cast: the GEMM reads it in `dtype`, the product y = x * s as it is (the fp32
+    # residual stream under autocast; reference.quadratic_product says why).
+    weight, bias = cast(dtype, weight, bias)
     if not training or p == 0.0:
         return reference.folded_quadratic_projection(x, weight, bias, num_row)
     batch, dim = x.shape
@@ -322,7 +338,8 @@ def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: 
 
 def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """One dict per Triton kernel launched in training with dropout at B=8192, D=1024, M=4 (the
-    GEMMs around them are cuBLAS's).
+    GEMMs around them are cuBLAS's), in `dtype`, or for a 16-bit dtype as QIN launches them
+    under autocast (x and gy * s in fp32).
 
     Each has name, fn, signature, constexprs, attrs, num_warps, num_stages, so that
     triton.compile(ASTSource(fn, signature, constexprs, attrs), target=..., options=dict(
@@ -340,6 +357,8 @@ def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
         types = {**{ptr: f"*{t}" for ptr in pointers}, "seed_ptr": "*i64", **scalars,
                  **{k: "constexpr" for k in constexprs}}
         types["s_ptr"] = "*fp64" if dtype == torch.float64 else "*fp32"  # s is kept in fp32
+        if dtype in (torch.float16, torch.bfloat16):  # under autocast x is the fp32 residual stream,
+            types.update(x_ptr="*fp32", gys_ptr="*fp32")  # and gy * s stays in its dtype
         signature = {arg: types[arg] for arg in fn.arg_names}  # in the kernel's argument order
         # The JIT marks 16-byte-aligned pointers and ints divisible by 16 (B=8192, D=1024) as such.
         aligned = (*pointers, "seed_ptr", "B", "D")

@@ -39,5 +39,5 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     dtype = compute_dtype(x.device, x, weight, bias)
     if training:  # as the full package's torch backend does
         return reference.regenerated_quadratic_projection(x, weight, bias, num_row, float(dropout_p), training, dtype)
-    x, weight, bias = cast(dtype, x, weight, bias)
+    weight, bias = cast(dtype, weight, bias)  # x as it is, as the full package's backends read it
     return reference.folded_quadratic_projection(x, weight, bias, num_row)
