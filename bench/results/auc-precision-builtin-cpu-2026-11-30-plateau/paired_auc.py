@@ -1,9 +1,9 @@
 """Valid AUC of bf16 against fp32 runs, paired by seed, per epoch: the tables of this folder's README.
 
-    python bench/results/auc-precision-builtin-cpu-2026-11-30-plateau/paired_auc.py [A B]
+    python bench/results/auc-precision-builtin-cpu-2026-11-30-plateau/paired_auc.py [A B [DIR]]
 
-Reads PRECISION-SEED.metrics.jsonl beside this file and compares runs named B (default bf16) with
-runs named A (default fp32) of the same seed, over the epochs both have.
+Reads NAME-SEED.metrics.jsonl in DIR (default: beside this file) and compares runs named B
+(default bf16) with runs named A (default fp32) of the same seed, over the epochs both have.
 """
 import json
 import math
@@ -13,9 +13,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 
 
-def runs(name: str) -> dict[str, list[float]]:
+def runs(name: str, folder: Path = HERE) -> dict[str, list[float]]:
     return {p.name[len(name) + 1:-len(".metrics.jsonl")]: [json.loads(line)["valid_auc"] for line in p.open()]
-            for p in sorted(HERE.glob(f"{name}-*.metrics.jsonl"))}
+            for p in sorted(folder.glob(f"{name}-*.metrics.jsonl"))}
 
 
 def mean_se(xs: list[float]) -> tuple[float, float]:
@@ -27,7 +27,8 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 
 def main() -> None:
     a_name, b_name = sys.argv[1:3] if len(sys.argv) > 2 else ("fp32", "bf16")
-    a, b = runs(a_name), runs(b_name)
+    folder = Path(sys.argv[3]) if len(sys.argv) > 3 else HERE
+    a, b = runs(a_name, folder), runs(b_name, folder)
     seeds = [s for s in a if s in b]
     epochs = min(min(len(a[s]), len(b[s])) for s in seeds)
     print(f"{b_name} - {a_name}, seeds {', '.join(seeds)}, epochs 1-{epochs}\n")
