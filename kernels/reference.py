@@ -152,7 +152,7 @@ def quadratic_product(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
     Why not x rounded first: QIN trained in bf16 with x rounded to bf16 here (and the direct term
     gy * s of grad_x rounded to bf16) ended 0.011 valid AUC below fp32 on the built-in data (best
-    of 12 epochs, three seeds); with both read unrounded, 0.0035 below, the same seeds
+    of 12 epochs, three seeds); with both read unrounded, 0.003 below (six seeds)
     (bench/results/auc-precision-builtin-cpu-2026-11-30-qnn-x).
     """
     if x.dtype == s.dtype:
