@@ -9,7 +9,7 @@ Triton fuses what surrounds them, so that no dropout mask is ever stored:
             sums the M groups and multiplies by x: y (B, D) and s = sum_r dropout(h_r) (B, D in
             fp32, kept for backward) are written, h is freed.
   backward  one Triton pass forms G[b, r*D + j] = keep * gy[b,j] * x[b,j] / (1-p) (each mask
-            element drawn once) and gy * s; then grad_x = gy * s + G @ W (one GEMM, with the
+            element drawn once; x as the GEMMs read it, the one copy kept) and gy * s; then grad_x = gy * s + G @ W (one GEMM, with the
             addend where x has the weight's dtype), grad_W = G.T @ x, grad_b = sum_b G.
 Dtypes: the GEMMs read x in the weight's dtype (autocast's, under autocast), and y has that
 dtype; the product y = x * s and the direct term gy * s of grad_x read x as it is, which under
@@ -158,23 +158,25 @@ def _forward(x, weight, bias, seed, num_row, p):
     return y, s
 
 
-def _backward(gy, x, weight, s, seed, num_row, p):
+def _backward(gy, x, weight, s, seed, num_row, p, x_dtype):
     """(grad_x, grad_W, grad_b) from the masked gradient G, formed once, and three vendor products.
-    G is in the weight's dtype; the direct term gy * s of grad_x in x's, as the product read x."""
+    x is the forward's x in the weight's dtype, as the GEMMs read it; x_dtype is the dtype the
+    forward's x had, which grad_x takes. G is in the weight's dtype; the direct term gy * s of
+    grad_x in x_dtype, as the product y = x * s read x."""
     batch, dim = x.shape
     gy = gy.contiguous()
     g = torch.empty((batch, num_row * dim), device=x.device, dtype=weight.dtype)
-    gys = torch.empty_like(x)
+    gys = torch.empty_like(x, dtype=x_dtype)
     if batch:
         cfg = _config(dim)
-        acc = _acc_dtype(torch.promote_types(x.dtype, s.dtype))
+        acc = _acc_dtype(torch.promote_types(x_dtype, s.dtype))
         _qnn_masked_grad_kernel[_grid(batch, dim, cfg)](
             gy, x, s, seed, g, gys, batch, dim, num_row, P=p, ACC_DTYPE=acc, **cfg)
-    if x.dtype == weight.dtype:
+    if x_dtype == weight.dtype:
         grad_x = torch.addmm(gys, g, weight)
     else:
         grad_x = gys.add_(g @ weight)
-    grad_w = g.t() @ x.to(weight.dtype)
+    grad_w = g.t() @ x
     grad_b = g.sum(0, dtype=s.dtype).to(weight.dtype)
     return grad_x, grad_w, grad_b
 
@@ -198,28 +200,34 @@ def _(x, weight, bias, seed, num_row, p):
 
 @torch.library.custom_op("qin::quadratic_projection_dropout_backward", mutates_args=())
 def _qnn_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, seed: torch.Tensor,
-                     num_row: int, p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(gy, x.contiguous(), weight.contiguous(), s.contiguous(), seed, num_row, p)
+                     num_row: int, p: float, x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x must have the weight's dtype {weight.dtype} (the forward's x as the GEMMs "
+                         f"read it), got {x.dtype}")
+    return _backward(gy, x.contiguous(), weight.contiguous(), s.contiguous(), seed, num_row, p, x_dtype)
 
 
 @_qnn_backward_op.register_fake
-def _(gy, x, weight, s, seed, num_row, p):
+def _(gy, x, weight, s, seed, num_row, p, x_dtype):
     contiguous = torch.contiguous_format
-    return (torch.empty_like(x, memory_format=contiguous), torch.empty_like(weight, memory_format=contiguous),
-            weight.new_empty(weight.shape[0]))
+    return (torch.empty_like(x, memory_format=contiguous, dtype=x_dtype),
+            torch.empty_like(weight, memory_format=contiguous), weight.new_empty(weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, seed, num_row, p = inputs
     _, s = output
     ctx.mark_non_differentiable(s)
-    ctx.save_for_backward(x, weight, s, seed)
-    ctx.num_row, ctx.p = num_row, p
+    # Backward reads x only through G = keep * gy * x / (1-p), which it rounds to the weight's
+    # dtype, and grad_W = G.T @ x, whose GEMM reads x in it: x is kept in that dtype (under
+    # autocast 2 bytes an element, not the residual stream's 4), as the torch backend keeps it.
+    ctx.save_for_backward(x if x.dtype == weight.dtype else x.to(weight.dtype), weight, s, seed)
+    ctx.num_row, ctx.p, ctx.x_dtype = num_row, p, x.dtype
 
 
 def _autograd_backward(ctx, gy, _grad_s):
     x, weight, s, seed = ctx.saved_tensors
-    grad_x, grad_w, grad_b = _qnn_backward_op(gy, x, weight, s, seed, ctx.num_row, ctx.p)
+    grad_x, grad_w, grad_b = _qnn_backward_op(gy, x, weight, s, seed, ctx.num_row, ctx.p, ctx.x_dtype)
     return grad_x, grad_w, grad_b, None, None, None
 
 
@@ -339,7 +347,7 @@ def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: 
 def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """One dict per Triton kernel launched in training with dropout at B=8192, D=1024, M=4 (the
     GEMMs around them are cuBLAS's), in `dtype`, or for a 16-bit dtype as QIN launches them
-    under autocast (x and gy * s in fp32).
+    under autocast (the forward's x and gy * s in fp32).
 
     Each has name, fn, signature, constexprs, attrs, num_warps, num_stages, so that
     triton.compile(ASTSource(fn, signature, constexprs, attrs), target=..., options=dict(
@@ -357,8 +365,10 @@ def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
         types = {**{ptr: f"*{t}" for ptr in pointers}, "seed_ptr": "*i64", **scalars,
                  **{k: "constexpr" for k in constexprs}}
         types["s_ptr"] = "*fp64" if dtype == torch.float64 else "*fp32"  # s is kept in fp32
-        if dtype in (torch.float16, torch.bfloat16):  # under autocast x is the fp32 residual stream,
-            types.update(x_ptr="*fp32", gys_ptr="*fp32")  # and gy * s stays in its dtype
+        if dtype in (torch.float16, torch.bfloat16):  # under autocast the forward reads x as the fp32
+            types.update(gys_ptr="*fp32")  # residual stream, and gy * s stays in its dtype
+            if name == "qnn_dropout_sum":
+                types.update(x_ptr="*fp32")
         signature = {arg: types[arg] for arg in fn.arg_names}  # in the kernel's argument order
         # The JIT marks 16-byte-aligned pointers and ints divisible by 16 (B=8192, D=1024) as such.
         aligned = (*pointers, "seed_ptr", "B", "D")

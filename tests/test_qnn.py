@@ -196,6 +196,28 @@ def test_torch_backend_under_autocast_keeps_neither_mask_nor_weight_copy():
         assert_close(name, got, w, m, torch.bfloat16)
 
 
+def test_triton_backend_under_autocast_keeps_x_in_the_compute_dtype(device):
+    """The fused op under autocast bf16 keeps x as the GEMMs read it (bf16, not the fp32 residual
+    stream), the fp32 group sum, the bf16 weight it was given and its seed; grad_x comes back fp32."""
+    batch, dim, num_row = 32, 24, 4
+    x, weight, bias, gy = make_inputs(batch, dim, num_row, torch.float32, device)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = kernels.quadratic_projection(*leaves, num_row, dropout_p=0.1, training=True, seed=7,
+                                             backend="triton")
+    assert y.dtype == torch.bfloat16
+    assert sorted((tuple(t.shape), str(t.dtype)) for t in saved if t.is_floating_point()) == sorted(
+        [((batch, dim), "torch.bfloat16"), ((batch, dim), "torch.float32"), ((num_row * dim, dim), "torch.bfloat16")])
+    grads = torch.autograd.grad(y, leaves, gy.bfloat16())
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    mask = dropout_keep_mask(7, batch, num_row, dim, 0.1, device).cpu()
+    want, mag = reference_and_magnitude(*(t.bfloat16() for t in (x, weight, bias, gy)), num_row, 0.1, True, mask)
+    for name, got, w, m in zip(("grad_x", "grad_weight", "grad_bias"), grads, want[1:], mag[1:]):
+        assert_close(name, got, w, m, torch.bfloat16)
+
+
 def test_no_grad_and_frozen_weights(device):
     """Inference skips the saved sum; with frozen weights only grad_x is computed."""
     x, weight, bias, gy = make_inputs(9, 20, 2, torch.float32, device)
