@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 # The Triton kernels run on the CPU through Triton's interpreter. It must be chosen before
 # triton is first imported, so it is set here, before any test module imports `kernels`.
@@ -8,6 +11,12 @@ if not os.environ.get("QIN_TEST_CUDA"):
 # otherwise time both paths at every new test shape and write the user's decision file.
 # tests/test_choice.py turns it on, with a file of its own.
 os.environ.setdefault("QIN_AUTO_BACKEND", "table")
+# torch.compile's on-disk caches key a graph by what dynamo traced, not by our ops' autograd
+# code: a cache left by an older checkout replays a backward that calls an op with the old
+# arguments (a RuntimeError naming the op). Each test session compiles into a fresh directory.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qin-test-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import pytest
 import torch
