@@ -16,7 +16,7 @@ import argparse
 import numpy as np
 import torch
 
-from bench.report import timed_section
+from bench.report import BF16_OP, timed_section
 from bench.common import STOPPED, append_csv, make_row, peak_memory_mb, print_table, stop_on_sigterm, time_ms
 from qin.config import QINConfig
 from qin.host_memory import keep_freed_memory
@@ -40,12 +40,15 @@ VARIANTS = [
     ("+ hoisted ASTA", dict(asta_form="hoisted", dedup_items=False, **EAGER), False, None),
     ("+ item dedup", dict(DEDUP, **EAGER), False, None),
     ("+ item dedup, autocast bf16", dict(DEDUP, **EAGER), False, BF16),
+    # model.asta_precision=autocast: the attention op in bf16 too (the default keeps it fp32).
+    (f"+ item dedup{BF16_OP}, autocast bf16", dict(DEDUP, asta_precision="autocast", **EAGER), False, BF16),
     ("+ Triton ASTA", dict(DEDUP, asta_kernel="triton", qnn_kernel="torch"), False, None),
     ("Triton QNN, torch ASTA", dict(DEDUP, asta_kernel="torch", qnn_kernel="triton"), False, None),
     ("+ Triton QNN (all fused)", dict(DEDUP, asta_kernel="triton", qnn_kernel="triton"), False, None),
     ("all fused, autocast bf16", dict(DEDUP, asta_kernel="triton", qnn_kernel="triton"), False, BF16),
     ("default (auto)", {}, False, None),  # what `qin train` runs: the kernels' backend="auto"
     ("default (auto), autocast bf16", {}, False, BF16),
+    (f"default (auto){BF16_OP}, autocast bf16", dict(asta_precision="autocast"), False, BF16),
     ("default (auto) + torch.compile", {}, True, None),
     ("literal + torch.compile", LITERAL, True, None),
     ("literal + torch.compile, autocast bf16", LITERAL, True, BF16),
@@ -55,8 +58,8 @@ VARIANTS = [
 # On the CPU: the eager torch variants, the bf16 lines of issue 15's CPU targets, and (not with
 # --quick: compiling the paper's model takes a minute or two here) the default compiled.
 CPU_VARIANTS = ("literal eager", "literal eager, autocast bf16", "+ hoisted ASTA", "+ item dedup",
-                "+ item dedup, autocast bf16", "default (auto) + torch.compile",
-                "default (auto) + torch.compile, autocast bf16")
+                "+ item dedup, autocast bf16", f"+ item dedup{BF16_OP}, autocast bf16",
+                "default (auto) + torch.compile", "default (auto) + torch.compile, autocast bf16")
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -214,7 +217,7 @@ def print_ratios(rows: list[dict]) -> None:
         if name.startswith("data loading"):
             print(f"{name:30s}        {value:10,.0f}  (the loader alone: compare with the model's samples/s)")
             continue
-        twin = name.removesuffix(", autocast bf16")  # the same variant in fp32
+        twin = name.removesuffix(", autocast bf16").removesuffix(BF16_OP)  # the same variant in fp32
         fp32 = speed.get((twin, "fp32"))
         saved_here, saved_fp32 = saved.get((name, dtype)), saved.get((twin, "fp32"))
         mem = memory.get((name, dtype))

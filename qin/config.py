@@ -42,6 +42,10 @@ class QINConfig:
     # position separately, as the authors' code does.
     dedup_items: bool = True
     asta_kernel: str = "auto"  # backend of the hoisted ASTA op: auto | torch | triton
+    # What the hoisted ReLU attention op reads under train.precision=bf16/fp16: fp32 (the item
+    # representations unrounded, the op outside autocast: +0.003 valid AUC in bf16 on the built-in
+    # data, README "Mixed precision") or autocast (the autocast dtype: half the bytes it reads).
+    asta_precision: str = "fp32"
     qnn_kernel: str = "auto"  # backend of the QNN quadratic projection: auto | torch | triton
     # Which model: QIN, or the challenge's official DIN baseline (SPEC.md; sizes below).
     architecture: str = "qin"  # qin | din
@@ -83,6 +87,7 @@ class QINConfig:
             if getattr(self, name) not in ("auto", "torch", "triton"):
                 raise ConfigError(f"model.{name} must be auto, torch or triton, got {getattr(self, name)!r}")
         choices = {"architecture": ("qin", "din"), "asta_activation": ("relu", "softmax"),
+                   "asta_precision": ("fp32", "autocast"),
                    "interaction": ("qnn", "mlp"), "qnn_activation": ("prelu", "relu")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -132,7 +137,8 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Autocast dtype of the training forward: fp32 | bf16 | fp16 | auto (bf16 on a CUDA device
     # that has it, fp32 elsewhere). Weights, optimizer state, BatchNorm statistics, the residual
-    # stream and the loss stay fp32 whatever this says; fp16 adds a gradient scaler.
+    # stream and the loss stay fp32 whatever this says, and so does ASTA's attention op unless
+    # model.asta_precision=autocast; fp16 adds a gradient scaler.
     precision: str = "auto"
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole split
     checkpoint_every_steps: int = 0  # also write latest.pt every N steps (0: at epoch ends only)

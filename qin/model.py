@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -159,6 +160,7 @@ class SparseTargetAttention(nn.Module):
 
     Ablations (SPEC.md, Table 3): `asta_activation="softmax"` normalises the scores over the
     unmasked positions instead; `asta_dropout` drops attention weights while training.
+    Under autocast the ReLU op runs in fp32 unless `asta_precision="autocast"` (forward says how).
     """
 
     def __init__(self, cfg: QINConfig):
@@ -171,6 +173,7 @@ class SparseTargetAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(d_a)
         self.form = cfg.asta_form
         self.backend = cfg.asta_kernel
+        self.precision = cfg.asta_precision
         self.softmax = cfg.asta_activation == "softmax"
         self.dropout = cfg.asta_dropout
         if self.softmax and cfg.asta_kernel != "torch":
@@ -202,10 +205,13 @@ class SparseTargetAttention(nn.Module):
         representations that index points into (the hoisted ReLU form then never gathers them)."""
         # Under autocast the history (or the representations it is read from, the largest input)
         # is cast once here rather than by every product that reads it, and the fused op gets one
-        # dtype throughout. The target stays fp32: it is the residual below.
+        # dtype throughout. The target stays fp32: it is the residual below. With asta_precision
+        # fp32 the hoisted ReLU op instead reads the history unrounded and runs outside autocast,
+        # in fp32; the projections around it (W_q, W_k, W_v, W_o) stay in the autocast dtype.
         low = autocast_dtype(history.device.type)
+        op_in_fp32 = low is not None and self.precision == "fp32" and self.form == "hoisted" and not self.softmax
         if low is not None:
-            history = history.to(low)
+            history = history.to(torch.promote_types(history.dtype, torch.float32) if op_in_fp32 else low)
         if history_index is not None and (self.form == "literal" or self.softmax):
             history, history_index = F.embedding(history_index, history), None
         if self.form == "literal":
@@ -220,12 +226,14 @@ class SparseTargetAttention(nn.Module):
         query = ((self.W_q(target) @ self.W_k.weight) * self.scale).to(history.dtype)
         if self.softmax:
             pooled = self._softmax_pool(torch.einsum("bld,bd->bl", history, query), mask, history)
-        elif history_index is None:
-            pooled = kernels.sparse_target_attention(history, query, self._weights_mask(mask, history.dtype),
-                                                     backend=self.backend)
         else:
-            pooled = kernels.gathered_sparse_target_attention(
-                history, history_index, query, self._weights_mask(mask, history.dtype), backend=self.backend)
+            weights = self._weights_mask(mask, history.dtype)
+            with torch.autocast(history.device.type, enabled=False) if op_in_fp32 else contextlib.nullcontext():
+                if history_index is None:
+                    pooled = kernels.sparse_target_attention(history, query, weights, backend=self.backend)
+                else:
+                    pooled = kernels.gathered_sparse_target_attention(history, history_index, query, weights,
+                                                                      backend=self.backend)
         return self.W_o(self.W_v(pooled)) + target
 
 

@@ -67,3 +67,15 @@ def test_qin_train_with_compile_logs_the_compile_time_once(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("torch.compile: the first step took") == 1, out
     assert (tmp_path / "run" / "best.pt").exists()
+
+
+def test_bf16_step_with_the_attention_op_in_fp32_compiles_to_one_graph():
+    """Under autocast bf16 the default model runs ASTA's op with autocast switched off
+    (model.asta_precision=fp32): the compiler keeps that region in one graph, and the loss
+    matches eager's to bf16 precision (the compiler rounds intermediate results differently)."""
+    torch._dynamo.reset()
+    model = tiny_model(dropout=0.0)
+    batch = tiny_batch()
+    eager = loss_fn(model, batch, 2e-4, precision="bf16")
+    compiled = loss_fn(compile_model(model, fullgraph=True), batch, 2e-4, precision="bf16")
+    torch.testing.assert_close(compiled, eager, rtol=2.0**-6, atol=0.0)

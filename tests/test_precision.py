@@ -62,12 +62,14 @@ def flat(grads) -> torch.Tensor:
 PLAIN = dict(asta_form="literal", asta_kernel="torch", qnn_kernel="torch")
 
 
+@pytest.mark.parametrize("asta_precision", ["fp32", "autocast"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, monkeypatch):
+def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, asta_precision, monkeypatch):
     """The tolerance is derived, not chosen: plain PyTorch under autocast (the literal model,
     where every product rounds its inputs to bf16 and nothing else changes) sets the error that
     bf16 itself costs; our hoisted and fused model may err at most twice as much (FlashAttention's
-    criterion for its bf16 kernels), and the plain error itself must be bf16-sized."""
+    criterion for its bf16 kernels), and the plain error itself must be bf16-sized. The attention
+    op reads what model.asta_precision says: fp32 outside autocast, or bf16."""
     batch = random_batch()
     reference_logits, reference_grads = logits_and_grads(small_qin(**PLAIN), batch, "fp32")
     plain_logits, plain_grads = logits_and_grads(small_qin(**PLAIN), batch, "bf16")
@@ -77,16 +79,17 @@ def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, monk
     def recorder(original):
         def record(history, *args, **kwargs):  # what reaches the fused op (plain or gathered form)
             query, mask = args[-2:]
-            seen.append((history.dtype, query.dtype, mask.dtype))
+            seen.append((history.dtype, query.dtype, mask.dtype, torch.is_autocast_enabled("cpu")))
             return original(history, *args, **kwargs)
         return record
 
     for name in ("sparse_target_attention", "gathered_sparse_target_attention"):
         monkeypatch.setattr(kernels, name, recorder(getattr(kernels, name)))
-    model = small_qin(asta_form="hoisted", asta_kernel=backend, qnn_kernel=backend)
+    model = small_qin(asta_form="hoisted", asta_kernel=backend, qnn_kernel=backend, asta_precision=asta_precision)
     logits, grads = logits_and_grads(model, batch, "bf16")
-    # It really ran in bf16: the op got one dtype (the history cast once, before it).
-    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen
+    # The op got one dtype (the history cast once, before it): fp32 with autocast off, or bf16.
+    want = (torch.float32,) * 3 + (False,) if asta_precision == "fp32" else (torch.bfloat16,) * 3 + (True,)
+    assert seen and all(got == want for got in seen), seen
 
     plain_error = relative_error(plain_logits, reference_logits)
     # bf16 ran (not zero), and to first order the error is at most one u per bf16 rounding on the
@@ -115,6 +118,8 @@ def data_dir(tmp_path_factory):
 def test_precision_setting_is_checked():
     with pytest.raises(ConfigError, match="train.precision must be one of"):
         load_config(overrides=["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="model.asta_precision must be one of fp32, autocast"):
+        load_config(overrides=["model.asta_precision=bf16"])
     assert qin.train.resolve_precision("auto", torch.device("cpu")) == "fp32"
 
 

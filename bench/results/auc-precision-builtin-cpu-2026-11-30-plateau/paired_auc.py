@@ -4,6 +4,7 @@
 
 Reads NAME-SEED.metrics.jsonl in DIR (default: beside this file) and compares runs named B
 (default bf16) with runs named A (default fp32) of the same seed, over the epochs both have.
+A name with a folder in it (../other/fp32) reads that folder's runs instead.
 """
 import json
 import math
@@ -14,6 +15,7 @@ HERE = Path(__file__).parent
 
 
 def runs(name: str, folder: Path = HERE) -> dict[str, list[float]]:
+    folder, name = folder / Path(name).parent, Path(name).name
     return {p.name[len(name) + 1:-len(".metrics.jsonl")]: [json.loads(line)["valid_auc"] for line in p.open()]
             for p in sorted(folder.glob(f"{name}-*.metrics.jsonl"))}
 
@@ -26,9 +28,10 @@ def mean_se(xs: list[float]) -> tuple[float, float]:
 
 
 def main() -> None:
-    a_name, b_name = sys.argv[1:3] if len(sys.argv) > 2 else ("fp32", "bf16")
+    a_path, b_path = sys.argv[1:3] if len(sys.argv) > 2 else ("fp32", "bf16")
     folder = Path(sys.argv[3]) if len(sys.argv) > 3 else HERE
-    a, b = runs(a_name, folder), runs(b_name, folder)
+    a, b = runs(a_path, folder), runs(b_path, folder)
+    a_name, b_name = Path(a_path).name, Path(b_path).name
     seeds = [s for s in a if s in b]
     epochs = min(min(len(a[s]), len(b[s])) for s in seeds)
     print(f"{b_name} - {a_name}, seeds {', '.join(seeds)}, epochs 1-{epochs}\n")
