@@ -68,7 +68,8 @@ def cache_file() -> Path:
 
 
 @functools.cache
-def _source_hash() -> str:
+def source_hash() -> str:
+    """12 hex digits naming the source of the registered ops and their kernels."""
     digest = hashlib.sha1()
     here = Path(__file__).parent
     for name in _SOURCES:
@@ -90,7 +91,7 @@ def _key(trial: Trial, device: torch.device) -> str:
 
     shape = ",".join(map(str, trial.shape))
     return (f"{trial.op}|{str(trial.dtype).removeprefix('torch.')}|{shape}|{_where(device)}|"
-            f"torch {torch.__version__}|triton {triton.__version__}|kernels {_source_hash()}")
+            f"torch {torch.__version__}|triton {triton.__version__}|kernels {source_hash()}")
 
 
 def timing_allowed(device: torch.device) -> bool:
@@ -216,7 +217,7 @@ def preload(device: torch.device) -> int:
     except ImportError:  # the torch-only entry points: nothing to choose
         return 0
     _load()
-    suffix = f"|{_where(device)}|torch {torch.__version__}|triton {triton.__version__}|kernels {_source_hash()}"
+    suffix = f"|{_where(device)}|torch {torch.__version__}|triton {triton.__version__}|kernels {source_hash()}"
     count = 0
     for record in _decisions.values():
         dtype = getattr(torch, str(record.get("dtype")), None)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels.choice import source_hash
 from kernels.dropout import Dropout, dropout
 from kernels.utils import autocast_dtype
 from qin.config import QINConfig
@@ -388,7 +389,23 @@ def compile_model(model: nn.Module, **options) -> nn.Module:
     output size depends on the data: dynamo is told to capture such ops (torch 2.7 breaks the graph
     there otherwise, and fullgraph=True fails; newer torch captures it either way)."""
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    tag_compile_caches()
     return torch.compile(model, **options)
+
+
+def tag_compile_caches() -> None:
+    """Add the kernels' source hash to the key of torch.compile's disk caches.
+
+    Those caches key a graph by what dynamo traced, not by the Python backward of our registered
+    ops: after an upgrade of kernels/ a cached graph would call an op with its old arguments (a
+    RuntimeError naming the op). torch.compiler.config.cache_key_tag joins every cache key; a tag
+    the user set stays in it. Older torch without the setting is left as it is."""
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return
+    tag = f"qin-kernels-{source_hash()}"
+    if tag not in config.cache_key_tag:
+        config.cache_key_tag = f"{config.cache_key_tag}|{tag}" if config.cache_key_tag else tag
 
 
 def init_weights(model: nn.Module, embedding_std: float) -> None:

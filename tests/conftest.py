@@ -13,7 +13,9 @@ if not os.environ.get("QIN_TEST_CUDA"):
 os.environ.setdefault("QIN_AUTO_BACKEND", "table")
 # torch.compile's on-disk caches key a graph by what dynamo traced, not by our ops' autograd
 # code: a cache left by an older checkout replays a backward that calls an op with the old
-# arguments (a RuntimeError naming the op). Each test session compiles into a fresh directory.
+# arguments (a RuntimeError naming the op). qin.model.compile_model keys them by the kernels'
+# source; tests that call torch.compile themselves do not pass there, so each test session also
+# compiles into a fresh directory.
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qin-test-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)

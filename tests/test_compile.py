@@ -79,3 +79,18 @@ def test_bf16_step_with_the_attention_op_in_fp32_compiles_to_one_graph():
     eager = loss_fn(model, batch, 2e-4, precision="bf16")
     compiled = loss_fn(compile_model(model, fullgraph=True), batch, 2e-4, precision="bf16")
     torch.testing.assert_close(compiled, eager, rtol=2.0**-6, atol=0.0)
+
+
+def test_compile_caches_are_keyed_by_the_kernels_source():
+    """A graph cached by another version of kernels/ (another backward, other op arguments) is
+    not replayed: the kernels' source hash joins torch.compile's cache key, beside the user's tag."""
+    from kernels.choice import source_hash
+    from qin.model import tag_compile_caches
+
+    if not hasattr(getattr(torch.compiler, "config", None), "cache_key_tag"):  # an older torch
+        tag_compile_caches()  # has no such key: nothing to add, and no error
+        return
+    with torch.compiler.config.patch(cache_key_tag="users-own"):  # restored on leaving
+        compile_model(torch.nn.Linear(2, 2))
+        tag_compile_caches()  # again: the tag is not repeated
+        assert torch.compiler.config.cache_key_tag == f"users-own|qin-kernels-{source_hash()}"
