@@ -332,8 +332,56 @@ def _on(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def logits_and_grads(model, batch) -> dict:
-    """Eval-mode logits, train-mode logits and every parameter gradient of the training loss.
+class ActivationBranch:
+    """The branch a train-mode forward takes at the model's piecewise-linear activations (the QNN's
+    PReLU, or ReLU), recorded from one model and imposed on another.
+
+    Why: a 16-bit QIN rounds some BatchNorm outputs across zero, so its PReLU takes the other
+    slope there than the float64 model does, and one such element of a sample with a large
+    gradient moves a whole weight gradient by more than its own size. The float64 gradient of the
+    function the 16-bit model actually took (its gates imposed) is the oracle its gradient is held
+    to; the logits, which are continuous, are still compared with the model's own. Measured on the
+    quick model (batch 16) in bf16 at setup seeds 0-39: 15 seeds failed the tolerance against the
+    float64 model's own gradients and 3 on the bf16 model's branch. An ASTA op computed in float64
+    and rounded once gives the same 15 and 3: they are the 16-bit model's, not the op's.
+
+    While active: `gates` None records each activation's gate (input > 0) into `self.gates`;
+    given, the activations compute where(gate, x, slope * x) instead. Either way `self.bounds`
+    gets, per PReLU weight, sum |x * dy| over the elements on its negative side: the running error
+    bound of its gradient, a sum that cancels (the scale its error is measured against)."""
+
+    def __init__(self, model, gates: dict | None = None):
+        self.modules = {name: m for name, m in model.named_modules() if isinstance(m, (torch.nn.ReLU, torch.nn.PReLU))}
+        self.gates, self.pinned, self.bounds, self.handles = {}, gates, {}, []
+
+    def _forward(self, name, module, inputs, output):
+        x = inputs[0]
+        if self.pinned is None:
+            self.gates[name] = x.detach() > 0
+            gate = self.gates[name]
+        else:
+            gate = self.pinned[name]
+            slope = module.weight if isinstance(module, torch.nn.PReLU) else torch.zeros((), dtype=x.dtype)
+            output = torch.where(gate, x, slope * x)
+        if isinstance(module, torch.nn.PReLU) and output.requires_grad:
+            off = ~gate
+            output.register_hook(lambda dy: self.bounds.__setitem__(
+                f"{name}.weight", (x.detach().abs() * dy.abs())[off].sum().item()))
+        return output
+
+    def __enter__(self):
+        self.handles = [m.register_forward_hook(lambda mod, i, o, name=name: self._forward(name, mod, i, o))
+                        for name, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def logits_and_grads(model, batch, gates: dict | None = None) -> tuple[dict, ActivationBranch]:
+    """Eval-mode logits, train-mode logits and every parameter gradient of the training loss; and
+    the train-mode forward's ActivationBranch (with `gates`, that forward takes those).
 
     The BatchNorm running statistics are put back afterwards, so that every call on a model
     sees the same ones (a train-mode forward moves them)."""
@@ -343,14 +391,15 @@ def logits_and_grads(model, batch) -> dict:
         out = {"logits (eval mode)": model(batch)}
     model.train()
     model.zero_grad(set_to_none=True)
-    logits = model(batch)
-    training_loss(model, batch).backward()
+    with ActivationBranch(model, gates) as branch:
+        logits = model(batch)
+        training_loss(model, batch).backward()
     out["logits (train mode)"] = logits.detach()
     out.update({f"grad {n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(saved[name])
-    return out
+    return out, branch
 
 
 class RoundAstaOutput:
@@ -368,9 +417,10 @@ class RoundAstaOutput:
         self.handle.remove()
 
 
-def _normwise(got: torch.Tensor, want: torch.Tensor, tol) -> tuple[float, float]:
+def _normwise(got: torch.Tensor, want: torch.Tensor, tol, scale: float | None = None) -> tuple[float, float]:
+    """(max abs error, max error relative to `scale`, by default want's largest magnitude)."""
     abs_err = (got.double() - want.double()).abs().max().item()
-    scale = torch.full_like(want.double(), want.abs().max().item())
+    scale = torch.full_like(want.double(), want.abs().max().item() if scale is None else scale)
     return abs_err, tolerances.relative_error(got, want, scale, tol)
 
 
@@ -396,20 +446,25 @@ def check_model(setup: ModelSetup, dtypes, device, steps: int = 0, all_grads: li
              f"D={cfg.qnn_dim} items={cfg.num_items}")
     batch = _on(setup.batches[0], device)
     oracle = build(setup, "torch", torch.float64, device)
-    want = logits_and_grads(oracle, batch)
+    want, oracle_branch = logits_and_grads(oracle, batch)
+    # A PReLU slope's gradient is a sum that cancels: measured against its running error bound.
+    scales = {f"grad {name}": bound for name, bound in oracle_branch.bounds.items()}
     rows = []
     for dtype in dtypes:
         table = tolerances.MODEL[dtype]
         with RoundAstaOutput(oracle, dtype):
-            moved = logits_and_grads(oracle, batch)
-        floors = {q: _normwise(moved[q], want[q], table)[1] for q in want}
+            moved, _ = logits_and_grads(oracle, batch)
+        floors = {q: _normwise(moved[q], want[q], table, scales.get(q))[1] for q in want}
         plain_error = {}
         for backend in ("torch", "triton"):  # the plain model first: it sets the fused one's tolerance
-            got = logits_and_grads(build(setup, backend, dtype, device), batch)
+            got, branch = logits_and_grads(build(setup, backend, dtype, device), batch)
+            # The gradients against float64's on the branch this model took (ActivationBranch).
+            on_branch, _ = logits_and_grads(oracle, batch, branch.gates)
             label = f"model[{backend}]"
             grads = []
             for q in want:
-                abs_err, rel = _normwise(got[q], want[q], table)
+                oracle_q = on_branch[q] if q.startswith("grad ") else want[q]
+                abs_err, rel = _normwise(got[q], oracle_q, table, scales.get(q))
                 tol, note = table.rtol, ""
                 if backend == "torch":
                     plain_error[q] = rel
@@ -696,6 +751,10 @@ def run(args, log=print) -> int:
         notes.append("Model: a small QINConfig (300 items, embed_dim 8, d_a 16, the paper's 4 layers and M=4), "
                      "batch 16, history 8." if quick_model else
                      "Model: the paper's QINConfig (31,244,293 parameters), batch 2048, history 64.")
+        notes.append("Model gradients are held to float64's on the branch each model took at its PReLU "
+                     "activations (its gates imposed on the float64 model: a 16-bit model rounds some inputs "
+                     "across zero); a PReLU slope's gradient, a sum that cancels, is measured against its "
+                     "running error bound, sum |x dy| over the negative side.")
     if args.training:
         train_rows, lines = training_runs(device, args.seeds, args.quick, log)
         rows += train_rows

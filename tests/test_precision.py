@@ -10,6 +10,7 @@ from qin.cli import main
 from qin.config import ConfigError, QINConfig, load_config
 from qin.data import load_dataset
 from qin.model import QIN
+from qin.parity import ActivationBranch
 from qin.synth import make_dataset
 from qin.train import loss_fn
 from test_train import assert_same_weights, final_weights, make_trainer
@@ -43,16 +44,25 @@ def random_batch(batch=16, length=8, seed=0) -> dict:
             "label": torch.randint(0, 2, (batch,), generator=g).float()}
 
 
-def logits_and_grads(model, batch, precision):
+def logits_and_grads(model, batch, precision, gates=None):
+    """(logits, gradients, the forward's qin.parity.ActivationBranch: the PReLU gates it took, or
+    with `gates` those, and the running error bound of each PReLU slope's gradient)."""
     model.zero_grad(set_to_none=True)
-    with qin.train.autocast(torch.device("cpu"), precision):
-        logits = model(batch)
-    loss_fn(model, batch, 2e-4, precision=precision).backward()
-    return logits.detach().float(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    with ActivationBranch(model, gates) as branch:
+        with qin.train.autocast(torch.device("cpu"), precision):
+            logits = model(batch)
+        loss_fn(model, batch, 2e-4, precision=precision).backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach().float(), grads, branch
 
 
 def relative_error(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def tensor_error(got, want, bound=None) -> float:
+    """relative_error, or relative to `bound` (a running error bound) where one is given."""
+    return relative_error(got, want) if bound is None else ((got.double() - want.double()).norm() / bound).item()
 
 
 def flat(grads) -> torch.Tensor:
@@ -71,8 +81,17 @@ def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, asta
     criterion for its bf16 kernels), and the plain error itself must be bf16-sized. The attention
     op reads what model.asta_precision says: fp32 outside autocast, or bf16."""
     batch = random_batch()
-    reference_logits, reference_grads = logits_and_grads(small_qin(**PLAIN), batch, "fp32")
-    plain_logits, plain_grads = logits_and_grads(small_qin(**PLAIN), batch, "bf16")
+    reference_logits, _, _ = logits_and_grads(small_qin(**PLAIN), batch, "fp32")
+    plain_logits, plain_grads, plain_branch = logits_and_grads(small_qin(**PLAIN), batch, "bf16")
+    # Each bf16 model's gradients against fp32's on the branch it took at the PReLUs: a bf16
+    # model rounds some BatchNorm outputs across zero, and one such element can move a weight's
+    # gradient by more than its size (qin.parity.ActivationBranch). Unpinned, this check passed
+    # or failed by batch: the torch backend with the op in bf16 failed batch seeds 2 and 3 before
+    # the CPU op read live positions only, and seed 0 after, as does an op computed in float64
+    # and rounded once (0.31 against 0.17). Pinned, at seeds 0-11 with the op in fp32 and in
+    # bf16 it fails once: seed 11, op in bf16, 0.115 against 0.104 (the float64-rounded op 0.108).
+    _, plain_reference_grads, plain_bounds = logits_and_grads(small_qin(**PLAIN), batch, "fp32",
+                                                              plain_branch.gates)
 
     seen = []
 
@@ -86,7 +105,8 @@ def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, asta
     for name in ("sparse_target_attention", "gathered_sparse_target_attention"):
         monkeypatch.setattr(kernels, name, recorder(getattr(kernels, name)))
     model = small_qin(asta_form="hoisted", asta_kernel=backend, qnn_kernel=backend, asta_precision=asta_precision)
-    logits, grads = logits_and_grads(model, batch, "bf16")
+    logits, grads, branch = logits_and_grads(model, batch, "bf16")
+    _, reference_grads, bounds = logits_and_grads(small_qin(**PLAIN), batch, "fp32", branch.gates)
     # The op got one dtype (the history cast once, before it): fp32 with autocast off, or bf16.
     want = (torch.float32,) * 3 + (False,) if asta_precision == "fp32" else (torch.bfloat16,) * 3 + (True,)
     assert seen and all(got == want for got in seen), seen
@@ -98,13 +118,15 @@ def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, asta
     assert 0 < plain_error < 37 * U_BF16, plain_error
     assert relative_error(logits, reference_logits) <= 2 * plain_error
     # Gradients: over all parameters at once, and each tensor within twice the worst tensor of
-    # the plain model (a few small tensors, e.g. PReLU slopes, are sums that cancel: their
-    # relative error is large in any bf16 model, so a tensor-by-tensor factor would be noise).
+    # the plain model (tensor by tensor a factor would be noise); a PReLU slope's gradient is a
+    # sum that cancels, so its error is relative to its running error bound, sum |x dy|.
     assert grads.keys() == reference_grads.keys()
-    assert relative_error(flat(grads), flat(reference_grads)) <= 2 * relative_error(flat(plain_grads), flat(reference_grads))
-    worst_plain = max(relative_error(plain_grads[n], g) for n, g in reference_grads.items())
+    assert relative_error(flat(grads), flat(reference_grads)) <= 2 * relative_error(flat(plain_grads),
+                                                                                   flat(plain_reference_grads))
+    worst_plain = max(tensor_error(plain_grads[n], g, plain_bounds.bounds.get(n))
+                      for n, g in plain_reference_grads.items())
     for name, g in reference_grads.items():
-        assert relative_error(grads[name], g) <= 2 * worst_plain, name
+        assert tensor_error(grads[name], g, bounds.bounds.get(name)) <= 2 * worst_plain, name
 
 
 # -- training runs --------------------------------------------------------------------------------
