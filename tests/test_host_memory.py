@@ -53,8 +53,11 @@ def test_it_takes_effect_exactly_with_glibc_and_unless_turned_off():
 def test_kept_memory_is_reused_without_page_faults():
     usual, kept, off = minor_faults("usual"), minor_faults("keep"), minor_faults("off")
     # Freed and mapped anew, the pages fault again every time (24,578 a step here). Kept, the heap
-    # grows over the first steps, and then the steps mostly reuse it: 0 faults in most of the last
-    # five here, 8,192 in a few (glibc's heap fragments a little).
+    # grows over the first steps, and then the steps mostly reuse it: 0 faults in most steps after
+    # the first, 8,192 or 16,384 in some, in an order that varies from run to run (glibc's heap
+    # fragments a little). Over steps 2-10: 16,384-40,960 faults in 12 runs here, 32,768 in the last
+    # five steps alone in one CI-like run (against 24,578 x 9 = 221,202 without), so the bound
+    # is on the nine steps' sum: at most half.
     assert min(usual[-5:]) > 20_000, usual
-    assert sum(kept[-5:]) < sum(usual[-5:]) / 4, kept
+    assert sum(kept[1:]) < sum(usual[1:]) / 2, kept
     assert min(off[-5:]) > 20_000, off  # QIN_KEEP_FREED_MEMORY=0: glibc's defaults, as usual
