@@ -12,8 +12,8 @@ from qin.data import load_dataset
 from qin.model import QIN
 from qin.parity import ActivationBranch
 from qin.synth import make_dataset
-from qin.train import loss_fn
-from test_train import assert_same_weights, final_weights, make_trainer
+from qin.train import fill_vocab_from_data, loss_fn
+from test_train import assert_same_weights, final_weights, make_trainer, small_config
 
 U_BF16 = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits): one rounding errs by at most this
 
@@ -165,6 +165,27 @@ def test_a_bf16_run_learns_and_its_checkpoint_scores_in_any_precision(tmp_path):
     assert load_config(tmp_path / "run" / "config.yaml").train.precision == "bf16"
     for precision in ("fp32", "bf16"):
         assert main(["evaluate", str(tmp_path / "run"), "--precision", precision]) == 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_16bit_matmul_that_is_slow_on_this_cpu_is_warned_about(data_dir, tmp_path, monkeypatch, precision):
+    """Where torch has no fast kernels for the format (fp16 on most CPUs: 300x slower than fp32 on
+    our test machine), the run says so up front; where it has them, it stays quiet."""
+    probe = qin.train.matmul_slowdown(torch.device("cpu"), precision)
+    assert probe is not None and probe > 0
+    assert qin.train.matmul_slowdown(torch.device("cpu"), "fp32") is None
+    cfg = small_config(data_dir, f"train.precision={precision}")
+    dataset = load_dataset(data_dir)
+    fill_vocab_from_data(cfg, dataset)
+    for slowdown in (300.0, 0.5):
+        monkeypatch.setattr(qin.train, "matmul_slowdown", lambda device, name: slowdown)
+        lines = []
+        qin.train.Trainer(cfg, dataset, tmp_path / f"run{slowdown}", log=lines.append)
+        warnings = [line for line in lines if line.startswith("warning: train.precision")]
+        if slowdown > qin.train.SLOW_MATMUL:
+            assert len(warnings) == 1 and f"runs 300x slower in {precision} than in fp32" in warnings[0], lines
+        else:
+            assert not warnings, lines
 
 
 def test_fp16_skips_an_overflowing_step_and_halves_the_scale(data_dir, tmp_path):
