@@ -30,22 +30,28 @@ def _device_time_us(event, self_only: bool) -> float:
     return float(next((getattr(event, n) for n in names if hasattr(event, n)), 0.0))
 
 
-def profile_step(device: torch.device, batch: int, precision: str, steps: int, top: int) -> list[str]:
-    """Markdown lines: the top `top` kernels (CUDA) or operators (CPU) of `steps` profiled steps."""
+def training_step(device: torch.device, batch: int, precision: str, cfg: QINConfig | None = None):
+    """One optimizer step of the model (default config unless `cfg`) on bench_train's synthetic
+    batch, as the trainer runs it: autocast over the forward only, the loss and the L2 in fp32."""
     if device.type == "cpu":
         keep_freed_memory()  # as `qin train` does on the CPU
-    model = build(QINConfig(), device)
+    model = build(cfg or QINConfig(), device)
     optimizer = make_optimizer(model, 2e-3)
     data = synthetic_batch(batch, device)
 
     def step():
-        # As the trainer runs it: autocast over the forward only, the loss and the L2 in fp32.
         loss = loss_fn(model, data, 2e-4, precision=precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         optimizer.step()
 
+    return step
+
+
+def profile_step(device: torch.device, batch: int, precision: str, steps: int, top: int) -> list[str]:
+    """Markdown lines: the top `top` kernels (CUDA) or operators (CPU) of `steps` profiled steps."""
+    step = training_step(device, batch, precision)
     for _ in range(3 if device.type == "cuda" else 1):  # compile the kernels, allocate optimizer state
         step()
     cuda = device.type == "cuda"

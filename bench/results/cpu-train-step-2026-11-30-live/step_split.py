@@ -2,10 +2,10 @@
 QNN's twelve GEMMs (forward, grad_x and grad_W of four (B, D) x (D, 4D) layers) and the rest,
 in fp32 and under autocast bf16, and prints the ceiling of the bf16/fp32 step ratio that follows.
 
-    PYTHONPATH=. python bench/results/cpu-bf16-ceiling-2026-11-30/step_split.py [--batch 1024] [--steps 5]
+    PYTHONPATH=. python bench/results/cpu-train-step-2026-11-30-live/step_split.py [--batch 1024] [--steps 5]
 
-Profiled self CPU times (torch.profiler, shapes recorded), medians of `--steps` steps after three
-warm-up steps; the step as bench_train and the trainer run it (bench.profile_step's step).
+Profiled self CPU times (torch.profiler, shapes recorded), averaged over `--steps` steps after three
+warm-up steps; the step as the trainer runs it (bench.profile_step.training_step).
 """
 from __future__ import annotations
 
@@ -14,10 +14,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.bench_train import build, synthetic_batch
+from bench.profile_step import training_step
 from qin.config import QINConfig
-from qin.host_memory import keep_freed_memory
-from qin.train import loss_fn, make_optimizer
 
 GEMMS = ("aten::mm", "aten::addmm")
 
@@ -25,18 +23,8 @@ GEMMS = ("aten::mm", "aten::addmm")
 def split(precision: str, batch: int, steps: int, asta_precision: str) -> tuple[float, float]:
     """(ms a step in the QNN's GEMMs, ms a step in everything else), profiled self CPU time."""
     cfg = QINConfig(asta_precision=asta_precision)
-    model = build(cfg, torch.device("cpu"))
-    optimizer = make_optimizer(model, 2e-3)
-    data = synthetic_batch(batch, torch.device("cpu"))
+    step = training_step(torch.device("cpu"), batch, precision, cfg)
     wide = cfg.qnn_rows * cfg.qnn_dim  # the QNN's hidden width: only its GEMMs have it
-
-    def step():
-        loss = loss_fn(model, data, 2e-4, precision=precision)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        optimizer.step()
-
     for _ in range(3):
         step()
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
@@ -57,7 +45,6 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
-    keep_freed_memory()
     g32, r32 = split("fp32", args.batch, args.steps, "fp32")
     print(f"fp32: QNN GEMMs {g32:.0f} ms, rest {r32:.0f} ms, step {g32 + r32:.0f} ms")
     for asta_precision in ("fp32", "autocast"):
