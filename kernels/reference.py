@@ -33,8 +33,7 @@ def gathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, qu
 # Autograd through the reference would keep the gathered (B, L, D) history, the largest tensor of
 # the training step (100 MB in fp32 at batch 1024 on MicroLens), and so would a compiler that sees
 # its gather. The op keeps reps (U, D), the index, query, mask and the (B, L) scores, and its
-# backward gathers the history again (on the CPU its live rows, below) and applies the chain rule
-# as the Triton kernel does, with
+# backward gathers the history again and applies the chain rule as the Triton kernel does, with
 # z = sum_l w_l x_l, w = relu(s * m), s_l = <x_l, q>:
 #     dw_l = <dz, x_l>,  ds_l = dw_l [s_l m_l > 0] m_l,  dx_l = w_l dz + ds_l q,
 #     dq = sum_l ds_l x_l,  dm_l = dw_l [s_l m_l > 0] s_l,  d reps = sum over repeats of dx.
@@ -42,9 +41,7 @@ def gathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, qu
 @torch.library.custom_op("qin::regathered_attention", mutates_args=())
 def _regathered_op(reps: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, scores) of gathered_sparse_target_attention (on the CPU, scores are 0 where the mask is 0)."""
-    if reps.device.type == "cpu":
-        return _live_attention(reps, index, query, mask)
+    """(z, scores) of gathered_sparse_target_attention."""
     history = F.embedding(index, reps)
     scores = torch.einsum("bld,bd->bl", history, query)
     return torch.einsum("bl,bld->bd", torch.relu(scores * mask.to(history.dtype)), history), scores
@@ -60,8 +57,6 @@ def _regathered_backward_op(grad_z: torch.Tensor, reps: torch.Tensor, index: tor
                             mask: torch.Tensor, scores: torch.Tensor,
                             needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad reps, grad query, grad mask); `needs` says which are wanted, the others are empty."""
-    if reps.device.type == "cpu":
-        return _live_attention_backward(grad_z, reps, index, query, mask, needs)
     history = F.embedding(index, reps)
     mask_f = mask.to(history.dtype)
     masked = scores * mask_f
@@ -76,68 +71,17 @@ def _regathered_backward_op(grad_z: torch.Tensor, reps: torch.Tensor, index: tor
         # (13% off at 366 repeats in bf16, tests/test_asta.py). The index is in range: the
         # gather above has read through it.
         batch, seq_len = index.shape
+        acc = torch.promote_types(reps.dtype, torch.float32)
         readers = torch.arange(batch, device=index.device).repeat_interleave(seq_len)
-        grad_reps = _grad_reps(reps, index.reshape(-1), readers, torch.relu(masked).reshape(-1),
-                               grad_s.reshape(-1), grad_z, query)
+        coefficients = torch.sparse_coo_tensor(
+            torch.stack([index.reshape(-1).long().repeat(2), torch.cat([readers, readers + batch])]),
+            torch.cat([torch.relu(masked).reshape(-1), grad_s.reshape(-1)]).to(acc),
+            (reps.shape[0], 2 * batch), check_invariants=False)
+        grad_reps = torch.sparse.mm(coefficients, torch.cat([grad_z, query]).to(acc)).to(reps.dtype)
     if needs[1]:
         grad_query = torch.einsum("bl,bld->bd", grad_s, history)
     if needs[2]:
         grad_mask = (grad_w * scores).to(mask.dtype)
-    return grad_reps, grad_query, grad_mask
-
-
-def _grad_reps(reps, rows, readers, weights, grad_scores, grad_z, query):
-    """d reps: row rows[k] gains weights[k] dz[readers[k]] + grad_scores[k] q[readers[k]], summed in
-    fp32 (or wider) by one sparse (U, 2B) @ [dz; q] product, in a fixed order."""
-    batch = query.shape[0]
-    acc = torch.promote_types(reps.dtype, torch.float32)
-    coefficients = torch.sparse_coo_tensor(
-        torch.stack([rows.long().repeat(2), torch.cat([readers, readers + batch])]),
-        torch.cat([weights, grad_scores]).to(acc), (reps.shape[0], 2 * batch), check_invariants=False)
-    return torch.sparse.mm(coefficients, torch.cat([grad_z, query]).to(acc)).to(reps.dtype)
-
-
-# On the CPU the op reads only the live positions (mask != 0): a masked position adds nothing to z
-# and gets no gradient (its weight relu(s * 0) is 0 and its gate [s * 0 > 0] is shut), and
-# histories are mostly padding (the built-in data's are 10% live), so the dense form's (B, L, D)
-# gather did 7-10x the work: 54 ms of a 787 ms fp32 step at batch 1024, 6 here. The live rows
-# (N, D) are computed in fp32 (or wider) and each output rounded once, like the dense form's
-# products. On a GPU the dense form stays: listing the live positions would wait for the device.
-
-def _live_rows(reps, index, query, mask):
-    """(reader b, position l, fp32 rows x (N, D), fp32 query rows q_b, fp32 mask values, scores s)
-    of the N live positions, in row-major order."""
-    readers, positions = mask.nonzero(as_tuple=True)
-    acc = torch.promote_types(reps.dtype, torch.float32)
-    rows = reps.index_select(0, index[readers, positions]).to(acc)
-    query_rows = query.index_select(0, readers).to(acc)
-    return readers, positions, rows, query_rows, mask[readers, positions].to(acc), torch.linalg.vecdot(rows, query_rows)
-
-
-def _live_attention(reps, index, query, mask):
-    readers, positions, rows, _, mask_values, scores = _live_rows(reps, index, query, mask)
-    weights = torch.relu(scores * mask_values)
-    z = rows.new_zeros(query.shape).index_add_(0, readers, rows * weights[:, None])
-    all_scores = reps.new_zeros(index.shape)
-    all_scores[readers, positions] = scores.to(reps.dtype)
-    return z.to(reps.dtype), all_scores
-
-
-def _live_attention_backward(grad_z, reps, index, query, mask, needs):
-    # The scores are recomputed from the rows, not read from the op's rounded (B, L) output, so
-    # that backward's weights and gates are forward's to the last bit in bf16 too.
-    readers, positions, rows, query_rows, mask_values, scores = _live_rows(reps, index, query, mask)
-    masked = scores * mask_values
-    grad_w = torch.linalg.vecdot(rows, grad_z.index_select(0, readers).to(rows.dtype)) * (masked > 0)
-    grad_s = grad_w * mask_values
-    grad_reps = grad_query = grad_mask = reps.new_empty(0)
-    if needs[0]:
-        grad_reps = _grad_reps(reps, index[readers, positions], readers, torch.relu(masked), grad_s, grad_z, query)
-    if needs[1]:
-        grad_query = rows.new_zeros(query.shape).index_add_(0, readers, rows * grad_s[:, None]).to(query.dtype)
-    if needs[2]:
-        grad_mask = torch.zeros_like(mask)
-        grad_mask[readers, positions] = (grad_w * scores).to(mask.dtype)
     return grad_reps, grad_query, grad_mask
 
 
@@ -169,10 +113,8 @@ def regathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, 
                                        mask: torch.Tensor) -> torch.Tensor:
     """gathered_sparse_target_attention, re-gathering the history in backward instead of keeping it:
     what the torch backend trains with (the op above, in eager and compiled runs alike). With
-    nothing to differentiate it is the plain reference, except on the CPU, where the op reads only
-    the live positions."""
-    if reps.device.type != "cpu" and (not torch.is_grad_enabled()
-                                      or not any(t.requires_grad for t in (reps, query, mask))):
+    nothing to differentiate it is the plain reference."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (reps, query, mask)):
         return gathered_sparse_target_attention(reps, index, query, mask)
     return _regathered_op(reps, index, query, mask)[0]
 
