@@ -86,10 +86,10 @@ def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, asta
     # Each bf16 model's gradients against fp32's on the branch it took at the PReLUs: a bf16
     # model rounds some BatchNorm outputs across zero, and one such element can move a weight's
     # gradient by more than its size (qin.parity.ActivationBranch). Unpinned, this check passed
-    # or failed by batch: the torch backend with the op in bf16 failed batch seeds 2 and 3 before
-    # the CPU op read live positions only, and seed 0 after, as does an op computed in float64
-    # and rounded once (0.31 against 0.17). Pinned, at seeds 0-11 with the op in fp32 and in
-    # bf16 it fails once: seed 11, op in bf16, 0.115 against 0.104 (the float64-rounded op 0.108).
+    # or failed by batch: the torch backend with the op in bf16 failed batch seeds 2 and 3, and
+    # an op computed in float64 and rounded once failed seed 0 (0.31 against 0.17). Pinned, at
+    # seeds 0-11 with the op in fp32 and in bf16 it fails once (seed 2, op in bf16; the
+    # float64-rounded op: seed 11, 0.108 against 0.104).
     _, plain_reference_grads, plain_bounds = logits_and_grads(small_qin(**PLAIN), batch, "fp32",
                                                               plain_branch.gates)
 
