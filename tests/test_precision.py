@@ -90,8 +90,8 @@ def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, asta
     # an op computed in float64 and rounded once failed seed 0 (0.31 against 0.17). Pinned, at
     # seeds 0-11 with the op in fp32 and in bf16 it fails once (seed 2, op in bf16; the
     # float64-rounded op: seed 11, 0.108 against 0.104).
-    _, plain_reference_grads, plain_bounds = logits_and_grads(small_qin(**PLAIN), batch, "fp32",
-                                                              plain_branch.gates)
+    _, plain_reference_grads, plain_reference_branch = logits_and_grads(small_qin(**PLAIN), batch, "fp32",
+                                                                         plain_branch.gates)
 
     seen = []
 
@@ -106,7 +106,7 @@ def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, asta
         monkeypatch.setattr(kernels, name, recorder(getattr(kernels, name)))
     model = small_qin(asta_form="hoisted", asta_kernel=backend, qnn_kernel=backend, asta_precision=asta_precision)
     logits, grads, branch = logits_and_grads(model, batch, "bf16")
-    _, reference_grads, bounds = logits_and_grads(small_qin(**PLAIN), batch, "fp32", branch.gates)
+    _, reference_grads, reference_branch = logits_and_grads(small_qin(**PLAIN), batch, "fp32", branch.gates)
     # The op got one dtype (the history cast once, before it): fp32 with autocast off, or bf16.
     want = (torch.float32,) * 3 + (False,) if asta_precision == "fp32" else (torch.bfloat16,) * 3 + (True,)
     assert seen and all(got == want for got in seen), seen
@@ -123,10 +123,10 @@ def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, asta
     assert grads.keys() == reference_grads.keys()
     assert relative_error(flat(grads), flat(reference_grads)) <= 2 * relative_error(flat(plain_grads),
                                                                                    flat(plain_reference_grads))
-    worst_plain = max(tensor_error(plain_grads[n], g, plain_bounds.bounds.get(n))
+    worst_plain = max(tensor_error(plain_grads[n], g, plain_reference_branch.bounds.get(n))
                       for n, g in plain_reference_grads.items())
     for name, g in reference_grads.items():
-        assert tensor_error(grads[name], g, bounds.bounds.get(name)) <= 2 * worst_plain, name
+        assert tensor_error(grads[name], g, reference_branch.bounds.get(name)) <= 2 * worst_plain, name
 
 
 # -- training runs --------------------------------------------------------------------------------
