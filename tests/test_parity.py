@@ -163,3 +163,20 @@ def test_a_weight_that_fp16_turns_subnormal_is_named_in_the_report(quick_report)
     _, _, rows = quick_report
     noted = {r["quantity"] for r in rows if r["dtype"] == "fp16" and "subnormal" in r["note"]}
     assert "grad items.item_embedding.weight" in noted
+
+
+@pytest.mark.parametrize("seed", [2, 4, 8])
+def test_eval_mode_runs_at_calibrated_batchnorm_statistics(seed):
+    """At the initial BatchNorm statistics (mean 0, variance 1) these setup seeds gave the quick
+    model eval logits near 3e4, past fp16's range: its eval row compared infinities. The setup
+    averages the statistics over its batches, so eval-mode fp16 logits are finite and within
+    tolerance of float64's."""
+    setup = parity.model_setup(True, steps=3, batch_size=16, seq_len=8, seed=seed)
+    norm_keys = [k for k in setup.weights if k.endswith("running_var")]
+    assert norm_keys and all(not torch.equal(setup.weights[k], torch.ones_like(setup.weights[k])) for k in norm_keys)
+    want = parity.logits_and_grads(parity.build(setup, "torch", torch.float64, torch.device("cpu")), setup.batches[0])[0]
+    got = parity.logits_and_grads(parity.build(setup, "torch", torch.float16, torch.device("cpu")), setup.batches[0])[0]
+    logits = got["logits (eval mode)"]
+    assert torch.isfinite(logits).all()
+    _, rel = parity._normwise(logits, want["logits (eval mode)"], tolerances.MODEL[torch.float16])
+    assert rel < tolerances.MODEL[torch.float16].rtol
