@@ -316,21 +316,19 @@ def _calibrate_batchnorm(setup: ModelSetup) -> None:
     """Set the BatchNorm running statistics to the float64 model's averages over the setup's
     batches (train-mode forwards, no gradient), so that eval-mode logits are those of a model in
     use. At the initial statistics (mean 0, variance 1) the quick model's eval logits reached 3e4 at
-    some seeds, past fp16's range: every dtype's eval row then compared infinities."""
+    some seeds, past fp16's range: the fp16 eval row then compared infinities."""
     model = build(setup, "torch", torch.float64, torch.device("cpu"))
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    for norm in norms.values():
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over the batches
     with torch.no_grad():
         for batch in setup.batches:
             model(batch)
-    state = model.state_dict()
-    for norm_name, norm in model.named_modules():
-        if norm in norms:
-            for buffer in ("running_mean", "running_var", "num_batches_tracked"):
-                key = f"{norm_name}.{buffer}"
-                setup.weights[key] = state[key].to(setup.weights[key].dtype)
+    for name, norm in norms.items():
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            key = f"{name}.{buffer}"
+            setup.weights[key] = getattr(norm, buffer).to(setup.weights[key].dtype)
 
 
 def build(setup: ModelSetup, backend: str, dtype: torch.dtype, device: torch.device):
