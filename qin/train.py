@@ -103,11 +103,23 @@ def matmul_slowdown(device: torch.device, precision: str) -> float | None:
     return fastest(AUTOCAST_DTYPES[precision]) / max(fastest(torch.float32), 1e-9)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512-BF16; every CPU with AMX has them too),
+    as torch's own dispatch sees it. False where torch cannot say (its check is private API)."""
+    check = getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", None)
+    try:
+        return bool(check()) if check else False
+    except Exception:  # a torch whose private check changed: say no rather than fail a run
+        return False
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """train.precision as run: 'auto' is bf16 on a CUDA device that has it, fp32 elsewhere.
 
-    The CPU stays fp32 under 'auto': bf16 pays there only on CPUs with bf16 instructions
-    (AVX512-BF16, AMX), which torch does not report; elsewhere it can run slower than fp32.
+    The CPU stays fp32 under 'auto', even one with bf16 instructions where bf16 trains 1.5-2.5x
+    faster: the built-in run stops at 4 epochs, while the AUC still climbs, and there bf16 has
+    not been shown to match fp32 (six seeds: -0.008, standard error 0.0085; trained to the
+    plateau they match). `precision_hint` tells such a CPU's user.
     """
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -120,6 +132,15 @@ def resolve_precision(name: str, device: torch.device) -> str:
         raise ConfigError(f"train.precision={name}: autocast to {AUTOCAST_DTYPES[name]} does not work on "
                           f"{device.type} with torch {torch.__version__}; use train.precision=fp32")
     return name
+
+
+def precision_hint(requested: str, device: torch.device) -> str | None:
+    """A line for the run's log where 'auto' chose fp32 on a CPU on which bf16 would pay."""
+    if requested != "auto" or device.type != "cpu" or not cpu_has_bf16():
+        return None
+    return ("train.precision=auto keeps fp32 on a CPU; this one has bf16 instructions, so "
+            "train.precision=bf16 should train faster here: a default step ran 1.5x-2.5x faster in bf16 "
+            "on the CPUs measured (README, 'Mixed precision')")
 
 
 def autocast(device: torch.device, precision: str):
@@ -274,7 +295,10 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, cfg.train.lr)
         # Resolved once and written back, so config.yaml names what ran ('auto' would resolve
         # anew on another machine) and --resume continues in it.
+        hint = precision_hint(cfg.train.precision, self.device)
         cfg.train.precision = resolve_precision(cfg.train.precision, self.device)
+        if hint:
+            self.log(hint)
         slowdown = matmul_slowdown(self.device, cfg.train.precision)
         if slowdown is not None and slowdown > SLOW_MATMUL:
             self.log(f"warning: train.precision={cfg.train.precision}: a matrix product runs {slowdown:.0f}x "

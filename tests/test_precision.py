@@ -167,6 +167,28 @@ def test_a_bf16_run_learns_and_its_checkpoint_scores_in_any_precision(tmp_path):
         assert main(["evaluate", str(tmp_path / "run"), "--precision", precision]) == 0
 
 
+def test_auto_on_a_cpu_with_bf16_instructions_keeps_fp32_and_says_bf16_would_pay(data_dir, tmp_path, monkeypatch):
+    """'auto' resolves to fp32 on every CPU; where the CPU has bf16 instructions the run's log
+    says once that train.precision=bf16 would train faster, and nowhere else."""
+    dataset = load_dataset(data_dir)
+    for has_bf16, requested in ((True, "auto"), (False, "auto"), (True, "fp32"), (True, "bf16")):
+        monkeypatch.setattr(qin.train, "cpu_has_bf16", lambda: has_bf16)
+        cfg = small_config(data_dir, f"train.precision={requested}")
+        fill_vocab_from_data(cfg, dataset)
+        lines = []
+        trainer = qin.train.Trainer(cfg, dataset, tmp_path / f"run-{has_bf16}-{requested}", log=lines.append)
+        assert trainer.cfg.train.precision == ("fp32" if requested == "auto" else requested)
+        hints = [line for line in lines if "train.precision=bf16 should train faster" in line]
+        assert len(hints) == (1 if has_bf16 and requested == "auto" else 0), lines
+    assert qin.train.precision_hint("auto", torch.device("cuda")) is None  # there auto is bf16 already
+
+
+def test_cpu_has_bf16_answers_no_where_torch_cannot_say(monkeypatch):
+    assert isinstance(qin.train.cpu_has_bf16(), bool)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert qin.train.cpu_has_bf16() is False
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_a_16bit_matmul_that_is_slow_on_this_cpu_is_warned_about(data_dir, tmp_path, monkeypatch, precision):
     """Where torch has no fast kernels for the format (fp16 on most CPUs: 300x slower than fp32 on
