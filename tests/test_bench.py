@@ -248,3 +248,17 @@ def test_the_ddp_line_tries_once_more_when_a_rank_was_killed_by_a_signal(monkeyp
     monkeypatch.setattr(bench_ddp, "train_samples_per_s", broken)
     with pytest.raises(RuntimeError, match="bad config"):
         bench_ddp.run(torch.device("cpu"), quick=True)
+
+
+def test_cpu_name_gives_the_family_and_model_a_virtual_machine_hides_behind_a_vendor_line(tmp_path, monkeypatch):
+    import qin.train
+    from bench.common import cpu_name
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                       "model name\t: AMD EPYC\nflags\t\t: fpu avx512_bf16\n\n"
+                       "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: other\n")
+    monkeypatch.setattr(qin.train, "cpu_has_bf16", lambda: True)
+    assert cpu_name(str(cpuinfo)).startswith("CPU AMD EPYC (family 26, model 2) AVX512-BF16 x")
+    monkeypatch.setattr(qin.train, "cpu_has_bf16", lambda: False)
+    assert "AVX512-BF16" not in cpu_name(str(cpuinfo))
+    assert cpu_name(str(tmp_path / "absent")).startswith("CPU ")  # no /proc: the machine type
