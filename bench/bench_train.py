@@ -19,7 +19,7 @@ import torch
 from bench.report import BF16_OP, timed_section
 from bench.common import STOPPED, append_csv, make_row, peak_memory_mb, print_table, stop_on_sigterm, time_ms
 from qin.config import QINConfig
-from qin.host_memory import keep_freed_memory
+from qin.host_memory import bound_kept_memory, keep_freed_memory
 from qin.model import QIN, compile_model
 from qin.train import loss_fn, make_optimizer
 
@@ -154,6 +154,8 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
                 optimizer.step()
+                if device.type == "cpu":
+                    bound_kept_memory()  # as the trainer does after each step
 
             step()  # first step: allocate optimizer state, compile
             p50, p20, p80 = time_ms(step, device, warmup=1, reps=3 if quick else 8)

@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.bench_train import build, synthetic_batch
 from bench.common import device_name, git_commit
 from qin.config import QINConfig
-from qin.host_memory import keep_freed_memory
+from qin.host_memory import bound_kept_memory, keep_freed_memory
 from qin.train import loss_fn, make_optimizer
 
 AMP = {"fp32": None, "bf16": torch.bfloat16}
@@ -45,6 +45,8 @@ def training_step(device: torch.device, batch: int, precision: str, cfg: QINConf
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         optimizer.step()
+        if device.type == "cpu":
+            bound_kept_memory()  # as the trainer does after each step
 
     return step
 
@@ -52,7 +54,10 @@ def training_step(device: torch.device, batch: int, precision: str, cfg: QINConf
 def profile_step(device: torch.device, batch: int, precision: str, steps: int, top: int) -> list[str]:
     """Markdown lines: the top `top` kernels (CUDA) or operators (CPU) of `steps` profiled steps."""
     step = training_step(device, batch, precision)
-    for _ in range(3 if device.type == "cuda" else 1):  # compile the kernels, allocate optimizer state
+    # Warm-up: compile the kernels (CUDA), allocate optimizer state, and on the CPU let the heap
+    # that qin.host_memory keeps settle: its first steps fault fresh pages in, and the time goes to
+    # whichever op touches them first (the history gather, 2% of a settled bf16 step here).
+    for _ in range(3):
         step()
     cuda = device.type == "cuda"
     if cuda:

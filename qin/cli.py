@@ -42,7 +42,8 @@ def _add_dataset_block_args(p) -> None:
 
 
 def cmd_train(args) -> int:
-    from qin.train import Trainer, fill_vocab_from_data
+    from qin.host_memory import keep_freed_memory
+    from qin.train import Trainer, fill_vocab_from_data, resolve_device
 
     if args.resume:
         out_dir = Path(args.resume)
@@ -62,6 +63,8 @@ def cmd_train(args) -> int:
             raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} "
                              f"or choose another --out")
     cfg.train.out_dir = str(out_dir)  # the run's config.yaml names the folder it is in
+    if resolve_device(cfg.train.device).type == "cpu":
+        keep_freed_memory()  # before the data's tensors: torch reads the huge-page switch once
     dataset = load_data(cfg.data.dir, cfg.data)  # validated before anything is written
     cfg.data.dir = str(dataset.root.resolve())
     fill_vocab_from_data(cfg, dataset)

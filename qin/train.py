@@ -26,7 +26,7 @@ from qin import distributed
 from qin.checkpoint import atomic_write, check_model_config, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from qin.config import ConfigError, RunConfig
 from qin.data import Dataset, Split, iterate_batches, num_batches
-from qin.host_memory import keep_freed_memory
+from qin.host_memory import bound_kept_memory, keep_freed_memory
 from qin.metrics import log_loss, roc_auc
 from qin.model import compile_model, count_parameters
 from qin.models import build_model as build_network
@@ -418,6 +418,8 @@ class Trainer:
             st.batches_done += 1
             step = self._deferred_step if lazy else self._checked_step
             pending.append(step(loss, grad_norm, global_rows, interrupted))
+            if self.device.type == "cpu":
+                bound_kept_memory()
             checkpoint = bool(tc.checkpoint_every_steps and st.step % tc.checkpoint_every_steps == 0)
             if not lazy or st.step % tc.log_every_steps == 0 or checkpoint or interrupted["set"] or self._compiling:
                 self._report(pending, bar)
