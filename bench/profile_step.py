@@ -56,7 +56,7 @@ def profile_step(device: torch.device, batch: int, precision: str, steps: int, t
     step = training_step(device, batch, precision)
     # Warm-up: compile the kernels (CUDA), allocate optimizer state, and on the CPU let the heap
     # that qin.host_memory keeps settle: its first steps fault fresh pages in, and the time goes to
-    # whichever op touches them first (the history gather, 2% of a settled bf16 step here).
+    # whichever op touches them first (the history gather, 3% of a settled bf16 step here).
     for _ in range(3):
         step()
     cuda = device.type == "cuda"
