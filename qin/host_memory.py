@@ -11,8 +11,8 @@ every page in again: on our 2-core test machine, gathering the (B*L, 384) fp32 h
 - it tells glibc to serve every allocation from its heap (M_MMAP_MAX = 0) and to keep up to 1 GiB
   of freed memory at the heap's top (M_TRIM_THRESHOLD), through mallopt;
 - it asks PyTorch to place tensors of 2 MiB and more on page boundaries and to advise the kernel to
-  back them with transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE, unless the environment
-  sets it already). PyTorch reads that variable once, at its first large allocation, so this
+  back them with transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE, where the kernel has
+  them and unless the environment sets it already). PyTorch reads that variable once, at its first large allocation, so this
   takes effect only before the process has made one; `qin train` calls it first thing;
 - `bound_kept_memory()`, called once a training step, hands freed pages back to the system
   (malloc_trim) whenever the resident set has grown by more than 1 GiB since the last time.
@@ -64,7 +64,8 @@ def keep_freed_memory() -> bool:
     if os.environ.get("QIN_KEEP_FREED_MEMORY", "1") == "0":
         _done.append(ok)
         return ok
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    if huge_pages_available():
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = getattr(libc, "mallopt", None)
@@ -78,6 +79,16 @@ def keep_freed_memory() -> bool:
         logger.debug("not glibc (no mallopt): freed host memory is returned to the system as usual")
     _done.append(ok)
     return ok
+
+
+def huge_pages_available(setting: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> bool:
+    """Whether the kernel backs memory advised so with transparent huge pages: its setting is
+    `always` or `madvise`. Elsewhere PyTorch's madvise would fail (a warning) or do nothing."""
+    try:
+        with open(setting) as fh:
+            return "[never]" not in fh.read()
+    except OSError:
+        return False
 
 
 def resident_bytes() -> int | None:

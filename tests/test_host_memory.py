@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from qin.host_memory import huge_pages_available  # reads a file; sets nothing in this process
+
 # What is kept is glibc's heap: with another C library keep_freed_memory is a no-op, and says so.
 GLIBC = platform.libc_ver()[0] == "glibc"
 
@@ -79,7 +81,17 @@ print(os.environ.get("THP_MEM_ALLOC_ENABLE"), all(torch.empty(2**20).data_ptr() 
 """
 
 
-@pytest.mark.skipif(platform.system() != "Linux", reason="PyTorch's huge-page switch exists on Linux only")
+def test_huge_pages_are_asked_for_only_where_the_kernel_has_them(tmp_path):
+    setting = tmp_path / "enabled"
+    for text, available in (("always [madvise] never\n", True), ("[always] madvise never\n", True),
+                            ("always madvise [never]\n", False)):
+        setting.write_text(text)
+        assert huge_pages_available(str(setting)) is available
+    assert huge_pages_available(str(tmp_path / "absent")) is False  # no THP in this kernel, or not Linux
+
+
+@pytest.mark.skipif(not huge_pages_available(),
+                    reason="this kernel has no transparent huge pages: the switch is left off (tested above)")
 def test_large_tensors_go_on_page_boundaries_for_huge_pages_unless_the_environment_says_no():
     def probe(**env):
         return subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], capture_output=True, text=True,
