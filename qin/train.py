@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import signal
+import sys
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -141,6 +142,19 @@ def precision_hint(requested: str, device: torch.device) -> str | None:
     return ("train.precision=auto keeps fp32 on a CPU; this one has bf16 instructions, so "
             "train.precision=bf16 should train faster here: a default step ran 1.5x-2.5x faster in bf16 "
             "on the CPUs measured (README, 'Mixed precision')")
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """The most memory this run has held so far, in MiB: on a GPU what PyTorch has allocated there,
+    on the CPU the process's largest resident set; None where the system does not say."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def autocast(device: torch.device, precision: str):
@@ -525,6 +539,7 @@ class Trainer:
             "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"], "lr": st.lr,
             "samples_per_s": self._epoch_samples / max(self._epoch_seconds, 1e-9),
             "epoch_seconds": self._epoch_seconds, "best": improved, "skipped_steps": st.skipped_steps,
+            "peak_memory_mb": peak_memory_mb(self.device),
         }
         st.history.append(record)
         self.watch.after_epoch(record)
@@ -539,6 +554,7 @@ class Trainer:
         self.log(
             f"epoch {st.epoch}: train loss {epoch_loss:.4f}, valid AUC {metrics['auc']:.4f}, "
             f"logloss {metrics['logloss']:.4f}, {record['samples_per_s']:,.0f} samples/s"
+            + (f", peak memory {record['peak_memory_mb']:,.0f} MB" if record["peak_memory_mb"] is not None else "")
             + ("  (best)" if improved else f"  (no gain; lr -> {st.lr:g})")
             + ("; early stop" if st.finished else "")
         )

@@ -81,9 +81,12 @@ class RunWatch:
 
     def after_epoch(self, record: dict) -> None:
         """A metrics.jsonl record: its scalars at x = epoch (before the checkpoint that covers it)."""
-        self._scalars({"epoch/train_loss": record["train_loss"], "epoch/valid_auc": record["valid_auc"],
-                       "epoch/valid_logloss": record["valid_logloss"], "epoch/lr": record["lr"],
-                       "epoch/samples_per_s": record["samples_per_s"]}, record["epoch"])
+        scalars = {"epoch/train_loss": record["train_loss"], "epoch/valid_auc": record["valid_auc"],
+                   "epoch/valid_logloss": record["valid_logloss"], "epoch/lr": record["lr"],
+                   "epoch/samples_per_s": record["samples_per_s"]}
+        if record.get("peak_memory_mb") is not None:  # absent from runs written before it was recorded
+            scalars["epoch/peak_memory_mb"] = record["peak_memory_mb"]
+        self._scalars(scalars, record["epoch"])
 
     def flush(self) -> None:
         """Before a checkpoint is written: everything it covers is on disk first."""

@@ -73,7 +73,11 @@ def test_training_learns_and_history_matters(tmp_path):
     assert state.best_auc > blind.best_auc + 0.05, (state.best_auc, blind.best_auc)
     records = [json.loads(line) for line in (tmp_path / "with" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5, 6]
-    assert {"train_loss", "valid_auc", "valid_logloss", "lr", "samples_per_s"} <= records[0].keys()
+    assert {"train_loss", "valid_auc", "valid_logloss", "lr", "samples_per_s", "peak_memory_mb"} <= records[0].keys()
+    # The process's largest resident set so far: a model and its data hold more than 100 MB, and
+    # a peak never falls.
+    peaks = [r["peak_memory_mb"] for r in records]
+    assert peaks[0] > 100 and peaks == sorted(peaks), peaks
 
 
 def test_resume_at_an_epoch_boundary_gives_the_same_weights(data_dir, tmp_path):

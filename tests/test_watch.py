@@ -59,7 +59,8 @@ def test_events_hold_the_step_and_epoch_scalars(run_dir):
     logged = list(range(2, 2 * STEPS_PER_EPOCH + 1, 2))
     for tag in ("train/loss", "train/grad_norm", "train/lr", "train/samples_per_s"):
         assert [step for step, _ in scalars[tag]] == logged, tag
-    for tag in ("epoch/train_loss", "epoch/valid_auc", "epoch/valid_logloss", "epoch/lr", "epoch/samples_per_s"):
+    for tag in ("epoch/train_loss", "epoch/valid_auc", "epoch/valid_logloss", "epoch/lr", "epoch/samples_per_s",
+                "epoch/peak_memory_mb"):
         assert [step for step, _ in scalars[tag]] == [1, 2], tag
         values = [v for _, v in scalars[tag]]
         np.testing.assert_allclose(values, [r[tag.split("/")[1]] for r in records], rtol=1e-6)
