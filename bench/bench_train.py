@@ -225,7 +225,8 @@ def print_ratios(rows: list[dict]) -> None:
         mem = memory.get((name, dtype))
         print(f"{name:30s} {dtype:5s} {value:10,.0f}  {value / base if base else 0:8.2f}x "
               f"{value / fp32 if fp32 else 0:6.2f}x  {saved_here or 0:14,.0f}  "
-              f"{saved_here / saved_fp32 if saved_here and saved_fp32 else 0:6.2f}  {mem or 0:8.0f}")
+              f"{saved_here / saved_fp32 if saved_here and saved_fp32 else 0:6.2f}  "
+              + (f"{mem:8.0f}" if mem is not None else f"{'-':>8s}"))  # device memory: a GPU's only
     print(f"{AUTHORS_DEVICE:36s} {AUTHORS_SAMPLES_PER_S:10,d}   (published figure, not measured here)")
 
 
