@@ -36,7 +36,7 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The CPU by name, family and model (where /proc/cpuinfo has them), with AVX512-BF16 where
     it has bf16 instructions, and the core count. A virtual machine often shows a vendor line
     only: 'AMD EPYC' covers Zen 4 (family 25) and Zen 5 (family 26), and bf16 sped the default
-    step up 1.48x on our earlier 'AMD EPYC' host (family not recorded) and 2.53x on a Zen 5 one,
+    step up 1.48x on our earlier 'AMD EPYC' host (family not recorded) and 2.4x on a Zen 5 one,
     so a CPU figure needs the family."""
     fields: dict[str, str] = {}
     try:

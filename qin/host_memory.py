@@ -12,8 +12,9 @@ every page in again: on our 2-core test machine, gathering the (B*L, 384) fp32 h
   of freed memory at the heap's top (M_TRIM_THRESHOLD), through mallopt;
 - it asks PyTorch to place tensors of 2 MiB and more on page boundaries and to advise the kernel to
   back them with transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE, where the kernel has
-  them and unless the environment sets it already). PyTorch reads that variable once, at its first large allocation, so this
-  takes effect only before the process has made one; `qin train` calls it first thing;
+  them and unless the environment sets it already). PyTorch reads that variable once, at its
+  first large allocation, so this takes effect only before the process has made one; `qin train`
+  calls it first thing;
 - `bound_kept_memory()`, called once a training step, hands freed pages back to the system
   (malloc_trim) whenever the resident set has grown by more than 1 GiB since the last time.
 
