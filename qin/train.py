@@ -118,9 +118,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     """train.precision as run: 'auto' is bf16 on a CUDA device that has it, fp32 elsewhere.
 
     The CPU stays fp32 under 'auto', even one with bf16 instructions where bf16 trains 1.5-2.5x
-    faster: the built-in run stops at 4 epochs, while the AUC still climbs, and there bf16 has
-    not been shown to match fp32 (six seeds: -0.008, standard error 0.0085; trained to the
-    plateau they match). `precision_hint` tells such a CPU's user.
+    faster: the built-in run stops at 4 epochs, while the AUC still climbs, and there bf16's gap
+    to fp32 is known only to about +-0.009 (twelve seeds: -0.004, standard error 0.0045; trained
+    to the plateau, +0.0001 (0.0014)). `precision_hint` tells such a CPU's user.
     """
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
