@@ -81,13 +81,15 @@ def test_p_one_and_bad_p_go_to_torch():
         dropout(x, 1.5)
 
 
-def test_autograd_keeps_a_bool_mask_not_a_float_one():
+def test_autograd_keeps_nothing_of_the_input_size_and_backward_draws_the_same_mask():
     x = torch.randn(256, 512, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        dropout(x, 0.1)
-    assert saved and all(t.dtype == torch.bool for t in saved)
-    assert sum(t.untyped_storage().nbytes() for t in saved) == x.numel()
+        y = dropout(x, 0.1)
+    assert saved == []
+    torch.randn(1000)  # draws in between must not move backward's mask
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, (y != 0).float() / 0.9, rtol=0, atol=0)
 
 
 def test_same_statistics_as_torch():
