@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from kernels.dropout import Dropout, dropout
 from kernels.utils import autocast_dtype
 from qin.config import QINConfig
 from qin.features import Feature, context_features, item_features, model_features
+from qin.recompute import recomputed_in_backward
 
 logger = logging.getLogger("qin.model")
 
@@ -131,9 +133,9 @@ class ItemEncoder(FeatureModules):
         rep = torch.cat(parts, dim=-1)
         return rep.view(*ids.shape, rep.shape[-1])
 
-    def unique_representations(self, target_ids: torch.Tensor, history_ids: torch.Tensor
-                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reps (U, D) of the distinct item ids of the batch, target index (B,), history index (B, L)).
+    def unique_ids(self, target_ids: torch.Tensor, history_ids: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the distinct item ids of the batch (U,), target index (B,), history index (B, L) into them).
 
         A batch names far fewer distinct items than positions: each is encoded once."""
         ids = torch.cat([target_ids, history_ids.reshape(-1)])
@@ -142,7 +144,24 @@ class ItemEncoder(FeatureModules):
         # lets the gathers' backward be compiled (a batch always names one item, the target).
         torch._check(unique_ids.shape[0] >= 1)
         batch = target_ids.shape[0]
-        return self(unique_ids), inverse[:batch], inverse[batch:].view(history_ids.shape)
+        return unique_ids, inverse[:batch], inverse[batch:].view(history_ids.shape)
+
+    def unique_representations(self, target_ids: torch.Tensor, history_ids: torch.Tensor
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reps (U, D) of the distinct item ids of the batch, target index (B,), history index (B, L))."""
+        unique_ids, target_index, history_index = self.unique_ids(target_ids, history_ids)
+        return self(unique_ids), target_index, history_index
+
+    def encoding_again(self, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """A function that computes self(ids) again, without autograd, under the autocast state in
+        force now: the same values as self(ids) now, as long as the weights have not changed."""
+        device_type = ids.device.type
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+        def again() -> torch.Tensor:
+            with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                return self(ids)
+        return again
 
     def encode(self, target_ids: torch.Tensor, history_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(e(targets), e(history)); with dedup, each distinct item of the batch is encoded once."""
@@ -201,9 +220,13 @@ class SparseTargetAttention(nn.Module):
         return torch.einsum("bl,bld->bd", weights, values)
 
     def forward(self, target: torch.Tensor, history: torch.Tensor, mask: torch.Tensor,
-                history_index: torch.Tensor | None = None) -> torch.Tensor:
+                history_index: torch.Tensor | None = None,
+                recompute_history: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """target (B, D), mask (B, L); history (B, L, D), or with history_index (B, L) the (U, D)
-        representations that index points into (the hoisted ReLU form then never gathers them)."""
+        representations that index points into (the hoisted ReLU form then never gathers them).
+
+        With `recompute_history` (a function returning `history` again) the hoisted ReLU op does
+        not keep the history it reads for backward: backward computes it again (qin.recompute)."""
         # Under autocast the history (or the representations it is read from, the largest input)
         # is cast once here rather than by every product that reads it, and the fused op gets one
         # dtype throughout. The target stays fp32: it is the residual below. With asta_precision
@@ -212,7 +235,10 @@ class SparseTargetAttention(nn.Module):
         low = autocast_dtype(history.device.type)
         op_in_fp32 = low is not None and self.precision == "fp32" and self.form == "hoisted" and not self.softmax
         if low is not None:
-            history = history.to(torch.promote_types(history.dtype, torch.float32) if op_in_fp32 else low)
+            dtype = torch.promote_types(history.dtype, torch.float32) if op_in_fp32 else low
+            if recompute_history is not None and history.dtype != dtype:
+                recompute_history = _cast_after(recompute_history, dtype)
+            history = history.to(dtype)
         if history_index is not None and (self.form == "literal" or self.softmax):
             history, history_index = F.embedding(history_index, history), None
         if self.form == "literal":
@@ -229,13 +255,18 @@ class SparseTargetAttention(nn.Module):
             pooled = self._softmax_pool(torch.einsum("bld,bd->bl", history, query), mask, history)
         else:
             weights = self._weights_mask(mask, history.dtype)
-            with torch.autocast(history.device.type, enabled=False) if op_in_fp32 else contextlib.nullcontext():
+            with (torch.autocast(history.device.type, enabled=False) if op_in_fp32 else contextlib.nullcontext(),
+                  recomputed_in_backward(history, recompute_history)):
                 if history_index is None:
                     pooled = kernels.sparse_target_attention(history, query, weights, backend=self.backend)
                 else:
                     pooled = kernels.gathered_sparse_target_attention(history, history_index, query, weights,
                                                                       backend=self.backend)
         return self.W_o(self.W_v(pooled)) + target
+
+
+def _cast_after(compute: Callable[[], torch.Tensor], dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    return lambda: compute().to(dtype)
 
 
 class QuadraticLayer(nn.Module):
@@ -374,9 +405,11 @@ class QIN(CTRModel):
             parts.append(self.items(item_id))
         elif self.items.dedup:
             # ASTA reads the history through the index into the distinct items' representations.
-            reps, target_index, history_index = self.items.unique_representations(item_id, item_seq)
+            unique_ids, target_index, history_index = self.items.unique_ids(item_id, item_seq)
+            reps = self.items(unique_ids)
             target = F.embedding(target_index, reps)
-            parts += [target, self.asta(target, reps, item_seq > 0, history_index=history_index)]
+            parts += [target, self.asta(target, reps, item_seq > 0, history_index=history_index,
+                                        recompute_history=self.items.encoding_again(unique_ids))]
         else:
             target, history = self.items.encode(item_id, item_seq)
             parts += [target, self.asta(target, history, item_seq > 0)]

@@ -22,8 +22,8 @@ def small_qin(**overrides) -> QIN:
     """Dropout off, so that fp32 and bf16 compute the same function; embeddings big enough
     (std 0.1, not 1e-4) that every part of the item representation counts."""
     torch.manual_seed(0)
-    cfg = QINConfig(num_items=60, num_tags=12, embed_dim=8, attention_dim=16, mm_dim=16, dropout=0.0,
-                    embedding_init_std=0.1, **overrides)
+    cfg = QINConfig(**{**dict(num_items=60, num_tags=12, embed_dim=8, attention_dim=16, mm_dim=16, dropout=0.0,
+                              embedding_init_std=0.1), **overrides})
     model = QIN(cfg)
     g = torch.Generator().manual_seed(1)
     tags = torch.randint(0, 12, (60, 5), generator=g)

@@ -1,0 +1,98 @@
+"""qin.recompute: backward computes ASTA's item representations again instead of autograd keeping
+them, with the same gradients, and hooks around it still see every other saved tensor."""
+import pytest
+import torch
+
+import qin.recompute
+import qin.train
+from qin.recompute import recomputed_in_backward
+from qin.train import loss_fn
+from test_precision import random_batch, small_qin
+
+
+class _KeepsA(torch.autograd.Function):
+    """(a * b).sum(), keeping both inputs."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return (a * b).sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return grad * b, grad * a
+
+
+def test_the_tensor_is_not_kept_backward_gets_it_again_and_the_rest_goes_to_the_outer_hooks():
+    a, b = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    seen, calls = [], []
+
+    def again():
+        calls.append(1)
+        return a.detach().clone()
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or ("outer", t), lambda p: p[1]):
+        with recomputed_in_backward(a, again):
+            loss = _KeepsA.apply(a, b)
+    assert len(seen) == 1 and seen[0] is b and calls == []
+    loss.backward()
+    assert calls == [1]
+    torch.testing.assert_close(a.grad, b.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(b.grad, a.detach(), rtol=0, atol=0)
+
+
+def test_a_recomputed_tensor_of_another_shape_or_dtype_is_an_error():
+    a, b = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    with recomputed_in_backward(a, lambda: torch.zeros(5, dtype=torch.float64)):
+        loss = _KeepsA.apply(a, b)
+    with pytest.raises(RuntimeError, match="recomputed tensor has shape"):
+        loss.backward()
+
+
+def test_without_recompute_or_gradients_the_block_changes_nothing():
+    a, b = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        with recomputed_in_backward(a, None):
+            _KeepsA.apply(a, b)
+    assert len(kept) == 2
+    with torch.no_grad(), recomputed_in_backward(a, lambda: 1 / 0):
+        _KeepsA.apply(a, b)
+
+
+def _grads_and_saved(model, batch, precision):
+    """The model's gradients for one loss, and the bytes autograd kept for them."""
+    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), *batch.values()]}
+    storages = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in resident:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same dropout masks in both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model, batch, 2e-4, precision=precision)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, sum(storages.values())
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("asta_precision", ["fp32", "autocast"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_qin_gradients_are_the_same_bits_and_the_representations_are_not_kept(backend, asta_precision, precision,
+                                                                             monkeypatch):
+    model = small_qin(asta_kernel=backend, qnn_kernel=backend, asta_precision=asta_precision, dropout=0.1)
+    batch = random_batch(batch=24, length=9)
+    recomputed, saved = _grads_and_saved(model, batch, precision)
+    monkeypatch.setattr(qin.recompute, "_top_hooks", None)  # as on a torch without it: nothing recomputed
+    kept, saved_kept = _grads_and_saved(model, batch, precision)
+    assert recomputed.keys() == kept.keys()
+    for name in kept:
+        torch.testing.assert_close(recomputed[name], kept[name], rtol=0, atol=0, msg=name)
+    # What the op no longer keeps: the distinct items' representations, in the dtype it reads them.
+    unique = torch.unique(torch.cat([batch["item_id"], batch["item_seq"].reshape(-1)])).numel()
+    read_in = torch.bfloat16 if precision == "bf16" and asta_precision == "autocast" else torch.float32
+    assert saved_kept - saved == unique * model.cfg.item_dim * read_in.itemsize
