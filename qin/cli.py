@@ -1,4 +1,4 @@
-"""The `qin` command: make-data, train, evaluate, predict, export, compare, plot, bench, parity.
+"""The `qin` command: make-data, train, evaluate, predict, export, compare, plot, bench, parity, backends.
 
 Every user error (bad data, bad config, a refused overwrite) ends with one line naming what is
 wrong and exit status 2, before anything is trained or written.
