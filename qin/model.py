@@ -153,13 +153,14 @@ class ItemEncoder(FeatureModules):
         return self(unique_ids), target_index, history_index
 
     def encoding_again(self, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """A function that computes self(ids) again, without autograd, under the autocast state in
-        force now: the same values as self(ids) now, as long as the weights have not changed."""
+        """A function that computes self(ids) again under the autocast state in force now: the same
+        values as self(ids) now, as long as the weights have not changed. Autograd records it as
+        the caller's grad mode says (in backward: only under create_graph=True)."""
         device_type = ids.device.type
         enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
         def again() -> torch.Tensor:
-            with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
                 return self(ids)
         return again
 

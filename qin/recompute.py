@@ -39,7 +39,7 @@ def recomputed_in_backward(tensor: torch.Tensor, recompute: Callable[[], torch.T
     key, shape, dtype = _view_key(tensor), tensor.shape, tensor.dtype
 
     def pack(saved: torch.Tensor):
-        if _view_key(saved) == key:
+        if saved.layout is torch.strided and _view_key(saved) == key:
             return True, None
         return False, outer[0](saved) if outer else saved
 
