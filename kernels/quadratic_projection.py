@@ -182,20 +182,23 @@ def _backward(gy, x, weight, s, seed, num_row, p, x_dtype):
 
 
 # ----------------------------------------------------------------------------------------------
-# Registered ops: qin::quadratic_projection_dropout(x, W, b, seed, num_row, p) -> (y, s) and backward
+# Registered ops: qin::quadratic_projection_dropout(x, W, b, seed, num_row, p, dtype) -> (y, s) and
+# backward
 # ----------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("qin::quadratic_projection_dropout", mutates_args=())
 def _qnn_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seed: torch.Tensor, num_row: int,
-            p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x.contiguous(), weight.contiguous(), bias.contiguous(), seed, num_row, p)
+            p: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM reads weight and bias in `dtype`, cast here: backward casts the weight again rather
+    than autograd keeping the copy (under autocast 2 bytes a weight, 32 MB for QIN's four layers)."""
+    return _forward(x.contiguous(), weight.to(dtype).contiguous(), bias.to(dtype).contiguous(), seed, num_row, p)
 
 
 @_qnn_op.register_fake
-def _(x, weight, bias, seed, num_row, p):
+def _(x, weight, bias, seed, num_row, p, dtype):
     contiguous = torch.contiguous_format
-    return (torch.empty_like(x, memory_format=contiguous, dtype=weight.dtype),
-            torch.empty_like(x, memory_format=contiguous, dtype=torch.promote_types(weight.dtype, torch.float32)))
+    return (torch.empty_like(x, memory_format=contiguous, dtype=dtype),
+            torch.empty_like(x, memory_format=contiguous, dtype=torch.promote_types(dtype, torch.float32)))
 
 
 @torch.library.custom_op("qin::quadratic_projection_dropout_backward", mutates_args=())
@@ -215,26 +218,29 @@ def _(gy, x, weight, s, seed, num_row, p, x_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, seed, num_row, p = inputs
+    x, weight, bias, seed, num_row, p, dtype = inputs
     _, s = output
     ctx.mark_non_differentiable(s)
-    # Backward reads x only through G = keep * gy * x / (1-p), which it rounds to the weight's
-    # dtype, and grad_W = G.T @ x, whose GEMM reads x in it: x is kept in that dtype (under
-    # autocast 2 bytes an element, not the residual stream's 4), as the torch backend keeps it.
-    ctx.save_for_backward(x if x.dtype == weight.dtype else x.to(weight.dtype), weight, s, seed)
-    ctx.num_row, ctx.p, ctx.x_dtype = num_row, p, x.dtype
+    # Backward reads x only through G = keep * gy * x / (1-p), which it rounds to `dtype`, and
+    # grad_W = G.T @ x, whose GEMM reads x in it: x is kept in that dtype (under autocast 2 bytes
+    # an element, not the residual stream's 4), as the torch backend keeps it. The weight is kept
+    # as given (the parameter itself: nothing new) and cast again in backward.
+    ctx.save_for_backward(x if x.dtype == dtype else x.to(dtype), weight, s, seed)
+    ctx.num_row, ctx.p, ctx.x_dtype, ctx.bias_dtype = num_row, p, x.dtype, bias.dtype
 
 
 def _autograd_backward(ctx, gy, _grad_s):
     x, weight, s, seed = ctx.saved_tensors
-    grad_x, grad_w, grad_b = _qnn_backward_op(gy, x, weight, s, seed, ctx.num_row, ctx.p, ctx.x_dtype)
-    return grad_x, grad_w, grad_b, None, None, None
+    grad_x, grad_w, grad_b = _qnn_backward_op(gy, x, weight.to(x.dtype), s, seed, ctx.num_row, ctx.p, ctx.x_dtype)
+    # Each gradient in its input's dtype, rounded to `dtype` first as autograd through a cast
+    # outside the op would round it.
+    return grad_x, grad_w.to(weight.dtype), grad_b.to(ctx.bias_dtype), None, None, None, None
 
 
 _qnn_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-# Autocast casts the weight and bias; x stays as it is (_forward reads it in the weight's dtype
-# for the GEMM, and as it is for the product).
-register_autocast("qin::quadratic_projection_dropout", _qnn_op, float_args=(1, 2))
+# Autocast sets the dtype the GEMM reads the weight and bias in (argument 6); x stays as it is
+# (_forward reads it in that dtype for the GEMM, and as it is for the product).
+register_autocast("qin::quadratic_projection_dropout", _qnn_op, dtype_arg=6)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,14 +318,13 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
         return reference.regenerated_quadratic_projection(x, weight, bias, num_row, p, training, dtype)
     # x is not cast: the GEMM reads it in `dtype`, the product y = x * s as it is (the fp32
     # residual stream under autocast; reference.quadratic_product says why).
-    weight, bias = cast(dtype, weight, bias)
     if not training or p == 0.0:
-        return reference.folded_quadratic_projection(x, weight, bias, num_row)
+        return reference.folded_quadratic_projection(x, *cast(dtype, weight, bias), num_row)
     batch, dim = x.shape
     if batch * num_row * dim >= _INT32_LIMIT:
         raise ValueError(f"x of shape {tuple(x.shape)} with num_row={num_row} needs 2**31 or more hidden "
                          f"elements; the dropout offsets are int32")
-    return _qnn_op(x, weight, bias, _seed_tensor(seed, x.device), num_row, p)[0]
+    return _qnn_op(x, weight, bias, _seed_tensor(seed, x.device), num_row, p, dtype)[0]
 
 
 def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: float,

@@ -78,10 +78,11 @@ def cast(dtype: torch.dtype, *tensors: torch.Tensor) -> list[torch.Tensor]:
 _LIBRARIES: list = []  # a Library's registrations last as long as the object
 
 
-def register_autocast(qualname: str, op, float_args: tuple[int, ...]) -> None:
+def register_autocast(qualname: str, op, float_args: tuple[int, ...] = (), dtype_arg: int | None = None) -> None:
     """Autocast on a custom op: the floating arguments at positions `float_args` are cast to the
     autocast dtype in force at call time (bf16 or fp16, whichever the user chose; torch's own
-    register_autocast fixes one dtype), then the op runs with autocast off."""
+    register_autocast fixes one dtype), and the argument at `dtype_arg` (an op that casts inside)
+    is set to it; then the op runs with autocast off."""
     namespace, name = qualname.split("::")
     lib = torch.library.Library(namespace, "FRAGMENT")
     for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
@@ -91,6 +92,8 @@ def register_autocast(qualname: str, op, float_args: tuple[int, ...]) -> None:
             dtype = torch.get_autocast_dtype(_device_type)
             args = [a.to(dtype) if i in float_args and isinstance(a, torch.Tensor) and a.is_floating_point()
                     and a.device.type == _device_type else a for i, a in enumerate(args)]
+            if dtype_arg is not None:
+                args[dtype_arg] = dtype
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
                 return op(*args)
 

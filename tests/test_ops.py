@@ -35,7 +35,7 @@ def qnn_args(dtype, device, seed=0):
     x = torch.randn(batch, dim, generator=g).to(device, dtype).requires_grad_()
     weight = (torch.randn(num_row * dim, dim, generator=g) / dim**0.5).to(device, dtype).requires_grad_()
     bias = torch.randn(num_row * dim, generator=g).to(device, dtype).requires_grad_()
-    return x, weight, bias, torch.tensor([1234], device=device), num_row, 0.25
+    return x, weight, bias, torch.tensor([1234], device=device), num_row, 0.25, dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -111,7 +111,7 @@ def test_asta_under_autocast_reads_the_autocast_dtype(device, backend, dtype):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_qnn_under_autocast_reads_the_autocast_dtype(device, backend):
-    x, weight, bias, _, num_row, p = qnn_args(torch.float32, device, seed=2)
+    x, weight, bias, _, num_row, p, _ = qnn_args(torch.float32, device, seed=2)
     with torch.autocast(device.type, dtype=torch.bfloat16):
         y = kernels.quadratic_projection(x, weight, bias, num_row, dropout_p=p, training=True, seed=7, backend=backend)
     assert y.dtype == torch.bfloat16
@@ -162,3 +162,19 @@ def test_the_op_itself_casts_under_autocast(device):
     with torch.autocast(device.type, dtype=torch.bfloat16):
         assert ASTA(history, None, query, mask).dtype == torch.bfloat16
         assert QNN(*qnn_args(torch.float32, device))[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_qnn_under_autocast_keeps_no_16bit_copy_of_the_weight(device, backend):
+    """The weight autograd keeps is the parameter itself; backward casts it again (a kept bf16 copy
+    would be 2 bytes a weight, 32 MB for QIN's four layers, whatever the batch)."""
+    x, weight, bias, _, num_row, p, _ = qnn_args(torch.float32, device, seed=5)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = kernels.quadratic_projection(x, weight, bias, num_row, dropout_p=p, training=True, seed=3,
+                                             backend=backend)
+    assert any(t is weight or t.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr() for t in kept)
+    assert not [t for t in kept if t.shape == weight.shape and t.dtype == torch.bfloat16]
+    y.float().sum().backward()
+    assert weight.grad.dtype == bias.grad.dtype == torch.float32

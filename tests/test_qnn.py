@@ -198,7 +198,8 @@ def test_torch_backend_under_autocast_keeps_neither_mask_nor_weight_copy():
 
 def test_triton_backend_under_autocast_keeps_x_in_the_compute_dtype(device):
     """The fused op under autocast bf16 keeps x as the GEMMs read it (bf16, not the fp32 residual
-    stream), the fp32 group sum, the bf16 weight it was given and its seed; grad_x comes back fp32."""
+    stream), the fp32 group sum, the fp32 weight it was given (the parameter: backward casts it
+    again) and its seed; the gradients come back fp32."""
     batch, dim, num_row = 32, 24, 4
     x, weight, bias, gy = make_inputs(batch, dim, num_row, torch.float32, device)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
@@ -209,7 +210,8 @@ def test_triton_backend_under_autocast_keeps_x_in_the_compute_dtype(device):
                                              backend="triton")
     assert y.dtype == torch.bfloat16
     assert sorted((tuple(t.shape), str(t.dtype)) for t in saved if t.is_floating_point()) == sorted(
-        [((batch, dim), "torch.bfloat16"), ((batch, dim), "torch.float32"), ((num_row * dim, dim), "torch.bfloat16")])
+        [((batch, dim), "torch.bfloat16"), ((batch, dim), "torch.float32"), ((num_row * dim, dim), "torch.float32")])
+    assert any(t is leaves[1] for t in saved)
     grads = torch.autograd.grad(y, leaves, gy.bfloat16())
     assert [g.dtype for g in grads] == [torch.float32] * 3
     mask = dropout_keep_mask(7, batch, num_row, dim, 0.1, device).cpu()
