@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import qin.recompute
-import qin.train
 from qin.recompute import recomputed_in_backward
 from qin.train import loss_fn
 from test_precision import random_batch, small_qin
