@@ -328,6 +328,9 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
     step_ratio("GPU bf16, both compiled: default + torch.compile under autocast >= 1.5x literal + torch.compile + "
                "autocast (batch 8192)", "default (auto) + torch.compile, autocast bf16",
                "literal + torch.compile, autocast bf16", 1.5)
+    step_ratio("GPU bf16, CUDA graphs (train.cuda_graphs=true) >= 1.5x literal + torch.compile + autocast "
+               "(batch 8192)", "default (auto) + CUDA graphs, autocast bf16", "literal + torch.compile, autocast bf16",
+               1.5)
     memory = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "peak_memory"]
     ours_mem = _value(memory, provider="default (auto)", x_value=8192)
     hoisted_mem = _value(memory, provider="+ hoisted ASTA", x_value=8192)

@@ -70,19 +70,49 @@ def _regathered_backward_op(grad_z: torch.Tensor, reps: torch.Tensor, index: tor
         # read hundreds of times in a batch, and a 16-bit running sum loses the later terms
         # (13% off at 366 repeats in bf16, tests/test_asta.py). The index is in range: the
         # gather above has read through it.
-        batch, seq_len = index.shape
-        acc = torch.promote_types(reps.dtype, torch.float32)
-        readers = torch.arange(batch, device=index.device).repeat_interleave(seq_len)
-        coefficients = torch.sparse_coo_tensor(
-            torch.stack([index.reshape(-1).long().repeat(2), torch.cat([readers, readers + batch])]),
-            torch.cat([torch.relu(masked).reshape(-1), grad_s.reshape(-1)]).to(acc),
-            (reps.shape[0], 2 * batch), check_invariants=False)
-        grad_reps = torch.sparse.mm(coefficients, torch.cat([grad_z, query]).to(acc)).to(reps.dtype)
+        # Under CUDA graph capture the same sum is formed by atomic adds (see there).
+        by = (_reps_gradient_by_scatter if index.is_cuda and torch.cuda.is_current_stream_capturing()
+              else _reps_gradient_by_sparse_product)
+        grad_reps = by(index, torch.relu(masked), grad_s, grad_z, query, reps.shape[0]).to(reps.dtype)
     if needs[1]:
         grad_query = torch.einsum("bl,bld->bd", grad_s, history)
     if needs[2]:
         grad_mask = (grad_w * scores).to(mask.dtype)
     return grad_reps, grad_query, grad_mask
+
+
+def _reps_gradient_by_sparse_product(index, weights, grad_s, grad_z, query, rows: int) -> torch.Tensor:
+    """d reps (rows, D) in fp32 (or wider): the sum over the positions (b, l) that read row u of
+    weights_bl dz_b + ds_bl q_b, as one sparse (rows, 2B) @ [dz; q] product."""
+    batch, seq_len = index.shape
+    acc = torch.promote_types(grad_z.dtype, torch.float32)
+    readers = torch.arange(batch, device=index.device).repeat_interleave(seq_len)
+    coefficients = torch.sparse_coo_tensor(
+        torch.stack([index.reshape(-1).long().repeat(2), torch.cat([readers, readers + batch])]),
+        torch.cat([weights.reshape(-1), grad_s.reshape(-1)]).to(acc), (rows, 2 * batch), check_invariants=False)
+    return torch.sparse.mm(coefficients, torch.cat([grad_z, query]).to(acc))
+
+
+# _reps_gradient_by_scatter forms at most this many elements of positions' gradient rows at once
+# (64 MB in fp32).
+SCATTER_ELEMENTS = 1 << 24
+
+
+def _reps_gradient_by_scatter(index, weights, grad_s, grad_z, query, rows: int) -> torch.Tensor:
+    """The same sum as _reps_gradient_by_sparse_product, by atomic adds (index_add_) of each
+    position's gradient row, a block of history positions at a time: what a CUDA graph can hold.
+    The sparse product coalesces its indices, sizing the result on the host, which no graph can."""
+    batch, seq_len = index.shape
+    dim = grad_z.shape[1]
+    acc = torch.promote_types(grad_z.dtype, torch.float32)
+    total = torch.zeros(rows, dim, device=grad_z.device, dtype=acc)
+    grad_z, query = grad_z.to(acc)[:, None, :], query.to(acc)[:, None, :]
+    block = max(1, SCATTER_ELEMENTS // max(1, batch * dim))
+    for start in range(0, seq_len, block):
+        part = slice(start, start + block)
+        gradient_rows = weights[:, part, None].to(acc) * grad_z + grad_s[:, part, None].to(acc) * query
+        total.index_add_(0, index[:, part].reshape(-1), gradient_rows.reshape(-1, dim))
+    return total
 
 
 @_regathered_backward_op.register_fake

@@ -143,6 +143,9 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole split
     checkpoint_every_steps: int = 0  # also write latest.pt every N steps (0: at epoch ends only)
     compile: bool = False  # torch.compile the model for training (the first step also compiles)
+    # Compiled with CUDA graphs (mode="reduce-overhead", the model made graph-safe: qin.model.
+    # compile_model); implies compile. CUDA only, one process; not yet measured on a GPU.
+    cuda_graphs: bool = False
     log_every_steps: int = 10  # one TensorBoard point of train loss, grad norm, lr, samples/s every N steps
     out_dir: str = "runs/qin"
 

@@ -44,11 +44,14 @@ def feature_module(feature: Feature, dim: int, project: bool) -> nn.Module | Non
     return nn.Linear(feature.embedding_dim, dim, bias=False) if project else None
 
 
-def embed_feature(feature: Feature, module: nn.Module | None, values: torch.Tensor) -> torch.Tensor:
-    """(N, width) for N values of one feature."""
+def embed_feature(feature: Feature, module: nn.Module | None, values: torch.Tensor,
+                  graph_safe: bool = False) -> torch.Tensor:
+    """(N, width) for N values of one feature; graph_safe: see FeatureModules.graph_safe."""
     if feature.type == "categorical":
         return module(values)
     if feature.type == "sequence":
+        if graph_safe:
+            return masked_mean_embedding(values, module.weight)
         # mode="mean" with padding_idx leaves id 0 out of the mean; an all-padding bag gives zeros.
         return F.embedding_bag(values, module.weight, mode="mean", padding_idx=0)
     if feature.type == "numeric":
@@ -56,8 +59,27 @@ def embed_feature(feature: Feature, module: nn.Module | None, values: torch.Tens
     return values if module is None else module(values)
 
 
+def masked_mean_embedding(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.embedding_bag(values, weight, mode="mean", padding_idx=0) for values (N, T), from a gather
+    and a masked mean. Its backward is a scatter-add, where embedding_bag's sorts the ids and sizes
+    its output on the host: a CUDA graph cannot hold that (PyTorch issue 93807). Compiled, the
+    gather, mask and mean are one kernel: the (N, T, width) rows are never stored."""
+    named = (values != 0).to(weight.dtype)
+    total = torch.einsum("nt,ntd->nd", named, F.embedding(values, weight))
+    return total / named.sum(1, keepdim=True).clamp_min(1.0)
+
+
 class FeatureModules(nn.Module):
-    """Holds one module per feature, under MODULE_NAMES or `<name>_embedding` / `<name>_projection`."""
+    """Holds one module per feature, under MODULE_NAMES or `<name>_embedding` / `<name>_projection`.
+
+    graph_safe (set by make_graph_safe, for CUDA graphs): every op of the embeddings, and of the
+    item dedup, keeps its output size fixed by the input shapes and never waits for the device.
+    It computes the same function."""
+
+    graph_safe = False
+
+    def embed(self, feature: Feature, values: torch.Tensor) -> torch.Tensor:
+        return embed_feature(feature, self.module_of(feature), values, self.graph_safe)
 
     def add_feature_modules(self, features: list[Feature], dim: int, project: bool) -> None:
         self._feature_modules = getattr(self, "_feature_modules", {})
@@ -86,6 +108,37 @@ def _item_info_buffer(feature: Feature, num_items: int) -> torch.Tensor:
     if feature.type == "embedding":
         return torch.zeros(num_items, feature.embedding_dim)
     return torch.zeros(num_items)
+
+
+def static_unique(ids: torch.Tensor, num_ids: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.unique(ids, return_inverse=True) in a tensor whose size the shapes fix, for CUDA graphs.
+
+    For ids (N,) in [0, num_ids): (slots, inverse) with slots of size min(N, num_ids) holding the
+    distinct ids in ascending order first, as torch.unique returns them, then ids no position
+    names (encoded, never read), and slots[inverse] == ids. torch.unique's output size depends
+    on the data, so the host must wait for the device to learn it, which no CUDA graph can hold.
+    Here no size depends on the data, and nothing waits for the device.
+    """
+    n = ids.shape[0]
+    if num_ids <= n:
+        # A catalogue no larger than the batch (MicroLens: 91,718 items, 532,480 positions at
+        # batch 8192): mark the ids named, then order the catalogue named-first.
+        named = torch.zeros(num_ids, dtype=torch.bool, device=ids.device).index_fill_(0, ids, True)
+        rank = named.cumsum(0) - 1  # among the named ids, for each named id
+        unnamed_before = torch.arange(num_ids, device=ids.device) - rank - 1  # for each unnamed id
+        slot = torch.where(named, rank, rank[-1] + 1 + unnamed_before)  # a permutation of the catalogue
+        slots = torch.empty_like(slot).scatter_(0, slot, torch.arange(num_ids, device=ids.device))
+        return slots, rank[ids]
+    # Fewer positions than items: sort them; each run of equal ids takes the next slot.
+    ordered, order = ids.sort()
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    rank = first.cumsum(0) - 1
+    inverse = torch.empty_like(rank).scatter_(0, order, rank)
+    # Every position of a run writes the same id to its slot; the slots after the last run keep
+    # id 0, the padding item.
+    slots = torch.zeros_like(ordered).scatter_(0, rank, ordered)
+    return slots, inverse
 
 
 class ItemEncoder(FeatureModules):
@@ -128,8 +181,7 @@ class ItemEncoder(FeatureModules):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        parts = [embed_feature(f, self.module_of(f), flat if f is self.key else getattr(self, f"info_{f.name}")[flat])
-                 for f in self.features]
+        parts = [self.embed(f, flat if f is self.key else getattr(self, f"info_{f.name}")[flat]) for f in self.features]
         rep = torch.cat(parts, dim=-1)
         return rep.view(*ids.shape, rep.shape[-1])
 
@@ -139,10 +191,13 @@ class ItemEncoder(FeatureModules):
 
         A batch names far fewer distinct items than positions: each is encoded once."""
         ids = torch.cat([target_ids, history_ids.reshape(-1)])
-        unique_ids, inverse = torch.unique(ids, return_inverse=True)
-        # The count of distinct ids is data-dependent; telling torch.compile it is at least one
-        # lets the gathers' backward be compiled (a batch always names one item, the target).
-        torch._check(unique_ids.shape[0] >= 1)
+        if self.graph_safe:
+            unique_ids, inverse = static_unique(ids, self.key.vocab_size)
+        else:
+            unique_ids, inverse = torch.unique(ids, return_inverse=True)
+            # The count of distinct ids is data-dependent; telling torch.compile it is at least one
+            # lets the gathers' backward be compiled (a batch always names one item, the target).
+            torch._check(unique_ids.shape[0] >= 1)
         batch = target_ids.shape[0]
         return unique_ids, inverse[:batch], inverse[batch:].view(history_ids.shape)
 
@@ -329,7 +384,7 @@ class CTRModel(FeatureModules):
         self.add_feature_modules(self.context, dim, project)
 
     def embed_context(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        return [embed_feature(f, self.module_of(f), batch[f.name]) for f in self.context]
+        return [self.embed(f, batch[f.name]) for f in self.context]
 
     def load_item_info(self, columns, mm: torch.Tensor | None = None) -> None:
         self.items.load_item_info(columns, mm)
@@ -418,13 +473,29 @@ class QIN(CTRModel):
         return self.output(self.qnn(x)).squeeze(-1)
 
 
-def compile_model(model: nn.Module, **options) -> nn.Module:
+def compile_model(model: nn.Module, cuda_graphs: bool = False, **options) -> nn.Module:
     """torch.compile(model, **options) for a model whose item dedup calls torch.unique, whose
     output size depends on the data: dynamo is told to capture such ops (torch 2.7 breaks the graph
-    there otherwise, and fullgraph=True fails; newer torch captures it either way)."""
+    there otherwise, and fullgraph=True fails; newer torch captures it either way).
+
+    cuda_graphs=True compiles with mode="reduce-overhead": on a GPU each compiled graph replays as
+    one CUDA graph, one launch for hundreds of kernels. A graph cannot hold an op whose output size
+    the host must learn, or one that waits for the device, so the model is made graph-safe first
+    (make_graph_safe: the same function)."""
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     tag_compile_caches()
+    if cuda_graphs:
+        make_graph_safe(model)
+        options.setdefault("mode", "reduce-overhead")
     return torch.compile(model, **options)
+
+
+def make_graph_safe(model: nn.Module) -> None:
+    """From now on the model's embeddings and item dedup run graph-safe (FeatureModules.graph_safe):
+    static_unique for torch.unique, masked_mean_embedding for embedding_bag."""
+    for module in model.modules():
+        if isinstance(module, FeatureModules):
+            module.graph_safe = True
 
 
 def tag_compile_caches() -> None:

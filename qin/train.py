@@ -298,13 +298,19 @@ class Trainer:
                 self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
             # Dropout must differ between ranks (the model itself is identical: same seed above).
             torch.manual_seed(cfg.train.seed + 1_000_003 * self.ctx.rank)
+        if cfg.train.cuda_graphs:
+            if self.device.type != "cuda" or self.ctx.distributed:
+                raise ConfigError("train.cuda_graphs=true needs one process on a CUDA device; this run is on "
+                                  f"{self.device}" + (f" with {self.ctx.world_size} processes" if self.ctx.distributed
+                                                      else "") + " (train.compile=true compiles without graphs)")
+            cfg.train.compile = True  # written back: config.yaml says what ran
         if cfg.train.compile:
             # The compiled model's backend="auto" follows decisions timed before on this GPU (the
             # file of kernels.choice): it cannot time inside a graph, and runs torch elsewhere.
             known = kernels_choice.preload(self.device)
             if known:
                 self.log(f"backend='auto' under torch.compile: {known} decisions timed before on this device")
-            self.forward_model = compile_model(self.forward_model)
+            self.forward_model = compile_model(self.forward_model, cuda_graphs=cfg.train.cuda_graphs)
             if self.device.type == "cpu":
                 self.log("train.compile=true on the CPU: the compiled step measured slower than eager in our CPU "
                          "benchmarks (0.68-0.96x of eager's speed at batch 1024-2048, fp32 and bf16; about even at "
@@ -425,6 +431,8 @@ class Trainer:
             if index < st.batches_done:  # resumed mid-epoch: the same order, skip what was done
                 continue
             batch = _to_device(batch, self.device)
+            if tc.cuda_graphs:  # a new step: the graphs may overwrite the last step's outputs
+                torch.compiler.cudagraph_mark_step_begin()
             global_rows = min(tc.batch_size, len(train) - index * tc.batch_size)
             rows = (global_rows, ctx.world_size) if ctx.distributed else (None, 1)
             loss = loss_fn(self.forward_model, batch, tc.embedding_l2, *rows, tc.precision)
