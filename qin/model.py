@@ -63,9 +63,11 @@ def masked_mean_embedding(values: torch.Tensor, weight: torch.Tensor) -> torch.T
     """F.embedding_bag(values, weight, mode="mean", padding_idx=0) for values (N, T), from a gather
     and a masked mean. Its backward is a scatter-add, where embedding_bag's sorts the ids and sizes
     its output on the host: a CUDA graph cannot hold that (PyTorch issue 93807). Compiled, the
-    gather, mask and mean are one kernel: the (N, T, width) rows are never stored."""
+    gather, mask and mean are one kernel: the (N, T, width) rows are never stored. A multiply and
+    a sum, not a product (einsum): autocast would round a product to 16 bits, as it does not
+    round embedding_bag."""
     named = (values != 0).to(weight.dtype)
-    total = torch.einsum("nt,ntd->nd", named, F.embedding(values, weight))
+    total = (F.embedding(values, weight) * named.unsqueeze(-1)).sum(1)
     return total / named.sum(1, keepdim=True).clamp_min(1.0)
 
 
