@@ -31,10 +31,11 @@ LITERAL = dict(asta_form="literal", dedup_items=False, **EAGER)
 DEDUP = dict(asta_form="hoisted", dedup_items=True)
 BF16 = torch.bfloat16
 CUDA_GRAPHS = "cuda graphs"  # in a variant's "compiled" field: compile_model(cuda_graphs=True)
-# (name, config overrides, torch.compile the model (or CUDA_GRAPHS), autocast dtype or None). The stock recipes a
-# user has without us (the literal model, eager or compiled, fp32 or under autocast bf16) sit
-# beside ours, so every ratio is against the strongest torch-only alternative of the same run.
-# The compiled ones come last: they take longest to start, and a time-boxed run keeps the rest.
+# (name, config overrides, torch.compile the model (or CUDA_GRAPHS), autocast dtype or None). The
+# stock recipes a user has without us (the literal model, eager or compiled, fp32 or under
+# autocast bf16) sit beside ours, so every ratio is against the strongest torch-only alternative
+# of the same run. The compiled ones come last: they take longest to start, and a time-boxed run
+# keeps the rest.
 VARIANTS = [
     ("literal eager", LITERAL, False, None),
     ("literal eager, autocast bf16", LITERAL, False, BF16),
