@@ -158,14 +158,14 @@ def test_report_says_what_auto_runs_on_the_device(monkeypatch):
 
 
 def test_every_training_variant_is_a_valid_config():
-    from bench.bench_train import CPU_VARIANTS, CUDA_GRAPHS, VARIANTS
+    from bench.bench_train import CPU_VARIANTS, CUDA_GRAPHS, GRAPH_SAFE, VARIANTS
     from qin.config import QINConfig
 
     names = [name for name, *_ in VARIANTS]
     assert len(set(names)) == len(names) and set(CPU_VARIANTS) <= set(names)
     for name, overrides, compiled, amp in VARIANTS:
         QINConfig(**overrides).validate()
-        assert amp in (None, torch.bfloat16) and compiled in (False, True, CUDA_GRAPHS), name
+        assert amp in (None, torch.bfloat16) and compiled in (False, True, CUDA_GRAPHS, GRAPH_SAFE), name
 
 
 def _gpu_run(tmp_path, rows=(), **env):
