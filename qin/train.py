@@ -300,9 +300,9 @@ class Trainer:
             torch.manual_seed(cfg.train.seed + 1_000_003 * self.ctx.rank)
         if cfg.train.cuda_graphs:
             if self.device.type != "cuda" or self.ctx.distributed:
-                raise ConfigError("train.cuda_graphs=true needs one process on a CUDA device; this run is on "
-                                  f"{self.device}" + (f" with {self.ctx.world_size} processes" if self.ctx.distributed
-                                                      else "") + " (train.compile=true compiles without graphs)")
+                where = f"{self.device} with {self.ctx.world_size} processes" if self.ctx.distributed else self.device
+                raise ConfigError(f"train.cuda_graphs=true needs one process on a CUDA device; this run is on {where} "
+                                  "(train.compile=true compiles without graphs)")
             cfg.train.compile = True  # written back: config.yaml says what ran
         if cfg.train.compile:
             # The compiled model's backend="auto" follows decisions timed before on this GPU (the

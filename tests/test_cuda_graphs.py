@@ -75,16 +75,16 @@ def test_graph_safe_model_computes_what_the_default_does(backend, precision):
     """Loss and every gradient, at a batch with more positions than items (the catalogue marked)
     and one with fewer (the positions sorted). Under autocast too, to fp32 rounding: nothing of
     the graph-safe model is rounded to 16 bits where the default's is not."""
-    def step(model, batch):
+    def step_in_precision(model, batch):
         loss = loss_fn(model, batch, 2e-4, precision=precision)
         return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
 
     for rows in (24, 2):
         model = tiny_model(dropout=0.0, asta_kernel=backend, qnn_kernel=backend)
         batch = tiny_batch(rows=rows)
-        want_loss, want_grads = step(model, batch)
+        want_loss, want_grads = step_in_precision(model, batch)
         make_graph_safe(model)
-        got_loss, got_grads = step(model, batch)
+        got_loss, got_grads = step_in_precision(model, batch)
         torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-7)
         for (name, _), got, want in zip(model.named_parameters(), got_grads, want_grads):
             # fp32: the gradients of the tables sum the same terms in another order.
