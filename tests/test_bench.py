@@ -172,13 +172,16 @@ def _gpu_run(tmp_path, rows=(), **env):
     """bench/gpu_run.sh in its CPU dry mode, with `rows` already in its results.csv."""
     import os
     import subprocess
+    import sys
 
     from bench.common import append_csv
 
     out = tmp_path / "out"
     if rows:
         append_csv(list(rows), out / "results.csv")
-    env = {**os.environ, "OUT": str(out), "GPU_RUN_DRY": "1", **env}
+    # The script calls `python3`: this interpreter's, even where its venv is not activated.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "OUT": str(out), "GPU_RUN_DRY": "1", **env}
     result = subprocess.run(["bash", "bench/gpu_run.sh"], env=env, capture_output=True, text=True, timeout=300,
                             cwd=Path(__file__).parent.parent)
     return result, out
