@@ -210,6 +210,24 @@ def test_a_16bit_matmul_that_is_slow_on_this_cpu_is_warned_about(data_dir, tmp_p
             assert not warnings, lines
 
 
+def test_a_non_finite_loss_in_fp16_names_the_overflow_and_bf16(data_dir, tmp_path, monkeypatch):
+    """The forward overflowing fp16 (the built-in run does by step 100) is no scaler's business:
+    the run stops, and says why and what to use instead."""
+    trainer = make_trainer(data_dir, tmp_path / "run", "train.precision=fp16", "train.epochs=1")
+    original = qin.train.loss_fn
+    calls = {"n": 0}
+
+    def overflow_on_step_three(*args):
+        calls["n"] += 1
+        loss = original(*args)
+        return loss * float("inf") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(qin.train, "loss_fn", overflow_on_step_three)
+    with pytest.raises(qin.train.TrainingError, match=r"non-finite loss at epoch 1, step 3: .*fp16's largest "
+                                                      r"value \(65,504\).*train.precision=bf16"):
+        trainer.fit()
+
+
 def test_fp16_skips_an_overflowing_step_and_halves_the_scale(data_dir, tmp_path):
     steps = 24
     trainer = make_trainer(data_dir, tmp_path / "run", "train.precision=fp16", "train.epochs=1",
