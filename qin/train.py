@@ -526,8 +526,8 @@ class Trainer:
         # In fp16 the forward itself can overflow, which no loss scale prevents: each QNN layer
         # multiplies the residual stream by a projection of it, and on the built-in run (CPU with
         # fp16 arithmetic, 2026-12-01) the last layer's output passed 30,000 within 100 steps.
-        fp16 = (f"; in fp16 the forward can pass fp16's largest value (65,504): QNN's quadratic layers "
-                f"grow with the square of their input. train.precision=bf16 has fp32's range"
+        fp16 = ("; in fp16 the forward can pass fp16's largest value (65,504): QNN's quadratic layers "
+                "grow with the square of their input. train.precision=bf16 has fp32's range"
                 if what == "loss" and self.cfg.train.precision == "fp16" else "")
         raise TrainingError(
             f"non-finite {what} at epoch {self.state.epoch + 1}, step {step}: training stopped; "

@@ -73,8 +73,8 @@ def test_reps_gradient_by_scatter_is_the_sparse_product(monkeypatch, dtype):
 # largest difference over the largest gradient). Both compute the same function (float64: equal to
 # rounding). In fp32 they round differently: the item encoder multiplies min(positions, catalogue)
 # rows, not the distinct ones, and a BLAS may order a product's sums by its row count. At 2 rows,
-# where BatchNorm nearly cancels every gradient, that moves some by 2.4e-5 (seen on an AMX Xeon;
-# 1e-5 on a Zen 5). One bf16 rounding of the tag mean moves them by 1.2e-3 or more, fp32 or autocast.
+# where BatchNorm nearly cancels every gradient, that moves some by 2.4e-5 (seen on an AMX Xeon).
+# One bf16 rounding of the tag mean moves them by 1.2e-3 or more, fp32 or autocast.
 GRAPH_SAFE_TOLERANCE = {"fp64": tolerances.MODEL[torch.float64].rtol, "fp32": 1e-4, "bf16": 1e-4}
 
 
