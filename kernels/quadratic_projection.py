@@ -12,7 +12,8 @@ Triton fuses what surrounds them, so that no dropout mask is ever stored:
             element drawn once; x as the GEMMs read it, the one copy kept) and gy * s; then grad_x = gy * s + G @ W (one GEMM, with the
             addend where x has the weight's dtype), grad_W = G.T @ x, grad_b = sum_b G.
 Dtypes: the GEMMs read x in the weight's dtype (autocast's, under autocast), and y has that
-dtype; the product y = x * s and the direct term gy * s of grad_x read x as it is, which under
+dtype, except that in fp16 y keeps a wider x's dtype (fp16's range overflowed there:
+reference.product_dtype); the product y = x * s and the direct term gy * s of grad_x read x as it is, which under
 autocast is the fp32 residual stream (reference.quadratic_product says why). Rounding, in
 bf16/fp16: the GEMMs round their outputs (h, G @ W) to their input dtype, as torch's own would;
 every sum around them runs in fp32, so y carries two roundings (h, y), grad_x three (h, G,
@@ -143,11 +144,12 @@ def _grid(batch: int, dim: int, cfg: dict):
 
 def _forward(x, weight, bias, seed, num_row, p):
     """(y, s): one GEMM for every group's hidden, then the fused dropout / group-sum / product.
-    The GEMM reads x in the weight's dtype, the product x as it is; y has the weight's dtype."""
+    The GEMM reads x in the weight's dtype, the product x as it is; y has
+    reference.product_dtype(x, weight): the weight's dtype, or in fp16 a wider x's."""
     batch, dim = x.shape
     hidden = torch.addmm(bias, x.to(weight.dtype), weight.t())  # (B, M*D)
     # s stays in fp32 (fp64): rounding it to a 16-bit dtype would add one more rounding to grad_x.
-    y = torch.empty_like(x, dtype=weight.dtype)
+    y = torch.empty_like(x, dtype=reference.product_dtype(x.dtype, weight.dtype))
     s = torch.empty_like(x, dtype=torch.promote_types(weight.dtype, torch.float32))
     if batch == 0:
         return y, s
@@ -197,7 +199,7 @@ def _qnn_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seed: tor
 @_qnn_op.register_fake
 def _(x, weight, bias, seed, num_row, p, dtype):
     contiguous = torch.contiguous_format
-    return (torch.empty_like(x, memory_format=contiguous, dtype=dtype),
+    return (torch.empty_like(x, memory_format=contiguous, dtype=reference.product_dtype(x.dtype, dtype)),
             torch.empty_like(x, memory_format=contiguous, dtype=torch.promote_types(dtype, torch.float32)))
 
 
@@ -299,8 +301,9 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     """y = x * sum_r dropout(x @ W_r.T + b_r); see the module docstring.
 
     The products with W read every floating input in one dtype (autocast's where it is on, else
-    their promoted type), which is the output's dtype; the product with x reads x as it is (under
-    autocast the fp32 residual stream) and rounds once. Sums run in fp32 (fp64 for fp64). seed
+    their promoted type), which is the output's dtype, except that in fp16 the output keeps a wider
+    x's dtype (under fp16 autocast fp32: y grows with the square of x and overflowed fp16); the
+    product with x reads x as it is (under autocast the fp32 residual stream) and rounds once. Sums run in fp32 (fp64 for fp64). seed
     fixes the dropout stream of the Triton path: an int, a one-element integer tensor, or None
     (drawn on x's device from torch's generator); the torch backend draws its own
     (kernels.dropout on the CPU, F.dropout's on CUDA).
@@ -352,7 +355,7 @@ def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: 
 def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """One dict per Triton kernel launched in training with dropout at B=8192, D=1024, M=4 (the
     GEMMs around them are cuBLAS's), in `dtype`, or for a 16-bit dtype as QIN launches them
-    under autocast (the forward's x and gy * s in fp32).
+    under autocast (the forward's x and gy * s in fp32, and in fp16 y and gy too).
 
     Each has name, fn, signature, constexprs, attrs, num_warps, num_stages, so that
     triton.compile(ASTSource(fn, signature, constexprs, attrs), target=..., options=dict(
@@ -374,6 +377,8 @@ def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
             types.update(gys_ptr="*fp32")  # residual stream, and gy * s stays in its dtype
             if name == "qnn_dropout_sum":
                 types.update(x_ptr="*fp32")
+            if dtype == torch.float16:  # y keeps x's fp32 (reference.product_dtype), and so does gy
+                types.update(y_ptr="*fp32", gy_ptr="*fp32")
         signature = {arg: types[arg] for arg in fn.arg_names}  # in the kernel's argument order
         # The JIT marks 16-byte-aligned pointers and ints divisible by 16 (B=8192, D=1024) as such.
         aligned = (*pointers, "seed_ptr", "B", "D")

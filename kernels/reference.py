@@ -161,8 +161,9 @@ def quadratic_projection(
     """y = x * sum_r dropout(x @ W_r.T + b_r), with weight laid out like nn.Linear(D, num_row * D).
 
     x (B, D), weight (num_row * D, D), bias (num_row * D,) -> (B, D), in the dtype the product
-    with W runs in (the weight's, or autocast's), which reads x in that dtype; the elementwise
-    product with x reads x as it is and rounds once (quadratic_product).
+    with W runs in (the weight's), which reads x in that dtype, except that in fp16 y keeps a
+    wider x's dtype (product_dtype); the elementwise product with x reads x as it is and rounds
+    once (quadratic_product).
     `dropout_mask` (B, num_row * D, bool), if given, replaces the random draw: tests use it to
     replay the exact mask a fused kernel used.
     """
@@ -176,18 +177,31 @@ def quadratic_projection(
     return quadratic_product(x, hidden.view(batch, num_row, dim).sum(dim=1))
 
 
+def product_dtype(x_dtype: torch.dtype, dtype: torch.dtype) -> torch.dtype:
+    """The dtype of y = x * s when the products with W run in `dtype`: that dtype, except fp16,
+    where y keeps x's dtype if x is wider (under fp16 autocast, the fp32 residual stream).
+
+    Why: y grows with the square of x, and fp16's largest value is 65,504. The built-in run under
+    fp16 autocast overflowed there, in the last QNN layer's y, at step 96 (from |x| <= 87.5;
+    bench/results/cpu-xeon-amx-2026-12-01). The BatchNorm after it normalises y, so the next
+    layer's fp16 product reads small numbers again. bf16 has fp32's range and keeps y in bf16
+    (half the bytes the BatchNorm saves for backward)."""
+    if dtype == torch.float16:
+        return torch.promote_types(x_dtype, dtype)
+    return dtype
+
+
 def quadratic_product(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x * s in s's dtype, from x as it is: under autocast x is the fp32 residual stream and s the
-    bf16 (or fp16) group sum, and the product is rounded once, not after x was rounded too.
+    """x * s in product_dtype(x, s), from x as it is: under autocast x is the fp32 residual stream
+    and s the bf16 (or fp16) group sum, and the product is rounded once, not after x was rounded too.
 
     Why not x rounded first: QIN trained in bf16 with x rounded to bf16 here (and the direct term
     gy * s of grad_x rounded to bf16) ended 0.011 valid AUC below fp32 on the built-in data (best
     of 12 epochs, three seeds); with both read unrounded, 0.003 below (six seeds)
     (bench/results/auc-precision-builtin-cpu-2026-11-30-qnn-x).
     """
-    if x.dtype == s.dtype:
-        return x * s
-    return (x * s).to(s.dtype)
+    y = x * s
+    return y.to(product_dtype(x.dtype, s.dtype))
 
 
 class _RegeneratedQuadraticProjection(torch.autograd.Function):
@@ -223,7 +237,8 @@ class _RegeneratedQuadraticProjection(torch.autograd.Function):
         x, weight, s = ctx.saved_tensors  # x in the compute dtype
         batch, dim = x.shape
         keep = keep_multiplier((batch, ctx.num_row, dim), ctx.p, ctx.seed, x.dtype)
-        scaled = (grad_y.to(x.dtype) * x * (1.0 / (1.0 - ctx.p)))[:, None, :]
+        # gy * x rounded once to the compute dtype (gy is fp32 where y is: fp16 over a wider x).
+        scaled = (grad_y * x * (1.0 / (1.0 - ctx.p))).to(x.dtype)[:, None, :]
         g = (keep * scaled).view(batch, ctx.num_row * dim)
         x_dtype, weight_dtype, bias_dtype = ctx.input_dtypes
         grad_x = grad_weight = grad_bias = None

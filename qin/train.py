@@ -523,11 +523,11 @@ class Trainer:
                         samples_s=f"{self._clock[1] / (time.perf_counter() - self._clock[0]):,.0f}")
 
     def _non_finite(self, step: int, what: str) -> None:
-        # In fp16 the forward itself can overflow, which no loss scale prevents: each QNN layer
-        # multiplies the residual stream by a projection of it, and on the built-in run (CPU with
-        # fp16 arithmetic, 2026-12-01) the last layer's output passed 30,000 within 100 steps.
-        fp16 = ("; in fp16 the forward can pass fp16's largest value (65,504): QNN's quadratic layers "
-                "grow with the square of their input. train.precision=bf16 has fp32's range"
+        # In fp16 the forward itself can overflow, which no loss scale prevents. The built-in run
+        # did, in the last QNN layer's y = x * s, until that product stayed fp32 under fp16
+        # (kernels.reference.product_dtype); every GEMM output is still rounded to fp16.
+        fp16 = ("; in fp16 the forward can pass fp16's largest value (65,504), which no loss scale "
+                "prevents. train.precision=bf16 has fp32's range"
                 if what == "loss" and self.cfg.train.precision == "fp16" else "")
         raise TrainingError(
             f"non-finite {what} at epoch {self.state.epoch + 1}, step {step}: training stopped; "

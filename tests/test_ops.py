@@ -84,6 +84,15 @@ def test_opcheck_qnn(device, dtype):
     torch.library.opcheck(QNN, qnn_args(dtype, device))
 
 
+@pytest.mark.parametrize("compute", [torch.bfloat16, torch.float16])
+def test_opcheck_qnn_as_autocast_calls_it(device, compute):
+    """fp32 inputs read in a 16-bit dtype, as autocast calls the op; in fp16 y stays fp32, and the
+    fake function must say so."""
+    args = (*qnn_args(torch.float32, device)[:-1], compute)
+    torch.library.opcheck(QNN, args)
+    assert QNN(*args)[0].dtype == (torch.float32 if compute == torch.float16 else compute)
+
+
 def test_qnn_op_is_a_pure_function_of_its_seed(device):
     """Same inputs, same seed tensor: the same output, as a replayed compiled graph needs."""
     args = qnn_args(torch.float32, device)
@@ -154,6 +163,37 @@ def test_qnn_under_autocast_multiplies_by_the_unrounded_x(device, backend, train
     y.backward(gy)
     assert x.grad.dtype == torch.float32
     assert torch.equal(x.grad, gy.float() * s)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_qnn_under_fp16_autocast_returns_the_product_in_fp32(device, backend, training):
+    """Under fp16 autocast y = x * s keeps x's fp32: it grows with the square of the input and the
+    built-in run overflowed fp16 (65,504) there. Here |y| passes 65,504 in every case.
+
+    With W = 0 and integer biases, s is an exact fp16 number and equals y at x = 1 (same seed, same
+    mask), so y must equal the fp32 product x * s exactly, and grad_x the fp32 product gy * s."""
+    g = torch.Generator().manual_seed(6)
+    batch, dim, num_row = 40, 24, 4
+    x = (500 + 200 * torch.rand(batch, dim, generator=g)).to(device).requires_grad_()
+    weight = torch.zeros(num_row * dim, dim, device=device, requires_grad=True)
+    bias = torch.randint(-64, 65, (num_row * dim,), generator=g).float().to(device).requires_grad_()
+    gy = torch.randn(batch, dim, generator=g).half().float().to(device)
+
+    def run(x_in):
+        torch.manual_seed(3)  # the torch backend's mask comes from torch's generator
+        with torch.autocast(device.type, dtype=torch.float16):
+            return kernels.quadratic_projection(x_in, weight, bias, num_row, dropout_p=0.5, training=training,
+                                                seed=3, backend=backend)
+
+    s = run(torch.ones_like(x)).detach()
+    y = run(x)
+    assert y.dtype == torch.float32
+    assert (x.detach() * s).abs().max() > torch.finfo(torch.float16).max
+    assert torch.equal(y, x.detach() * s)
+    y.backward(gy)
+    assert x.grad.dtype == weight.grad.dtype == bias.grad.dtype == torch.float32
+    assert torch.equal(x.grad, gy * s)  # (grad_W's fp16 GEMM overflows here: the scaler's business)
 
 
 def test_the_op_itself_casts_under_autocast(device):

@@ -211,8 +211,8 @@ def test_a_16bit_matmul_that_is_slow_on_this_cpu_is_warned_about(data_dir, tmp_p
 
 
 def test_a_non_finite_loss_in_fp16_names_the_overflow_and_bf16(data_dir, tmp_path, monkeypatch):
-    """The forward overflowing fp16 (the built-in run does by step 100) is no scaler's business:
-    the run stops, and says why and what to use instead."""
+    """The forward overflowing fp16 (the built-in run did by step 100, before QNN's product stayed
+    fp32) is no scaler's business: the run stops, and says why and what to use instead."""
     trainer = make_trainer(data_dir, tmp_path / "run", "train.precision=fp16", "train.epochs=1")
     original = qin.train.loss_fn
     calls = {"n": 0}
