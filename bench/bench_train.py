@@ -1,11 +1,12 @@
 """One optimizer step of QIN, end to end: samples/s, peak memory and bytes saved for backward
-per variant, in fp32 and in bf16 (train.precision=bf16: autocast over the forward).
+per variant, in fp32 and in bf16 (train.precision=bf16: autocast over the forward), and on a GPU
+the default in fp16 too (with the trainer's gradient scaler).
 
 Variants switch the fused parts on one at a time, starting from the literal eager model
 (SPEC.md's form, as the authors wrote it). Batches are drawn like the real data (91,718 items,
 histories of median length about 6 out of 64, left-padded) and made outside the timed region.
-The fp32 and bf16 steps of a variant are timed alternately, rep by rep, so that a change in the
-machine's load hits both alike.
+Each variant is timed on its own, after the one before it (median of 8 steps after a warm-up):
+on a shared machine, ratios between rows are only as steady as its load.
 
     python -m bench.bench_train --device cuda [--batch 8192] [--csv out.csv]
 """
@@ -29,7 +30,7 @@ AUTHORS_DEVICE = "RTX 4090 (authors' log)"
 EAGER = dict(asta_kernel="torch", qnn_kernel="torch")
 LITERAL = dict(asta_form="literal", dedup_items=False, **EAGER)
 DEDUP = dict(asta_form="hoisted", dedup_items=True)
-BF16 = torch.bfloat16
+BF16, FP16 = torch.bfloat16, torch.float16
 # A variant's "compiled" field beyond True/False: compile_model(cuda_graphs=True); or eager with
 # the model made graph-safe (qin.model.make_graph_safe), which waits for the device nowhere.
 CUDA_GRAPHS, GRAPH_SAFE = "cuda graphs", "graph-safe eager"
@@ -63,6 +64,9 @@ VARIANTS = [
     ("literal + torch.compile", LITERAL, True, None),
     ("default (auto) + torch.compile", {}, True, None),
     ("all fused + torch.compile, autocast bf16", dict(DEDUP, asta_kernel="triton", qnn_kernel="triton"), True, BF16),
+    # train.precision=fp16 (a gradient scaler, the host reading its overflow check every step), for
+    # GPUs without bf16; last, as no target of the GPU issues depends on it.
+    ("default (auto), autocast fp16", {}, False, FP16),
 ]
 # On the CPU: the eager torch variants, the bf16 lines of issue 15's CPU targets, and (not with
 # --quick: compiling the paper's model takes a minute or two here) the default compiled.
@@ -159,15 +163,19 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
             if how == GRAPH_SAFE:
                 make_graph_safe(model)
             forward = compile_model(model, cuda_graphs=how == CUDA_GRAPHS) if compiled else model
+            # As the trainer steps: disabled (passing everything through) unless fp16.
+            scaler = torch.amp.GradScaler(device.type, enabled=amp == FP16)
 
             def step():
                 if how == CUDA_GRAPHS:  # a new step, as the trainer marks it
                     torch.compiler.cudagraph_mark_step_begin()
                 loss = _forward_loss(forward, data, amp)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 if device.type == "cpu":
                     bound_kept_memory()  # as the trainer does after each step
 
@@ -193,7 +201,7 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
         except Exception as exc:  # report and go on: one broken variant must not hide the others
             print(f"variant {name!r} failed: {type(exc).__name__}: {exc}")
         finally:
-            model = optimizer = forward = step = None  # free this variant's weights before the next
+            model = optimizer = forward = step = scaler = None  # free this variant's weights before the next
             if compiled:
                 torch._dynamo.reset()  # the next compiled variant starts from an empty cache
             if device.type == "cuda":
@@ -233,7 +241,7 @@ def print_ratios(rows: list[dict]) -> None:
         if name.startswith("data loading"):
             print(f"{name:30s}        {value:10,.0f}  (the loader alone: compare with the model's samples/s)")
             continue
-        twin = name.removesuffix(", autocast bf16").removesuffix(BF16_OP)  # the same variant in fp32
+        twin = name.removesuffix(", autocast bf16").removesuffix(", autocast fp16").removesuffix(BF16_OP)  # in fp32
         fp32 = speed.get((twin, "fp32"))
         saved_here, saved_fp32 = saved.get((name, dtype)), saved.get((twin, "fp32"))
         mem = memory.get((name, dtype))
