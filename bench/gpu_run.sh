@@ -21,7 +21,8 @@
 #                   backend="auto" timed and chose here and the MEASURED_FASTER entries the
 #                   op tables support (ready to paste into kernels/utils.py); plots: make_plots
 #   profile.md      the top CUDA kernels of the default training step, fp32 and autocast bf16
-#   tests_cuda.log  the kernel tests compiled for real (QIN_TEST_CUDA=1), and a training step as CUDA graphs
+#   tests_cuda.log  the kernel tests compiled for real (QIN_TEST_CUDA=1), a training step as CUDA graphs,
+#                   and the registered ops' checks (tests/test_ops.py) on CUDA
 #   parity/         `python3 -m qin parity --device cuda` where this tree has the command
 #                   (packed into parity.tar.gz if it would pass the file or folder-depth limits)
 set -uo pipefail
@@ -89,15 +90,18 @@ stage qnn 90 "$OUT/bench.log" python3 -m bench.bench_qnn --device "$DEV" --quick
 stage report 40 "$OUT/bench.log" python3 -m bench.csv_report "$OUT/results.csv" --device "$DEV" --out "$OUT/report.md"
 stage profile 70 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" "${PROFILE[@]}" \
   --precision fp32 bf16 --out "$OUT/profile.md"
-# train.cuda_graphs: a compiled training step replayed as CUDA graphs (the file's other tests are CPU ones)
+# train.cuda_graphs: a compiled training step replayed as CUDA graphs (the file's other tests are CPU ones);
+# last, the registered ops (opcheck, and their autocast on CUDA: bf16 and fp16, never yet run on a GPU).
 GRAPH_TEST=tests/test_cuda_graphs.py::test_compiled_training_step_runs_as_cuda_graphs
 if [ "$DEV" = cuda ]; then
   stage tests 180 "$OUT/tests_cuda.log" \
     env QIN_TEST_CUDA=1 python3 -m pytest tests/test_asta.py tests/test_qnn.py tests/test_choice.py \
-    "$GRAPH_TEST" -q -x -p no:cacheprovider
+    "$GRAPH_TEST" tests/test_ops.py --deselect tests/test_ops.py::test_compiled_torch_backend_keeps_no_history \
+    -q -x -p no:cacheprovider  # (that one compiles for the CPU: CI's)
 else  # collected only: on the CPU the kernel tests run through Triton's interpreter, for minutes
   stage tests 60 "$OUT/tests_cuda.log" python3 -m pytest tests/test_asta.py tests/test_qnn.py tests/test_choice.py \
-    "$GRAPH_TEST" -q -p no:cacheprovider --collect-only
+    "$GRAPH_TEST" tests/test_ops.py --deselect tests/test_ops.py::test_compiled_torch_backend_keeps_no_history \
+    -q -p no:cacheprovider --collect-only
 fi
 if [[ $STAGES == *" parity "* ]]; then
   if python3 -m qin parity --help > /dev/null 2>&1; then
