@@ -13,8 +13,9 @@ Triton fuses what surrounds them, so that no dropout mask is ever stored:
             addend where x has the weight's dtype), grad_W = G.T @ x, grad_b = sum_b G.
 Dtypes: the GEMMs read x in the weight's dtype (autocast's, under autocast), and y has that
 dtype, except that in fp16 y keeps a wider x's dtype (fp16's range overflowed there:
-reference.product_dtype); the product y = x * s and the direct term gy * s of grad_x read x as it is, which under
-autocast is the fp32 residual stream (reference.quadratic_product says why). Rounding, in
+reference.product_dtype); the product y = x * s and the direct term gy * s of grad_x read x
+as it is, which under autocast is the fp32 residual stream (reference.quadratic_product says
+why). Rounding, in
 bf16/fp16: the GEMMs round their outputs (h, G @ W) to their input dtype, as torch's own would;
 every sum around them runs in fp32, so y carries two roundings (h, y), grad_x three (h, G,
 G @ W) and grad_W and grad_b two.
@@ -303,10 +304,10 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     The products with W read every floating input in one dtype (autocast's where it is on, else
     their promoted type), which is the output's dtype, except that in fp16 the output keeps a wider
     x's dtype (under fp16 autocast fp32: y grows with the square of x and overflowed fp16); the
-    product with x reads x as it is (under autocast the fp32 residual stream) and rounds once. Sums run in fp32 (fp64 for fp64). seed
-    fixes the dropout stream of the Triton path: an int, a one-element integer tensor, or None
-    (drawn on x's device from torch's generator); the torch backend draws its own
-    (kernels.dropout on the CPU, F.dropout's on CUDA).
+    product with x reads x as it is (under autocast the fp32 residual stream) and rounds once.
+    Sums run in fp32 (fp64 for fp64). seed fixes the dropout stream of the Triton path: an int,
+    a one-element integer tensor, or None (drawn on x's device from torch's generator); the torch
+    backend draws its own (kernels.dropout on the CPU, F.dropout's on CUDA).
     """
     _check_args(x, weight, bias, num_row)
     p = _check_dropout_p(dropout_p)
