@@ -92,16 +92,15 @@ stage profile 70 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" 
   --precision fp32 bf16 --out "$OUT/profile.md"
 # train.cuda_graphs: a compiled training step replayed as CUDA graphs (the file's other tests are CPU ones);
 # last, the registered ops (opcheck, and their autocast on CUDA: bf16 and fp16, never yet run on a GPU).
-GRAPH_TEST=tests/test_cuda_graphs.py::test_compiled_training_step_runs_as_cuda_graphs
+# The one test of test_ops.py that compiles for the CPU stays CI's.
+CUDA_TESTS=(tests/test_asta.py tests/test_qnn.py tests/test_choice.py
+  tests/test_cuda_graphs.py::test_compiled_training_step_runs_as_cuda_graphs
+  tests/test_ops.py --deselect tests/test_ops.py::test_compiled_torch_backend_keeps_no_history)
 if [ "$DEV" = cuda ]; then
   stage tests 180 "$OUT/tests_cuda.log" \
-    env QIN_TEST_CUDA=1 python3 -m pytest tests/test_asta.py tests/test_qnn.py tests/test_choice.py \
-    "$GRAPH_TEST" tests/test_ops.py --deselect tests/test_ops.py::test_compiled_torch_backend_keeps_no_history \
-    -q -x -p no:cacheprovider  # (that one compiles for the CPU: CI's)
+    env QIN_TEST_CUDA=1 python3 -m pytest "${CUDA_TESTS[@]}" -q -x -p no:cacheprovider
 else  # collected only: on the CPU the kernel tests run through Triton's interpreter, for minutes
-  stage tests 60 "$OUT/tests_cuda.log" python3 -m pytest tests/test_asta.py tests/test_qnn.py tests/test_choice.py \
-    "$GRAPH_TEST" tests/test_ops.py --deselect tests/test_ops.py::test_compiled_torch_backend_keeps_no_history \
-    -q -p no:cacheprovider --collect-only
+  stage tests 60 "$OUT/tests_cuda.log" python3 -m pytest "${CUDA_TESTS[@]}" -q -p no:cacheprovider --collect-only
 fi
 if [[ $STAGES == *" parity "* ]]; then
   if python3 -m qin parity --help > /dev/null 2>&1; then
