@@ -1,5 +1,7 @@
 """Mixed precision (train.precision): QIN under CPU autocast against the fp32 model, and training
 runs in bf16 and fp16 that learn, skip overflowing fp16 steps and resume exactly."""
+import statistics
+
 import pytest
 import torch
 
@@ -15,7 +17,8 @@ from qin.synth import make_dataset
 from qin.train import fill_vocab_from_data, loss_fn
 from test_train import assert_same_weights, final_weights, make_trainer, small_config
 
-U_BF16 = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits): one rounding errs by at most this
+# Unit roundoffs (8 and 11 significant bits): one rounding errs by at most this.
+UNIT_ROUNDOFF = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 
 
 def small_qin(**overrides) -> QIN:
@@ -72,27 +75,21 @@ def flat(grads) -> torch.Tensor:
 PLAIN = dict(asta_form="literal", asta_kernel="torch", qnn_kernel="torch")
 
 
-@pytest.mark.parametrize("asta_precision", ["fp32", "autocast"])
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, asta_precision, monkeypatch):
-    """The tolerance is derived, not chosen: plain PyTorch under autocast (the literal model,
-    where every product rounds its inputs to bf16 and nothing else changes) sets the error that
-    bf16 itself costs; our hoisted and fused model may err at most twice as much (FlashAttention's
-    criterion for its bf16 kernels), and the plain error itself must be bf16-sized. The attention
-    op reads what model.asta_precision says: fp32 outside autocast, or bf16."""
-    batch = random_batch()
+def errors_under_autocast(precision, backend, asta_precision, seed) -> dict[str, float]:
+    """Our hoisted model under autocast against the fp32 model, on one batch, each error divided
+    by the error of plain PyTorch under the same autocast (the literal model, where every product
+    rounds its inputs to 16 bits and nothing else changes): the error that the format itself
+    costs. Checks on the way that the plain error is the format's size and what reached the op."""
+    batch = random_batch(seed=seed)
     reference_logits, _, _ = logits_and_grads(small_qin(**PLAIN), batch, "fp32")
-    plain_logits, plain_grads, plain_branch = logits_and_grads(small_qin(**PLAIN), batch, "bf16")
-    # Each bf16 model's gradients against fp32's on the branch it took at the PReLUs: a bf16
+    plain_logits, plain_grads, plain_branch = logits_and_grads(small_qin(**PLAIN), batch, precision)
+    # Each 16-bit model's gradients against fp32's on the branch it took at the PReLUs: a 16-bit
     # model rounds some BatchNorm outputs across zero, and one such element can move a weight's
-    # gradient by more than its size (qin.parity.ActivationBranch). Unpinned, this check passed
-    # or failed by batch: the torch backend with the op in bf16 failed batch seeds 2 and 3, and
-    # an op computed in float64 and rounded once failed seed 0 (0.31 against 0.17). Pinned, at
-    # seeds 0-11 with the op in fp32 and in bf16 it fails once (seed 2, op in bf16; the
-    # float64-rounded op: seed 11, 0.108 against 0.104).
+    # gradient by more than its size (qin.parity.ActivationBranch). Unpinned, the check failed at
+    # some batches: the torch backend with the op in bf16 at batch seeds 2 and 3, and an op
+    # computed in float64 and rounded once at seed 0 (0.31 against 0.17).
     _, plain_reference_grads, plain_reference_branch = logits_and_grads(small_qin(**PLAIN), batch, "fp32",
                                                                          plain_branch.gates)
-
     seen = []
 
     def recorder(original):
@@ -102,31 +99,56 @@ def test_qin_under_bf16_autocast_is_as_close_to_fp32_as_plain_bf16(backend, asta
             return original(history, *args, **kwargs)
         return record
 
-    for name in ("sparse_target_attention", "gathered_sparse_target_attention"):
-        monkeypatch.setattr(kernels, name, recorder(getattr(kernels, name)))
     model = small_qin(asta_form="hoisted", asta_kernel=backend, qnn_kernel=backend, asta_precision=asta_precision)
-    logits, grads, branch = logits_and_grads(model, batch, "bf16")
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("sparse_target_attention", "gathered_sparse_target_attention"):
+            patch.setattr(kernels, name, recorder(getattr(kernels, name)))
+        logits, grads, branch = logits_and_grads(model, batch, precision)
     _, reference_grads, reference_branch = logits_and_grads(small_qin(**PLAIN), batch, "fp32", branch.gates)
-    # The op got one dtype (the history cast once, before it): fp32 with autocast off, or bf16.
-    want = (torch.float32,) * 3 + (False,) if asta_precision == "fp32" else (torch.bfloat16,) * 3 + (True,)
+    # The op got one dtype (the history cast once, before it): fp32 with autocast off, or 16 bits.
+    low = qin.train.AUTOCAST_DTYPES[precision]
+    want = (torch.float32,) * 3 + (False,) if asta_precision == "fp32" else (low,) * 3 + (True,)
     assert seen and all(got == want for got in seen), seen
 
     plain_error = relative_error(plain_logits, reference_logits)
-    # bf16 ran (not zero), and to first order the error is at most one u per bf16 rounding on the
-    # longest path: 3 per product (both inputs, the output) for P, W_q, W_k, the pooling, W_v,
+    # 16 bits ran (not zero), and to first order the error is at most one u per 16-bit rounding on
+    # the longest path: 3 per product (both inputs, the output) for P, W_q, W_k, the pooling, W_v,
     # W_o, four QNN layers and the output layer (12 products), plus the history's cast: 37.
-    assert 0 < plain_error < 37 * U_BF16, plain_error
-    assert relative_error(logits, reference_logits) <= 2 * plain_error
-    # Gradients: over all parameters at once, and each tensor within twice the worst tensor of
-    # the plain model (tensor by tensor a factor would be noise); a PReLU slope's gradient is a
-    # sum that cancels, so its error is relative to its running error bound, sum |x dy|.
+    assert 0 < plain_error < 37 * UNIT_ROUNDOFF[precision], (seed, plain_error)
+    ratios = {"logits": relative_error(logits, reference_logits) / plain_error}
+    # Gradients: over all parameters at once, and each tensor against the worst tensor of the
+    # plain model (tensor by tensor a factor would be noise); a PReLU slope's gradient is a sum
+    # that cancels, so its error is relative to its running error bound, sum |x dy|.
     assert grads.keys() == reference_grads.keys()
-    assert relative_error(flat(grads), flat(reference_grads)) <= 2 * relative_error(flat(plain_grads),
-                                                                                   flat(plain_reference_grads))
+    ratios["all gradients"] = (relative_error(flat(grads), flat(reference_grads))
+                               / relative_error(flat(plain_grads), flat(plain_reference_grads)))
     worst_plain = max(tensor_error(plain_grads[n], g, plain_reference_branch.bounds.get(n))
                       for n, g in plain_reference_grads.items())
     for name, g in reference_grads.items():
-        assert tensor_error(grads[name], g, reference_branch.bounds.get(name)) <= 2 * worst_plain, name
+        ratios[name] = tensor_error(grads[name], g, reference_branch.bounds.get(name)) / worst_plain
+    return ratios
+
+
+# Batches the model-level check runs on. One batch is not enough: over batch seeds 0-11, our
+# model's worst error ratio passed 2 at one seed in bf16 (3.16, torch backend, op in bf16) and one
+# in fp16 (2.16), while over seeds 0-6 no median passed 1.22 (AMX Xeon). So the check asks it of
+# the median. It still fails: a random error of 4 u on the attention's output alone (in bf16 or
+# fp16) puts the median at 2.1-2.6 in every configuration.
+AUTOCAST_SEEDS = range(7)
+
+
+@pytest.mark.parametrize("asta_precision", ["fp32", "autocast"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_qin_under_autocast_is_as_close_to_fp32_as_plain_pytorch(precision, backend, asta_precision):
+    """The tolerance is derived, not chosen: plain PyTorch under the same autocast sets the error
+    that the format costs, and our hoisted and fused model may err at most twice as much
+    (FlashAttention's criterion for its bf16 kernels), on the median batch of AUTOCAST_SEEDS. The
+    attention op reads what model.asta_precision says: fp32 outside autocast, or 16 bits."""
+    per_seed = [errors_under_autocast(precision, backend, asta_precision, seed) for seed in AUTOCAST_SEEDS]
+    for key in per_seed[0]:
+        ratios = [r[key] for r in per_seed]
+        assert statistics.median(ratios) <= 2, (key, [round(r, 2) for r in ratios])
 
 
 # -- training runs --------------------------------------------------------------------------------
