@@ -29,7 +29,10 @@ def train_samples_per_s(data: Path, out: Path, procs: int, device: torch.device,
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
     command = [*(launcher if procs > 1 else [sys.executable]), "-m", "qin", "train", "--data", str(data),
                "--out", str(out), f"train.device={device.type}", *overrides]
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # TMPDIR: torchrun leaves a log folder per job in the temporary directory; here it goes into
+    # the benchmark's own folder, deleted after it.
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TMPDIR": str(out.parent)}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
     if result.returncode != 0:
         # torchrun's own summary fills the tail; a rank's reason (an exception, "terminate called

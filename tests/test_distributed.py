@@ -34,6 +34,14 @@ def data_dir(tmp_path_factory):
                         valid_rows=700, test_rows=50)
 
 
+@pytest.fixture(autouse=True)
+def scratch(tmp_path, monkeypatch):
+    """torchrun leaves a log folder per job in the temporary directory (/tmp/torchelastic_*): the
+    jobs these tests launch leave theirs in the test's own tmp_path."""
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+
+
 def env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
