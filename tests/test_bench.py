@@ -182,7 +182,9 @@ def _gpu_run(tmp_path, rows=(), **env):
         append_csv(list(rows), out / "results.csv")
     # The script calls `python3`: this interpreter's, even where its venv is not activated.
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "OUT": str(out), "GPU_RUN_DRY": "1", **env}
+    # QIN_CACHE: the script would make a fresh folder under /tmp and leave it.
+    env = {**os.environ, "PATH": path, "OUT": str(out), "GPU_RUN_DRY": "1", "QIN_CACHE": str(tmp_path / "cache"),
+           **env}
     result = subprocess.run(["bash", "bench/gpu_run.sh"], env=env, capture_output=True, text=True, timeout=300,
                             cwd=Path(__file__).parent.parent)
     return result, out
