@@ -6,7 +6,7 @@ inputs upcast, so only the rounding of the path under test is measured, never th
 
 An element passes when
 
-    |got - want| <= rtol * (scale + floor * max(scale))
+    |got - want| <= rtol * (scale + floor * max(scale)) + underflow
 
 `scale` is chosen by the check, not by this table:
   - fused ops: the reference evaluated on the absolute values of its inputs (and of the output
@@ -17,8 +17,10 @@ An element passes when
   - the whole model: max |want| of the tensor (a normwise relative error; floor 0). A network
     has no cheap |terms| evaluation, and BatchNorm and the loss mix every element with every
     other, so an elementwise bound would be meaningless.
-The relative error reported is max(|got - want| / (scale + floor * max(scale))); it passes when
-<= rtol. An all-zero scale (e.g. a batch of all-padding rows) demands an exact zero.
+`underflow` is what the roundings rtol counts may err by below the dtype's normal range (half
+the subnormal spacing each): 1.2e-7 in fp16, under 1e-39 in the other dtypes.
+The relative error reported is max(|got - want| / (the bound / rtol)); it passes when <= rtol. An
+all-zero scale (e.g. a batch of all-padding rows) demands an exact zero, to within `underflow`.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch
 class Tolerance:
     rtol: float  # allowed error, in units of each element's scale
     floor: float = 1e-3  # part of the tensor's largest scale added to every element's scale
+    underflow: float = 0.0  # absolute error allowed on top: roundings below the normal range
 
 
 # Unit roundoffs u: fp64 2^-53 (1.1e-16), fp32 2^-24 (6.0e-8), bf16 2^-8 (3.9e-3), fp16 2^-11 (4.9e-4).
@@ -41,15 +44,26 @@ class Tolerance:
 # the input dtype (the QNN hidden from a vendor GEMM, the masked gy*x fed to tensor cores), and
 # Triton's interpreter rounds fp32 to bf16 toward zero (up to 2u, measured: `qin parity --quick`
 # sees 1.9u in bf16 on the CPU). Four roundings of the scale bound all of these.
+# A rounding below the dtype's normal range errs by up to half the subnormal spacing whatever the
+# size of the result (fp16: 3.0e-8 under 6.1e-5), so each rounding the rtol counts may add that
+# too: `underflow`. Hypothesis found an fp16 z of 6.6e-5 from terms of 1e-5 off by 1.8e-8.
+
+
+def _op_tolerance(dtype: torch.dtype, rtol: float) -> Tolerance:
+    info = torch.finfo(dtype)
+    roundings = rtol / (info.eps / 2)
+    return Tolerance(rtol=rtol, underflow=roundings * info.smallest_normal * info.eps / 2)
+
+
 OPS = {
     # ~9,000 u: fp64 kernels reduce in another order than torch's einsum and matmul, and must
     # not touch fp32 anywhere (an fp32 constant alone costs 5e-8).
-    torch.float64: Tolerance(rtol=1e-12),
+    torch.float64: _op_tolerance(torch.float64, 1e-12),
     # ~170 u: sqrt(24,576) = 157 covers the random-walk accumulation at the paper's shape.
-    torch.float32: Tolerance(rtol=1e-5),
+    torch.float32: _op_tolerance(torch.float32, 1e-5),
     # 4 u each: the few roundings above.
-    torch.bfloat16: Tolerance(rtol=4 * 2.0**-8),
-    torch.float16: Tolerance(rtol=4 * 2.0**-11),
+    torch.bfloat16: _op_tolerance(torch.bfloat16, 4 * 2.0**-8),
+    torch.float16: _op_tolerance(torch.float16, 4 * 2.0**-11),
 }
 
 # The whole model (logits and every parameter gradient), normwise per tensor, against
@@ -79,10 +93,10 @@ STEPS = {
 
 
 def error_bound(scale: torch.Tensor, tol: Tolerance) -> torch.Tensor:
-    """The elementwise bound rtol * (scale + floor * max(scale)), in float64."""
+    """The elementwise bound rtol * (scale + floor * max(scale)) + underflow, in float64."""
     scale = scale.double().abs()
     top = scale.max() if scale.numel() else scale.new_zeros(())
-    return tol.rtol * (scale + tol.floor * top)
+    return tol.rtol * (scale + tol.floor * top) + tol.underflow
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor, tol: Tolerance) -> float:

@@ -108,6 +108,11 @@ def test_tolerance_arithmetic():
     floored = tolerances.Tolerance(rtol=1e-2, floor=0.5)
     assert tolerances.relative_error(torch.tensor([0.01, 4.0]), torch.tensor([0.0, 4.0]), torch.tensor([0.0, 4.0]),
                                      floored) == pytest.approx(0.005)
+    # Below fp16's normal range a rounding errs by up to half the subnormal spacing (2^-25),
+    # whatever the scale: four roundings' worth passes, five do not.
+    fp16, zero = tolerances.OPS[torch.float16], torch.zeros(1)
+    assert tolerances.passes(tolerances.relative_error(torch.tensor([4 * 2.0**-25]), zero, zero, fp16), fp16)
+    assert not tolerances.passes(tolerances.relative_error(torch.tensor([5 * 2.0**-25]), zero, zero, fp16), fp16)
 
 
 def test_training_on_the_cpu_is_refused_with_the_reason(tmp_path, capsys):
