@@ -95,12 +95,19 @@ def run_triton(history, query, mask, grad_z):
     return z, gh, gq
 
 
-def assert_close(name, got, want, dtype):
-    """|got - want| <= tol * (|want| + max|want|): relative, with a floor at the result's scale."""
+def assert_close(name, got, want, dtype, scale=None):
+    """|got - want| <= tol * (|want| + max|want|): relative, with a floor at the result's scale.
+
+    With `scale` (the reference on |inputs|, the sum of |terms| every rounding scales with), the
+    bound of kernels/tolerances.py instead, as `qin parity` applies it: tol * (scale + floor *
+    max(scale)). Where terms cancel, a result far smaller than its terms errs by a part of the
+    terms, not of the result: bf16 grad_reps of -0.0328 from terms of 1.31 (-0.0347 on the torch
+    backend, which rounds scores to bf16 as plain PyTorch does, 0.4 u of the terms)."""
     tol = TOL[dtype]
     want = want.cpu()
     err = (got.detach().cpu().double() - want).abs()
-    bound = tol * (want.abs() + want.abs().max())
+    bound = (tolerances.error_bound(scale.cpu(), tolerances.OPS[dtype]) if scale is not None
+             else tol * (want.abs() + want.abs().max()))
     bad = err > bound
     assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.numel()} elements exceed the {dtype} tolerance, "
                            f"worst error {err.max().item():.3g}, max |ref| {want.abs().max().item():.3g}")
@@ -110,9 +117,10 @@ def check_against_oracle(history, query, mask, grad_z):
     dtype = history.dtype
     got = run_triton(history, query, mask, grad_z)
     want = oracle(history, query, mask, grad_z)
-    for name, g, w, like in zip(("z", "grad_history", "grad_query"), got, want, (query, history, query)):
+    scale = oracle(history.abs(), query.abs(), mask.double().abs(), grad_z.abs())
+    for name, g, w, s, like in zip(("z", "grad_history", "grad_query"), got, want, scale, (query, history, query)):
         assert g.dtype == dtype and g.shape == like.shape and g.device == history.device, name
-        assert_close(name, g, w, dtype)
+        assert_close(name, g, w, dtype, s)
     return got
 
 
@@ -385,9 +393,10 @@ def run_gathered(reps, index, query, mask, grad_z, backend="triton"):
 def check_gathered(reps, index, query, mask, grad_z, backend="triton"):
     got = run_gathered(reps, index, query, mask, grad_z, backend)
     want = gathered_oracle(reps, index, query, mask, grad_z)
-    for name, g, w, like in zip(("z", "grad_reps", "grad_query"), got, want, (query, reps, query)):
+    scale = gathered_oracle(reps.abs(), index, query.abs(), mask.double().abs(), grad_z.abs())
+    for name, g, w, s, like in zip(("z", "grad_reps", "grad_query"), got, want, scale, (query, reps, query)):
         assert g.dtype == reps.dtype and g.shape == like.shape, name
-        assert_close(name, g, w, reps.dtype)
+        assert_close(name, g, w, reps.dtype, s)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
