@@ -100,7 +100,7 @@ def assert_close(name, got, want, dtype, scale=None):
 
     With `scale` (the reference on |inputs|, the sum of |terms| every rounding scales with), the
     bound of kernels/tolerances.py instead, as `qin parity` applies it: tol * (scale + floor *
-    max(scale)). Where terms cancel, a result far smaller than its terms errs by a part of the
+    max(scale)) + underflow. Where terms cancel, a result far smaller than its terms errs by a part of the
     terms, not of the result: bf16 grad_reps of -0.0328 from terms of 1.31 (-0.0347 on the torch
     backend, which rounds scores to bf16 as plain PyTorch does, 0.4 u of the terms)."""
     tol = TOL[dtype]
