@@ -467,19 +467,21 @@ def test_torch_backend_backward_matches_autograd_of_the_reference(device, dtype,
     reps, index, query, keep, grad_z = make_gathered(5, 23, 40, 9, dtype, device, "random", seed=16)
     mask = keep if mask_kind == "bool" else (keep * torch.rand(keep.shape, device=device) * 2).to(dtype)
 
-    def run(op, wide):
+    def run(op, wide, absolute=False):
+        inputs = [t.abs() if absolute and t.is_floating_point() else t for t in (reps, query, mask, grad_z)]
         leaves = [(t.double() if wide and t.is_floating_point() else t).detach().clone()
-                  .requires_grad_(t.is_floating_point()) for t in (reps, query, mask)]
+                  .requires_grad_(t.is_floating_point()) for t in inputs[:3]]
         z = op(leaves[0], index, leaves[1], leaves[2])
         wanted = [t for t in leaves if t.requires_grad]
-        return (z, *torch.autograd.grad(z, wanted, grad_z.double() if wide else grad_z))
+        return (z, *torch.autograd.grad(z, wanted, inputs[3].double() if wide else inputs[3]))
 
     got = run(lambda *a: kernels.gathered_sparse_target_attention(*a, backend="torch"), wide=False)
     want = run(reference.gathered_sparse_target_attention, wide=True)
+    scale = run(reference.gathered_sparse_target_attention, wide=True, absolute=True)
     assert len(got) == len(want) == (4 if mask_kind == "float" else 3)
-    for name, g, w in zip(("z", "grad_reps", "grad_query", "grad_mask"), got, want):
+    for name, g, w, s in zip(("z", "grad_reps", "grad_query", "grad_mask"), got, want, scale):
         assert g.dtype == dtype and g.shape == w.shape, name
-        assert_close(name, g, w, dtype)
+        assert_close(name, g, w, dtype, s)
     with torch.no_grad():
         assert torch.equal(kernels.gathered_sparse_target_attention(reps, index, query, mask, backend="torch"),
                            reference.gathered_sparse_target_attention(reps, index, query, mask))
