@@ -183,6 +183,44 @@ def test_all_zero_mask_rows_give_exact_zeros(device):
     assert_close("grad_query", gq[rest], want[2], torch.float32)
 
 
+@pytest.mark.parametrize("form", ["plain", "gathered triton", "gathered torch"])
+def test_a_score_of_exactly_zero_passes_no_gradient(device, form):
+    """relu'(0) = 0, as torch's relu has it: a live position whose score is exactly 0 (every position
+    of row 0, whose query is zero; position 0 of row 1, orthogonal to its query) adds nothing to
+    the query's gradient, nor a score term to its own. Small integers: every sum is exact."""
+    reps = torch.tensor([[1., 1., 3., -2.], [2., 0., 1., 1.], [-1., 2., 0., 1.]], device=device)
+    index = torch.tensor([[0, 1, 2], [0, 1, 2]], device=device)
+    query = torch.tensor([[0., 0., 0., 0.], [1., -1., 0., 0.]], device=device)  # row 1 scores 0, 2, -3
+    mask = torch.ones(2, 3, dtype=torch.bool, device=device)
+    grad_z = torch.tensor([[1., 2., -1., .5], [-1., 1., 2., 1.]], device=device)
+    if form == "plain":
+        got, want = (f(reps[index], query, mask, grad_z) for f in (run_triton, oracle))
+    else:
+        got = run_gathered(reps, index, query, mask, grad_z, backend=form.split()[1])
+        want = gathered_oracle(reps, index, query, mask, grad_z)
+    assert torch.equal(want[2][0], torch.zeros(4, dtype=torch.float64))  # the convention itself
+    for name, g, w in zip(("z", "grad_x", "grad_query"), got, want):
+        assert torch.equal(g, w.float()), f"{name}: {g} != {w}"
+
+
+@pytest.mark.parametrize("form", ["plain", "gathered"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_wider_float_mask_is_rounded_to_the_history_dtype(device, form, backend):
+    """As the reference does: an fp32 mask weight of 1 + 2^-8 is 1 in bf16 (a tie, to even). With
+    rows (1, 1) and (1, -1) and scores of 1 each, z = (m0 + m1, m0 - m1) = (2, 0); unrounded, the
+    second would be 2^-8, exact in bf16 (so neither the GPU's rounding to nearest nor the
+    interpreter's toward zero can hide it)."""
+    x = torch.tensor([[1., 1.], [1., -1.]], dtype=torch.bfloat16, device=device)
+    query = torch.tensor([[1., 0.]], dtype=torch.bfloat16, device=device)
+    mask = torch.tensor([[1 + 2.0**-8, 1.]], device=device)
+    index = torch.tensor([[0, 1]], device=device)
+    if form == "plain":
+        z = kernels.sparse_target_attention(x[None], query, mask, backend=backend)
+    else:
+        z = kernels.gathered_sparse_target_attention(x, index, query, mask, backend=backend)
+    assert z.dtype == torch.bfloat16 and z.tolist() == [[2.0, 0.0]], z
+
+
 def test_non_contiguous_inputs(device):
     """Strided/sliced/transposed/expanded history, transposed query and mask: same as contiguous."""
     batch, seq_len, dim = 3, 10, 24
@@ -496,9 +534,10 @@ def test_gathered_bad_arguments_name_the_argument(device, backend):
             kernels.gathered_sparse_target_attention(*args, backend=backend)
     if device.type == "cpu":
         bad = index.clone()
-        bad[mask] = 3  # one past the last row
-        with pytest.raises(ValueError, match="index"):
-            kernels.gathered_sparse_target_attention(reps, bad, query, mask, backend=backend)
+        for row in (3, -1):  # one past the last row; one before the first
+            bad[mask] = row
+            with pytest.raises(ValueError, match="index"):
+                kernels.gathered_sparse_target_attention(reps, bad, query, mask, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
