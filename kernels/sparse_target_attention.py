@@ -186,8 +186,8 @@ def _backward(grad_z, x, index, query, mask):
     batch, dim = query.shape
     seq_len = mask.shape[1]
     grad_q = torch.zeros_like(query, memory_format=torch.contiguous_format)
-    if index is None:
-        grad_x = torch.zeros_like(x, memory_format=torch.contiguous_format)
+    if index is None:  # the kernel stores every element (zeros at masked positions): no memset
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     else:  # accumulated by atomics: fp32 for 16-bit inputs (fp16 atomics are slow or missing)
         grad_x = torch.zeros(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
     if grad_q.numel() == 0 or seq_len == 0 or x.numel() == 0:
