@@ -1,6 +1,7 @@
 """kernels.dropout: F.dropout's distribution and gradient, with its cheaper CPU mask."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,20 @@ def test_keep_mask_repeats_for_a_seed_and_p_is_rounded_to_sixteen_bits():
     # p below 2**-17 rounds to 0 (keep all); just below 1 it rounds to 1 - 2**-16 (keep 1 in 65,536).
     assert keep_mask((1 << 16,), 2.0**-18, seed=1).all()
     assert keep_mask((1 << 20,), 1 - 2.0**-18, seed=1).sum().item() < 64
+
+
+@pytest.mark.parametrize("p", [2.0**-16, 0.1, 0.5, 0.9])
+def test_keep_mask_follows_the_documented_rule(p):
+    """The module docstring's rule, applied here to the generator's raw stream: element e uses 16-bit
+    lane e % 4 of 64-bit draw e // 4 and is dropped iff that signed integer is below
+    -2**15 + round(p * 2**16). (A rate off by 2**-16 hides from any sampling test; a million
+    elements hit each threshold exactly about 16 times.)"""
+    numel = (1 << 20) + 3
+    raw = np.random.SFC64(5).random_raw((numel + 3) // 4)
+    lanes = ((raw[:, None] >> np.array([0, 16, 32, 48], dtype=np.uint64)) & np.uint64(0xFFFF)).astype(np.int64)
+    signed = np.where(lanes >= 2**15, lanes - 2**16, lanes).reshape(-1)[:numel]  # little-endian lane order
+    want = torch.from_numpy(signed >= -2**15 + round(p * 2**16))
+    assert torch.equal(keep_mask((numel,), p, seed=5), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
