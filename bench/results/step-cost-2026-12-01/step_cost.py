@@ -10,14 +10,16 @@ gradient clipping, fused Adam) after a warm-up step, counted at the dispatcher
 (TorchDispatchMode), eager:
 - bytes: an operator reads its tensor inputs and writes its outputs and the inputs it mutates,
   in full; views and `empty` allocations move nothing; a gather (embedding, index, index_select,
-  embedding_bag) reads only the rows it returns, plus its indices. What a fused op does inside
-  (a custom op's own temporaries) is not seen: only torch-path variants are counted here.
+  embedding_bag) reads only the rows it returns, plus its indices. A registered op written in
+  Python (torch.library.custom_op: the torch path's qin::regathered_attention and its backward)
+  is counted by the aten operators it runs. A Triton kernel is not seen: only torch-path
+  variants are counted here.
 - FLOPs: torch.utils.flop_counter's formulas (the matrix products).
 - floor: the sum over operators of max(FLOPs / matmul rate, bytes / copy rate), at the rates of
   the H200 measured in issue 14's run (fp32 51 TFLOP/s with TF32 off, bf16 779, copy 3,670 GB/s),
   the rate by the operator's input dtype. An eager floor: every kernel at its ceiling, no launch
   or host cost, no fusion.
-- syncs: operators whose result the host must wait for (.item(), unique, nonzero).
+- syncs: operators whose result the host must wait for (.item(), unique, nonzero, a sparse product).
 The CPU path differs from CUDA's in dropout: the CPU draws its own mask and regenerates it in
 backward (kernels/dropout.py, reference.regenerated_quadratic_projection); CUDA runs
 aten.native_dropout (one kernel writing the output and a 1-byte mask). The count switches the
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+from torch._library import custom_ops
 from torch.utils.flop_counter import flop_registry
 
 from bench.bench_train import build, synthetic_batch
@@ -48,8 +51,12 @@ import qin.train as qt
 
 H200 = {"matmul_fp32": 51e12, "matmul_low": 779e12, "copy": 3.67e12}  # issue 14's measured ceilings
 GATHERS = {"aten.embedding.default", "aten.index.Tensor", "aten.index_select.default", "aten._embedding_bag.default"}
+# Operators whose output size, or value, the host must wait for. A sparse COO product coalesces
+# its indices first, sizing the result on the host (kernels/reference.py says so where it avoids
+# one under CUDA graph capture).
 SYNCS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten._unique2.default",
-         "aten.unique_dim.default", "aten.masked_select.default", "aten.is_nonzero.default"}
+         "aten.unique_dim.default", "aten.masked_select.default", "aten.is_nonzero.default",
+         "aten._sparse_addmm.default"}
 EAGER = dict(asta_kernel="torch", qnn_kernel="torch")
 VARIANTS = {  # name -> (config overrides, precision); the torch-path variants of bench_train
     "literal eager": (dict(asta_form="literal", dedup_items=False, **EAGER), "fp32"),
@@ -93,6 +100,8 @@ def cuda_dropout():
 
 
 def _nbytes(t: torch.Tensor) -> int:
+    if t.is_sparse:  # a COO tensor's memory is its indices and values, not its dense shape
+        return _nbytes(t._indices()) + _nbytes(t._values())
     return t.numel() * t.element_size()
 
 
@@ -103,11 +112,20 @@ class Count(TorchDispatchMode):
         super().__init__()
         self.rows = collections.defaultdict(lambda: [0, 0, 0.0, 0.0])  # calls, bytes, flops, floor s
         self.cpu_only_syncs = 0
+        self.custom_calls = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         name = f"{func.overloadpacket}.{func._overloadname}"
+        opdef = custom_ops._maybe_get_opdef(func)
+        if opdef is not None:  # a registered Python op (qin::regathered_attention): count what it runs
+            self.custom_calls[name] += 1
+            with self:
+                return opdef._init_fn(*args, **kwargs)
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            with self:  # reached below autograd (inside a custom op): count the operators it is made of
+                return func.decompose(*args, **kwargs)
+        out = func(*args, **kwargs)
         inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
         outputs = [a for a in tree_flatten(out)[0] if isinstance(a, torch.Tensor)]
         if func.is_view or name.startswith(("aten.empty", "aten.new_empty")) or name in (
