@@ -94,8 +94,13 @@ def _op_providers(device) -> dict:
 
 def _gathered_providers(device) -> dict:
     """The gathered op (reps (U, D), index (B, L)): the reference gathers with F.embedding, so it
-    materialises the (B, L, D) history and sums its gradient with the sort-based embedding backward."""
-    out = {"reference eager": reference.gathered_sparse_target_attention}
+    materialises the (B, L, D) history and sums its gradient with the sort-based embedding backward.
+    "torch backend" is what backend="torch" (and so "auto" until Triton measures faster) trains
+    with: the history gathered again in backward instead of kept, its gradient into reps one
+    sparse product (reference.regathered_sparse_target_attention; its forward is the reference's).
+    Triton's evidence for MEASURED_FASTER is against the best of these torch-only lines."""
+    out = {"reference eager": reference.gathered_sparse_target_attention,
+           "torch backend": reference.regathered_sparse_target_attention}
     if device.type == "cuda":  # the CPU times the reference alone: its numbers only smoke-test the code
         out["reference compile"] = torch.compile(reference.gathered_sparse_target_attention)
         out["triton"] = lambda r, i, q, m: kernels.gathered_sparse_target_attention(r, i, q, m, backend="triton")
@@ -184,7 +189,7 @@ def make_gathered(batch, seq_len, dtype, device, full_mask, seed=0):
 
 
 def _gathered_rows(batch, seq_len, dtype, device, copy_gbs, full_mask):
-    """The gathered op against F.embedding + reference. Bandwidth counts the bytes of the (B, L, D)
+    """The gathered op against F.embedding + reference and the torch backend. Bandwidth counts the bytes of the (B, L, D)
     history the plain op would read (never formed here), so the fractions compare with asta_op's."""
     reps, index, query, mask, grad_out = make_gathered(batch, seq_len, dtype, device, full_mask)
     history = torch.empty(batch, seq_len, DIM, dtype=dtype, device="meta")  # only its size is used

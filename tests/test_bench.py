@@ -31,6 +31,9 @@ def test_quick_bench_writes_report_csv_and_plots(quick_report):
     assert "Sections that failed" not in report, report
     assert "## Targets" in report and "21,000" in report
     assert '| qnn | fp32 | torch | not measured |' in report  # what backend="auto" runs here
+    # The gathered op's table times the torch backend that "auto" trains with, not only the reference.
+    gathered = {r["provider"] for r in rows if r["kernel"] == "asta_gathered_op" and r["mode"].startswith("fwd+bwd")}
+    assert {"reference eager", "torch backend"} <= gathered
     # Every ratio in the training table compares with the literal eager model of the same run.
     providers = {r["provider"] for r in rows if r["kernel"] == "train_step"}
     assert {"literal eager", "+ hoisted ASTA", "+ item dedup"} <= providers
