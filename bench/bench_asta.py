@@ -11,7 +11,10 @@ Wo (D, d_a) in nn.Linear layout, D = 384, d_a = 768:
 The bare op ("asta_op", every position live) and its gathered form ("asta_gathered_op": history
 rows read through a (B, L) index into the (U, D) distinct items' representations, U drawn like a
 deduplicated batch) each against the reference, eager and under torch.compile, at B=8192, L=64,
-in fp32, bf16 and fp16; the gathered form with every position live and with real masks.
+in fp32, bf16 and fp16; the gathered form with every position live and with real masks, and
+against the torch backend that "auto" trains with. "asta_reps_gradient": that backend's
+gradient into the representations, as the sparse product it trains with and as the index_add_
+it uses under CUDA graph capture.
 Forward and forward+backward (gradients of X, t and the four weights), over batch (L=64) and
 history length (B=8192 on CUDA). Histories are left-padded with a median of 6 items out of 64,
 like the real data.
@@ -201,6 +204,35 @@ def _gathered_rows(batch, seq_len, dtype, device, copy_gbs, full_mask):
     return rows + [unique]
 
 
+def _reps_gradient_rows(batch, seq_len, dtype, device):
+    """The torch backend's gradient into reps, formed both ways it can be on one deduplicated batch:
+    the sparse product it trains with (its coalescing sorts 2*B*L entries and sizes the result on
+    the host) and the blockwise index_add_ it uses under CUDA graph capture (no sort, no host sync;
+    equal sums: tests/test_cuda_graphs.py). Which is faster on a GPU says which the torch path
+    should use there."""
+    reps, index, _, mask, grad_z = make_gathered(batch, seq_len, dtype, device, full_mask=False)
+    g = torch.Generator().manual_seed(1)
+    live = mask.to(dtype)
+    weights = torch.rand(batch, seq_len, generator=g).to(device, dtype) * live  # relu(s * m): >= 0
+    grad_s = torch.randn(batch, seq_len, generator=g).to(device, dtype) * live
+    query = torch.randn(batch, DIM, generator=g).to(device, dtype)
+    ways = {"sparse product": reference._reps_gradient_by_sparse_product,
+            "scatter": reference._reps_gradient_by_scatter}
+    rows, base = [], None
+    for provider, way in ways.items():
+        if STOPPED.is_set():
+            break
+        times = time_ms(lambda: way(index, weights, grad_s, grad_z, query, reps.shape[0]), device)
+        row = lambda metric, unit, value: make_row("asta_reps_gradient", provider, "bwd", metric, unit, "batch",
+                                                   batch, value, device=device, dtype=dtype)
+        rows.append(row("time", "ms", times))
+        if base is None:
+            base = times[0]
+        else:
+            rows.append(row("speedup_vs_sparse_product", "x", base / times[0]))
+    return rows
+
+
 def run(device: torch.device, quick: bool = False, csv: str | None = None) -> list[dict]:
     device = torch.device(device)
     if device.type == "cuda":
@@ -221,6 +253,7 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
         # The bare ops first: they decide MEASURED_FASTER; the block sweeps after them.
         cases = [lambda: _op_rows(paper, HIST_LEN, dtype, device, copy_gbs)] if device.type == "cuda" else []
         cases += [lambda full=full: _gathered_rows(paper, HIST_LEN, dtype, device, copy_gbs, full) for full in (True, False)]
+        cases.append(lambda: _reps_gradient_rows(paper, HIST_LEN, dtype, device))
         if device.type == "cuda":  # every position live: the paper's shape at full density
             cases.append(lambda: _block_rows(paper, HIST_LEN, dtype, device, copy_gbs, "batch", paper, full_mask=True))
         cases += [lambda b=b: _block_rows(b, HIST_LEN, dtype, device, copy_gbs, "batch", b) for b in batches]

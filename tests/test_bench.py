@@ -34,6 +34,9 @@ def test_quick_bench_writes_report_csv_and_plots(quick_report):
     # The gathered op's table times the torch backend that "auto" trains with, not only the reference.
     gathered = {r["provider"] for r in rows if r["kernel"] == "asta_gathered_op" and r["mode"].startswith("fwd+bwd")}
     assert {"reference eager", "torch backend"} <= gathered
+    # and the two ways the torch backend can sum the gradient into the representations.
+    ways = {r["provider"] for r in rows if r["kernel"] == "asta_reps_gradient" and r["metric"] == "time"}
+    assert ways == {"sparse product", "scatter"}
     # Every ratio in the training table compares with the literal eager model of the same run.
     providers = {r["provider"] for r in rows if r["kernel"] == "train_step"}
     assert {"literal eager", "+ hoisted ASTA", "+ item dedup"} <= providers
