@@ -104,7 +104,7 @@ def _gathered_providers(device) -> dict:
     Triton's evidence for MEASURED_FASTER is against the best of these torch-only lines."""
     out = {"reference eager": reference.gathered_sparse_target_attention,
            "torch backend": reference.regathered_sparse_target_attention}
-    if device.type == "cuda":  # the CPU times the reference alone: its numbers only smoke-test the code
+    if device.type == "cuda":  # the CPU times the eager lines only: its numbers only smoke-test the code
         out["reference compile"] = torch.compile(reference.gathered_sparse_target_attention)
         out["triton"] = lambda r, i, q, m: kernels.gathered_sparse_target_attention(r, i, q, m, backend="triton")
     return out
@@ -192,8 +192,9 @@ def make_gathered(batch, seq_len, dtype, device, full_mask, seed=0):
 
 
 def _gathered_rows(batch, seq_len, dtype, device, copy_gbs, full_mask):
-    """The gathered op against F.embedding + reference and the torch backend. Bandwidth counts the bytes of the (B, L, D)
-    history the plain op would read (never formed here), so the fractions compare with asta_op's."""
+    """The gathered op against F.embedding + reference and the torch backend. Bandwidth counts the
+    bytes of the (B, L, D) history the plain op would read (never formed here), so the fractions
+    compare with asta_op's."""
     reps, index, query, mask, grad_out = make_gathered(batch, seq_len, dtype, device, full_mask)
     history = torch.empty(batch, seq_len, DIM, dtype=dtype, device="meta")  # only its size is used
     rows = _case_rows("asta_gathered_op", _gathered_providers(device), (reps, index, query, mask), (reps, query),
