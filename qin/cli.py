@@ -6,6 +6,7 @@ wrong and exit status 2, before anything is trained or written.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -65,7 +66,8 @@ def cmd_train(args) -> int:
     cfg.train.out_dir = str(out_dir)  # the run's config.yaml names the folder it is in
     if resolve_device(cfg.train.device).type == "cpu":
         keep_freed_memory()  # before the data's tensors: torch reads the huge-page switch once
-    dataset = load_data(cfg.data.dir, cfg.data)  # validated before anything is written
+    # Validated before anything is written; a resumed run reads it with its trained vocabularies.
+    dataset = load_data(cfg.data.dir, _trained_data(cfg) if args.resume else cfg.data)
     cfg.data.dir = str(dataset.root.resolve())
     fill_vocab_from_data(cfg, dataset)
     trainer = Trainer(cfg, dataset, out_dir)
@@ -76,13 +78,20 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _trained_data(cfg):
+    """The data section that reads a dataset as the run's model was built: with the vocabulary
+    sizes training resolved, so an id beyond a trained table is refused naming its file, column
+    and row, rather than met by the embedding (or by a table resized to fit the new data)."""
+    return dataclasses.replace(cfg.data, features=cfg.model.features or cfg.data.features)
+
+
 def _model_from_checkpoint(path: str, data: str | None, device_name: str, precision: str = "fp32"):
     from qin.models import build_model
     from qin.train import resolve_device, resolve_precision
 
     payload = load_checkpoint(path)
     cfg = load_config(overrides=[], base=payload["config"])
-    dataset = load_data(data or cfg.data.dir, cfg.data)
+    dataset = load_data(data or cfg.data.dir, _trained_data(cfg))
     if dataset.item_info.num_items != cfg.model.num_items:
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "
                               f"{dataset.root / 'item_info.parquet'} has {dataset.item_info.num_items:,}")

@@ -116,6 +116,21 @@ class Dataset:
 # Vectorised helpers
 # ---------------------------------------------------------------------------------------------
 
+def _first_padded_on_the_right(lengths: np.ndarray, values: np.ndarray) -> int | None:
+    """The first row whose list ends in 0 after a non-zero id (ids >= 0), or None.
+
+    A history padded on the right would lose its items to keep_last, silently, where the
+    stored width exceeds max_len; zeros between ids are only masked, so they pass.
+    """
+    live = np.flatnonzero(lengths)
+    if not live.size:
+        return None
+    ends = np.cumsum(lengths)[live]
+    largest = np.maximum.reduceat(values, ends - lengths[live])  # the live rows tile `values`
+    bad = _first((values[ends - 1] == 0) & (largest > 0))
+    return None if bad is None else int(live[bad])
+
+
 def keep_last(lengths: np.ndarray, values: np.ndarray, width: int, dtype=np.int64) -> np.ndarray:
     """(rows, width): each row's last `width` values, right-aligned after zero padding.
 
@@ -193,6 +208,9 @@ class _FileReader:
         missing = [column for column in kinds if column in required and column not in schema.names]
         if missing:
             raise data_error(self.name, f"missing (the file has {', '.join(schema.names) or 'no columns'})", missing[0])
+        for column in kinds:
+            if schema.names.count(column) > 1:  # which one to read would be a guess
+                raise data_error(self.name, f"the file has {schema.names.count(column)} columns of this name", column)
         for column, kind in kinds.items():
             if kind is not None and column in schema.names and not _type_fits(kind, schema.field(column).type):
                 raise data_error(self.name, f"expected {KIND_NAMES[kind]}, got {schema.field(column).type}", column)
@@ -370,6 +388,11 @@ def _load_split(path: Path, name: str, num_items: int, max_len: int, features, l
             lengths, values = reader.lists(history, batch.column(history), start)
             values = values.astype(np.int64, copy=False)
             reader.check_range(history, values, start, 0, num_items - 1, _describe_item_id(num_items), lengths)
+            bad = _first_padded_on_the_right(lengths, values)
+            if bad is not None:
+                raise reader.fail(history, start + bad, "the history ends in the padding id 0 after item ids; "
+                                  "histories are left-padded with 0, most recent last (the last "
+                                  f"{max_len} positions are what the model reads)")
             item_seq[start:stop] = keep_last(lengths, values, max_len, dtype=np.int32)
 
             for f in context:

@@ -381,6 +381,12 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainerState:
         cfg, tc = self.cfg, self.cfg.train
         train, valid = self.dataset.splits["train"], self.dataset.splits["valid"]
+        # BatchNorm cannot train on one sample: a last batch of a single row is left out (the
+        # order is shuffled each epoch, so it is another row each time).
+        single = len(train) % tc.batch_size == 1
+        batches_per_epoch = num_batches(train, tc.batch_size) - single
+        if not batches_per_epoch:
+            raise ConfigError(f"{self.dataset.root / 'train.parquet'} has 1 row: BatchNorm cannot train on one sample")
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -397,8 +403,10 @@ class Trainer:
                  f"precision {tc.precision}; "
                  f"train {len(train):,} rows, valid {len(valid):,} rows")
         self.log("settings: " + json.dumps(cfg.to_dict(), sort_keys=True))
+        if single:
+            self.log(f"train has {len(train):,} rows, 1 more than a multiple of train.batch_size "
+                     f"{tc.batch_size}: each epoch leaves out its last batch, of that one row")
 
-        batches_per_epoch = num_batches(train, tc.batch_size)
         if tc.max_steps_per_epoch:
             batches_per_epoch = min(batches_per_epoch, tc.max_steps_per_epoch)
         self.model.train()

@@ -1,5 +1,6 @@
 """The `qin` command as a user meets it: each subcommand end to end, and every refusal with its message."""
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -128,6 +129,30 @@ def test_a_checkpoint_does_not_load_against_other_items(run_dir, tmp_path, capsy
     assert main(["predict", str(run_dir), "--data", str(other), "--output", str(output)]) == 2
     err = capsys.readouterr().err
     assert "201 items" in err and "item_info.parquet" in err
+    assert not output.exists()
+
+
+def test_scoring_refuses_ids_beyond_the_trained_vocabularies(run_dir, data_dir, tmp_path, capsys):
+    # Same items, but one tag id the model has no row for: refused naming the cell, whatever
+    # vocabulary the new data alone would suggest.
+    trained_tags = load_checkpoint(run_dir / "best.pt")["model"]["items.tag_embedding.weight"].shape[0]
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in data_dir.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    table = pq.read_table(other / "item_info.parquet")
+    tags = table.column("item_tags").to_pylist()
+    tags[3] = [0, 0, 0, 0, trained_tags]
+    table = table.set_column(table.schema.get_field_index("item_tags"), "item_tags",
+                             pa.array(tags, table.schema.field("item_tags").type))
+    pq.write_table(table, other / "item_info.parquet")
+    output = tmp_path / "prediction.csv"
+    for command in (["predict", str(run_dir), "--data", str(other), "--output", str(output)],
+                    ["evaluate", str(run_dir), "--data", str(other)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "item_info.parquet" in err and "item_tags" in err and "row 3" in err, err
+        assert f"0..{trained_tags - 1}" in err, err
     assert not output.exists()
 
 

@@ -129,6 +129,42 @@ def test_most_recent_history_is_kept_last(tmp_path):
     assert split.item_seq[1].tolist() == [0, 0, 0, 7]  # padding goes on the left
 
 
+def test_a_history_padded_on_the_right_is_refused(tmp_path):
+    """A list that ends in 0 after an id would keep its padding and lose its most recent items
+    to the cut at max_len; empty lists and zeros between ids (masked, as padding) are legal."""
+    tables = base_tables()
+    histories = [[0, 0, 0], [4, 0, 5], [], [0, 7]] + [[7]] * (TRAIN_ROWS - 4)
+    tables["train.parquet"]["item_seq"] = pa.array(histories, pa.list_(pa.int64()))
+    split = load_dataset(write_tables(tmp_path, tables), max_len=4).splits["train"]
+    assert split.item_seq[:4].tolist() == [[0, 0, 0, 0], [0, 4, 0, 5], [0, 0, 0, 0], [0, 0, 0, 7]]
+
+    histories[5] = [3, 8] + [0] * 6
+    tables["train.parquet"]["item_seq"] = pa.array(histories, pa.list_(pa.int64()))
+    with pytest.raises(DataError) as caught:
+        load_dataset(write_tables(tmp_path, tables), max_len=4)
+    message = str(caught.value)
+    assert message.startswith("train.parquet") and "column 'item_seq'" in message and "row 5:" in message, message
+    assert "left-padded" in message, message
+
+
+@given(st.lists(st.lists(st.integers(0, 3), max_size=5), max_size=12))
+def test_first_padded_on_the_right_matches_plain_python(lists):
+    lengths = np.array([len(x) for x in lists], dtype=np.int64)
+    values = np.array([v for x in lists for v in x], dtype=np.int64)
+    want = next((r for r, x in enumerate(lists) if x and x[-1] == 0 and max(x) > 0), None)
+    assert data._first_padded_on_the_right(lengths, values) == want
+
+
+def test_a_column_twice_in_a_file_is_refused(tmp_path):
+    write_tables(tmp_path, base_tables())
+    table = pq.read_table(tmp_path / "valid.parquet")
+    pq.write_table(table.append_column("item_id", table.column("item_id")), tmp_path / "valid.parquet")
+    with pytest.raises(DataError) as caught:
+        load_dataset(tmp_path)
+    message = str(caught.value)
+    assert message.startswith("valid.parquet") and "column 'item_id'" in message and "2 columns" in message, message
+
+
 def test_ragged_histories_match_plain_python(tmp_path):
     tables = base_tables()
     ds = load_dataset(write_tables(tmp_path, tables), max_len=4)

@@ -13,7 +13,7 @@ import torch
 
 import qin.train
 from qin.checkpoint import CheckpointError, load_checkpoint
-from qin.config import load_config
+from qin.config import ConfigError, load_config
 from qin.data import load_dataset
 from qin.events import read_scalars
 from qin.synth import make_dataset
@@ -159,6 +159,22 @@ def test_fp32_steps_reach_the_host_in_batches_of_log_every_steps(data_dir, tmp_p
     state = trainer.fit()
     assert [n for n in sizes if n] == [5, 5, 5, 1]
     assert state.history[0]["train_loss"] > 0 and state.step == 16
+
+def test_a_last_batch_of_one_row_is_left_out(data_dir, tmp_path):
+    # BatchNorm cannot train on one sample: 4,000 rows at batch 1,333 are 3 batches and one row.
+    lines = []
+    cfg = small_config(data_dir, "train.batch_size=1333", "train.epochs=1")
+    dataset = load_dataset(data_dir)
+    fill_vocab_from_data(cfg, dataset)
+    state = Trainer(cfg, dataset, tmp_path / "run", log=lines.append).fit()
+    assert state.step == 3 and state.epoch == 1
+    assert any("leaves out its last batch, of that one row" in line for line in lines), lines
+
+    dataset.splits["train"] = dataset.splits["train"].rows(0, 1)
+    with pytest.raises(ConfigError, match="has 1 row"):
+        Trainer(cfg, dataset, tmp_path / "one", log=lines.append).fit()
+    assert not (tmp_path / "one").exists()
+
 
 def test_checkpoint_from_another_model_is_refused_by_key(data_dir, tmp_path):
     make_trainer(data_dir, tmp_path / "run", "train.epochs=1").fit()
