@@ -1,10 +1,13 @@
 """The `qin` command as a user meets it: each subcommand end to end, and every refusal with its message."""
 
+import os
+import stat
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qin.checkpoint import load_checkpoint
+from qin.checkpoint import atomic_write, load_checkpoint
 from qin.cli import main
 from qin.synth import make_dataset
 
@@ -154,6 +157,19 @@ def test_scoring_refuses_ids_beyond_the_trained_vocabularies(run_dir, data_dir, 
         assert "item_info.parquet" in err and "item_tags" in err and "row 3" in err, err
         assert f"0..{trained_tags - 1}" in err, err
     assert not output.exists()
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    # Checkpoints, configs and predictions go through atomic_write's temporary file, which
+    # mkstemp creates for its owner only; a run must stay readable to whom the umask allows.
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "atomic", lambda fh: fh.write(b"x"))
+        with open(tmp_path / "plain", "wb"):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "atomic").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o640
 
 
 def test_unreadable_checkpoint_is_refused(tmp_path, capsys):
