@@ -95,7 +95,7 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
     if dataset.item_info.num_items != cfg.model.num_items:
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "
                               f"{dataset.root / 'item_info.parquet'} has {dataset.item_info.num_items:,}")
-    device = distributed.setup(distributed.context_from_env(), resolve_device(device_name))
+    device = distributed.setup(distributed.context_from_env(), resolve_device(device_name, "--device"))
     model = build_model(cfg.model)
     model.load_item_info(dataset.item_info.columns)
     model.load_state_dict(payload["model"])

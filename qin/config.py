@@ -7,6 +7,7 @@ section or key is an error, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,6 +150,35 @@ class TrainConfig:
     log_every_steps: int = 10  # one TensorBoard point of train loss, grad norm, lr, samples/s every N steps
     out_dir: str = "runs/qin"
 
+    def validate(self) -> None:
+        """Refuse values the loop would fail on late (a zero batch after an epoch) or not at all."""
+        for name in ("batch_size", "eval_batch_size", "epochs", "patience", "log_every_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be a positive integer, got {getattr(self, name)}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ConfigError(f"train.max_steps_per_epoch must be a positive integer or null (the whole split), "
+                              f"got {self.max_steps_per_epoch}")
+        if self.checkpoint_every_steps < 0:
+            raise ConfigError(f"train.checkpoint_every_steps must be 0 (epoch ends only) or positive, "
+                              f"got {self.checkpoint_every_steps}")
+        for name in ("lr", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ConfigError(f"train.{name} must be a positive number, got {getattr(self, name)}")
+        for name in ("min_lr", "embedding_l2"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ConfigError(f"train.{name} must be a number >= 0, got {getattr(self, name)}")
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"train.lr_decay must be in (0, 1], got {self.lr_decay}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+
 
 @dataclass
 class RunConfig:
@@ -180,16 +210,31 @@ def _coerce_types(cfg: RunConfig) -> None:
                     if not isinstance(value, bool):
                         raise TypeError
                 elif isinstance(default, float):
+                    if isinstance(value, bool):  # YAML's true is no number
+                        raise TypeError
                     value = float(value)
-                elif isinstance(default, int):
+                elif isinstance(default, int) or (f.name == "max_steps_per_epoch" and value is not None):
                     if isinstance(value, bool) or float(value) != int(value):
                         raise TypeError
                     value = int(value)
-                elif f.name == "max_steps_per_epoch" and value is not None:
-                    value = int(value)
+                elif isinstance(default, str) and not isinstance(value, str):  # data.label=on is True
+                    raise TypeError
             except (TypeError, ValueError):
-                raise ConfigError(f"{section}.{f.name} must be of type {type(default).__name__}, got {value!r}") from None
+                wanted = "int or null" if f.name == "max_steps_per_epoch" else type(default).__name__
+                raise ConfigError(f"{section}.{f.name} must be of type {wanted}, got {value!r}") from None
             setattr(obj, f.name, value)
+
+
+def _read_yaml(path: str | Path):
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(exc, 'problem', None) or exc})") from None
 
 
 def read_fuxictr_dataset(path: str | Path, dataset_id: str) -> dict:
@@ -199,8 +244,7 @@ def read_fuxictr_dataset(path: str | Path, dataset_id: str) -> dict:
     train_data (relative paths resolved from the working directory, as FuxiCTR does), whose
     splits and item table must be train/valid/test/item_info.parquet.
     """
-    with open(path, encoding="utf-8") as fh:
-        blocks = yaml.safe_load(fh) or {}
+    blocks = _read_yaml(path) or {}
     if not isinstance(blocks, dict) or dataset_id not in blocks:
         known = ", ".join(blocks) if isinstance(blocks, dict) else "none"
         raise ConfigError(f"{path}: no dataset block '{dataset_id}' (blocks: {known})")
@@ -232,8 +276,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
     if base:
         layers.append(("built-in settings", base))
     if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh) or {}
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping with data/model/train blocks")
         layers.append((str(path), loaded))
@@ -244,7 +287,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not sep or "." not in key:
             raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=1e-3)")
         section, _, name = key.partition(".")
-        layers.append((f"override {text!r}", {section: {name: yaml.safe_load(raw)}}))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {text!r}: its value is not valid YAML ({exc.problem})") from None
+        layers.append((f"override {text!r}", {section: {name: value}}))
     for source, tree in layers:
         for section, values in tree.items():
             if section not in ("data", "model", "train"):
@@ -254,14 +301,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             _apply(getattr(cfg, section), section, values, source)
     _coerce_types(cfg)
     cfg.model.validate()
-    if cfg.train.log_every_steps < 1:
-        raise ConfigError(f"train.log_every_steps must be a positive integer, got {cfg.train.log_every_steps}")
+    cfg.train.validate()
     if cfg.data.features is not None:
         from qin.features import parse_features
 
         parse_features(cfg.data.features)
-    if cfg.train.precision not in PRECISIONS:
-        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got {cfg.train.precision!r}")
     if cfg.data.max_len < 1:
         raise ConfigError(f"data.max_len must be a positive integer, got {cfg.data.max_len}")
     return cfg
