@@ -104,6 +104,7 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
 
 
 def cmd_evaluate(args) -> int:
+    from qin.data import require_both_classes
     from qin.train import evaluate
 
     model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
@@ -112,6 +113,7 @@ def cmd_evaluate(args) -> int:
         raise UsageError(f"split '{args.split}' not found in {dataset.root}")
     if dataset.splits[args.split].label is None:
         raise UsageError(f"{dataset.root / (args.split + '.parquet')} has no label column: it cannot be evaluated")
+    require_both_classes(dataset.splits[args.split], f"{args.split}.parquet", cfg.data.label)
     # Under torchrun each rank scores a share of the split; the AUC is computed once, on all of it.
     ctx = distributed.context_from_env()
     with distributed.leaving_group_at_end():

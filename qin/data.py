@@ -411,6 +411,15 @@ def _load_split(path: Path, name: str, num_items: int, max_len: int, features, l
         return Split(name=name, item_id=item_id, item_seq=item_seq, label=labels, features=columns), reader.extra
 
 
+def require_both_classes(split: Split, file: str, label: str = "label") -> None:
+    """AUC needs clicks and non-clicks: refuse a labelled split of one class, naming it, before
+    an epoch of training ends in an undefined AUC."""
+    clicks = int(split.label.sum())
+    if clicks in (0, len(split)):
+        raise data_error(file, f"all {len(split):,} rows have label {int(split.label[0])}: AUC needs "
+                         f"both clicks and non-clicks", label)
+
+
 def _resolve_vocab(features, item_info: ItemInfo, splits: dict[str, Split]) -> list:
     """Features with every vocab_size known: the declared one, else the largest id seen + 1."""
     resolved = []

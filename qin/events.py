@@ -61,12 +61,13 @@ def keep_covered(run_dir: str | Path, last_step: int, last_epoch: int) -> bool:
             kept.append((tag, step, value, wall_time))
     if clean:
         return False
-    writer = SummaryWriter(str(run_dir), filename_suffix=".resumed")
-    try:
-        for tag, step, value, wall_time in kept:
-            writer.add_scalar(tag, value, step, walltime=wall_time)
-    finally:
-        writer.close()
+    if kept:
+        writer = SummaryWriter(str(run_dir), filename_suffix=".resumed")
+        try:
+            for tag, step, value, wall_time in kept:
+                writer.add_scalar(tag, value, step, walltime=wall_time)
+        finally:
+            writer.close()
     for path in files:
         path.unlink()
     return True

@@ -26,7 +26,7 @@ from kernels import choice as kernels_choice
 from qin import distributed
 from qin.checkpoint import atomic_write, check_model_config, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from qin.config import ConfigError, RunConfig
-from qin.data import Dataset, Split, iterate_batches, num_batches
+from qin.data import Dataset, Split, iterate_batches, num_batches, require_both_classes
 from qin.host_memory import bound_kept_memory, keep_freed_memory
 from qin.metrics import log_loss, roc_auc
 from qin.model import compile_model, count_parameters
@@ -395,6 +395,7 @@ class Trainer:
         batches_per_epoch = num_batches(train, tc.batch_size) - single
         if not batches_per_epoch:
             raise ConfigError(f"{self.dataset.root / 'train.parquet'} has 1 row: BatchNorm cannot train on one sample")
+        require_both_classes(valid, "valid.parquet", cfg.data.label)
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:

@@ -47,8 +47,13 @@ class RunWatch:
         if not self.write_events:
             return
         try:
-            if resumed_at is not None and events.keep_covered(self.run_dir, *resumed_at):
-                logger.info("TensorBoard events trimmed to the checkpoint (step %d, epoch %d)", *resumed_at)
+            # A fresh run keeps no events: the folder's may be those of a run killed before its
+            # first checkpoint, which would otherwise appear beside this one's.
+            if events.keep_covered(self.run_dir, *(resumed_at or (0, 0))):
+                if resumed_at is None:
+                    logger.info("removed the TensorBoard events of an earlier run that left no checkpoint here")
+                else:
+                    logger.info("TensorBoard events trimmed to the checkpoint (step %d, epoch %d)", *resumed_at)
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir), flush_secs=30)

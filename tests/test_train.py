@@ -14,7 +14,7 @@ import torch
 import qin.train
 from qin.checkpoint import CheckpointError, load_checkpoint
 from qin.config import ConfigError, load_config
-from qin.data import load_dataset
+from qin.data import DataError, load_dataset
 from qin.events import read_scalars
 from qin.synth import make_dataset
 from qin.train import Trainer, TrainingError, fill_vocab_from_data
@@ -174,6 +174,15 @@ def test_a_last_batch_of_one_row_is_left_out(data_dir, tmp_path):
     with pytest.raises(ConfigError, match="has 1 row"):
         Trainer(cfg, dataset, tmp_path / "one", log=lines.append).fit()
     assert not (tmp_path / "one").exists()
+
+
+def test_a_valid_split_of_one_class_is_refused_before_training(data_dir, tmp_path):
+    dataset = load_dataset(data_dir)
+    dataset.splits["valid"].label[:] = 0
+    trainer = make_trainer(data_dir, tmp_path / "run", dataset=dataset)
+    with pytest.raises(DataError, match=r"valid\.parquet, column 'label': all 1,500 rows have label 0"):
+        trainer.fit()
+    assert not (tmp_path / "run").exists()
 
 
 def test_checkpoint_from_another_model_is_refused_by_key(data_dir, tmp_path):

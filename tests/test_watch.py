@@ -135,6 +135,18 @@ def test_a_stopped_run_resumes_its_curves_with_each_step_once(dataset, run_dir, 
         assert dict(split["train/loss"])[step] == dict(straight["train/loss"])[step], step
 
 
+def test_a_fresh_run_drops_the_events_of_a_run_that_left_no_checkpoint(dataset, run_dir, tmp_path):
+    # A run killed before its first checkpoint leaves events (flushed every 30 s) and no
+    # latest.pt, so a fresh run may start in its folder; its curves must not show both runs.
+    folder = tmp_path / "again"
+    folder.mkdir()
+    for path in event_files(run_dir):
+        (folder / path.name).write_bytes(path.read_bytes())
+    make_trainer(dataset, folder, *WATCHED).fit()
+    assert steps_by_tag(folder) == steps_by_tag(run_dir)
+    assert len(event_files(folder)) == 1
+
+
 @pytest.mark.parametrize("failing", ["__init__", "add_scalar", "flush"])
 def test_a_failing_events_file_or_picture_warns_once_and_training_goes_on(dataset, tmp_path, monkeypatch,
                                                                           caplog, failing):
