@@ -376,6 +376,19 @@ class Trainer:
         if payload.get("scaler") and self.scaler.is_enabled():  # else a fresh scale (e.g. bf16 -> fp16)
             self.scaler.load_state_dict(payload["scaler"])
         self.state = TrainerState(**payload["trainer"])
+        saved_train = payload["config"]["train"]
+        if self.state.batches_done:
+            # The rows the epoch's first batches_done batches held follow from these two: changed
+            # now, the rest of the epoch would repeat some rows and never reach others.
+            for name in ("batch_size", "seed"):
+                if saved_train.get(name) != getattr(self.cfg.train, name):
+                    raise ConfigError(
+                        f"train.{name}={getattr(self.cfg.train, name)}: {path} stopped in the middle of epoch "
+                        f"{self.state.epoch + 1}, trained with train.{name}={saved_train.get(name)}; changing it "
+                        f"now would repeat some of the epoch's rows and skip others (resume without it; a "
+                        f"checkpoint written at an epoch's end takes it)")
+        # An override of train.patience decides afresh whether early stopping has ended the run.
+        self.state.finished = self.state.bad_epochs >= self.cfg.train.patience
         for group in self.optimizer.param_groups:
             group["lr"] = self.state.lr
         states = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]
@@ -405,7 +418,7 @@ class Trainer:
             self.restore(self.out_dir / "latest.pt")
             self.log(f"resumed from {self.out_dir / 'latest.pt'} at epoch {self.state.epoch + 1}, "
                      f"step {self.state.step}")
-        elif self.ctx.is_main:
+        if self.ctx.is_main:  # a resume's overrides too: the next --resume reads them from here
             atomic_write(self.out_dir / "config.yaml", lambda fh: fh.write(yaml.safe_dump(cfg.to_dict()).encode()))
         where = f"{self.ctx.world_size} processes ({self.device.type})" if self.ctx.distributed else str(self.device)
         self.log(f"{type(self.model).__name__}: {count_parameters(self.model):,} parameters on {where}, "

@@ -6,6 +6,7 @@ import stat
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from qin.checkpoint import atomic_write, load_checkpoint
 from qin.cli import main
@@ -67,6 +68,8 @@ def test_resume_continues_and_refuses_new_data(data_dir, run_dir, tmp_path, caps
     assert "drop --config/--data" in capsys.readouterr().err
     assert main(["train", "--resume", str(copy), "train.epochs=2"]) == 0
     assert load_checkpoint(copy / "latest.pt")["trainer"]["epoch"] == 2
+    # The override is the run's setting now: a later plain --resume must not fall back to 1 epoch.
+    assert yaml.safe_load((copy / "config.yaml").read_text())["train"]["epochs"] == 2
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "no latest.pt" in capsys.readouterr().err
 

@@ -109,6 +109,10 @@ def test_resume_mid_epoch_gives_the_same_weights(data_dir, tmp_path):
     finally:
         qin.train.loss_fn = original
     assert load_checkpoint(tmp_path / "split" / "latest.pt")["trainer"]["batches_done"] == 5
+    # Mid-epoch, the batch size and the seed fix which rows the epoch has had: neither may change.
+    for override in ("train.batch_size=128", "train.seed=7"):
+        with pytest.raises(ConfigError, match=f"{override}: .* stopped in the middle of epoch 1"):
+            make_trainer(data_dir, tmp_path / "split", override, dataset=dataset).fit(resume=True)
     make_trainer(data_dir, tmp_path / "split", dataset=dataset).fit(resume=True)
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "split"))
 
@@ -123,6 +127,12 @@ def test_lr_halves_without_gain_and_early_stop(data_dir, tmp_path, monkeypatch):
     lrs = [r["lr"] for r in state.history]
     assert lrs == [0.004, 0.004, 0.002, 0.001, 0.001, 0.0005, 0.00025, 0.000125]
     assert state.finished and state.epoch == 8 and state.best_epoch == 5 and state.best_auc == 0.71
+
+    # Resumed with more patience, the run goes on from where early stopping ended it.
+    aucs = iter([0.72])
+    state = make_trainer(data_dir, tmp_path / "run", "train.epochs=9", "train.patience=4",
+                         "train.max_steps_per_epoch=1", "train.lr=0.004").fit(resume=True)
+    assert state.epoch == 9 and state.best_epoch == 9 and not state.finished
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
