@@ -31,7 +31,8 @@ class QINConfig:
     tags_per_item: int = 5
     embed_dim: int = 128
     mm_dim: int = 128  # width of the frozen multimodal embedding item_emb_d128
-    attention_dim: int = 768  # d_a of ASTA
+    # d_a of ASTA; None: twice the item width, as the authors size it (768 on MicroLens).
+    attention_dim: int | None = None
     qnn_layers: int = 4
     qnn_rows: int = 4  # M, the num_row of the quadratic layer
     dropout: float = 0.1
@@ -72,6 +73,11 @@ class QINConfig:
         return sum(f.width(self.embed_dim) for f in item_features(model_features(self)))
 
     @property
+    def attention_width(self) -> int:
+        """d_a: attention_dim, else 2 x item_dim (the authors' attention_dim=item_info_dim * 2)."""
+        return self.attention_dim or 2 * self.item_dim
+
+    @property
     def context_dim(self) -> int:
         from qin.features import context_features, model_features
 
@@ -102,7 +108,7 @@ class QINConfig:
                 raise ConfigError(f"model.{name} must be a non-empty list of positive integers, got {units!r}")
         for name in ("num_items", "num_tags", "num_levels", "embed_dim", "mm_dim", "attention_dim",
                      "qnn_layers", "qnn_rows", "tags_per_item", "din_embed_dim"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
         from qin.features import model_features
 
@@ -198,6 +204,9 @@ def _apply(section_obj, section: str, values: dict, source: str) -> None:
         setattr(section_obj, key, value)
 
 
+NULLABLE_INTS = ("max_steps_per_epoch", "attention_dim")  # an int, or None for "derived"
+
+
 def _coerce_types(cfg: RunConfig) -> None:
     """YAML gives ints where floats are meant (lr: 1) and strings for 1e-3; make types exact."""
     for section in ("data", "model", "train"):
@@ -213,14 +222,14 @@ def _coerce_types(cfg: RunConfig) -> None:
                     if isinstance(value, bool):  # YAML's true is no number
                         raise TypeError
                     value = float(value)
-                elif isinstance(default, int) or (f.name == "max_steps_per_epoch" and value is not None):
+                elif isinstance(default, int) or (f.name in NULLABLE_INTS and value is not None):
                     if isinstance(value, bool) or float(value) != int(value):
                         raise TypeError
                     value = int(value)
                 elif isinstance(default, str) and not isinstance(value, str):  # data.label=on is True
                     raise TypeError
             except (TypeError, ValueError):
-                wanted = "int or null" if f.name == "max_steps_per_epoch" else type(default).__name__
+                wanted = "int or null" if f.name in NULLABLE_INTS else type(default).__name__
                 raise ConfigError(f"{section}.{f.name} must be of type {wanted}, got {value!r}") from None
             setattr(obj, f.name, value)
 

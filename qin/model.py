@@ -243,7 +243,7 @@ class SparseTargetAttention(nn.Module):
 
     def __init__(self, cfg: QINConfig):
         super().__init__()
-        d, d_a = cfg.item_dim, cfg.attention_dim
+        d, d_a = cfg.item_dim, cfg.attention_width
         self.W_q = nn.Linear(d, d_a, bias=False)
         self.W_k = nn.Linear(d, d_a, bias=False)
         self.W_v = nn.Linear(d, d_a, bias=False)

@@ -75,6 +75,7 @@ def resolve_device(name: str, setting: str = "train.device") -> torch.device:
     return device
 
 
+MIN_AUC_GAIN = 1e-6  # the smallest valid-AUC rise that counts as a gain (early stop, lr decay)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SLOW_MATMUL = 4.0  # a 16-bit matrix product this many times slower than fp32's gets a warning
 
@@ -569,7 +570,8 @@ class Trainer:
         # Validated in fp32 whatever the training precision, like `qin evaluate` by default: the
         # AUC measures the weights (fp32 masters), and runs in different precisions compare.
         metrics = evaluate(self.model, valid, tc.eval_batch_size, self.device, self.ctx)
-        improved = metrics["auc"] > st.best_auc
+        # A gain counts from 1e-6 up, as in the authors' checkpoint_and_earlystop (min_delta).
+        improved = metrics["auc"] >= st.best_auc + MIN_AUC_GAIN
         epoch_loss = st.loss_sum / max(st.loss_count, 1)
         st.epoch += 1
         st.batches_done, st.loss_sum, st.loss_count = 0, 0.0, 0

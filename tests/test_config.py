@@ -9,7 +9,7 @@ def test_defaults_are_the_papers_settings():
     cfg = load_config()
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.grad_clip, cfg.train.seed) == (2e-3, 8192, 10.0, 20242025)
     assert (cfg.train.lr_decay, cfg.train.min_lr, cfg.train.patience, cfg.train.embedding_l2) == (0.5, 1e-6, 8, 2e-4)
-    assert (cfg.model.qnn_layers, cfg.model.qnn_rows, cfg.model.attention_dim, cfg.data.max_len) == (4, 4, 768, 64)
+    assert (cfg.model.qnn_layers, cfg.model.qnn_rows, cfg.model.attention_width, cfg.data.max_len) == (4, 4, 768, 64)
     assert cfg.model.item_dim == 384 and cfg.model.qnn_dim == 1024
 
 
@@ -75,6 +75,15 @@ def test_a_config_file_that_cannot_be_read_is_named(tmp_path):
     path.write_text("train:\n  lr: [1\n")
     with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML at line 3"):
         load_config(path)
+
+
+def test_attention_width_follows_the_item_width_unless_set():
+    # The authors size d_a as twice the item representation (attention_dim=item_info_dim * 2).
+    assert QINConfig(embed_dim=32, mm_dim=32).attention_width == 2 * 96
+    assert QINConfig(embed_dim=32, mm_dim=32, attention_dim=40).attention_width == 40
+    assert load_config(overrides=["model.attention_dim=64"]).model.attention_width == 64
+    with pytest.raises(ConfigError, match="model.attention_dim must be of type int or null"):
+        load_config(overrides=["model.attention_dim=wide"])
 
 
 def test_qin_config_validates():
