@@ -85,13 +85,15 @@ def _trained_data(cfg):
     return dataclasses.replace(cfg.data, features=cfg.model.features or cfg.data.features)
 
 
-def _model_from_checkpoint(path: str, data: str | None, device_name: str, precision: str = "fp32"):
+def _model_from_checkpoint(path: str, data: str | None, device_name: str, precision: str = "fp32",
+                           split: str = "valid"):
+    """The checkpoint's model in eval mode, and the dataset with the one split it will score."""
     from qin.models import build_model
     from qin.train import resolve_device, resolve_precision
 
     payload = load_checkpoint(path)
     cfg = load_config(overrides=[], base=payload["config"])
-    dataset = load_data(data or cfg.data.dir, _trained_data(cfg))
+    dataset = load_data(data or cfg.data.dir, _trained_data(cfg), splits=(split,), required=(split,))
     if dataset.item_info.num_items != cfg.model.num_items:
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "
                               f"{dataset.root / 'item_info.parquet'} has {dataset.item_info.num_items:,}")
@@ -108,9 +110,7 @@ def cmd_evaluate(args) -> int:
     from qin.train import evaluate
 
     model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
-                                                                    args.precision)
-    if args.split not in dataset.splits:
-        raise UsageError(f"split '{args.split}' not found in {dataset.root}")
+                                                                    args.precision, args.split)
     if dataset.splits[args.split].label is None:
         raise UsageError(f"{dataset.root / (args.split + '.parquet')} has no label column: it cannot be evaluated")
     require_both_classes(dataset.splits[args.split], f"{args.split}.parquet", cfg.data.label)
@@ -131,9 +131,7 @@ def cmd_predict(args) -> int:
     if output.exists() and not args.force:
         raise UsageError(f"{output} exists; pass --force to overwrite it")
     model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
-                                                                    args.precision)
-    if "test" not in dataset.splits:
-        raise UsageError(f"{dataset.root}: no test.parquet to predict")
+                                                                    args.precision, "test")
     probs = predict(model, dataset.splits["test"], args.batch_size or cfg.train.eval_batch_size, device,
                     precision=precision)
     lines = ["ID,Task2"] + [f"{i},{p:.6f}" for i, p in enumerate(np.asarray(probs, dtype=np.float64))]
@@ -149,8 +147,7 @@ def cmd_export(args) -> int:
     if output.exists() and not args.force:
         raise UsageError(f"{output} exists; pass --force to overwrite it")
     model, dataset, cfg, device, _ = _model_from_checkpoint(args.checkpoint, args.data, args.device)
-    split = dataset.splits["valid"] if "valid" in dataset.splits else dataset.splits["train"]
-    batch = {k: v.to(device) for k, v in export.example_batch(split).items()}
+    batch = {k: v.to(device) for k, v in export.example_batch(dataset.splits["valid"]).items()}
     program = export.export_model(model, batch)
     atomic_write(output, lambda fh: export.save(program, fh))
     print(f"wrote {output}: load it with `import kernels; torch.export.load('{output}').module()(batch)`")

@@ -181,6 +181,8 @@ class _FileReader:
 
     def __init__(self, path: Path, kinds: dict[str, str], required: set[str]):
         self.path, self.name = path, path.name
+        if path.is_dir():  # as Spark writes a partitioned table
+            raise data_error(self.name, f"is a folder in {path.parent}; expected one parquet file")
         if not path.is_file():
             raise data_error(self.name, f"file is missing from {path.parent}")
         try:
@@ -437,8 +439,8 @@ def _resolve_vocab(features, item_info: ItemInfo, splits: dict[str, Split]) -> l
 
 
 def load_dataset(root, max_len: int = 64, splits=("train", "valid", "test"), features=None,
-                 label: str = "label", history: str = "item_seq") -> Dataset:
-    """Read and validate item_info.parquet and the named splits; train and valid must exist, others may not.
+                 label: str = "label", history: str = "item_seq", required=REQUIRED_SPLITS) -> Dataset:
+    """Read and validate item_info.parquet and the named splits; those in `required` must exist.
 
     `features` is a list of qin.features.Feature or config dicts; None reads the MicroLens layout.
     Dataset.features holds them back with every vocab_size resolved.
@@ -453,7 +455,7 @@ def load_dataset(root, max_len: int = 64, splits=("train", "valid", "test"), fea
     loaded = {}
     for name in splits:
         path = root / f"{name}.parquet"
-        if name not in REQUIRED_SPLITS and not path.exists():
+        if name not in required and not path.exists():
             continue
         loaded[name], extra = _load_split(path, name, item_info.num_items, max_len, features, label, history)
         if extra:

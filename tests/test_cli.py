@@ -129,6 +129,19 @@ def test_predict_writes_one_probability_per_test_row_and_never_overwrites(run_di
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_scoring_reads_only_the_split_it_scores(run_dir, data_dir, tmp_path, capsys):
+    # New data to score need not come with a train or valid split (3.6M rows on MicroLens).
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in ("item_info.parquet", "test.parquet"):
+        (fresh / name).write_bytes((data_dir / name).read_bytes())
+    assert main(["predict", str(run_dir), "--data", str(fresh), "--output", str(tmp_path / "a.csv")]) == 0
+    assert main(["predict", str(run_dir), "--output", str(tmp_path / "b.csv")]) == 0
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+    assert main(["evaluate", str(run_dir), "--data", str(fresh)]) == 2
+    assert "valid.parquet: file is missing" in capsys.readouterr().err
+
+
 def test_a_checkpoint_does_not_load_against_other_items(run_dir, tmp_path, capsys):
     other = make_dataset(tmp_path / "other", rows=300, items=120, seed=1, valid_rows=100, test_rows=50)
     output = tmp_path / "prediction.csv"

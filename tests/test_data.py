@@ -155,6 +155,14 @@ def test_first_padded_on_the_right_matches_plain_python(lists):
     assert data._first_padded_on_the_right(lengths, values) == want
 
 
+def test_a_folder_in_place_of_a_file_is_named(tmp_path):
+    write_tables(tmp_path, base_tables())
+    (tmp_path / "test.parquet").unlink()
+    (tmp_path / "test.parquet").mkdir()  # a partitioned table, as Spark writes one
+    with pytest.raises(DataError, match=r"^test\.parquet: is a folder in .*; expected one parquet file"):
+        load_dataset(tmp_path)
+
+
 def test_a_column_twice_in_a_file_is_refused(tmp_path):
     write_tables(tmp_path, base_tables())
     table = pq.read_table(tmp_path / "valid.parquet")
