@@ -390,6 +390,10 @@ class Trainer:
                         f"checkpoint written at an epoch's end takes it)")
         # An override of train.patience decides afresh whether early stopping has ended the run.
         self.state.finished = self.state.bad_epochs >= self.cfg.train.patience
+        if saved_train.get("lr") != self.cfg.train.lr:  # an override: the rate from here on
+            self.log(f"train.lr={self.cfg.train.lr:g}: the learning rate goes from {self.state.lr:g} to "
+                     f"{self.cfg.train.lr:g} from here on")
+            self.state.lr = self.cfg.train.lr
         for group in self.optimizer.param_groups:
             group["lr"] = self.state.lr
         states = payload["rng"] if isinstance(payload["rng"], list) else [payload["rng"]]

@@ -134,6 +134,13 @@ def test_lr_halves_without_gain_and_early_stop(data_dir, tmp_path, monkeypatch):
     state = make_trainer(data_dir, tmp_path / "run", "train.epochs=9", "train.patience=4",
                          "train.max_steps_per_epoch=1", "train.lr=0.004").fit(resume=True)
     assert state.epoch == 9 and state.best_epoch == 9 and not state.finished
+    assert state.history[-1]["lr"] == 0.000125  # the same train.lr: the decayed rate goes on
+
+    # A new train.lr on resume is the rate from there on.
+    aucs = iter([0.73])
+    state = make_trainer(data_dir, tmp_path / "run", "train.epochs=10", "train.patience=4",
+                         "train.max_steps_per_epoch=1", "train.lr=0.01").fit(resume=True)
+    assert state.history[-1]["lr"] == 0.01
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
