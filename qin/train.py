@@ -564,10 +564,10 @@ class Trainer:
         fp16 = ("; in fp16 the forward can pass fp16's largest value (65,504), which no loss scale "
                 "prevents. train.precision=bf16 has fp32's range"
                 if what == "loss" and self.cfg.train.precision == "fp16" else "")
-        raise TrainingError(
-            f"non-finite {what} at epoch {self.state.epoch + 1}, step {step}: training stopped; "
-            f"the last good checkpoint in {self.out_dir} is kept{fp16}"
-        )
+        kept = (f"the last good checkpoint in {self.out_dir} is kept" if (self.out_dir / "latest.pt").exists()
+                else "no checkpoint had been written yet")
+        raise TrainingError(f"non-finite {what} at epoch {self.state.epoch + 1}, step {step}: training stopped; "
+                            f"{kept}{fp16}")
 
     def _end_epoch(self, valid: Split) -> None:
         tc, st = self.cfg.train, self.state

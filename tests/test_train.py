@@ -154,7 +154,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
         return loss * float("nan") if calls["n"] == 20 else loss  # 16 steps an epoch
 
     monkeypatch.setattr(qin.train, "loss_fn", nan_in_epoch_two)
-    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2, step 20"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 2, step 20: .* checkpoint .* is kept"):
         trainer.fit()
     # The bad step was skipped on the device before the host saw its loss: the weights are intact.
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
@@ -165,6 +165,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_
         if tensor.is_floating_point():
             assert torch.isfinite(tensor).all()
 
+    # In the first epoch there is no checkpoint yet, and the message must not promise one.
+    calls["n"] = 16
+    with pytest.raises(TrainingError, match=r"step 4: training stopped; no checkpoint had been written yet"):
+        make_trainer(data_dir, tmp_path / "fresh", "train.epochs=3").fit()
 
 
 def test_fp32_steps_reach_the_host_in_batches_of_log_every_steps(data_dir, tmp_path, monkeypatch):
