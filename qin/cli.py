@@ -132,11 +132,15 @@ def cmd_predict(args) -> int:
         raise UsageError(f"{output} exists; pass --force to overwrite it")
     model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
                                                                     args.precision, "test")
-    probs = predict(model, dataset.splits["test"], args.batch_size or cfg.train.eval_batch_size, device,
-                    precision=precision)
-    lines = ["ID,Task2"] + [f"{i},{p:.6f}" for i, p in enumerate(np.asarray(probs, dtype=np.float64))]
-    atomic_write(output, lambda fh: fh.write(("\n".join(lines) + "\n").encode()))
-    print(f"wrote {len(probs):,} predictions to {output}")
+    # Under torchrun each rank scores a share of the rows; rank 0 writes them all, once.
+    ctx = distributed.context_from_env()
+    with distributed.leaving_group_at_end():
+        probs = predict(model, dataset.splits["test"], args.batch_size or cfg.train.eval_batch_size, device, ctx,
+                        precision)
+    if ctx.is_main:
+        lines = ["ID,Task2"] + [f"{i},{p:.6f}" for i, p in enumerate(np.asarray(probs, dtype=np.float64))]
+        atomic_write(output, lambda fh: fh.write(("\n".join(lines) + "\n").encode()))
+        print(f"wrote {len(probs):,} predictions to {output}")
     return 0
 
 

@@ -124,6 +124,15 @@ def test_validation_auc_is_computed_once_over_the_gathered_split(data_dir, tmp_p
     auc = lambda out: float(out.split("AUC ")[1].split(",")[0])
     assert auc(double.stdout) == pytest.approx(auc(single.stdout), abs=1e-6)
     assert double.stdout.count("valid: AUC") == 1  # printed by rank 0 only
+    # predict shards the same way, and rank 0 alone writes the file.
+    assert qin("predict", str(run), "--output", str(tmp_path / "one.csv")).returncode == 0
+    double = qin("predict", str(run), "--output", str(tmp_path / "two.csv"), procs=2)
+    assert double.returncode == 0, double.stderr
+    assert double.stdout.count("wrote ") == 1
+    one, two = ((tmp_path / f"{n}.csv").read_text().splitlines() for n in ("one", "two"))
+    assert [line.split(",")[0] for line in two] == [line.split(",")[0] for line in one]
+    assert [float(line.split(",")[1]) for line in two[1:]] == pytest.approx(
+        [float(line.split(",")[1]) for line in one[1:]], abs=2e-6)
 
 
 def _rank_pids(launcher_pid: int) -> dict[int, int]:
