@@ -355,6 +355,7 @@ class Trainer:
         if not model_only:
             payload["optimizer"] = self.optimizer.state_dict()
             payload["scaler"] = self.scaler.state_dict()  # {} unless fp16: the loss scale and its counters
+            payload["watch"] = self.watch.window()  # the logged point the checkpoint's last steps are part of
             # Every rank's RNG state, so that a resumed DDP run draws what the uninterrupted one would.
             payload["rng"] = distributed.all_gather_objects(self.ctx, _rng_state(self.device))
         return payload
@@ -377,6 +378,7 @@ class Trainer:
         if payload.get("scaler") and self.scaler.is_enabled():  # else a fresh scale (e.g. bf16 -> fp16)
             self.scaler.load_state_dict(payload["scaler"])
         self.state = TrainerState(**payload["trainer"])
+        self._resumed_window = payload.get("watch")  # absent from checkpoints before 2026-12-02
         saved_train = payload["config"]["train"]
         if self.state.batches_done:
             # The rows the epoch's first batches_done batches held follow from these two: changed
@@ -438,7 +440,8 @@ class Trainer:
             batches_per_epoch = min(batches_per_epoch, tc.max_steps_per_epoch)
         self.model.train()
         # Events past the checkpoint that an error leaves unwritten are repeated by the resumed run.
-        self.watch.open(resumed_at=(self.state.step, self.state.epoch) if resume else None)
+        self.watch.open(resumed_at=(self.state.step, self.state.epoch) if resume else None,
+                        window=self._resumed_window if resume else None)
         with _catch_sigint() as interrupted:
             while not self.state.finished and self.state.epoch < tc.epochs:
                 self._train_epoch(train, batches_per_epoch, interrupted)

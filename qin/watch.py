@@ -42,8 +42,14 @@ class RunWatch:
         self.write_events = False
         self.writer = None  # a failed writer may raise again on close: drop it
 
-    def open(self, resumed_at: tuple[int, int] | None = None) -> None:
-        """Start writing; `resumed_at` = (step, epochs done) of the checkpoint a resumed run starts from."""
+    def window(self) -> dict:
+        """The steps since the last logged point, for a checkpoint: a resumed run completes the
+        point as the uninterrupted run would (samples/s, a rate, restarts with the process)."""
+        return {"losses": list(self._losses), "max_grad_norm": self._max_grad_norm}
+
+    def open(self, resumed_at: tuple[int, int] | None = None, window: dict | None = None) -> None:
+        """Start writing; `resumed_at` = (step, epochs done) of the checkpoint a resumed run starts
+        from, `window` what its window() held."""
         if not self.write_events:
             return
         try:
@@ -60,6 +66,8 @@ class RunWatch:
         except OSError as exc:
             self._events_error(exc)
         self._reset_window()
+        if window:
+            self._losses, self._max_grad_norm = list(window["losses"]), window["max_grad_norm"]
 
     def _scalars(self, values: dict[str, float], step: int) -> None:
         if self.writer is None:
