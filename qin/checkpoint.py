@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +39,40 @@ def atomic_write(path: str | Path, write) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+LOCK_NAME = ".qin-train.lock"
+
+
+@contextmanager
+def run_lock(folder: str | Path):
+    """Hold the run folder for one training process: a second `qin train` (or --resume) there is
+    refused, rather than both writing its checkpoints and one deleting the other's temporaries.
+
+    An advisory flock on a file that stays in the folder (unlinking it would let a third process
+    lock a new file while a second still holds the old one); the kernel drops it when the process
+    dies, so a killed run leaves nothing to clean up. Without fcntl (not POSIX) nothing is held.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(Path(folder) / LOCK_NAME, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise CheckpointError(f"{folder} is in use: {holder} is training there (wait for it, or stop it)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"process {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _umask() -> int:

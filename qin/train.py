@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from kernels import choice as kernels_choice
 from qin import distributed
-from qin.checkpoint import atomic_write, check_model_config, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from qin.checkpoint import (atomic_write, check_model_config, load_checkpoint, remove_stale_temporaries, run_lock,
+                            save_checkpoint)
 from qin.config import ConfigError, RunConfig
 from qin.data import Dataset, Split, iterate_batches, num_batches, require_both_classes
 from qin.host_memory import bound_kept_memory, keep_freed_memory
@@ -418,6 +419,12 @@ class Trainer:
         require_both_classes(valid, "valid.parquet", cfg.data.label)
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+        # One process trains in a folder at a time (DDP: rank 0 holds it for all).
+        with run_lock(self.out_dir) if self.ctx.is_main else nullcontext():
+            return self._fit(resume, train, valid, batches_per_epoch, single)
+
+    def _fit(self, resume: bool, train: Split, valid: Split, batches_per_epoch: int, single: bool) -> TrainerState:
+        cfg, tc = self.cfg, self.cfg.train
         if resume:
             if self.ctx.is_main:
                 for path in remove_stale_temporaries(self.out_dir):

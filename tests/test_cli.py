@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from qin.checkpoint import atomic_write, load_checkpoint
+from qin.checkpoint import LOCK_NAME, atomic_write, load_checkpoint, run_lock
 from qin.cli import main
 from qin.synth import make_dataset
 
@@ -45,7 +45,7 @@ def test_train_writes_a_complete_run(run_dir, capsys):
     names = {p.name for p in run_dir.iterdir()}
     events = {n for n in names if n.startswith("events.out.tfevents.")}
     assert len(events) == 1, names
-    assert names - events == {"best.pt", "latest.pt", "config.yaml", "metrics.jsonl", "curves.png"}
+    assert names - events == {"best.pt", "latest.pt", "config.yaml", "metrics.jsonl", "curves.png", LOCK_NAME}
     ckpt = load_checkpoint(run_dir / "latest.pt")
     assert ckpt["trainer"]["epoch"] == 1
     assert ckpt["config"]["model"]["num_items"] == 201  # filled from the data: 200 items + padding
@@ -72,6 +72,19 @@ def test_resume_continues_and_refuses_new_data(data_dir, run_dir, tmp_path, caps
     assert yaml.safe_load((copy / "config.yaml").read_text())["train"]["epochs"] == 2
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "no latest.pt" in capsys.readouterr().err
+
+
+def test_a_folder_another_process_trains_in_is_refused(data_dir, run_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in run_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    before = {p.name: p.read_bytes() for p in copy.iterdir() if p.name != LOCK_NAME}
+    with run_lock(copy):  # as a running `qin train --resume` holds it
+        assert main(["train", "--resume", str(copy), "train.epochs=2"]) == 2
+        assert f"{copy} is in use: process " in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.name != LOCK_NAME} == before
+    assert main(["train", "--resume", str(copy), "train.epochs=2"]) == 0  # released
 
 
 @pytest.mark.parametrize("override, named", [

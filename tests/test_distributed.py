@@ -105,8 +105,8 @@ def test_two_ranks_take_the_same_steps_as_one_process(data_dir, tmp_path):
     names = sorted(p.name for p in (tmp_path / "two").iterdir())
     events = [n for n in names if n.startswith("events.out.tfevents.")]
     assert len(events) == 1, names  # rank 1 wrote none
-    assert [n for n in names if n not in events] == ["best.pt", "config.yaml", "curves.png", "latest.pt",
-                                                     "metrics.jsonl"]
+    assert [n for n in names if n not in events] == [".qin-train.lock", "best.pt", "config.yaml", "curves.png",
+                                                     "latest.pt", "metrics.jsonl"]
     # The logged steps and losses are the single process's (the loss is all-reduced before it is logged).
     one, two = read_scalars(tmp_path / "one"), read_scalars(tmp_path / "two")
     assert [s for s, _ in two["train/loss"]] == [s for s, _ in one["train/loss"]]
