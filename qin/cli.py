@@ -92,7 +92,7 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
     from qin.train import resolve_device, resolve_precision
 
     payload = load_checkpoint(path)
-    cfg = load_config(overrides=[], base=payload["config"])
+    cfg = load_config(overrides=[], base=payload["config"], base_name=f"{path}'s config")
     dataset = load_data(data or cfg.data.dir, _trained_data(cfg), splits=(split,), required=(split,))
     if dataset.item_info.num_items != cfg.model.num_items:
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "

@@ -278,12 +278,13 @@ def read_fuxictr_dataset(path: str | Path, dataset_id: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (), base: dict | None = None,
-                dataset: dict | None = None) -> RunConfig:
-    """Defaults <- `base` dict <- YAML file <- `dataset` (a data section) <- overrides; validated."""
+                dataset: dict | None = None, base_name: str = "built-in settings") -> RunConfig:
+    """Defaults <- `base` dict <- YAML file <- `dataset` (a data section) <- overrides; validated.
+    An error in `base` names it as `base_name` (a checkpoint's config: the checkpoint's path)."""
     cfg = RunConfig()
     layers: list[tuple[str, dict]] = []
     if base:
-        layers.append(("built-in settings", base))
+        layers.append((base_name, base))
     if path is not None:
         loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):

@@ -44,7 +44,7 @@ class Feature:
     source: str = ""  # "item": an item attribute, from item_info.parquet
     vocab_size: int | None = None  # None: max id in the data + 1
     embedding_dim: int | None = None  # table width; for an embedding feature, the vector's width
-    max_len: int | None = None  # sequence features: ids kept per row (the most recent)
+    max_len: int | None = None  # sequence features: the most ids a row may hold (a longer list is refused)
     padding_idx: int | None = 0
 
     @property

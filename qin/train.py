@@ -430,8 +430,13 @@ class Trainer:
                 for path in remove_stale_temporaries(self.out_dir):
                     self.log(f"removed {path.name}, a partial write left by the interrupted run")
             self.restore(self.out_dir / "latest.pt")
-            self.log(f"resumed from {self.out_dir / 'latest.pt'} at epoch {self.state.epoch + 1}, "
-                     f"step {self.state.step}")
+            if self.state.finished or self.state.epoch >= tc.epochs:
+                why = "early stopping ended it" if self.state.finished else f"train.epochs={tc.epochs}"
+                self.log(f"{self.out_dir / 'latest.pt'}: the run is over after {self.state.epoch} epochs ({why}); "
+                         f"a larger train.epochs or train.patience continues it")
+            else:
+                self.log(f"resumed from {self.out_dir / 'latest.pt'} at epoch {self.state.epoch + 1}, "
+                         f"step {self.state.step}")
         if self.ctx.is_main:  # a resume's overrides too: the next --resume reads them from here
             atomic_write(self.out_dir / "config.yaml", lambda fh: fh.write(yaml.safe_dump(cfg.to_dict()).encode()))
         where = f"{self.ctx.world_size} processes ({self.device.type})" if self.ctx.distributed else str(self.device)

@@ -6,6 +6,7 @@ import stat
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from qin.checkpoint import LOCK_NAME, atomic_write, load_checkpoint, run_lock
@@ -70,6 +71,9 @@ def test_resume_continues_and_refuses_new_data(data_dir, run_dir, tmp_path, caps
     assert load_checkpoint(copy / "latest.pt")["trainer"]["epoch"] == 2
     # The override is the run's setting now: a later plain --resume must not fall back to 1 epoch.
     assert yaml.safe_load((copy / "config.yaml").read_text())["train"]["epochs"] == 2
+    capsys.readouterr()
+    assert main(["train", "--resume", str(copy)]) == 0
+    assert "the run is over after 2 epochs (train.epochs=2); a larger train.epochs" in capsys.readouterr().out
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "no latest.pt" in capsys.readouterr().err
 
@@ -199,6 +203,14 @@ def test_written_files_get_the_mode_open_would_give(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "atomic").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o640
+
+
+def test_a_checkpoint_config_this_version_cannot_read_is_named(run_dir, tmp_path, capsys):
+    payload = torch.load(run_dir / "best.pt", weights_only=False)
+    payload["config"]["model"]["heads"] = 2  # a key of some other version
+    torch.save(payload, tmp_path / "best.pt")
+    assert main(["evaluate", str(tmp_path / "best.pt")]) == 2
+    assert f"{tmp_path / 'best.pt'}'s config: unknown key 'model.heads'" in capsys.readouterr().err
 
 
 def test_unreadable_checkpoint_is_refused(tmp_path, capsys):
