@@ -113,9 +113,23 @@ def _load() -> None:
     except (OSError, ValueError) as exc:
         logger.warning("backend='auto': ignoring %s, which cannot be read (%s); timing afresh", path, exc)
         return
-    for record in records if isinstance(records, list) else []:
-        if isinstance(record, dict) and isinstance(record.get("key"), str) and record.get("choice") in ("torch", "triton"):
-            _decisions.setdefault(record["key"], record)
+    records = records if isinstance(records, list) else []
+    kept = [record for record in records if _well_formed(record)]
+    if len(kept) < len(records):
+        logger.warning("backend='auto': ignoring %d record(s) of %s that lack what a decision holds",
+                       len(records) - len(kept), path)
+    for record in kept:
+        _decisions.setdefault(record["key"], record)
+
+
+def _well_formed(record) -> bool:
+    """Whether a record of the file holds all that decide(), table() and preload() read (a file of
+    another version, or edited by hand, may not)."""
+    number = lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)  # noqa: E731
+    return (isinstance(record, dict) and isinstance(record.get("key"), str) and record["key"].count("|") >= 3
+            and record.get("choice") in ("torch", "triton") and isinstance(record.get("op"), str)
+            and isinstance(record.get("dtype"), str) and isinstance(record.get("shape"), list)
+            and number(record.get("torch_ms")) and (record.get("triton_ms") is None or number(record["triton_ms"])))
 
 
 def _save() -> None:

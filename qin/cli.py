@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +25,25 @@ from qin.config import ConfigError, load_config, read_fuxictr_dataset
 def cmd_make_data(args) -> int:
     from qin.synth import make_dataset
 
+    # Two train rows at least: BatchNorm trains on no fewer.
+    for name, value, least in (("--rows", args.rows, 2), ("--items", args.items, 1), ("--seed", args.seed, 0)):
+        if value < least:
+            raise UsageError(f"{name} must be at least {least}, got {value}")
     out = Path(args.dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UsageError(f"{out} exists and is not empty; pass --force to write into it")
-    make_dataset(out, rows=args.rows, items=args.items, seed=args.seed, schema=args.schema)
+    out.mkdir(parents=True, exist_ok=True)
+    # Generated beside the folder, then moved in file by file: a failure or Ctrl-C while
+    # generating leaves the folder as it was (with --force, the earlier dataset whole).
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        make_dataset(staging, rows=args.rows, items=args.items, seed=args.seed, schema=args.schema)
+        for path in sorted(staging.iterdir()):
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote a generated dataset ({args.schema} schema, {args.rows:,} train rows, {args.items:,} items) to {out}")
     return 0
 
@@ -214,7 +232,10 @@ def cmd_backends(args) -> int:
     path = choice.cache_file()
     if args.forget:
         existed = path.exists()
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot remove {path}: {exc.strerror or exc}") from None
         print(f"removed {path}; auto times again where it is next used" if existed else f"no {path} to remove")
         return 0
     try:
@@ -239,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-data", help="write a generated dataset in the MicroLens_1M_x1 layout")
     p.add_argument("dir")
-    p.add_argument("--rows", type=int, default=200_000, help="train rows (valid and test are about 10%% each)")
+    p.add_argument("--rows", type=int, default=200_000,
+                   help="train rows (valid and test: 10%% of it each, at least 1,000)")
     p.add_argument("--items", type=int, default=5_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schema", choices=("microlens", "other"), default="microlens",

@@ -214,3 +214,26 @@ def test_qin_backends_lists_the_decisions_and_forgets_them(timed, device, monkey
     choice.forget()
     monkeypatch.setenv("QIN_AUTO_BACKEND", "fastest")
     assert main(["backends"]) == 2 and "QIN_AUTO_BACKEND" in capsys.readouterr().err
+
+
+def test_incomplete_records_are_skipped_and_an_unremovable_file_is_named(timed, device, monkeypatch, capsys,
+                                                                        caplog):
+    # A record another version wrote, or a hand edit left short, must not break `qin backends`.
+    from qin.cli import main
+
+    _fake_timings(monkeypatch, 1.0, 0.5)
+    resolve_backend("auto", device, "asta", torch.float32, _fake_trial(0.5))
+    good = json.loads(timed.read_text())
+    short = [{"key": "qnn|float32", "choice": "torch"}, {**good[0], "key": good[0]["key"] + "x", "torch_ms": None},
+             {**good[0], "key": good[0]["key"] + "y", "shape": "B<=8"}]
+    timed.write_text(json.dumps(good + short))
+    choice.forget()
+    with caplog.at_level(logging.WARNING, logger="kernels.choice"):
+        assert main(["backends"]) == 0
+    assert "ignoring 3 record(s)" in caplog.text
+    assert capsys.readouterr().out.count("| asta | float32 |") == 1
+
+    timed.unlink()
+    timed.mkdir()  # a path unlink cannot remove
+    assert main(["backends", "--forget"]) == 2
+    assert f"cannot remove {timed}" in capsys.readouterr().err

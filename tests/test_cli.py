@@ -2,6 +2,7 @@
 
 import os
 import stat
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +41,33 @@ def test_make_data_writes_the_layout_and_refuses_a_non_empty_folder(tmp_path, ca
     assert main(["make-data", str(out), "--rows", "100"]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (out / "train.parquet").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, named", [(["--rows", "1"], "--rows must be at least 2"),
+                                         (["--items", "0"], "--items must be at least 1"),
+                                         (["--seed", "-1"], "--seed must be at least 0")])
+def test_make_data_refuses_bad_sizes(tmp_path, capsys, args, named):
+    assert main(["make-data", str(tmp_path / "d"), *args]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_make_data_that_fails_leaves_the_earlier_dataset_whole(tmp_path, monkeypatch, capsys):
+    import qin.synth
+
+    out = tmp_path / "generated"
+    assert main(["make-data", str(out), "--rows", "300", "--items", "20"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def half_then_fail(root, **kwargs):
+        (Path(root) / "item_info.parquet").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qin.synth, "make_dataset", half_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        main(["make-data", str(out), "--rows", "500", "--force"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["generated"]  # no staging folder left
 
 
 def test_train_writes_a_complete_run(run_dir, capsys):
