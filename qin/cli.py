@@ -312,7 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="runs per variant, seeds train.seed + 0..N-1")
     p.add_argument("--out", default="runs/compare", help="folder for compare.md, compare.csv, compare.png")
     p.add_argument("--force", action="store_true", help="overwrite an earlier table in --out")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="applied to every variant")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="applied to every variant, except a setting the variant itself fixes (DIN's train.lr and "
+                        "train.patience, each ablation's switch): the run says which")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plot", help="draw the curves of one or more runs on the same axes")

@@ -56,7 +56,19 @@ def parse_variants(text: str | None) -> list[Variant]:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
         raise ConfigError(f"--variants: unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    if not names:
+        raise ConfigError(f"--variants names no variant; known: {', '.join(VARIANTS)}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # its runs would count twice as many seeds, each twice
+        raise ConfigError(f"--variants names {', '.join(repeated)} more than once")
     return [VARIANTS[n] for n in names]
+
+
+def shadowed(overrides: list[str], variants: list[Variant]) -> list[str]:
+    """Lines for the user's overrides that a variant's own settings take over (DIN's lr, say)."""
+    key = lambda text: text.partition("=")[0]  # noqa: E731
+    return [f"{text} does not apply to {v.name}, which sets {own}"
+            for v in variants for own in v.overrides for text in overrides if key(text) == key(own)]
 
 
 def train_variant(variant: Variant, seed: int, dataset, data_dir: str, run_dir: Path, epochs: int,
@@ -145,6 +157,8 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
     if epochs < 1 or seeds < 1:
         raise UsageError("--epochs and --seeds must be at least 1")
     data_section = load_config(overrides=overrides, dataset=dataset_block).data  # bad overrides fail here
+    for line in shadowed(overrides, variants):
+        log(line)
     data = data or (dataset_block or {}).get("dir")
     dataset = load_data(data, data_section)
     base = None if data else BUILTIN_SETTINGS

@@ -4,7 +4,7 @@ import csv
 import pytest
 
 from qin.cli import main
-from qin.compare import VARIANTS
+from qin.compare import VARIANTS, shadowed
 from qin.synth import make_dataset
 
 TINY = ["model.embed_dim=4", "model.attention_dim=8", "model.din_embed_dim=4", "model.din_attention_units=[8]",
@@ -43,3 +43,14 @@ def test_compare_refuses_to_overwrite_and_unknown_variants(data_dir, tmp_path, c
     assert main([*args, "--force"]) == 0
     assert main(["compare", "--data", str(data_dir), "--variants", "qin,transformer", "--out", str(tmp_path / "x")]) == 2
     assert "transformer" in capsys.readouterr().err
+    for variants, named in ((",", "names no variant"), ("qin,din,qin", "names qin more than once")):
+        assert main(["compare", "--data", str(data_dir), "--variants", variants, "--out", str(tmp_path / "y")]) == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
+def test_an_override_a_variant_fixes_is_named_where_it_does_not_apply():
+    lines = shadowed(["train.lr=1e-4", "model.asta_dropout=0.3", "train.epochs=3"],
+                     [VARIANTS["qin"], VARIANTS["asta_dropout"], VARIANTS["din"]])
+    assert lines == ["model.asta_dropout=0.3 does not apply to asta_dropout, which sets model.asta_dropout=0.1",
+                     "train.lr=1e-4 does not apply to din, which sets train.lr=1e-3"]
