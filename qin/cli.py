@@ -215,8 +215,14 @@ def cmd_parity(args) -> int:
     if args.training and args.device != "cuda":
         raise UsageError("--training needs --device cuda: under the CPU's Triton interpreter one training run "
                          "takes minutes, and a run short enough to finish trains to chance AUC, which shows nothing")
-    if args.seeds < 2:
+    if args.training and args.seeds < 2:
         raise UsageError(f"--seeds must be at least 2 (a spread needs two runs), got {args.seeds}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    clashes = [out / name for name in parity.REPORT_FILES if (out / name).exists()]
+    if clashes and not args.force:  # checked before minutes of checks, not after
+        raise UsageError(f"{clashes[0]} exists; pass --force to overwrite it, or choose another --out")
     try:
         parity.only_prefixes(args.only)
         status = parity.rerun_if_interpreter_differs(args)  # TRITON_INTERPRET must fit the device
@@ -332,11 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("parity", help="check the fused kernels and the model against float64; write parity.md/.csv")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small shapes only (a few minutes on a CPU)")
+    p.add_argument("--quick", action="store_true", help="small shapes only (about 15 s on a CPU)")
     p.add_argument("--out", default="runs/parity", help="folder for parity.md and parity.csv")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier report in --out")
     p.add_argument("--training", action="store_true", help="also train with each backend over --seeds seeds")
     p.add_argument("--seeds", type=int, default=3, help="seeds per backend for --training (default 3)")
-    p.add_argument("--only", help="comma-separated name prefixes of the checks to run: asta, qnn_train, qnn_eval, model")
+    p.add_argument("--only", help="comma-separated name prefixes of the checks to run: asta, gathered_asta, "
+                                  "qnn_train, qnn_eval, model")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("backends", help="list what backend='auto' has timed and chose on this machine's GPUs")

@@ -22,6 +22,7 @@ import dataclasses
 import math
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -654,8 +655,22 @@ def markdown_table(rows: list[Row]) -> list[str]:
     return lines
 
 
+REPORT_FILES = ("parity.md", "parity.csv")
+
+
 def write_report(out: Path, header: list[str], rows: list[Row], extra_rows: list[Row], notes: list[str]) -> None:
+    """parity.md and parity.csv, written beside `out`'s old ones and renamed over them together."""
     out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".parity.", dir=out))
+    try:
+        _write_report_files(staging, header, rows, extra_rows, notes)
+        for name in REPORT_FILES:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_report_files(out: Path, header: list[str], rows: list[Row], extra_rows: list[Row], notes: list[str]) -> None:
     with open(out / "parity.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow([c.replace(" ", "_") for c in COLUMNS])
@@ -694,6 +709,7 @@ def _argv(args) -> list[str]:
     argv += ["--quick"] if args.quick else []
     argv += ["--training"] if args.training else []
     argv += ["--only", args.only] if args.only else []
+    argv += ["--force"] if args.force else []
     return argv
 
 

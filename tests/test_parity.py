@@ -185,3 +185,14 @@ def test_eval_mode_runs_at_calibrated_batchnorm_statistics(seed):
     assert torch.isfinite(logits).all()
     _, rel = parity._normwise(logits, want["logits (eval mode)"], tolerances.MODEL[torch.float16])
     assert rel < tolerances.MODEL[torch.float16].rtol
+
+
+def test_an_earlier_report_or_a_file_as_out_is_refused_before_any_check(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(parity, "run", lambda args: pytest.fail("checks ran"))
+    (tmp_path / "parity.md").write_text("precious\n")
+    assert main(["parity", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    assert "parity.md exists; pass --force" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["parity", "--quick", "--device", "cpu", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert (tmp_path / "parity.md").read_text() == "precious\n"
