@@ -188,6 +188,11 @@ def cmd_compare(args) -> int:
 def cmd_plot(args) -> int:
     from qin.curves import NoCurvesError, draw_runs
 
+    output = Path(args.output)
+    if output.suffix.lower() != ".png":  # it is a PNG whatever the name, and never a checkpoint
+        raise UsageError(f"--output {output}: the picture is a PNG; give it a .png name")
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a folder")
     try:
         draw_runs(args.runs, args.output)
     except NoCurvesError as exc:

@@ -26,12 +26,26 @@ class RunCurves:
     steps: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # step log: tag -> (step, value)
 
 
+RECORD_KEYS = ("epoch", "step", "train_loss", "valid_auc", "valid_logloss", "lr")  # what the picture reads
+
+
 def read_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise NoCurvesError(f"{run_dir}: no metrics.jsonl (not a run folder, or no epoch finished yet)")
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(metrics.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise NoCurvesError(f"{metrics}, line {number}: not JSON") from None
+        missing = [key for key in RECORD_KEYS if not isinstance(record, dict) or key not in record]
+        if missing:
+            raise NoCurvesError(f"{metrics}, line {number}: no {', '.join(missing)} (not an epoch record)")
+        records.append(record)
     if not records:
         raise NoCurvesError(f"{metrics}: no epoch finished yet")
     return RunCurves(label or run_dir.resolve().name, records, read_scalars(run_dir))

@@ -95,6 +95,16 @@ def test_curves_png_is_drawn_and_qin_plot_draws_several_runs(run_dir, tmp_path, 
     assert main(["plot", str(tmp_path / "missing"), "--output", str(tmp_path / "x.png")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+    # A damaged metrics.jsonl, or an output that is no PNG file, is named, never a traceback.
+    for line, named in (('{"epoch": 1', "line 2: not JSON"), ('{"epoch": 1}', "line 2: no step, train_loss")):
+        (other / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text().splitlines()[0] + "\n" + line)
+        assert main(["plot", str(other), "--output", str(tmp_path / "x.png")]) == 2
+        assert named in capsys.readouterr().err
+    (tmp_path / "dir.png").mkdir()
+    for output, named in ((run_dir / "best.pt", "give it a .png name"), (tmp_path / "dir.png", "is a folder")):
+        assert main(["plot", str(run_dir), "--output", str(output)]) == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_labels_and_epoch_axis():
