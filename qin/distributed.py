@@ -125,19 +125,24 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        stats = torch.cat([x.new_full((1,), float(x.shape[0])), x.sum(0), (x * x).sum(0)]).float()
-        stats = _AllReduceSum.apply(stats)
-        count, total, squares = stats[0], stats[1:1 + x.shape[1]], stats[1 + x.shape[1]:]
-        mean = total / count
-        var = (squares / count - mean * mean).clamp_min(0.0)
+        # In fp32 whatever x's dtype (under autocast bf16 sums rounded to 16 bits drifted from
+        # nn.BatchNorm1d's by 0.1), and in two passes: the global mean first, then the squares
+        # about it (E[x^2] - mean^2 cancels where the mean is large against the spread).
+        xf = x.float()
+        first = _AllReduceSum.apply(torch.cat([xf.new_full((1,), float(x.shape[0])), xf.sum(0)]))
+        count = first[0]
+        mean = first[1:] / count
+        centred = xf - mean
+        var = _AllReduceSum.apply((centred * centred).sum(0)) / count
         with torch.no_grad():
             self.num_batches_tracked += 1
             momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             unbiased = var * count / (count - 1).clamp_min(1.0)
             self.running_mean.mul_(1 - momentum).add_(mean.to(self.running_mean.dtype), alpha=momentum)
             self.running_var.mul_(1 - momentum).add_(unbiased.to(self.running_var.dtype), alpha=momentum)
-        y = (x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + self.eps)
-        return y * self.weight + self.bias if self.affine else y
+        y = centred * torch.rsqrt(var + self.eps)
+        y = y * self.weight + self.bias if self.affine else y
+        return y.to(x.dtype)
 
 
 def convert_batchnorm(module: nn.Module) -> nn.Module:

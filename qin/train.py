@@ -27,7 +27,7 @@ from qin import distributed
 from qin.checkpoint import (atomic_write, check_model_config, load_checkpoint, remove_stale_temporaries, run_lock,
                             save_checkpoint)
 from qin.config import ConfigError, RunConfig
-from qin.data import Dataset, Split, iterate_batches, num_batches, require_both_classes
+from qin.data import Dataset, Split, iterate_batches, require_both_classes
 from qin.host_memory import bound_kept_memory, keep_freed_memory
 from qin.metrics import log_loss, roc_auc
 from qin.model import compile_model, count_parameters
@@ -265,6 +265,16 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def epoch_batches(rows: int, batch_size: int, world_size: int = 1) -> tuple[int, int]:
+    """(batches an epoch trains, rows it leaves out). BatchNorm cannot train on one sample, and
+    under DDP a rank with no rows of the last batch cannot run the model: a last batch of one row,
+    or of fewer rows than processes, is left out (the order is shuffled each epoch, so they are
+    other rows each time)."""
+    full, rest = divmod(rows, batch_size)
+    left_out = rest if rest == 1 or rest < world_size else 0
+    return full + (rest > left_out), left_out
+
+
 @contextmanager
 def _catch_sigint():
     """Turn Ctrl-C into a flag the loop checks between steps, so a checkpoint can be written."""
@@ -296,6 +306,9 @@ class Trainer:
         self.cfg, self.dataset, self.out_dir = cfg, dataset, Path(out_dir)
         self.ctx = distributed.context_from_env()
         self.log = log if self.ctx.is_main else (lambda *_: None)
+        if cfg.train.batch_size % self.ctx.world_size:  # each rank takes an equal share of a batch
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
+                              f"{self.ctx.world_size} processes")
         self.device = distributed.setup(self.ctx, resolve_device(cfg.train.device))
         if self.device.type == "cpu":
             keep_freed_memory()  # a CPU step would otherwise fault in fresh pages for every large tensor
@@ -410,10 +423,7 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainerState:
         cfg, tc = self.cfg, self.cfg.train
         train, valid = self.dataset.splits["train"], self.dataset.splits["valid"]
-        # BatchNorm cannot train on one sample: a last batch of a single row is left out (the
-        # order is shuffled each epoch, so it is another row each time).
-        single = len(train) % tc.batch_size == 1
-        batches_per_epoch = num_batches(train, tc.batch_size) - single
+        batches_per_epoch, left_out = epoch_batches(len(train), tc.batch_size, self.ctx.world_size)
         if not batches_per_epoch:
             raise ConfigError(f"{self.dataset.root / 'train.parquet'} has 1 row: BatchNorm cannot train on one sample")
         require_both_classes(valid, "valid.parquet", cfg.data.label)
@@ -421,9 +431,9 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         # One process trains in a folder at a time (DDP: rank 0 holds it for all).
         with run_lock(self.out_dir) if self.ctx.is_main else nullcontext():
-            return self._fit(resume, train, valid, batches_per_epoch, single)
+            return self._fit(resume, train, valid, batches_per_epoch, left_out)
 
-    def _fit(self, resume: bool, train: Split, valid: Split, batches_per_epoch: int, single: bool) -> TrainerState:
+    def _fit(self, resume: bool, train: Split, valid: Split, batches_per_epoch: int, left_out: int) -> TrainerState:
         cfg, tc = self.cfg, self.cfg.train
         if resume:
             if self.ctx.is_main:
@@ -444,9 +454,10 @@ class Trainer:
                  f"precision {tc.precision}; "
                  f"train {len(train):,} rows, valid {len(valid):,} rows")
         self.log("settings: " + json.dumps(cfg.to_dict(), sort_keys=True))
-        if single:
-            self.log(f"train has {len(train):,} rows, 1 more than a multiple of train.batch_size "
-                     f"{tc.batch_size}: each epoch leaves out its last batch, of that one row")
+        if left_out:
+            why = "one row" if left_out == 1 else f"fewer rows than the {self.ctx.world_size} processes"
+            self.log(f"train has {len(train):,} rows, {left_out} more than a multiple of train.batch_size "
+                     f"{tc.batch_size}: each epoch leaves out that last batch ({why})")
 
         if tc.max_steps_per_epoch:
             batches_per_epoch = min(batches_per_epoch, tc.max_steps_per_epoch)
@@ -474,6 +485,7 @@ class Trainer:
         # device still works. Under DDP (the ranks agree on every step) and fp16 (the scaler's
         # verdict needs the scale) each step is checked on the host as it ends.
         lazy = not ctx.distributed and not self.scaler.is_enabled()
+        self._stop_agreed = False  # under DDP: whether the ranks agreed, at the last step, to stop
         pending: list[tuple] = []  # (step, rows, (loss, grad_norm)) not yet reported
         for index, batch in enumerate(batches):
             if index >= batches_per_epoch:
@@ -507,7 +519,7 @@ class Trainer:
                 self._clock = [time.perf_counter(), 0]
             if checkpoint:
                 self.save("latest.pt")
-            if interrupted["set"]:
+            if self._stop_agreed if ctx.distributed else interrupted["set"]:
                 bar.close()
                 self.save("latest.pt")
                 raise TrainingInterrupted(
@@ -540,7 +552,10 @@ class Trainer:
             # Ctrl-C, so all of them stop (or save) at the same step.
             shared = torch.tensor([loss_value, float(interrupted["set"])], dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(shared)
-            loss_value, interrupted["set"] = shared[0].item() / self.ctx.world_size, bool(shared[1].item())
+            # The loop stops on this verdict, not on the live flag: a Ctrl-C arriving after the
+            # all_reduce would otherwise send one rank into save()'s collectives while the others
+            # start the next step, and the job would hang. The next step's all_reduce carries it.
+            loss_value, self._stop_agreed = shared[0].item() / self.ctx.world_size, bool(shared[1].item())
         # Under fp16 an overflowing gradient is the scaler's business: it skips the step and
         # halves the scale. Only once the scale is below 1 is the overflow the model's own.
         grad_norm_value = float(grad_norm)

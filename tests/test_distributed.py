@@ -183,3 +183,105 @@ def test_a_killed_rank_stops_the_job_and_the_run_resumes_on_two_ranks(data_dir, 
     final = load_checkpoint(run / "latest.pt")["trainer"]
     batches = -(-pq.read_metadata(data_dir / "train.parquet").num_rows // 256)
     assert final["epoch"] == 2 and final["step"] == 2 * batches
+
+
+# -- SyncBatchNorm1d against nn.BatchNorm1d on the whole batch, in-process ranks ----------------
+
+def _sync_batchnorm_rank(rank, world, init, x, bounds, dtype, out):
+    import torch.distributed as dist
+
+    from qin.distributed import SyncBatchNorm1d
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        norm = SyncBatchNorm1d(x.shape[1])
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-1, 1)
+        share = x[bounds[rank]:bounds[rank + 1]].to(dtype).requires_grad_()
+        y = norm(share)
+        # The global loss sum(y * c) over all rows: each rank's share of it.
+        c = torch.linspace(-1, 1, x.numel()).view_as(x)[bounds[rank]:bounds[rank + 1]]
+        (y.float() * c).sum().backward()
+        torch.save({"y": y.detach(), "grad": share.grad, "running_mean": norm.running_mean,
+                    "running_var": norm.running_var}, out / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bounds", [(0, 7, 12), (0, 0, 12)], ids=["uneven", "an empty share"])
+def test_sync_batchnorm_is_batchnorm_over_the_whole_batch(tmp_path, dtype, bounds):
+    # A mean far from 0 against the spread: statistics summed in 16 bits, or E[x^2] - mean^2,
+    # drift from nn.BatchNorm1d's (0.1 in bf16 before the fix).
+    x = 4 + torch.randn(12, 6, generator=torch.Generator().manual_seed(1))
+    torch.multiprocessing.spawn(_sync_batchnorm_rank, args=(2, f"file://{tmp_path / 'init'}", x, bounds, dtype,
+                                                              tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm1d(6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-1, 1)
+    whole = x.to(dtype).requires_grad_()
+    y = norm(whole)
+    (y.float() * torch.linspace(-1, 1, x.numel()).view_as(x)).sum().backward()
+
+    # bf16: the same fp32 statistics, so the outputs differ by at most one rounding to bf16.
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(torch.cat([r["y"] for r in ranks]), y.detach(), **tol)
+    torch.testing.assert_close(torch.cat([r["grad"] for r in ranks]), whole.grad, **tol)
+    for name in ("running_mean", "running_var"):
+        for r in ranks:
+            torch.testing.assert_close(r[name], getattr(norm, name), rtol=1e-5, atol=1e-6)
+
+
+# A Ctrl-C that reaches rank 0 just after the ranks' per-step all_reduce agreed to go on.
+LATE_CTRL_C = """
+import sys
+import qin.train
+from qin.cli import main
+
+checked, calls = qin.train.Trainer._checked_step, []
+
+def checked_then_ctrl_c(self, loss, grad_norm, rows, interrupted):
+    out = checked(self, loss, grad_norm, rows, interrupted)
+    calls.append(1)
+    if self.ctx.rank == 0 and len(calls) == 3:
+        interrupted["set"] = True
+    return out
+
+qin.train.Trainer._checked_step = checked_then_ctrl_c
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_late_ctrl_c_stops_every_rank_at_the_same_step(data_dir, tmp_path):
+    # Stopping on the live flag sent rank 0 into save()'s collectives while rank 1 ran the next
+    # step's: the job hung until torchrun killed it. The ranks must stop on their shared verdict.
+    (tmp_path / "late_ctrl_c.py").write_text(LATE_CTRL_C)
+    run = tmp_path / "run"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    proc = subprocess.Popen([*launcher, str(tmp_path / "late_ctrl_c.py"), "train", "--data", str(data_dir),
+                             "--out", str(run), *SMALL, "train.epochs=1"], env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        for pid in [*_rank_pids(proc.pid).values(), proc.pid]:  # the workers hold the pipes open
+            os.kill(pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the ranks hung after a late Ctrl-C")
+    assert "interrupted at epoch 1, step 4" in out + err, (out + err)[-3000:]
+    assert load_checkpoint(run / "latest.pt")["trainer"]["step"] == 4
+
+
+def test_a_batch_size_the_processes_do_not_divide_is_refused_before_anything_is_written(data_dir, tmp_path):
+    done = qin("train", "--data", str(data_dir), "--out", str(tmp_path / "run"), *SMALL, "train.batch_size=255",
+               procs=2)
+    assert done.returncode != 0
+    assert "train.batch_size=255 must be a multiple of the 2 processes" in done.stdout + done.stderr
+    assert f'File "{REPO}' not in done.stderr, done.stderr[-2000:]  # torchrun's own report only, no frame of ours
+    assert not (tmp_path / "run").exists()

@@ -190,12 +190,22 @@ def test_a_last_batch_of_one_row_is_left_out(data_dir, tmp_path):
     fill_vocab_from_data(cfg, dataset)
     state = Trainer(cfg, dataset, tmp_path / "run", log=lines.append).fit()
     assert state.step == 3 and state.epoch == 1
-    assert any("leaves out its last batch, of that one row" in line for line in lines), lines
+    assert any("1 more than a multiple of train.batch_size 1333: each epoch leaves out that last batch (one row)"
+               in line for line in lines), lines
 
     dataset.splits["train"] = dataset.splits["train"].rows(0, 1)
     with pytest.raises(ConfigError, match="has 1 row"):
         Trainer(cfg, dataset, tmp_path / "one", log=lines.append).fit()
     assert not (tmp_path / "one").exists()
+
+
+@pytest.mark.parametrize("rows, batch, world, want", [
+    (4000, 1333, 1, (3, 1)),  # one row over: BatchNorm cannot train on it
+    (4000, 1000, 1, (4, 0)), (4002, 1000, 1, (5, 0)),
+    (4002, 1000, 4, (4, 2)),  # two rows for four processes: two ranks would get none
+    (4004, 1000, 4, (5, 0)), (999, 1000, 2, (1, 0)), (1, 1000, 2, (0, 1))])
+def test_an_epoch_leaves_out_a_last_batch_too_small_to_train(rows, batch, world, want):
+    assert qin.train.epoch_batches(rows, batch, world) == want
 
 
 def test_a_valid_split_of_one_class_is_refused_before_training(data_dir, tmp_path):
