@@ -88,8 +88,8 @@ def cmd_train(args) -> int:
     dataset = load_data(cfg.data.dir, _trained_data(cfg) if args.resume else cfg.data)
     cfg.data.dir = str(dataset.root.resolve())
     fill_vocab_from_data(cfg, dataset)
-    trainer = Trainer(cfg, dataset, out_dir)
-    with distributed.leaving_group_at_end():
+    with distributed.leaving_group_at_end():  # Trainer joins the process group under torchrun
+        trainer = Trainer(cfg, dataset, out_dir)
         state = trainer.fit(resume=bool(args.resume))
     if trainer.ctx.is_main:
         print(f"best valid AUC {state.best_auc:.4f} at epoch {state.best_epoch}; model in {out_dir / 'best.pt'}")

@@ -89,14 +89,6 @@ def gather_rows(ctx: Context, values: np.ndarray) -> np.ndarray:
     return np.concatenate(all_gather_objects(ctx, values))
 
 
-def global_count(ctx: Context, count: int, device: torch.device) -> int:
-    if not ctx.distributed:
-        return count
-    total = torch.tensor([count], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return int(total.item())
-
-
 class _AllReduceSum(torch.autograd.Function):
     """y = sum over ranks of x, with the gradient that makes it exact: every rank's loss depends
     on y, so dx on each rank is the sum over ranks of dL/dy."""

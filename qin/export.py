@@ -20,6 +20,8 @@ def example_batch(split, rows: int = 4) -> dict[str, torch.Tensor]:
 
     batch = next(iterate_batches(split.rows(0, rows), rows, shuffle=False))
     batch.pop("label", None)
+    if len(batch["item_id"]) < 2:  # torch.export specialises a dimension of size 1: trace on two
+        batch = {key: value.repeat(2, *([1] * (value.dim() - 1))) for key, value in batch.items()}
     return batch
 
 

@@ -47,3 +47,18 @@ def test_export_refuses_to_overwrite(run, capsys):
     out.write_bytes(b"keep")
     assert main(["export", str(root / "run"), "--output", str(out)]) == 2
     assert "--force" in capsys.readouterr().err and out.read_bytes() == b"keep"
+
+
+def test_a_program_traced_on_one_row_still_takes_any_batch(run):
+    # torch.export specialises a dimension of size 1, so a 1-row valid split must not fix the
+    # traced batch size to 1.
+    from qin import export
+    from qin.cli import _model_from_checkpoint
+
+    root, data = run
+    model, dataset, *_ = _model_from_checkpoint(str(root / "run"), str(data), "cpu")
+    program = export.export_model(model, export.example_batch(dataset.splits["valid"].rows(0, 1)))
+    batch = next(iterate_batches(dataset.splits["valid"].rows(0, 5), 5, shuffle=False))
+    batch.pop("label")
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(batch), model(batch), rtol=1e-6, atol=1e-6)
