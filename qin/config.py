@@ -181,9 +181,11 @@ class TrainConfig:
             import torch
 
             try:
-                torch.device(self.device)
+                known = torch.device(self.device).type in ("cpu", "cuda")
             except RuntimeError:
-                raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}") from None
+                known = False
+            if not known:
+                raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass

@@ -425,7 +425,8 @@ class Trainer:
         train, valid = self.dataset.splits["train"], self.dataset.splits["valid"]
         batches_per_epoch, left_out = epoch_batches(len(train), tc.batch_size, self.ctx.world_size)
         if not batches_per_epoch:
-            raise ConfigError(f"{self.dataset.root / 'train.parquet'} has 1 row: BatchNorm cannot train on one sample")
+            raise ConfigError(f"{self.dataset.root / 'train.parquet'} has {len(train)} row(s): too few to train "
+                              f"(BatchNorm needs 2 rows, and each of the {self.ctx.world_size} process(es) one)")
         require_both_classes(valid, "valid.parquet", cfg.data.label)
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
