@@ -50,7 +50,8 @@ def _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER
     if GATHER:
         item = tl.load(idx_ptr + row * L + ls, mask=live, other=0).to(tl.int64)
         return x_ptr + item[:, None] * stride_xl, item
-    return x_ptr + row * stride_xb + ls[:, None] * stride_xl, ls.to(tl.int64)
+    ls = ls.to(tl.int64)  # (L-1) * stride_xl may pass 2**31 (a time-major history: stride B*D)
+    return x_ptr + row * stride_xb + ls[:, None] * stride_xl, ls
 
 
 @triton.jit

@@ -254,6 +254,31 @@ def test_non_contiguous_inputs(device):
         assert_close(f"expanded {what}", g, w, torch.float32)
 
 
+def test_history_offsets_past_2_31_elements(device, tmp_path):
+    """A history whose rows lie 2**30 elements apart (a time-major (L, B, D) history seen as
+    (B, L, D): stride(1) = B*D): position 2 starts 2**31 elements past position 0, an offset that
+    wrapped in int32 and read 2**32 elements too low. On the CPU the 8 GB buffer is a sparse file,
+    of which only the touched pages exist."""
+    dim, stride = 16, 2**30
+    size = 2**32 + dim
+    if device.type == "cpu":
+        base = torch.from_file(str(tmp_path / "sparse"), shared=True, size=size, dtype=torch.float16)
+    else:
+        base = torch.zeros(size, dtype=torch.float16, device=device)
+    start = 2**31  # so that the wrapped address, start - 2**31, is inside the buffer too
+    history = base.as_strided((1, 3, dim), (3 * stride, stride, 1), storage_offset=start)
+    base[start + 2 * stride:][:dim] = 1.0  # position 2, the only live one
+    base[start + 2 * stride - 2**32:][:dim] = 7.0  # where the wrapped offset pointed
+    base[start:][:dim] = -3.0  # position 0, masked off
+    query = torch.ones(1, dim, dtype=torch.float16, device=device, requires_grad=True)
+    mask = torch.tensor([[False, False, True]], device=device)
+    z = kernels.sparse_target_attention(history, query, mask, backend="triton")
+    (grad_query,) = torch.autograd.grad(z, query, torch.ones_like(z))
+    # z = relu(<q, x_2>) x_2 = 16 * ones; grad_q = (grad_z . x_2) x_2 = 16 * ones
+    assert z.tolist() == [[16.0] * dim]
+    assert grad_query.tolist() == [[16.0] * dim]
+
+
 def test_grad_of_a_sum_and_single_input_grads(device):
     """An expanded (stride 0) output gradient, and asking for one input's gradient only."""
     history, query, mask, _ = make_inputs(2, 7, 9, torch.float32, device, "random", "bool", seed=6)
