@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from kernels import choice, reference
-from kernels.utils import INTERPRETING, cast, check_tensor, compute_dtype, register_autocast, resolve_backend
+from kernels.utils import (INTERPRETING, cast, check_tensor, compute_dtype, launching_on, register_autocast,
+                           resolve_backend)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -143,6 +144,15 @@ def _grid(batch: int, dim: int, cfg: dict):
 # Launchers
 # ----------------------------------------------------------------------------------------------
 
+def _check_offsets_fit(x: torch.Tensor, num_row: int) -> None:
+    """The kernels index the (B, M*D) hidden and its dropout stream with int32 offsets. Checked by
+    the ops themselves (before any copy of x), so that a direct call of torch.ops.qin... is too."""
+    batch, dim = x.shape
+    if batch * num_row * dim >= _INT32_LIMIT:
+        raise ValueError(f"x of shape {tuple(x.shape)} with num_row={num_row} needs 2**31 or more hidden "
+                         f"elements; the dropout offsets are int32")
+
+
 def _forward(x, weight, bias, seed, num_row, p):
     """(y, s): one GEMM for every group's hidden, then the fused dropout / group-sum / product.
     The GEMM reads x in the weight's dtype, the product x as it is; y has
@@ -156,8 +166,9 @@ def _forward(x, weight, bias, seed, num_row, p):
         return y, s
     cfg = _config(dim)
     acc = _acc_dtype(torch.promote_types(x.dtype, s.dtype))
-    _qnn_dropout_sum_kernel[_grid(batch, dim, cfg)](
-        hidden, x, seed, y, s, batch, dim, num_row, P=p, ACC_DTYPE=acc, **cfg)
+    with launching_on(y.device):
+        _qnn_dropout_sum_kernel[_grid(batch, dim, cfg)](
+            hidden, x, seed, y, s, batch, dim, num_row, P=p, ACC_DTYPE=acc, **cfg)
     return y, s
 
 
@@ -173,8 +184,9 @@ def _backward(gy, x, weight, s, seed, num_row, p, x_dtype):
     if batch:
         cfg = _config(dim)
         acc = _acc_dtype(torch.promote_types(x_dtype, s.dtype))
-        _qnn_masked_grad_kernel[_grid(batch, dim, cfg)](
-            gy, x, s, seed, g, gys, batch, dim, num_row, P=p, ACC_DTYPE=acc, **cfg)
+        with launching_on(g.device):
+            _qnn_masked_grad_kernel[_grid(batch, dim, cfg)](
+                gy, x, s, seed, g, gys, batch, dim, num_row, P=p, ACC_DTYPE=acc, **cfg)
     if x_dtype == weight.dtype:
         grad_x = torch.addmm(gys, g, weight)
     else:
@@ -194,6 +206,7 @@ def _qnn_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seed: tor
             p: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The GEMM reads weight and bias in `dtype`, cast here: backward casts the weight again rather
     than autograd keeping the copy (under autocast 2 bytes a weight, 32 MB for QIN's four layers)."""
+    _check_offsets_fit(x, num_row)
     return _forward(x.contiguous(), weight.to(dtype).contiguous(), bias.to(dtype).contiguous(), seed, num_row, p)
 
 
@@ -210,6 +223,7 @@ def _qnn_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s:
     if x.dtype != weight.dtype:
         raise ValueError(f"x must have the weight's dtype {weight.dtype} (the forward's x as the GEMMs "
                          f"read it), got {x.dtype}")
+    _check_offsets_fit(x, num_row)
     return _backward(gy, x.contiguous(), weight.contiguous(), s.contiguous(), seed, num_row, p, x_dtype)
 
 
@@ -324,10 +338,6 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     # residual stream under autocast; reference.quadratic_product says why).
     if not training or p == 0.0:
         return reference.folded_quadratic_projection(x, *cast(dtype, weight, bias), num_row)
-    batch, dim = x.shape
-    if batch * num_row * dim >= _INT32_LIMIT:
-        raise ValueError(f"x of shape {tuple(x.shape)} with num_row={num_row} needs 2**31 or more hidden "
-                         f"elements; the dropout offsets are int32")
     return _qnn_op(x, weight, bias, _seed_tensor(seed, x.device), num_row, p, dtype)[0]
 
 
@@ -345,7 +355,8 @@ def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: 
     out = torch.empty((batch, num_row * dim), dtype=torch.int8, device=device)
     if n:
         block = 4096 if INTERPRETING else 1024  # the interpreter: few large numpy programs
-        _qnn_keep_mask_kernel[(triton.cdiv(n, block),)](out, n, seed, p, BLOCK=block)
+        with launching_on(device):
+            _qnn_keep_mask_kernel[(triton.cdiv(n, block),)](out, n, seed, p, BLOCK=block)
     return out.bool()
 
 

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from kernels import choice, reference
-from kernels.utils import (INTERPRETING, cast, check_tensor, compute_dtype, next_power_of_2, register_autocast,
-                           resolve_backend)
+from kernels.utils import (INTERPRETING, cast, check_tensor, compute_dtype, launching_on, next_power_of_2,
+                           register_autocast, resolve_backend)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -176,10 +176,11 @@ def _forward(x, index, query, mask):
     if z.numel() == 0 or seq_len == 0 or x.numel() == 0:  # nothing to launch
         return z
     x, index, query, mask = _layout(x, index, query, mask)
-    _asta_fwd_kernel[(batch,)](
-        x, index if index is not None else mask, query, mask, z, seq_len, dim, *_strides(x, index),
-        GATHER=index is not None, ACC_DTYPE=_acc_dtype(x.dtype), **_config(seq_len, dim),
-    )
+    with launching_on(z.device):
+        _asta_fwd_kernel[(batch,)](
+            x, index if index is not None else mask, query, mask, z, seq_len, dim, *_strides(x, index),
+            GATHER=index is not None, ACC_DTYPE=_acc_dtype(x.dtype), **_config(seq_len, dim),
+        )
     return z
 
 
@@ -195,11 +196,12 @@ def _backward(grad_z, x, index, query, mask):
         return grad_x.to(x.dtype), grad_q
     x, index, query, mask = _layout(x, index, query, mask)
     grad_z = grad_z.to(x.dtype).contiguous()  # e.g. expanded (stride 0) grads of a sum
-    _asta_bwd_kernel[(batch,)](
-        x, index if index is not None else mask, query, mask, grad_z, grad_x, grad_q, seq_len, dim,
-        *_strides(x, index),
-        GATHER=index is not None, ACC_DTYPE=_acc_dtype(x.dtype), **_config(seq_len, dim),
-    )
+    with launching_on(grad_q.device):
+        _asta_bwd_kernel[(batch,)](
+            x, index if index is not None else mask, query, mask, grad_z, grad_x, grad_q, seq_len, dim,
+            *_strides(x, index),
+            GATHER=index is not None, ACC_DTYPE=_acc_dtype(x.dtype), **_config(seq_len, dim),
+        )
     return grad_x.to(x.dtype), grad_q
 
 

@@ -1,4 +1,5 @@
 """Helpers shared by the Triton ops: interpreter detection, backend choice, autocast, argument checks."""
+import contextlib
 import os
 
 import torch
@@ -45,6 +46,13 @@ def auto_picks_triton(op: str, dtype: torch.dtype | None, device: torch.device, 
     if trial is None or device.type not in choice.TIMED_DEVICE_TYPES or choice.mode() == "table":
         return False
     return choice.decide(trial, device) == "triton"
+
+
+def launching_on(device: torch.device):
+    """The context a Triton launch for tensors on `device` runs in. Triton launches on the current
+    CUDA device and its current stream, not on its arguments' device as a torch op does: a kernel
+    for tensors on cuda:1 while cuda:0 is current (train.device=cuda:1) would run on the wrong GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def next_power_of_2(n: int) -> int:

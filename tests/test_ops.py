@@ -218,3 +218,56 @@ def test_qnn_under_autocast_keeps_no_16bit_copy_of_the_weight(device, backend):
     assert not [t for t in kept if t.shape == weight.shape and t.dtype == torch.bfloat16]
     y.float().sum().backward()
     assert weight.grad.dtype == bias.grad.dtype == torch.float32
+
+
+def test_launching_on_names_the_tensors_gpu():
+    """Triton launches on the current CUDA device; the guard makes it the tensors' one. (Entering
+    it needs CUDA; what it will switch to does not.)"""
+    guard = kernels.utils.launching_on(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    with kernels.utils.launching_on(torch.device("cpu")):  # a no-op off CUDA
+        pass
+
+
+def test_every_triton_launch_runs_under_the_device_guard(device, monkeypatch):
+    """Each kernel launch of both ops happens inside launching_on(the tensors' device)."""
+    import importlib
+
+    asta = importlib.import_module("kernels.sparse_target_attention")
+    qnn = importlib.import_module("kernels.quadratic_projection")
+    inside, launched = [], []
+
+    class Guard:
+        def __init__(self, where):
+            assert torch.device(where) == device
+        def __enter__(self):
+            inside.append(True)
+        def __exit__(self, *exc):
+            inside.pop()
+
+    class Watched:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+        def __getitem__(self, grid):
+            assert inside, f"{self.name} launched outside launching_on"
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for module in (asta, qnn):
+        monkeypatch.setattr(module, "launching_on", Guard)
+    for module, name in ((asta, "_asta_fwd_kernel"), (asta, "_asta_bwd_kernel"), (qnn, "_qnn_dropout_sum_kernel"),
+                         (qnn, "_qnn_masked_grad_kernel"), (qnn, "_qnn_keep_mask_kernel")):
+        monkeypatch.setattr(module, name, Watched(name, getattr(module, name)))
+
+    for gathered in (False, True):
+        x, index, query, mask = asta_args(torch.float32, gathered, device)
+        if gathered:
+            z = kernels.gathered_sparse_target_attention(x, index, query, mask, backend="triton")
+        else:
+            z = kernels.sparse_target_attention(x, query, mask, backend="triton")
+        z.sum().backward()
+    x, weight, bias, _, num_row, p, _ = qnn_args(torch.float32, device)
+    kernels.quadratic_projection(x, weight, bias, num_row, dropout_p=p, training=True, backend="triton").sum().backward()
+    qnn.dropout_keep_mask(7, 2, num_row, 12, p, device)
+    assert launched == ["_asta_fwd_kernel", "_asta_bwd_kernel"] * 2 + [
+        "_qnn_dropout_sum_kernel", "_qnn_masked_grad_kernel", "_qnn_keep_mask_kernel"]

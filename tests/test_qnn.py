@@ -299,6 +299,22 @@ def test_errors_name_the_argument(device, name, change, backend):
         kernels.quadratic_projection(x, weight, bias, num_row, **args)
 
 
+def test_a_hidden_past_int32_offsets_is_refused_by_the_ops_themselves(device):
+    """B*M*D >= 2**31 would wrap the kernels' int32 offsets: refused through the public function
+    and by direct calls of the registered ops, before x (here expanded, no memory) is copied."""
+    batch, dim, num_row = 2**19, 1024, 4  # B*M*D = 2**31
+    x = torch.zeros(1, dim, device=device).expand(batch, dim)
+    weight = torch.zeros(num_row * dim, dim, device=device)
+    bias = torch.zeros(num_row * dim, device=device)
+    seed = torch.tensor([1], device=device)
+    with pytest.raises(ValueError, match="int32"):
+        kernels.quadratic_projection(x, weight, bias, num_row, dropout_p=0.1, training=True, backend="triton")
+    with pytest.raises(ValueError, match="int32"):
+        torch.ops.qin.quadratic_projection_dropout(x, weight, bias, seed, num_row, 0.1, torch.float32)
+    with pytest.raises(ValueError, match="int32"):
+        torch.ops.qin.quadratic_projection_dropout_backward(x, x, weight, x, seed, num_row, 0.1, torch.float32)
+
+
 def test_tiny_qnn_training_matches_torch_backend(device):
     """Two SGD steps of the model's QNN stack (dropout 0): Triton and reference follow the same loss."""
     from qin.config import QINConfig
