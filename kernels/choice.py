@@ -13,9 +13,14 @@ the same machine and code does not time again, and a code change times afresh.
 QIN_AUTO_BACKEND=table turns the timing off: then "auto" is MEASURED_FASTER alone (torch
 elsewhere). Nothing is timed where timing cannot run or would mislead: under torch.compile
 tracing, during CUDA graph capture, off CUDA. There a decision made earlier in this process (or
-read from the file by `preload`) is used, else torch; a trial that fails on the torch path too
-(out of memory for the copies) means torch for this process, and nothing is written. A trial does not move the random generators (they are forked),
-and a Triton path that fails to compile or run is recorded as torch, with the error.
+read from the file by `preload`) is used, else torch; a traced call follows the decision of the
+largest batch timed (its batch is left dynamic). A trial that fails on the torch path, or runs
+out of memory on either (its copies share the device with the call's activations), means torch
+for this process, and nothing is written. A trial does not move the random generators (they are
+forked), times the two paths in turns, and frees its copies before the real call runs; a Triton
+path that fails to compile or run is recorded as torch, with the error. Under
+torch.use_deterministic_algorithms(True) the gathered attention, whose Triton backward adds into
+the representations by atomics, runs torch when they train.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ import logging
 import os
 import statistics
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -36,10 +42,13 @@ logger = logging.getLogger("kernels.choice")
 
 MARGIN = 0.95  # Triton must take at most 95% of torch's time: noise never flips auto to a loser
 MODES = ("timed", "table")
-_SOURCES = ("quadratic_projection.py", "sparse_target_attention.py", "reference.py", "dropout.py")
+# What a decision depends on: the two paths, and how they are timed and chosen (MARGIN, _time).
+_SOURCES = ("quadratic_projection.py", "sparse_target_attention.py", "reference.py", "dropout.py", "choice.py",
+            "utils.py")
 # Device types where "auto" may time the two paths. Only CUDA: on the CPU the Triton path is the
 # interpreter (slow by design). Tests add "cpu" to check the mechanism there.
 TIMED_DEVICE_TYPES = {"cuda"}
+TRACED_BATCH = "B=traced"  # the batch class of a call that torch.compile or torch.export traces
 _decisions: dict[str, dict] = {}  # key -> record, this process (and what was read from the file)
 _by_call: dict[tuple, str] = {}  # (op, dtype, shape, device) -> choice: the per-call lookup
 _loaded_from: list[Path] = []
@@ -141,47 +150,64 @@ def _save() -> None:
     _load()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # A name of its own (not the pid: hosts sharing the folder may reuse one), renamed over.
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         tmp.write_text(json.dumps(sorted(_decisions.values(), key=lambda r: r["key"]), indent=1) + "\n")
         os.replace(tmp, path)
     except OSError as exc:
         logger.warning("backend='auto': could not write %s (%s); decisions last for this process only", path, exc)
 
 
-def _median_ms(run: Callable[[], None], device: torch.device, reps: int = 5, min_seconds: float = 0.02) -> float:
+def _median_ms(runs: dict[str, Callable[[], None]], device: torch.device, reps: int = 5,
+               min_seconds: float = 0.02) -> dict[str, float]:
+    """The median milliseconds of each run, timed in turns (torch, triton, torch, ...) so that a
+    clock ramping up or drifting meets both alike. Each was called once before, untimed."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    run()  # the first call compiles (Triton) or initialises (cuBLAS) and is not timed
-    sync()
-    samples: list[float] = []
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     start = time.perf_counter()
-    while len(samples) < reps or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        run()
-        sync()
-        samples.append((time.perf_counter() - t0) * 1e3)
-        if len(samples) >= 50:
+    while min(map(len, samples.values())) < reps or time.perf_counter() - start < min_seconds:
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            sync()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+        if min(map(len, samples.values())) >= 50:
             break
-    return statistics.median(samples)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _warm(run: Callable[[], None], device: torch.device) -> str | None:
+    """Call once (the first call compiles Triton, initialises cuBLAS): None, or what failed."""
+    try:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    except Exception as exc:  # noqa: BLE001 - reported by the caller, which decides what it means
+        return f"{type(exc).__name__}: {exc}"[:500]
+    return None
 
 
 def _time(trial: Trial, device: torch.device) -> dict:
+    """The trial's record: torch_ms, triton_ms (None: failed) and choice. torch_ms None (the
+    torch path failed, or either ran out of memory: the copies and the call's own activations
+    share the device, so that says nothing of the path) means: do not decide now."""
     record = {"op": trial.op, "dtype": str(trial.dtype).removeprefix("torch."), "shape": list(trial.shape)}
+    runs = {backend: (lambda backend=backend: trial.run(backend)) for backend in ("torch", "triton")}
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        try:
-            record["torch_ms"] = _median_ms(lambda: trial.run("torch"), device)
-        except Exception as exc:  # noqa: BLE001 - e.g. out of memory for the copies: do not time now
-            record["torch_ms"] = None
-            record["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        errors = {backend: _warm(run, device) for backend, run in runs.items()}
+        out_of_memory = any(e and e.startswith("OutOfMemoryError") for e in errors.values())
+        if errors["torch"] or out_of_memory:
+            record.update(torch_ms=None, error=errors["torch"] or errors["triton"])
             return record
-        try:
-            record["triton_ms"] = _median_ms(lambda: trial.run("triton"), device)
-        except Exception as exc:  # noqa: BLE001 - any failure of the Triton path means torch
-            record["triton_ms"] = None
-            record["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        if errors["triton"]:  # any other failure of the Triton path means torch
+            record["error"] = errors["triton"]
+            del runs["triton"]
+        times = _median_ms(runs, device)
+    record["torch_ms"], record["triton_ms"] = times["torch"], times.get("triton")
     faster = record["triton_ms"] is not None and record["triton_ms"] <= MARGIN * record["torch_ms"]
     record["choice"] = "triton" if faster else "torch"
     return record
@@ -191,6 +217,8 @@ def decide(trial: Trial, device: torch.device) -> str | None:
     """'triton' or 'torch' for this call's shape class on `device` (timing it if it never was and
     timing is allowed here), or None where it was never timed and cannot be now."""
     call = (trial.op, trial.dtype, trial.shape, device)
+    if trial.shape[0] == TRACED_BATCH:
+        return _largest_batch_decision(call)
     known = _by_call.get(call)
     if known is not None or not timing_allowed(device):
         return known  # under torch.compile only this lookup is traced: see preload
@@ -201,6 +229,7 @@ def decide(trial: Trial, device: torch.device) -> str | None:
         _by_call[call] = record["choice"]
         return record["choice"]
     record = _time(trial, device)
+    trial.run = None  # the copies of the inputs go now, before the real call runs
     if record["torch_ms"] is None:  # the trial itself failed: torch for this process, nothing kept
         logger.warning("backend='auto' could not time %s (%s) on %s (%s); running torch", trial.op,
                        record["dtype"], _where(device), record["error"])
@@ -215,6 +244,15 @@ def decide(trial: Trial, device: torch.device) -> str | None:
                 record["dtype"], ", ".join(map(str, trial.shape)), key.split("|")[3], record["torch_ms"],
                 triton_ms, record["choice"], f" ({record['error']})" if "error" in record else "")
     return record["choice"]
+
+
+def _largest_batch_decision(call: tuple) -> str | None:
+    """For a traced call: the decision of the largest batch class known for
+    its op, dtype, device and the rest of its shape class (a training run's batch), or None."""
+    op, dtype, shape, device = call
+    known = [(int(s[0].removeprefix("B<=")), choice) for (o, d, s, dev), choice in _by_call.items()
+             if (o, d, s[1:], dev) == (op, dtype, shape[1:], device) and s[0].startswith("B<=")]
+    return max(known)[1] if known else None
 
 
 def preload(device: torch.device) -> int:
@@ -268,16 +306,24 @@ def forget() -> None:
 
 
 def trial(backend: str, device: torch.device, op: str, dtype: torch.dtype, shape: tuple, fn: Callable,
-          tensors: tuple, kwargs: dict) -> Trial | None:
+          tensors: tuple, kwargs: dict, train: bool | None = None) -> Trial | None:
     """The Trial of a call of `fn(*tensors, backend=..., **kwargs)` (a public op), or None where
-    "auto" will not time it: another backend asked for, or a device it does not time on. The
-    shape class gets the batch (first dimension of the first tensor) rounded up to a power of two,
-    and whether the call trains (grad on, a floating input requiring grad)."""
-    if backend != "auto" or device.type not in TIMED_DEVICE_TYPES:
+    "auto" will not time it: another backend asked for, a device it does not time on, or
+    QIN_AUTO_BACKEND=table. The shape class gets the batch (first dimension of the first tensor)
+    rounded up to a power of two; whether the call trains (`train`, else: grad on and an input
+    requiring grad); and for fp32 on CUDA, whether TF32 is on (it speeds up the cuBLAS products of
+    both paths, not alike). Under torch.compile or torch.export the class says "B=traced": naming
+    the batch's power of two would fix a dynamic batch in the graph (one graph per batch size, and
+    torch.export refusing the dynamic dimension); decide() then follows the decision of the
+    largest batch timed before, a training run's batch."""
+    if backend != "auto" or device.type not in TIMED_DEVICE_TYPES or mode() == "table":
         return None
-    train = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    if train is None:
+        train = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
     batch = tensors[0].shape[0]
-    shape = (f"B<={1 << max(0, (int(batch) - 1).bit_length())}", *shape, "fwd+bwd" if train else "fwd")
+    size = TRACED_BATCH if torch.compiler.is_compiling() else f"B<={1 << max(0, (int(batch) - 1).bit_length())}"
+    tf32 = ("tf32",) if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else ()
+    shape = (size, *shape, "fwd+bwd" if train else "fwd", *tf32)
     return Trial(op, dtype, shape, _replay(fn, tensors, kwargs, train))
 
 
@@ -291,15 +337,17 @@ def _replay(fn: Callable, tensors: tuple, kwargs: dict, train: bool) -> Callable
     def copy(t):
         if not isinstance(t, torch.Tensor):
             return t
-        t = t.detach().clone()
-        return t.requires_grad_(train) if t.is_floating_point() else t
+        # Only what the call differentiates (not ASTA's mask, say) requires grad in the trial.
+        return t.detach().clone().requires_grad_(train and t.requires_grad)
 
     def run(backend: str) -> None:
         if not inputs:
             inputs.extend(copy(t) for t in tensors)
-        with torch.set_grad_enabled(train):
+        # Plain saved tensors: hooks in force around the call (activation checkpointing's,
+        # save_on_cpu's) must neither see the trial's tensors nor slow its timing.
+        with torch.set_grad_enabled(train), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             out = fn(*inputs, backend=backend, **kwargs)
-            if train:
+            if train and out.requires_grad:
                 if not grad_out:
                     grad_out.append(torch.randn_like(out))
                 out.backward(grad_out[0])

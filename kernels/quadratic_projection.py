@@ -329,7 +329,7 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     dtype = compute_dtype(x.device, x, weight, bias)
     # Only training with dropout has a Triton path to choose; elsewhere both backends fold.
     trial = choice.trial(backend, x.device, "qnn", dtype, (f"D={x.shape[1]}", f"M={num_row}"), quadratic_projection,
-                         (x, weight, bias), dict(num_row=num_row, dropout_p=p, training=True, seed=0)) \
+                         (x, weight, bias), dict(num_row=num_row, dropout_p=p, training=True, seed=0), train=True) \
         if training and p > 0.0 else None
     chosen = resolve_backend(backend, x.device, "qnn", dtype, trial)
     if training and chosen == "torch":  # the reference, its CPU mask regenerated in backward

@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from kernels import choice, reference
-from kernels.utils import (INTERPRETING, cast, check_tensor, compute_dtype, launching_on, next_power_of_2,
-                           register_autocast, resolve_backend)
+from kernels.utils import (INTERPRETING, alert_not_deterministic, cast, check_tensor, compute_dtype, launching_on,
+                           next_power_of_2, register_autocast, resolve_backend)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -238,6 +238,10 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, grad_z):
     x, index, query, mask = ctx.saved_tensors
+    if index is not None and x.device.type == "cuda" and ctx.needs_input_grad[0]:
+        # (The interpreter runs programs one after another: the same order every time.)
+        alert_not_deterministic("The Triton backward of gathered_sparse_target_attention (the gradient into reps "
+                                "is summed by atomic adds, in whatever order the GPU runs them)")
     grad_x, grad_q = _asta_backward_op(grad_z, x, index, query, mask)
     return grad_x, None, grad_q, None
 
@@ -307,6 +311,8 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
             raise ValueError(f"index holds rows outside reps' {reps.shape[0]} rows at unmasked positions")
     dtype = compute_dtype(reps.device, reps, query)
     reps, query = cast(dtype, reps, query)
+    if backend == "auto" and torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled() and reps.requires_grad:
+        backend = "torch"  # the Triton backward sums into reps by atomic adds: not deterministic on a GPU
     # The batch of the shape class is index's B (reps' U varies from batch to batch).
     trial = choice.trial(backend, reps.device, "asta", dtype, ("gathered", f"L={seq_len}", f"D={dim}"),
                          lambda index, reps, query, mask, backend: gathered_sparse_target_attention(

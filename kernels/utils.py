@@ -1,6 +1,7 @@
 """Helpers shared by the Triton ops: interpreter detection, backend choice, autocast, argument checks."""
 import contextlib
 import os
+import warnings
 
 import torch
 
@@ -53,6 +54,19 @@ def launching_on(device: torch.device):
     CUDA device and its current stream, not on its arguments' device as a torch op does: a kernel
     for tensors on cuda:1 while cuda:0 is current (train.device=cuda:1) would run on the wrong GPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def alert_not_deterministic(what: str) -> None:
+    """As torch's own non-deterministic CUDA ops do: under torch.use_deterministic_algorithms(True)
+    raise (with warn_only=True, warn) that `what` has no deterministic implementation."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"{what} is not deterministic, but torch.use_deterministic_algorithms(True) is set; "
+               f"use backend='torch', or warn_only=True if that is acceptable")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 def next_power_of_2(n: int) -> int:
