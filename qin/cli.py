@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
+
     from qin.data import DataError
     from qin.train import TrainingError, TrainingInterrupted
 
@@ -374,6 +376,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except TrainingError as exc:
         print(f"qin {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except torch.cuda.OutOfMemoryError as exc:
+        print(f"qin {args.command}: error: the GPU ran out of memory ({str(exc).splitlines()[0]}); a smaller "
+              f"train.batch_size (or train.eval_batch_size, when it happened in validation or scoring) needs "
+              f"less", file=sys.stderr)
         return 1
 
 

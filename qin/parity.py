@@ -570,8 +570,10 @@ def training_runs(device: torch.device, seeds: int, quick: bool, log=print) -> t
         for backend in ("torch", "triton"):
             aucs[backend] = []
             for s in range(seeds):
+                # fp32, as the row says (auto would train in bf16 on a recent GPU)
                 cfg = load_config(overrides=[f"model.asta_kernel={backend}", f"model.qnn_kernel={backend}",
-                                             f"train.device={device}", f"train.epochs={epochs}"],
+                                             f"train.device={device}", f"train.epochs={epochs}",
+                                             "train.precision=fp32"],
                                   base=BUILTIN_SETTINGS)
                 cfg.train.seed += s
                 fill_vocab_from_data(cfg, dataset)

@@ -124,6 +124,13 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes in bf16 (Ampere, compute capability 8.0, and later). Not
+    torch.cuda.is_bf16_supported(): by default it also says yes where bf16 is only emulated
+    (a T4, a V100: far slower than fp16), and asks about the current device, not this one."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """train.precision as run: 'auto' is bf16 on a CUDA device that has it, fp32 elsewhere.
 
@@ -133,10 +140,10 @@ def resolve_precision(name: str, device: torch.device) -> str:
     to the plateau, +0.0001 (0.0014)). `precision_hint` tells such a CPU's user.
     """
     if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cuda" and cuda_has_bf16(device) else "fp32"
     if name == "fp32":
         return name
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if name == "bf16" and device.type == "cuda" and not cuda_has_bf16(device):
         raise ConfigError(f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16; "
                           f"use train.precision=fp16 or fp32")
     if not _autocast_works(device, AUTOCAST_DTYPES[name]):
@@ -247,8 +254,7 @@ def loss_fn(model, batch: dict, embedding_l2: float, global_rows: int | None = N
     else:
         loss = distributed.local_loss(logits, batch["label"], global_rows, world_size)
     if embedding_l2:
-        core = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        loss = loss + embedding_l2 / 2.0 * core.embedding_l2()
+        loss = loss + embedding_l2 / 2.0 * distributed.unwrapped(model).embedding_l2()
     return loss
 
 
@@ -317,8 +323,7 @@ class Trainer:
         self.forward_model = self.model
         if self.ctx.distributed:
             distributed.convert_batchnorm(self.model)
-            self.forward_model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
+            self.forward_model = distributed.wrap(self.model, self.device)
             # Dropout must differ between ranks (the model itself is identical: same seed above).
             torch.manual_seed(cfg.train.seed + 1_000_003 * self.ctx.rank)
         if cfg.train.cuda_graphs:
@@ -382,7 +387,9 @@ class Trainer:
             save_checkpoint(self.out_dir / name, payload)
 
     def restore(self, path: Path) -> None:
-        payload = load_checkpoint(path, map_location=self.device)
+        # Read onto the CPU whatever the run's device: the saved RNG states must stay there
+        # (torch.set_rng_state refuses a CUDA tensor), and load_state_dict moves the rest.
+        payload = load_checkpoint(path, map_location="cpu")
         check_model_config(payload, self.cfg.to_dict()["model"], str(path))
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])

@@ -246,3 +246,16 @@ def test_unreadable_checkpoint_is_refused(tmp_path, capsys):
     bad.write_bytes(b"not a checkpoint")
     assert main(["evaluate", str(bad)]) == 2
     assert "not a readable checkpoint" in capsys.readouterr().err
+
+
+def test_running_out_of_gpu_memory_says_what_to_lower(data_dir, tmp_path, monkeypatch, capsys):
+    import qin.train
+
+    def out_of_memory(self, resume=False):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(qin.train.Trainer, "fit", out_of_memory)
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "run"), *SMALL_RUN]) == 1
+    err = capsys.readouterr().err
+    assert "qin train: error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
+    assert "train.batch_size" in err and "Traceback" not in err

@@ -285,3 +285,33 @@ def test_a_batch_size_the_processes_do_not_divide_is_refused_before_anything_is_
     assert "train.batch_size=255 must be a multiple of the 2 processes" in done.stdout + done.stderr
     assert f'File "{REPO}' not in done.stderr, done.stderr[-2000:]  # torchrun's own report only, no frame of ours
     assert not (tmp_path / "run").exists()
+
+
+def test_compiled_ddp_model_trains_with_its_l2_term_and_sends_no_buffers(tmp_path):
+    """Under torchrun with train.compile=true the step's model is torch.compile(DDP(QIN)): the L2
+    term is the inner QIN's (the compiled wrapper forwarded the lookup to DDP, which has none).
+    DDP sends no buffers before each forward (the item side data never change). One gloo process
+    in this one: what the wrapping does does not depend on the number of ranks."""
+    import torch.distributed as dist
+
+    from qin import distributed
+    from qin.config import QINConfig
+    from qin.model import QIN, compile_model
+    from qin.train import loss_fn
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = QIN(QINConfig(num_items=50, num_tags=10, embed_dim=8, mm_dim=16, attention_dim=16, qnn_layers=1))
+        wrapped = distributed.wrap(model, torch.device("cpu"))
+        assert not wrapped.will_sync_module_buffers()
+        compiled = compile_model(wrapped, backend="eager")
+        assert distributed.unwrapped(compiled) is model and distributed.unwrapped(model) is model
+        g = torch.Generator().manual_seed(0)
+        batch = {"item_id": torch.randint(1, 50, (4,), generator=g), "item_seq": torch.randint(0, 50, (4, 8), generator=g),
+                 "likes_level": torch.randint(0, 5, (4,), generator=g),
+                 "views_level": torch.randint(0, 5, (4,), generator=g), "label": torch.tensor([0.0, 1.0, 1.0, 0.0])}
+        loss = loss_fn(compiled, batch, embedding_l2=1e-3, global_rows=4, world_size=1)
+        loss.backward()
+        assert torch.isfinite(loss)
+    finally:
+        dist.destroy_process_group()

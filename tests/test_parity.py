@@ -134,6 +134,7 @@ def test_training_runs_each_backend_over_the_seeds(monkeypatch):
     class FakeTrainer:
         def __init__(self, cfg, dataset, out_dir, log):
             runs.append((cfg.model.asta_kernel, cfg.model.qnn_kernel, cfg.train.seed, cfg.train.epochs))
+            assert cfg.train.precision == "fp32"  # as the row is labelled (auto: bf16 on a recent GPU)
 
         def fit(self):
             return SimpleNamespace(best_auc=0.8 + 0.01 * (len(runs) % 3))

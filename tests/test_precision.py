@@ -167,6 +167,22 @@ def test_precision_setting_is_checked():
     assert qin.train.resolve_precision("auto", torch.device("cpu")) == "fp32"
 
 
+@pytest.mark.parametrize("capability, auto", [((7, 5), "fp32"), ((7, 0), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_takes_bf16_only_on_a_gpu_that_computes_in_it(monkeypatch, capability, auto):
+    """torch.cuda.is_bf16_supported() says yes on a T4 or V100 too (emulated bf16, far slower than
+    fp16); the compute capability of the run's own device decides. (Nothing here needs a GPU.)"""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    device = torch.device("cuda", 1)
+    assert qin.train.resolve_precision("auto", device) == auto
+    assert asked == [device]
+    if auto == "fp32":
+        with pytest.raises(ConfigError, match="train.precision=bf16: a GPU has no bf16"):
+            qin.train.resolve_precision("bf16", device)
+
+
 def test_a_precision_autocast_cannot_run_is_refused_naming_the_setting(monkeypatch):
     # This torch runs fp16 autocast on the CPU (the runs below use it); an older one would not.
     assert qin.train.resolve_precision("fp16", torch.device("cpu")) == "fp16"

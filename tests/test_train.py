@@ -88,6 +88,18 @@ def test_resume_at_an_epoch_boundary_gives_the_same_weights(data_dir, tmp_path):
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "split"))
 
 
+def test_resume_reads_the_checkpoint_onto_the_cpu_whatever_the_device(data_dir, tmp_path):
+    """Read onto a GPU, the saved RNG states left the CPU, and torch.set_rng_state refused them:
+    every resume on a GPU crashed. Here "meta" stands in for the GPU (no device needed); the
+    model itself stays where it is, so only what restore maps is tested."""
+    dataset = load_dataset(data_dir)
+    make_trainer(data_dir, tmp_path / "run", "train.epochs=1", dataset=dataset).fit()
+    again = make_trainer(data_dir, tmp_path / "run", dataset=dataset)
+    again.device = torch.device("meta")
+    again.restore(tmp_path / "run" / "latest.pt")
+    assert again.state.epoch == 1
+
+
 def test_resume_mid_epoch_gives_the_same_weights(data_dir, tmp_path):
     dataset = load_dataset(data_dir)
     make_trainer(data_dir, tmp_path / "straight", dataset=dataset).fit()
