@@ -11,13 +11,18 @@ Wo (D, d_a) in nn.Linear layout, D = 384, d_a = 768:
 The bare op ("asta_op", every position live) and its gathered form ("asta_gathered_op": history
 rows read through a (B, L) index into the (U, D) distinct items' representations, U drawn like a
 deduplicated batch) each against the reference, eager and under torch.compile, at B=8192, L=64,
-in fp32, bf16 and fp16; the gathered form with every position live and with real masks, and
+in bf16, fp32 and fp16; the gathered form with every position live and with real masks, and
 against the torch backend that "auto" trains with. "asta_reps_gradient": that backend's
 gradient into the representations, as the sparse product it trains with and as the index_add_
 it uses under CUDA graph capture.
 Forward and forward+backward (gradients of X, t and the four weights), over batch (L=64) and
 history length (B=8192 on CUDA). Histories are left-padded with a median of 6 items out of 64,
 like the real data.
+
+Order, so that a time box (bench/gpu_run.sh) cuts the least valuable rows: the bare ops (what the
+targets and MEASURED_FASTER rest on) in every dtype first, bf16 then fp32 then fp16; then, dtype
+by dtype, the representations' gradient and the block sweeps. Each row is kept (and appended to
+--csv) as it is measured.
 
 Figures per case: time; "bandwidth" = bytes of history the op must cover (B*L*D elements read
 in the forward; read again plus its gradient written in the backward) / time, and its fraction
@@ -35,7 +40,7 @@ import math
 import torch
 
 import kernels
-from bench.common import (STOPPED, append_csv, kernel_bench_main, make_row, measure_copy_bandwidth_gbs, peak_memory_mb,
+from bench.common import (STOPPED, keep, kernel_bench_main, make_row, measure_copy_bandwidth_gbs, peak_memory_mb,
                           print_table, time_ms)
 from kernels import reference
 
@@ -118,8 +123,8 @@ def _measure(fn, device):
 def _case_rows(kernel, providers, args, grad_inputs, grad_out, history, x_name, x_value, dtype, device,
                copy_gbs, full_mask, speedup="speedup_vs_literal"):
     """time, bandwidth, fraction of copy bandwidth, peak memory of each provider, and its speed-up
-    over the first provider (the baseline) measured in the same call."""
-    rows, base = [], {}
+    over the first provider (the baseline) measured in the same call; yields each row as it is measured."""
+    base = {}
     hist_bytes = history.numel() * history.element_size()
     kw = dict(device=device, dtype=dtype)
     suffix = " full mask" if full_mask else ""
@@ -145,33 +150,31 @@ def _case_rows(kernel, providers, args, grad_inputs, grad_out, history, x_name, 
                 continue
             gbs = nbytes / (times[0] * 1e-3) / 1e9
             row = lambda metric, unit, value: make_row(kernel, provider, mode, metric, unit, x_name, x_value, value, **kw)
-            rows += [row("time", "ms", times), row("bandwidth", "GB/s", gbs),
-                     row("fraction_of_peak", "x", gbs / copy_gbs)]
+            yield from (row("time", "ms", times), row("bandwidth", "GB/s", gbs),
+                        row("fraction_of_peak", "x", gbs / copy_gbs))
             if memory is not None:
-                rows.append(row("peak_memory", "MB", memory))
+                yield row("peak_memory", "MB", memory)
             if mode not in base:
                 base[mode] = times[0]
             else:
-                rows.append(row(speedup, "x", base[mode] / times[0]))
-    return rows
+                yield row(speedup, "x", base[mode] / times[0])
 
 
 def _block_rows(batch, seq_len, dtype, device, copy_gbs, x_name, x_value, full_mask=False):
     t, x, mask, weights, grad_out = make_block(batch, seq_len, dtype, device, full_mask)
-    rows = _case_rows("asta_block", _providers(device), (t, x, mask, *weights), (x, t, *weights), grad_out, x,
-                      x_name, x_value, dtype, device, copy_gbs, full_mask)
+    yield from _case_rows("asta_block", _providers(device), (t, x, mask, *weights), (x, t, *weights), grad_out, x,
+                          x_name, x_value, dtype, device, copy_gbs, full_mask)
     del t, x, mask, weights, grad_out
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
 
 
 def _op_rows(batch, seq_len, dtype, device, copy_gbs):
-    """The bare op with every position live: the kernel's true memory bandwidth."""
+    """The bare op with every position live: the kernel's true memory bandwidth. Yields rows as measured."""
     _, x, mask, _, grad_out = make_block(batch, seq_len, dtype, device, full_mask=True)
     query = (torch.randn(batch, DIM, device=device, dtype=dtype) / DIM**0.5).requires_grad_()
-    return _case_rows("asta_op", _op_providers(device), (x, query, mask), (x, query), grad_out, x,
-                      "batch", batch, dtype, device, copy_gbs, full_mask=True, speedup="speedup_vs_reference")
+    yield from _case_rows("asta_op", _op_providers(device), (x, query, mask), (x, query), grad_out, x,
+                          "batch", batch, dtype, device, copy_gbs, full_mask=True, speedup="speedup_vs_reference")
 
 
 def make_gathered(batch, seq_len, dtype, device, full_mask, seed=0):
@@ -194,15 +197,14 @@ def make_gathered(batch, seq_len, dtype, device, full_mask, seed=0):
 def _gathered_rows(batch, seq_len, dtype, device, copy_gbs, full_mask):
     """The gathered op against F.embedding + reference and the torch backend. Bandwidth counts the
     bytes of the (B, L, D) history the plain op would read (never formed here), so the fractions
-    compare with asta_op's."""
+    compare with asta_op's. Yields each row as it is measured."""
     reps, index, query, mask, grad_out = make_gathered(batch, seq_len, dtype, device, full_mask)
     history = torch.empty(batch, seq_len, DIM, dtype=dtype, device="meta")  # only its size is used
-    rows = _case_rows("asta_gathered_op", _gathered_providers(device), (reps, index, query, mask), (reps, query),
-                      grad_out, history, "batch", batch, dtype, device, copy_gbs, full_mask,
-                      speedup="speedup_vs_reference")
-    unique = make_row("asta_gathered_op", "data", "fwd" + (" full mask" if full_mask else ""), "distinct_items",
-                      "U", "batch", batch, float(reps.shape[0]), device=device, dtype=dtype)
-    return rows + [unique]
+    yield from _case_rows("asta_gathered_op", _gathered_providers(device), (reps, index, query, mask),
+                          (reps, query), grad_out, history, "batch", batch, dtype, device, copy_gbs, full_mask,
+                          speedup="speedup_vs_reference")
+    yield make_row("asta_gathered_op", "data", "fwd" + (" full mask" if full_mask else ""), "distinct_items",
+                   "U", "batch", batch, float(reps.shape[0]), device=device, dtype=dtype)
 
 
 def _reps_gradient_rows(batch, seq_len, dtype, device):
@@ -210,7 +212,7 @@ def _reps_gradient_rows(batch, seq_len, dtype, device):
     the sparse product it trains with (its coalescing sorts 2*B*L entries and sizes the result on
     the host) and the blockwise index_add_ it uses under CUDA graph capture (no sort, no host sync;
     equal sums: tests/test_cuda_graphs.py). Which is faster on a GPU says which the torch path
-    should use there."""
+    should use there. Yields each row as it is measured."""
     reps, index, _, mask, grad_z = make_gathered(batch, seq_len, dtype, device, full_mask=False)
     g = torch.Generator().manual_seed(1)
     live = mask.to(dtype)
@@ -219,25 +221,24 @@ def _reps_gradient_rows(batch, seq_len, dtype, device):
     query = torch.randn(batch, DIM, generator=g).to(device, dtype)
     ways = {"sparse product": reference._reps_gradient_by_sparse_product,
             "scatter": reference._reps_gradient_by_scatter}
-    rows, base = [], None
+    base = None
     for provider, way in ways.items():
         if STOPPED.is_set():
             break
         times = time_ms(lambda: way(index, weights, grad_s, grad_z, query, reps.shape[0]), device)
         row = lambda metric, unit, value: make_row("asta_reps_gradient", provider, "bwd", metric, unit, "batch",
                                                    batch, value, device=device, dtype=dtype)
-        rows.append(row("time", "ms", times))
+        yield row("time", "ms", times)
         if base is None:
             base = times[0]
         else:
-            rows.append(row("speedup_vs_sparse_product", "x", base / times[0]))
-    return rows
+            yield row("speedup_vs_sparse_product", "x", base / times[0])
 
 
 def run(device: torch.device, quick: bool = False, csv: str | None = None) -> list[dict]:
     device = torch.device(device)
-    if device.type == "cuda":
-        dtypes = [torch.float32, torch.bfloat16, torch.float16]
+    if device.type == "cuda":  # bf16 first: most targets are bf16's; fp16 last, no target rests on it alone
+        dtypes = [torch.bfloat16, torch.float32, torch.float16]
         batches = [8192] if quick else [1024, 2048, 4096, 8192, 16384]
         lengths = [] if quick else [16, 32, 128, 256]  # L=64 is in the batch sweep
         length_batch = 8192
@@ -246,32 +247,37 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
         batches = [256] if quick else [256, 1024]
         lengths = [] if quick else [16, 128]
         length_batch = 256
+    rows = []
     copy_gbs = measure_copy_bandwidth_gbs(device, 64 if quick or device.type == "cpu" else 512)
-    rows = [make_row("copy", "torch", "ceiling", "bandwidth", "GB/s", "", "", copy_gbs, device=device, dtype="fp32")]
+    keep(rows, [make_row("copy", "torch", "ceiling", "bandwidth", "GB/s", "", "", copy_gbs, device=device, dtype="fp32")],
+         csv)
     paper = 8192 if device.type == "cuda" else batches[-1]
-    for dtype in dtypes:
-        torch._dynamo.reset()  # a fresh compile cache per dtype: never past its recompile limit
-        # The bare ops first: they decide MEASURED_FASTER; the block sweeps after them.
-        cases = [lambda: _op_rows(paper, HIST_LEN, dtype, device, copy_gbs)] if device.type == "cuda" else []
-        cases += [lambda full=full: _gathered_rows(paper, HIST_LEN, dtype, device, copy_gbs, full) for full in (True, False)]
-        cases.append(lambda: _reps_gradient_rows(paper, HIST_LEN, dtype, device))
+
+    def op_rows(dtype):  # the bare ops: the targets and MEASURED_FASTER rest on them
+        if device.type == "cuda":
+            yield from _op_rows(paper, HIST_LEN, dtype, device, copy_gbs)
+        for full in (True, False):
+            yield from _gathered_rows(paper, HIST_LEN, dtype, device, copy_gbs, full)
+
+    def sweep_rows(dtype):
+        yield from _reps_gradient_rows(paper, HIST_LEN, dtype, device)
         if device.type == "cuda":  # every position live: the paper's shape at full density
-            cases.append(lambda: _block_rows(paper, HIST_LEN, dtype, device, copy_gbs, "batch", paper, full_mask=True))
-        cases += [lambda b=b: _block_rows(b, HIST_LEN, dtype, device, copy_gbs, "batch", b) for b in batches]
-        cases += [lambda n=n: _block_rows(length_batch, n, dtype, device, copy_gbs, "history_len", n) for n in lengths]
-        for case in cases:
+            yield from _block_rows(paper, HIST_LEN, dtype, device, copy_gbs, "batch", paper, full_mask=True)
+        for b in batches:
+            yield from _block_rows(b, HIST_LEN, dtype, device, copy_gbs, "batch", b)
+        for n in lengths:
+            yield from _block_rows(length_batch, n, dtype, device, copy_gbs, "history_len", n)
+
+    for rows_of in (op_rows, sweep_rows):
+        for dtype in dtypes:
             if STOPPED.is_set():
                 break
-            try:
-                rows += case()
-            except KeyboardInterrupt:  # SIGTERM (bench/gpu_run.sh's time box): keep the rows so far
-                STOPPED.set()
+            torch._dynamo.reset()  # a fresh compile cache per dtype: never past its recompile limit
+            keep(rows, rows_of(dtype), csv)
     if STOPPED.is_set():
         print("out of time: the cases after the last table line were not run")
     print_table(rows, f"ASTA block (D={DIM}, d_a={ATTN_DIM}, L={HIST_LEN} unless swept; "
                       f"histories left-padded, median {MEDIAN_LEN} items)")
-    if csv:
-        append_csv(rows, csv)
     return rows
 
 

@@ -8,6 +8,11 @@ forward+backward time and peak memory, eager vs torch.compile vs Triton. On a GP
 with TF32 off ("fp32") and on ("fp32-tf32"): every path's products follow torch's switch, and
 auto must not lose under either; the matmul ceiling is measured under the same setting.
 
+Order, so that a time box (bench/gpu_run.sh) cuts the least valuable rows: the op at the paper's
+batch in every precision first (bf16, then fp32, then fp32-tf32: what the targets and
+MEASURED_FASTER rest on), then the batch sweep and the stack. Each row is kept (and appended to
+--csv) as it is measured.
+
     python -m bench.bench_qnn --device cuda [--quick] [--csv out.csv]
 """
 from __future__ import annotations
@@ -17,7 +22,7 @@ import contextlib
 import torch
 
 import kernels
-from bench.common import (STOPPED, append_csv, kernel_bench_main, make_row, measure_matmul_tflops, peak_memory_mb,
+from bench.common import (STOPPED, keep, kernel_bench_main, make_row, measure_matmul_tflops, peak_memory_mb,
                           print_table, time_ms)
 from kernels import reference
 
@@ -55,7 +60,7 @@ def tf32(enabled: bool):
 
 
 def _projection_rows(device, dtype, batches, dim, rate, label):
-    rows = []
+    """Yields each row as it is measured."""
     for batch in batches:
         x, weight, bias, gy = _make(batch, dim, dtype, device)
         flops = 2 * batch * dim * ROWS * dim
@@ -80,32 +85,31 @@ def _projection_rows(device, dtype, batches, dim, rate, label):
                     break
                 tflops = mode_flops / (times[0] * 1e-3) / 1e12
                 kw = dict(device=device, dtype=label)
-                row = make_row("qnn", provider, mode, "time", "ms", "batch", batch, times, **kw)
-                rows.append(row)
-                rows.append(make_row("qnn", provider, mode, "tflops", "TFLOP/s", "batch", batch, tflops, **kw))
-                rows.append(make_row("qnn", provider, mode, "matmul_fraction", "x", "batch", batch,
-                                     tflops / rate, **kw))
-                memory = peak_memory_mb(fn, device)
-                if memory is not None:
-                    rows.append(make_row("qnn", provider, mode, "peak_memory", "MB", "batch", batch, memory, **kw))
+                yield make_row("qnn", provider, mode, "time", "ms", "batch", batch, times, **kw)
+                yield make_row("qnn", provider, mode, "tflops", "TFLOP/s", "batch", batch, tflops, **kw)
+                yield make_row("qnn", provider, mode, "matmul_fraction", "x", "batch", batch, tflops / rate, **kw)
                 if provider == "eager":
                     base[mode] = times[0]
                 elif mode in base:
-                    rows.append(make_row("qnn", provider, mode, "speedup_vs_eager", "x", "batch", batch,
-                                         base[mode] / times[0], **kw))
-    return rows
+                    yield make_row("qnn", provider, mode, "speedup_vs_eager", "x", "batch", batch,
+                                   base[mode] / times[0], **kw)
+                memory = peak_memory_mb(fn, device)
+                if memory is not None:
+                    yield make_row("qnn", provider, mode, "peak_memory", "MB", "batch", batch, memory, **kw)
 
 
 def _stack_rows(device, dtype, batch, label):
-    """Peak memory and time of the model's 4-layer QNN stack, forward+backward: eager, compiled, Triton."""
+    """Peak memory and time of the model's 4-layer QNN stack, forward+backward: eager, compiled, Triton.
+    Yields each row as it is measured."""
     from qin.config import QINConfig
     from qin.model import QNN
 
-    rows = []
     providers = [("eager", "torch", False)]
     if device.type == "cuda":
         providers += [("compile", "torch", True), ("triton", "triton", False)]
     for provider, backend, compiled in providers:
+        if STOPPED.is_set():
+            return
         torch.manual_seed(0)
         cfg = QINConfig(qnn_kernel=backend)  # paper sizes: qnn_dim 1024, 4 rows, 4 layers, dropout 0.1
         model = QNN(cfg).to(device=device, dtype=dtype).train()
@@ -122,44 +126,46 @@ def _stack_rows(device, dtype, batch, label):
             print(f"skipping qnn_stack {provider}: {type(exc).__name__}: {str(exc)[:120]}")
             continue
         kw = dict(device=device, dtype=label)
-        rows.append(make_row("qnn_stack", provider, "fwd+bwd", "time", "ms", "batch", batch, time_ms(step, device), **kw))
+        yield make_row("qnn_stack", provider, "fwd+bwd", "time", "ms", "batch", batch, time_ms(step, device), **kw)
         memory = peak_memory_mb(step, device)
         if memory is not None:
-            rows.append(make_row("qnn_stack", provider, "fwd+bwd", "peak_memory", "MB", "batch", batch, memory, **kw))
-    return rows
+            yield make_row("qnn_stack", provider, "fwd+bwd", "peak_memory", "MB", "batch", batch, memory, **kw)
 
 
 def run(device: torch.device, quick: bool = False, csv: str | None = None) -> list[dict]:
     device = torch.device(device)
-    if device.type == "cuda":
-        precisions = [("fp32", torch.float32, False), ("fp32-tf32", torch.float32, True), ("bf16", torch.bfloat16, False)]
-        batches = [8192] if quick else [1024, 2048, 4096, 8192, 16384]
+    if device.type == "cuda":  # bf16 first: most targets are bf16's
+        precisions = [("bf16", torch.bfloat16, False), ("fp32", torch.float32, False), ("fp32-tf32", torch.float32, True)]
+        batches = [8192] if quick else [8192, 1024, 2048, 4096, 16384]  # the paper's first
         dim, stack_batch = DIM, 8192
     else:  # the CPU only runs the reference (Triton needs CUDA), at a small size, in fp32: bf16
         # products on a CPU without bf16 units are emulated and take many minutes while saying nothing
         precisions = [("fp32", torch.float32, False)]
         batches = [256] if quick else [256, 1024]
         dim, stack_batch = (256, 256) if quick else (DIM, 1024)
-    rows = []
-    for label, dtype, allow_tf32 in precisions:
-        if STOPPED.is_set():
-            print(f"out of time: {label} and the precisions after it were not run")
-            break
-        torch._dynamo.reset()  # a fresh compile cache per precision: never past its recompile limit
-        try:
+    rows, rates = [], {}
+
+    def op_rows(label, dtype):  # the ceiling, then the op at the first batch
+        rates[label] = measure_matmul_tflops(device, dtype)
+        n = 4096 if device.type == "cuda" else 1024  # the size measure_matmul_tflops uses
+        yield make_row("matmul", "torch", "ceiling", "tflops", "TFLOP/s", "n", n, rates[label], device=device, dtype=label)
+        yield from _projection_rows(device, dtype, batches[:1], dim, rates[label], label)
+
+    def sweep_rows(label, dtype):  # the other batches, then the 4-layer stack
+        yield from _projection_rows(device, dtype, batches[1:], dim, rates[label], label)
+        if not (quick and device.type == "cpu"):
+            yield from _stack_rows(device, dtype, stack_batch, label)
+
+    for rows_of in (op_rows, sweep_rows):
+        for label, dtype, allow_tf32 in precisions:
+            if STOPPED.is_set():
+                break
+            torch._dynamo.reset()  # a fresh compile cache per precision: never past its recompile limit
             with tf32(allow_tf32):
-                rate = measure_matmul_tflops(device, dtype)
-                n = 4096 if device.type == "cuda" else 1024  # the size measure_matmul_tflops uses
-                rows.append(make_row("matmul", "torch", "ceiling", "tflops", "TFLOP/s", "n", n, rate, device=device,
-                                     dtype=label))
-                rows += _projection_rows(device, dtype, batches, dim, rate, label)
-                if not (quick and device.type == "cpu"):
-                    rows += _stack_rows(device, dtype, stack_batch, label)
-        except KeyboardInterrupt:  # SIGTERM (bench/gpu_run.sh's time box): keep the rows so far
-            STOPPED.set()
+                keep(rows, rows_of(label, dtype), csv)
+    if STOPPED.is_set():
+        print("out of time: the cases after the last table line were not run")
     print_table(rows, f"QNN quadratic projection (D={dim}, M={ROWS}, dropout {DROPOUT}, training)")
-    if csv:
-        append_csv(rows, csv)
     return rows
 
 

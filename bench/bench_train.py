@@ -6,7 +6,9 @@ Variants switch the fused parts on one at a time, starting from the literal eage
 (SPEC.md's form, as the authors wrote it). Batches are drawn like the real data (91,718 items,
 histories of median length about 6 out of 64, left-padded) and made outside the timed region.
 Each variant is timed on its own, after the one before it (median of 8 steps after a warm-up):
-on a shared machine, ratios between rows are only as steady as its load.
+on a shared machine, ratios between rows are only as steady as its load. Each row is kept (and
+appended to --csv) as it is measured: a run stopped by SIGTERM (bench/gpu_run.sh's time box)
+keeps every variant finished before it.
 
     python -m bench.bench_train --device cuda [--batch 8192] [--csv out.csv]
 """
@@ -18,7 +20,7 @@ import numpy as np
 import torch
 
 from bench.report import BF16_OP, timed_section
-from bench.common import STOPPED, append_csv, make_row, peak_memory_mb, print_table, stop_on_sigterm, time_ms
+from bench.common import STOPPED, keep, make_row, peak_memory_mb, print_table, stop_on_sigterm, time_ms
 from qin.config import QINConfig
 from qin.host_memory import bound_kept_memory, keep_freed_memory
 from qin.model import QIN, compile_model, make_graph_safe
@@ -74,6 +76,11 @@ CPU_VARIANTS = ("literal eager", "literal eager, autocast bf16", "+ hoisted ASTA
                 "+ item dedup, autocast bf16", f"+ item dedup{BF16_OP}, autocast bf16",
                 "default (auto) + torch.compile", "default (auto) + torch.compile, autocast bf16")
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# The CUDA-graphs variant's peak: peak_memory_mb counts what is allocated beyond the memory held
+# before the step, and the graphs' pool is allocated before it (at capture) and reused by every
+# replay, so its figure likely leaves out the step's activations: a metric of its own, compared
+# with no other variant's peak (it feeds no target).
+GRAPHS_MEMORY = "peak_memory_beyond_graph_pool"
 
 
 def saved_bytes(forward, resident_tensors) -> int:
@@ -134,21 +141,21 @@ def default_batches(device: torch.device, quick: bool) -> list[int]:
     return [1024] if quick else [1024, 256, 2048]
 
 
-def run(device: torch.device, quick: bool = False, batch: int | None = None) -> list[dict]:
+def run(device: torch.device, quick: bool = False, batch: int | None = None, csv: str | None = None) -> list[dict]:
     if device.type == "cpu":
         keep_freed_memory()  # as `qin train` does on the CPU, for every variant alike
     rows = []
     for size in ([batch] if batch else default_batches(device, quick)):
-        rows += run_batch(device, quick, size)
-    if STOPPED.is_set():
-        return rows
-    rows += loader_rows(device, batch or default_batches(device, quick)[0], quick)
+        if not STOPPED.is_set():
+            keep(rows, run_batch(device, quick, size), csv)
+    if not STOPPED.is_set():
+        keep(rows, loader_rows(device, batch or default_batches(device, quick)[0], quick), csv)
     return rows
 
 
-def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
+def run_batch(device: torch.device, quick: bool, batch: int):
+    """Yields each row as it is measured."""
     data = synthetic_batch(batch, device)
-    rows = []
     for name, overrides, how, amp in VARIANTS:
         compiled = how in (True, CUDA_GRAPHS)
         if STOPPED.is_set():
@@ -182,19 +189,19 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
             step()  # first step: allocate optimizer state, compile
             p50, p20, p80 = time_ms(step, device, warmup=1, reps=3 if quick else 8)
             # Samples/s from the median time; p20 time gives the higher throughput.
-            rows.append(make_row("train_step", name, "full", "throughput", "samples/s", "batch", batch,
-                                 (batch / p50 * 1e3, batch / p80 * 1e3, batch / p20 * 1e3), device, amp or "fp32"))
+            yield make_row("train_step", name, "full", "throughput", "samples/s", "batch", batch,
+                           (batch / p50 * 1e3, batch / p80 * 1e3, batch / p20 * 1e3), device, amp or "fp32")
             memory = peak_memory_mb(step, device)
             if memory is not None:
-                rows.append(make_row("train_step", name, "full", "peak_memory", "MB", "batch", batch, memory, device,
-                                     amp or "fp32"))
+                yield make_row("train_step", name, "full", GRAPHS_MEMORY if how == CUDA_GRAPHS else "peak_memory",
+                               "MB", "batch", batch, memory, device, amp or "fp32")
             saved = saved_bytes(lambda: _forward_loss(forward, data, amp), [*model.parameters(), *model.buffers(),
                                                                           *data.values()])
-            rows.append(make_row("train_step", name, "full", "saved_bytes", "bytes/sample", "batch", batch,
-                                 saved / batch, device, amp or "fp32"))
+            yield make_row("train_step", name, "full", "saved_bytes", "bytes/sample", "batch", batch,
+                           saved / batch, device, amp or "fp32")
             # One line as each variant ends: a run stopped later still shows it.
             print(f"{name}: {batch / p50 * 1e3:,.0f} samples/s" + (f", peak {memory:,.0f} MB" if memory else ""))
-        except KeyboardInterrupt:  # SIGTERM: keep the rows measured so far
+        except KeyboardInterrupt:  # SIGTERM: the rows yielded so far are kept
             STOPPED.set()
             print(f"out of time during {name}: it and the variants after it were not run")
             break
@@ -206,7 +213,6 @@ def run_batch(device: torch.device, quick: bool, batch: int) -> list[dict]:
                 torch._dynamo.reset()  # the next compiled variant starts from an empty cache
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return rows
 
 
 def loader_rows(device: torch.device, batch: int, quick: bool) -> list[dict]:
@@ -260,12 +266,10 @@ def main() -> None:
     parser.add_argument("--csv")
     args = parser.parse_args()
     stop_on_sigterm()
-    rows = run(torch.device(args.device), args.quick, args.batch)
+    rows = run(torch.device(args.device), args.quick, args.batch, csv=args.csv)  # in the CSV as measured
     print_table(rows, "QIN training step")
     print_ratios(rows)
     print("\n".join(["", 'What backend="auto" chose for the default variants:', *timed_section(torch.device(args.device))]))
-    if args.csv:
-        append_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

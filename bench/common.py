@@ -1,13 +1,14 @@
 """Timing, memory and CSV helpers shared by every benchmark in bench/.
 
-Times are the median with 20th/80th percentiles: `triton.testing.do_bench` on CUDA (device
-events), a perf_counter loop on the CPU. Inputs and output gradients are allocated by the caller,
+Times are the median with 20th/80th percentiles: a fixed number of calls timed with CUDA events
+on CUDA, a perf_counter loop on the CPU. Inputs and output gradients are allocated by the caller,
 outside the timed region. Every figure becomes one CSV row in the same schema.
 """
 from __future__ import annotations
 
 import csv
 import datetime
+import math
 import os
 import platform
 import signal
@@ -16,7 +17,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -71,10 +72,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
             min_seconds: float = 0.0) -> tuple[float, float, float]:
     """(p50, p20, p80) milliseconds of fn()."""
     if device.type == "cuda":
-        import triton.testing
-
-        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], warmup=25, rep=100)
-        return float(p50), float(p20), float(p80)
+        return _time_cuda_ms(fn, device, warmup, reps)
     for _ in range(warmup):
         fn()
     samples = []
@@ -83,8 +81,45 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
+    return _percentiles(samples)
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
     return statistics.median(samples), q[1], q[7]
+
+
+# CUDA timing. Not triton.testing.do_bench: its `rep` is milliseconds of timing, so an 80 ms
+# training step ran once and its p20/p80 meant nothing. At least CUDA_MIN_REPS calls (and the
+# caller's reps); a fast op as many as fill CUDA_FILL_MS, at most CUDA_MAX_REPS, so its
+# quantiles rest on enough calls. L2 is cleared before each call, as do_bench does.
+CUDA_MIN_REPS, CUDA_MAX_REPS, CUDA_FILL_MS = 10, 1000, 100.0
+L2_FLUSH_BYTES = 256 * 2**20  # more than any GPU's L2
+
+
+def cuda_reps(reps: int, estimate_ms: float) -> int:
+    """How many timed calls of a function that took about `estimate_ms`."""
+    fill = math.ceil(CUDA_FILL_MS / max(estimate_ms, 1e-3))
+    return max(reps, CUDA_MIN_REPS, min(CUDA_MAX_REPS, fill))
+
+
+def _time_cuda_ms(fn: Callable[[], object], device: torch.device, warmup: int, reps: int) -> tuple[float, float, float]:
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+
+    def timed(n: int) -> list[float]:
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)  # once, after every call: no host wait between them
+        return [start.elapsed_time(end) for start, end in events]
+
+    for _ in range(warmup):
+        fn()
+    estimate = timed(1)[0]
+    return _percentiles(timed(cuda_reps(reps, estimate)))
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -126,12 +161,35 @@ def short_dtype(dtype: torch.dtype | str) -> str:
 def append_csv(rows: list[dict], path: str | Path, extra_fields: tuple[str, ...] = ()) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    new = not path.exists() or path.stat().st_size == 0
     with open(path, "a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=[*CSV_FIELDS, *extra_fields], extrasaction="ignore")
         if new:
             writer.writeheader()
+        elif _cut_off(path):  # a run killed mid-line: end that line, or it swallows our first row
+            fh.write("\r\n")
         writer.writerows(rows)
+
+
+def _cut_off(path: Path) -> bool:
+    """Whether the file's last line has no end (the file is not empty)."""
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1) != b"\n"
+
+
+def keep(rows: list[dict], new: Iterable[dict], csv: str | Path | None = None) -> None:
+    """Add each row of `new` to `rows`, and to the CSV, as it is measured (`new` is typically a
+    generator that measures as it goes). SIGTERM (bench/gpu_run.sh's time box, see stop_on_sigterm)
+    stops it: STOPPED is set, and every row measured before it is in `rows` and in the CSV."""
+    try:
+        for row in new:
+            rows.append(row)
+            if csv:
+                append_csv([row], csv)
+    except KeyboardInterrupt:
+        STOPPED.set()
+        print("out of time: stopped by SIGTERM (or Ctrl-C); the rows measured so far are kept")
 
 
 def measure_copy_bandwidth_gbs(device: torch.device, mbytes: int = 512) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from bench.report import auto_section, render
+from bench.report import _number, auto_section, render
 
 # The report's section of each kernel the modules write (bench/report.py's section titles).
 SECTIONS = {"train_step": "Training step, end to end", "copy": "ASTA: sparse target attention",
@@ -31,6 +31,21 @@ def section_of(kernel: str) -> str:
     return "Other"
 
 
+def read_rows(path: Path) -> tuple[list[dict], list[str]]:
+    """The CSV's rows, and the lines left out: a field missing or one too many, or a figure that
+    does not parse (a line cut off when a stage was killed: one bad line must not lose the report)."""
+    rows, skipped = [], []
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        for row in reader:
+            if None in row or None in row.values() or any(_number(row.get(f)) is None for f in ("p50", "p20", "p80")):
+                text = ",".join(str(v) for v in row.values() if v is not None)
+                skipped.append(f"line {reader.line_num}: {text[:200]}")
+                continue
+            rows.append(row)
+    return rows, skipped
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("csv", help="rows of bench_train / bench_asta / bench_qnn (a missing file: no rows)")
@@ -39,13 +54,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     path = Path(args.csv)
-    rows = list(csv.DictReader(open(path))) if path.exists() else []
+    rows, skipped = read_rows(path) if path.exists() else ([], [])
     for row in rows:
         row["section"] = section_of(row["kernel"])
+    for line in skipped:
+        print(f"left out of the report, its figures do not parse: {line}")
     print("\n".join(['## What backend="auto" runs', "", *auto_section(rows, device)]))
     if args.out:
         failures = [] if rows else [f"no figures in {path}"]
-        Path(args.out).write_text(render(rows, failures, device, quick=False, plots=[], seconds=None))
+        Path(args.out).write_text(render(rows, failures, device, quick=False, plots=[], seconds=None, skipped=skipped))
     return 0 if rows else 1
 
 

@@ -3,7 +3,8 @@
 The step is bench_train's (the default config, so the kernels' backend="auto", the trainer's
 optimizer, a batch drawn like the real data), fp32 and/or under autocast bf16. On CUDA the table
 lists the CUDA kernels by total device time; on the CPU the operators by self CPU time (a smoke
-run: a CPU profile says little about a GPU step).
+run: a CPU profile says little about a GPU step). --out is written again after each precision, so
+a run stopped by SIGTERM (bench/gpu_run.sh's time box) keeps the precisions it finished.
 
     python -m bench.profile_step --device cuda [--batch 8192] [--precision fp32 bf16] [--out profile.md]
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.bench_train import build, synthetic_batch
-from bench.common import device_name, git_commit
+from bench.common import device_name, git_commit, stop_on_sigterm
 from qin.config import QINConfig
 from qin.host_memory import bound_kept_memory, keep_freed_memory
 from qin.train import loss_fn, make_optimizer
@@ -102,23 +104,29 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--out", help="also write the Markdown here")
     args = parser.parse_args(argv)
+    stop_on_sigterm()  # as the benchmarks: SIGTERM raises KeyboardInterrupt, caught below
     device = torch.device(args.device)
     batch = args.batch or (8192 if device.type == "cuda" else 256)
     lines = [f"# Profile of the default training step: {device_name(device)}", "",
              f"torch {torch.__version__}, commit {git_commit()}; {args.steps} profiled steps after warm-up.", ""]
+    print("\n".join(lines))
+    stopped = False
     for precision in args.precision:
         try:
-            lines += profile_step(device, batch, precision, args.steps, args.top)
+            part = profile_step(device, batch, precision, args.steps, args.top)
+        except KeyboardInterrupt:  # SIGTERM: this precision is lost, the file keeps the ones before it
+            part, stopped = [f"## {precision}: not finished: out of time", ""], True
         except Exception as exc:  # one failed precision must not hide the other
-            lines += [f"## {precision}: failed: {type(exc).__name__}: {exc}", ""]
+            part = [f"## {precision}: failed: {type(exc).__name__}: {exc}", ""]
+        lines += part
+        print("\n".join(part))
+        if args.out:  # after each precision: a run stopped later keeps this one
+            Path(args.out).write_text("\n".join(lines))
+        if stopped:
+            break
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as fh:
-            fh.write(text)
-    return 1 if any(line.startswith("## ") and ": failed: " in line for line in lines) else 0
+    return 1 if stopped or any(line.startswith("## ") and ": failed: " in line for line in lines) else 0
 
 
 if __name__ == "__main__":

@@ -241,8 +241,8 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
     batches = sorted({int(r["x_value"]) for r in train}, reverse=True)
     lines = ["| target | measured here | verdict |", "|---|---|---|"]
 
-    def add(name, figure, ok):
-        verdict = "unmeasured" if figure is None else ("met" if ok else "not met")
+    def add(name, figure, ok):  # ok None: only part of what the target needs was measured
+        verdict = "unmeasured" if figure is None else ("partly measured" if ok is None else "met" if ok else "not met")
         lines.append(f"| {name} | {figure or 'unmeasured'} | {verdict} |")
 
     fused = ["default (auto)", "+ Triton QNN (all fused)", "+ item dedup"]
@@ -312,14 +312,23 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
                       x_value=8192)
     add("GPU: QNN projection bf16 fwd+bwd >= 60% of the measured matrix-product rate",
         f"{fraction:.0%}" if fraction else None, bool(fraction and fraction >= 0.6))
+    # Issue 14: the QNN op at least as fast as cuBLAS eager (the eager reference's products) in fp32 and bf16.
+    for dtype in ("fp32", "bf16"):
+        speed = _value(rows, kernel="qnn", provider="triton", mode="fwd+bwd", metric="speedup_vs_eager", dtype=dtype,
+                       x_value=8192)
+        add(f"GPU: QNN projection {dtype} fwd+bwd Triton >= 1.0x cuBLAS eager (B=8192, D=1024, M=4)",
+            f"{speed:.2f}x" if speed else None, bool(speed and speed >= 1.0))
     eager_mem = _value(rows, kernel="qnn_stack", provider="eager", metric="peak_memory", dtype="bf16")
     triton_mem = _value(rows, kernel="qnn_stack", provider="triton", metric="peak_memory", dtype="bf16")
     add("GPU: 4-layer QNN fwd+bwd peak memory <= 1/2 of eager (bf16)",
         f"{triton_mem / eager_mem:.2f} ({triton_mem:,.0f} vs {eager_mem:,.0f} MB)" if eager_mem and triton_mem else None,
         bool(eager_mem and triton_mem and triton_mem / eager_mem <= 0.5))
     # Issue 14: the default step against the strongest torch-only recipes, batch 8192, same run.
+    # Every throughput line, whatever its dtype: most of these pairs are bf16 ones.
+    speeds = [r for r in every_train if r["metric"] == "throughput"]
+
     def step_ratio(name, ours, theirs, need):
-        a, b = _value(train, provider=ours, x_value=8192), _value(train, provider=theirs, x_value=8192)
+        a, b = _value(speeds, provider=ours, x_value=8192), _value(speeds, provider=theirs, x_value=8192)
         add(name, f"{a / b:.2f}x ({a:,.0f} vs {b:,.0f} samples/s)" if a and b else None, bool(a and b and a / b >= need))
 
     step_ratio("GPU fp32: default step >= 1.3x hoisted + dedup eager (batch 8192)", "default (auto)", "+ item dedup", 1.3)
@@ -342,6 +351,18 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
                           dtype="bf16", x_value=8192)
         add(f"GPU: {kernel} bf16 fwd+bwd, every position live, >= 0.7 of the copy ceiling (B=8192, L=64)",
             f"{fraction:.2f}" if fraction else None, bool(fraction and fraction >= 0.7))
+    # Issue 14: the ASTA ops at least as fast as the reference (eager) in every dtype and mode.
+    for kernel, modes in ASTA_TARGET_MODES.items():
+        for dtype in ("bf16", "fp32", "fp16"):
+            ratios = {mode: _value(rows, kernel=kernel, provider="triton", mode=mode, metric="speedup_vs_reference",
+                                   dtype=dtype, x_value=8192) for mode in modes}
+            measured = {mode: ratio for mode, ratio in ratios.items() if ratio}
+            missing = [mode for mode in modes if mode not in measured]
+            figure = ", ".join(f"{mode} {ratio:.2f}x" for mode, ratio in measured.items()) + (
+                f"; unmeasured: {', '.join(missing)}" if missing else "")
+            slower = any(ratio < 1.0 for ratio in measured.values())
+            add(f"GPU: {kernel} {dtype} Triton >= the reference (eager) in every mode (B=8192, L=64)",
+                figure if measured else None, False if slower else None if missing else True)
     loader = _value(rows, kernel="loader", provider="numpy", mode="assemble")
     add("Loader: batch assembly at batch 8192 >= 500k samples/s on 2 CPU cores",
         f"{loader:,.0f} samples/s" if loader else None, bool(loader and loader >= 500_000))
@@ -354,13 +375,18 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
 # "triton" line against its torch-only lines: eager and torch.compile of the reference).
 AUTO_OPS = {"asta": ("asta_op", "asta_gathered_op"), "qnn": ("qnn",)}
 AUTO_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The modes of the ASTA op tables (bench_asta) that issue 14's "Triton >= the reference" covers.
+ASTA_TARGET_MODES = {"asta_op": ("fwd full mask", "fwd+bwd full mask"),
+                     "asta_gathered_op": ("fwd full mask", "fwd+bwd full mask", "fwd", "fwd+bwd")}
 _TORCH_NAMES = {torch.float32: "torch.float32", torch.bfloat16: "torch.bfloat16", torch.float16: "torch.float16"}
 
 
 def auto_evidence(rows: list[dict]) -> dict[tuple[str, str], dict]:
     """(op, dtype) -> {"won": Triton beat the best torch line in every case timed, "modes": the
-    modes timed ("fwd", "fwd+bwd"), "losses": the cases it lost}. A case is one line of an op
-    table (kernel, mode, dtype, shape) holding a triton time and at least one torch time.
+    modes timed ("fwd", "fwd+bwd"), "tables": the (table, mode) pairs timed, "losses": the cases it
+    lost}. A case is one line of an op table (kernel, mode, dtype, shape) holding at least one torch
+    time. Where Triton was timed for the op and dtype at all, a case without a triton time is a
+    loss ("triton missing": it failed, or the time box cut it), never a case left out.
     'fp32-tf32' lines count as fp32: auto follows one entry whatever the TF32 switch says."""
     cases: dict[tuple, dict[str, float]] = {}
     for r in rows:
@@ -369,24 +395,35 @@ def auto_evidence(rows: list[dict]) -> dict[tuple[str, str], dict]:
             continue
         key = (op, r["dtype"].split("-")[0], r["kernel"], r["mode"], r["dtype"], f"{r['x_name']}={r['x_value']}")
         cases.setdefault(key, {})[r["provider"]] = float(r["p50"])
+    timed_triton = {key[:2] for key, times in cases.items() if "triton" in times}  # (op, family)
     evidence: dict[tuple[str, str], dict] = {}
     for (op, family, kernel, mode, dtype, shape), times in cases.items():
         torch_times = [t for provider, t in times.items() if provider != "triton"]
-        if "triton" not in times or not torch_times:
+        if (op, family) not in timed_triton or not torch_times:  # e.g. the CPU, where Triton is never timed
             continue
-        entry = evidence.setdefault((op, family), {"won": True, "modes": set(), "losses": []})
+        entry = evidence.setdefault((op, family), {"won": True, "modes": set(), "tables": set(), "losses": []})
         entry["modes"].add(mode.split()[0])  # "fwd full mask" -> "fwd"
-        if times["triton"] >= min(torch_times):
+        entry["tables"].add((kernel, mode.split()[0]))
+        if "triton" not in times:
+            entry["won"] = False
+            entry["losses"].append(f"{kernel} {mode} {dtype} {shape}: triton missing")
+        elif times["triton"] >= min(torch_times):
             entry["won"] = False
             entry["losses"].append(f"{kernel} {mode} {dtype} {shape}: {times['triton']:.3g} vs {min(torch_times):.3g} ms")
     return evidence
 
 
+def untimed_tables(op: str, evidence: dict) -> list[str]:
+    """The (table, mode) pairs of AUTO_OPS[op] this evidence lacks: an entry needs every one."""
+    return [f"{table} {mode}" for table in AUTO_OPS[op] for mode in ("fwd", "fwd+bwd")
+            if (table, mode) not in evidence["tables"]]
+
+
 def measured_faster(rows: list[dict], capability: tuple[int, int]) -> set[tuple[str, torch.dtype, tuple[int, int]]]:
     """The MEASURED_FASTER entries these rows support: Triton faster than the best torch line in
-    every forward and every forward+backward case timed, both modes timed at least once."""
+    every forward and every forward+backward case timed, every table of the op timed in both modes."""
     return {(op, AUTO_DTYPES[family], tuple(capability)) for (op, family), e in auto_evidence(rows).items()
-            if e["won"] and {"fwd", "fwd+bwd"} <= e["modes"] and family in AUTO_DTYPES}
+            if e["won"] and not untimed_tables(op, e) and family in AUTO_DTYPES}
 
 
 def measured_faster_source(entries) -> str:
@@ -425,10 +462,12 @@ def auto_section(rows: list[dict], device: torch.device) -> list[str]:
             e = evidence.get((op, name))
             if e is None:
                 verdict = "not measured"
-            elif not {"fwd", "fwd+bwd"} <= e["modes"]:
-                verdict = f"only {', '.join(sorted(e['modes']))} measured"
+            elif not e["won"]:
+                verdict = "no: " + "; ".join(e["losses"][:3])
+            elif untimed_tables(op, e):
+                verdict = "not every table timed: " + ", ".join(untimed_tables(op, e)) + " missing"
             else:
-                verdict = "yes, fwd and fwd+bwd" if e["won"] else "no: " + "; ".join(e["losses"][:3])
+                verdict = "yes, fwd and fwd+bwd"
             lines.append(f"| {op} | {name} | {resolve_backend('auto', device, op, dtype)} | {verdict} |")
     lines.append("")
     lines += timed_section(device)
@@ -442,8 +481,9 @@ def auto_section(rows: list[dict], device: torch.device) -> list[str]:
 
 
 def render(rows: list[dict], failures: list[str], device: torch.device, quick: bool, plots: list[str],
-           seconds: float | None) -> str:
-    """report.md; seconds None: the rows come from a CSV (bench/csv_report.py), not from this run."""
+           seconds: float | None, skipped: list[str] = ()) -> str:
+    """report.md; seconds None: the rows come from a CSV (bench/csv_report.py), not from this run;
+    `skipped`: the CSV's lines left out, their numbers not parsing (e.g. a line cut off)."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import triton
 
@@ -461,6 +501,8 @@ def render(rows: list[dict], failures: list[str], device: torch.device, quick: b
                   "Triton's interpreter, which checks correctness, not speed.", ""]
     if failures:
         parts += ["## Sections that failed", ""] + [f"- {f}" for f in failures] + [""]
+    if skipped:
+        parts += ["## CSV rows left out (their figures do not parse)", ""] + [f"- `{line}`" for line in skipped] + [""]
     timed = [r for r in rows if r["section"] != CODEGEN_SECTION]
     if timed:
         parts += ["## Targets", ""] + targets(rows, device) + [""]
@@ -485,7 +527,12 @@ def render(rows: list[dict], failures: list[str], device: torch.device, quick: b
             parts += [f"## {section}", ""] + pivot_tables(in_section)
     if plots:
         parts += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
-    parts += ["Reproduce: `qin bench" + (" --quick" if quick else "") + f" --device {device.type} --out DIR`.", ""]
+    if seconds is None:  # from the CSV of a gpu_run.sh run, whose command made these figures
+        dry = "GPU_RUN_DRY=1 " if device.type == "cpu" else ""
+        parts += [f"Reproduce: `{dry}OUT=DIR bash bench/gpu_run.sh` (this report is its report stage: "
+                  f"`python -m bench.csv_report DIR/results.csv --device {device.type} --out DIR/report.md`).", ""]
+    else:
+        parts += ["Reproduce: `qin bench" + (" --quick" if quick else "") + f" --device {device.type} --out DIR`.", ""]
     return "\n".join(parts)
 
 

@@ -233,6 +233,8 @@ def test_report_from_the_csv_of_a_gpu_run(tmp_path):
     assert "3.00x (+ item dedup, batch 1024" in report  # the targets, from the CSV's rows
     assert "## Training step, end to end" in report and "## ASTA: sparse target attention" in report
     assert "| asta | fp32 | torch | not measured |" in report and "read from the CSV" in report
+    # Its figures came from gpu_run.sh's stages, not from `qin bench`.
+    assert "Reproduce: `GPU_RUN_DRY=1 OUT=DIR bash bench/gpu_run.sh`" in report and "`qin bench" not in report
     assert csv_report.main([str(tmp_path / "missing.csv"), "--device", "cpu"]) == 1
 
 
@@ -274,3 +276,235 @@ def test_cpu_name_gives_the_family_and_model_a_virtual_machine_hides_behind_a_ve
     monkeypatch.setattr(qin.train, "cpu_has_bf16", lambda: False)
     assert "AVX512-BF16" not in cpu_name(str(cpuinfo))
     assert cpu_name(str(tmp_path / "absent")).startswith("CPU ")  # no /proc: the machine type
+
+
+# -- the GPU run's pipeline, checked on the CPU with hand-made rows -----------------------------------
+
+def _row(kernel, provider, metric, value, dtype, mode="full", batch=8192):
+    from bench.common import make_row
+    return make_row(kernel, provider, mode, metric, "x", "batch", batch, value, torch.device("cpu"), dtype)
+
+
+def _target(lines, start):
+    found = [line for line in lines if line.startswith(f"| {start}")]
+    assert len(found) == 1, (start, lines)
+    return found[0]
+
+
+def test_gpu_targets_read_the_bf16_steps_and_issue_14s_op_lines(monkeypatch):
+    from bench.report import targets
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake H200")
+    speeds = {("literal eager", "fp32"): 100e3, ("+ item dedup", "fp32"): 245e3, ("default (auto)", "fp32"): 330e3,
+              ("literal + torch.compile, autocast bf16", "bf16"): 420e3,
+              ("default (auto), autocast bf16", "bf16"): 672e3,
+              ("default (auto) + torch.compile, autocast bf16", "bf16"): 600e3,
+              ("default (auto) + CUDA graphs, autocast bf16", "bf16"): 840e3}
+    rows = [_row("train_step", name, "throughput", value, dtype) for (name, dtype), value in speeds.items()]
+    rows += [_row("qnn", "triton", "speedup_vs_eager", 0.8, "fp32", "fwd+bwd"),
+             _row("qnn", "triton", "speedup_vs_eager", 1.2, "bf16", "fwd+bwd")]
+    rows += [_row("asta_op", "triton", "speedup_vs_reference", ratio, dtype, mode)
+             for dtype, mode, ratio in (("bf16", "fwd full mask", 1.1), ("bf16", "fwd+bwd full mask", 1.3),
+                                        ("fp32", "fwd full mask", 0.9), ("fp32", "fwd+bwd full mask", 1.2))]
+    rows += [_row("asta_gathered_op", "triton", "speedup_vs_reference", 1.5, "bf16", mode)
+             for mode in ("fwd full mask", "fwd+bwd full mask")]  # its realistic-mask modes cut off
+    lines = targets(rows, torch.device("cuda"))
+    assert "1.35x (330,000 vs 245,000" in _target(lines, "GPU fp32: default step >= 1.3x")
+    # The bf16 pairs: every throughput row counts, whatever its dtype.
+    assert _target(lines, "GPU bf16: default step under autocast").endswith("1.60x (672,000 vs 420,000 samples/s) | met |")
+    assert _target(lines, "GPU bf16, both compiled").endswith("1.43x (600,000 vs 420,000 samples/s) | not met |")
+    assert _target(lines, "GPU bf16, CUDA graphs").endswith("2.00x (840,000 vs 420,000 samples/s) | met |")
+    assert _target(lines, "GPU: QNN projection fp32 fwd+bwd Triton >= 1.0x").endswith("| 0.80x | not met |")
+    assert _target(lines, "GPU: QNN projection bf16 fwd+bwd Triton >= 1.0x").endswith("| 1.20x | met |")
+    assert _target(lines, "GPU: asta_op bf16 Triton >= the reference").endswith(
+        "| fwd full mask 1.10x, fwd+bwd full mask 1.30x | met |")
+    assert _target(lines, "GPU: asta_op fp32 Triton >= the reference").endswith("| not met |")
+    assert _target(lines, "GPU: asta_gathered_op bf16 Triton").endswith("unmeasured: fwd, fwd+bwd | partly measured |")
+    assert _target(lines, "GPU: asta_op fp16 Triton").endswith("| unmeasured | unmeasured |")
+
+
+def test_measured_faster_counts_a_missing_triton_line_as_a_loss_and_needs_every_table():
+    from bench.report import auto_evidence, auto_section, measured_faster
+
+    qnn = ("eager", "compile")
+    wins = {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 2.5, 2.0)}
+    cut = [_time("qnn", provider, "fwd+bwd", "bf16", p50) for provider, p50 in (("eager", 9.0), ("compile", 8.0))]
+    for row in cut:
+        row["x_value"] = 16384  # a case whose triton line the time box cut (or Triton failed)
+    rows = (_lines("qnn", "bf16", wins, torch_names=qnn) + cut
+            + _lines("asta_op", "bf16", wins, " full mask")  # the gathered table never ran: no entry
+            + _lines("asta_op", "fp32", wins, " full mask") + _lines("asta_gathered_op", "fp32", wins))
+    cap = (9, 0)
+    assert measured_faster(rows, cap) == {("asta", torch.float32, cap)}
+    assert "triton missing" in auto_evidence(rows)[("qnn", "bf16")]["losses"][0]
+    section = "\n".join(auto_section(rows, torch.device("cpu")))
+    assert "| asta | bf16 | torch | not every table timed: asta_gathered_op fwd, asta_gathered_op fwd+bwd missing |" \
+        in section
+    # Where Triton was never timed (the CPU), torch lines alone are no evidence either way.
+    assert auto_evidence(_lines("qnn", "fp32", {"fwd": (1.0, 0.8)}, torch_names=qnn)) == {}
+
+
+def test_a_cut_off_csv_line_is_left_out_of_the_report_and_named(tmp_path):
+    from bench import csv_report
+    from bench.common import append_csv, make_row
+
+    cpu = torch.device("cpu")
+    good = [make_row("train_step", name, "full", "throughput", "samples/s", "batch", 1024, value, cpu, "fp32")
+            for name, value in (("literal eager", 100.0), ("+ item dedup", 300.0))]
+    path = tmp_path / "results.csv"
+    append_csv(good[:1], path)
+    with open(path, "a") as fh:  # a stage killed while writing its row
+        fh.write("train_step,+ hoisted ASTA,full,throughput,samples/s,batch,10")
+    append_csv(good[1:], path)  # the next stage: its row must not be glued to the cut line
+    assert csv_report.main([str(path), "--device", "cpu", "--out", str(tmp_path / "report.md")]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "3.00x (+ item dedup, batch 1024" in report
+    assert "## CSV rows left out" in report and "line 3: train_step,+ hoisted ASTA" in report
+    rows, skipped = csv_report.read_rows(path)
+    assert [r["provider"] for r in rows] == ["literal eager", "+ item dedup"] and len(skipped) == 1
+
+
+def test_cuda_timing_repeats_a_slow_step_and_fills_time_with_a_fast_op(monkeypatch):
+    from bench import common
+
+    assert common.cuda_reps(3, 80.0) == common.CUDA_MIN_REPS  # a training step: never timed once
+    assert common.cuda_reps(20, 80.0) == 20  # the caller's reps when more
+    assert common.cuda_reps(8, 0.2) == 500  # a fast op: as many as fill 100 ms
+    assert common.cuda_reps(8, 1e-6) == common.CUDA_MAX_REPS
+    # The event loop itself, with host-clock events standing in for CUDA's.
+    import time
+
+    class Event:
+        def __init__(self, enable_timing):
+            self.at = None
+
+        def record(self):
+            self.at = time.perf_counter()
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(common, "L2_FLUSH_BYTES", 1024)
+    calls = []
+    p50, p20, p80 = common._time_cuda_ms(lambda: (calls.append(1), time.sleep(0.02)), torch.device("cpu"), 2, 3)
+    assert len(calls) == 2 + 1 + common.CUDA_MIN_REPS  # warm-up, the estimate, the timed calls
+    assert 19 < p20 <= p50 <= p80 < 200
+
+
+def test_op_tables_run_bf16_first_and_every_dtypes_ops_before_any_sweep(monkeypatch):
+    from bench import bench_asta, bench_qnn
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake H200")
+    order = []
+
+    def fake(kind):
+        def rows(*args, **kwargs):
+            dtype = next(a for a in args if isinstance(a, torch.dtype))
+            order.append((kind, common_name(dtype)))
+            yield _row(kind, "fake", "time", 1.0, dtype)
+        return rows
+
+    from bench.common import short_dtype as common_name
+    for name in ("_op_rows", "_gathered_rows", "_reps_gradient_rows", "_block_rows"):
+        monkeypatch.setattr(bench_asta, name, fake(name))
+    monkeypatch.setattr(bench_asta, "measure_copy_bandwidth_gbs", lambda *args: 1000.0)
+    bench_asta.run(torch.device("cuda"), quick=True)
+    dtypes = list(dict.fromkeys(dtype for _, dtype in order))
+    assert dtypes == ["bf16", "fp32", "fp16"]
+    ops = [i for i, (kind, _) in enumerate(order) if kind in ("_op_rows", "_gathered_rows")]
+    assert max(ops) < min(i for i, (kind, _) in enumerate(order) if kind not in ("_op_rows", "_gathered_rows"))
+    order.clear()
+    monkeypatch.setattr(bench_qnn, "measure_matmul_tflops", lambda *args: 100.0)
+    monkeypatch.setattr(bench_qnn, "_stack_rows", fake("stack"))
+    monkeypatch.setattr(bench_qnn, "_projection_rows", lambda device, dtype, batches, *args: (
+        fake(f"projection {batches}")(dtype) if batches else iter(())))
+    bench_qnn.run(torch.device("cuda"), quick=False)
+    assert order[:3] == [("projection [8192]", "bf16"), ("projection [8192]", "fp32"), ("projection [8192]", "fp32")]
+    assert all(kind != "projection [8192]" for kind, _ in order[3:]) and ("stack", "bf16") in order
+
+
+def _stop_when(cmd, ready, tmp_path, wait=300):
+    """Start a benchmark, send it SIGTERM (gpu_run.sh's time box) once ready() holds; its output."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent), "QIN_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", *cmd], env=env, cwd=Path(__file__).parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + wait
+    try:
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, "nothing was saved before the run ended:\n" + proc.stdout.read()[-3000:]
+        assert ready(), "nothing saved in time"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return out
+
+
+@pytest.mark.parametrize("module, args", [
+    ("bench.bench_qnn", ["--quick"]),
+    ("bench.bench_train", ["--batch", "64"]),
+])
+def test_a_benchmark_stopped_by_sigterm_keeps_the_rows_it_measured(tmp_path, module, args):
+    path = tmp_path / "results.csv"
+
+    def figures():
+        if not path.exists():
+            return []
+        return [r for r in csv.DictReader(open(path)) if r["kernel"] in ("qnn", "train_step")]
+
+    out = _stop_when([module, "--device", "cpu", *args, "--csv", str(path)], lambda: len(figures()) >= 2, tmp_path)
+    assert "out of time" in out, out[-3000:]
+    rows = figures()
+    assert len(rows) >= 2 and all(float(r["p50"]) > 0 for r in rows)
+
+
+def test_profile_step_stopped_by_sigterm_keeps_the_precisions_it_finished(tmp_path):
+    path = tmp_path / "profile.md"
+    args = ["--device", "cpu", "--batch", "64", "--steps", "1", "--top", "3", "--precision", "fp32", "bf16"]
+    _stop_when(["bench.profile_step", *args, "--out", str(path)],
+               lambda: path.exists() and "## fp32" in path.read_text(), tmp_path)
+    text = path.read_text()
+    assert "## fp32, batch 64" in text and "## bf16: not finished: out of time" in text  # fp32 kept, bf16 cut
+
+
+def test_gpu_run_default_stages_fit_the_budget_with_the_tests_time_reserved(tmp_path):
+    import re
+
+    script = (Path(__file__).parent.parent / "bench" / "gpu_run.sh").read_text()
+    stages = re.search(r'STAGES=" \$\{GPU_RUN_STAGES:-([a-z ]+)\} "', script).group(1).split()
+    assert "parity" not in stages  # it has its own call
+    caps = {name: int(cap) for name, cap in re.findall(r"^stage (\w+) (\d+) ", script, re.M)}
+    caps["tests"] = int(re.findall(r"^  TESTS_CAP=(\d+)$", script, re.M)[-1])  # the GPU's (the dry run's first)
+    budget = int(re.search(r"BUDGET=\$\{GPU_RUN_BUDGET:-(\d+)\}", script).group(1))
+    assert sum(caps[s] for s in stages if s != "device") <= budget - 15, caps
+    # A stage before the tests never eats their time: here the report stage has 10 s once the
+    # tests' 20 are set aside, too few to start.
+    result, out = _gpu_run(tmp_path, GPU_RUN_STAGES="report tests", GPU_RUN_BUDGET="30", GPU_RUN_CAP_tests="20")
+    device = (out / "device.txt").read_text()
+    assert "stage report: not run" in device and "stage tests: exit" in device, device
+
+
+def test_the_cuda_graphs_step_memory_is_labelled_and_compared_with_nothing(monkeypatch):
+    from bench import bench_train
+    from bench.report import pivot_tables
+
+    name = "default (auto) + CUDA graphs, autocast bf16"
+    monkeypatch.setattr(bench_train, "VARIANTS", [v for v in bench_train.VARIANTS if v[0] == name])
+    monkeypatch.setattr(bench_train, "CPU_VARIANTS", (name,))
+    monkeypatch.setattr(bench_train, "compile_model", lambda model, cuda_graphs: model)  # no graphs on the CPU
+    monkeypatch.setattr(bench_train, "peak_memory_mb", lambda fn, device: 123.0)
+    monkeypatch.setattr(bench_train, "time_ms", lambda fn, device, **kwargs: (10.0, 9.0, 11.0))
+    rows = list(bench_train.run_batch(torch.device("cpu"), False, 64))
+    assert {r["metric"] for r in rows} == {"throughput", "saved_bytes", bench_train.GRAPHS_MEMORY}
+    for row in rows:
+        row["section"] = "Training step, end to end"
+    assert any("peak memory beyond graph pool (MB)" in line for line in pivot_tables(rows))
