@@ -315,15 +315,42 @@ def test_a_hidden_past_int32_offsets_is_refused_by_the_ops_themselves(device):
         torch.ops.qin.quadratic_projection_dropout_backward(x, x, weight, x, seed, num_row, 0.1, torch.float32)
 
 
-def test_tiny_qnn_training_matches_torch_backend(device):
-    """Two SGD steps of the model's QNN stack (dropout 0): Triton and reference follow the same loss."""
+def replay_triton_masks(monkeypatch) -> list:
+    """From now on a training call of kernels.quadratic_projection with backend="torch" draws its
+    seed as the Triton path does (torch.randint on x's device) and runs the plain-PyTorch
+    reference with the mask the kernels draw for that seed. So a model on the torch backend and
+    its copy on the Triton backend, seeded alike, apply the same dropout: their training can be
+    compared with dropout on, where the Triton path runs its kernels (without dropout both fold
+    to the same plain GEMM). Returns the seeds drawn."""
+    import importlib
+
+    qnn = importlib.import_module("kernels.quadratic_projection")
+    original, seeds = kernels.quadratic_projection, []
+
+    def replaying(x, weight, bias, num_row, *, dropout_p=0.0, training=False, seed=None, backend="auto"):
+        if backend != "torch" or not training or dropout_p == 0.0:
+            return original(x, weight, bias, num_row, dropout_p=dropout_p, training=training, seed=seed,
+                            backend=backend)
+        drawn = int(qnn._seed_tensor(None, x.device))
+        seeds.append(drawn)
+        mask = dropout_keep_mask(drawn, x.shape[0], num_row, x.shape[1], dropout_p, x.device)
+        return reference.quadratic_projection(x, weight, bias, num_row, dropout_p, True, dropout_mask=mask)
+
+    monkeypatch.setattr(kernels, "quadratic_projection", replaying)
+    return seeds
+
+
+def test_tiny_qnn_training_matches_torch_backend(device, monkeypatch):
+    """Three SGD steps of the model's QNN stack, dropout on: the Triton kernels and the reference
+    (replaying their masks) follow the same loss."""
     from qin.config import QINConfig
     from qin.model import QNN
 
+    seeds = replay_triton_masks(monkeypatch)
     losses = {}
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
-        cfg = QINConfig(embed_dim=2, qnn_layers=2, qnn_rows=3, dropout=0.0, qnn_kernel=backend)
+        cfg = QINConfig(embed_dim=2, qnn_layers=2, qnn_rows=3, dropout=0.25, qnn_kernel=backend)
         model = QNN(cfg).to(device).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         x = torch.randn(10, cfg.qnn_dim, generator=torch.Generator().manual_seed(1)).to(device)
@@ -335,6 +362,7 @@ def test_tiny_qnn_training_matches_torch_backend(device):
             opt.step()
             losses[backend].append(loss.item())
     assert losses["triton"] == pytest.approx(losses["torch"], rel=1e-5)
+    assert len(seeds) == 6 and len(set(seeds)) == 6  # 2 layers x 3 steps, each its own mask
 
 
 
