@@ -71,14 +71,19 @@ OPS = {
 # authors' initialisation: one fp32 rounding of ASTA's output alone moved some float64 gradients
 # by 6e-4 (issue 17, 256 rows of a real dataset). So fp32 gets 2e-3, above that measured noise
 # floor: a wrong kernel is off by O(1), rounding is not. A 16-bit model rounds every activation
-# and is far from its float64 self whatever its kernels (with the reference ops, 35% (bf16) and
-# 9% (fp16) in some gradients on `qin parity --quick`'s model): the 16-bit numbers only bound the
-# plain model, and the fused model is held to MODEL_VS_PLAIN x the plain model's own error in the
-# same dtype where that is larger. `qin parity` measures each noise floor and prints it beside.
+# and is far from its float64 self whatever its kernels: on `qin parity --quick`'s model (its
+# gradients held to the PReLU branches the 16-bit model took) the worst gradient is 5.4% off in
+# bf16 and 1.4% in fp16 with the reference ops, 13% and 1.9% with the fused ones (Triton's
+# interpreter rounds to bf16 toward zero: up to 2u where a GPU rounds to nearest). 0.25 bounds
+# both with room, and stays far below 1: a normwise error of 1 is a gradient with nothing right
+# (all zeros), which must fail. The fused model is held to MODEL_VS_PLAIN x the plain model's own
+# error in the same dtype where that is larger, at most MODEL_VS_PLAIN x the table's rtol (so a
+# plain model that itself fails never lets the fused one pass at 1). `qin parity` measures each
+# noise floor and prints it beside.
 MODEL = {
     torch.float64: Tolerance(rtol=1e-10, floor=0.0),
     torch.float32: Tolerance(rtol=2e-3, floor=0.0),
-    torch.bfloat16: Tolerance(rtol=1.0, floor=0.0),
+    torch.bfloat16: Tolerance(rtol=0.25, floor=0.0),
     torch.float16: Tolerance(rtol=0.25, floor=0.0),
 }
 # The fused ops may add at most as much error again as the reference ops in the same dtype.

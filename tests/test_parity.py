@@ -197,3 +197,20 @@ def test_an_earlier_report_or_a_file_as_out_is_refused_before_any_check(tmp_path
     assert main(["parity", "--quick", "--device", "cpu", "--out", str(tmp_path / "file")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert (tmp_path / "parity.md").read_text() == "precious\n"
+
+
+def test_a_bf16_gradient_that_is_all_zeros_fails(tmp_path, monkeypatch, capsys):
+    """A normwise error of 1 (a gradient with nothing right) is never within a model tolerance:
+    here the attention's weights get no gradient in bf16, in code both backends share."""
+    from qin.model import SparseTargetAttention
+
+    real = SparseTargetAttention.forward
+
+    def no_bf16_gradient(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        return out * 0 + out.detach() if out.dtype == torch.bfloat16 else out
+
+    monkeypatch.setattr(SparseTargetAttention, "forward", no_bf16_gradient)
+    assert main(["parity", "--quick", "--device", "cpu", "--only", "model", "--out", str(tmp_path)]) == 1
+    failed = capsys.readouterr().out.split("FAILED")[-1]
+    assert "grad asta.W_q.weight" in failed and "bf16" in failed
