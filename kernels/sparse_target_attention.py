@@ -44,21 +44,24 @@ MAX_D = 8192
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER: tl.constexpr):
+def _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER: tl.constexpr,
+                  WIDE: tl.constexpr):
     """Pointers to the BLOCK_L history rows of batch row `row`, and the item index of each
     (positions that are not live read index 0 and are never loaded or written)."""
     if GATHER:
         item = tl.load(idx_ptr + row * L + ls, mask=live, other=0).to(tl.int64)
         return x_ptr + item[:, None] * stride_xl, item
-    ls = ls.to(tl.int64)  # (L-1) * stride_xl may pass 2**31 (a time-major history: stride B*D)
-    return x_ptr + row * stride_xb + ls[:, None] * stride_xl, ls
+    if WIDE:  # (L-1) * stride_xl passes 2**31 (a time-major history: stride B*D): int64 offsets
+        ls = ls.to(tl.int64)
+    return x_ptr + row * stride_xb + ls[:, None] * stride_xl, ls.to(tl.int64)
 
 
 @triton.jit
 def _asta_fwd_kernel(
     x_ptr, idx_ptr, q_ptr, m_ptr, z_ptr,
     L, D, stride_xb, stride_xl,
-    GATHER: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    GATHER: tl.constexpr, WIDE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Row b of z. x rows are strided (unit stride along D); q, m, index and z are contiguous."""
     row = tl.program_id(0).to(tl.int64)  # int64: B*L*D may pass 2**31 elements
@@ -72,7 +75,7 @@ def _asta_fwd_kernel(
         ls = l0 + offs_l
         m = tl.load(m_ptr + row * L + ls, mask=ls < L, other=0).to(ACC_DTYPE)
         live = m != 0  # masked-off positions are not loaded at all: they read as 0 and add 0
-        rows, _ = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER)
+        rows, _ = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER, WIDE)
         x = tl.load(rows + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
         s = tl.sum(x * q[None, :], axis=1) * m
         a = tl.maximum(s, 0.0)
@@ -84,7 +87,8 @@ def _asta_fwd_kernel(
 def _asta_bwd_kernel(
     x_ptr, idx_ptr, q_ptr, m_ptr, g_ptr, dx_ptr, dq_ptr,
     L, D, stride_xb, stride_xl,
-    GATHER: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    GATHER: tl.constexpr, WIDE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Row b of dq, and its share of dx (plain: rows b*L.. of a (B*L, D) buffer, stored;
     gathered: rows index[b, l] of a (U, D) fp32/fp64 buffer, atomically added); g = dz."""
@@ -101,7 +105,7 @@ def _asta_bwd_kernel(
         in_l = ls < L
         m = tl.load(m_ptr + row * L + ls, mask=in_l, other=0).to(ACC_DTYPE)
         live = m != 0
-        rows, item = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER)
+        rows, item = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER, WIDE)
         x = tl.load(rows + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
         s = tl.sum(x * q[None, :], axis=1) * m  # recomputed, not saved
         a = tl.maximum(s, 0.0)
@@ -163,6 +167,13 @@ def _layout(x, index, query, mask):
     return x, index, query.contiguous(), mask.contiguous()
 
 
+def _wide(x, index, seq_len: int) -> bool:
+    """Whether the plain form's history offsets need int64: the last position's offset within a
+    row, (L-1) * stride(1), passes int32 (int32 keeps the usual case's registers: in int64 the
+    forward spilled on sm_90 with Triton 3.3)."""
+    return index is None and (seq_len - 1) * x.stride(1) >= 2**31
+
+
 def _strides(x, index):
     if index is None:
         return x.stride(0), x.stride(1)
@@ -179,7 +190,8 @@ def _forward(x, index, query, mask):
     with launching_on(z.device):
         _asta_fwd_kernel[(batch,)](
             x, index if index is not None else mask, query, mask, z, seq_len, dim, *_strides(x, index),
-            GATHER=index is not None, ACC_DTYPE=_acc_dtype(x.dtype), **_config(seq_len, dim),
+            GATHER=index is not None, WIDE=_wide(x, index, seq_len), ACC_DTYPE=_acc_dtype(x.dtype),
+            **_config(seq_len, dim),
         )
     return z
 
@@ -200,7 +212,8 @@ def _backward(grad_z, x, index, query, mask):
         _asta_bwd_kernel[(batch,)](
             x, index if index is not None else mask, query, mask, grad_z, grad_x, grad_q, seq_len, dim,
             *_strides(x, index),
-            GATHER=index is not None, ACC_DTYPE=_acc_dtype(x.dtype), **_config(seq_len, dim),
+            GATHER=index is not None, WIDE=_wide(x, index, seq_len), ACC_DTYPE=_acc_dtype(x.dtype),
+            **_config(seq_len, dim),
         )
     return grad_x.to(x.dtype), grad_q
 
@@ -343,7 +356,7 @@ def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
 
     def case(name, fn, pointers, gather):
-        constexprs = dict(GATHER=gather, ACC_DTYPE=_acc_dtype(dtype), **cfg)
+        constexprs = dict(GATHER=gather, WIDE=False, ACC_DTYPE=_acc_dtype(dtype), **cfg)
         ints = dict(L=seq_len, D=dim, stride_xb=0 if gather else seq_len * dim, stride_xl=dim)
         types = {**{p: t for p in pointers}, "idx_ptr": "*i64" if gather else t,
                  **{k: "i32" for k in ints}, **{k: "constexpr" for k in constexprs}}
