@@ -35,6 +35,15 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cuda" if os.environ.
 
 
 @pytest.fixture
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for the test, then the settings as they were."""
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+@pytest.fixture
 def device() -> torch.device:
     """Where kernel tests run: the CPU under the interpreter, or CUDA when QIN_TEST_CUDA=1."""
     return torch.device("cuda" if os.environ.get("QIN_TEST_CUDA") else "cpu")

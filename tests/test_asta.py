@@ -508,26 +508,26 @@ def test_gathered_padding_never_reads_its_index(device):
     assert torch.equal(grad_reps[5], torch.zeros_like(grad_reps[5]))
 
 
-def test_gathered_triton_backward_follows_deterministic_algorithms(device):
-    """Its gradient into reps is summed by atomic adds: on a GPU, in no fixed order, so under
-    torch.use_deterministic_algorithms(True) it raises as torch's own such ops do. The
-    interpreter runs the programs one after another (a fixed order): there it runs."""
+def small_gathered_inputs(device):
+    """reps (6, 16) and query requiring grad, index (3, 5), an all-live mask."""
     reps = torch.randn(6, 16, device=device, requires_grad=True)
     index = torch.randint(0, 6, (3, 5), device=device)
     query = torch.randn(3, 16, device=device, requires_grad=True)
-    mask = torch.ones(3, 5, dtype=torch.bool, device=device)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        z = kernels.gathered_sparse_target_attention(reps, index, query, mask, backend="triton")
-        if device.type == "cuda":
-            with pytest.raises(RuntimeError, match="not deterministic"):
-                z.sum().backward()
-        else:
+    return reps, index, query, torch.ones(3, 5, dtype=torch.bool, device=device)
+
+
+def test_gathered_triton_backward_follows_deterministic_algorithms(device, deterministic_algorithms):
+    """Its gradient into reps is summed by atomic adds: on a GPU, in no fixed order, so under
+    torch.use_deterministic_algorithms(True) it raises as torch's own such ops do. The
+    interpreter runs the programs one after another (a fixed order): there it runs."""
+    reps, index, query, mask = small_gathered_inputs(device)
+    z = kernels.gathered_sparse_target_attention(reps, index, query, mask, backend="triton")
+    if device.type == "cuda":
+        with pytest.raises(RuntimeError, match="not deterministic"):
             z.sum().backward()
-            assert reps.grad is not None
-    finally:
-        torch.use_deterministic_algorithms(was)
+    else:
+        z.sum().backward()
+        assert reps.grad is not None
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

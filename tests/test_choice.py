@@ -300,20 +300,15 @@ def test_fp32_on_cuda_is_its_own_shape_class_with_tf32(monkeypatch):
     assert shapes[True, torch.bfloat16] == shapes[False, torch.bfloat16] == ("B<=4", "D=4", "fwd+bwd")
 
 
-def test_deterministic_algorithms_keep_auto_off_the_atomic_backward(timed, device, monkeypatch):
+def test_deterministic_algorithms_keep_auto_off_the_atomic_backward(timed, device, monkeypatch,
+                                                                   deterministic_algorithms):
     """The gathered form's Triton backward sums into reps by atomic adds: under
     torch.use_deterministic_algorithms(True) "auto" runs torch, untimed, as long as reps trains."""
+    from test_asta import small_gathered_inputs
+
     monkeypatch.setattr(choice, "_time", lambda *a: pytest.fail("timed"))
-    reps = torch.randn(6, 16, device=device, requires_grad=True)
-    index = torch.randint(0, 6, (3, 5), device=device)
-    query = torch.randn(3, 16, device=device, requires_grad=True)
-    mask = torch.ones(3, 5, dtype=torch.bool, device=device)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        z = kernels.gathered_sparse_target_attention(reps, index, query, mask)
-    finally:
-        torch.use_deterministic_algorithms(was)
+    reps, index, query, mask = small_gathered_inputs(device)
+    z = kernels.gathered_sparse_target_attention(reps, index, query, mask)
     assert choice.decisions(device) == []
     want = reference.regathered_sparse_target_attention(reps, index, query, mask)
     assert torch.equal(z, want)
