@@ -14,14 +14,24 @@ from pathlib import Path
 
 import torch
 
-from bench.report import _number, auto_section, render
+from bench.report import CODEGEN_SECTION, _number, auto_section, render
 
 # The report's section of each kernel the modules write (bench/report.py's section titles).
 SECTIONS = {"train_step": "Training step, end to end", "copy": "ASTA: sparse target attention",
             "matmul": "QNN: quadratic projection"}
 
 
-def section_of(kernel: str) -> str:
+# What names one figure: a later row with the same key (a stage run again into the same CSV)
+# replaces an earlier one, so that every table, target and ratio reads the same, latest, figure.
+ROW_KEY = ("kernel", "provider", "mode", "metric", "dtype", "x_name", "x_value")
+
+
+def section_of(row: dict) -> str:
+    if row.get("section"):  # written by `qin bench` itself
+        return row["section"]
+    if row.get("mode") == "codegen":
+        return CODEGEN_SECTION
+    kernel = row["kernel"]
     if kernel in SECTIONS:
         return SECTIONS[kernel]
     if kernel.startswith("asta"):
@@ -32,18 +42,27 @@ def section_of(kernel: str) -> str:
 
 
 def read_rows(path: Path) -> tuple[list[dict], list[str]]:
-    """The CSV's rows, and the lines left out: a field missing or one too many, or a figure that
-    does not parse (a line cut off when a stage was killed: one bad line must not lose the report)."""
-    rows, skipped = [], []
+    """The CSV's rows, and the lines left out: a field missing or one too many, a figure that is
+    not a finite number (a line cut off when a stage was killed: one bad line must not lose the
+    report), or a figure measured again further down. Generated-code rows hold text figures
+    (access widths, instruction names) and are kept as they are."""
+    latest: dict[tuple, tuple[int, dict]] = {}
+    skipped = []
     with open(path, newline="") as fh:
         reader = csv.DictReader(fh)
         for row in reader:
-            if None in row or None in row.values() or any(_number(row.get(f)) is None for f in ("p50", "p20", "p80")):
-                text = ",".join(str(v) for v in row.values() if v is not None)
-                skipped.append(f"line {reader.line_num}: {text[:200]}")
+            text = ",".join(str(v) for v in row.values() if v is not None)[:200]
+            numeric = row.get("mode") != "codegen"
+            if None in row or None in row.values() or (
+                    numeric and any(_number(row.get(f)) is None for f in ("p50", "p20", "p80"))):
+                skipped.append(f"line {reader.line_num}: its figures do not parse: {text}")
                 continue
-            rows.append(row)
-    return rows, skipped
+            key = tuple(row.get(f) for f in ROW_KEY)
+            if key in latest:
+                line, _ = latest[key]
+                skipped.append(f"line {line}: measured again on line {reader.line_num}, which the report shows")
+            latest[key] = (reader.line_num, row)
+    return [row for _, row in latest.values()], skipped
 
 
 def main(argv=None) -> int:
@@ -56,9 +75,9 @@ def main(argv=None) -> int:
     path = Path(args.csv)
     rows, skipped = read_rows(path) if path.exists() else ([], [])
     for row in rows:
-        row["section"] = section_of(row["kernel"])
+        row["section"] = section_of(row)
     for line in skipped:
-        print(f"left out of the report, its figures do not parse: {line}")
+        print(f"left out of the report: {line}")
     print("\n".join(['## What backend="auto" runs', "", *auto_section(rows, device)]))
     if args.out:
         failures = [] if rows else [f"no figures in {path}"]

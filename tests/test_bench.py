@@ -323,6 +323,77 @@ def test_gpu_targets_read_the_bf16_steps_and_issue_14s_op_lines(monkeypatch):
     assert _target(lines, "GPU: asta_op fp16 Triton").endswith("| unmeasured | unmeasured |")
 
 
+def test_gpu_step_targets_read_batch_8192_when_a_larger_batch_was_timed_too(monkeypatch):
+    from bench.report import targets
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake H100")
+    rows = [_row("train_step", name, "throughput", value, "fp32", batch=batch)
+            for batch in (8192, 16384) for name, value in (("literal eager", 30e3), ("default (auto)", 330e3))]
+    rows += [_row("train_step", name, "peak_memory", value, "fp32") for name, value in
+             (("literal eager", 6000), ("default (auto)", 1500))]
+    lines = targets(rows, torch.device("cuda"))
+    assert _target(lines, "GPU: >= 10x the literal").endswith(
+        "11.0x (default (auto): 330,000 vs 30,000 samples/s) | met |")
+    assert _target(lines, "GPU (H100 class)").endswith("330,000 samples/s (default (auto)) on Fake H100 | met |")
+    assert _target(lines, "GPU: peak training memory <= 1/3").endswith("| 0.25 (1,500 vs 6,000 MB) | met |")
+
+
+def test_a_figure_measured_again_replaces_the_earlier_one_everywhere_and_nan_is_no_figure(tmp_path, monkeypatch):
+    from bench import csv_report
+    from bench.common import append_csv
+    from bench.report import auto_evidence, pivot_tables, targets
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake H200")
+    path = tmp_path / "results.csv"
+    first = [_row("qnn", "triton", "speedup_vs_eager", 0.91, "bf16", "fwd+bwd"),
+             _row("asta_op", "triton", "speedup_vs_reference", 0.9, "fp32", "fwd full mask")]
+    again = [_row("qnn", "triton", "speedup_vs_eager", 1.2, "bf16", "fwd+bwd"),  # the stage run again
+             _row("asta_op", "triton", "speedup_vs_reference", 1.1, "fp32", "fwd full mask"),
+             _row("asta_op", "triton", "speedup_vs_reference", "nan", "fp32", "fwd+bwd full mask")]
+    append_csv(first, path)
+    append_csv(again, path)
+    rows, skipped = csv_report.read_rows(path)
+    assert len(rows) == 2 and len(skipped) == 3
+    assert "line 2: measured again on line 4" in skipped[0] and "line 3: measured again on line 5" in skipped[1]
+    assert "line 6: its figures do not parse" in skipped[2]
+    lines = targets(rows, torch.device("cuda"))
+    assert _target(lines, "GPU: QNN projection bf16 fwd+bwd Triton >= 1.0x").endswith("| 1.20x | met |")
+    assert _target(lines, "GPU: asta_op fp32 Triton").endswith(
+        "| fwd full mask 1.10x; unmeasured: fwd+bwd full mask | partly measured |")  # nan: not "met"
+    assert "| fwd+bwd | bf16 | batch=8192 | 1.2 |" in "\n".join(pivot_tables(rows))
+    # In rows made in memory too, a nan time is no figure: not a Triton win.
+    nan_win = _lines("qnn", "bf16", {"fwd": (1.0, 0.8, float("nan")), "fwd+bwd": (3.0, 2.5, 2.0)},
+                     torch_names=("eager", "compile"))
+    assert auto_evidence(nan_win)[("qnn", "bf16")]["won"] is False
+
+
+def test_csv_report_files_codegen_rows_under_generated_code(tmp_path):
+    from bench import codegen, csv_report
+    from bench.common import append_csv
+
+    record = {"kernel": "asta_fwd", "dtype": "bf16", "arch": "sm_90", "registers": 40, "shared_memory": 0,
+              "local_memory": 0, "occupancy": 1.0, "load_widths": "16,128", "store_widths": "128",
+              "sass_instructions": 300, "matrix_instructions": "none"}
+    path = tmp_path / "results.csv"
+    append_csv(codegen.to_rows([record]), path)
+    assert csv_report.main([str(path), "--device", "cpu", "--out", str(tmp_path / "report.md")]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "## CSV rows left out" not in report and "## Targets" not in report
+    assert "| asta_fwd | bf16 | sm_90 | 40 | 0 | 0 | 1 | 16,128 | 128 | none | 300 |" in report
+
+
+def test_a_kernel_that_does_not_compile_fails_the_codegen_section_in_one_line(monkeypatch):
+    from bench import codegen, report
+
+    error = "CompilationError: at 12:4:\n    acc += undefined_name\n    ^\nNameError('undefined_name is not defined')"
+    monkeypatch.setattr(codegen, "run", lambda: codegen.to_rows([{"kernel": "asta_fwd", "dtype": "bf16",
+                                                                   "arch": "sm_90", "error": error}]))
+    rows, failures = report.collect(torch.device("cpu"), quick=False, codegen=True, log=lambda *a: None)
+    assert failures == [f"{report.CODEGEN_SECTION}: asta_fwd bf16 sm_90: NameError('undefined_name is not defined')"]
+    table = report.codegen_table(rows)
+    assert table.splitlines()[-1] == "| asta_fwd | bf16 | sm_90 | compile error: NameError('undefined_name is not defined') |"
+
+
 def test_measured_faster_counts_a_missing_triton_line_as_a_loss_and_needs_every_table():
     from bench.report import auto_evidence, auto_section, measured_faster
 
@@ -359,7 +430,7 @@ def test_a_cut_off_csv_line_is_left_out_of_the_report_and_named(tmp_path):
     assert csv_report.main([str(path), "--device", "cpu", "--out", str(tmp_path / "report.md")]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "3.00x (+ item dedup, batch 1024" in report
-    assert "## CSV rows left out" in report and "line 3: train_step,+ hoisted ASTA" in report
+    assert "## CSV rows left out" in report and "line 3: its figures do not parse: train_step,+ hoisted ASTA" in report
     rows, skipped = csv_report.read_rows(path)
     assert [r["provider"] for r in rows] == ["literal eager", "+ item dedup"] and len(skipped) == 1
 
