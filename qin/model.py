@@ -210,15 +210,26 @@ class ItemEncoder(FeatureModules):
         return self(unique_ids), target_index, history_index
 
     def encoding_again(self, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """A function that computes self(ids) again under the autocast state in force now: the same
-        values as self(ids) now, as long as the weights have not changed. Autograd records it as
-        the caller's grad mode says (in backward: only under create_graph=True)."""
+        """A function that computes self(ids) again, with the weights and under the autocast state in
+        force now: the same values as self(ids) now. The weights are those of this call (under
+        torch.func.functional_call, the ones it put in; they are gone again when backward runs), and
+        a weight changed in place before backward (a step on a graph kept with retain_graph) is an
+        error, as autograd's own saved tensors make it. Autograd records the function as the
+        caller's grad mode says (in backward: only under create_graph=True)."""
         device_type = ids.device.type
         enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+        weights = {**dict(self.named_parameters()), **dict(self.named_buffers())}
+        versions = {name: t._version for name, t in weights.items()}
 
         def again() -> torch.Tensor:
+            changed = [name for name, t in weights.items() if t._version != versions[name]]
+            if changed:
+                raise RuntimeError(
+                    f"the item encoder's {', '.join(changed)} was modified in place after the forward pass "
+                    "whose backward needs it (ASTA's item representations are computed again in backward, "
+                    "from these weights): run backward before changing them")
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                return self(ids)
+                return torch.func.functional_call(self, weights, (ids,))
         return again
 
     def encode(self, target_ids: torch.Tensor, history_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -95,3 +95,36 @@ def test_qin_gradients_are_the_same_bits_and_the_representations_are_not_kept(ba
     unique = torch.unique(torch.cat([batch["item_id"], batch["item_seq"].reshape(-1)])).numel()
     read_in = torch.bfloat16 if precision == "bf16" and asta_precision == "autocast" else torch.float32
     assert saved_kept - saved == unique * model.cfg.item_dim * read_in.itemsize
+
+
+def test_backward_encodes_again_with_the_weights_forward_used():
+    """Under torch.func.functional_call the weights put in for forward are gone when backward runs:
+    the recomputed representations must still come from them."""
+    model = small_qin(asta_kernel="torch", qnn_kernel="torch", dropout=0.0)
+    batch = random_batch(batch=24, length=9)
+    params = {name: (2 * p).detach().requires_grad_() for name, p in model.named_parameters()}
+
+    def functional_grads():
+        for p in params.values():
+            p.grad = None
+        logits = torch.func.functional_call(model, {**params, **dict(model.named_buffers())}, (batch,))
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["label"].float()).backward()
+        return {name: p.grad.clone() for name, p in params.items() if p.grad is not None}
+
+    recomputed = functional_grads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qin.recompute, "_top_hooks", None)  # nothing recomputed: the representations kept
+        kept = functional_grads()
+    assert recomputed.keys() == kept.keys()
+    for name in kept:
+        torch.testing.assert_close(recomputed[name], kept[name], rtol=0, atol=0, msg=name)
+
+
+def test_an_item_weight_changed_in_place_before_backward_is_an_error():
+    model = small_qin(asta_kernel="torch", qnn_kernel="torch", dropout=0.0)
+    batch = random_batch(batch=24, length=9)
+    loss = loss_fn(model, batch, 0.0, precision="fp32")  # no L2 penalty: autograd then keeps no weight it checks
+    with torch.no_grad():
+        model.items.item_embedding.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="item_embedding.weight was modified in place"):
+        loss.backward()
