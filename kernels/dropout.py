@@ -11,7 +11,10 @@ so nothing of x's size is kept for it.
 
 An element is dropped iff its 16 random bits, read as a signed integer, are below
 -2**15 + round(p * 2**16): the drop rate is p rounded to a multiple of 2**-16 (0.1 drops
-0.1000061), within 2**-17 of p. Kept elements are scaled by 1 / (1 - p), as F.dropout does.
+0.1000061), within 2**-17 of p. Kept elements are scaled by 1 / (1 - p), as F.dropout does, so the
+expectation of the output is off by at most 2**-17 / (1 - p) of x's (8.5e-6 at p = 0.1). Above
+MAX_ROUNDED_P that would pass 0.1% (and near 1 the rate stops at 1 - 2**-16), so there F.dropout
+draws the mask.
 
 On CUDA F.dropout is already one fused Philox kernel with a bool mask, and under torch.compile or
 torch.export the compiler generates its own random numbers from F.dropout, so those use it unchanged.
@@ -22,6 +25,14 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+MAX_ROUNDED_P = 1 - 2**-7  # the largest p drawn through 16-bit lanes: bias 2**-17 / 2**-7 < 0.1%
+
+
+def draws_from_lanes(p: float) -> bool:
+    """Whether a CPU dropout of rate p draws its mask here (else F.dropout does)."""
+    return 0.0 < p <= MAX_ROUNDED_P
 
 
 def draw_seed() -> int:
@@ -71,7 +82,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """F.dropout(x, p, training) in distribution; see the module docstring for how it draws."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu" or not 0.0 < p < 1.0 or not x.is_floating_point() or torch.compiler.is_compiling():
+    if (x.device.type != "cpu" or not draws_from_lanes(p) or not x.is_floating_point()
+            or torch.compiler.is_compiling()):
         return F.dropout(x, p, training=True)  # also where p is out of range: its error names it
     return _RegeneratedDropout.apply(x, p)
 

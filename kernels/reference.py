@@ -5,7 +5,7 @@ Each function is the literal formula from SPEC.md, written for readability, not 
 import torch
 import torch.nn.functional as F
 
-from kernels.dropout import draw_seed, dropout, keep_multiplier
+from kernels.dropout import draw_seed, draws_from_lanes, dropout, keep_multiplier
 
 
 def sparse_target_attention(history: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -261,7 +261,7 @@ def regenerated_quadratic_projection(x: torch.Tensor, weight: torch.Tensor, bias
     with. In training with dropout on the CPU, with something to differentiate and outside
     torch.compile/export, it regenerates the mask in backward (above); elsewhere it is the
     reference, whose dropout is F.dropout's (CUDA) or the same CPU draw."""
-    if (training and 0.0 < dropout_p < 1.0 and x.device.type == "cpu" and torch.is_grad_enabled()
+    if (training and draws_from_lanes(dropout_p) and x.device.type == "cpu" and torch.is_grad_enabled()
             and not torch.compiler.is_compiling() and any(t.requires_grad for t in (x, weight, bias))):
         return _RegeneratedQuadraticProjection.apply(x, weight, bias, num_row, dropout_p, dtype)
     return quadratic_projection(x, weight.to(dtype), bias.to(dtype), num_row, dropout_p, training)

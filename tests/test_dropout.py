@@ -32,6 +32,16 @@ def test_the_drop_rate_is_p(p):
     assert abs(dropped - p) < 6 * math.sqrt(p * (1 - p) / n)  # six standard deviations of the rate
 
 
+@pytest.mark.parametrize("p", [0.99, 0.999, 1 - 2**-18])
+def test_the_expectation_is_kept_for_p_near_one(p):
+    """Rounding p to 16 bits under a 1 / (1 - p) scale would bias the mean for p near 1 (by 10%
+    at 0.9999): there F.dropout draws. The mean of x is kept within six standard deviations."""
+    torch.manual_seed(3)
+    n = 1 << 24
+    mean = dropout(torch.ones(n), p).double().mean().item()
+    assert abs(mean - 1) < 6 * math.sqrt(p / (1 - p) / n)
+
+
 def test_every_lane_is_used_and_neighbours_are_independent():
     """Each 64-bit draw feeds four elements: each lane must drop at rate p, and not with its neighbour."""
     torch.manual_seed(2)
