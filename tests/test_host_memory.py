@@ -112,21 +112,23 @@ import torch
 from qin.host_memory import KEEP_BYTES, bound_kept_memory, keep_freed_memory, resident_bytes
 assert keep_freed_memory()
 assert not bound_kept_memory()  # the first call only notes where the resident set starts
-big, pins = [], []
-for _ in range(KEEP_BYTES // 2**26 + 4):  # 64 MiB blocks, each followed by a live 256 KiB one
+big, live = [], []
+for _ in range(KEEP_BYTES // 2**26 + 4):  # 64 MiB blocks, each followed by a live one
     big.append(torch.ones(2**24))
-    pins.append(torch.ones(2**16))
-del big  # freed between live pins: not at the heap's top, so glibc does not trim it itself
+    live.append(torch.ones(2**24))
+del big  # freed between live blocks: not at the heap's top, so glibc does not trim it itself
 before = resident_bytes()
 trimmed = bound_kept_memory()
+# What stays resident is live (more than KEEP_BYTES above the start): the bound now counts from
+# here, so the next call does not trim again, nor would every later step.
 print(trimmed, (before - resident_bytes()) >> 20, bound_kept_memory())
 """
 
 
 def test_freed_memory_kept_past_the_bound_is_returned_to_the_system():
     # The training loop calls bound_kept_memory once a step, after the optimizer step, when the
-    # step's tensors are freed. Here 1.25 GiB is freed but kept; the call returns it, and the next
-    # finds nothing more to do. Without glibc nothing is kept, and the bound does nothing.
+    # step's tensors are freed. Here 1.25 GiB is freed but kept, and 1.25 GiB more is live; the
+    # call returns the freed pages, and the next finds nothing more to do. Without glibc nothing is kept, and the bound does nothing.
     env = clean_environment(QIN_KEEP_FREED_MEMORY="1")
     if not GLIBC:
         code = "from qin.host_memory import bound_kept_memory as b, keep_freed_memory as k; print(k(), b(), b())"
