@@ -94,6 +94,9 @@ class Op:
     fused: Callable  # (leaves, extra) -> output, through kernels.* with backend="triton"
     reference: Callable  # (leaves, extra) -> output, through kernels.reference (run in float64)
     cases: tuple
+    dtypes: tuple | None = None  # the dtypes it is checked in (None: every one)
+    # (quantity, dtype) -> the dtype the fused result must have (None: `dtype`, every quantity)
+    result_dtype: Callable | None = None
 
 
 def _strided(t: torch.Tensor) -> torch.Tensor:
@@ -119,7 +122,10 @@ def _asta_inputs(case, dtype, device, g):
         lengths.zero_()
     elif B > 1:
         lengths[0] = 0  # one all-padding row in every batch
-    mask = torch.arange(L)[None, :] >= (L - lengths)[:, None]
+        lengths[-1] = L  # and one full row
+    mask = (torch.arange(L)[None, :] >= (L - lengths)[:, None]).double()
+    if case.label == "dropout-scaled mask":  # as the model passes it with model.asta_dropout = 0.3
+        mask *= (torch.rand(B, L, generator=g) >= 0.3) / 0.7
     grad_out = torch.randn(B, D, generator=g).to(dtype).to(device)
     return {"history": x, "query": q}, {"mask": mask.to(dtype).to(device), "layout": case.layout,
                                          "grad_out": grad_out}
@@ -136,16 +142,28 @@ def _asta_reference(leaves, extra):
 
 
 def _gathered_asta_inputs(case, dtype, device, g):
-    """ASTA's inputs with the history as rows of a table: reps (B*L, D) and index (B, L). The
-    last position of each row repeats its first, so gradients must sum over repeats (and the
-    row no position reads gets none); a repeat within a row keeps the scores off the kink."""
-    leaves, extra = _asta_inputs(case, dtype, device, g)
-    B, L, D = leaves["history"].shape
-    index = torch.arange(B * L, device=device).view(B, L)
+    """ASTA's inputs with the history as rows of a table of U distinct items: reps (U, D) and
+    index (B, L) into it, drawn with repeats across and within rows (U = B*L/2; the last position
+    of each row repeats its first; one id is U - 1), so gradients must sum over repeats, and a row
+    no position reads gets none. "one item": U = 1, every position reads the same row. A query
+    whose score with one of its rows lies near the ReLU kink is redrawn (see _asta_inputs)."""
+    _, extra = _asta_inputs(case, dtype, device, g)
+    B, L, D = case.sizes["B"], case.sizes["L"], case.sizes["D"]
+    U = 1 if case.label == "one item" else max(1, B * L // 2)
+    reps = torch.randn(U, D, generator=g).to(dtype)
+    index = torch.randint(0, U, (B, L), generator=g)
     if L > 1:
         index[:, -1] = index[:, 0]
-    extra["index"] = index
-    return {"reps": leaves["history"].reshape(B * L, D), "query": leaves["query"]}, extra
+    index[-1, -2 if L > 1 else -1] = U - 1
+    q = (torch.randn(B, D, generator=g) / math.sqrt(D)).to(dtype)
+    for _ in range(100):
+        prod = reps.double()[index] * q.double()[:, None, :]
+        near_kink = (prod.sum(-1).abs() <= 1e-3 * prod.abs().sum(-1)).any(1)
+        if not near_kink.any():
+            break
+        q[near_kink] = (torch.randn(int(near_kink.sum()), D, generator=g) / math.sqrt(D)).to(dtype)
+    extra["index"] = index.to(device)
+    return {"reps": reps.to(device), "query": q.to(device)}, extra
 
 
 def _gathered_asta_fused(leaves, extra):
@@ -190,6 +208,41 @@ def _qnn_train_reference(leaves, extra):
                                           True, dropout_mask=keep)
 
 
+def _qnn_autocast_inputs(case, dtype, device, g):
+    """The QNN layer's inputs as mixed-precision training passes them: x, weight and bias fp32,
+    the call under torch.autocast(`dtype`); the output's gradient in the output's dtype."""
+    leaves, extra = _qnn_inputs(case, torch.float32, device, g)
+    extra["autocast"] = dtype
+    extra["grad_out"] = extra["grad_out"].to(reference.product_dtype(torch.float32, dtype))
+    return leaves, extra
+
+
+def _qnn_autocast_fused(leaves, extra):
+    with torch.autocast(leaves["x"].device.type, dtype=extra["autocast"]):
+        return _qnn_train_fused(leaves, extra)
+
+
+def _rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t rounded to `dtype` with the gradient passed through unrounded (autocast's cast is the
+    identity for the function it differentiates)."""
+    return t + (t.to(dtype).to(t.dtype) - t).detach()
+
+
+def _qnn_autocast_reference(leaves, extra):
+    """Autocast's function: the products with W read x, W and b rounded to the autocast dtype;
+    the product with x reads x as it is."""
+    x, dtype = leaves["x"], extra["autocast"]
+    batch, dim, num_row = x.shape[0], x.shape[1], extra["num_row"]
+    keep = dropout_keep_mask(extra["seed"], batch, num_row, dim, QNN_DROPOUT, x.device)
+    hidden = F.linear(_rounded(x, dtype), _rounded(leaves["weight"], dtype), _rounded(leaves["bias"], dtype))
+    s = (hidden * keep.to(hidden.dtype) / (1.0 - QNN_DROPOUT)).view(batch, num_row, dim).sum(1)
+    return x * s
+
+
+def _qnn_autocast_result_dtype(quantity: str, dtype: torch.dtype) -> torch.dtype:
+    return reference.product_dtype(torch.float32, dtype) if quantity == "out" else torch.float32
+
+
 def _qnn_eval_fused(leaves, extra):
     return kernels.quadratic_projection(_qnn_x(leaves, extra), leaves["weight"], leaves["bias"], extra["num_row"],
                                         dropout_p=QNN_DROPOUT, training=False, backend="triton")
@@ -211,8 +264,10 @@ ASTA_CASES = (
     Case(dict(B=5, L=20, D=1)),
     Case(dict(B=3, L=33, D=200)),
     Case(dict(B=4, L=16, D=32), "all-padding"),
+    Case(dict(B=4, L=16, D=32), "dropout-scaled mask"),
     Case(dict(B=3, L=24, D=40), "non-contiguous history", layout="strided"),
 )
+GATHERED_ASTA_CASES = ASTA_CASES + (Case(dict(B=6, L=64, D=24), "one item"),)
 QNN_CASES = (
     Case(dict(B=8192, D=1024, M=4), "paper", runs="compiled"),
     # Under the interpreter a QNN case costs about a second per 100 (16 x 16) tiles: --quick keeps
@@ -220,6 +275,7 @@ QNN_CASES = (
     Case(dict(B=16, D=128, M=4), runs="full"),
     Case(dict(B=9, D=200, M=4), runs="full"),
     Case(dict(B=5, D=24, M=4), "ragged tiles"),
+    Case(dict(B=33, D=72, M=2), "6 tiles"),
     Case(dict(B=1, D=17, M=4)),
     Case(dict(B=7, D=1, M=4)),
     Case(dict(B=8, D=33, M=1)),
@@ -229,8 +285,12 @@ QNN_CASES = (
 # A new fused op is one more entry here: its inputs, the fused call, the reference, its shapes.
 OPS = (
     Op("asta", _asta_inputs, _asta_fused, _asta_reference, ASTA_CASES),
-    Op("gathered_asta", _gathered_asta_inputs, _gathered_asta_fused, _gathered_asta_reference, ASTA_CASES),
+    Op("gathered_asta", _gathered_asta_inputs, _gathered_asta_fused, _gathered_asta_reference, GATHERED_ASTA_CASES),
     Op("qnn_train", _qnn_inputs, _qnn_train_fused, _qnn_train_reference, QNN_CASES),
+    # What every QNN layer runs in mixed-precision training: fp32 x and weights under autocast.
+    Op("qnn_train_autocast", _qnn_autocast_inputs, _qnn_autocast_fused, _qnn_autocast_reference,
+       tuple(c for c in QNN_CASES if c.layout == "contiguous"), dtypes=(torch.bfloat16, torch.float16),
+       result_dtype=_qnn_autocast_result_dtype),
     Op("qnn_eval", _qnn_inputs, _qnn_eval_fused, _qnn_eval_reference, QNN_CASES),
 )
 
@@ -257,8 +317,9 @@ def check_op(op: Op, case: Case, dtype: torch.dtype, device: torch.device, seed:
     for quantity in got:
         g_, w, s = got[quantity], want[quantity], scale[quantity]
         note = ""
-        if g_.dtype != dtype or g_.shape != w.shape:
-            note = f"wrong result: {g_.dtype} {tuple(g_.shape)}, expected {dtype} {tuple(w.shape)}"
+        expected = op.result_dtype(quantity, dtype) if op.result_dtype else dtype
+        if g_.dtype != expected or g_.shape != w.shape:
+            note = f"wrong result: {g_.dtype} {tuple(g_.shape)}, expected {expected} {tuple(w.shape)}"
         abs_err = (g_.double() - w).abs().max().item() if w.numel() and not note else math.inf
         rel = tolerances.relative_error(g_, w, s, tol) if not note else math.inf
         rows.append(Row("ops", op.name, quantity, DTYPE_NAMES[dtype], case.describe(), abs_err, rel, tol.rtol,
@@ -777,7 +838,8 @@ def run(args, log=print) -> int:
             if (case.runs == "compiled" and not compiled) or (case.runs != "always" and args.quick):
                 continue
             for dtype in dtypes:
-                rows += check_op(op, case, dtype, device)
+                if op.dtypes is None or dtype in op.dtypes:
+                    rows += check_op(op, case, dtype, device)
         log(f"{op.name}: {len([r for r in rows if r.op == op.name])} comparisons "
             f"({time.perf_counter() - start:.0f} s)")
 

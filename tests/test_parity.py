@@ -47,8 +47,15 @@ def test_quick_run_covers_every_op_dtype_gradient_and_odd_shape(quick_report):
     asta_shapes = " ".join(r["shape"] for r in rows if r["op"] == "asta")
     for label in ("L=1 ", "L=513", "D=1 ", "D=200", "B=1 ", "all-padding", "non-contiguous"):
         assert label in asta_shapes + " ", label
+    assert "dropout-scaled mask" in asta_shapes
+    gathered_shapes = " ".join(r["shape"] for r in rows if r["op"] == "gathered_asta")
+    assert "one item" in gathered_shapes and "dropout-scaled mask" in gathered_shapes
     qnn_shapes = " ".join(r["shape"] for r in rows if r["op"] == "qnn_train")
     assert "B=1 " in qnn_shapes and "D=1 " in qnn_shapes and "non-contiguous" in qnn_shapes
+    assert "6 tiles" in qnn_shapes  # more than one (BLOCK_B, BLOCK_D) tile each way
+    for dtype in ("bf16", "fp16"):  # fp32 x and weights under autocast, as mixed-precision training runs
+        for quantity in ("out", "grad_x", "grad_weight", "grad_bias"):
+            assert ("qnn_train_autocast", quantity, dtype) in ops
     model = {(r["op"], r["quantity"], r["dtype"]) for r in rows if r["check"] == "model"}
     for backend in ("torch", "triton"):
         for dtype in ("fp32", "bf16", "fp16"):
