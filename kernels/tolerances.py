@@ -75,8 +75,9 @@ OPS = {
 # gradients held to the PReLU branches the 16-bit model took) the worst gradient is 5.4% off in
 # bf16 and 1.4% in fp16 with the reference ops, 13% and 1.9% with the fused ones (Triton's
 # interpreter rounds to bf16 toward zero: up to 2u where a GPU rounds to nearest). 0.25 bounds
-# both with room, and stays far below 1: a normwise error of 1 is a gradient with nothing right
-# (all zeros), which must fail. The fused model is held to MODEL_VS_PLAIN x the plain model's own
+# bf16's with room, and stays far below 1: a normwise error of 1 is a gradient with nothing right
+# (all zeros), which must fail. fp16 has 3 more bits: its worst over setup seeds 0-2 was 3.9%
+# (reference ops), so 0.1; a fused fp16 model 14x its reference's error passed at 0.25. The fused model is held to MODEL_VS_PLAIN x the plain model's own
 # error in the same dtype where that is larger, at most MODEL_VS_PLAIN x the table's rtol (so a
 # plain model that itself fails never lets the fused one pass at 1). `qin parity` measures each
 # noise floor and prints it beside.
@@ -84,7 +85,7 @@ MODEL = {
     torch.float64: Tolerance(rtol=1e-10, floor=0.0),
     torch.float32: Tolerance(rtol=2e-3, floor=0.0),
     torch.bfloat16: Tolerance(rtol=0.25, floor=0.0),
-    torch.float16: Tolerance(rtol=0.25, floor=0.0),
+    torch.float16: Tolerance(rtol=0.1, floor=0.0),
 }
 # The fused ops may add at most as much error again as the reference ops in the same dtype.
 MODEL_VS_PLAIN = 2.0

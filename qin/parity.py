@@ -7,7 +7,9 @@ Three checks, each against a float64 evaluation of the same function on the same
             dtype, against kernels/reference.py run in float64 on the inputs upcast.
   model     QIN with the fused ops and QIN with the reference ops, in each dtype, against
             model.double() at the same weights: logits (train and eval mode) and every parameter
-            gradient of the training loss; then a few Adam steps with dropout off, loss by loss.
+            gradient of the training loss; then a few fp32 Adam steps, loss by loss. In fp32
+            dropout is on, each mask fixed by a seed and applied alike to every model
+            (ReplayedDropout), so the fused QNN kernels run in training as in `qin train`.
             Beside each tolerance: the check's own noise floor, how far the float64 results move
             when ASTA's output alone is rounded to the dtype under test.
   training  (--training) the same short training run with each backend over N seeds: valid AUC
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 import kernels
 import kernels.utils
 from kernels import reference, tolerances
+from kernels.dropout import keep_mask
 from kernels.quadratic_projection import dropout_keep_mask
 
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -328,6 +331,38 @@ def check_op(op: Op, case: Case, dtype: torch.dtype, device: torch.device, seed:
 
 
 # ----------------------------------------------------------------------------------------------
+# The QNN kernels' dropout mask: every op check above replays it into the oracle, so a wrong keep
+# rate or correlated draws would pass them. Checked here by its statistics.
+# ----------------------------------------------------------------------------------------------
+
+MASK_SIGMAS = 5.0  # a statistic this many standard deviations off fails (6e-7 of the time by chance)
+
+
+def check_dropout_mask(device: torch.device, batch: int = 64, num_row: int = 4, dim: int = 1024,
+                       p: float = QNN_DROPOUT, seed: int = 1234) -> list[Row]:
+    """The keep rate is 1 - p, and keeps are independent between neighbouring elements, the M
+    groups, batch rows and seeds: each as its distance from the expected frequency in standard
+    deviations of that frequency."""
+    keep = dropout_keep_mask(seed, batch, num_row, dim, p, device).cpu().view(batch, num_row, dim).double()
+    other = dropout_keep_mask(seed + 1, batch, num_row, dim, p, device).cpu().view(batch, num_row, dim).double()
+    q = 1.0 - p
+    pairs = {"keep rate": (keep, None, q),
+             "both kept: neighbouring elements": (keep[:, :, :-1], keep[:, :, 1:], q * q),
+             "both kept: groups r and r+1": (keep[:, :-1], keep[:, 1:], q * q),
+             "both kept: rows b and b+1": (keep[:-1], keep[1:], q * q),
+             "both kept: seeds s and s+1": (keep, other, q * q)}
+    rows = []
+    for quantity, (a, b, want) in pairs.items():
+        both = a if b is None else a * b
+        got = both.mean().item()
+        sigma = math.sqrt(want * (1 - want) / both.numel())
+        rows.append(Row("ops", "qnn_dropout_mask", quantity, "bool", f"B={batch} M={num_row} D={dim} p={p}",
+                        abs(got - want), abs(got - want) / sigma, MASK_SIGMAS,
+                        note=f"{got:.5f} against {want:.5f}; error in standard deviations"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # The whole model
 # ----------------------------------------------------------------------------------------------
 
@@ -336,7 +371,7 @@ QUICK_MODEL = dict(num_items=300, num_tags=40, embed_dim=8, mm_dim=16, attention
 
 @dataclass
 class ModelSetup:
-    cfg: object  # QINConfig with dropout off
+    cfg: object  # QINConfig (dropout QNN_DROPOUT, its masks replayed: ReplayedDropout)
     batches: list  # dicts of CPU tensors
     tags: torch.Tensor
     mm: torch.Tensor
@@ -347,7 +382,7 @@ def model_setup(quick: bool, steps: int, batch_size: int, seq_len: int = 64, see
     from qin.config import QINConfig
     from qin.model import QIN
 
-    cfg = QINConfig(**(QUICK_MODEL if quick else {}), dropout=0.0, asta_kernel="torch", qnn_kernel="torch")
+    cfg = QINConfig(**(QUICK_MODEL if quick else {}), dropout=QNN_DROPOUT, asta_kernel="torch", qnn_kernel="torch")
     g = torch.Generator().manual_seed(seed)
     tags = torch.randint(0, cfg.num_tags, (cfg.num_items, cfg.tags_per_item), generator=g)
     tags[:, :2] = 0  # left padding, as in item_info.parquet
@@ -384,7 +419,7 @@ def _calibrate_batchnorm(setup: ModelSetup) -> None:
     for norm in norms.values():
         norm.reset_running_stats()
         norm.momentum = None  # a plain average over the batches
-    with torch.no_grad():
+    with torch.no_grad(), ReplayedDropout(model):
         for batch in setup.batches:
             model(batch)
     for name, norm in norms.items():
@@ -400,6 +435,50 @@ def build(setup: ModelSetup, backend: str, dtype: torch.dtype, device: torch.dev
     model.load_state_dict(setup.weights)
     model.load_item_info(setup.tags, setup.mm)
     return model.to(device=device, dtype=dtype).train()
+
+
+MASK_SEED = 2025  # ReplayedDropout: the k-th dropout call of a block draws from MASK_SEED + k
+
+
+class ReplayedDropout:
+    """Within the block, every dropout `model` applies in training is a fixed mask: the k-th QNN
+    projection call (kernels.quadratic_projection) the mask the Triton kernels draw for seed
+    MASK_SEED + k, the k-th residual dropout (model.qnn.dropout) kernels.dropout.keep_mask for
+    seed MASK_SEED + 1000 + k. The fused backend draws its mask itself from that seed, so its
+    kernels run as in training; the torch backend (the plain model and the float64 oracle) applies
+    the same mask through kernels.reference. Every model compared then drops the same elements."""
+
+    def __init__(self, model):
+        self.model, self.projections, self.residuals = model, 0, 0
+
+    def _projection(self, x, weight, bias, num_row, *, dropout_p=0.0, training=False, seed=None, backend="auto"):
+        if not training or dropout_p == 0.0:
+            return self.original(x, weight, bias, num_row, dropout_p=dropout_p, training=training, seed=seed,
+                                 backend=backend)
+        seed, self.projections = MASK_SEED + self.projections, self.projections + 1
+        if backend == "triton":
+            return self.original(x, weight, bias, num_row, dropout_p=dropout_p, training=True, seed=seed,
+                                 backend="triton")
+        keep = dropout_keep_mask(seed, x.shape[0], num_row, x.shape[1], dropout_p, x.device)
+        return reference.quadratic_projection(x, weight, bias, num_row, dropout_p, True, dropout_mask=keep)
+
+    def _residual(self, module, inputs, output):
+        if not module.training or module.p == 0.0:
+            return None
+        x = inputs[0]
+        keep = keep_mask(x.shape, module.p, seed=MASK_SEED + 1000 + self.residuals).to(x.device)
+        self.residuals += 1
+        return x * keep.to(x.dtype) / (1.0 - module.p)
+
+    def __enter__(self):
+        self.original = kernels.quadratic_projection
+        kernels.quadratic_projection = self._projection
+        self.handle = self.model.qnn.dropout.register_forward_hook(self._residual)
+        return self
+
+    def __exit__(self, *exc):
+        kernels.quadratic_projection = self.original
+        self.handle.remove()
 
 
 def training_loss(model, batch: dict, embedding_l2: float = 2e-4) -> torch.Tensor:
@@ -463,8 +542,9 @@ class ActivationBranch:
 
 
 def logits_and_grads(model, batch, gates: dict | None = None) -> tuple[dict, ActivationBranch]:
-    """Eval-mode logits, train-mode logits and every parameter gradient of the training loss; and
-    the train-mode forward's ActivationBranch (with `gates`, that forward takes those).
+    """Eval-mode logits, train-mode logits and every parameter gradient of the training loss (its
+    dropout masks replayed); and the train-mode forward's ActivationBranch (with `gates`, that
+    forward takes those).
 
     The BatchNorm running statistics are put back afterwards, so that every call on a model
     sees the same ones (a train-mode forward moves them)."""
@@ -474,10 +554,14 @@ def logits_and_grads(model, batch, gates: dict | None = None) -> tuple[dict, Act
         out = {"logits (eval mode)": model(batch)}
     model.train()
     model.zero_grad(set_to_none=True)
-    with ActivationBranch(model, gates) as branch:
-        logits = model(batch)
-        training_loss(model, batch).backward()
-    out["logits (train mode)"] = logits.detach()
+    with ActivationBranch(model, gates) as branch, ReplayedDropout(model):
+        branch.logits = []
+        handle = model.register_forward_hook(lambda mod, args, output: branch.logits.append(output.detach()))
+        try:
+            training_loss(model, batch).backward()
+        finally:
+            handle.remove()
+    out["logits (train mode)"] = branch.logits[0]
     out.update({f"grad {n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
     with torch.no_grad():
         for name, b in model.named_buffers():
@@ -523,24 +607,34 @@ def check_model(setup: ModelSetup, dtypes, device, steps: int = 0, all_grads: li
     """Logits and gradients per dtype, with the reference ops and with the fused ops, against
     model.double(); then `steps` Adam steps. The plain (reference-ops) model must be within the
     table's tolerance; the fused model within that, or within MODEL_VS_PLAIN x the plain model's
-    own error in the same dtype where that is larger (16-bit QIN is far from its float64 self)."""
+    own error in the same dtype where that is larger (16-bit QIN is far from its float64 self).
+
+    fp32 runs with the setup's dropout (its masks replayed), so the fused QNN kernels run as in
+    training; 16-bit without: with dropout on the quick model's 16-bit gradients were further
+    from float64's than a normwise check can use, whatever the kernels (bf16 with the reference
+    ops alone: above 1 at 2 of 8 setup seeds, against 0.09 at most in fp16)."""
     cfg = setup.cfg
     shape = (f"B={setup.batches[0]['item_id'].shape[0]} L={setup.batches[0]['item_seq'].shape[1]} "
              f"D={cfg.qnn_dim} items={cfg.num_items}")
     batch = _on(setup.batches[0], device)
-    oracle = build(setup, "torch", torch.float64, device)
-    want, oracle_branch = logits_and_grads(oracle, batch)
-    # A PReLU slope's gradient is a sum that cancels: measured against its running error bound.
-    scales = {f"grad {name}": bound for name, bound in oracle_branch.bounds.items()}
+    without_dropout = dataclasses.replace(setup, cfg=dataclasses.replace(cfg, dropout=0.0))
+    oracles = {}  # setup -> (float64 model, its results, the PReLU slopes' error scales)
     rows = []
     for dtype in dtypes:
+        run = setup if dtype == torch.float32 else without_dropout
+        if id(run) not in oracles:
+            oracle = build(run, "torch", torch.float64, device)
+            want, oracle_branch = logits_and_grads(oracle, batch)
+            # A PReLU slope's gradient is a sum that cancels: measured against its running error bound.
+            oracles[id(run)] = oracle, want, {f"grad {name}": b for name, b in oracle_branch.bounds.items()}
+        oracle, want, scales = oracles[id(run)]
         table = tolerances.MODEL[dtype]
         with RoundAstaOutput(oracle, dtype):
             moved, _ = logits_and_grads(oracle, batch)
         floors = {q: _normwise(moved[q], want[q], table, scales.get(q))[1] for q in want}
         plain_error = {}
         for backend in ("torch", "triton"):  # the plain model first: it sets the fused one's tolerance
-            got, branch = logits_and_grads(build(setup, backend, dtype, device), batch)
+            got, branch = logits_and_grads(build(run, backend, dtype, device), batch)
             # The gradients against float64's on the branch this model took (ActivationBranch).
             on_branch, _ = logits_and_grads(oracle, batch, branch.gates)
             label = f"model[{backend}]"
@@ -575,21 +669,25 @@ def check_model(setup: ModelSetup, dtypes, device, steps: int = 0, all_grads: li
 
 
 def loss_curve(model, batches, device, perturb_dtype=None) -> list[float]:
-    """Losses of `len(batches)` Adam steps (the paper's lr), dropout off."""
+    """Losses of `len(batches)` Adam steps (the paper's lr), the dropout masks replayed."""
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     losses = []
-    for batch in batches:
-        batch = _on(batch, device)
-        if perturb_dtype is None:
-            loss = training_loss(model, batch)
-        else:
-            with RoundAstaOutput(model, perturb_dtype):
-                loss = training_loss(model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    with ReplayedDropout(model):
+        for batch in batches:
+            losses.append(_adam_step(model, optimizer, _on(batch, device), perturb_dtype))
     return losses
+
+
+def _adam_step(model, optimizer, batch, perturb_dtype) -> float:
+    if perturb_dtype is None:
+        loss = training_loss(model, batch)
+    else:
+        with RoundAstaOutput(model, perturb_dtype):
+            loss = training_loss(model, batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def check_steps(setup, device, steps, shape) -> list[Row]:
@@ -720,11 +818,23 @@ def markdown_table(rows: list[Row]) -> list[str]:
     return lines
 
 
-REPORT_FILES = ("parity.md", "parity.csv")
+REPORT_FILES = ("parity.csv", "parity.md")  # parity.md last: it says whether the run finished
+
+
+def mark_incomplete(out: Path, header: list[str]) -> None:
+    """Before any check: parity.md says the run has not finished, and an earlier parity.csv is
+    gone, so a run that fails or is stopped never leaves an earlier report standing as its own."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / ".parity.md.incomplete"
+    staging.write_text("\n".join(["# qin parity", "", *[f"- {h}" for h in header], "",
+                                   "**INCOMPLETE**: this run has not finished (it is running, failed or was "
+                                   "stopped); it compared nothing yet.", ""]), encoding="utf-8")
+    (out / "parity.csv").unlink(missing_ok=True)
+    os.replace(staging, out / "parity.md")
 
 
 def write_report(out: Path, header: list[str], rows: list[Row], extra_rows: list[Row], notes: list[str]) -> None:
-    """parity.md and parity.csv, written beside `out`'s old ones and renamed over them together."""
+    """parity.csv and parity.md, written beside `out`'s old ones and renamed over them, parity.md last."""
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".parity.", dir=out))
     try:
@@ -796,7 +906,7 @@ def rerun_if_interpreter_differs(args) -> int | None:
     return subprocess.run([sys.executable, "-m", "qin", "parity", *_argv(args)], env=env).returncode
 
 
-CHECK_NAMES = tuple(op.name for op in OPS) + ("model",)
+CHECK_NAMES = tuple(op.name for op in OPS) + ("qnn_dropout_mask", "model")
 
 
 def only_prefixes(only: str | None) -> list[str]:
@@ -823,6 +933,7 @@ def run(args, log=print) -> int:
     header.append(f"mode: {'--quick' if args.quick else 'full'}" + (" --training" if args.training else ""))
     for line in header:
         log(line)
+    mark_incomplete(Path(args.out), header)
     notes = []
     if not compiled:
         notes.append("On the CPU the paper-size cases (ASTA B=8192 L=64 D=384, B=256 L=513; QNN B=8192 D=1024 "
@@ -842,6 +953,10 @@ def run(args, log=print) -> int:
                     rows += check_op(op, case, dtype, device)
         log(f"{op.name}: {len([r for r in rows if r.op == op.name])} comparisons "
             f"({time.perf_counter() - start:.0f} s)")
+
+    if selected("qnn_dropout_mask", args.only):
+        rows += check_dropout_mask(device)
+        log(f"qnn_dropout_mask: done ({time.perf_counter() - start:.0f} s)")
 
     all_grads: list[Row] = []
     if selected("model", args.only):

@@ -221,3 +221,51 @@ def test_a_bf16_gradient_that_is_all_zeros_fails(tmp_path, monkeypatch, capsys):
     assert main(["parity", "--quick", "--device", "cpu", "--only", "model", "--out", str(tmp_path)]) == 1
     failed = capsys.readouterr().out.split("FAILED")[-1]
     assert "grad asta.W_q.weight" in failed and "bf16" in failed
+
+
+def test_the_model_rows_run_the_fused_qnn_kernels_in_training(monkeypatch):
+    """The model rows train with dropout on (its masks replayed alike into every model), so a
+    fault that only the fused QNN's dropout path has fails them; the plain model's rows pass."""
+    real = kernels.quadratic_projection
+
+    def faulty_dropout(*args, **kwargs):
+        out = real(*args, **kwargs)
+        triton_dropout = kwargs.get("backend") == "triton" and kwargs.get("training") and kwargs.get("dropout_p")
+        return out * (1 + 1e-2) if triton_dropout else out
+
+    monkeypatch.setattr(kernels, "quadratic_projection", faulty_dropout)
+    setup = parity.model_setup(True, steps=0, batch_size=16, seq_len=8)
+    rows = parity.check_model(setup, [torch.float32], torch.device("cpu"))
+    failed = {r.op for r in rows if not r.passed}
+    assert failed == {"model[triton]"}, [r.name for r in rows if not r.passed]
+
+
+def test_a_run_that_fails_leaves_no_earlier_report_standing(tmp_path, monkeypatch):
+    assert main(["parity", "--quick", "--device", "cpu", "--only", "qnn_dropout_mask", "--out", str(tmp_path)]) == 0
+    assert "All 5 comparisons pass" in (tmp_path / "parity.md").read_text()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("stopped halfway")
+
+    monkeypatch.setattr(parity, "check_dropout_mask", crash)
+    with pytest.raises(RuntimeError, match="stopped halfway"):
+        main(["parity", "--quick", "--device", "cpu", "--only", "qnn_dropout_mask", "--out", str(tmp_path), "--force"])
+    assert "**INCOMPLETE**" in (tmp_path / "parity.md").read_text()
+    assert not (tmp_path / "parity.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["parity.md"]
+
+
+def test_the_dropout_mask_statistics_catch_a_wrong_rate_and_correlated_draws(monkeypatch):
+    assert all(r.passed for r in parity.check_dropout_mask(torch.device("cpu")))
+    real = parity.dropout_keep_mask
+
+    def twice_p(seed, batch, num_row, dim, p, device):
+        return real(seed, batch, num_row, dim, 2 * p, device)
+
+    def pairs_alike(seed, batch, num_row, dim, p, device):  # element 2k+1 repeats element 2k
+        keep = real(seed, batch, num_row, dim, p, device)
+        return keep.view(batch, -1, 2)[:, :, :1].expand(batch, num_row * dim // 2, 2).reshape(batch, -1)
+
+    for fault, fails in ((twice_p, "keep rate"), (pairs_alike, "both kept: neighbouring elements")):
+        monkeypatch.setattr(parity, "dropout_keep_mask", fault)
+        assert fails in {r.quantity for r in parity.check_dropout_mask(torch.device("cpu")) if not r.passed}
