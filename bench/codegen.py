@@ -99,6 +99,7 @@ def compile_case(case: dict, arch: int, dtype: str = "") -> dict:
         "matrix_instructions": matrix_instructions(sass),
         "sass_instructions": count_instructions(sass),
         "ptx_loads_by_pointer": ptx_load_widths_by_pointer(kernel.asm["ptx"], _value_args(case), pointer_args),
+        "ptx_stores_by_pointer": ptx_store_widths_by_pointer(kernel.asm["ptx"], _value_args(case), pointer_args),
     }
 
 
@@ -193,8 +194,12 @@ _PTX_GLOBAL_LOAD = re.compile(r"\bld\.global\.(?:[\w:]+\.)*?(?:v(\d)\.)?[busf](\
 _PTX_ASYNC_COPY = re.compile(r"\bcp\.async\.c[ag]\.shared\.global\S*\s*\[[^\]]*\],\s*\[\s*(%\w+)[^\]]*\],\s*(0x[0-9a-fA-F]+|\d+)")
 
 
-def ptx_load_widths_by_pointer(ptx: str, value_args: list[str], pointer_args: list[str]) -> dict:
-    """{pointer arg: "64,128"}: bit widths of the global loads whose address derives from it.
+# "@%p3 st.global.v4.b32 [ %rd30 + 0 ], { %r41, .. };": vector count, element bits, address register.
+_PTX_GLOBAL_STORE = re.compile(r"\bst\.global\.(?:[\w:]+\.)*?(?:v(\d)\.)?[busf](\d+)\s*\[\s*(%\w+)")
+
+
+def _pointer_taint(ptx: str, value_args: list[str], pointer_args: list[str]) -> tuple[dict, list[str]]:
+    """({register: the pointer args its value derives from}, the PTX's instructions).
 
     A forward taint pass over the PTX: a register loaded from a pointer parameter carries that
     pointer's name, and every instruction passes the names of its source registers to its
@@ -237,6 +242,12 @@ def ptx_load_widths_by_pointer(ptx: str, value_args: list[str], pointer_args: li
                     taint[dest] |= sources
                     changed = True
 
+    return taint, instructions
+
+
+def ptx_load_widths_by_pointer(ptx: str, value_args: list[str], pointer_args: list[str]) -> dict:
+    """{pointer arg: "64,128"}: bit widths of the global loads whose address derives from it."""
+    taint, instructions = _pointer_taint(ptx, value_args, pointer_args)
     widths: dict[str, set] = {}
     for ins in instructions:
         load, copy = _PTX_GLOBAL_LOAD.search(ins), _PTX_ASYNC_COPY.search(ins)
@@ -250,6 +261,20 @@ def ptx_load_widths_by_pointer(ptx: str, value_args: list[str], pointer_args: li
             continue
         for name in taint.get(address) or {"?"}:
             widths.setdefault(name, set()).add(total)
+    return {name: ",".join(map(str, sorted(w))) for name, w in sorted(widths.items())}
+
+
+def ptx_store_widths_by_pointer(ptx: str, value_args: list[str], pointer_args: list[str]) -> dict:
+    """{pointer arg: "32,128"}: bit widths of the global stores whose address derives from it
+    (atomic adds are not stores, and are left out)."""
+    taint, instructions = _pointer_taint(ptx, value_args, pointer_args)
+    widths: dict[str, set] = {}
+    for ins in instructions:
+        store = _PTX_GLOBAL_STORE.search(ins)
+        if store:
+            vector, bits, address = store.groups()
+            for name in taint.get(address) or {"?"}:
+                widths.setdefault(name, set()).add(int(bits) * int(vector or 1))
     return {name: ",".join(map(str, sorted(w))) for name, w in sorted(widths.items())}
 
 
@@ -380,16 +405,17 @@ def run(dtypes=DTYPES, archs=ARCHS) -> list[dict]:
 
 def format_table(records: list[dict]) -> str:
     cols = ["kernel", "dtype", "arch", "regs", "smem", "local", "occ", "ld bits", "st bits", "matrix", "instrs",
-            "loads by pointer (PTX)"]
+            "loads by pointer (PTX)", "stores by pointer (PTX)"]
     lines = []
     for r in records:
         if "error" in r:
             lines.append([r["kernel"], r["dtype"], r["arch"], f"ERROR {r['error'].splitlines()[-1][:120]}"])
             continue
-        by_ptr = " ".join(f"{k}:{v}" for k, v in r["ptx_loads_by_pointer"].items())
+        loads, stores = (" ".join(f"{k}:{v}" for k, v in r[key].items())
+                         for key in ("ptx_loads_by_pointer", "ptx_stores_by_pointer"))
         lines.append([r["kernel"], r["dtype"], r["arch"], str(r["registers"]), str(r["shared_memory"]),
                       str(r["local_memory"]), f"{r['occupancy']:.2f}", r["load_widths"] or "-",
-                      r["store_widths"] or "-", r["matrix_instructions"], str(r["sass_instructions"]), by_ptr])
+                      r["store_widths"] or "-", r["matrix_instructions"], str(r["sass_instructions"]), loads, stores])
     widths = [max([len(c)] + [len(ln[i]) for ln in lines if len(ln) == len(cols)]) for i, c in enumerate(cols)]
     out = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
     out += ["  ".join(v.ljust(w) for v, w in zip(ln, widths)).rstrip() for ln in lines]

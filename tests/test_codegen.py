@@ -23,6 +23,8 @@ HISTORY_POINTER = "x_ptr"  # the ASTA kernels' name for the history (B, L, D) or
 # The QNN passes around the vendor GEMMs are memory-bound: the (B, M*D) hidden and the masked
 # gradient must move in 16-byte accesses.
 QNN_WIDE_POINTERS = {"qnn_dropout_sum": "h_ptr", "qnn_masked_grad": "gy_ptr"}
+# ... and what they write: y and s, and the (B, M*D) masked gradient G the GEMMs read.
+QNN_WIDE_STORES = {"qnn_dropout_sum": ("y_ptr", "s_ptr"), "qnn_masked_grad": ("g_ptr", "gys_ptr")}
 
 
 def _case_names(module_name: str) -> list[str]:
@@ -111,6 +113,9 @@ def test_asta_reads_history_with_128_bit_loads(records, kernel, dtype, arch):
         f"loads (all pointers: {by_pointer})")
     # And ptxas kept them 128 bits wide in the machine code.
     assert rec["load_widths"].split(",")[-1] == "128", f"{kernel}: SASS global loads {rec['load_widths']}"
+    if kernel == "asta_bwd":  # the plain form writes the history's gradient, as large as the history
+        stores = rec["ptx_stores_by_pointer"]
+        assert stores.get("dx_ptr") == "128", f"{kernel} ({dtype}, sm_{arch}) stores dx_ptr: {stores}"
 
 
 @pytest.mark.parametrize("kernel,dtype,arch", _params(QNN_KERNELS))
@@ -121,6 +126,10 @@ def test_qnn_passes_use_128_bit_accesses(records, kernel, dtype, arch):
         f"{kernel} ({dtype}, sm_{arch}) loads {pointer} with {rec['ptx_loads_by_pointer'].get(pointer)}-bit "
         f"loads (all pointers: {rec['ptx_loads_by_pointer']})")
     assert "128" in rec["store_widths"].split(","), f"{kernel}: SASS global stores {rec['store_widths']}"
+    stores = rec["ptx_stores_by_pointer"]
+    for pointer in QNN_WIDE_STORES[kernel]:
+        assert stores.get(pointer) == "128", (
+            f"{kernel} ({dtype}, sm_{arch}) stores {pointer} with {stores.get(pointer)}-bit stores (all: {stores})")
 
 
 def test_rows_follow_the_csv_schema(records):
