@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from qin.errors import ConfigError
 from qin.features import MICROLENS_FEATURES, context_features, item_features, item_key, parse_features, to_dicts
 
 logger = logging.getLogger("qin.data")
@@ -244,7 +245,16 @@ class _FileReader:
 
     def ints(self, column: str, array: pa.Array, start: int) -> np.ndarray:
         self.check_no_nulls(column, array, start)
-        return array.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+        return self.int64(column, array.to_numpy(zero_copy_only=False), start)
+
+    def int64(self, column: str, values: np.ndarray, start: int, lengths: np.ndarray | None = None) -> np.ndarray:
+        """Integer ids as int64; a uint64 id past int64's range is refused as it is, never wrapped."""
+        if values.dtype == np.uint64:
+            bad = _first(values > np.iinfo(np.int64).max)
+            if bad is not None:
+                row = bad if lengths is None else self.row_of(lengths, bad)
+                raise self.fail(column, start + row, f"id {int(values[bad])} is too large (ids are int64)")
+        return values.astype(np.int64, copy=False)
 
     def lists(self, column: str, array: pa.Array, start: int) -> tuple[np.ndarray, np.ndarray]:
         """(lengths, flat values) of a list column, nulls in either refused."""
@@ -284,6 +294,9 @@ def _describe_id(feature):
     def describe(value: int) -> str:
         if value < 0:
             return f"id {value} is negative"
+        if feature.vocab_size is None:  # past the ids the column's array holds
+            return (f"id {value} is above {np.iinfo(np.int32).max}, the largest a {feature.type} feature holds; "
+                    f"map the ids to 1..N")
         return f"id {value} is outside the vocabulary 0..{feature.vocab_size - 1}"
     return describe
 
@@ -301,7 +314,9 @@ def _empty_column(feature, rows: int) -> np.ndarray:
 def _read_feature(reader: _FileReader, feature, array: pa.Array, start: int, out: np.ndarray) -> None:
     """Check one record batch of a feature's column and write it into out[start:]."""
     name, stop = feature.name, start + len(array)
-    highest = feature.vocab_size - 1 if feature.vocab_size else np.iinfo(np.int64).max
+    # Without a declared vocabulary, what the column's array holds (sequences: int32): never wrapped.
+    highest = feature.vocab_size - 1 if feature.vocab_size else (
+        np.iinfo(out.dtype).max if out.dtype.kind == "i" else np.iinfo(np.int64).max)
     if feature.type == "categorical":
         ids = reader.ints(name, array, start)
         reader.check_range(name, ids, start, 0, highest, _describe_id(feature))
@@ -311,7 +326,7 @@ def _read_feature(reader: _FileReader, feature, array: pa.Array, start: int, out
         bad = _first(lengths > feature.max_len)
         if bad is not None:
             raise reader.fail(name, start + bad, f"{lengths[bad]} ids, at most max_len {feature.max_len} allowed")
-        values = values.astype(np.int64, copy=False)
+        values = reader.int64(name, values, start, lengths)
         reader.check_range(name, values, start, 0, highest, _describe_id(feature), lengths)
         out[start:stop] = keep_last(lengths, values, feature.max_len, dtype=out.dtype)
     elif feature.type == "embedding":
@@ -381,6 +396,7 @@ def _load_split(path: Path, name: str, num_items: int, max_len: int, features, l
         item_seq = np.empty((n, max_len), dtype=np.int32)
         labels = np.empty(n, dtype=np.float32) if has_label else None
         columns = {f.name: _empty_column(f, n) for f in context}
+        cut = 0  # histories longer than max_len: the model reads their last max_len items
         for start, batch in reader.batches([c for c in kinds if c in reader.present]):
             stop = start + batch.num_rows
             ids = reader.ints(key.name, batch.column(key.name), start)
@@ -388,7 +404,8 @@ def _load_split(path: Path, name: str, num_items: int, max_len: int, features, l
             item_id[start:stop] = ids
 
             lengths, values = reader.lists(history, batch.column(history), start)
-            values = values.astype(np.int64, copy=False)
+            values = reader.int64(history, values, start, lengths)
+            cut += int((lengths > max_len).sum())
             reader.check_range(history, values, start, 0, num_items - 1, _describe_item_id(num_items), lengths)
             bad = _first_padded_on_the_right(lengths, values)
             if bad is not None:
@@ -401,16 +418,38 @@ def _load_split(path: Path, name: str, num_items: int, max_len: int, features, l
                 _read_feature(reader, f, batch.column(f.name), start, columns[f.name])
 
             if has_label:
-                reader.check_no_nulls(label, batch.column(label), start)
-                values = batch.column(label).to_numpy(zero_copy_only=False)
-                bad = _first(np.isnan(values)) if values.dtype.kind == "f" else None
-                if bad is not None:
-                    raise reader.fail(label, start + bad, "label is NaN")
-                bad = _first((values != 0) & (values != 1))
-                if bad is not None:
-                    raise reader.fail(label, start + bad, f"label {values[bad]} is not 0 or 1")
-                labels[start:stop] = values
+                array = batch.column(label)
+                values = array.to_numpy(zero_copy_only=False)
+                bad = _label_problem(array, values)
+                if bad is not None and name == "test":
+                    # Only `qin evaluate --split test` reads test labels; placeholders (-1, null)
+                    # must not stop training or prediction.
+                    row, problem = bad
+                    logger.warning("%s, column '%s', row %d: %s: the test split is read without labels "
+                                   "(only `qin evaluate --split test` needs them)", reader.name, label,
+                                   start + row, problem)
+                    has_label, labels = False, None
+                elif bad is not None:
+                    raise reader.fail(label, start + bad[0], bad[1])
+                else:
+                    labels[start:stop] = values
+        if cut:
+            logger.info("%s: %d of %d histories are longer than data.max_len=%d; the model reads the last %d "
+                        "items of each", reader.name, cut, n, max_len, max_len)
         return Split(name=name, item_id=item_id, item_seq=item_seq, label=labels, features=columns), reader.extra
+
+
+def _label_problem(array: pa.Array, values: np.ndarray) -> tuple[int, str] | None:
+    """(row in the batch, what is wrong) for the first label that is not 0 or 1, or None."""
+    if array.null_count:
+        return _first(array.is_null().to_numpy(zero_copy_only=False)), "null value"
+    bad = _first(np.isnan(values)) if values.dtype.kind == "f" else None
+    if bad is not None:
+        return bad, "label is NaN"
+    bad = _first((values != 0) & (values != 1))
+    if bad is not None:
+        return bad, f"label {values[bad]} is not 0 or 1"
+    return None
 
 
 def require_both_classes(split: Split, file: str, label: str = "label") -> None:
@@ -420,6 +459,12 @@ def require_both_classes(split: Split, file: str, label: str = "label") -> None:
     if clicks in (0, len(split)):
         raise data_error(file, f"all {len(split):,} rows have label {int(split.label[0])}: AUC needs "
                          f"both clicks and non-clicks", label)
+
+
+# An inferred vocabulary past this many rows, SPARSE_IDS_RATIO times the ids seen, is refused:
+# hashed ids would otherwise ask for a table of billions of rows.
+SPARSE_IDS_ABOVE = 10_000_000
+SPARSE_IDS_RATIO = 100
 
 
 def _resolve_vocab(features, item_info: ItemInfo, splits: dict[str, Split]) -> list:
@@ -433,7 +478,19 @@ def _resolve_vocab(features, item_info: ItemInfo, splits: dict[str, Split]) -> l
             else:
                 arrays = ([item_info.columns[f.name].numpy()] if f.is_item
                           else [split.features[f.name] for split in splits.values()])
+                files = "item_info.parquet" if f.is_item else "/".join(f"{name}.parquet" for name in splits)
                 f.vocab_size = max(int(a.max()) if a.size else 0 for a in arrays) + 1
+                if f.vocab_size == 1 and f.padding_idx == 0:
+                    raise data_error(files, "every value is 0, the padding id: the feature carries nothing "
+                                     "(drop it from data.features, or declare padding_idx: null if 0 is a value)",
+                                     f.name)
+                if f.vocab_size > SPARSE_IDS_ABOVE:
+                    distinct = np.unique(np.concatenate([a.ravel() for a in arrays])).size
+                    if f.vocab_size > SPARSE_IDS_RATIO * distinct:
+                        raise data_error(files, f"ids reach {f.vocab_size - 1:,} but only {distinct:,} distinct "
+                                         f"ids appear: an embedding table of {f.vocab_size:,} rows would be "
+                                         f"almost all unused; map the ids to 1..N (hashed ids), or declare "
+                                         f"vocab_size", f.name)
         resolved.append(f)
     return resolved
 
@@ -449,6 +506,11 @@ def load_dataset(root, max_len: int = 64, splits=("train", "valid", "test"), fea
         raise ValueError(f"max_len must be a positive integer, got {max_len}")
     features = parse_features(MICROLENS_FEATURES if features is None else
                               [f if isinstance(f, dict) else to_dicts([f])[0] for f in features])
+    for f in context_features(features):  # read as an input, the label would leak into the model
+        if f.name in (label, history):
+            role = "data.label" if f.name == label else "data.history"
+            raise ConfigError(f"data.features: feature '{f.name}' is the column {role} names; "
+                              f"a feature cannot read it")
     root = Path(root)
     item_info, extra = _load_item_info(root / "item_info.parquet", features)
     extra_columns = {"item_info.parquet": extra} if extra else {}

@@ -290,3 +290,81 @@ def test_every_feature_type_on_either_side_builds_and_trains():
         assert torch.all(grad[0] == 0) and torch.all(grad[4:] == 0)
         assert grad[1:4].abs().sum() > 0
         assert tables["items.item_price_embedding.weight"].grad.abs().sum() > 0
+
+
+def _write(tables, root):
+    for name, table in tables.items():
+        pq.write_table(table, root / f"{name}.parquet")
+
+
+def _column(table, name, values, type=None):
+    array = pa.array(values, type=type)
+    if name in table.column_names:
+        return table.set_column(table.schema.get_field_index(name), name, array)
+    return table.append_column(name, array)
+
+
+def test_a_feature_cannot_read_the_label_or_history_column(other_dir):
+    for name, role in (("clicked", "data.label"), ("clicked_items", "data.history")):
+        features = OTHER_FEATURES + [{"name": name, "type": "numeric"}]
+        with pytest.raises(ConfigError, match=f"feature '{name}' is the column {role} names"):
+            load_dataset(other_dir, **{**OTHER_DATA_SECTION, "features": features})
+
+
+def test_ids_the_columns_cannot_hold_are_refused_never_wrapped(other_dir, tmp_path):
+    """Undeclared vocabularies: a sequence id past int32 (sequences are held as int32), and a
+    uint64 id past int64, are named as they are in the file."""
+    tables = _other_tables(other_dir)
+    n = tables["item_info"].num_rows
+    tables["item_info"] = _column(tables["item_info"], "item_tags", [[0]] + [[2**32 + 8]] * (n - 1))
+    _write(tables, tmp_path)
+    features = OTHER_FEATURES + [{"name": "item_tags", "type": "sequence", "source": "item", "max_len": 2}]
+    with pytest.raises(DataError, match=r"item_info.parquet, column 'item_tags', row 1: id 4294967304 is above "
+                                        r"2147483647"):
+        load_dataset(tmp_path, **{**OTHER_DATA_SECTION, "features": features})
+    tables = _other_tables(other_dir)
+    values = np.ones(tables["train"].num_rows, dtype=np.uint64)
+    values[7] = 2**64 - 1
+    tables["train"] = _column(tables["train"], "activity_level", values)
+    _write(tables, tmp_path)
+    with pytest.raises(DataError, match=r"train.parquet, column 'activity_level', row 7: id 18446744073709551615 is "
+                                        r"too large"):
+        load_other(tmp_path)
+
+
+def test_an_inferred_vocabulary_of_padding_only_or_of_hashed_ids_is_refused_naming_the_column(other_dir, tmp_path):
+    tables = _other_tables(other_dir)
+    tables["item_info"] = _column(tables["item_info"], "item_topic", np.zeros(tables["item_info"].num_rows, np.int64))
+    _write(tables, tmp_path)
+    with pytest.raises(DataError, match="item_info.parquet, column 'item_topic': every value is 0, the padding id"):
+        load_other(tmp_path)
+    tables = _other_tables(other_dir)
+    for split in ("train", "valid"):  # hashed levels: 11 distinct ids up to 1e8
+        tables[split] = _column(tables[split], "activity_level",
+                                tables[split].column("activity_level").to_numpy() * 10_000_019)
+    _write(tables, tmp_path)
+    features = [{k: v for k, v in f.items() if not (f["name"] == "activity_level" and k == "vocab_size")}
+                for f in OTHER_FEATURES]
+    with pytest.raises(DataError, match=r"train.parquet/valid.parquet(/test.parquet)?, column 'activity_level': ids "
+                                        r"reach 100,000,190 but only 11 distinct ids appear"):
+        load_dataset(tmp_path, **{**OTHER_DATA_SECTION, "features": features})
+
+
+def test_placeholder_test_labels_leave_the_test_split_unlabelled_with_a_warning(other_dir, tmp_path, caplog):
+    tables = {**_other_tables(other_dir), "test": pq.read_table(other_dir / "test.parquet")}
+    tables["test"] = _column(tables["test"], "clicked", np.full(tables["test"].num_rows, -1, np.int64))
+    _write(tables, tmp_path)
+    with caplog.at_level("WARNING", logger="qin.data"):
+        dataset = load_other(tmp_path)
+    assert dataset.splits["test"].label is None
+    assert "test.parquet, column 'clicked', row 0: label -1 is not 0 or 1" in caplog.text
+    tables["train"] = _column(tables["train"], "clicked", np.full(tables["train"].num_rows, -1, np.int64))
+    _write(tables, tmp_path)
+    with pytest.raises(DataError, match="train.parquet, column 'clicked', row 0: label -1 is not 0 or 1"):
+        load_other(tmp_path)  # a training label is still checked
+
+
+def test_histories_cut_to_max_len_are_counted_in_the_log(other_dir, caplog):
+    with caplog.at_level("INFO", logger="qin.data"):
+        load_dataset(other_dir, max_len=2, **OTHER_DATA_SECTION)
+    assert "histories are longer than data.max_len=2; the model reads the last 2 items of each" in caplog.text
