@@ -172,9 +172,10 @@ def _type_fits(kind: str, t: pa.DataType) -> bool:
         return pa.types.is_integer(t)
     if kind == "number":
         return pa.types.is_integer(t) or pa.types.is_floating(t)
+    # A list column whose every list is empty has no value type to infer: pa.table writes list<null>.
     if kind == "int_list":
-        return _is_list(t) and pa.types.is_integer(t.value_type)
-    return _is_list(t) and pa.types.is_floating(t.value_type)
+        return _is_list(t) and (pa.types.is_integer(t.value_type) or pa.types.is_null(t.value_type))
+    return _is_list(t) and (pa.types.is_floating(t.value_type) or pa.types.is_null(t.value_type))
 
 
 class _FileReader:
@@ -214,14 +215,14 @@ class _FileReader:
         for column in kinds:
             if schema.names.count(column) > 1:  # which one to read would be a guess
                 raise data_error(self.name, f"the file has {schema.names.count(column)} columns of this name", column)
+        self.num_rows = self.parquet.metadata.num_rows
+        if self.num_rows == 0:  # before the types: an empty column's type is often null
+            raise data_error(self.name, "the file has no rows")
         for column, kind in kinds.items():
             if kind is not None and column in schema.names and not _type_fits(kind, schema.field(column).type):
                 raise data_error(self.name, f"expected {KIND_NAMES[kind]}, got {schema.field(column).type}", column)
         self.extra = [name for name in schema.names if name not in kinds]
         self.present = [name for name in kinds if name in schema.names]
-        self.num_rows = self.parquet.metadata.num_rows
-        if self.num_rows == 0:
-            raise data_error(self.name, "the file has no rows")
 
     def batches(self, columns: list[str]) -> Iterator[tuple[int, pa.RecordBatch]]:
         """(first row, batch) pairs over the chosen columns; a corrupt body is a DataError too."""

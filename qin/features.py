@@ -93,11 +93,23 @@ def parse_feature(entry, where: str) -> Feature:
     return feature
 
 
+def _one_name_each(entries: list) -> list:
+    """FuxiCTR's shorthand {name: [a, b], ...} for features a and b of the same spec, expanded."""
+    out = []
+    for entry in entries:
+        names = entry.get("name") if isinstance(entry, dict) else None
+        if isinstance(names, list) and names and all(isinstance(n, str) for n in names):
+            out += [{**entry, "name": name} for name in names]
+        else:
+            out.append(entry)
+    return out
+
+
 def parse_features(entries, where: str = "data.features") -> list[Feature]:
     """Features from a FuxiCTR-style list; inactive ones dropped; the item key checked."""
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{where} must be a non-empty list of features, got {entries!r}")
-    features = [parse_feature(entry, where) for entry in entries
+    features = [parse_feature(entry, where) for entry in _one_name_each(entries)
                 if not (isinstance(entry, dict) and entry.get("active", True) is False)]
     names = [f.name for f in features]
     duplicate = next((n for n in names if names.count(n) > 1), None)

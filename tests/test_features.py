@@ -368,3 +368,28 @@ def test_histories_cut_to_max_len_are_counted_in_the_log(other_dir, caplog):
     with caplog.at_level("INFO", logger="qin.data"):
         load_dataset(other_dir, max_len=2, **OTHER_DATA_SECTION)
     assert "histories are longer than data.max_len=2; the model reads the last 2 items of each" in caplog.text
+
+
+def test_a_history_column_of_empty_lists_only_loads(other_dir, tmp_path):
+    """pa.table infers list<null> when every list is empty (users without history yet)."""
+    tables = _other_tables(other_dir)
+    rows = tables["valid"].num_rows
+    tables["valid"] = _column(tables["valid"], "clicked_items", [[] for _ in range(rows)])
+    assert tables["valid"].schema.field("clicked_items").type == pa.list_(pa.null())
+    _write(tables, tmp_path)
+    valid = load_other(tmp_path).splits["valid"]
+    assert valid.item_seq.shape[0] == rows and not valid.item_seq.any()
+    tables["valid"] = tables["valid"].slice(0, 0)  # and a file with no rows says so, whatever its types
+    _write(tables, tmp_path)
+    with pytest.raises(DataError, match="valid.parquet: the file has no rows"):
+        load_other(tmp_path)
+
+
+def test_fuxictr_list_names_declare_one_feature_each():
+    entries = [{"name": ["session_id", "device_id"], "type": "meta"},
+               {"name": ["activity_level", "popularity_level"], "type": "categorical", "vocab_size": 11},
+               {"name": "item_id", "type": "categorical", "source": "item"}]
+    features = parse_features(entries)
+    assert [(f.name, f.type, f.vocab_size) for f in features] == [
+        ("session_id", "meta", None), ("device_id", "meta", None), ("activity_level", "categorical", 11),
+        ("popularity_level", "categorical", 11), ("item_id", "categorical", None)]
