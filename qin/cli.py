@@ -70,6 +70,10 @@ def cmd_train(args) -> int:
             raise UsageError(f"{out_dir}: no latest.pt to resume from")
         if args.config or args.data or args.data_config:
             raise UsageError("--resume takes the run's own config.yaml and data; drop --config/--data/--data-config")
+        data_keys = [o.split("=", 1)[0] for o in args.overrides if o.split("=", 1)[0].startswith("data.")]
+        if [k for k in data_keys if k != "data.dir"]:
+            raise UsageError(f"{data_keys[0]}: --resume continues on the run's own data; start a new run (--out) "
+                             f"to change it")
         cfg = load_config(out_dir / "config.yaml", args.overrides)
     else:
         dataset_block = _dataset_block(args)
@@ -78,6 +82,9 @@ def cmd_train(args) -> int:
         if args.data:
             cfg.data.dir = args.data
         out_dir = Path(args.out or cfg.train.out_dir)
+        folder = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+        if folder is not None and not folder.is_dir():  # found now, not after the data has loaded
+            raise UsageError(f"--out {out_dir}: {folder} is a file, not a folder")
         if (out_dir / "latest.pt").exists():
             raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} "
                              f"or choose another --out")
@@ -87,9 +94,15 @@ def cmd_train(args) -> int:
     # Validated before anything is written; a resumed run reads it with its trained vocabularies.
     dataset = load_data(cfg.data.dir, _trained_data(cfg) if args.resume else cfg.data)
     cfg.data.dir = str(dataset.root.resolve())
+    if args.resume and any(o.startswith("data.dir=") for o in args.overrides):
+        saved = load_config(out_dir / "config.yaml").data.dir
+        if saved != cfg.data.dir:
+            logging.getLogger("qin").warning(
+                "data.dir: the run trained on %s and continues on %s: it must be the same data, moved", saved,
+                cfg.data.dir)
     fill_vocab_from_data(cfg, dataset)
     with distributed.leaving_group_at_end():  # Trainer joins the process group under torchrun
-        trainer = Trainer(cfg, dataset, out_dir)
+        trainer = Trainer(cfg, dataset, out_dir, lr_given=any(o.startswith("train.lr=") for o in args.overrides))
         state = trainer.fit(resume=bool(args.resume))
     if trainer.ctx.is_main:
         print(f"best valid AUC {state.best_auc:.4f} at epoch {state.best_epoch}; model in {out_dir / 'best.pt'}")
@@ -373,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingInterrupted as exc:
         print(f"qin {args.command}: {exc}", file=sys.stderr)
-        return 130
+        return 128 + int(exc.signum)
     except TrainingError as exc:
         print(f"qin {args.command}: error: {exc}", file=sys.stderr)
         return 1

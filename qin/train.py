@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from kernels import choice as kernels_choice
 from qin import distributed
-from qin.checkpoint import (atomic_write, check_model_config, load_checkpoint, remove_stale_temporaries, run_lock,
-                            save_checkpoint)
+from qin.checkpoint import (CheckpointError, atomic_write, check_model_config, load_checkpoint,
+                            remove_stale_temporaries, run_lock, save_checkpoint)
 from qin.config import ConfigError, RunConfig
 from qin.data import Dataset, Split, iterate_batches, require_both_classes
 from qin.host_memory import bound_kept_memory, keep_freed_memory
@@ -40,7 +40,11 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(Exception):
-    """Ctrl-C: a checkpoint was saved, the run can be resumed."""
+    """Ctrl-C or a termination signal: a checkpoint was saved, the run can be resumed."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum  # the exit status is 128 + signum, as the shell reports a signal
 
 
 @dataclasses.dataclass
@@ -281,23 +285,34 @@ def epoch_batches(rows: int, batch_size: int, world_size: int = 1) -> tuple[int,
     return full + (rest > left_out), left_out
 
 
+# Ctrl-C, and what `kill`, `timeout`, Slurm, Kubernetes and `docker stop` send to stop a job.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextmanager
-def _catch_sigint():
-    """Turn Ctrl-C into a flag the loop checks between steps, so a checkpoint can be written."""
-    flag = {"set": False}
+def _catch_stop_signals():
+    """Turn a stop signal into a flag the loop checks between steps, so a checkpoint can be written."""
+    flag = {"set": False, "signum": signal.SIGINT}
 
     def handler(signum, frame):
-        flag["set"] = True
+        if not flag["set"]:
+            print(f"\nreceived {signal.Signals(signum).name}: saving latest.pt after this step", file=sys.stderr)
+        flag["set"], flag["signum"] = True, signum
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, handler)
     except ValueError:  # not the main thread: leave signals alone
+        for signum, old in previous.items():
+            signal.signal(signum, old)
         yield flag
         return
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 class Trainer:
@@ -308,8 +323,10 @@ class Trainer:
     numbers, so the ranks never disagree.
     """
 
-    def __init__(self, cfg: RunConfig, dataset: Dataset, out_dir: str | Path, log=print):
-        self.cfg, self.dataset, self.out_dir = cfg, dataset, Path(out_dir)
+    def __init__(self, cfg: RunConfig, dataset: Dataset, out_dir: str | Path, log=print, lr_given: bool = False):
+        """`lr_given`: train.lr was set for this run (an override), so a resume takes it even where
+        it equals the configured rate, which the run may have decayed from."""
+        self.cfg, self.dataset, self.out_dir, self.lr_given = cfg, dataset, Path(out_dir), lr_given
         self.ctx = distributed.context_from_env()
         self.log = log if self.ctx.is_main else (lambda *_: None)
         if cfg.train.batch_size % self.ctx.world_size:  # each rank takes an equal share of a batch
@@ -384,7 +401,37 @@ class Trainer:
         payload = self._payload(model_only)
         if self.ctx.is_main:
             self.watch.flush()  # the events hold every step the checkpoint covers
-            save_checkpoint(self.out_dir / name, payload)
+            try:
+                save_checkpoint(self.out_dir / name, payload)
+            except (OSError, RuntimeError) as exc:  # torch.save reports a short write as a RuntimeError
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise TrainingError(f"could not write {self.out_dir / name} ({first}; is the disk full?): training "
+                                    f"stopped; an earlier {name} there is kept") from exc
+
+    def _write_metrics(self) -> None:
+        """metrics.jsonl, rewritten whole from the state, so it always agrees with latest.pt."""
+        lines = "".join(json.dumps(r) + "\n" for r in self.state.history)
+        if self.ctx.is_main:
+            atomic_write(self.out_dir / "metrics.jsonl", lambda fh: fh.write(lines.encode()))
+
+    def _repair_after_resume(self) -> None:
+        """What a stop between the writes at an epoch's end left behind: metrics.jsonl short of
+        latest.pt's epochs, and best.pt without the best epoch when that is the epoch latest.pt
+        ended (then the restored model is that epoch's)."""
+        if not self.ctx.is_main:
+            return
+        self._write_metrics()
+        st = self.state
+        if st.best_epoch and st.best_epoch == st.epoch and not st.batches_done:
+            best = self.out_dir / "best.pt"
+            try:
+                saved = load_checkpoint(best, map_location="cpu")["trainer"]["epoch"] if best.exists() else None
+            except CheckpointError:
+                saved = None
+            if saved != st.best_epoch:
+                save_checkpoint(best, self._payload(model_only=True))
+                self.log(f"wrote {best} again from latest.pt: the run stopped before it held epoch "
+                         f"{st.best_epoch}, the best")
 
     def restore(self, path: Path) -> None:
         # Read onto the CPU whatever the run's device: the saved RNG states must stay there
@@ -413,7 +460,7 @@ class Trainer:
                         f"checkpoint written at an epoch's end takes it)")
         # An override of train.patience decides afresh whether early stopping has ended the run.
         self.state.finished = self.state.bad_epochs >= self.cfg.train.patience
-        if saved_train.get("lr") != self.cfg.train.lr:  # an override: the rate from here on
+        if self.lr_given or saved_train.get("lr") != self.cfg.train.lr:  # an override: the rate from here on
             self.log(f"train.lr={self.cfg.train.lr:g}: the learning rate goes from {self.state.lr:g} to "
                      f"{self.cfg.train.lr:g} from here on")
             self.state.lr = self.cfg.train.lr
@@ -448,6 +495,7 @@ class Trainer:
                 for path in remove_stale_temporaries(self.out_dir):
                     self.log(f"removed {path.name}, a partial write left by the interrupted run")
             self.restore(self.out_dir / "latest.pt")
+            self._repair_after_resume()
             if self.state.finished or self.state.epoch >= tc.epochs:
                 why = "early stopping ended it" if self.state.finished else f"train.epochs={tc.epochs}"
                 self.log(f"{self.out_dir / 'latest.pt'}: the run is over after {self.state.epoch} epochs ({why}); "
@@ -473,7 +521,7 @@ class Trainer:
         # Events past the checkpoint that an error leaves unwritten are repeated by the resumed run.
         self.watch.open(resumed_at=(self.state.step, self.state.epoch) if resume else None,
                         window=self._resumed_window if resume else None)
-        with _catch_sigint() as interrupted:
+        with _catch_stop_signals() as interrupted:
             while not self.state.finished and self.state.epoch < tc.epochs:
                 self._train_epoch(train, batches_per_epoch, interrupted)
                 self._end_epoch(valid)
@@ -532,8 +580,8 @@ class Trainer:
                 self.save("latest.pt")
                 raise TrainingInterrupted(
                     f"interrupted at epoch {st.epoch + 1}, step {st.step}; checkpoint saved to "
-                    f"{self.out_dir / 'latest.pt'}; continue with: qin train --resume {self.out_dir}"
-                )
+                    f"{self.out_dir / 'latest.pt'}; continue with: qin train --resume {self.out_dir}",
+                    interrupted["signum"])
         self._report(pending, bar)
         bar.close()
         self._epoch_seconds = time.perf_counter() - self._clock[0]
@@ -635,13 +683,13 @@ class Trainer:
         }
         st.history.append(record)
         self.watch.after_epoch(record)
+        # latest.pt first: stopped between the two writes, a resume finds the best epoch in it and
+        # writes best.pt again (_repair_after_resume); the other way round, best.pt could hold an
+        # epoch the resumed run trains again differently, that no record describes.
+        self.save("latest.pt")
         if improved:
             self.save("best.pt", model_only=True)
-        self.save("latest.pt")
-        # Rewritten whole from the state, so it always agrees with latest.pt, also after a resume.
-        lines = "".join(json.dumps(r) + "\n" for r in st.history)
-        if self.ctx.is_main:
-            atomic_write(self.out_dir / "metrics.jsonl", lambda fh: fh.write(lines.encode()))
+        self._write_metrics()
         self.watch.end_epoch()
         self.log(
             f"epoch {st.epoch}: train loss {epoch_loss:.4f}, valid AUC {metrics['auc']:.4f}, "

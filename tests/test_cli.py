@@ -95,6 +95,9 @@ def test_resume_continues_and_refuses_new_data(data_dir, run_dir, tmp_path, caps
         (copy / f.name).write_bytes(f.read_bytes())
     assert main(["train", "--resume", str(copy), "--data", str(data_dir)]) == 2
     assert "drop --config/--data" in capsys.readouterr().err
+    for override in ("data.max_len=8", "data.label=clicked"):  # nor through an override
+        assert main(["train", "--resume", str(copy), override]) == 2
+        assert f"{override.split('=')[0]}: --resume continues on the run's own data" in capsys.readouterr().err
     assert main(["train", "--resume", str(copy), "train.epochs=2"]) == 0
     assert load_checkpoint(copy / "latest.pt")["trainer"]["epoch"] == 2
     # The override is the run's setting now: a later plain --resume must not fall back to 1 epoch.
@@ -259,3 +262,13 @@ def test_running_out_of_gpu_memory_says_what_to_lower(data_dir, tmp_path, monkey
     err = capsys.readouterr().err
     assert "qin train: error: the GPU ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)" in err
     assert "train.batch_size" in err and "Traceback" not in err
+
+
+def test_an_out_that_is_a_file_is_refused_before_the_data_loads(tmp_path, capsys, monkeypatch):
+    import qin.cli
+
+    monkeypatch.setattr(qin.cli, "load_data", lambda *a, **k: pytest.fail("the data loaded"))
+    (tmp_path / "afile").write_text("")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        assert main(["train", "--out", str(out), "train.device=cpu"]) == 2
+        assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err

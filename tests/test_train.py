@@ -295,16 +295,72 @@ def _latest_step(out_dir):
         return -1
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_a_termination_signal_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path, signum):
+    """Ctrl-C, and the SIGTERM that `kill`, `timeout`, Slurm or Kubernetes send: latest.pt at the
+    step the signal arrived, not the last checkpoint (by default the last epoch's end)."""
     out = tmp_path / "run"
     proc = subprocess.Popen(qin_command("train", *train_args(data_dir, out, epochs=50)), env=run_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and _latest_step(out) < 2:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr
+    assert proc.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr and f"received {signal.Signals(signum).name}" in stderr
     assert f"qin train --resume {out}" in stderr
     assert load_checkpoint(out / "latest.pt")["trainer"]["step"] >= 2
+
+
+def test_a_stop_between_latest_and_best_is_repaired_on_resume(data_dir, tmp_path, monkeypatch):
+    """latest.pt is written before best.pt: stopped between the two (here: the write of best.pt
+    fails), a resume finds the best epoch in latest.pt, writes best.pt from it and rewrites
+    metrics.jsonl, which the stop left one epoch short."""
+    out = tmp_path / "run"
+    trainer = make_trainer(data_dir, out, "train.epochs=1")
+    real = qin.train.save_checkpoint
+
+    def stop_at_best(path, payload):
+        if Path(path).name == "best.pt":
+            raise KeyboardInterrupt  # the process stopped here
+        real(path, payload)
+
+    monkeypatch.setattr(qin.train, "save_checkpoint", stop_at_best)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    monkeypatch.setattr(qin.train, "save_checkpoint", real)
+    assert not (out / "best.pt").exists() and not (out / "metrics.jsonl").exists()
+    resumed = make_trainer(data_dir, out, "train.epochs=1")
+    state = resumed.fit(resume=True)
+    assert state.best_epoch == 1
+    best = load_checkpoint(out / "best.pt")
+    assert best["trainer"]["epoch"] == 1
+    assert_same_weights(best["model"], final_weights(out))
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_training_in_one_line(data_dir, tmp_path, monkeypatch):
+    def full_disk(path, payload):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1397440 vs 1397332")
+
+    monkeypatch.setattr(qin.train, "save_checkpoint", full_disk)
+    with pytest.raises(TrainingError, match=r"could not write .*latest.pt \(\[enforce fail.*is the disk full\?\)"):
+        make_trainer(data_dir, tmp_path / "run", "train.epochs=1").fit()
+
+
+def test_train_lr_given_on_resume_is_taken_even_where_it_equals_the_configured_rate(data_dir, tmp_path):
+    out = tmp_path / "run"
+    make_trainer(data_dir, out, "train.epochs=1", "train.lr=0.01").fit()
+    payload = load_checkpoint(out / "latest.pt")
+    payload["trainer"]["lr"] = 0.0025  # as if two epochs without gain had halved it twice
+    torch.save(payload, out / "latest.pt")
+    cfg = small_config(data_dir, "train.epochs=1", "train.lr=0.01")
+    dataset = load_dataset(data_dir)
+    fill_vocab_from_data(cfg, dataset)
+    given = Trainer(cfg, dataset, out, log=lambda *_: None, lr_given=True)
+    given.restore(out / "latest.pt")
+    assert given.state.lr == 0.01 and all(g["lr"] == 0.01 for g in given.optimizer.param_groups)
+    kept = Trainer(cfg, dataset, out, log=lambda *_: None)
+    kept.restore(out / "latest.pt")
+    assert kept.state.lr == 0.0025  # not given: the decayed rate goes on
