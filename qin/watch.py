@@ -14,6 +14,7 @@ lack; on resume the events are trimmed back to the checkpoint (qin/events.py).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class RunWatch:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.run_dir), flush_secs=30)
+            self._quiet_writer_thread()
         except OSError as exc:
             self._events_error(exc)
         self._reset_window()
@@ -123,7 +125,21 @@ class RunWatch:
         # Evaluation, checkpoints and drawing are not training: the next samples/s window starts now.
         self._rows, self._window_start = 0, time.perf_counter()
 
+    def _quiet_writer_thread(self) -> None:
+        """tensorboard writes events from a thread, which dies on a write error printing its
+        traceback; the writer's next call raises the same error here, where it is warned about
+        once. Until close(), that thread's OSError goes unprinted (every other error as before)."""
+        previous = self._previous_excepthook = threading.excepthook
+
+        def hook(args):
+            if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+                previous(args)
+        self._excepthook = threading.excepthook = hook
+
     def close(self) -> None:
+        if getattr(self, "_excepthook", None) is not None and threading.excepthook is self._excepthook:
+            threading.excepthook = self._previous_excepthook
+        self._excepthook = None
         if self.writer is None:
             return
         try:

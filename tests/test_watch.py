@@ -183,6 +183,31 @@ def test_a_failing_events_file_or_picture_warns_once_and_training_goes_on(datase
     assert len(event_files(out)) <= 1
 
 
+def test_a_write_error_in_tensorboards_writer_thread_is_one_warning_not_a_thread_traceback(
+        dataset, tmp_path, monkeypatch, caplog):
+    import threading
+
+    from tensorboard.summary.writer import record_writer
+
+    real, calls, thread_errors = record_writer.RecordWriter.write, {"n": 0}, []
+
+    def full_disk(self, data):  # runs in tensorboard's writer thread
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full_disk)
+    monkeypatch.setattr(threading, "excepthook", lambda args: thread_errors.append(args.exc_value))
+    caplog.set_level(logging.WARNING, logger="qin.watch")
+    state = make_trainer(dataset, tmp_path / "run", "train.log_every_steps=1", "train.max_steps_per_epoch=3").fit()
+    assert state.epoch == 2
+    assert thread_errors == []  # the default hook would have printed "Exception in thread ..."
+    warnings = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
+    assert threading.excepthook is not None and threading.excepthook.__name__ == "<lambda>"  # put back
+
+
 def test_log_every_steps_must_be_positive():
     from qin.config import ConfigError
 
