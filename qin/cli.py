@@ -207,10 +207,10 @@ def cmd_plot(args) -> int:
     if output.is_dir():
         raise UsageError(f"--output {output} is a folder")
     try:
-        draw_runs(args.runs, args.output)
+        drawn = draw_runs(args.runs, args.output, warn=lambda line: print(f"qin plot: {line}", file=sys.stderr))
     except NoCurvesError as exc:
         raise UsageError(str(exc)) from None
-    print(f"wrote {args.output} ({len(args.runs)} run(s))")
+    print(f"wrote {args.output} ({drawn} run(s))")
     return 0
 
 

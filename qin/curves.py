@@ -16,7 +16,11 @@ from qin.events import read_scalars
 
 
 class NoCurvesError(ValueError):
-    """A folder with no completed epoch to draw."""
+    """A folder with nothing to draw, or a damaged metrics.jsonl."""
+
+
+class NoEpochYet(NoCurvesError):
+    """A folder with no completed epoch (yet) to draw."""
 
 
 @dataclass
@@ -33,7 +37,7 @@ def read_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
-        raise NoCurvesError(f"{run_dir}: no metrics.jsonl (not a run folder, or no epoch finished yet)")
+        raise NoEpochYet(f"{run_dir}: no metrics.jsonl (not a run folder, or no epoch finished yet)")
     records = []
     for number, line in enumerate(metrics.read_text().splitlines(), start=1):
         if not line.strip():
@@ -47,7 +51,7 @@ def read_run(run_dir: str | Path, label: str | None = None) -> RunCurves:
             raise NoCurvesError(f"{metrics}, line {number}: no {', '.join(missing)} (not an epoch record)")
         records.append(record)
     if not records:
-        raise NoCurvesError(f"{metrics}: no epoch finished yet")
+        raise NoEpochYet(f"{metrics}: no epoch finished yet")
     return RunCurves(label or run_dir.resolve().name, records, read_scalars(run_dir))
 
 
@@ -119,6 +123,19 @@ def labels_for(run_dirs: list[Path]) -> list[str]:
     return [name if names.count(name) == 1 else str(d) for name, d in zip(names, run_dirs)]
 
 
-def draw_runs(run_dirs: list[str | Path], path: str | Path) -> None:
+def draw_runs(run_dirs: list[str | Path], path: str | Path, warn=print) -> int:
+    """The runs on the same axes; returns how many were drawn. Among several, a run with no finished epoch yet is left out
+    with a warning (`warn`); a damaged metrics.jsonl is an error whatever the number of runs."""
     run_dirs = [Path(d) for d in run_dirs]
-    draw([read_run(d, label) for d, label in zip(run_dirs, labels_for(run_dirs))], path)
+    runs = []
+    for run_dir, label in zip(run_dirs, labels_for(run_dirs)):
+        try:
+            runs.append(read_run(run_dir, label))
+        except NoEpochYet as exc:
+            if len(run_dirs) == 1:
+                raise
+            warn(f"left out: {exc}")
+    if not runs:
+        raise NoCurvesError("no run has a finished epoch to draw yet")
+    draw(runs, path)
+    return len(runs)

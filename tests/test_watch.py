@@ -95,6 +95,15 @@ def test_curves_png_is_drawn_and_qin_plot_draws_several_runs(run_dir, tmp_path, 
     assert main(["plot", str(tmp_path / "missing"), "--output", str(tmp_path / "x.png")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+    # Among several runs, one that has not finished an epoch yet is left out, named.
+    starting = tmp_path / "starting"
+    starting.mkdir()
+    capsys.readouterr()
+    assert main(["plot", str(run_dir), str(starting), "--output", str(tmp_path / "y.png")]) == 0
+    printed = capsys.readouterr()
+    assert f"left out: {starting}: no metrics.jsonl" in printed.err and "(1 run(s))" in printed.out
+    assert main(["plot", str(starting), str(tmp_path / "missing"), "--output", str(tmp_path / "x.png")]) == 2
+    assert "no run has a finished epoch to draw yet" in capsys.readouterr().err
     # A damaged metrics.jsonl, or an output that is no PNG file, is named, never a traceback.
     for line, named in (('{"epoch": 1', "line 2: not JSON"), ('{"epoch": 1}', "line 2: no step, train_loss")):
         (other / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text().splitlines()[0] + "\n" + line)
