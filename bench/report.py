@@ -281,7 +281,8 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
         batch, name, ours, literal = best
         add("GPU: >= 10x the literal eager model's samples/s at batch 8192",
             f"{ours / literal:.1f}x ({name}: {ours:,.0f} vs {literal:,.0f} samples/s)", ours / literal >= 10)
-        add("GPU (H100 class): >= 300,000 samples/s at batch 8192", f"{ours:,.0f} samples/s ({name}) on {common.device_name(device)}",
+        add("GPU (H100 class): >= 300,000 samples/s at batch 8192",
+            f"{ours:,.0f} samples/s ({name}) on {common.device_name(device)}",
             ours >= 300_000)
         memory = [r for r in every_train if r["metric"] == "peak_memory" and r["dtype"] == "fp32"]
         ours_mem, lit_mem = _value(memory, provider=name, x_value=batch), _value(memory, provider="literal eager", x_value=batch)

@@ -77,7 +77,8 @@ OPS = {
 # interpreter rounds to bf16 toward zero: up to 2u where a GPU rounds to nearest). 0.25 bounds
 # bf16's with room, and stays far below 1: a normwise error of 1 is a gradient with nothing right
 # (all zeros), which must fail. fp16 has 3 more bits: its worst over setup seeds 0-2 was 3.9%
-# (reference ops), so 0.1; a fused fp16 model 14x its reference's error passed at 0.25. The fused model is held to MODEL_VS_PLAIN x the plain model's own
+# (reference ops), so 0.1; a fused fp16 model 14x its reference's error passed at 0.25. The
+# fused model is held to MODEL_VS_PLAIN x the plain model's own
 # error in the same dtype where that is larger, at most MODEL_VS_PLAIN x the table's rtol (so a
 # plain model that itself fails never lets the fused one pass at 1). `qin parity` measures each
 # noise floor and prints it beside.
@@ -90,7 +91,7 @@ MODEL = {
 # The fused ops may add at most as much error again as the reference ops in the same dtype.
 MODEL_VS_PLAIN = 2.0
 
-# The loss after each of a few Adam steps (dropout off), relative, against the float64 model.
+# The loss after each of a few fp32 Adam steps (dropout masks replayed), relative, against the float64 model.
 # Adam divides each step by the root of its own squared gradient, so rounding in a near-zero
 # gradient becomes a full-sized step: losses drift apart faster than gradients differ.
 STEPS = {

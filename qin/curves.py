@@ -124,8 +124,9 @@ def labels_for(run_dirs: list[Path]) -> list[str]:
 
 
 def draw_runs(run_dirs: list[str | Path], path: str | Path, warn=print) -> int:
-    """The runs on the same axes; returns how many were drawn. Among several, a run with no finished epoch yet is left out
-    with a warning (`warn`); a damaged metrics.jsonl is an error whatever the number of runs."""
+    """The runs on the same axes; returns how many were drawn. Among several, a run with no
+    finished epoch yet is left out with a warning (`warn`); a damaged metrics.jsonl is an error
+    whatever the number of runs."""
     run_dirs = [Path(d) for d in run_dirs]
     runs = []
     for run_dir, label in zip(run_dirs, labels_for(run_dirs)):

@@ -483,7 +483,8 @@ def _resolve_vocab(features, item_info: ItemInfo, splits: dict[str, Split]) -> l
                 f.vocab_size = max(int(a.max()) if a.size else 0 for a in arrays) + 1
                 if f.vocab_size == 1 and f.padding_idx == 0:
                     raise data_error(files, "every value is 0, the padding id: the feature carries nothing "
-                                     "(drop it from data.features, or declare padding_idx: null if 0 is a value)",
+                                     "(drop it from data.features; a categorical feature whose id 0 is a value declares "
+                                     "padding_idx: null)",
                                      f.name)
                 if f.vocab_size > SPARSE_IDS_ABOVE:
                     distinct = np.unique(np.concatenate([a.ravel() for a in arrays])).size

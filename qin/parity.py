@@ -554,14 +554,14 @@ def logits_and_grads(model, batch, gates: dict | None = None) -> tuple[dict, Act
         out = {"logits (eval mode)": model(batch)}
     model.train()
     model.zero_grad(set_to_none=True)
-    with ActivationBranch(model, gates) as branch, ReplayedDropout(model):
-        branch.logits = []
-        handle = model.register_forward_hook(lambda mod, args, output: branch.logits.append(output.detach()))
-        try:
+    logits = []  # the loss's own forward: a second one would draw its dropout masks again
+    handle = model.register_forward_hook(lambda mod, args, output: logits.append(output.detach()))
+    try:
+        with ActivationBranch(model, gates) as branch, ReplayedDropout(model):
             training_loss(model, batch).backward()
-        finally:
-            handle.remove()
-    out["logits (train mode)"] = branch.logits[0]
+    finally:
+        handle.remove()
+    out["logits (train mode)"] = logits[0]
     out.update({f"grad {n}": p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
     with torch.no_grad():
         for name, b in model.named_buffers():
