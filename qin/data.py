@@ -379,6 +379,7 @@ def _load_item_info(path: Path, features) -> tuple[ItemInfo, list[str]]:
         for f in attributes:
             if columns[f.name][0].any():
                 raise reader.fail(f.name, 0, "the padding row 0 must be all zeros")
+        _log_padding_ids(reader.name, attributes, {name: values[1:] for name, values in columns.items()})
         tensors = {name: torch.from_numpy(values.astype(np.int64) if values.dtype == np.int32 else values)
                    for name, values in columns.items()}
         return ItemInfo(columns=tensors, num_items=n), reader.extra
@@ -434,10 +435,21 @@ def _load_split(path: Path, name: str, num_items: int, max_len: int, features, l
                     raise reader.fail(label, start + bad[0], bad[1])
                 else:
                     labels[start:stop] = values
+        _log_padding_ids(reader.name, context, columns)
         if cut:
             logger.info("%s: %d of %d histories are longer than data.max_len=%d; the model reads the last %d "
                         "items of each", reader.name, cut, n, max_len, max_len)
         return Split(name=name, item_id=item_id, item_seq=item_seq, label=labels, features=columns), reader.extra
+
+
+def _log_padding_ids(file: str, features, columns: dict[str, np.ndarray]) -> None:
+    """Name the categorical columns holding the padding id 0 in some rows: those rows read an
+    all-zero, untrained embedding, which silently drops category 0 from data with 0-based ids."""
+    counts = [f"'{f.name}' {int((columns[f.name] == 0).sum())} of {len(columns[f.name])}" for f in features
+              if f.type == "categorical" and f.padding_idx == 0 and (columns[f.name] == 0).any()]
+    if counts:
+        logger.info("%s: rows holding the padding id 0 (an all-zero row that never trains; `padding_idx: "
+                    "null` trains it): %s", file, ", ".join(counts))
 
 
 def _label_problem(array: pa.Array, values: np.ndarray) -> tuple[int, str] | None:

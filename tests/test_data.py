@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 
 from qin import data, synth
 from qin.data import DataError, Split, iterate_batches, keep_last, load_dataset, num_batches
+from qin.features import MICROLENS_FEATURES
 
 NUM_ITEMS = 20  # item_info rows: padding row 0 and items 1..19
 TRAIN_ROWS, VALID_ROWS, TEST_ROWS = 40, 12, 10
@@ -238,6 +239,21 @@ def test_extra_columns_are_ignored_and_named(tmp_path, caplog):
     assert ds.extra_columns == {"item_info.parquet": ["item_title"], "train.parquet": ["video_duration"]}
     assert "video_duration" in caplog.text and "item_title" in caplog.text
     assert len(ds.splits["train"]) == TRAIN_ROWS
+
+
+def test_rows_holding_the_padding_id_are_counted_per_categorical_column(tmp_path, caplog):
+    tables = base_tables()
+    likes = np.arange(TRAIN_ROWS) % 10 + 1
+    likes[[3, 5, 8]] = 0  # 0-based ids would lose category 0 to padding: the log says how many rows
+    tables["train.parquet"]["likes_level"] = pa.array(likes, pa.int64())
+    features = [dict(f) for f in MICROLENS_FEATURES]
+    for f in features:
+        if f["name"] == "views_level":
+            f["padding_idx"] = None  # row 0 trains: nothing to say
+    with caplog.at_level(logging.INFO, logger="qin.data"):
+        load_dataset(write_tables(tmp_path, tables), features=features)
+    assert "rows holding the padding id 0" in caplog.text and f"'likes_level' 3 of {TRAIN_ROWS}" in caplog.text
+    assert "'views_level'" not in caplog.text
 
 
 def test_test_split_is_optional_and_user_id_unused(tmp_path):
