@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
+
+from qin.cli import build_parser
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -21,3 +24,37 @@ def test_the_from_python_example_runs_and_its_numbers_hold():
     assert sum(p.numel() for p in names["model"].parameters()) == int(parameters.replace(",", ""))
     B, D = names["B"], names["D"]
     assert names["z"].shape == (B, D) and names["y"].shape == names["x"].shape and names["y"].isfinite().all()
+
+
+def _readme_command_lines() -> list[str]:
+    text = README.read_text()
+    lines = [line.split("#")[0].strip() for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+             for line in block.splitlines()]
+    return [line[line.index("qin "):] for line in lines if re.search(r"(^|&& )qin ", line)]
+
+
+def _readme_commands() -> list[str]:
+    """Every `qin ...` command line in the README's code blocks (what users copy), but for the
+    synopses ([optional] and a|b parts, which are not commands)."""
+    return sorted({c for c in _readme_command_lines() if not re.search(r"[\[|]|\.\.\.", c)})
+
+
+def test_every_command_the_readme_shows_parses():
+    commands = _readme_commands()
+    assert len(commands) >= 10 and "qin train --resume runs/mine" in commands
+    parser = build_parser()
+    for command in commands:
+        try:
+            parser.parse_args(shlex.split(command)[1:])
+        except SystemExit:
+            raise AssertionError(f"README command does not parse: {command}") from None
+
+
+def test_every_option_the_readme_synopses_name_exists():
+    synopses = [c for c in _readme_command_lines() if "[" in c]
+    assert {c.split()[1] for c in synopses} >= {"bench", "compare", "parity"}
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for synopsis in synopses:
+        known = commands[synopsis.split()[1]]._option_string_actions
+        for option in re.findall(r"(?<![\w-])--[a-z][a-z-]*", synopsis):
+            assert option in known, f"README synopsis names {option}, which qin {synopsis.split()[1]} lacks"
