@@ -521,12 +521,30 @@ class Trainer:
         # Events past the checkpoint that an error leaves unwritten are repeated by the resumed run.
         self.watch.open(resumed_at=(self.state.step, self.state.epoch) if resume else None,
                         window=self._resumed_window if resume else None)
-        with _catch_stop_signals() as interrupted:
-            while not self.state.finished and self.state.epoch < tc.epochs:
-                self._train_epoch(train, batches_per_epoch, interrupted)
-                self._end_epoch(valid)
-        self.watch.close()
+        try:
+            with _catch_stop_signals() as interrupted:
+                while not self.state.finished and self.state.epoch < tc.epochs:
+                    self._train_epoch(train, batches_per_epoch, interrupted)
+                    self._end_epoch(valid)
+                    # A stop that arrived during validation: the epoch's checkpoint is written, so
+                    # stop here rather than train a step of the next epoch first.
+                    stop = self._any_rank_stopped(interrupted)
+                    if stop and not self.state.finished and self.state.epoch < tc.epochs:
+                        raise TrainingInterrupted(
+                            f"interrupted after epoch {self.state.epoch}, step {self.state.step}; checkpoint saved "
+                            f"to {self.out_dir / 'latest.pt'}; continue with: qin train --resume {self.out_dir}",
+                            interrupted["signum"])
+        finally:
+            self.watch.close()
         return self.state
+
+    def _any_rank_stopped(self, interrupted: dict) -> bool:
+        """Whether a stop signal reached this process (under DDP: any rank; every rank calls this)."""
+        if not self.ctx.distributed:
+            return interrupted["set"]
+        flag = torch.tensor([float(interrupted["set"])], device=self.device)
+        torch.distributed.all_reduce(flag)
+        return bool(flag.item())
 
     def _train_epoch(self, train: Split, batches_per_epoch: int, interrupted: dict) -> None:
         tc, st, ctx = self.cfg.train, self.state, self.ctx

@@ -313,6 +313,24 @@ def test_ctrl_c_or_a_termination_signal_saves_a_checkpoint_and_exits_cleanly(dat
     assert load_checkpoint(out / "latest.pt")["trainer"]["step"] >= 2
 
 
+def test_a_stop_during_validation_ends_the_run_at_that_epoch_without_training_on(data_dir, tmp_path, monkeypatch):
+    real = qin.train.evaluate
+
+    def ctrl_c_while_validating(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler only sets the flag: validation goes on
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qin.train, "evaluate", ctrl_c_while_validating)
+    out = tmp_path / "run"
+    trainer = make_trainer(data_dir, out, "train.epochs=3")
+    with pytest.raises(qin.train.TrainingInterrupted, match=r"interrupted after epoch 1, step (\d+)") as stop:
+        trainer.fit()
+    steps = int(stop.value.args[0].split("step ")[1].split(";")[0])
+    saved = load_checkpoint(out / "latest.pt")["trainer"]
+    assert (saved["epoch"], saved["step"], saved["batches_done"]) == (1, steps, 0)
+    assert trainer.state.step == steps  # no step of epoch 2 was trained
+
+
 def test_a_stop_between_latest_and_best_is_repaired_on_resume(data_dir, tmp_path, monkeypatch):
     """latest.pt is written before best.pt: stopped between the two (here: the write of best.pt
     fails), a resume finds the best epoch in latest.pt, writes best.pt from it and rewrites
