@@ -519,8 +519,9 @@ class Trainer:
             batches_per_epoch = min(batches_per_epoch, tc.max_steps_per_epoch)
         self.model.train()
         # Events past the checkpoint that an error leaves unwritten are repeated by the resumed run.
-        self.watch.open(resumed_at=(self.state.step, self.state.epoch) if resume else None,
-                        window=self._resumed_window if resume else None)
+        if not self.state.finished and self.state.epoch < tc.epochs:  # a run that is over writes no events
+            self.watch.open(resumed_at=(self.state.step, self.state.epoch) if resume else None,
+                            window=self._resumed_window if resume else None)
         try:
             with _catch_stop_signals() as interrupted:
                 while not self.state.finished and self.state.epoch < tc.epochs:

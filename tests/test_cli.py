@@ -103,8 +103,11 @@ def test_resume_continues_and_refuses_new_data(data_dir, run_dir, tmp_path, caps
     # The override is the run's setting now: a later plain --resume must not fall back to 1 epoch.
     assert yaml.safe_load((copy / "config.yaml").read_text())["train"]["epochs"] == 2
     capsys.readouterr()
+    events = sorted(copy.glob("events.out.tfevents.*"))
+    assert events
     assert main(["train", "--resume", str(copy)]) == 0
     assert "the run is over after 2 epochs (train.epochs=2); a larger train.epochs" in capsys.readouterr().out
+    assert sorted(copy.glob("events.out.tfevents.*")) == events  # no empty events file of a run that trained nothing
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "no latest.pt" in capsys.readouterr().err
 
