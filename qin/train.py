@@ -696,7 +696,8 @@ class Trainer:
         record = {
             "epoch": st.epoch, "step": st.step, "train_loss": epoch_loss,
             "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"], "lr": st.lr,
-            "samples_per_s": self._epoch_samples / max(self._epoch_seconds, 1e-9),
+            # None when no step of the epoch ran in this process (resumed at its last batch).
+            "samples_per_s": self._epoch_samples / max(self._epoch_seconds, 1e-9) if self._epoch_samples else None,
             "epoch_seconds": self._epoch_seconds, "best": improved, "skipped_steps": st.skipped_steps,
             "peak_memory_mb": peak_memory_mb(self.device),
         }
@@ -712,7 +713,9 @@ class Trainer:
         self.watch.end_epoch()
         self.log(
             f"epoch {st.epoch}: train loss {epoch_loss:.4f}, valid AUC {metrics['auc']:.4f}, "
-            f"logloss {metrics['logloss']:.4f}, {record['samples_per_s']:,.0f} samples/s"
+            f"logloss {metrics['logloss']:.4f}, "
+            + (f"{record['samples_per_s']:,.0f} samples/s" if record["samples_per_s"] is not None
+               else "samples/s not measured (resumed at the epoch's last batch)")
             + (f", peak memory {record['peak_memory_mb']:,.0f} MB" if record["peak_memory_mb"] is not None else "")
             + ("  (best)" if improved else f"  (no gain; lr -> {st.lr:g})")
             + ("; early stop" if st.finished else "")

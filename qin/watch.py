@@ -98,9 +98,9 @@ class RunWatch:
         """A metrics.jsonl record: its scalars at x = epoch (before the checkpoint that covers it)."""
         scalars = {"epoch/train_loss": record["train_loss"], "epoch/valid_auc": record["valid_auc"],
                    "epoch/valid_logloss": record["valid_logloss"], "epoch/lr": record["lr"],
-                   "epoch/samples_per_s": record["samples_per_s"]}
-        if record.get("peak_memory_mb") is not None:  # absent from runs written before it was recorded
-            scalars["epoch/peak_memory_mb"] = record["peak_memory_mb"]
+                   "epoch/samples_per_s": record["samples_per_s"], "epoch/peak_memory_mb": record.get("peak_memory_mb")}
+        # None: not measured (an epoch resumed at its last batch; peak memory before it was recorded)
+        scalars = {tag: value for tag, value in scalars.items() if value is not None}
         self._scalars(scalars, record["epoch"])
 
     def flush(self) -> None:

@@ -331,6 +331,25 @@ def test_a_stop_during_validation_ends_the_run_at_that_epoch_without_training_on
     assert trainer.state.step == steps  # no step of epoch 2 was trained
 
 
+def test_an_epoch_resumed_at_its_last_batch_has_no_speed_rather_than_zero(data_dir, tmp_path, monkeypatch):
+    def killed_while_validating(*args, **kwargs):
+        raise KeyboardInterrupt  # the process died in validation, after the last batch's checkpoint
+
+    monkeypatch.setattr(qin.train, "evaluate", killed_while_validating)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(data_dir, out, "train.epochs=1", "train.checkpoint_every_steps=1").fit()
+    monkeypatch.undo()
+    lines = []
+    resumed = make_trainer(data_dir, out, "train.epochs=1")
+    resumed.log = lines.append
+    record = resumed.fit(resume=True).history[0]
+    assert record["samples_per_s"] is None
+    assert "samples/s not measured (resumed at the epoch's last batch)" in lines[-1]
+    assert json.loads((out / "metrics.jsonl").read_text())["samples_per_s"] is None
+    assert "epoch/samples_per_s" not in read_scalars(out) and "epoch/valid_auc" in read_scalars(out)
+
+
 def test_a_stop_between_latest_and_best_is_repaired_on_resume(data_dir, tmp_path, monkeypatch):
     """latest.pt is written before best.pt: stopped between the two (here: the write of best.pt
     fails), a resume finds the best epoch in latest.pt, writes best.pt from it and rewrites
