@@ -75,6 +75,25 @@ def run_lock(folder: str | Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def training_there(folder: str | Path) -> str | None:
+    """Who holds run_lock on the folder now ("process N on HOST"), or None: a check made before
+    the data loads, so a second run is refused at once (run_lock itself still decides)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = Path(folder) / LOCK_NAME
+    if not path.is_file():
+        return None
+    with open(path, "r") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return fh.read().strip() or "another process"
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return None
+
+
 def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
     os.umask(mask)

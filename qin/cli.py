@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qin import distributed
-from qin.checkpoint import CheckpointError, atomic_write, load_checkpoint
+from qin.checkpoint import CheckpointError, atomic_write, load_checkpoint, training_there
 from qin.commands_common import BUILTIN_SETTINGS, UsageError, load_data
 from qin.config import ConfigError, load_config, read_fuxictr_dataset
 
@@ -68,6 +68,7 @@ def cmd_train(args) -> int:
         out_dir = Path(args.resume)
         if not (out_dir / "latest.pt").exists():
             raise UsageError(f"{out_dir}: no latest.pt to resume from")
+        _refuse_if_in_use(out_dir)
         if args.config or args.data or args.data_config:
             raise UsageError("--resume takes the run's own config.yaml and data; drop --config/--data/--data-config")
         data_keys = [o.split("=", 1)[0] for o in args.overrides if o.split("=", 1)[0].startswith("data.")]
@@ -85,6 +86,7 @@ def cmd_train(args) -> int:
         folder = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
         if folder is not None and not folder.is_dir():  # found now, not after the data has loaded
             raise UsageError(f"--out {out_dir}: {folder} is a file, not a folder")
+        _refuse_if_in_use(out_dir)
         if (out_dir / "latest.pt").exists():
             raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} "
                              f"or choose another --out")
@@ -107,6 +109,14 @@ def cmd_train(args) -> int:
     if trainer.ctx.is_main:
         print(f"best valid AUC {state.best_auc:.4f} at epoch {state.best_epoch}; model in {out_dir / 'best.pt'}")
     return 0
+
+
+def _refuse_if_in_use(out_dir: Path) -> None:
+    """Before the data loads (the run's lock decides again when training starts; under torchrun
+    rank 0 takes it, so only rank 0 asks)."""
+    holder = training_there(out_dir) if distributed.context_from_env().is_main else None
+    if holder:
+        raise UsageError(f"{out_dir} is in use: {holder} is training there (wait for it, or stop it)")
 
 
 def _trained_data(cfg):

@@ -121,6 +121,9 @@ def test_a_folder_another_process_trains_in_is_refused(data_dir, run_dir, tmp_pa
     with run_lock(copy):  # as a running `qin train --resume` holds it
         assert main(["train", "--resume", str(copy), "train.epochs=2"]) == 2
         assert f"{copy} is in use: process " in capsys.readouterr().err
+        # A new run there is told the folder is in use, not to --resume it.
+        assert main(["train", "--data", str(data_dir), "--out", str(copy), *SMALL_RUN]) == 2
+        assert f"{copy} is in use: process " in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.name != LOCK_NAME} == before
     assert main(["train", "--resume", str(copy), "train.epochs=2"]) == 0  # released
 
