@@ -27,8 +27,8 @@
 #                   backend="auto" timed and chose here and the MEASURED_FASTER entries the
 #                   op tables support (ready to paste into kernels/utils.py); plots: make_plots
 #   profile.md      the top CUDA kernels of the default training step, fp32 and autocast bf16
-#   tests_cuda.log  the kernel tests compiled for real (QIN_TEST_CUDA=1), a training step as CUDA graphs,
-#                   and the registered ops' checks (tests/test_ops.py) on CUDA
+#   tests_cuda.log  a training step as CUDA graphs, the registered ops' checks (tests/test_ops.py)
+#                   and the kernel tests compiled for real (QIN_TEST_CUDA=1), on CUDA
 #   parity/         `python3 -m qin parity --device cuda` where this tree has the command
 #                   (packed into parity.tar.gz if it would pass the file or folder-depth limits)
 set -uo pipefail
@@ -108,15 +108,19 @@ stage qnn 50 "$OUT/bench.log" python3 -m bench.bench_qnn --device "$DEV" --quick
 stage report 30 "$OUT/bench.log" python3 -m bench.csv_report "$OUT/results.csv" --device "$DEV" --out "$OUT/report.md"
 stage profile 40 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" "${PROFILE[@]}" \
   --precision fp32 bf16 --out "$OUT/profile.md"
-# train.cuda_graphs: a compiled training step replayed as CUDA graphs (the file's other tests are CPU ones);
-# last, the registered ops (opcheck, and their autocast on CUDA: bf16 and fp16, never yet run on a GPU).
-# The one test of test_ops.py that compiles for the CPU stays CI's.
-CUDA_TESTS=(tests/test_asta.py tests/test_qnn.py tests/test_choice.py
-  tests/test_cuda_graphs.py::test_compiled_training_step_runs_as_cuda_graphs
-  tests/test_ops.py --deselect tests/test_ops.py::test_compiled_torch_backend_keeps_no_history)
+# Never yet run on a GPU, so first: train.cuda_graphs (a compiled training step replayed as CUDA
+# graphs; the file's other tests are CPU ones) and the registered ops (opcheck, and their autocast
+# on CUDA: bf16 and fp16). The one test of test_ops.py that compiles for the CPU stays CI's. Then
+# the kernels against float64 and backend="auto". -v names every test that ran before a time box;
+# a failure does not stop the rest. cuBLAS under torch.use_deterministic_algorithms (test_choice)
+# needs a fixed workspace on older CUDA.
+CUDA_TESTS=(tests/test_cuda_graphs.py::test_compiled_training_step_runs_as_cuda_graphs
+  tests/test_ops.py --deselect tests/test_ops.py::test_compiled_torch_backend_keeps_no_history
+  tests/test_qnn.py tests/test_asta.py tests/test_choice.py)
 if [ "$DEV" = cuda ]; then
   stage tests "$TESTS_CAP" "$OUT/tests_cuda.log" \
-    env QIN_TEST_CUDA=1 python3 -m pytest "${CUDA_TESTS[@]}" -q -x -p no:cacheprovider
+    env QIN_TEST_CUDA=1 CUBLAS_WORKSPACE_CONFIG=:4096:8 python3 -m pytest "${CUDA_TESTS[@]}" -v --maxfail=10 \
+    --durations=10 -p no:cacheprovider
 else  # collected only: on the CPU the kernel tests run through Triton's interpreter, for minutes
   stage tests "$TESTS_CAP" "$OUT/tests_cuda.log" python3 -m pytest "${CUDA_TESTS[@]}" -q -p no:cacheprovider --collect-only
 fi

@@ -63,19 +63,22 @@ def make_inputs(batch, seq_len, dim, dtype, device, style="random", kind="bool",
     A score |s| ~ 0 may round to either side in the kernel and in the oracle; such history rows are
     redrawn (a property of the inputs, not a loosened tolerance).
     """
+    # Drawn on the CPU (the same numbers on any device), checked on the device: at the paper's
+    # shape the float64 products are 1.6 GB, a minute a pass on a small host.
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, seq_len, dim, generator=g).to(dtype)
-    q = (torch.randn(batch, dim, generator=g) / dim**0.5).to(dtype)  # scores O(1), like 1/sqrt(d_a)
+    x = torch.randn(batch, seq_len, dim, generator=g).to(device=device, dtype=dtype)
+    q = (torch.randn(batch, dim, generator=g) / dim**0.5).to(device=device, dtype=dtype)  # scores O(1), like 1/sqrt(d_a)
     for _ in range(100):
         prod = x.double() * q.double()[:, None, :]
         near_kink = prod.sum(-1).abs() <= 1e-3 * prod.abs().sum(-1)
+        del prod
         if not near_kink.any():
             break
-        x[near_kink] = torch.randn(int(near_kink.sum()), dim, generator=g).to(dtype)
+        x[near_kink] = torch.randn(int(near_kink.sum()), dim, generator=g).to(device=device, dtype=dtype)
     keep = make_mask(batch, seq_len, style, g)
     gz = torch.randn(batch, dim, generator=g).to(dtype)
     mask = cast_mask(keep, kind, dtype)
-    return x.to(device), q.to(device), mask.to(device), gz.to(device)
+    return x, q, mask.to(device), gz.to(device)
 
 
 def oracle(history, query, mask, grad_z):
@@ -421,22 +424,24 @@ def test_mixed_dtypes_are_read_in_their_promoted_type(device):
 def make_gathered(batch, seq_len, dim, num_unique, dtype, device, style="left_padded", seed=0):
     """reps (U, D), index (B, L) with repeated ids and id U-1 present, query, mask, grad_z; no live
     score near the ReLU kink (query rows redrawn, as make_inputs redraws history rows)."""
-    g = torch.Generator().manual_seed(seed)
-    reps = torch.randn(num_unique, dim, generator=g).to(dtype)
+    g = torch.Generator().manual_seed(seed)  # drawn on the CPU, checked on the device (make_inputs)
+    reps = torch.randn(num_unique, dim, generator=g).to(device=device, dtype=dtype)
     index = torch.randint(0, num_unique, (batch, seq_len), generator=g)
     index.view(-1)[-1] = num_unique - 1
     keep = make_mask(batch, seq_len, style, g)
     keep.view(-1)[-1] = True
-    query = (torch.randn(batch, dim, generator=g) / dim**0.5).to(dtype)
+    index, keep = index.to(device), keep.to(device)
+    query = (torch.randn(batch, dim, generator=g) / dim**0.5).to(device=device, dtype=dtype)
     for _ in range(100):
         prod = reps.double()[index] * query.double()[:, None, :]
         near_kink = (prod.sum(-1).abs() <= 1e-3 * prod.abs().sum(-1)) & keep
+        del prod
         rows = near_kink.any(1)
         if not rows.any():
             break
-        query[rows] = (torch.randn(int(rows.sum()), dim, generator=g) / dim**0.5).to(dtype)
+        query[rows] = (torch.randn(int(rows.sum()), dim, generator=g) / dim**0.5).to(device=device, dtype=dtype)
     grad_z = torch.randn(batch, dim, generator=g).to(dtype)
-    return reps.to(device), index.to(device), query.to(device), keep.to(device), grad_z.to(device)
+    return reps, index, query, keep, grad_z.to(device)
 
 
 def gathered_oracle(reps, index, query, mask, grad_z):

@@ -92,7 +92,7 @@ def test_dropout_matches_reference_on_the_same_mask(device, batch, dim, num_row,
     x, weight, bias, gy = make_inputs(batch, dim, num_row, dtype, device, seed % 1000)
     mask = dropout_keep_mask(seed, batch, num_row, dim, p, device)
     assert mask.shape == (batch, num_row * dim) and mask.dtype == torch.bool
-    run_and_check(x, weight, bias, gy, num_row, p, True, seed, mask.cpu())
+    run_and_check(x, weight, bias, gy, num_row, p, True, seed, mask)
 
 
 def test_same_seed_same_output_other_seed_other_mask(device):
@@ -214,7 +214,7 @@ def test_triton_backend_under_autocast_keeps_x_in_the_compute_dtype(device):
     assert any(t is leaves[1] for t in saved)
     grads = torch.autograd.grad(y, leaves, gy.bfloat16())
     assert [g.dtype for g in grads] == [torch.float32] * 3
-    mask = dropout_keep_mask(7, batch, num_row, dim, 0.1, device).cpu()
+    mask = dropout_keep_mask(7, batch, num_row, dim, 0.1, device)
     want, mag = reference_and_magnitude(*(t.bfloat16() for t in (x, weight, bias, gy)), num_row, 0.1, True, mask)
     for name, got, w, m in zip(("grad_x", "grad_weight", "grad_bias"), grads, want[1:], mag[1:]):
         assert_close(name, got, w, m, torch.bfloat16)
@@ -229,7 +229,7 @@ def test_no_grad_and_frozen_weights(device):
     y1 = kernels.quadratic_projection(xg, weight, bias, 2, dropout_p=0.2, training=True, seed=3, backend="triton")
     assert torch.equal(y0, y1.detach())
     (gx,) = torch.autograd.grad(y1, [xg], gy)
-    mask = dropout_keep_mask(3, 9, 2, 20, 0.2, device).cpu()
+    mask = dropout_keep_mask(3, 9, 2, 20, 0.2, device)
     (want, mag) = reference_and_magnitude(x, weight, bias, gy, 2, 0.2, True, mask)
     assert_close("grad_x", gx, want[1], mag[1], torch.float32)
 
@@ -373,4 +373,4 @@ def test_paper_shape_against_float64(device, dtype):
     batch = 8192 if device.type == "cuda" else 16
     x, weight, bias, gy = make_inputs(batch, 1024, 4, dtype, device, seed=17)
     mask = dropout_keep_mask(99, batch, 4, 1024, 0.1, device)
-    run_and_check(x, weight, bias, gy, 4, 0.1, True, 99, mask.cpu())
+    run_and_check(x, weight, bias, gy, 4, 0.1, True, 99, mask)
