@@ -112,9 +112,10 @@ def cmd_train(args) -> int:
 
 
 def _refuse_if_in_use(out_dir: Path) -> None:
-    """Before the data loads (the run's lock decides again when training starts; under torchrun
-    rank 0 takes it, so only rank 0 asks)."""
-    holder = training_there(out_dir) if distributed.context_from_env().is_main else None
+    """Before the data loads, in one process (the run's lock decides again when training starts;
+    under torchrun there, where every rank hears rank 0's answer: a rank that stopped before
+    joining the others would leave those on other machines waiting)."""
+    holder = training_there(out_dir) if not distributed.context_from_env().distributed else None
     if holder:
         raise UsageError(f"{out_dir} is in use: {holder} is training there (wait for it, or stop it)")
 
@@ -387,7 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     from qin.data import DataError
     from qin.train import TrainingError, TrainingInterrupted
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Under torchrun the other ranks load the same data: only rank 0 logs, as only it writes.
+    main_rank = distributed.context_from_env().is_main
+    logging.basicConfig(level=logging.INFO if main_rank else logging.ERROR, format="%(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -395,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qin {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:
-        print(f"qin {args.command}: {exc}", file=sys.stderr)
+        if main_rank:  # which saved the checkpoint the message names
+            print(f"qin {args.command}: {exc}", file=sys.stderr)
         return 128 + int(exc.signum)
     except TrainingError as exc:
         print(f"qin {args.command}: error: {exc}", file=sys.stderr)

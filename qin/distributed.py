@@ -50,8 +50,11 @@ def setup(ctx: Context, device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     else:
         # Share the cores among the ranks of this machine instead of oversubscribing them.
+        # Of the cores this process may use (Slurm's --cpus-per-task, a container's cpuset), not
+        # the machine's. (torchrun sets OMP_NUM_THREADS=1 for every rank, so it is not read.)
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // local_world))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=30))
@@ -83,6 +86,26 @@ def all_gather_objects(ctx: Context, obj) -> list:
     out = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def first_difference(ctx: Context, facts: dict) -> str | None:
+    """Compare `facts` (name -> a small picklable value) across the ranks; on every rank, the first
+    that differs, as "NAME: rank 0 has A, rank K has B", or None. Every rank must call it."""
+    if not ctx.distributed:
+        return None
+    every = all_gather_objects(ctx, facts)
+    for name, mine in every[0].items():
+        for rank, theirs in enumerate(every[1:], start=1):
+            if theirs.get(name) != mine:
+                return f"{name}: rank 0 has {mine}, rank {rank} has {theirs.get(name)}"
+    return None
+
+
+def rank0_error(ctx: Context, error: str | None) -> str | None:
+    """Rank 0's error (or None) on every rank, so that all stop where rank 0 alone found a problem."""
+    if not ctx.distributed:
+        return error
+    return all_gather_objects(ctx, error)[0]
 
 
 def gather_rows(ctx: Context, values: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -295,7 +295,7 @@ def _catch_stop_signals():
     flag = {"set": False, "signum": signal.SIGINT}
 
     def handler(signum, frame):
-        if not flag["set"]:
+        if not flag["set"] and distributed.context_from_env().is_main:  # under torchrun every rank gets it
             print(f"\nreceived {signal.Signals(signum).name}: saving latest.pt after this step", file=sys.stderr)
         flag["set"], flag["signum"] = True, signum
 
@@ -313,6 +313,24 @@ def _catch_stop_signals():
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def _run_facts(cfg: RunConfig, dataset: Dataset) -> dict:
+    """What every rank of a run must have alike: the settings (but for the folders, which may be
+    mounted at other paths) and the data's sizes and a checksum of its ids and labels."""
+    settings = cfg.to_dict()
+    settings["data"].pop("dir", None)
+    settings["train"].pop("out_dir", None)
+    facts = {"items": dataset.item_info.num_items}
+    for name, split in dataset.splits.items():
+        facts[f"{name}.parquet rows"] = len(split)
+        facts[f"{name}.parquet ids"] = int(split.item_id.sum()) + int(split.item_seq.sum(dtype=np.int64))
+        if split.label is not None:
+            facts[f"{name}.parquet clicks"] = int(split.label.sum())
+    for section, values in settings.items():
+        for key, value in values.items():
+            facts[f"{section}.{key}"] = value
+    return facts
 
 
 class Trainer:
@@ -333,6 +351,10 @@ class Trainer:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
                               f"{self.ctx.world_size} processes")
         self.device = distributed.setup(self.ctx, resolve_device(cfg.train.device))
+        different = distributed.first_difference(self.ctx, _run_facts(cfg, dataset))
+        if different:  # each rank would train on other rows, or wait for steps the others never take
+            raise ConfigError(f"the processes disagree on {different}: every machine must read the same data "
+                              f"and settings")
         if self.device.type == "cpu":
             keep_freed_memory()  # a CPU step would otherwise fault in fresh pages for every large tensor
         torch.manual_seed(cfg.train.seed)
@@ -484,8 +506,18 @@ class Trainer:
         require_both_classes(valid, "valid.parquet", cfg.data.label)
         if self.ctx.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        # One process trains in a folder at a time (DDP: rank 0 holds it for all).
-        with run_lock(self.out_dir) if self.ctx.is_main else nullcontext():
+        # One process trains in a folder at a time (DDP: rank 0 holds it for all, and every rank
+        # stops if it cannot).
+        with ExitStack() as held:
+            refused = None
+            if self.ctx.is_main:
+                try:
+                    held.enter_context(run_lock(self.out_dir))
+                except CheckpointError as exc:
+                    refused = str(exc)
+            refused = distributed.rank0_error(self.ctx, refused)
+            if refused:
+                raise CheckpointError(refused)
             return self._fit(resume, train, valid, batches_per_epoch, left_out)
 
     def _fit(self, resume: bool, train: Split, valid: Split, batches_per_epoch: int, left_out: int) -> TrainerState:

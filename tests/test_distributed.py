@@ -287,6 +287,44 @@ def test_a_batch_size_the_processes_do_not_divide_is_refused_before_anything_is_
     assert not (tmp_path / "run").exists()
 
 
+# Rank 1 started with another setting, as a machine with its own config file or data would be.
+RANK1_OTHER_SEED = """
+import os, sys
+from qin.cli import main
+
+args = sys.argv[1:] + (["train.seed=7"] if os.environ["RANK"] == "1" else [])
+sys.exit(main(args))
+"""
+
+
+def test_ranks_that_disagree_on_settings_or_data_are_stopped_with_one_line(data_dir, tmp_path):
+    # Rank 1 would otherwise shuffle its own order (rows trained twice or never), and on data of
+    # another size take another number of steps, waiting in a collective the others never join.
+    (tmp_path / "other_seed.py").write_text(RANK1_OTHER_SEED)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    done = subprocess.run([*launcher, str(tmp_path / "other_seed.py"), "train", "--data", str(data_dir), "--out",
+                           str(tmp_path / "run"), *SMALL, "train.epochs=1"], env=env(), capture_output=True,
+                          text=True, timeout=150)
+    assert done.returncode != 0
+    assert "the processes disagree on train.seed: rank 0 has 20242025, rank 1 has 7" in done.stderr, done.stderr[-2000:]
+    assert f'File "{REPO}' not in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "run" / "latest.pt").exists()
+
+
+def test_a_run_folder_in_use_stops_every_rank_with_rank_0s_reason(data_dir, tmp_path):
+    from qin.checkpoint import run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with run_lock(run):  # another job trains there
+        done = qin("train", "--data", str(data_dir), "--out", str(run), *SMALL, "train.epochs=1", procs=2)
+    assert done.returncode != 0
+    assert done.stderr.count(f"{run} is in use: process {os.getpid()}") == 2, done.stderr[-2000:]  # both ranks
+    assert f'File "{REPO}' not in done.stderr, done.stderr[-2000:]  # rank 1 did not go on into the collectives
+    assert done.stderr.count("valid.parquet: 700 of 700 histories are longer") == 1  # rank 0's log only
+    assert not (run / "latest.pt").exists()
+
+
 def test_compiled_ddp_model_trains_with_its_l2_term_and_sends_no_buffers(tmp_path):
     """Under torchrun with train.compile=true the step's model is torch.compile(DDP(QIN)): the L2
     term is the inner QIN's (the compiled wrapper forwarded the lookup to DDP, which has none).
