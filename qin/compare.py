@@ -64,11 +64,29 @@ def parse_variants(text: str | None) -> list[Variant]:
     return [VARIANTS[n] for n in names]
 
 
+def _key(text: str) -> str:
+    return text.partition("=")[0].strip()
+
+
+# The settings that make the variants differ: an override of one would change every row it
+# reaches (QIN's among them) while the table kept the variants' names.
+VARIANT_KEYS = tuple(dict.fromkeys(_key(o) for v in VARIANTS.values() for o in v.overrides if o.startswith("model.")))
+
+
+def refused_overrides(overrides: list[str]) -> None:
+    for text in overrides:
+        key = _key(text)
+        if key in VARIANT_KEYS:
+            raise UsageError(f"{text}: qin compare sets {key} per variant (--variants chooses them); "
+                             f"train one setting with qin train")
+        if key == "train.epochs":
+            raise UsageError(f"{text}: qin compare trains every run --epochs epochs; pass --epochs")
+
+
 def shadowed(overrides: list[str], variants: list[Variant]) -> list[str]:
     """Lines for the user's overrides that a variant's own settings take over (DIN's lr, say)."""
-    key = lambda text: text.partition("=")[0]  # noqa: E731
     return [f"{text} does not apply to {v.name}, which sets {own}"
-            for v in variants for own in v.overrides for text in overrides if key(text) == key(own)]
+            for v in variants for own in v.overrides for text in overrides if _key(text) == _key(own)]
 
 
 def train_variant(variant: Variant, seed: int, dataset, data_dir: str, run_dir: Path, epochs: int,
@@ -98,7 +116,8 @@ def summarise(results: list[Result]) -> list[dict]:
         aucs = [r.auc for r in mine]
         rows.append({
             "variant": name, "description": mine[0].variant.description, "seeds": len(mine),
-            "auc_mean": statistics.mean(aucs), "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else 0.0,
+            # One seed has no spread: None (an empty cell), not a zero that reads as "no variance".
+            "auc_mean": statistics.mean(aucs), "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else None,
             "logloss_mean": statistics.mean(r.logloss for r in mine), "parameters": mine[0].parameters,
             "samples_per_s": statistics.mean(r.samples_per_s for r in mine),
             "paper_auc_microlens": mine[0].variant.paper_auc,
@@ -106,14 +125,20 @@ def summarise(results: list[Result]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], data_label: str, epochs: int, seconds: float) -> str:
-    lines = [f"Data: {data_label}; {epochs} epoch(s) per run; {rows[0]['seeds']} seed(s) per variant; "
+def markdown(rows: list[dict], data_label: str, epochs: int, seconds: float, stopped: str = "") -> str:
+    """The table; `stopped` says why it holds fewer runs than asked for."""
+    seeds = sorted({r["seeds"] for r in rows})
+    auc = "valid AUC (mean ± std over seeds)" if seeds[-1] > 1 else "valid AUC (one seed: no spread)"
+    lines = [f"Data: {data_label}; {epochs} epoch(s) per run; {'-'.join(map(str, seeds))} seed(s) per variant; "
              f"{seconds / 60:.1f} minutes in all.", "",
-             "| variant | valid AUC (mean ± std over seeds) | logloss | parameters | train samples/s "
+             f"| variant | {auc} | logloss | parameters | train samples/s "
              "| paper's valid AUC on MicroLens_1M_x1 |", "|---|---|---|---|---|---|"]
+    if stopped:
+        lines[1:1] = ["", f"**Incomplete:** {stopped}"]
     for r in rows:
         paper = f"{r['paper_auc_microlens']:.4f}" if r["paper_auc_microlens"] is not None else "-"
-        lines.append(f"| {r['description']} (`{r['variant']}`) | {r['auc_mean']:.4f} ± {r['auc_std']:.4f} | "
+        spread = f" ± {r['auc_std']:.4f}" if r["auc_std"] is not None else ""
+        lines.append(f"| {r['description']} (`{r['variant']}`) | {r['auc_mean']:.4f}{spread} | "
                      f"{r['logloss_mean']:.4f} | {r['parameters']:,} | {r['samples_per_s']:,.0f} | {paper} |")
     lines += ["", "The last column is the paper's published figure on the real MicroLens_1M_x1 data, "
               "not a result of this run."]
@@ -129,7 +154,7 @@ def bar_chart(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.8))
     names = [r["variant"] for r in rows]
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["auc_mean"] for r in rows], width=0.4, yerr=[r["auc_std"] for r in rows],
+    ax.bar([i - 0.2 for i in x], [r["auc_mean"] for r in rows], width=0.4, yerr=[r["auc_std"] or 0.0 for r in rows],
            label="this run (valid AUC)")
     ax.bar([i + 0.2 for i in x], [r["paper_auc_microlens"] or 0 for r in rows], width=0.4,
            label="paper, MicroLens_1M_x1", alpha=0.5)
@@ -151,31 +176,62 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
     """Train each variant `seeds` times on one dataset: the folder `data`, or a FuxiCTR dataset
     block (read_fuxictr_dataset's data section, with its folder unless `data` names one), or the
     built-in generated data; write compare.md/.csv/.png into `out`."""
+    from qin.train import TrainingError, TrainingInterrupted
+
+    existing = next((p for p in (out, *out.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
     clashes = [out / name for name in OUTPUTS if (out / name).exists()]
     if clashes and not force:
         raise UsageError(f"{clashes[0]} exists; pass --force to overwrite it, or choose another --out")
     if epochs < 1 or seeds < 1:
         raise UsageError("--epochs and --seeds must be at least 1")
+    refused_overrides(overrides)
     data_section = load_config(overrides=overrides, dataset=dataset_block).data  # bad overrides fail here
     for line in shadowed(overrides, variants):
         log(line)
     data = data or (dataset_block or {}).get("dir")
     dataset = load_data(data, data_section)
     base = None if data else BUILTIN_SETTINGS
-    label = str(dataset.root) if data else f"the built-in generated dataset ({dataset.root.name}): generated data, not MicroLens"
+    label = (str(dataset.root.resolve()) if data else
+             f"the built-in generated dataset ({dataset.root.name}): generated data, not MicroLens")
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(tempfile.mkdtemp(prefix=".compare-runs.", dir=out))
+    results: list[Result] = []
+    total = len(variants) * seeds
     try:
-        results = [train_variant(v, seed, dataset, str(dataset.root), runs / f"{v.name}-seed{seed}", epochs,
-                                 overrides, base, log, dataset_block)
-                   for v in variants for seed in range(seeds)]
+        for v in variants:
+            for seed in range(seeds):
+                results.append(train_variant(v, seed, dataset, str(dataset.root), runs / f"{v.name}-seed{seed}",
+                                             epochs, overrides, base, log, dataset_block))
+    except (TrainingInterrupted, TrainingError) as exc:
+        # The runs are scratch (deleted below): keep what finished, and say so, rather than point
+        # at a checkpoint that is about to go.
+        stopped = isinstance(exc, TrainingInterrupted)
+        why = f"{'stopped' if stopped else 'failed'} in {v.name} seed {seed}"
+        kept = (f"the {len(results)} finished run(s) of {total} are in {out / 'compare.md'}" if results
+                else "no run had finished; nothing written")
+        if results:
+            rows = summarise(results)
+            _write_outputs(rows, out, markdown(rows, label, epochs, time.perf_counter() - start,
+                                               f"{why} after {len(results)} of {total} runs"))
+        if stopped:
+            raise TrainingInterrupted(f"{why}; {kept}", exc.signum) from None
+        raise TrainingError(f"{why}: {exc}; {kept}") from None
     finally:
         shutil.rmtree(runs, ignore_errors=True)
     rows = summarise(results)
+    _write_outputs(rows, out, markdown(rows, label, epochs, time.perf_counter() - start))
+    log(markdown(rows, label, epochs, time.perf_counter() - start))
+    return rows
+
+
+def _write_outputs(rows: list[dict], out: Path, table: str) -> None:
+    """compare.md/.csv/.png, each renamed into place."""
     staging = Path(tempfile.mkdtemp(prefix=".compare.", dir=out))
     try:
-        (staging / "compare.md").write_text(markdown(rows, label, epochs, time.perf_counter() - start))
+        (staging / "compare.md").write_text(table)
         with open(staging / "compare.csv", "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
@@ -185,5 +241,3 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
             os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log(markdown(rows, label, epochs, time.perf_counter() - start))
-    return rows

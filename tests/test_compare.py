@@ -1,8 +1,10 @@
 """`qin compare`: every variant on the same data and seeds, one table, CSV and chart."""
 import csv
+import signal
 
 import pytest
 
+import qin.train
 from qin.cli import main
 from qin.compare import VARIANTS, shadowed
 from qin.synth import make_dataset
@@ -23,7 +25,7 @@ def test_compare_writes_a_table_with_every_variant_and_the_paper_column(data_dir
     rows = list(csv.DictReader(open(out / "compare.csv")))
     assert [r["variant"] for r in rows] == list(VARIANTS)
     for r in rows:
-        assert r["seeds"] == "2" and 0.0 <= float(r["auc_mean"]) <= 1.0 and float(r["auc_std"]) >= 0.0
+        assert r["seeds"] == "2" and 0.0 <= float(r["auc_mean"]) <= 1.0 and float(r["auc_std"]) > 0.0
         assert float(r["paper_auc_microlens"]) == VARIANTS[r["variant"]].paper_auc
     table = (out / "compare.md").read_text()
     assert "paper's valid AUC on MicroLens_1M_x1" in table and "0.9701" in table and "0.8655" in table
@@ -54,3 +56,40 @@ def test_an_override_a_variant_fixes_is_named_where_it_does_not_apply():
                      [VARIANTS["qin"], VARIANTS["asta_dropout"], VARIANTS["din"]])
     assert lines == ["model.asta_dropout=0.3 does not apply to asta_dropout, which sets model.asta_dropout=0.1",
                      "train.lr=1e-4 does not apply to din, which sets train.lr=1e-3"]
+
+
+def test_a_stopped_compare_keeps_the_finished_runs_and_says_where(data_dir, tmp_path, monkeypatch, capsys):
+    fit, calls = qin.train.Trainer.fit, []
+
+    def stopped_in_the_second_run(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise qin.train.TrainingInterrupted("interrupted at epoch 1, step 1; checkpoint saved to "
+                                                f"{self.out_dir}/latest.pt", signal.SIGTERM)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(qin.train.Trainer, "fit", stopped_in_the_second_run)
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(data_dir), "--epochs", "1", "--out", str(out), "--variants", "qin,no_asta", *TINY]
+    assert main(args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert f"stopped in no_asta seed 0; the 1 finished run(s) of 2 are in {out / 'compare.md'}" in err
+    assert "--resume" not in err  # the scratch run it would name is gone
+    assert sorted(p.name for p in out.iterdir()) == ["compare.csv", "compare.md", "compare.png"]
+    table = (out / "compare.md").read_text()
+    assert "**Incomplete:** stopped in no_asta seed 0 after 1 of 2 runs" in table
+    assert "(`qin`)" in table and "(`no_asta`)" not in table
+    assert "one seed: no spread" in table and " ± " not in table
+    assert [r["auc_std"] for r in csv.DictReader(open(out / "compare.csv"))] == [""]
+
+
+@pytest.mark.parametrize("override, named", [
+    ("model.use_asta=false", "qin compare sets model.use_asta per variant"),
+    ("model.architecture=din", "qin compare sets model.architecture per variant"),
+    ("train.epochs=5", "pass --epochs"),
+])
+def test_an_override_that_would_relabel_the_variants_is_refused(data_dir, tmp_path, capsys, override, named):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--data", str(data_dir), "--out", str(out), *TINY, override]) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()
