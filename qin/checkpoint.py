@@ -125,7 +125,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc})") from None
+        if path.suffix == ".pt2":
+            raise CheckpointError(f"{path}: a torch.export program (qin export's output), not a checkpoint; "
+                                  f"name the run folder or its best.pt") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a QIN checkpoint (expected format {FORMAT})")
     return payload

@@ -128,18 +128,28 @@ def _trained_data(cfg):
 
 
 def _model_from_checkpoint(path: str, data: str | None, device_name: str, precision: str = "fp32",
-                           split: str = "valid"):
-    """The checkpoint's model in eval mode, and the dataset with the one split it will score."""
+                           splits: tuple[str, ...] = ("valid",), first_present: bool = False):
+    """The checkpoint's model in eval mode, and the dataset with the splits it will read (with
+    `first_present`, only the first of them the folder holds)."""
+    from kernels import utils as kernels_utils
     from qin.models import build_model
     from qin.train import resolve_device, resolve_precision
 
     payload = load_checkpoint(path)
     cfg = load_config(overrides=[], base=payload["config"], base_name=f"{path}'s config")
-    dataset = load_data(data or cfg.data.dir, _trained_data(cfg), splits=(split,), required=(split,))
+    folder = data or cfg.data.dir
+    if first_present:
+        splits = ([s for s in splits if folder and (Path(folder) / f"{s}.parquet").exists()] or list(splits))[:1]
+    dataset = load_data(folder, _trained_data(cfg), splits=tuple(splits), required=tuple(splits))
     if dataset.item_info.num_items != cfg.model.num_items:
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "
                               f"{dataset.root / 'item_info.parquet'} has {dataset.item_info.num_items:,}")
     device = distributed.setup(distributed.context_from_env(), resolve_device(device_name, "--device"))
+    for key in ("asta_kernel", "qnn_kernel"):  # how it computes, not what (checkpoint.EXECUTION_KEYS)
+        if getattr(cfg.model, key) == "triton" and device.type != "cuda" and not kernels_utils.INTERPRETING:
+            logging.getLogger("qin").info("model.%s: the run trained with 'triton', which runs on CUDA (or under "
+                                          "TRITON_INTERPRET=1); scoring on %s with 'auto'", key, device)
+            setattr(cfg.model, key, "auto")
     model = build_model(cfg.model)
     model.load_item_info(dataset.item_info.columns)
     model.load_state_dict(payload["model"])
@@ -152,7 +162,7 @@ def cmd_evaluate(args) -> int:
     from qin.train import evaluate
 
     model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
-                                                                    args.precision, args.split)
+                                                                    args.precision, (args.split,))
     if dataset.splits[args.split].label is None:
         raise UsageError(f"{dataset.root / (args.split + '.parquet')} has no label column: it cannot be evaluated")
     require_both_classes(dataset.splits[args.split], f"{args.split}.parquet", cfg.data.label)
@@ -169,11 +179,9 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from qin.train import predict
 
-    output = Path(args.output)
-    if output.exists() and not args.force:
-        raise UsageError(f"{output} exists; pass --force to overwrite it")
+    output = _output_file(args.output, args.force)
     model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
-                                                                    args.precision, "test")
+                                                                    args.precision, ("test",))
     # Under torchrun each rank scores a share of the rows; rank 0 writes them all, once.
     ctx = distributed.context_from_env()
     with distributed.leaving_group_at_end():
@@ -186,14 +194,39 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _output_file(text: str, force: bool) -> Path:
+    """--output, checked before anything is computed."""
+    output = Path(text)
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a folder; name a file")
+    folder = next((p for p in output.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise UsageError(f"--output {output}: {folder} is a file, not a folder")
+    if output.exists() and not force:
+        raise UsageError(f"{output} exists; pass --force to overwrite it")
+    return output
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def cmd_export(args) -> int:
     from qin import export
 
-    output = Path(args.output)
-    if output.exists() and not args.force:
-        raise UsageError(f"{output} exists; pass --force to overwrite it")
-    model, dataset, cfg, device, _ = _model_from_checkpoint(args.checkpoint, args.data, args.device)
-    batch = {k: v.to(device) for k, v in export.example_batch(dataset.splits["valid"]).items()}
+    output = _output_file(args.output, args.force)
+    # Traced on a few rows of any split (their values never reach the program): --data may hold
+    # only the item side data and the rows to score.
+    model, dataset, cfg, device, _ = _model_from_checkpoint(args.checkpoint, args.data, args.device,
+                                                            splits=("valid", "test", "train"), first_present=True)
+    split = next(iter(dataset.splits.values()))
+    batch = {k: v.to(device) for k, v in export.example_batch(split).items()}
     program = export.export_model(model, batch)
     atomic_write(output, lambda fh: export.save(program, fh))
     print(f"wrote {output}: load it with `import kernels; torch.export.load('{output}').module()(batch)`")
@@ -320,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
         p.add_argument("--data", help="dataset folder (default: the one the run trained on)")
         p.add_argument("--device", default="auto")
-        p.add_argument("--batch-size", type=int)
+        p.add_argument("--batch-size", type=positive_int, help="rows per forward (default: train.eval_batch_size)")
         p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16", "auto"),
                        help="autocast dtype of the forward (default fp32, as training validates; "
                             "any precision reads any run's fp32 weights)")
@@ -334,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="torch.export the trained model (eval form) to a .pt2 file")
     p.add_argument("checkpoint", help="a checkpoint file, or a run folder (its best.pt)")
     p.add_argument("--output", default="model.pt2")
-    p.add_argument("--data", help="dataset folder (default: the one the run trained on): its item side data")
+    p.add_argument("--data", help="dataset folder (default: the one the run trained on): its item_info.parquet, "
+                                  "and one split to trace with")
     p.add_argument("--device", default="cpu")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     p.set_defaults(func=cmd_export)

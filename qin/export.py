@@ -1,7 +1,7 @@
 """`qin export`: a trained model as a torch.export program, in eval form.
 
 The program takes the same batch dict as the model (item_id, item_seq and the context features,
-e.g. likes_level and views_level: any batch size, the run's history length) and returns the same click logits. It holds the item
+e.g. likes_level and views_level: any batch size from 1, the run's history length) and returns the same click logits. It holds the item
 side data (tags, frozen embeddings) and, in eval form, the QNN's folded W_bar product. The fused
 ops, where the model runs them, stay in the graph as registered qin:: ops: load it with
 `import kernels` first, then torch.export.load(path).module()(batch).

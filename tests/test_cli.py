@@ -196,6 +196,38 @@ def test_scoring_reads_only_the_split_it_scores(run_dir, data_dir, tmp_path, cap
     assert "valid.parquet: file is missing" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_an_output_that_cannot_be_written_is_refused_before_scoring(run_dir, tmp_path, capsys, command):
+    folder, file = tmp_path / "folder", tmp_path / "file.csv"
+    folder.mkdir()
+    file.write_text("x")
+    for output, named in ((folder, f"--output {folder} is a folder"),
+                          (file / "p.csv", f"--output {file / 'p.csv'}: {file} is a file, not a folder")):
+        assert main([command, str(run_dir), "--output", str(output), "--force"]) == 2
+        assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", ["0", "-5", "many"])
+def test_a_batch_size_below_one_is_refused(run_dir, tmp_path, capsys, size):
+    with pytest.raises(SystemExit):
+        main(["predict", str(run_dir), "--output", str(tmp_path / "p.csv"), "--batch-size", size])
+    assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_a_run_trained_with_triton_kernels_scores_on_a_cpu_without_the_interpreter(run_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    import kernels.utils
+
+    payload = torch.load(run_dir / "best.pt", weights_only=False)
+    payload["config"]["model"].update(asta_kernel="triton", qnn_kernel="triton")  # as trained on a GPU
+    torch.save(payload, tmp_path / "best.pt")
+    monkeypatch.setattr(kernels.utils, "INTERPRETING", False)  # a user's CPU: no TRITON_INTERPRET
+    assert main(["evaluate", str(run_dir)]) == 0
+    want = capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "best.pt")]) == 0
+    assert capsys.readouterr().out == want
+
+
 def test_a_checkpoint_does_not_load_against_other_items(run_dir, tmp_path, capsys):
     other = make_dataset(tmp_path / "other", rows=300, items=120, seed=1, valid_rows=100, test_rows=50)
     output = tmp_path / "prediction.csv"

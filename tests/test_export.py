@@ -62,3 +62,20 @@ def test_a_program_traced_on_one_row_still_takes_any_batch(run):
     batch.pop("label")
     with torch.no_grad():
         torch.testing.assert_close(program.module()(batch), model(batch), rtol=1e-6, atol=1e-6)
+
+
+def test_export_traces_on_whatever_split_the_data_folder_holds(run, tmp_path):
+    # The folder that `qin predict --data` scores may hold only item_info and test.parquet.
+    root, data = run
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in ("item_info.parquet", "test.parquet"):
+        (fresh / name).write_bytes((data / name).read_bytes())
+    assert main(["export", str(root / "run"), "--data", str(fresh), "--output", str(tmp_path / "m.pt2")]) == 0
+
+
+def test_an_export_named_as_a_checkpoint_is_told_apart(run, tmp_path, capsys):
+    root, _ = run
+    assert main(["export", str(root / "run"), "--output", str(tmp_path / "m.pt2")]) == 0
+    assert main(["evaluate", str(tmp_path / "m.pt2")]) == 2
+    assert "a torch.export program (qin export's output), not a checkpoint" in capsys.readouterr().err
