@@ -186,8 +186,15 @@ def run_batch(device: torch.device, quick: bool, batch: int):
                 if device.type == "cpu":
                     bound_kept_memory()  # as the trainer does after each step
 
+            from torch._dynamo.utils import counters
+            counters["inductor"].clear()
             step()  # first step: allocate optimizer state, compile
             p50, p20, p80 = time_ms(step, device, warmup=1, reps=3 if quick else 8)
+            skips = counters["inductor"]["cudagraph_skips"] if how == CUDA_GRAPHS else 0
+            if skips:  # inductor ran the step without graphs: the row must not claim them
+                print(f"{name}: inductor skipped {skips} CUDA graph(s) ({dict(counters['inductor'])}); "
+                      f"timed as '{name} (graphs skipped)'")
+                name = f"{name} (graphs skipped)"
             # Samples/s from the median time; p20 time gives the higher throughput.
             yield make_row("train_step", name, "full", "throughput", "samples/s", "batch", batch,
                            (batch / p50 * 1e3, batch / p80 * 1e3, batch / p20 * 1e3), device, amp or "fp32")
