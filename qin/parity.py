@@ -833,19 +833,23 @@ def mark_incomplete(out: Path, header: list[str]) -> None:
     os.replace(staging, out / "parity.md")
 
 
-def write_report(out: Path, header: list[str], rows: list[Row], extra_rows: list[Row], notes: list[str]) -> None:
-    """parity.csv and parity.md, written beside `out`'s old ones and renamed over them, parity.md last."""
+def write_report(out: Path, header: list[str], rows: list[Row], extra_rows: list[Row], notes: list[str],
+                 done_so_far: str | None = None) -> None:
+    """parity.csv and parity.md, written beside `out`'s old ones and renamed over them, parity.md last.
+    `done_so_far` (the checks finished): a report of a run still going, marked INCOMPLETE, so that a
+    run stopped by a time box keeps what it measured."""
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".parity.", dir=out))
     try:
-        _write_report_files(staging, header, rows, extra_rows, notes)
+        _write_report_files(staging, header, rows, extra_rows, notes, done_so_far)
         for name in REPORT_FILES:
             os.replace(staging / name, out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _write_report_files(out: Path, header: list[str], rows: list[Row], extra_rows: list[Row], notes: list[str]) -> None:
+def _write_report_files(out: Path, header: list[str], rows: list[Row], extra_rows: list[Row], notes: list[str],
+                        done_so_far: str | None = None) -> None:
     with open(out / "parity.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow([c.replace(" ", "_") for c in COLUMNS])
@@ -855,6 +859,9 @@ def _write_report_files(out: Path, header: list[str], rows: list[Row], extra_row
                              "yes" if r.passed else "FAIL", r.note])
     failed = [r for r in rows + extra_rows if not r.passed]
     md = ["# qin parity", "", *[f"- {h}" for h in header], ""]
+    if done_so_far:
+        md += [f"**INCOMPLETE**: this run has not finished (it is running, failed or was stopped); the checks "
+               f"done so far: {done_so_far}.", ""]
     md += [f"**{len(failed)} FAILED**: " + "; ".join(r.name for r in failed) if failed else
            f"**All {len(rows) + len(extra_rows)} comparisons pass.**", ""]
     md += ["Worst relative error per op and dtype (every shape, forward and every gradient):", ""]
@@ -934,6 +941,11 @@ def run(args, log=print) -> int:
     for line in header:
         log(line)
     mark_incomplete(Path(args.out), header)
+    done: list[str] = []
+
+    def so_far(check: str) -> None:
+        done.append(check)
+        write_report(Path(args.out), header, rows, [], notes, ", ".join(done))
     notes = []
     if not compiled:
         notes.append("On the CPU the paper-size cases (ASTA B=8192 L=64 D=384, B=256 L=513; QNN B=8192 D=1024 "
@@ -953,10 +965,12 @@ def run(args, log=print) -> int:
                     rows += check_op(op, case, dtype, device)
         log(f"{op.name}: {len([r for r in rows if r.op == op.name])} comparisons "
             f"({time.perf_counter() - start:.0f} s)")
+        so_far(op.name)
 
     if selected("qnn_dropout_mask", args.only):
         rows += check_dropout_mask(device)
         log(f"qnn_dropout_mask: done ({time.perf_counter() - start:.0f} s)")
+        so_far("qnn_dropout_mask")
 
     all_grads: list[Row] = []
     if selected("model", args.only):
@@ -966,6 +980,7 @@ def run(args, log=print) -> int:
         model_dtypes = [torch.float32, torch.bfloat16, torch.float16]
         rows += check_model(setup, model_dtypes, device, steps=3 if quick_model else 10, all_grads=all_grads)
         log(f"model: done ({time.perf_counter() - start:.0f} s)")
+        so_far("model")
         notes.append("Model: a small QINConfig (300 items, embed_dim 8, d_a 16, the paper's 4 layers and M=4), "
                      "batch 16, history 8." if quick_model else
                      "Model: the paper's QINConfig (31,244,293 parameters), batch 2048, history 64.")

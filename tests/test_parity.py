@@ -255,6 +255,19 @@ def test_a_run_that_fails_leaves_no_earlier_report_standing(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parity.md"]
 
 
+def test_a_run_stopped_part_way_keeps_the_checks_it_finished(tmp_path, monkeypatch):
+    # A time box (gpu_run.sh's parity stage) must not lose every row measured before it struck.
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(parity, "check_model", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main(["parity", "--quick", "--device", "cpu", "--only", "qnn_dropout_mask,model", "--out", str(tmp_path)])
+    report = (tmp_path / "parity.md").read_text()
+    assert "**INCOMPLETE**" in report and "the checks done so far: qnn_dropout_mask." in report
+    assert len((tmp_path / "parity.csv").read_text().splitlines()) == 1 + 5  # the mask's rows
+
+
 def test_the_dropout_mask_statistics_catch_a_wrong_rate_and_correlated_draws(monkeypatch):
     assert all(r.passed for r in parity.check_dropout_mask(torch.device("cpu")))
     real = parity.dropout_keep_mask
