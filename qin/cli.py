@@ -52,7 +52,33 @@ def _dataset_block(args) -> dict | None:
     """The data section from --data-config/--dataset-id (a FuxiCTR dataset block), or None."""
     if bool(args.data_config) != bool(args.dataset_id):
         raise UsageError("--data-config and --dataset-id go together")
-    return read_fuxictr_dataset(args.data_config, args.dataset_id) if args.data_config else None
+    if not args.data_config:
+        return None
+    block = read_fuxictr_dataset(args.data_config, args.dataset_id)
+    if "dir" not in block and not (args.data or _data_dir_override(args.overrides)):
+        # Without a folder the built-in generated data would be read in its place.
+        raise UsageError(f"{args.data_config}: block '{args.dataset_id}' has no train_data, so no folder to read; "
+                         f"pass --data DIR")
+    return block
+
+
+def _data_dir_override(overrides: list[str]) -> str | None:
+    """The folder a data.dir=DIR override names (the last one), or None: it stands for --data DIR."""
+    given = [o.partition("=")[2] for o in overrides if o.partition("=")[0].strip() == "data.dir"]
+    return given[-1] if given else None
+
+
+# Sized from the data by `qin train` (fill_vocab_from_data): an override would be recorded in
+# config.yaml but change nothing. They size QINConfig() in Python, without data.
+DATA_SIZED_KEYS = ("model.num_items", "model.num_tags", "model.num_levels", "model.tags_per_item", "model.mm_dim",
+                   "model.features")
+
+
+def _refuse_data_sized(overrides: list[str]) -> None:
+    for text in overrides:
+        if text.partition("=")[0].strip() in DATA_SIZED_KEYS:
+            raise UsageError(f"{text}: qin train sizes {text.partition('=')[0].strip()} from the data "
+                             f"(declare vocab_size and embedding_dim in data.features)")
 
 
 def _add_dataset_block_args(p) -> None:
@@ -64,6 +90,7 @@ def cmd_train(args) -> int:
     from qin.host_memory import keep_freed_memory
     from qin.train import Trainer, fill_vocab_from_data, resolve_device
 
+    _refuse_data_sized(args.overrides)
     if args.resume:
         out_dir = Path(args.resume)
         if not (out_dir / "latest.pt").exists():
@@ -71,6 +98,9 @@ def cmd_train(args) -> int:
         _refuse_if_in_use(out_dir)
         if args.config or args.data or args.data_config:
             raise UsageError("--resume takes the run's own config.yaml and data; drop --config/--data/--data-config")
+        if args.out or any(o.partition("=")[0].strip() == "train.out_dir" for o in args.overrides):
+            raise UsageError(f"--resume continues in {out_dir}; drop --out/train.out_dir (copy the folder to "
+                             f"continue elsewhere)")
         data_keys = [o.split("=", 1)[0] for o in args.overrides if o.split("=", 1)[0].startswith("data.")]
         if [k for k in data_keys if k != "data.dir"]:
             raise UsageError(f"{data_keys[0]}: --resume continues on the run's own data; start a new run (--out) "
@@ -78,7 +108,9 @@ def cmd_train(args) -> int:
         cfg = load_config(out_dir / "config.yaml", args.overrides)
     else:
         dataset_block = _dataset_block(args)
-        base = None if (args.data or args.config or dataset_block) else BUILTIN_SETTINGS
+        # data.dir=DIR is --data DIR: the paper's settings, not the built-in run's.
+        base = None if (args.data or _data_dir_override(args.overrides) or args.config or dataset_block) \
+            else BUILTIN_SETTINGS
         cfg = load_config(args.config, args.overrides, base=base, dataset=dataset_block)
         if args.data:
             cfg.data.dir = args.data
@@ -236,7 +268,8 @@ def cmd_export(args) -> int:
 def cmd_compare(args) -> int:
     from qin.compare import parse_variants, run_compare
 
-    run_compare(args.data, parse_variants(args.variants), args.epochs, args.seeds, Path(args.out),
+    run_compare(args.data or _data_dir_override(args.overrides), parse_variants(args.variants), args.epochs,
+                args.seeds, Path(args.out),
                 args.overrides, args.force, dataset_block=_dataset_block(args))
     print(f"wrote {Path(args.out) / 'compare.md'}, compare.csv and compare.png")
     return 0

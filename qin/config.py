@@ -99,6 +99,8 @@ class QINConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.embedding_init_std) and self.embedding_init_std >= 0):
+            raise ConfigError(f"model.embedding_init_std must be a number >= 0, got {self.embedding_init_std}")
         for name in ("dropout", "asta_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -173,6 +175,11 @@ class TrainConfig:
         for name in ("min_lr", "embedding_l2"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
                 raise ConfigError(f"train.{name} must be a number >= 0, got {getattr(self, name)}")
+        if self.min_lr > self.lr:  # the first epoch without a gain would raise the rate to min_lr
+            raise ConfigError(f"train.min_lr={self.min_lr:g} is above train.lr={self.lr:g}; the rate only decays "
+                              f"towards min_lr")
+        if not 0 <= self.seed < 2**32:  # numpy's generators take seeds of 32 bits
+            raise ConfigError(f"train.seed must be an integer in 0..{2**32 - 1}, got {self.seed}")
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"train.lr_decay must be in (0, 1], got {self.lr_decay}")
         if self.precision not in PRECISIONS:
@@ -207,6 +214,7 @@ def _apply(section_obj, section: str, values: dict, source: str) -> None:
 
 
 NULLABLE_INTS = ("max_steps_per_epoch", "attention_dim")  # an int, or None for "derived"
+NULLABLE_STRS = ("dir",)  # data.dir: a folder, or None for the built-in dataset
 
 
 def _coerce_types(cfg: RunConfig) -> None:
@@ -225,21 +233,42 @@ def _coerce_types(cfg: RunConfig) -> None:
                         raise TypeError
                     value = float(value)
                 elif isinstance(default, int) or (f.name in NULLABLE_INTS and value is not None):
-                    if isinstance(value, bool) or float(value) != int(value):
+                    # an int as it is (past 2^53 a float would round it), a float only if integral
+                    if isinstance(value, bool) or not (isinstance(value, int) or float(value) == int(value)):
                         raise TypeError
                     value = int(value)
                 elif isinstance(default, str) and not isinstance(value, str):  # data.label=on is True
                     raise TypeError
-            except (TypeError, ValueError):
-                wanted = "int or null" if f.name in NULLABLE_INTS else type(default).__name__
+                elif f.name in NULLABLE_STRS and value is not None and not isinstance(value, str):
+                    raise TypeError  # data.dir=2024 is a number to YAML: quote it
+            except (TypeError, ValueError, OverflowError):
+                wanted = ("int or null" if f.name in NULLABLE_INTS else
+                          "str or null (quote a name YAML reads as a number)" if f.name in NULLABLE_STRS else
+                          type(default).__name__)
                 raise ConfigError(f"{section}.{f.name} must be of type {wanted}, got {value!r}") from None
             setattr(obj, f.name, value)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: the constructor's own error names it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one block", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(path: str | Path):
     try:
         with open(path, encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
+            return yaml.load(fh, Loader=_UniqueKeyLoader)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:

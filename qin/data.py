@@ -395,7 +395,11 @@ def _load_split(path: Path, name: str, num_items: int, max_len: int, features, l
         has_label = label in reader.present
         n = reader.num_rows
         item_id = np.empty(n, dtype=np.int64)
-        item_seq = np.empty((n, max_len), dtype=np.int32)
+        try:
+            item_seq = np.empty((n, max_len), dtype=np.int32)
+        except MemoryError:
+            raise data_error(path.name, f"{n:,} histories of data.max_len={max_len} items need "
+                             f"{n * max_len * 4 / 2**30:,.0f} GiB; a smaller data.max_len fits") from None
         labels = np.empty(n, dtype=np.float32) if has_label else None
         columns = {f.name: _empty_column(f, n) for f in context}
         cut = 0  # histories longer than max_len: the model reads their last max_len items
@@ -407,7 +411,10 @@ def _load_split(path: Path, name: str, num_items: int, max_len: int, features, l
 
             lengths, values = reader.lists(history, batch.column(history), start)
             values = reader.int64(history, values, start, lengths)
-            cut += int((lengths > max_len).sum())
+            if (lengths > max_len).any():  # lists may come left-padded: count items, not list entries
+                rows = np.repeat(np.arange(len(lengths)), lengths)
+                items = np.bincount(rows, weights=values != 0, minlength=len(lengths))
+                cut += int((items > max_len).sum())
             reader.check_range(history, values, start, 0, num_items - 1, _describe_item_id(num_items), lengths)
             bad = _first_padded_on_the_right(lengths, values)
             if bad is not None:
@@ -437,8 +444,8 @@ def _load_split(path: Path, name: str, num_items: int, max_len: int, features, l
                     labels[start:stop] = values
         _log_padding_ids(reader.name, context, columns)
         if cut:
-            logger.info("%s: %d of %d histories are longer than data.max_len=%d; the model reads the last %d "
-                        "items of each", reader.name, cut, n, max_len, max_len)
+            logger.info("%s: %d of %d histories hold more than data.max_len=%d items; the model reads the last "
+                        "%d of each", reader.name, cut, n, max_len, max_len)
         return Split(name=name, item_id=item_id, item_seq=item_seq, label=labels, features=columns), reader.extra
 
 

@@ -77,6 +77,9 @@ def parse_feature(entry, where: str) -> Feature:
                           f"got {entry.get('type')!r}")
     values = {key: entry[key] for key in FEATURE_KEYS if key in entry}
     values["source"] = values.get("source") or ""
+    if values["source"] not in ("", "item"):  # a typo would make an item attribute a context column
+        raise ConfigError(f"{where}: feature '{name}': source must be 'item' (an attribute from item_info.parquet) "
+                          f"or absent, got {values['source']!r}")
     feature = Feature(**values)
     for key in ("vocab_size", "embedding_dim", "max_len"):
         value = getattr(feature, key)

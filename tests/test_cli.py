@@ -4,6 +4,7 @@ import os
 import stat
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -126,6 +127,46 @@ def test_a_folder_another_process_trains_in_is_refused(data_dir, run_dir, tmp_pa
         assert f"{copy} is in use: process " in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in copy.iterdir() if p.name != LOCK_NAME} == before
     assert main(["train", "--resume", str(copy), "train.epochs=2"]) == 0  # released
+
+
+def test_a_data_dir_override_is_data_not_the_built_in_run(data_dir, tmp_path, capsys):
+    # data.dir=DIR stands for --data DIR: the paper's settings (the built-in run's are for its own data).
+    out = tmp_path / "run"
+    unset = [o for o in SMALL_RUN if not o.startswith("train.eval_batch_size")]
+    assert main(["train", "--out", str(out), f"data.dir={data_dir}", *unset, "train.max_steps_per_epoch=2"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"]["dir"] == str(data_dir.resolve())
+    assert saved["train"]["eval_batch_size"] == 8192  # the paper's, not the built-in run's 2048
+    compared = tmp_path / "cmp"
+    assert main(["compare", "--variants", "qin", "--epochs", "1", "--out", str(compared), f"data.dir={data_dir}",
+                 *[o for o in SMALL_RUN if not o.startswith("train.epochs")], "train.max_steps_per_epoch=2"]) == 0
+    assert f"Data: {data_dir.resolve()};" in (compared / "compare.md").read_text()
+
+
+def test_resume_in_another_folder_and_data_sized_overrides_are_refused(data_dir, run_dir, tmp_path, capsys):
+    for args, named in ((["--resume", str(run_dir), "--out", str(tmp_path / "x")], "drop --out/train.out_dir"),
+                        (["--resume", str(run_dir), "train.out_dir=x"], "drop --out/train.out_dir"),
+                        (["--data", str(data_dir), "--out", str(tmp_path / "y"), "model.num_tags=7"],
+                         "qin train sizes model.num_tags from the data")):
+        assert main(["train", *args]) == 2
+        assert named in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_histories_too_large_for_memory_name_max_len(data_dir, monkeypatch):
+    from qin.data import DataError, load_dataset
+
+    real = np.empty
+
+    def no_memory_for_histories(shape, dtype=float, *args, **kwargs):
+        if dtype == np.int32 and isinstance(shape, tuple) and shape[1:] == (10**8,):
+            raise MemoryError
+        return real(shape, dtype, *args, **kwargs)
+
+    monkeypatch.setattr(np, "empty", no_memory_for_histories)
+    with pytest.raises(DataError, match=r"train.parquet: 3,000 histories of data.max_len=100000000 items need "
+                                        r"1,118 GiB; a smaller data.max_len fits"):
+        load_dataset(data_dir, max_len=10**8)
 
 
 @pytest.mark.parametrize("override, named", [

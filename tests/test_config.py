@@ -54,6 +54,14 @@ def test_yaml_file_then_overrides(tmp_path):
         ("data.label=on", "data.label must be of type str"),
         ("train.out_dir=null", "train.out_dir must be of type str"),
         ("train.lr=[", "override 'train.lr=[': its value is not valid YAML"),
+        # Values that failed late, in a traceback from numpy or torch.
+        ("train.min_lr=1e-2", "train.min_lr=0.01 is above train.lr=0.002"),
+        ("train.seed=-1", "train.seed must be an integer in 0..4294967295"),
+        ("train.seed=9007199254740993", "train.seed must be an integer in 0..4294967295, got 9007199254740993"),
+        ("train.batch_size=.inf", "train.batch_size must be of type int"),
+        ("model.embedding_init_std=-1", "model.embedding_init_std must be a number >= 0"),
+        ("model.embedding_init_std=.nan", "model.embedding_init_std must be a number >= 0"),
+        ("data.dir=2024", "data.dir must be of type str or null (quote a name YAML reads as a number)"),
     ],
 )
 def test_bad_settings_are_refused_by_name(override, message):
@@ -65,6 +73,13 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("model:\n  heads: 2\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml.*model\.heads"):
+        load_config(path)
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  lr: 1.0e-3\n  lr: 5.0e-3\n")  # PyYAML alone keeps the last, silently
+    with pytest.raises(ConfigError, match=r"twice\.yaml: not valid YAML at line 3.*key 'lr' appears twice"):
         load_config(path)
 
 

@@ -256,6 +256,15 @@ def test_rows_holding_the_padding_id_are_counted_per_categorical_column(tmp_path
     assert "'views_level'" not in caplog.text
 
 
+def test_histories_cut_are_counted_by_items_not_by_left_padding(tmp_path, caplog):
+    tables = base_tables()
+    lists = [[0] * 7 + [1, 2, 3]] * (TRAIN_ROWS - 2) + [[4, 5, 6, 7, 8]] * 2  # width 10, as pre-padded data comes
+    tables["train.parquet"]["item_seq"] = pa.array(lists, pa.list_(pa.int64()))
+    with caplog.at_level(logging.INFO, logger="qin.data"):
+        load_dataset(write_tables(tmp_path, tables), max_len=4)
+    assert f"train.parquet: 2 of {TRAIN_ROWS} histories hold more than data.max_len=4 items" in caplog.text
+
+
 def test_test_split_is_optional_and_user_id_unused(tmp_path):
     tables = base_tables()
     del tables["test.parquet"]

@@ -161,6 +161,24 @@ def test_compare_reads_a_fuxictr_block(other_dir, tmp_path, capsys):
     assert "--dataset-id" in capsys.readouterr().err
 
 
+def test_a_fuxictr_block_without_its_files_needs_data(other_dir, tmp_path, capsys):
+    # No train_data: without --data the built-in generated dataset was read in its place, silently.
+    block = {"Other_x1": {"data_root": "somewhere", "feature_cols": OTHER_FEATURES,
+                          "label_col": {"name": "clicked", "dtype": "float"}}}
+    path = tmp_path / "dataset_config.yaml"
+    path.write_text(yaml.safe_dump(block))
+    for command in ("train", "compare"):
+        assert main([command, "--data-config", str(path), "--dataset-id", "Other_x1", "--out",
+                     str(tmp_path / command), *TINY]) == 2
+        assert "block 'Other_x1' has no train_data, so no folder to read; pass --data DIR" in capsys.readouterr().err
+    assert not (tmp_path / "train").exists() and not (tmp_path / "compare").exists()
+
+
+def test_a_feature_source_other_than_item_is_refused():
+    with pytest.raises(ConfigError, match="feature 'item_tags': source must be 'item'"):
+        parse_features([{"name": "item_tags", "type": "sequence", "source": "Item", "max_len": 5}])
+
+
 def _other_tables(root):
     return {name: pq.read_table(root / f"{name}.parquet") for name in ("train", "valid", "item_info")}
 
@@ -367,7 +385,7 @@ def test_placeholder_test_labels_leave_the_test_split_unlabelled_with_a_warning(
 def test_histories_cut_to_max_len_are_counted_in_the_log(other_dir, caplog):
     with caplog.at_level("INFO", logger="qin.data"):
         load_dataset(other_dir, max_len=2, **OTHER_DATA_SECTION)
-    assert "histories are longer than data.max_len=2; the model reads the last 2 items of each" in caplog.text
+    assert "histories hold more than data.max_len=2 items; the model reads the last 2 of each" in caplog.text
 
 
 def test_a_history_column_of_empty_lists_only_loads(other_dir, tmp_path):
