@@ -147,7 +147,7 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
 
 
 # Switches that change how the model computes, not what: a checkpoint loads across them.
-EXECUTION_KEYS = ("asta_form", "asta_kernel", "qnn_kernel", "dedup_items")
+EXECUTION_KEYS = ("asta_form", "asta_kernel", "qnn_kernel", "dedup_items", "asta_precision")
 
 
 def check_model_config(payload: dict, model_config: dict, source: str) -> None:

@@ -169,6 +169,9 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
 
     payload = load_checkpoint(path)
     cfg = load_config(overrides=[], base=payload["config"], base_name=f"{path}'s config")
+    # The device and precision first: a precision this device cannot run is refused before the data loads.
+    device = distributed.setup(distributed.context_from_env(), resolve_device(device_name, "--device"))
+    precision = resolve_precision(precision, device, "--precision")
     folder = data or cfg.data.dir
     if first_present:
         splits = ([s for s in splits if folder and (Path(folder) / f"{s}.parquet").exists()] or list(splits))[:1]
@@ -176,7 +179,6 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
     if dataset.item_info.num_items != cfg.model.num_items:
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "
                               f"{dataset.root / 'item_info.parquet'} has {dataset.item_info.num_items:,}")
-    device = distributed.setup(distributed.context_from_env(), resolve_device(device_name, "--device"))
     for key in ("asta_kernel", "qnn_kernel"):  # how it computes, not what (checkpoint.EXECUTION_KEYS)
         if getattr(cfg.model, key) == "triton" and device.type != "cuda" and not kernels_utils.INTERPRETING:
             logging.getLogger("qin").info("model.%s: the run trained with 'triton', which runs on CUDA (or under "
@@ -186,7 +188,7 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
     model.load_item_info(dataset.item_info.columns)
     model.load_state_dict(payload["model"])
     # Weights are fp32 whatever the run trained in, so any precision can score them.
-    return model.to(device).eval(), dataset, cfg, device, resolve_precision(precision, device)
+    return model.to(device).eval(), dataset, cfg, device, precision
 
 
 def cmd_evaluate(args) -> int:

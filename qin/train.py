@@ -135,7 +135,7 @@ def cuda_has_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
+def resolve_precision(name: str, device: torch.device, setting: str = "train.precision") -> str:
     """train.precision as run: 'auto' is bf16 on a CUDA device that has it, fp32 elsewhere.
 
     The CPU stays fp32 under 'auto', even one with bf16 instructions where bf16 trains 1.5-2.5x
@@ -148,11 +148,11 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "fp32":
         return name
     if name == "bf16" and device.type == "cuda" and not cuda_has_bf16(device):
-        raise ConfigError(f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16; "
-                          f"use train.precision=fp16 or fp32")
+        raise ConfigError(f"{setting}=bf16: {torch.cuda.get_device_name(device)} has no bf16; "
+                          f"use {setting}=fp16 or fp32")
     if not _autocast_works(device, AUTOCAST_DTYPES[name]):
-        raise ConfigError(f"train.precision={name}: autocast to {AUTOCAST_DTYPES[name]} does not work on "
-                          f"{device.type} with torch {torch.__version__}; use train.precision=fp32")
+        raise ConfigError(f"{setting}={name}: autocast to {AUTOCAST_DTYPES[name]} does not work on "
+                          f"{device.type} with torch {torch.__version__}; use {setting}=fp32")
     return name
 
 
@@ -698,9 +698,14 @@ class Trainer:
         # In fp16 the forward itself can overflow, which no loss scale prevents. The built-in run
         # did, in the last QNN layer's y = x * s, until that product stayed fp32 under fp16
         # (kernels.reference.product_dtype); every GEMM output is still rounded to fp16.
-        fp16 = ("; in fp16 the forward can pass fp16's largest value (65,504), which no loss scale "
-                "prevents. train.precision=bf16 has fp32's range"
-                if what == "loss" and self.cfg.train.precision == "fp16" else "")
+        fp16 = ""
+        if self.cfg.train.precision == "fp16" and what == "loss":
+            fp16 = ("; in fp16 the forward can pass fp16's largest value (65,504), which no loss scale "
+                    "prevents. train.precision=bf16 has fp32's range")
+        elif self.cfg.train.precision == "fp16":
+            fp16 = (f"; in fp16 the gradient scaler skipped {self.state.skipped_steps} overflowing step(s) so far "
+                    f"and lowered the loss scale below 1 (now {self.scaler.get_scale():g}): the gradient "
+                    f"overflows at any scale. train.precision=bf16 has fp32's range")
         kept = (f"the last good checkpoint in {self.out_dir} is kept" if (self.out_dir / "latest.pt").exists()
                 else "no checkpoint had been written yet")
         raise TrainingError(f"non-finite {what} at epoch {self.state.epoch + 1}, step {step}: training stopped; "
@@ -731,6 +736,7 @@ class Trainer:
             # None when no step of the epoch ran in this process (resumed at its last batch).
             "samples_per_s": self._epoch_samples / max(self._epoch_seconds, 1e-9) if self._epoch_samples else None,
             "epoch_seconds": self._epoch_seconds, "best": improved, "skipped_steps": st.skipped_steps,
+            "precision": tc.precision,  # a resume may change it: each epoch says what it trained in
             "peak_memory_mb": peak_memory_mb(self.device),
         }
         st.history.append(record)

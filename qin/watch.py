@@ -14,6 +14,7 @@ lack; on resume the events are trimmed back to the checkpoint (qin/events.py).
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -34,7 +35,9 @@ class RunWatch:
         self._reset_window()
 
     def _reset_window(self) -> None:
-        self._losses, self._max_grad_norm, self._rows = [], 0.0, 0
+        # NaN until a step's norm is finite: a window of fp16 steps the scaler skipped (their norm
+        # is inf/NaN) shows as NaN, not as a norm of 0.
+        self._losses, self._max_grad_norm, self._rows = [], math.nan, 0
         self._window_start = time.perf_counter()
 
     def _events_error(self, exc: OSError) -> None:
@@ -85,7 +88,8 @@ class RunWatch:
         if not self.write_events:
             return
         self._losses.append(loss)
-        self._max_grad_norm = max(self._max_grad_norm, grad_norm)
+        if math.isfinite(grad_norm) and not grad_norm <= self._max_grad_norm:  # also replaces the NaN
+            self._max_grad_norm = grad_norm
         self._rows += rows
         if step % self.log_every_steps:
             return

@@ -113,6 +113,16 @@ def test_resume_continues_and_refuses_new_data(data_dir, run_dir, tmp_path, caps
     assert "no latest.pt" in capsys.readouterr().err
 
 
+def test_resume_may_change_how_attention_rounds_not_what_the_model_is(run_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in run_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    assert main(["train", "--resume", str(copy), "train.epochs=2", "model.asta_precision=autocast"]) == 0
+    assert main(["train", "--resume", str(copy), "train.epochs=3", "model.embed_dim=16"]) == 2
+    assert "checkpoint config does not match the model: model.embed_dim" in capsys.readouterr().err
+
+
 def test_a_folder_another_process_trains_in_is_refused(data_dir, run_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
     copy.mkdir()

@@ -1,5 +1,6 @@
 """Mixed precision (train.precision): QIN under CPU autocast against the fp32 model, and training
 runs in bf16 and fp16 that learn, skip overflowing fp16 steps and resume exactly."""
+import json
 import statistics
 
 import pytest
@@ -191,6 +192,18 @@ def test_a_precision_autocast_cannot_run_is_refused_naming_the_setting(monkeypat
         qin.train.resolve_precision("fp16", torch.device("cpu"))
 
 
+def test_evaluate_names_its_own_precision_option_before_loading_data(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(qin.train, "_autocast_works", lambda device, dtype: False)
+    # No run is needed: the precision is checked before the checkpoint's data is read.
+    data = make_dataset(tmp_path / "ds", rows=600, items=50, seed=1, valid_rows=200, test_rows=20)
+    assert main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "model.embed_dim=4",
+                 "model.attention_dim=8", "train.batch_size=128", "train.epochs=1", "train.device=cpu"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run"), "--precision", "fp16", "--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "--precision=fp16: autocast" in err and "use --precision=fp32" in err and "train.precision" not in err
+
+
 def test_a_bf16_run_learns_and_its_checkpoint_scores_in_any_precision(tmp_path):
     data = make_dataset(tmp_path / "ds", rows=16000, items=200, seed=3, valid_rows=1500, test_rows=300)
     state = make_trainer(data, tmp_path / "run", "train.epochs=3", "train.lr=1e-2", "train.precision=bf16",
@@ -266,6 +279,16 @@ def test_a_non_finite_loss_in_fp16_names_the_overflow_and_bf16(data_dir, tmp_pat
         trainer.fit()
 
 
+def test_a_gradient_that_overflows_at_every_scale_says_so(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path / "run", "train.precision=fp16", "train.epochs=1",
+                           "train.batch_size=128")  # 31 steps: room for 17 halvings of 2**16
+    trainer.model.output.bias.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    with pytest.raises(qin.train.TrainingError, match=r"non-finite gradient norm at epoch 1, step 18: .*the gradient "
+                       r"scaler skipped 17 overflowing step\(s\) so far and lowered the loss scale below 1 "
+                       r"\(now 0.5\): the gradient overflows at any scale"):
+        trainer.fit()
+
+
 def test_fp16_skips_an_overflowing_step_and_halves_the_scale(data_dir, tmp_path):
     steps = 24
     trainer = make_trainer(data_dir, tmp_path / "run", "train.precision=fp16", "train.epochs=1",
@@ -315,6 +338,8 @@ def test_resume_continues_in_the_runs_precision_exactly(precision, data_dir, tmp
     straight = load_checkpoint(tmp_path / "straight" / "latest.pt")
     split = load_checkpoint(tmp_path / "split" / "latest.pt")
     assert straight["scaler"] == split["scaler"]
+    assert [json.loads(line)["precision"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()] \
+        == [precision, precision]
     if precision == "fp16":
         # Restored, not a fresh 2**16: every overflow of both epochs halved it (the first steps of
         # an fp16 run overflow on their own while the scale comes down from 2**16).

@@ -2,6 +2,7 @@
 and resume; curves.png is drawn; a failing events file or picture warns once and training goes on."""
 import json
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from qin.data import load_dataset
 from qin.events import event_files, read_scalars
 from qin.synth import make_dataset
 from qin.train import Trainer, fill_vocab_from_data
+from qin.watch import RunWatch
 
 # 2000 rows at batch 250: 8 steps an epoch.
 SMALL = ["model.embed_dim=8", "model.attention_dim=16", "train.batch_size=250", "train.eval_batch_size=1000",
@@ -238,3 +240,14 @@ def test_trimming_removes_the_duplicates_an_interrupted_trim_leaves(run_dir, tmp
     assert keep_covered(tmp_path, last_step=STEPS_PER_EPOCH, last_epoch=1)
     assert steps_by_tag(tmp_path)["train/loss"] == [2, 4, 6, 8]
     assert steps_by_tag(tmp_path)["epoch/valid_auc"] == [1]
+
+
+def test_skipped_fp16_steps_leave_the_gradient_norm_curve_instead_of_logging_zero(tmp_path):
+    # A step the fp16 scaler skipped has an inf/NaN norm: max() dropped it and a window of them logged 0.
+    watch = RunWatch(tmp_path, log_every_steps=2)
+    watch.open()
+    for step, norm in enumerate([math.inf, math.nan, math.nan, 3.0, 5.0, 4.0], start=1):
+        watch.after_step(step, 0.5, norm, 1e-3, 8)
+    watch.close()
+    norms = [value for _, value in read_scalars(tmp_path)["train/grad_norm"]]
+    assert math.isnan(norms[0]) and norms[1:] == [3.0, 5.0]
