@@ -5,7 +5,8 @@ the default in fp16 too (with the trainer's gradient scaler).
 Variants switch the fused parts on one at a time, starting from the literal eager model
 (SPEC.md's form, as the authors wrote it). Batches are drawn like the real data (91,718 items,
 histories of median length about 6 out of 64, left-padded) and made outside the timed region.
-Each variant is timed on its own, after the one before it (median of 8 steps after a warm-up):
+Each variant is timed on its own, after the one before it (median of 8 steps after a warm-up, 3
+with --quick):
 on a shared machine, ratios between rows are only as steady as its load. Each row is kept (and
 appended to --csv) as it is measured: a run stopped by SIGTERM (bench/gpu_run.sh's time box)
 keeps every variant finished before it.

@@ -26,8 +26,13 @@ def test_quick_bench_writes_report_csv_and_plots(quick_report):
     assert {"device", "torch", "triton", "timestamp", "commit"} <= set(rows[0])
     sections = {r["section"] for r in rows}
     assert {"ASTA: sparse target attention", "QNN: quadratic projection", "Training step, end to end",
-            "Data loading", "Several processes (DDP)", "pytest-benchmark suite of the fused ops"} <= sections
+            "Data loading", "pytest-benchmark suite of the fused ops"} <= sections
+    assert "Several processes (DDP)" not in sections  # a few steps per process time the start-up, not DDP
     report = (out / "report.md").read_text()
+    assert "`qin bench --quick`" in report and "Reproduce: `qin bench --quick --device cpu --out DIR`" in report
+    assert "these verdicts are indicative" in report
+    suite = [r for r in rows if r["kernel"].startswith("pytest-benchmark")]
+    assert suite and all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in suite)
     assert "Sections that failed" not in report, report
     assert "## Targets" in report and "21,000" in report
     assert '| qnn | fp32 | torch | not measured |' in report  # what backend="auto" runs here
@@ -99,7 +104,8 @@ def test_codegen_table_alone(tmp_path, capsys):
     for kernel in ("asta_fwd", "asta_bwd", "asta_gather_fwd", "asta_gather_bwd", "qnn_dropout_sum", "qnn_masked_grad"):
         assert f"| {kernel} | bf16 | sm_90 |" in report and f"| {kernel} | fp32 | sm_89 |" in report
         assert kernel in printed
-    assert "## Targets" not in report  # nothing was timed
+    assert "## Targets" not in report and "Medians" not in report  # nothing was timed
+    assert "`qin bench --codegen`" in report and "Reproduce: `qin bench --codegen --device cpu --out DIR`" in report
 
 
 def _time(kernel, provider, mode, dtype, p50):
@@ -321,6 +327,17 @@ def test_gpu_targets_read_the_bf16_steps_and_issue_14s_op_lines(monkeypatch):
     assert _target(lines, "GPU: asta_op fp32 Triton >= the reference").endswith("| not met |")
     assert _target(lines, "GPU: asta_gathered_op bf16 Triton").endswith("unmeasured: fwd, fwd+bwd | partly measured |")
     assert _target(lines, "GPU: asta_op fp16 Triton").endswith("| unmeasured | unmeasured |")
+
+
+def test_cpu_targets_read_the_headline_batch_when_larger_ones_were_timed_too():
+    from bench.report import targets
+
+    rows = [_row("train_step", name, "throughput", value, "fp32", batch=batch)
+            for batch, values in ((1024, (500, 1200)), (2048, (400, 1300)))
+            for name, value in zip(("literal eager", "+ item dedup"), values)]
+    lines = targets(rows, torch.device("cpu"))
+    assert _target(lines, "CPU: full training step >= 2x").endswith(
+        "| 2.40x (+ item dedup, batch 1024: 1,200 vs 500 samples/s) | met |")
 
 
 def test_gpu_step_targets_read_batch_8192_when_a_larger_batch_was_timed_too(monkeypatch):
