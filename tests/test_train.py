@@ -284,8 +284,11 @@ def test_sigkill_at_random_points_then_resume_finishes_with_the_same_weights(dat
     # The TensorBoard curves survived the kills: every logged step once, the same steps as the straight run.
     assert read_scalars(killed).keys() == read_scalars(straight).keys()
     for tag, points in read_scalars(killed).items():
-        steps = [step for step, _ in points]
-        assert sorted(steps) == [step for step, _ in read_scalars(straight)[tag]], tag
+        steps, want = sorted(step for step, _ in points), [step for step, _ in read_scalars(straight)[tag]]
+        if tag == "epoch/samples_per_s":  # an epoch resumed at its last batch has no speed (null)
+            assert len(set(steps)) == len(steps) and set(steps) <= set(want), tag
+        else:
+            assert steps == want, tag
 
 
 def _latest_step(out_dir):
