@@ -18,7 +18,7 @@ import numpy as np
 
 from qin import distributed
 from qin.checkpoint import CheckpointError, atomic_write, load_checkpoint, training_there
-from qin.commands_common import BUILTIN_SETTINGS, UsageError, load_data
+from qin.commands_common import BUILTIN_SETTINGS, UsageError, file_in_the_way, load_data, override_key
 from qin.config import ConfigError, load_config, read_fuxictr_dataset
 
 
@@ -64,7 +64,7 @@ def _dataset_block(args) -> dict | None:
 
 def _data_dir_override(overrides: list[str]) -> str | None:
     """The folder a data.dir=DIR override names (the last one), or None: it stands for --data DIR."""
-    given = [o.partition("=")[2] for o in overrides if o.partition("=")[0].strip() == "data.dir"]
+    given = [o.partition("=")[2] for o in overrides if override_key(o) == "data.dir"]
     return given[-1] if given else None
 
 
@@ -76,8 +76,8 @@ DATA_SIZED_KEYS = ("model.num_items", "model.num_tags", "model.num_levels", "mod
 
 def _refuse_data_sized(overrides: list[str]) -> None:
     for text in overrides:
-        if text.partition("=")[0].strip() in DATA_SIZED_KEYS:
-            raise UsageError(f"{text}: qin train sizes {text.partition('=')[0].strip()} from the data "
+        if override_key(text) in DATA_SIZED_KEYS:
+            raise UsageError(f"{text}: qin train sizes {override_key(text)} from the data "
                              f"(declare vocab_size and embedding_dim in data.features)")
 
 
@@ -98,10 +98,10 @@ def cmd_train(args) -> int:
         _refuse_if_in_use(out_dir)
         if args.config or args.data or args.data_config:
             raise UsageError("--resume takes the run's own config.yaml and data; drop --config/--data/--data-config")
-        if args.out or any(o.partition("=")[0].strip() == "train.out_dir" for o in args.overrides):
+        if args.out or any(override_key(o) == "train.out_dir" for o in args.overrides):
             raise UsageError(f"--resume continues in {out_dir}; drop --out/train.out_dir (copy the folder to "
                              f"continue elsewhere)")
-        data_keys = [o.split("=", 1)[0] for o in args.overrides if o.split("=", 1)[0].startswith("data.")]
+        data_keys = [override_key(o) for o in args.overrides if override_key(o).startswith("data.")]
         if [k for k in data_keys if k != "data.dir"]:
             raise UsageError(f"{data_keys[0]}: --resume continues on the run's own data; start a new run (--out) "
                              f"to change it")
@@ -115,9 +115,9 @@ def cmd_train(args) -> int:
         if args.data:
             cfg.data.dir = args.data
         out_dir = Path(args.out or cfg.train.out_dir)
-        folder = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-        if folder is not None and not folder.is_dir():  # found now, not after the data has loaded
-            raise UsageError(f"--out {out_dir}: {folder} is a file, not a folder")
+        blocking = file_in_the_way(out_dir)
+        if blocking:  # found now, not after the data has loaded
+            raise UsageError(f"--out {out_dir}: {blocking} is a file, not a folder")
         _refuse_if_in_use(out_dir)
         if (out_dir / "latest.pt").exists():
             raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} "
@@ -233,22 +233,18 @@ def _output_file(text: str, force: bool) -> Path:
     output = Path(text)
     if output.is_dir():
         raise UsageError(f"--output {output} is a folder; name a file")
-    folder = next((p for p in output.parents if p.exists()), None)
-    if folder is not None and not folder.is_dir():
-        raise UsageError(f"--output {output}: {folder} is a file, not a folder")
+    blocking = file_in_the_way(output.parent)
+    if blocking:
+        raise UsageError(f"--output {output}: {blocking} is a file, not a folder")
     if output.exists() and not force:
         raise UsageError(f"{output} exists; pass --force to overwrite it")
     return output
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    if not text.strip().isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    return int(text)
 
 
 def cmd_export(args) -> int:

@@ -12,6 +12,18 @@ from pathlib import Path
 BUILTIN_SETTINGS = {"train": {"batch_size": 512, "eval_batch_size": 2048, "epochs": 4, "out_dir": "runs/builtin"}}
 
 
+def override_key(text: str) -> str:
+    """'section.key' of a `section.key=value` override."""
+    return text.partition("=")[0].strip()
+
+
+def file_in_the_way(folder: Path) -> Path | None:
+    """The nearest of `folder` and its parents that exists, where it is a file (nothing could be
+    written under it), else None: checked before the work whose output would go there."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
 class UsageError(Exception):
     """A command was asked for something it refuses (exit status 2, one line naming why)."""
 

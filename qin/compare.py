@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qin.commands_common import BUILTIN_SETTINGS, UsageError, load_data
+from qin.commands_common import BUILTIN_SETTINGS, UsageError, file_in_the_way, load_data, override_key
 from qin.config import ConfigError, load_config
 
 
@@ -64,18 +64,15 @@ def parse_variants(text: str | None) -> list[Variant]:
     return [VARIANTS[n] for n in names]
 
 
-def _key(text: str) -> str:
-    return text.partition("=")[0].strip()
-
-
 # The settings that make the variants differ: an override of one would change every row it
 # reaches (QIN's among them) while the table kept the variants' names.
-VARIANT_KEYS = tuple(dict.fromkeys(_key(o) for v in VARIANTS.values() for o in v.overrides if o.startswith("model.")))
+VARIANT_KEYS = tuple(dict.fromkeys(override_key(o) for v in VARIANTS.values() for o in v.overrides
+                                   if o.startswith("model.")))
 
 
 def refused_overrides(overrides: list[str]) -> None:
     for text in overrides:
-        key = _key(text)
+        key = override_key(text)
         if key in VARIANT_KEYS:
             raise UsageError(f"{text}: qin compare sets {key} per variant (--variants chooses them); "
                              f"train one setting with qin train")
@@ -86,7 +83,7 @@ def refused_overrides(overrides: list[str]) -> None:
 def shadowed(overrides: list[str], variants: list[Variant]) -> list[str]:
     """Lines for the user's overrides that a variant's own settings take over (DIN's lr, say)."""
     return [f"{text} does not apply to {v.name}, which sets {own}"
-            for v in variants for own in v.overrides for text in overrides if _key(text) == _key(own)]
+            for v in variants for own in v.overrides for text in overrides if override_key(text) == override_key(own)]
 
 
 def train_variant(variant: Variant, seed: int, dataset, data_dir: str, run_dir: Path, epochs: int,
@@ -178,9 +175,9 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
     built-in generated data; write compare.md/.csv/.png into `out`."""
     from qin.train import TrainingError, TrainingInterrupted
 
-    existing = next((p for p in (out, *out.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise UsageError(f"--out {out}: {existing} is a file, not a folder")
+    blocking = file_in_the_way(out)
+    if blocking:
+        raise UsageError(f"--out {out}: {blocking} is a file, not a folder")
     clashes = [out / name for name in OUTPUTS if (out / name).exists()]
     if clashes and not force:
         raise UsageError(f"{clashes[0]} exists; pass --force to overwrite it, or choose another --out")
@@ -222,8 +219,9 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
     finally:
         shutil.rmtree(runs, ignore_errors=True)
     rows = summarise(results)
-    _write_outputs(rows, out, markdown(rows, label, epochs, time.perf_counter() - start))
-    log(markdown(rows, label, epochs, time.perf_counter() - start))
+    table = markdown(rows, label, epochs, time.perf_counter() - start)
+    _write_outputs(rows, out, table)
+    log(table)
     return rows
 
 

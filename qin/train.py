@@ -351,7 +351,7 @@ class Trainer:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
                               f"{self.ctx.world_size} processes")
         self.device = distributed.setup(self.ctx, resolve_device(cfg.train.device))
-        different = distributed.first_difference(self.ctx, _run_facts(cfg, dataset))
+        different = distributed.first_difference(self.ctx, _run_facts(cfg, dataset)) if self.ctx.distributed else None
         if different:  # each rank would train on other rows, or wait for steps the others never take
             raise ConfigError(f"the processes disagree on {different}: every machine must read the same data "
                               f"and settings")
