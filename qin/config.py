@@ -249,8 +249,22 @@ def _coerce_types(cfg: RunConfig) -> None:
             setattr(obj, f.name, value)
 
 
+class _UnclearNumber(yaml.constructor.ConstructorError):
+    """A YAML 1.1 number that most readers would take for another value."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently),
+    and the YAML 1.1 integers that do not mean what they look like: 010 is octal 8, 1:20 is 80."""
+
+    def construct_yaml_int(self, node):
+        value = super().construct_yaml_int(node)
+        text = self.construct_scalar(node).replace("_", "").lstrip("+-")
+        if ":" in text or (len(text) > 1 and text[0] == "0" and text.isdigit() and value != 0):
+            reason = "base 60" if ":" in text else "a leading zero means octal"
+            raise _UnclearNumber(None, None, f"{node.value} reads as {value} in YAML 1.1 ({reason}); "
+                                 f"write the number you mean, or quote it if it is a name", node.start_mark)
+        return value
 
     def construct_mapping(self, node, deep=False):
         seen = set()
@@ -265,6 +279,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+
+
 def _read_yaml(path: str | Path):
     try:
         with open(path, encoding="utf-8") as fh:
@@ -274,6 +291,8 @@ def _read_yaml(path: str | Path):
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        if isinstance(exc, _UnclearNumber):
+            raise ConfigError(f"{path}{at}: {exc.problem}") from None
         raise ConfigError(f"{path}: not valid YAML{at} ({getattr(exc, 'problem', None) or exc})") from None
 
 
@@ -329,7 +348,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
             raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=1e-3)")
         section, _, name = key.partition(".")
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.load(raw, Loader=_UniqueKeyLoader)
+        except _UnclearNumber as exc:
+            raise ConfigError(f"override {text!r}: {exc.problem}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {text!r}: its value is not valid YAML ({exc.problem})") from None
         layers.append((f"override {text!r}", {section: {name: value}}))
@@ -337,6 +358,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (
         for section, values in tree.items():
             if section not in ("data", "model", "train"):
                 raise ConfigError(f"{source}: unknown section '{section}'; expected data, model or train")
+            if values is None:
+                continue  # `train:` with every key commented out: an empty section
             if not isinstance(values, dict):
                 raise ConfigError(f"{source}: section '{section}' must be a mapping")
             _apply(getattr(cfg, section), section, values, source)

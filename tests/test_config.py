@@ -83,6 +83,28 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path):
         load_config(path)
 
 
+def test_yaml_1_1_numbers_that_mean_another_value_are_refused(tmp_path):
+    # YAML 1.1 (PyYAML) reads 010 as octal 8 and 1:20 as 80 (base 60), silently.
+    for override, shown in (("train.epochs=010", "010 reads as 8"), ("train.seed=1:20", "1:20 reads as 80"),
+                            ("train.epochs=-0_10", "-0_10 reads as -8")):
+        with pytest.raises(ConfigError, match=re.escape(f"override {override!r}: {shown} in YAML 1.1")):
+            load_config(overrides=[override])
+    path = tmp_path / "octal.yaml"
+    path.write_text("train:\n  epochs: 3\ndata:\n  max_len: 010\n")
+    with pytest.raises(ConfigError, match=r"octal\.yaml at line 4, column 12: 010 reads as 8 .*quote it"):
+        load_config(path)
+    # What YAML 1.1 and a reader agree on still loads: 0, 00, 10, 1_000, a quoted "010".
+    cfg = load_config(overrides=["train.seed=00", "train.epochs=1_0", "data.dir='010'"])
+    assert (cfg.train.seed, cfg.train.epochs, cfg.data.dir) == (0, 10, "010")
+
+
+def test_a_section_with_every_key_commented_out_is_empty(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("train:\n  # lr: 1.0e-3\nmodel:\n  dropout: 0.2\n")
+    cfg = load_config(path)
+    assert cfg.train == load_config().train and cfg.model.dropout == 0.2
+
+
 def test_a_config_file_that_cannot_be_read_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"nowhere\.yaml: cannot be read"):
         load_config(tmp_path / "nowhere.yaml")
