@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -460,7 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (DataError, ConfigError, CheckpointError, UsageError) as exc:
-        print(f"qin {args.command}: error: {exc}", file=sys.stderr)
+        if main_rank or not getattr(exc, "shared_by_ranks", False):  # one copy of the ranks' common verdict
+            print(f"qin {args.command}: error: {exc}", file=sys.stderr)
+        else:
+            time.sleep(1)  # torchrun stops the group when a rank exits: rank 0 prints the verdict first
         return 2
     except TrainingInterrupted as exc:
         if main_rank:  # which saved the checkpoint the message names

@@ -108,6 +108,12 @@ def rank0_error(ctx: Context, error: str | None) -> str | None:
     return all_gather_objects(ctx, error)[0]
 
 
+def shared(exc: Exception) -> Exception:
+    """Mark an error that every rank raises alike (rank 0's verdict), so that only rank 0 prints it."""
+    exc.shared_by_ranks = True
+    return exc
+
+
 def gather_rows(ctx: Context, values: np.ndarray) -> np.ndarray:
     """Concatenate each rank's contiguous share back into the split's row order, on every rank."""
     return np.concatenate(all_gather_objects(ctx, values))

@@ -353,8 +353,8 @@ class Trainer:
         self.device = distributed.setup(self.ctx, resolve_device(cfg.train.device))
         different = distributed.first_difference(self.ctx, _run_facts(cfg, dataset)) if self.ctx.distributed else None
         if different:  # each rank would train on other rows, or wait for steps the others never take
-            raise ConfigError(f"the processes disagree on {different}: every machine must read the same data "
-                              f"and settings")
+            raise distributed.shared(ConfigError(f"the processes disagree on {different}: every machine must "
+                                                 f"read the same data and settings"))
         if self.device.type == "cpu":
             keep_freed_memory()  # a CPU step would otherwise fault in fresh pages for every large tensor
         torch.manual_seed(cfg.train.seed)
@@ -517,7 +517,7 @@ class Trainer:
                     refused = str(exc)
             refused = distributed.rank0_error(self.ctx, refused)
             if refused:
-                raise CheckpointError(refused)
+                raise distributed.shared(CheckpointError(refused))
             return self._fit(resume, train, valid, batches_per_epoch, left_out)
 
     def _fit(self, resume: bool, train: Split, valid: Split, batches_per_epoch: int, left_out: int) -> TrainerState:
