@@ -24,28 +24,50 @@ from qin.config import ConfigError, load_config, read_fuxictr_dataset
 
 
 def cmd_make_data(args) -> int:
-    from qin.synth import make_dataset
+    import yaml
+
+    from qin.synth import OTHER_DATA_SECTION, make_dataset, staging_folder
 
     # Two train rows at least: BatchNorm trains on no fewer.
     for name, value, least in (("--rows", args.rows, 2), ("--items", args.items, 1), ("--seed", args.seed, 0)):
         if value < least:
             raise UsageError(f"{name} must be at least {least}, got {value}")
     out = Path(args.dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} is a file, not a folder")
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise UsageError(f"{blocker} is a file, not a folder")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UsageError(f"{out} exists and is not empty; pass --force to write into it")
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    # Generated beside the folder, then moved in file by file: a failure or Ctrl-C while
-    # generating leaves the folder as it was (with --force, the earlier dataset whole).
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    # Generated in a hidden folder inside `out` (the same filesystem, even where `out` is a mount or
+    # a link), then moved in file by file: a failure, Ctrl-C or SIGTERM while generating leaves the
+    # folder as it was (with --force, the earlier dataset whole).
     try:
-        make_dataset(staging, rows=args.rows, items=args.items, seed=args.seed, schema=args.schema)
-        for path in sorted(staging.iterdir()):
-            os.replace(path, out / path.name)
+        with staging_folder(out, ".make-data.") as staging:
+            make_dataset(staging, rows=args.rows, items=args.items, seed=args.seed, schema=args.schema)
+            if args.schema == "other":  # its columns are not the default layout's: the data block to train with
+                (staging / "data.yaml").write_text(yaml.safe_dump({"data": OTHER_DATA_SECTION}, sort_keys=False))
+            new = sorted(p.name for p in staging.iterdir())
+            in_the_way = [name for name in new if (out / name).exists() and not (out / name).is_file()]
+            if in_the_way:  # checked before any file moves: an old and a new dataset must never mix
+                raise UsageError(f"{out / in_the_way[0]} is in the way (not a file); nothing was written")
+            for name in new:
+                os.replace(staging / name, out / name)
+    except KeyboardInterrupt:
+        print(f"qin make-data: interrupted; {out} is as it was", file=sys.stderr)
+        return 130
+    except MemoryError:
+        raise UsageError(f"{args.rows:,} rows of {args.items:,} items do not fit in this machine's memory; "
+                         f"a smaller --rows or --items does") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write the dataset to {out}: {exc.strerror or exc}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()
     print(f"wrote a generated dataset ({args.schema} schema, {args.rows:,} train rows, {args.items:,} items) to {out}")
+    if args.schema == "other":
+        print(f"its columns are declared in {out / 'data.yaml'}: qin train --data {out} --config {out / 'data.yaml'}")
     return 0
 
 
@@ -366,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schema", choices=("microlens", "other"), default="microlens",
                    help="other: 3 context features, 2 categorical item attributes, a 64-wide embedding, no tags "
-                        "(its features block: qin.synth.OTHER_FEATURES)")
+                        "(its data block, features included, is written beside it as data.yaml)")
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     p.set_defaults(func=cmd_make_data)
 

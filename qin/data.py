@@ -211,7 +211,9 @@ class _FileReader:
         """Refuse missing columns, wrong types and an empty file; note the columns present and extra."""
         missing = [column for column in kinds if column in required and column not in schema.names]
         if missing:
-            raise data_error(self.name, f"missing (the file has {', '.join(schema.names) or 'no columns'})", missing[0])
+            error = data_error(self.name, f"missing (the file has {', '.join(schema.names) or 'no columns'})", missing[0])
+            error.missing_column = True
+            raise error
         for column in kinds:
             if schema.names.count(column) > 1:  # which one to read would be a guess
                 raise data_error(self.name, f"the file has {schema.names.count(column)} columns of this name", column)
@@ -525,6 +527,7 @@ def load_dataset(root, max_len: int = 64, splits=("train", "valid", "test"), fea
     """
     if max_len < 1:
         raise ValueError(f"max_len must be a positive integer, got {max_len}")
+    declared = features is not None
     features = parse_features(MICROLENS_FEATURES if features is None else
                               [f if isinstance(f, dict) else to_dicts([f])[0] for f in features])
     for f in context_features(features):  # read as an input, the label would leak into the model
@@ -533,16 +536,24 @@ def load_dataset(root, max_len: int = 64, splits=("train", "valid", "test"), fea
             raise ConfigError(f"data.features: feature '{f.name}' is the column {role} names; "
                               f"a feature cannot read it")
     root = Path(root)
-    item_info, extra = _load_item_info(root / "item_info.parquet", features)
-    extra_columns = {"item_info.parquet": extra} if extra else {}
-    loaded = {}
-    for name in splits:
-        path = root / f"{name}.parquet"
-        if name not in required and not path.exists():
-            continue
-        loaded[name], extra = _load_split(path, name, item_info.num_items, max_len, features, label, history)
-        if extra:
-            extra_columns[path.name] = extra
+    try:
+        item_info, extra = _load_item_info(root / "item_info.parquet", features)
+        extra_columns = {"item_info.parquet": extra} if extra else {}
+        loaded = {}
+        for name in splits:
+            path = root / f"{name}.parquet"
+            if name not in required and not path.exists():
+                continue
+            loaded[name], extra = _load_split(path, name, item_info.num_items, max_len, features, label, history)
+            if extra:
+                extra_columns[path.name] = extra
+    except DataError as exc:
+        if declared or not getattr(exc, "missing_column", False):
+            raise
+        hinted = DataError(f"{exc}; with no data.features the loader reads the MicroLens_1M_x1 layout: declare "
+                           f"this dataset's columns in data.features")
+        hinted.file, hinted.column, hinted.row = exc.file, exc.column, exc.row
+        raise hinted from None
     for file, names in extra_columns.items():
         logger.info("%s: ignoring extra columns %s", file, ", ".join(names))
     return Dataset(root=root, item_info=item_info, splits=loaded, extra_columns=extra_columns,

@@ -17,15 +17,22 @@ user_id only groups rows and carries no signal of its own.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
 
 # The built-in dataset of the CLI: sized to train for about 5 minutes on 2 CPU cores.
 BUILTIN_VERSION = "builtin-v1"
@@ -332,21 +339,78 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("QIN_CACHE") or Path.home() / ".cache" / "qin")
 
 
-def builtin_dataset(cache_dir=None) -> Path:
-    """The built-in dataset, generated once into the cache and reused; written atomically."""
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = cache / f"{BUILTIN_VERSION}-rows{BUILTIN_ROWS}-items{BUILTIN_ITEMS}-seed{BUILTIN_SEED}"
-    if path.is_dir():
-        return path
-    cache.mkdir(parents=True, exist_ok=True)
-    # Generate beside the final folder and rename: a reader never sees a half-written dataset.
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=cache))
+# Written into the built-in dataset's folder: the generator that made it (generator_fingerprint).
+FINGERPRINT_FILE = ".generator"
+
+
+def generator_fingerprint() -> str:
+    """What the generated data depends on besides its sizes and seed: this module's code and
+    constants, and numpy's version (a release may change a distribution's random stream)."""
+    constants = sorted((k, v) for k, v in globals().items() if k.isupper() and isinstance(v, (int, float, str)))
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    digest.update(repr(constants).encode())
+    digest.update(np.__version__.encode())
+    return digest.hexdigest()[:16]
+
+
+def _fingerprint_of(path: Path) -> str | None:
     try:
-        make_dataset(staging, rows=BUILTIN_ROWS, items=BUILTIN_ITEMS, seed=BUILTIN_SEED)
-        os.rename(staging, path)
+        return (path / FINGERPRINT_FILE).read_text().strip()
     except OSError:
-        if not path.is_dir():  # another process won the race when the folder exists
-            raise
+        return None
+
+
+@contextmanager
+def staging_folder(parent: Path, prefix: str):
+    """A fresh hidden folder in `parent` (so on the same filesystem as what is moved out of it),
+    removed when the block ends however it ends. SIGTERM (kill, a scheduler's time limit) then
+    raises KeyboardInterrupt, as Ctrl-C does, where it would otherwise end the process with the
+    folder left behind; a handler someone else installed (or an ignored SIGTERM) is kept."""
+    handle = (threading.current_thread() is threading.main_thread()
+              and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if handle:
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt("SIGTERM")
+
+        signal.signal(signal.SIGTERM, interrupt)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def builtin_dataset(cache_dir=None) -> Path:
+    """The built-in dataset, generated once into the cache and reused while the generator that
+    made it is this one (else made again); written atomically."""
+    from qin.config import ConfigError
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = cache / f"{BUILTIN_VERSION}-rows{BUILTIN_ROWS}-items{BUILTIN_ITEMS}-seed{BUILTIN_SEED}"
+    fingerprint = generator_fingerprint()
+    if _fingerprint_of(path) == fingerprint:
+        return path
+    blocker = next((p for p in (cache, *cache.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise ConfigError(f"the data cache {cache} cannot be made: {blocker} is a file (QIN_CACHE names the "
+                          f"cache folder)")
+    if path.is_dir():
+        logger.info("%s was made by another version of qin.synth or numpy: generating it again", path)
+    cache.mkdir(parents=True, exist_ok=True)
+    # Generated beside the final folder and renamed: a reader never sees a half-written dataset.
+    with staging_folder(cache, f".{path.name}.") as staging:
+        make_dataset(staging, rows=BUILTIN_ROWS, items=BUILTIN_ITEMS, seed=BUILTIN_SEED)
+        (staging / FINGERPRINT_FILE).write_text(fingerprint + "\n")
+        try:
+            os.rename(staging, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+            if _fingerprint_of(path) != fingerprint:  # an older generator's: moved aside, then removed
+                with staging_folder(cache, f".{path.name}.stale.") as stale:
+                    os.rename(path, stale / "old")
+                    os.rename(staging, path)
+            # else another process made the same dataset meanwhile
     return path

@@ -65,10 +65,69 @@ def test_make_data_that_fails_leaves_the_earlier_dataset_whole(tmp_path, monkeyp
         raise KeyboardInterrupt
 
     monkeypatch.setattr(qin.synth, "make_dataset", half_then_fail)
-    with pytest.raises(KeyboardInterrupt):
-        main(["make-data", str(out), "--rows", "500", "--force"])
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    assert [p.name for p in tmp_path.iterdir()] == ["generated"]  # no staging folder left
+    assert main(["make-data", str(out), "--rows", "500", "--force"]) == 130
+    assert f"interrupted; {out} is as it was" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
+    assert [p.name for p in tmp_path.iterdir()] == ["generated"]
+
+    def out_of_memory(root, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(qin.synth, "make_dataset", out_of_memory)
+    assert main(["make-data", str(tmp_path / "huge"), "--rows", "2000000000"]) == 2
+    assert "2,000,000,000 rows of 5,000 items do not fit" in capsys.readouterr().err
+    assert not (tmp_path / "huge").exists()  # the folder it made is gone with the failure
+
+
+def test_make_data_stages_on_the_output_folders_filesystem(tmp_path, monkeypatch):
+    # Staged beside the folder, the files could not be renamed into a folder that is a mount or a
+    # link to another disk (os.replace: "Invalid cross-device link").
+    import qin.synth
+
+    real, staged_in = qin.synth.make_dataset, []
+
+    def record(root, **kwargs):
+        staged_in.append(Path(root).parent)
+        return real(root, **kwargs)
+
+    monkeypatch.setattr(qin.synth, "make_dataset", record)
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "disk")
+    assert main(["make-data", str(tmp_path / "link"), "--rows", "300", "--items", "20"]) == 0
+    assert staged_in == [tmp_path / "link"]
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == [
+        "item_info.parquet", "test.parquet", "train.parquet", "valid.parquet"]
+
+
+def test_make_data_force_never_mixes_an_old_and_a_new_dataset(tmp_path, capsys):
+    out = tmp_path / "generated"
+    assert main(["make-data", str(out), "--rows", "300", "--items", "20", "--seed", "1"]) == 0
+    (out / "valid.parquet").unlink()
+    (out / "valid.parquet").mkdir()  # something in the way of one of the four files
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(["make-data", str(out), "--rows", "300", "--items", "20", "--seed", "2", "--force"]) == 2
+    assert f"{out / 'valid.parquet'} is in the way (not a file); nothing was written" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out.iterdir()) == ["item_info.parquet", "test.parquet", "train.parquet",
+                                                     "valid.parquet"]
+
+
+def test_make_data_under_a_file_is_refused_in_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    assert main(["make-data", str(tmp_path / "afile" / "sub")]) == 2
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_make_data_other_schema_writes_the_data_block_it_trains_with(tmp_path, capsys):
+    from qin.config import load_config
+    from qin.data import load_dataset
+
+    out = tmp_path / "other"
+    assert main(["make-data", str(out), "--schema", "other", "--rows", "300", "--items", "20"]) == 0
+    assert f"--config {out / 'data.yaml'}" in capsys.readouterr().out
+    data = load_config(out / "data.yaml").data
+    dataset = load_dataset(out, features=data.features, label=data.label, history=data.history)
+    assert [f.name for f in dataset.features][-1] == "item_emb_d64" and len(dataset.splits["train"]) == 300
 
 
 def test_train_writes_a_complete_run(run_dir, capsys):

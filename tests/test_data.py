@@ -490,3 +490,10 @@ def test_bad_batch_size_is_refused():
         num_batches(make_split(5), 0)
     with pytest.raises(ValueError):
         next(iterate_batches(make_split(5), 0))
+
+
+def test_a_dataset_of_another_layout_without_data_features_is_told_to_declare_them(tmp_path):
+    root = synth.make_dataset(tmp_path / "other", rows=50, items=10, seed=0, valid_rows=20, test_rows=5, schema="other")
+    with pytest.raises(DataError, match=r"item_info\.parquet, column 'item_tags': missing \(the file has item_id.*"
+                                        r"declare this dataset's columns in data\.features"):
+        load_dataset(root)

@@ -168,6 +168,54 @@ def test_builtin_dataset_is_cached_and_atomic(tmp_path, monkeypatch):
     assert synth.builtin_dataset(tmp_path / "cache") == path
 
 
+def test_builtin_dataset_made_by_another_generator_is_made_again(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(synth, "BUILTIN_ROWS", 300)
+    monkeypatch.setattr(synth, "BUILTIN_ITEMS", 60)
+    path = synth.builtin_dataset(tmp_path)
+    rate = load_dataset(path).splits["train"].label.mean()
+    monkeypatch.setattr(synth, "POSITIVE_RATE", 0.6)  # as an edit of the generator would
+    with caplog.at_level("INFO", logger="qin.synth"):
+        assert synth.builtin_dataset(tmp_path) == path
+    assert "made by another version of qin.synth" in caplog.text
+    assert load_dataset(path).splits["train"].label.mean() > rate + 0.2
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the old one removed, no staging left
+    (path / synth.FINGERPRINT_FILE).unlink()  # a folder made before fingerprints: made again too
+    monkeypatch.setattr(synth, "make_dataset", lambda *a, **k: (_ for _ in ()).throw(AssertionError("made")))
+    with pytest.raises(AssertionError, match="made"):
+        synth.builtin_dataset(tmp_path)
+
+
+def test_a_cache_path_through_a_file_is_refused_naming_it(tmp_path):
+    from qin.config import ConfigError
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"afile is a file \(QIN_CACHE names the cache folder\)"):
+        synth.builtin_dataset(tmp_path / "afile" / "cache")
+
+
+def test_sigterm_while_generating_leaves_no_staging_folder(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time; from pathlib import Path; from qin import synth\n"
+        "def slow(root, **kwargs):\n"
+        "    (Path(root) / 'train.parquet').write_bytes(b'half'); time.sleep(60)\n"
+        "synth.make_dataset = slow\n"
+        "synth.builtin_dataset(sys.argv[1])\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".*/train.parquet")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".*/train.parquet")), "the generation never started"
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0 and list(tmp_path.iterdir()) == []
+
+
 def test_builtin_dataset_leaves_nothing_when_generation_fails(tmp_path, monkeypatch):
     def fail(root, **kwargs):
         (root / "train.parquet").write_bytes(b"half")
