@@ -6,10 +6,12 @@ the measured matmul rate of the same device and dtype, peak memory, and speed-up
 the same run. Plus the 4-layer QNN stack (quadratic + BatchNorm + PReLU + dropout + residual)
 forward+backward time and peak memory, eager vs torch.compile vs Triton. On a GPU fp32 runs twice,
 with TF32 off ("fp32") and on ("fp32-tf32"): every path's products follow torch's switch, and
-auto must not lose under either; the matmul ceiling is measured under the same setting.
+auto must not lose under either; the matmul ceiling is measured under the same setting. bf16 runs
+twice too: bf16 tensors ("bf16"), and fp32 ones under autocast bf16 ("bf16-autocast"), as
+train.precision=bf16 calls the op.
 
 Order, so that a time box (bench/gpu_run.sh) cuts the least valuable rows: the op at the paper's
-batch in every precision first (bf16, then fp32, then fp32-tf32: what the targets and
+batch in every precision first (bf16, bf16-autocast, fp32, then fp32-tf32: what the targets and
 MEASURED_FASTER rest on), then the batch sweep and the stack. Each row is kept (and appended to
 --csv) as it is measured.
 
@@ -136,35 +138,40 @@ def _stack_rows(device, dtype, batch, label):
 
 def run(device: torch.device, quick: bool = False, csv: str | None = None) -> list[dict]:
     device = torch.device(device)
+    # (label, the tensors' dtype, TF32 on, autocast's dtype). "bf16-autocast": fp32 x, W and b under
+    # autocast, as train.precision=bf16 calls the op (the GEMMs cast W to bf16 on every call, the
+    # product reads fp32 x): with "bf16", what a MEASURED_FASTER entry for bf16 rests on.
     if device.type == "cuda":  # bf16 first: most targets are bf16's
-        precisions = [("bf16", torch.bfloat16, False), ("fp32", torch.float32, False), ("fp32-tf32", torch.float32, True)]
+        precisions = [("bf16", torch.bfloat16, False, None), ("bf16-autocast", torch.float32, False, torch.bfloat16),
+                      ("fp32", torch.float32, False, None), ("fp32-tf32", torch.float32, True, None)]
         batches = [8192] if quick else [8192, 1024, 2048, 4096, 16384]  # the paper's first
         dim, stack_batch = DIM, 8192
     else:  # the CPU only runs the reference (Triton needs CUDA), at a small size, in fp32: bf16
         # products on a CPU without bf16 units are emulated and take many minutes while saying nothing
-        precisions = [("fp32", torch.float32, False)]
+        precisions = [("fp32", torch.float32, False, None)]
         batches = [256] if quick else [256, 1024]
         dim, stack_batch = (256, 256) if quick else (DIM, 1024)
     rows, rates = [], {}
 
-    def op_rows(label, dtype):  # the ceiling, then the op at the first batch
-        rates[label] = measure_matmul_tflops(device, dtype)
+    def op_rows(label, dtype, amp):  # the ceiling (of the dtype the products run in), then the op at the first batch
+        with torch.autocast(device.type, enabled=False):  # its own tensors in that dtype: no casts timed
+            rates[label] = measure_matmul_tflops(device, amp or dtype)
         n = 4096 if device.type == "cuda" else 1024  # the size measure_matmul_tflops uses
         yield make_row("matmul", "torch", "ceiling", "tflops", "TFLOP/s", "n", n, rates[label], device=device, dtype=label)
         yield from _projection_rows(device, dtype, batches[:1], dim, rates[label], label)
 
-    def sweep_rows(label, dtype):  # the other batches, then the 4-layer stack
+    def sweep_rows(label, dtype, amp):  # the other batches, then the 4-layer stack
         yield from _projection_rows(device, dtype, batches[1:], dim, rates[label], label)
         if not (quick and device.type == "cpu"):
             yield from _stack_rows(device, dtype, stack_batch, label)
 
     for rows_of in (op_rows, sweep_rows):
-        for label, dtype, allow_tf32 in precisions:
+        for label, dtype, allow_tf32, amp in precisions:
             if STOPPED.is_set():
                 break
             torch._dynamo.reset()  # a fresh compile cache per precision: never past its recompile limit
-            with tf32(allow_tf32):
-                keep(rows, rows_of(label, dtype), csv)
+            with tf32(allow_tf32), torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                keep(rows, rows_of(label, dtype, amp), csv)
     if STOPPED.is_set():
         print("out of time: the cases after the last table line were not run")
     print_table(rows, f"QNN quadratic projection (D={dim}, M={ROWS}, dropout {DROPOUT}, training)")

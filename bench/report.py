@@ -403,6 +403,13 @@ AUTO_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 # The modes of the ASTA op tables (bench_asta) that issue 14's "Triton >= the reference" covers.
 ASTA_TARGET_MODES = {"asta_op": ("fwd full mask", "fwd+bwd full mask"),
                      "asta_gathered_op": ("fwd full mask", "fwd+bwd full mask", "fwd", "fwd+bwd")}
+# What an entry needs timed, Triton beside a torch line in each: every mode of each of the op's
+# tables (bench_asta times the gathered op with every position live and with histories as the
+# model sees them), and each dtype line of the family that the op's benchmark times on a GPU (an
+# entry holds whether TF32 is on or off, and QNN's bf16 both with bf16 weights and under autocast
+# with fp32 ones, as train.precision=bf16 calls it). A run a time box cut short lacks some.
+REQUIRED_MODES = {**ASTA_TARGET_MODES, "qnn": ("fwd", "fwd+bwd")}
+REQUIRED_LABELS = {("qnn", "fp32"): ("fp32", "fp32-tf32"), ("qnn", "bf16"): ("bf16", "bf16-autocast")}
 _TORCH_NAMES = {torch.float32: "torch.float32", torch.bfloat16: "torch.bfloat16", torch.float16: "torch.float16"}
 
 
@@ -428,7 +435,7 @@ def auto_evidence(rows: list[dict]) -> dict[tuple[str, str], dict]:
             continue
         entry = evidence.setdefault((op, family), {"won": True, "modes": set(), "tables": set(), "losses": []})
         entry["modes"].add(mode.split()[0])  # "fwd full mask" -> "fwd"
-        entry["tables"].add((kernel, mode.split()[0]))
+        entry["tables"].add((kernel, mode, dtype))
         if "triton" not in times:
             entry["won"] = False
             entry["losses"].append(f"{kernel} {mode} {dtype} {shape}: triton missing")
@@ -438,25 +445,27 @@ def auto_evidence(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return evidence
 
 
-def untimed_tables(op: str, evidence: dict) -> list[str]:
-    """The (table, mode) pairs of AUTO_OPS[op] this evidence lacks: an entry needs every one."""
-    return [f"{table} {mode}" for table in AUTO_OPS[op] for mode in ("fwd", "fwd+bwd")
-            if (table, mode) not in evidence["tables"]]
+def untimed_tables(op: str, family: str, evidence: dict) -> list[str]:
+    """The cases (table, mode, dtype line) of REQUIRED_MODES and REQUIRED_LABELS this evidence of
+    `op` in `family` lacks: an entry needs every one."""
+    return [f"{table} {mode} {label}" for table in AUTO_OPS[op] for mode in REQUIRED_MODES[table]
+            for label in REQUIRED_LABELS.get((op, family), (family,))
+            if (table, mode, label) not in evidence["tables"]]
 
 
-def measured_faster(rows: list[dict], capability: tuple[int, int]) -> set[tuple[str, torch.dtype, tuple[int, int]]]:
-    """The MEASURED_FASTER entries these rows support: Triton faster than the best torch line in
-    every forward and every forward+backward case timed, every table of the op timed in both modes."""
-    return {(op, AUTO_DTYPES[family], tuple(capability)) for (op, family), e in auto_evidence(rows).items()
-            if e["won"] and not untimed_tables(op, e) and family in AUTO_DTYPES}
+def measured_faster(rows: list[dict], gpu: str) -> set[tuple[str, torch.dtype, str]]:
+    """The MEASURED_FASTER entries these rows support on `gpu` (as kernels.choice.where names it):
+    Triton faster than the best torch line in every case timed, and every required case timed."""
+    return {(op, AUTO_DTYPES[family], gpu) for (op, family), e in auto_evidence(rows).items()
+            if e["won"] and family in AUTO_DTYPES and not untimed_tables(op, family, e)}
 
 
 def measured_faster_source(entries) -> str:
     """The entries as Python to paste into kernels/utils.py."""
     if not entries:
-        return "MEASURED_FASTER: set[tuple[str, torch.dtype, tuple[int, int]]] = set()"
-    lines = [f"    ({op!r}, {_TORCH_NAMES[dtype]}, {tuple(cap)!r})," for op, dtype, cap in sorted(entries, key=str)]
-    return "MEASURED_FASTER: set[tuple[str, torch.dtype, tuple[int, int]]] = {\n" + "\n".join(lines) + "\n}"
+        return "MEASURED_FASTER: set[tuple[str, torch.dtype, str]] = set()"
+    lines = [f"    ({op!r}, {_TORCH_NAMES[dtype]}, {gpu!r})," for op, dtype, gpu in sorted(entries, key=str)]
+    return "MEASURED_FASTER: set[tuple[str, torch.dtype, str]] = {\n" + "\n".join(lines) + "\n}"
 
 
 def timed_section(device: torch.device) -> list[str]:
@@ -475,12 +484,12 @@ def timed_section(device: torch.device) -> list[str]:
 def auto_section(rows: list[dict], device: torch.device) -> list[str]:
     """What backend="auto" runs on this device for each op and dtype, and the table entries this
     run's op timings support."""
+    from kernels.choice import where
     from kernels.utils import resolve_backend
 
     evidence = auto_evidence(rows)
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    where = f"compute capability {capability[0]}.{capability[1]}" if capability else "the CPU"
-    lines = [f'On {common.device_name(device)} ({where}), with kernels.utils.MEASURED_FASTER as committed:', "",
+    gpu = where(device) if device.type == "cuda" else None
+    lines = [f'On {gpu or "the CPU"}, with kernels.utils.MEASURED_FASTER as committed:', "",
              '| op | dtype | the table says | this run: Triton faster than every torch line? |', "|---|---|---|---|"]
     for op in AUTO_OPS:
         for name, dtype in AUTO_DTYPES.items():
@@ -489,19 +498,19 @@ def auto_section(rows: list[dict], device: torch.device) -> list[str]:
                 verdict = "not measured"
             elif not e["won"]:
                 verdict = "no: " + "; ".join(e["losses"][:3])
-            elif untimed_tables(op, e):
-                verdict = "not every table timed: " + ", ".join(untimed_tables(op, e)) + " missing"
+            elif untimed_tables(op, name, e):
+                verdict = "not every case timed: " + ", ".join(untimed_tables(op, name, e)) + " missing"
             else:
                 verdict = "yes, fwd and fwd+bwd"
             lines.append(f"| {op} | {name} | {resolve_backend('auto', device, op, dtype)} | {verdict} |")
     lines.append("")
     lines += timed_section(device)
-    if capability is None:
+    if gpu is None:
         lines += ["No CUDA device: auto runs torch everywhere and nothing can be added to MEASURED_FASTER.", ""]
     else:
         lines += ["The entries this run supports (Triton faster than the best torch line, eager or compiled, "
-                  "in every forward and forward+backward case timed), ready to paste into kernels/utils.py:", "",
-                  "```python", measured_faster_source(measured_faster(rows, capability)), "```", ""]
+                  "in every case timed, and every case an entry needs timed), ready to paste into "
+                  "kernels/utils.py:", "", "```python", measured_faster_source(measured_faster(rows, gpu)), "```", ""]
     return lines
 
 

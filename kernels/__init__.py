@@ -3,8 +3,9 @@
 backend="triton" runs the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1) through
 the registered ops qin::sparse_target_attention and qin::quadratic_projection_dropout,
 backend="torch" runs the plain-PyTorch reference of kernels/reference.py, and backend="auto"
-runs Triton only where it measured faster on the GPU at hand: kernels.utils.MEASURED_FASTER (our
-benchmark runs; empty today), else a one-time timing of both paths there (kernels.choice).
+runs Triton only where it measured faster on the GPU at hand: a one-time timing of both paths
+there (kernels.choice), or where nothing is timed, kernels.utils.MEASURED_FASTER (our benchmark
+runs on GPUs of that name; empty today).
 """
 try:
     import triton

@@ -2,19 +2,20 @@
 faster.
 
 A Triton path may run under "auto" only where it measured faster than the torch path on that
-device, in the same run. kernels.utils.MEASURED_FASTER holds what our benchmark runs measured on
-named GPUs; on any other GPU (or for an entry not there) the first call of an op for a shape
-class times one forward (plus backward when training) of each path on copies of its inputs,
-and keeps Triton only if it took at most MARGIN of torch's time. The decision is logged, kept
-for the process and written to a JSON file (QIN_CACHE or ~/.cache/qin, backend_choice.json),
-keyed by the GPU, torch and Triton versions and a hash of the kernels' source, so a later run on
-the same machine and code does not time again, and a code change times afresh.
+device, in the same run. The first call of an op for a shape class times one forward (plus
+backward when training) of each path on copies of its inputs, and keeps Triton only if it took at
+most MARGIN of torch's time. The decision is logged, kept for the process and written to a JSON
+file (QIN_CACHE or ~/.cache/qin, backend_choice.json), keyed by the GPU, torch and Triton versions
+and a hash of the kernels' source, so a later run on the same machine and code does not time
+again, and a code change times afresh. kernels.utils.MEASURED_FASTER (what our benchmark runs
+measured on named GPUs) serves only where nothing is timed: a decision timed here, for this
+shape class, comes first.
 
 QIN_AUTO_BACKEND=table turns the timing off: then "auto" is MEASURED_FASTER alone (torch
 elsewhere). Nothing is timed where timing cannot run or would mislead: under torch.compile
 tracing, during CUDA graph capture, off CUDA. There a decision made earlier in this process (or
-read from the file by `preload`) is used, else torch; a traced call follows the decision of the
-largest batch timed (its batch is left dynamic). A trial that fails on the torch path, or runs
+read from the file by `preload`) is used, else MEASURED_FASTER, else torch; a traced call
+follows the decision of the largest batch timed (its batch is left dynamic). A trial that fails on the torch path, or runs
 out of memory on either (its copies share the device with the call's activations), means torch
 for this process, and nothing is written. A trial does not move the random generators (they are
 forked), times the two paths in turns, and frees its copies before the real call runs; a Triton
@@ -86,20 +87,30 @@ def source_hash() -> str:
     return digest.hexdigest()[:12]
 
 
-@functools.cache
-def _where(device: torch.device) -> str:
-    """The device as decisions name it: the GPU's name and compute capability."""
+def where(device: torch.device) -> str:
+    """The device as decisions and kernels.utils.MEASURED_FASTER name it: on CUDA the GPU's name
+    and compute capability ("NVIDIA H200 sm_90"), else the device type."""
     if device.type != "cuda":
         return device.type
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{torch.cuda.get_device_name(device)} sm_{major}{minor}"
+    return gpu_label(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: asked once while tracing, a constant after
+def gpu_label(index: int) -> str:
+    return _gpu_label(index)
+
+
+@functools.cache
+def _gpu_label(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} sm_{major}{minor}"
 
 
 def _key(trial: Trial, device: torch.device) -> str:
     import triton
 
     shape = ",".join(map(str, trial.shape))
-    return (f"{trial.op}|{str(trial.dtype).removeprefix('torch.')}|{shape}|{_where(device)}|"
+    return (f"{trial.op}|{str(trial.dtype).removeprefix('torch.')}|{shape}|{where(device)}|"
             f"torch {torch.__version__}|triton {triton.__version__}|kernels {source_hash()}")
 
 
@@ -232,7 +243,7 @@ def decide(trial: Trial, device: torch.device) -> str | None:
     trial.run = None  # the copies of the inputs go now, before the real call runs
     if record["torch_ms"] is None:  # the trial itself failed: torch for this process, nothing kept
         logger.warning("backend='auto' could not time %s (%s) on %s (%s); running torch", trial.op,
-                       record["dtype"], _where(device), record["error"])
+                       record["dtype"], where(device), record["error"])
         _by_call[call] = "torch"
         return "torch"
     record["key"] = key
@@ -269,21 +280,30 @@ def preload(device: torch.device) -> int:
     except ImportError:  # the torch-only entry points: nothing to choose
         return 0
     _load()
-    suffix = f"|{_where(device)}|torch {torch.__version__}|triton {triton.__version__}|kernels {source_hash()}"
     count = 0
     for record in _decisions.values():
         dtype = getattr(torch, str(record.get("dtype")), None)
-        if record["key"].endswith(suffix) and isinstance(dtype, torch.dtype) and isinstance(record.get("shape"), list):
+        if record["key"].endswith(_suffix(device)) and isinstance(dtype, torch.dtype) and isinstance(record.get("shape"), list):
             _by_call[(record["op"], dtype, tuple(record["shape"]), device)] = record["choice"]
             count += 1
     return count
 
 
+def _suffix(device: torch.device) -> str:
+    """The end of the keys of decisions that hold here: this device, versions and kernels' source."""
+    try:
+        import triton
+    except ImportError:  # the torch-only entry points: no decision of the file holds
+        return "|no triton"
+    return f"|{where(device)}|torch {torch.__version__}|triton {triton.__version__}|kernels {source_hash()}"
+
+
 def decisions(device: torch.device | None = None) -> list[dict]:
-    """The decisions known to this process (its own, and the file's), those of `device` if given."""
+    """The decisions known to this process (its own, and the file's); with `device`, those that
+    hold for it now (made with this torch, Triton and kernels' source: others are never used)."""
     _load()
     records = sorted(_decisions.values(), key=lambda r: r["key"])
-    return records if device is None else [r for r in records if r["key"].split("|")[3] == _where(device)]
+    return records if device is None else [r for r in records if r["key"].endswith(_suffix(device))]
 
 
 def table(records: list[dict], with_device: bool = False) -> list[str]:
@@ -303,6 +323,7 @@ def forget() -> None:
     _decisions.clear()
     _by_call.clear()
     _loaded_from.clear()
+    _gpu_label.cache_clear()
 
 
 def trial(backend: str, device: torch.device, op: str, dtype: torch.dtype, shape: tuple, fn: Callable,

@@ -327,6 +327,9 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     p = _check_dropout_p(dropout_p)
     seed = _check_seed(seed)
     dtype = compute_dtype(x.device, x, weight, bias)
+    if (backend == "auto" and training and p > 0.0 and not torch.compiler.is_compiling()
+            and x.shape[0] * num_row * x.shape[1] >= _INT32_LIMIT):
+        backend = "torch"  # past the kernels' int32 offsets: whatever MEASURED_FASTER says
     # Only training with dropout has a Triton path to choose; elsewhere both backends fold.
     trial = choice.trial(backend, x.device, "qnn", dtype, (f"D={x.shape[1]}", f"M={num_row}"), quadratic_projection,
                          (x, weight, bias), dict(num_row=num_row, dropout_p=p, training=True, seed=0), train=True) \

@@ -296,6 +296,8 @@ def sparse_target_attention(history, query, mask, *, backend="auto"):
     _check_query_mask(query, mask, batch, seq_len, dim, f"history of shape {tuple(history.shape)}", history.device)
     dtype = compute_dtype(history.device, history, query)
     history, query = cast(dtype, history, query)
+    if backend == "auto" and dim > MAX_D:
+        backend = "torch"  # wider than the kernel takes: whatever MEASURED_FASTER says
     trial = choice.trial(backend, history.device, "asta", dtype, ("plain", f"L={seq_len}", f"D={dim}"),
                          sparse_target_attention, (history, query, mask), {})
     if resolve_backend(backend, history.device, "asta", dtype, trial) == "torch":
@@ -326,6 +328,8 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
     reps, query = cast(dtype, reps, query)
     if backend == "auto" and torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled() and reps.requires_grad:
         backend = "torch"  # the Triton backward sums into reps by atomic adds: not deterministic on a GPU
+    if backend == "auto" and dim > MAX_D:
+        backend = "torch"  # wider than the kernel takes: whatever MEASURED_FASTER says
     # The batch of the shape class is index's B (reps' U varies from batch to batch).
     trial = choice.trial(backend, reps.device, "asta", dtype, ("gathered", f"L={seq_len}", f"D={dim}"),
                          lambda index, reps, query, mask, backend: gathered_sparse_target_attention(

@@ -10,21 +10,25 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BACKENDS = ("auto", "torch", "triton")
 
-# Where backend="auto" runs the Triton path without timing it: (op, dtype, CUDA compute capability)
-# entries that were MEASURED faster than the torch path on that GPU, in the same benchmark run
-# (bench/gpu_run.sh; `qin bench` prints the entries its measurements support). Elsewhere on a GPU
-# "auto" times both paths on the user's device (kernels.choice) unless QIN_AUTO_BACKEND=table.
+# (op, dtype, GPU) where a benchmark run of ours (bench/gpu_run.sh; `qin bench` prints the entries
+# its measurements support) MEASURED the Triton path faster than every torch line, in every case
+# it timed, on that GPU, named as kernels.choice.where names it ("NVIDIA H200 sm_90"): another
+# GPU of the same compute capability (an H100 PCIe, an H20, a MIG slice) is not covered. An entry
+# holds for every shape class, so it serves only where backend="auto" times nothing:
+# QIN_AUTO_BACKEND=table, and a call traced by torch.compile or captured in a CUDA graph before
+# any decision was timed in the process. Elsewhere on a GPU a decision timed there, for the call's
+# shape class (kernels.choice), comes first.
 # Empty: the kernels of this version have not been timed on a GPU of ours yet. The first GPU run
 # (H200, sm_90) timed the previous kernels: its QNN lost to cuBLAS, its ASTA forward lost to the
 # reference, so nothing of it carried over.
-MEASURED_FASTER: set[tuple[str, torch.dtype, tuple[int, int]]] = set()
+MEASURED_FASTER: set[tuple[str, torch.dtype, str]] = set()
 
 
 def resolve_backend(backend: str, device: torch.device, op: str = "", dtype: torch.dtype | None = None,
                     trial=None) -> str:
-    """Map 'auto' to 'triton' where it was measured faster (MEASURED_FASTER, or `trial`, a
-    kernels.choice.Trial of this call, timed on this device) and to 'torch' elsewhere; refuse
-    Triton where it cannot run."""
+    """Map 'auto' to 'triton' where it was measured faster (`trial`, a kernels.choice.Trial of
+    this call, timed on this device; where nothing is timed, MEASURED_FASTER) and to 'torch'
+    elsewhere; refuse Triton where it cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -40,13 +44,13 @@ def resolve_backend(backend: str, device: torch.device, op: str = "", dtype: tor
 def auto_picks_triton(op: str, dtype: torch.dtype | None, device: torch.device, trial=None) -> bool:
     from kernels import choice
 
-    # (The capability is only asked for when there is an entry to match: a call that torch.compile
-    # traces then holds nothing but constants and dictionary lookups.)
-    if device.type == "cuda" and MEASURED_FASTER and (op, dtype, torch.cuda.get_device_capability(device)) in MEASURED_FASTER:
-        return True
-    if trial is None or device.type not in choice.TIMED_DEVICE_TYPES or choice.mode() == "table":
-        return False
-    return choice.decide(trial, device) == "triton"
+    if trial is not None and device.type in choice.TIMED_DEVICE_TYPES and choice.mode() != "table":
+        decided = choice.decide(trial, device)
+        if decided is not None:
+            return decided == "triton"
+    # (The GPU is only named when there is an entry to match: a call that torch.compile traces
+    # then holds nothing but constants and dictionary lookups.)
+    return device.type == "cuda" and bool(MEASURED_FASTER) and (op, dtype, choice.where(device)) in MEASURED_FASTER
 
 
 def launching_on(device: torch.device):

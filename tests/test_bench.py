@@ -128,18 +128,20 @@ def test_measured_faster_needs_triton_ahead_of_every_torch_line_in_both_modes():
     qnn = ("eager", "compile")
     wins = {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 2.5, 2.0)}
     loses_to_compile = {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 1.9, 2.0)}
-    rows = (_lines("qnn", "bf16", wins, torch_names=qnn)  # an entry
+    rows = (_lines("qnn", "bf16", wins, torch_names=qnn)  # an entry: bf16 tensors ...
+            + _lines("qnn", "bf16-autocast", wins, torch_names=qnn)  # ... and fp32 ones under autocast
             + _lines("qnn", "fp32", wins, torch_names=qnn)  # TF32 off: wins ...
             + _lines("qnn", "fp32-tf32", loses_to_compile, torch_names=qnn)  # ... TF32 on: loses, so no entry
             + _lines("asta_op", "bf16", wins, " full mask")  # the plain form wins,
             + _lines("asta_gathered_op", "bf16", loses_to_compile)  # the gathered loses: no entry
-            + _lines("asta_op", "fp32", wins, " full mask") + _lines("asta_gathered_op", "fp32", wins)  # an entry
+            + _lines("asta_op", "fp32", wins, " full mask") + _lines("asta_gathered_op", "fp32", wins, " full mask")
+            + _lines("asta_gathered_op", "fp32", wins)  # an entry
             + _lines("asta_op", "fp16", {"fwd": (1.0, 0.8, 0.7)}, " full mask")  # fwd alone: no entry
             + _lines("qnn_stack", "fp16", wins, torch_names=qnn))  # not an op table of auto: ignored
     # Only times count: a higher bandwidth is not a faster kernel.
     rows.append(dict(_time("qnn", "triton", "fwd", "fp16", 9.0), metric="tflops"))
     rows.append(dict(_time("qnn", "eager", "fwd", "fp16", 1.0), metric="tflops"))
-    cap = (9, 0)
+    cap = "Fake H200 sm_90"
     assert measured_faster(rows, cap) == {("qnn", torch.bfloat16, cap), ("asta", torch.float32, cap)}
     evidence = auto_evidence(rows)
     assert ("qnn", "fp16") not in evidence and evidence[("asta", "fp16")]["modes"] == {"fwd"}
@@ -153,20 +155,51 @@ def test_measured_faster_needs_triton_ahead_of_every_torch_line_in_both_modes():
         assert namespace["MEASURED_FASTER"] == entries
 
 
+def test_a_run_cut_short_supports_no_entry_and_says_what_is_missing():
+    # A time box cuts the last cases of a stage: the gathered op's histories as the model sees them
+    # (after its every-position-live cases), fp32 with TF32 on, bf16 under autocast. Triton may
+    # lose exactly there, so an entry must not rest on the cases before the cut.
+    from bench.report import auto_evidence, measured_faster, untimed_tables
+
+    qnn, wins = ("eager", "compile"), {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 2.5, 2.0)}
+    rows = (_lines("asta_op", "fp16", wins, " full mask") + _lines("asta_gathered_op", "fp16", wins, " full mask")
+            + _lines("qnn", "fp32", wins, torch_names=qnn) + _lines("qnn", "bf16", wins, torch_names=qnn))
+    assert measured_faster(rows, "Fake H200 sm_90") == set()
+    evidence = auto_evidence(rows)
+    assert untimed_tables("asta", "fp16", evidence[("asta", "fp16")]) == [
+        "asta_gathered_op fwd fp16", "asta_gathered_op fwd+bwd fp16"]
+    assert untimed_tables("qnn", "fp32", evidence[("qnn", "fp32")]) == ["qnn fwd fp32-tf32", "qnn fwd+bwd fp32-tf32"]
+    assert untimed_tables("qnn", "bf16", evidence[("qnn", "bf16")]) == [
+        "qnn fwd bf16-autocast", "qnn fwd+bwd bf16-autocast"]
+    complete = rows + _lines("asta_gathered_op", "fp16", wins) + _lines("qnn", "fp32-tf32", wins, torch_names=qnn)
+    assert measured_faster(complete, "Fake H200 sm_90") == {("asta", torch.float16, "Fake H200 sm_90"),
+                                                            ("qnn", torch.float32, "Fake H200 sm_90")}
+
+
 def test_report_says_what_auto_runs_on_the_device(monkeypatch):
     import kernels.utils
     from bench.report import auto_section
 
-    rows = _lines("qnn", "bf16", {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 2.5, 2.0)}, torch_names=("eager", "compile"))
+    from kernels import choice
+
+    wins = {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 2.5, 2.0)}
+    rows = (_lines("qnn", "bf16", wins, torch_names=("eager", "compile"))
+            + _lines("qnn", "bf16-autocast", wins, torch_names=("eager", "compile")))
     cpu = "\n".join(auto_section(rows, torch.device("cpu")))
     assert "| qnn | bf16 | torch | yes, fwd and fwd+bwd |" in cpu and "| asta | fp32 | torch | not measured |" in cpu
-    assert "```python" not in cpu  # no capability to key an entry on
+    assert "```python" not in cpu  # no GPU to key an entry on
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake H200")
-    monkeypatch.setattr(kernels.utils, "MEASURED_FASTER", {("qnn", torch.bfloat16, (9, 0))})
-    gpu = "\n".join(auto_section(rows, torch.device("cuda")))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(kernels.utils, "MEASURED_FASTER", {("qnn", torch.bfloat16, "Fake H200 sm_90")})
+    choice.forget()  # the GPU's name is asked afresh
+    try:
+        gpu = "\n".join(auto_section(rows, torch.device("cuda")))
+    finally:
+        choice.forget()
+    assert "On Fake H200 sm_90, with kernels.utils.MEASURED_FASTER as committed" in gpu
     assert "| qnn | bf16 | triton |" in gpu and "| qnn | fp32 | torch |" in gpu and "| asta | bf16 | torch |" in gpu
-    assert "('qnn', torch.bfloat16, (9, 0))," in gpu
+    assert "('qnn', torch.bfloat16, 'Fake H200 sm_90')," in gpu
 
 
 def test_every_training_variant_is_a_valid_config():
@@ -421,13 +454,14 @@ def test_measured_faster_counts_a_missing_triton_line_as_a_loss_and_needs_every_
         row["x_value"] = 16384  # a case whose triton line the time box cut (or Triton failed)
     rows = (_lines("qnn", "bf16", wins, torch_names=qnn) + cut
             + _lines("asta_op", "bf16", wins, " full mask")  # the gathered table never ran: no entry
-            + _lines("asta_op", "fp32", wins, " full mask") + _lines("asta_gathered_op", "fp32", wins))
-    cap = (9, 0)
+            + _lines("asta_op", "fp32", wins, " full mask") + _lines("asta_gathered_op", "fp32", wins, " full mask")
+            + _lines("asta_gathered_op", "fp32", wins))
+    cap = "Fake H200 sm_90"
     assert measured_faster(rows, cap) == {("asta", torch.float32, cap)}
     assert "triton missing" in auto_evidence(rows)[("qnn", "bf16")]["losses"][0]
     section = "\n".join(auto_section(rows, torch.device("cpu")))
-    assert "| asta | bf16 | torch | not every table timed: asta_gathered_op fwd, asta_gathered_op fwd+bwd missing |" \
-        in section
+    assert ("| asta | bf16 | torch | not every case timed: asta_gathered_op fwd full mask bf16, asta_gathered_op "
+            "fwd+bwd full mask bf16, asta_gathered_op fwd bf16, asta_gathered_op fwd+bwd bf16 missing |") in section
     # Where Triton was never timed (the CPU), torch lines alone are no evidence either way.
     assert auto_evidence(_lines("qnn", "fp32", {"fwd": (1.0, 0.8)}, torch_names=qnn)) == {}
 
@@ -506,11 +540,15 @@ def test_op_tables_run_bf16_first_and_every_dtypes_ops_before_any_sweep(monkeypa
     order.clear()
     monkeypatch.setattr(bench_qnn, "measure_matmul_tflops", lambda *args: 100.0)
     monkeypatch.setattr(bench_qnn, "_stack_rows", fake("stack"))
-    monkeypatch.setattr(bench_qnn, "_projection_rows", lambda device, dtype, batches, *args: (
-        fake(f"projection {batches}")(dtype) if batches else iter(())))
+    def projection(device, dtype, batches, dim, rate, label):  # the line's label: bf16-autocast has fp32 tensors
+        order.append((f"projection {batches}", label))
+        yield from [_row("qnn", "fake", "time", 1.0, dtype)] if batches else []
+
+    monkeypatch.setattr(bench_qnn, "_projection_rows", projection)
     bench_qnn.run(torch.device("cuda"), quick=False)
-    assert order[:3] == [("projection [8192]", "bf16"), ("projection [8192]", "fp32"), ("projection [8192]", "fp32")]
-    assert all(kind != "projection [8192]" for kind, _ in order[3:]) and ("stack", "bf16") in order
+    assert order[:4] == [("projection [8192]", "bf16"), ("projection [8192]", "bf16-autocast"),
+                         ("projection [8192]", "fp32"), ("projection [8192]", "fp32-tf32")]
+    assert all(kind != "projection [8192]" for kind, _ in order[4:]) and ("stack", "bf16") in order
 
 
 def _stop_when(cmd, ready, tmp_path, wait=300):

@@ -209,7 +209,7 @@ def test_qin_backends_lists_the_decisions_and_forgets_them(timed, device, monkey
     resolve_backend("auto", device, "asta", torch.float32, _fake_trial(0.5))
     assert main(["backends"]) == 0
     out = capsys.readouterr().out
-    assert f"| {choice._where(device)} | asta | float32 | B<=8, fake 0.5 False | 1.000 | 0.500 | triton |" in out, out
+    assert f"| {choice.where(device)} | asta | float32 | B<=8, fake 0.5 False | 1.000 | 0.500 | triton |" in out, out
     assert main(["backends", "--forget"]) == 0 and not timed.exists()
     choice.forget()
     monkeypatch.setenv("QIN_AUTO_BACKEND", "fastest")
@@ -397,3 +397,86 @@ def test_export_with_auto_timing_keeps_the_batch_dynamic(timed, device):
     batch = {k: v.to(device) for k, v in tiny_batch().items()}
     batch.pop("label")
     export_model(tiny_model().to(device), batch)
+
+
+@pytest.fixture
+def fake_h200(monkeypatch, tmp_path):
+    """cuda:0 named as an H200 (sm_90), with a MEASURED_FASTER entry for its bf16 QNN; no GPU needed
+    as long as nothing runs on it. Returns the device and a dict whose "name" renames the GPU."""
+    import kernels.utils
+
+    monkeypatch.setenv("QIN_CACHE", str(tmp_path))
+    monkeypatch.setenv("QIN_AUTO_BACKEND", "timed")
+    gpu = {"name": "NVIDIA H200"}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu["name"])
+    monkeypatch.setattr(kernels.utils, "MEASURED_FASTER", {("qnn", torch.bfloat16, "NVIDIA H200 sm_90")})
+    choice.forget()
+    yield torch.device("cuda", 0), gpu
+    choice.forget()
+
+
+def test_a_table_entry_serves_only_its_gpu_and_never_overrides_a_timing(fake_h200, monkeypatch):
+    h200, gpu = fake_h200
+    shape = ("B<=8192", "D=1024", "M=4", "fwd+bwd")
+    timed_here = choice.Trial("qnn", torch.bfloat16, shape, lambda backend: pytest.fail("timed again"))
+    choice._by_call[("qnn", torch.bfloat16, shape, h200)] = "torch"  # timed on this GPU: torch won
+    assert resolve_backend("auto", h200, "qnn", torch.bfloat16, timed_here) == "torch"
+    # Where nothing is timed (a traced call of a shape class never timed; table mode), the entry.
+    traced = choice.Trial("qnn", torch.bfloat16, (choice.TRACED_BATCH, "D=512", "M=4", "fwd+bwd"), None)
+    assert resolve_backend("auto", h200, "qnn", torch.bfloat16, traced) == "triton"
+    monkeypatch.setenv("QIN_AUTO_BACKEND", "table")
+    assert resolve_backend("auto", h200, "qnn", torch.bfloat16) == "triton"
+    assert resolve_backend("auto", h200, "qnn", torch.float32) == "torch"
+    for other in ("NVIDIA H100 PCIe", "NVIDIA H20"):  # the same compute capability, never measured
+        gpu["name"] = other
+        choice.forget()
+        assert resolve_backend("auto", h200, "qnn", torch.bfloat16) == "torch"
+
+
+def test_a_table_lookup_under_torch_compile_keeps_the_graph_whole(fake_h200):
+    from kernels.utils import auto_picks_triton
+
+    h200, _ = fake_h200
+    compiled = torch.compile(lambda x: x * 2 if auto_picks_triton("qnn", torch.bfloat16, h200) else x, fullgraph=True)
+    assert compiled(torch.ones(2)).tolist() == [2.0, 2.0]
+
+
+def test_auto_runs_torch_where_the_kernels_cannot_take_the_shape(device, monkeypatch):
+    # A table entry (or a timing of another shape) saying Triton must not make "auto" raise where
+    # the torch path works: histories wider than the ASTA kernel's rows, QNN past int32 offsets.
+    import importlib
+
+    asta = importlib.import_module("kernels.sparse_target_attention")  # the modules (kernels' names are the ops)
+    qnn = importlib.import_module("kernels.quadratic_projection")
+    asked = []
+
+    def as_if_measured_faster(backend, *args, **kwargs):
+        asked.append(backend)
+        return "triton" if backend == "auto" else backend
+
+    monkeypatch.setattr(asta, "resolve_backend", as_if_measured_faster)
+    monkeypatch.setattr(qnn, "resolve_backend", as_if_measured_faster)
+    wide = asta.MAX_D + 1
+    history, query = torch.randn(2, 3, wide, device=device), torch.randn(2, wide, device=device)
+    mask = torch.ones(2, 3, device=device)
+    assert torch.allclose(kernels.sparse_target_attention(history, query, mask),
+                          reference.sparse_target_attention(history, query, mask))
+    kernels.gathered_sparse_target_attention(history[0], torch.zeros(2, 3, dtype=torch.long, device=device),
+                                             query, mask)
+    assert asked == ["torch", "torch"]
+    monkeypatch.setattr(qnn, "_INT32_LIMIT", 5 * 2 * 8)  # as B*M*D past 2**31 would
+    x, weight, bias = _qnn_inputs(device)
+    kernels.quadratic_projection(x, weight, bias, 2, dropout_p=0.1, training=True)
+    assert asked[-1] == "torch"
+
+
+def test_the_decisions_listed_for_a_device_are_those_that_hold_now(timed, device):
+    resolve_backend("auto", device, "asta", torch.float32, _fake_trial(2.0))
+    (current,) = choice.decisions(device)
+    stale = dict(current, key=current["key"].rsplit("|torch ", 1)[0] + "|torch 2.4.0|triton 3.0.0|kernels 0123456789ab",
+                 choice="triton")
+    timed.write_text(json.dumps([current, stale]))
+    choice.forget()
+    assert choice.decisions(device) == [current]  # the other versions' record is never used: not listed
+    assert len(choice.decisions()) == 2
