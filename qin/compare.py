@@ -46,7 +46,7 @@ class Result:
     auc: float
     logloss: float
     parameters: int
-    samples_per_s: float
+    samples_per_s: float | None  # None: no step counted (each epoch was the compiling step)
 
 
 def parse_variants(text: str | None) -> list[Variant]:
@@ -99,11 +99,17 @@ def train_variant(variant: Variant, seed: int, dataset, data_dir: str, run_dir: 
     trainer = Trainer(cfg, dataset, run_dir, log=lambda *_: None)
     state = trainer.fit()
     best = next(r for r in state.history if r["epoch"] == state.best_epoch)
-    speed = statistics.mean(r["samples_per_s"] for r in state.history)
+    speed = _mean_or_none([r["samples_per_s"] for r in state.history])  # None: no epoch had a step that counted
     result = Result(variant, seed, state.best_auc, best["valid_logloss"], count_parameters(trainer.model), speed)
     log(f"{variant.name} seed {seed}: valid AUC {result.auc:.4f}, logloss {result.logloss:.4f}, "
-        f"{result.parameters:,} parameters, {speed:,.0f} samples/s")
+        f"{result.parameters:,} parameters, "
+        + (f"{speed:,.0f} samples/s" if speed is not None else "samples/s not measured"))
     return result
+
+
+def _mean_or_none(values: list) -> float | None:
+    measured = [v for v in values if v is not None]
+    return statistics.mean(measured) if measured else None
 
 
 def summarise(results: list[Result]) -> list[dict]:
@@ -116,7 +122,7 @@ def summarise(results: list[Result]) -> list[dict]:
             # One seed has no spread: None (an empty cell), not a zero that reads as "no variance".
             "auc_mean": statistics.mean(aucs), "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else None,
             "logloss_mean": statistics.mean(r.logloss for r in mine), "parameters": mine[0].parameters,
-            "samples_per_s": statistics.mean(r.samples_per_s for r in mine),
+            "samples_per_s": _mean_or_none([r.samples_per_s for r in mine]),
             "paper_auc_microlens": mine[0].variant.paper_auc,
         })
     return rows
@@ -135,8 +141,9 @@ def markdown(rows: list[dict], data_label: str, epochs: int, seconds: float, sto
     for r in rows:
         paper = f"{r['paper_auc_microlens']:.4f}" if r["paper_auc_microlens"] is not None else "-"
         spread = f" ± {r['auc_std']:.4f}" if r["auc_std"] is not None else ""
+        speed = f"{r['samples_per_s']:,.0f}" if r["samples_per_s"] is not None else "-"
         lines.append(f"| {r['description']} (`{r['variant']}`) | {r['auc_mean']:.4f}{spread} | "
-                     f"{r['logloss_mean']:.4f} | {r['parameters']:,} | {r['samples_per_s']:,.0f} | {paper} |")
+                     f"{r['logloss_mean']:.4f} | {r['parameters']:,} | {speed} | {paper} |")
     lines += ["", "The last column is the paper's published figure on the real MicroLens_1M_x1 data, "
               "not a result of this run."]
     return "\n".join(lines) + "\n"

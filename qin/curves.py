@@ -90,7 +90,10 @@ def draw(runs: list[RunCurves], path: str | Path) -> None:
         ax_loss.plot(epochs, [r["valid_logloss"] for r in run.records], "s--", color=color, markersize=4)
         auc = [r["valid_auc"] for r in run.records]
         ax_auc.plot(epochs, auc, "o-", color=color, markersize=4, label=run.label)
-        best = int(np.argmax(auc))
+        # The epoch best.pt holds (a gain counts from MIN_AUC_GAIN), as the trainer marked it;
+        # records written before the mark existed fall back to the highest AUC.
+        marked = [i for i, r in enumerate(run.records) if r.get("best")]
+        best = marked[-1] if marked else int(np.argmax(auc))
         ax_auc.plot(epochs[best], auc[best], "*", color=color, markersize=13)
         ax_auc.annotate(f"{auc[best]:.4f}", (epochs[best], auc[best]), textcoords="offset points",
                         xytext=(0, 8), ha="center", fontsize=8, color=color)

@@ -16,16 +16,25 @@ def event_files(run_dir: str | Path) -> list[Path]:
     return sorted(Path(run_dir).glob(EVENT_FILE_GLOB))
 
 
-def _scalar_events(path: Path):
-    """(tag, step, value, wall_time) of every scalar in one event file; a record cut short by a
-    kill ends the file quietly (the loader stops at it)."""
+# The tags a run writes (qin.watch): the only ones keep_covered rewrites.
+QIN_TAG_PREFIXES = ("train/", "epoch/")
+
+
+def _summary_values(path: Path):
+    """(tag, step, value or None where it is not a plain scalar, wall_time) of every summary value
+    in one event file; a record cut short by a kill ends the file quietly (the loader stops at it)."""
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
     for event in LegacyEventFileLoader(str(path)).Load():
         if event.HasField("summary"):
             for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    yield value.tag, event.step, value.simple_value, event.wall_time
+                scalar = value.simple_value if value.HasField("simple_value") else None
+                yield value.tag, event.step, scalar, event.wall_time
+
+
+def _scalar_events(path: Path):
+    """(tag, step, value, wall_time) of every scalar in one event file."""
+    return ((tag, step, value, wall) for tag, step, value, wall in _summary_values(path) if value is not None)
 
 
 def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -46,14 +55,19 @@ def keep_covered(run_dir: str | Path, last_step: int, last_epoch: int) -> bool:
     step `last_step`, `last_epoch` epochs done). Returns whether anything had to be rewritten.
 
     The kept scalars go to one new file before the old files are deleted; a kill in between leaves
-    duplicates that the next resume removes the same way.
+    duplicates that the next resume removes the same way. Only files that hold nothing but scalars
+    under the run's own tags are touched: another writer's events in the folder are left alone.
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    files = event_files(run_dir)
+    files = []
     kept, seen, clean = [], set(), True
-    for path in files:
-        for tag, step, value, wall_time in _scalar_events(path):
+    for path in event_files(run_dir):
+        values = list(_summary_values(path))
+        if any(value is None or not tag.startswith(QIN_TAG_PREFIXES) for tag, _, value, _ in values):
+            continue  # not written by a run of ours
+        files.append(path)
+        for tag, step, value, wall_time in values:
             if (tag, step) in seen or not _covered(tag, step, last_step, last_epoch):
                 clean = False
                 continue

@@ -586,6 +586,7 @@ class Trainer:
         bar = tqdm(total=batches_per_epoch, initial=st.batches_done, desc=f"epoch {st.epoch + 1}",
                    unit="batch", leave=False, dynamic_ncols=True, disable=None if ctx.is_main else True)
         self._clock = [time.perf_counter(), 0]  # start, samples since: the epoch's samples/s
+        self._unmeasured_why = "resumed at the epoch's last batch"  # should no step count towards it
         # One process in fp32 or bf16: a step's loss and gradient norm stay on the device until
         # the next report (every log_every_steps steps, before a checkpoint, at the epoch's end), so
         # the host never waits for the device mid-epoch and the next batch is assembled while the
@@ -624,6 +625,8 @@ class Trainer:
                 self.log(f"torch.compile: the first step took {time.perf_counter() - self._clock[0]:.1f} s, "
                          f"compilation included")
                 self._clock = [time.perf_counter(), 0]
+                self._unmeasured_why = "only the compiling step ran"
+                self.watch.restart_window_clock()  # the TensorBoard samples/s leaves it out too
             if checkpoint:
                 self.save("latest.pt")
             if self._stop_agreed if ctx.distributed else interrupted["set"]:
@@ -733,7 +736,7 @@ class Trainer:
         record = {
             "epoch": st.epoch, "step": st.step, "train_loss": epoch_loss,
             "valid_auc": metrics["auc"], "valid_logloss": metrics["logloss"], "lr": st.lr,
-            # None when no step of the epoch ran in this process (resumed at its last batch).
+            # None when no step of the epoch counted (resumed at its last batch; only the compiling step ran).
             "samples_per_s": self._epoch_samples / max(self._epoch_seconds, 1e-9) if self._epoch_samples else None,
             "epoch_seconds": self._epoch_seconds, "best": improved, "skipped_steps": st.skipped_steps,
             "precision": tc.precision,  # a resume may change it: each epoch says what it trained in
@@ -753,7 +756,7 @@ class Trainer:
             f"epoch {st.epoch}: train loss {epoch_loss:.4f}, valid AUC {metrics['auc']:.4f}, "
             f"logloss {metrics['logloss']:.4f}, "
             + (f"{record['samples_per_s']:,.0f} samples/s" if record["samples_per_s"] is not None
-               else "samples/s not measured (resumed at the epoch's last batch)")
+               else f"samples/s not measured ({self._unmeasured_why})")
             + (f", peak memory {record['peak_memory_mb']:,.0f} MB" if record["peak_memory_mb"] is not None else "")
             + ("  (best)" if improved else f"  (no gain; lr -> {st.lr:g})")
             + ("; early stop" if st.finished else "")

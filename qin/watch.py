@@ -122,11 +122,15 @@ class RunWatch:
             self.flush()
             try:
                 curves.draw_runs([self.run_dir], self.run_dir / "curves.png")
-            except OSError as exc:
-                logger.warning("could not write %s (%s); training goes on without it",
-                               self.run_dir / "curves.png", exc)
+            except Exception as exc:  # noqa: BLE001 - a picture (a broken matplotlib, a full disk) never stops training
+                logger.warning("could not write %s (%s: %s); training goes on without it",
+                               self.run_dir / "curves.png", type(exc).__name__, exc)
                 self.write_curves = False
         # Evaluation, checkpoints and drawing are not training: the next samples/s window starts now.
+        self.restart_window_clock()
+
+    def restart_window_clock(self) -> None:
+        """samples/s counts from now (the window's losses stay): after time that was not training."""
         self._rows, self._window_start = 0, time.perf_counter()
 
     def _quiet_writer_thread(self) -> None:

@@ -93,3 +93,16 @@ def test_an_override_that_would_relabel_the_variants_is_refused(data_dir, tmp_pa
     assert main(["compare", "--data", str(data_dir), "--out", str(out), *TINY, override]) == 2
     assert named in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_run_with_no_measured_samples_per_s_shows_a_dash_not_a_crash():
+    # train.compile=true with train.max_steps_per_epoch=1: every epoch is the compiling step, whose
+    # time is left out, so no epoch has a samples/s (None in metrics.jsonl).
+    from qin.compare import Result, markdown, summarise
+
+    results = [Result(VARIANTS["qin"], 0, 0.8, 0.5, 1000, None), Result(VARIANTS["din"], 0, 0.7, 0.6, 900, 2000.0),
+               Result(VARIANTS["din"], 1, 0.7, 0.6, 900, None)]
+    rows = summarise(results)
+    assert [r["samples_per_s"] for r in rows] == [None, 2000.0]
+    table = markdown(rows, "built-in", 1, 60.0)
+    assert "| 0.5000 | 1,000 | - |" in table and "| 0.6000 | 900 | 2,000 |" in table

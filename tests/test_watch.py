@@ -251,3 +251,87 @@ def test_skipped_fp16_steps_leave_the_gradient_norm_curve_instead_of_logging_zer
     watch.close()
     norms = [value for _, value in read_scalars(tmp_path)["train/grad_norm"]]
     assert math.isnan(norms[0]) and norms[1:] == [3.0, 5.0]
+
+
+def test_a_fresh_run_leaves_another_writers_events_in_its_folder_alone(dataset, tmp_path):
+    # The folder may be a TensorBoard log directory shared with other work: only the events of an
+    # earlier run of ours (train/, epoch/ scalars) are the fresh run's to remove.
+    out = tmp_path / "shared_logdir"
+    writer = torch.utils.tensorboard.SummaryWriter(str(out))
+    for i in range(100):
+        writer.add_scalar("other_model/loss", 1 / (i + 1), i)
+    writer.close()
+    (theirs,) = event_files(out)
+    make_trainer(dataset, out, "train.epochs=1", "train.log_every_steps=4").fit()
+    assert theirs.exists()
+    scalars = read_scalars(out)
+    assert [step for step, _ in scalars["other_model/loss"]] == list(range(100))
+    assert [step for step, _ in scalars["train/loss"]] == [4, 8]
+
+
+def test_the_compiling_step_is_left_out_of_samples_per_s(dataset, tmp_path, monkeypatch):
+    """The first step of train.compile=true compiles (minutes on a GPU): neither the epoch's figure
+    nor TensorBoard's first samples/s point counts it. A fake clock puts 1000 s in that step."""
+    import time
+
+    real, offset, calls = time.perf_counter, [0.0], []
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + offset[0])
+    original = qin.train.loss_fn
+
+    def compiling_first(*args, **kwargs):
+        if not calls:
+            offset[0] += 1000.0
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(qin.train, "loss_fn", compiling_first)
+    trainer = make_trainer(dataset, tmp_path / "run", "train.epochs=1", "train.log_every_steps=2")
+    trainer._compiling = True  # as train.compile=true sets it (nothing compiles here)
+    state = trainer.fit()
+    first_point = read_scalars(tmp_path / "run")["train/samples_per_s"][0]
+    assert first_point[0] == 2 and first_point[1] > 250 / 100  # one 250-row step in well under 100 s
+    assert state.history[0]["samples_per_s"] > 250 / 100
+    # One step an epoch: nothing but the compiling step ran, so nothing is measured, and says why.
+    calls.clear()
+    logged = []
+    trainer = make_trainer(dataset, tmp_path / "one", "train.epochs=1", "train.max_steps_per_epoch=1")
+    trainer.log = logged.append
+    trainer._compiling = True
+    assert trainer.fit().history[0]["samples_per_s"] is None
+    assert any("samples/s not measured (only the compiling step ran)" in line for line in logged), logged
+
+
+def test_the_star_marks_the_epoch_best_pt_holds(tmp_path):
+    # A gain under the trainer's MIN_AUC_GAIN is no gain: best.pt stays at epoch 1, so does the star.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from qin import curves
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [dict(epoch=1, step=8, train_loss=0.5, valid_auc=0.7, valid_logloss=0.5, lr=1e-3, best=True),
+               dict(epoch=2, step=16, train_loss=0.4, valid_auc=0.7000008, valid_logloss=0.5, lr=5e-4, best=False)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    drawn = []
+    real_annotate = matplotlib.axes.Axes.annotate
+    matplotlib.axes.Axes.annotate = lambda self, text, xy, *a, **k: drawn.append((text, xy)) or real_annotate(
+        self, text, xy, *a, **k)
+    try:
+        curves.draw_runs([run], tmp_path / "c.png")
+    finally:
+        matplotlib.axes.Axes.annotate = real_annotate
+    assert drawn == [("0.7000", (1, 0.7))]
+
+
+def test_a_picture_that_cannot_be_drawn_never_stops_training(dataset, tmp_path, monkeypatch, caplog):
+    from qin import curves
+
+    def broken(*args, **kwargs):
+        raise ImportError("No module named 'matplotlib.figure'")  # a broken or --no-deps install
+
+    monkeypatch.setattr(curves, "draw_runs", broken)
+    with caplog.at_level(logging.WARNING, logger="qin.watch"):
+        state = make_trainer(dataset, tmp_path / "run", "train.epochs=2").fit()
+    assert len(state.history) == 2 and caplog.text.count("could not write") == 1
+    assert "ImportError: No module named 'matplotlib.figure'" in caplog.text
