@@ -95,6 +95,17 @@ def test_dropout_matches_reference_on_the_same_mask(device, batch, dim, num_row,
     run_and_check(x, weight, bias, gy, num_row, p, True, seed, mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dim", [65, 100, 130])
+def test_dropout_path_with_a_ragged_last_column_tile(device, dim, dtype):
+    """D past one column tile and not a multiple of it (the hypothesis widths fit in one tile; the
+    paper's D=1024 in whole tiles): the tile masks and the grid's last partial tile. fp64 too: the
+    Triton path must keep float64 sums for float64 inputs."""
+    x, weight, bias, gy = make_inputs(5, dim, 2, dtype, device, seed=dim)
+    mask = dropout_keep_mask(7, 5, 2, dim, 0.1, device)
+    run_and_check(x, weight, bias, gy, 2, 0.1, True, 7, mask)
+
+
 def test_same_seed_same_output_other_seed_other_mask(device):
     x, weight, bias, _ = make_inputs(12, 24, 3, torch.float32, device)
     run = lambda seed: kernels.quadratic_projection(x, weight, bias, 3, dropout_p=0.5, training=True,
