@@ -384,6 +384,28 @@ def test_written_files_get_the_mode_open_would_give(tmp_path):
     assert stat.S_IMODE((tmp_path / "atomic").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o640
 
 
+def test_atomic_write_stages_beside_its_target_syncs_it_and_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    # Beside the target: a rename from another filesystem (a /tmp of its own) fails, and a
+    # resume's clean-up looks there. Synced before the rename and the folder after it: a power
+    # loss must not leave an empty latest.pt.
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: renamed.append((len(synced), a, b)) or real_replace(a, b))
+
+    def write(fh):
+        assert len(list(tmp_path.glob(".atomic.*.tmp"))) == 1  # the file being written, in the target's folder
+        fh.write(b"x")
+
+    atomic_write(tmp_path / "atomic", write)
+    ((synced_before, tmp, target),) = renamed
+    assert synced_before == 1 and synced[0] == str(tmp) and target == tmp_path / "atomic"
+    assert synced[1:] == [str(tmp_path)]
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(tmp_path / "other", lambda fh: (_ for _ in ()).throw(RuntimeError("disk full")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic"]
+
+
 def test_a_checkpoint_config_this_version_cannot_read_is_named(run_dir, tmp_path, capsys):
     payload = torch.load(run_dir / "best.pt", weights_only=False)
     payload["config"]["model"]["heads"] = 2  # a key of some other version

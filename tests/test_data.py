@@ -336,6 +336,7 @@ MALFORMED = {
     "inf in embedding": (_list_cell("item_info.parquet", "item_emb_d128", 9, 0, float("inf")),
                          "item_info.parquet", "item_emb_d128", 9, "inf"),
     "label 2": (_cell("train.parquet", "label", 7, 2.0), "train.parquet", "label", 7, "not 0 or 1"),
+    "label 0.5": (_cell("train.parquet", "label", 7, 0.5), "train.parquet", "label", 7, "not 0 or 1"),
     "NaN label": (_cell("valid.parquet", "label", 9, float("nan")), "valid.parquet", "label", 9, "NaN"),
     "null level": (_cell("train.parquet", "likes_level", 11, None), "train.parquet", "likes_level", 11, "null"),
     "null label": (_cell("train.parquet", "label", 3, None), "train.parquet", "label", 3, "null"),
@@ -385,6 +386,17 @@ def test_row_numbers_count_across_record_batches(tmp_path, monkeypatch):
     tables = base_tables()
     _set_list_item(tables, "train.parquet", "item_seq", 37, 0, 999)
     with pytest.raises(DataError, match=r"^train\.parquet, column 'item_seq', row 37: item id 999 is beyond item_info \(ids 0\.\.19\)"):
+        load_dataset(write_tables(tmp_path, tables))
+
+
+@pytest.mark.parametrize("edit", [lambda t: _replace(t, "train.parquet", "likes_level", 37, None),
+                                  lambda t: _set_list_item(t, "train.parquet", "item_seq", 37, 0, None)],
+                         ids=["null value", "null inside a list"])
+def test_nulls_past_the_first_record_batch_name_their_row(tmp_path, monkeypatch, edit):
+    monkeypatch.setattr(data, "READ_BATCH_ROWS", 16)
+    tables = base_tables()
+    edit(tables)
+    with pytest.raises(DataError, match=r"^train\.parquet, column '\w+', row 37: .*null"):
         load_dataset(write_tables(tmp_path, tables))
 
 

@@ -133,26 +133,38 @@ def test_lr_halves_without_gain_and_early_stop(data_dir, tmp_path, monkeypatch):
     # Patience counts consecutive epochs without gain; a new best resets it. A rise below 1e-6
     # (epoch 4) is no gain, as in the authors' early stopping.
     aucs = iter([0.6, 0.7, 0.65, 0.7000005, 0.71, 0.5, 0.5, 0.5])
-    monkeypatch.setattr(qin.train, "evaluate", lambda *a, **k: {"auc": next(aucs), "logloss": 0.5})
+    trained_at = []  # the rate Adam itself held through each epoch (the record alone could be cosmetic)
+
+    def evaluate(*args, **kwargs):
+        trained_at.append(trainer.optimizer.param_groups[0]["lr"])
+        return {"auc": next(aucs), "logloss": 0.5}
+
+    monkeypatch.setattr(qin.train, "evaluate", evaluate)
     trainer = make_trainer(data_dir, tmp_path / "run", "train.epochs=10", "train.patience=3",
                            "train.max_steps_per_epoch=1", "train.lr=0.004")
     state = trainer.fit()
     lrs = [r["lr"] for r in state.history]
     assert lrs == [0.004, 0.004, 0.002, 0.001, 0.001, 0.0005, 0.00025, 0.000125]
+    assert trained_at == [0.004, *lrs[:-1]] and trainer.optimizer.param_groups[0]["lr"] == 0.000125
     assert state.finished and state.epoch == 8 and state.best_epoch == 5 and state.best_auc == 0.71
 
     # Resumed with more patience, the run goes on from where early stopping ended it.
     aucs = iter([0.72])
-    state = make_trainer(data_dir, tmp_path / "run", "train.epochs=9", "train.patience=4",
-                         "train.max_steps_per_epoch=1", "train.lr=0.004").fit(resume=True)
+    trainer = make_trainer(data_dir, tmp_path / "run", "train.epochs=9", "train.patience=4",
+                           "train.max_steps_per_epoch=1", "train.lr=0.004")
+    state = trainer.fit(resume=True)
     assert state.epoch == 9 and state.best_epoch == 9 and not state.finished
     assert state.history[-1]["lr"] == 0.000125  # the same train.lr: the decayed rate goes on
+    assert trained_at[-1] == 0.000125
 
-    # A new train.lr on resume is the rate from there on.
+    # A new train.lr on resume is the rate from there on, in the optimizer too.
     aucs = iter([0.73])
-    state = make_trainer(data_dir, tmp_path / "run", "train.epochs=10", "train.patience=4",
-                         "train.max_steps_per_epoch=1", "train.lr=0.01").fit(resume=True)
-    assert state.history[-1]["lr"] == 0.01
+    cfg = small_config(data_dir, "train.epochs=10", "train.patience=4", "train.max_steps_per_epoch=1", "train.lr=0.01")
+    dataset = load_dataset(data_dir)
+    fill_vocab_from_data(cfg, dataset)
+    trainer = Trainer(cfg, dataset, tmp_path / "run", log=lambda *_: None, lr_given=True)
+    state = trainer.fit(resume=True)
+    assert state.history[-1]["lr"] == 0.01 and trained_at[-1] == 0.01
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -220,11 +232,12 @@ def test_an_epoch_leaves_out_a_last_batch_too_small_to_train(rows, batch, world,
     assert qin.train.epoch_batches(rows, batch, world) == want
 
 
-def test_a_valid_split_of_one_class_is_refused_before_training(data_dir, tmp_path):
+@pytest.mark.parametrize("label", [0, 1])
+def test_a_valid_split_of_one_class_is_refused_before_training(data_dir, tmp_path, label):
     dataset = load_dataset(data_dir)
-    dataset.splits["valid"].label[:] = 0
+    dataset.splits["valid"].label[:] = label
     trainer = make_trainer(data_dir, tmp_path / "run", dataset=dataset)
-    with pytest.raises(DataError, match=r"valid\.parquet, column 'label': all 1,500 rows have label 0"):
+    with pytest.raises(DataError, match=rf"valid\.parquet, column 'label': all 1,500 rows have label {label}"):
         trainer.fit()
     assert not (tmp_path / "run").exists()
 
@@ -316,6 +329,24 @@ def test_ctrl_c_or_a_termination_signal_saves_a_checkpoint_and_exits_cleanly(dat
     assert load_checkpoint(out / "latest.pt")["trainer"]["step"] >= 2
 
 
+def test_ctrl_c_mid_epoch_saves_that_step_without_periodic_checkpoints(data_dir, tmp_path, monkeypatch):
+    # By default the only checkpoints are at epoch ends: the signal's own save keeps the epoch's work.
+    original, calls = qin.train.loss_fn, []
+
+    def ctrl_c_at_step_five(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler sets a flag: the step finishes
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(qin.train, "loss_fn", ctrl_c_at_step_five)
+    out = tmp_path / "run"
+    with pytest.raises(qin.train.TrainingInterrupted, match="interrupted at epoch 1, step 5"):
+        make_trainer(data_dir, out, "train.epochs=2").fit()
+    saved = load_checkpoint(out / "latest.pt")["trainer"]
+    assert (saved["epoch"], saved["step"], saved["batches_done"]) == (0, 5, 5)
+
+
 def test_a_stop_during_validation_ends_the_run_at_that_epoch_without_training_on(data_dir, tmp_path, monkeypatch):
     real = qin.train.evaluate
 
@@ -404,3 +435,4 @@ def test_train_lr_given_on_resume_is_taken_even_where_it_equals_the_configured_r
     kept = Trainer(cfg, dataset, out, log=lambda *_: None)
     kept.restore(out / "latest.pt")
     assert kept.state.lr == 0.0025  # not given: the decayed rate goes on
+    assert all(g["lr"] == 0.0025 for g in kept.optimizer.param_groups)  # in Adam too, whose saved state says 0.01
