@@ -442,3 +442,9 @@ def test_an_out_that_is_a_file_is_refused_before_the_data_loads(tmp_path, capsys
     for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
         assert main(["train", "--out", str(out), "train.device=cpu"]) == 2
         assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_torch_file_that_is_no_qin_checkpoint_is_named(tmp_path, capsys):
+    torch.save({"model": {}}, tmp_path / "other.pt")  # someone else's weights: no QIN format key
+    assert main(["evaluate", str(tmp_path / "other.pt")]) == 2
+    assert f"{tmp_path / 'other.pt'}: not a QIN checkpoint" in capsys.readouterr().err

@@ -329,6 +329,25 @@ def test_ctrl_c_or_a_termination_signal_saves_a_checkpoint_and_exits_cleanly(dat
     assert load_checkpoint(out / "latest.pt")["trainer"]["step"] >= 2
 
 
+def test_the_rate_never_decays_below_min_lr(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(qin.train, "evaluate", lambda *a, **k: {"auc": 0.6, "logloss": 0.5})  # never a gain
+    state = make_trainer(data_dir, tmp_path / "run", "train.epochs=4", "train.patience=9", "train.max_steps_per_epoch=1",
+                         "train.lr=0.004", "train.min_lr=0.001").fit()
+    assert [r["lr"] for r in state.history] == [0.004, 0.002, 0.001, 0.001]
+
+
+def test_a_resume_removes_the_partial_writes_a_kill_left(data_dir, tmp_path):
+    out = tmp_path / "run"
+    make_trainer(data_dir, out, "train.epochs=1").fit()
+    (out / ".latest.pt.k2j4x9.tmp").write_bytes(b"half a checkpoint")  # killed between mkstemp and rename
+    logged = []
+    trainer = make_trainer(data_dir, out, "train.epochs=2")
+    trainer.log = logged.append
+    trainer.fit(resume=True)
+    assert not list(out.glob(".*.tmp"))
+    assert "removed .latest.pt.k2j4x9.tmp, a partial write left by the interrupted run" in logged
+
+
 def test_ctrl_c_mid_epoch_saves_that_step_without_periodic_checkpoints(data_dir, tmp_path, monkeypatch):
     # By default the only checkpoints are at epoch ends: the signal's own save keeps the epoch's work.
     original, calls = qin.train.loss_fn, []
