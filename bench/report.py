@@ -409,6 +409,12 @@ ASTA_TARGET_MODES = {"asta_op": ("fwd full mask", "fwd+bwd full mask"),
 # entry holds whether TF32 is on or off, and QNN's bf16 both with bf16 weights and under autocast
 # with fp32 ones, as train.precision=bf16 calls it). A run a time box cut short lacks some.
 REQUIRED_MODES = {**ASTA_TARGET_MODES, "qnn": ("fwd", "fwd+bwd")}
+# And in each case every torch line its table times on a GPU (bench_asta, bench_qnn): a case whose
+# compiled line a time box cut would otherwise rest on eager alone, where under torch.compile
+# (MEASURED_FASTER's main use) the compiled line is the one to beat.
+REQUIRED_TORCH_LINES = {"asta_op": ("reference eager", "reference compile"),
+                        "asta_gathered_op": ("reference eager", "torch backend", "reference compile"),
+                        "qnn": ("eager", "compile")}
 REQUIRED_LABELS = {("qnn", "fp32"): ("fp32", "fp32-tf32"), ("qnn", "bf16"): ("bf16", "bf16-autocast")}
 _TORCH_NAMES = {torch.float32: "torch.float32", torch.bfloat16: "torch.bfloat16", torch.float16: "torch.float16"}
 
@@ -417,8 +423,9 @@ def auto_evidence(rows: list[dict]) -> dict[tuple[str, str], dict]:
     """(op, dtype) -> {"won": Triton beat the best torch line in every case timed, "modes": the
     modes timed ("fwd", "fwd+bwd"), "tables": the (table, mode) pairs timed, "losses": the cases it
     lost}. A case is one line of an op table (kernel, mode, dtype, shape) holding at least one torch
-    time. Where Triton was timed for the op and dtype at all, a case without a triton time is a
-    loss ("triton missing": it failed, or the time box cut it), never a case left out.
+    time. Where Triton was timed for the op and dtype at all, a case without a triton time, or
+    without one of the torch lines of REQUIRED_TORCH_LINES, is a loss ("triton missing": it
+    failed, or the time box cut it), never a case left out.
     'fp32-tf32' lines count as fp32: auto follows one entry whatever the TF32 switch says."""
     cases: dict[tuple, dict[str, float]] = {}
     for r in rows:
@@ -436,9 +443,10 @@ def auto_evidence(rows: list[dict]) -> dict[tuple[str, str], dict]:
         entry = evidence.setdefault((op, family), {"won": True, "modes": set(), "tables": set(), "losses": []})
         entry["modes"].add(mode.split()[0])  # "fwd full mask" -> "fwd"
         entry["tables"].add((kernel, mode, dtype))
-        if "triton" not in times:
+        missing = [line for line in ("triton", *REQUIRED_TORCH_LINES[kernel]) if line not in times]
+        if missing:
             entry["won"] = False
-            entry["losses"].append(f"{kernel} {mode} {dtype} {shape}: triton missing")
+            entry["losses"].append(f"{kernel} {mode} {dtype} {shape}: {', '.join(missing)} missing")
         elif times["triton"] >= min(torch_times):
             entry["won"] = False
             entry["losses"].append(f"{kernel} {mode} {dtype} {shape}: {times['triton']:.3g} vs {min(torch_times):.3g} ms")

@@ -114,11 +114,14 @@ def _time(kernel, provider, mode, dtype, p50):
 
 
 def _lines(kernel, dtype, times, mode_suffix="", torch_names=("reference eager", "reference compile")):
-    """Rows of one op table: times = {mode: (eager, compiled, triton)}."""
+    """Rows of one op table: times = {mode: (eager, compiled, triton)}; the gathered op's third
+    torch line (its torch backend) takes the eager time."""
     rows = []
     for mode, values in times.items():
         for provider, p50 in zip((*torch_names, "triton"), values):
             rows.append(_time(kernel, provider, mode + mode_suffix, dtype, p50))
+        if kernel == "asta_gathered_op":
+            rows.append(_time(kernel, "torch backend", mode + mode_suffix, dtype, values[0]))
     return rows
 
 
@@ -174,6 +177,19 @@ def test_a_run_cut_short_supports_no_entry_and_says_what_is_missing():
     complete = rows + _lines("asta_gathered_op", "fp16", wins) + _lines("qnn", "fp32-tf32", wins, torch_names=qnn)
     assert measured_faster(complete, "Fake H200 sm_90") == {("asta", torch.float16, "Fake H200 sm_90"),
                                                             ("qnn", torch.float32, "Fake H200 sm_90")}
+
+
+def test_a_case_whose_compiled_line_was_cut_supports_no_entry():
+    # Under torch.compile (where the table serves) the compiled torch line is the one to beat:
+    # Triton ahead of eager alone is no evidence.
+    from bench.report import auto_evidence, measured_faster
+
+    qnn, wins = ("eager", "compile"), {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 2.5, 2.0)}
+    rows = _lines("qnn", "bf16", wins, torch_names=qnn) + _lines("qnn", "bf16-autocast", wins, torch_names=qnn)
+    cut = [r for r in rows if not (r["dtype"] == "bf16-autocast" and r["mode"] == "fwd+bwd" and r["provider"] == "compile")]
+    assert measured_faster(rows, "Fake H200 sm_90") == {("qnn", torch.bfloat16, "Fake H200 sm_90")}
+    assert measured_faster(cut, "Fake H200 sm_90") == set()
+    assert auto_evidence(cut)[("qnn", "bf16")]["losses"] == ["qnn fwd+bwd bf16-autocast batch=8192: compile missing"]
 
 
 def test_report_says_what_auto_runs_on_the_device(monkeypatch):
