@@ -258,7 +258,8 @@ def test_rows_holding_the_padding_id_are_counted_per_categorical_column(tmp_path
 
 def test_histories_cut_are_counted_by_items_not_by_left_padding(tmp_path, caplog):
     tables = base_tables()
-    lists = [[0] * 7 + [1, 2, 3]] * (TRAIN_ROWS - 2) + [[4, 5, 6, 7, 8]] * 2  # width 10, as pre-padded data comes
+    # Width 10, as pre-padded data comes; 4 items (exactly max_len) lose nothing, 5 lose one.
+    lists = [[0] * 7 + [1, 2, 3]] * (TRAIN_ROWS - 4) + [[0] * 6 + [1, 2, 3, 4]] * 2 + [[4, 5, 6, 7, 8]] * 2
     tables["train.parquet"]["item_seq"] = pa.array(lists, pa.list_(pa.int64()))
     with caplog.at_level(logging.INFO, logger="qin.data"):
         load_dataset(write_tables(tmp_path, tables), max_len=4)
@@ -486,8 +487,10 @@ def test_ranks_partition_each_global_batch(world_size, rows, drop_last):
     assert all(len(batches) == len(single) for batches in per_rank)  # every rank steps together
     for step, global_batch in enumerate(single):
         np.testing.assert_array_equal(np.concatenate([batches[step] for batches in per_rank]), global_batch)
+        sizes = [len(batches[step]) for batches in per_rank]
+        assert max(sizes) - min(sizes) <= 1  # a short last batch is shared as evenly as it can be
         if len(global_batch) == 16:
-            assert all(len(batches[step]) == 16 // world_size for batches in per_rank)
+            assert sizes == [16 // world_size] * world_size
 
 
 @pytest.mark.parametrize("kwargs", [dict(world_size=3), dict(rank=2, world_size=2), dict(rank=-1, world_size=2),

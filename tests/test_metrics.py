@@ -55,3 +55,11 @@ def test_log_loss_matches_formula():
     probs = np.array([0.9, 0.2, 0.6, 0.4])
     expected = -np.mean(labels * np.log(probs) + (1 - labels) * np.log(1 - probs))
     assert log_loss(labels, probs) == pytest.approx(expected)
+
+
+def test_labels_and_scores_of_unequal_length_are_refused():
+    # numpy would broadcast one label against every score and report a figure.
+    with pytest.raises(ValueError, match="labels and scores differ in length: 1 vs 3"):
+        roc_auc([1], [0.1, 0.5, 0.9])
+    with pytest.raises(ValueError, match="labels and probs differ in length: 1 vs 3"):
+        log_loss([1], [0.1, 0.5, 0.9])
