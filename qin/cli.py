@@ -9,9 +9,7 @@ import argparse
 import dataclasses
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
