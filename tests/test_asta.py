@@ -489,6 +489,35 @@ def test_gathered_fixed_shapes(device, batch, seq_len, dim, num_unique, dtype, b
                    backend=backend)
 
 
+@pytest.mark.parametrize("form", ["plain", "gathered"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_bound_bites_where_nothing_cancels(device, dtype, form):
+    """Non-negative inputs and output gradient: no term cancels, so the scale the 16-bit bound is
+    relative to is the result itself, and 4 u of it is 4 u of the result. With random signs the
+    terms' sum is ~100x the result at the model's shape, where a bf16 kernel that skipped a
+    history item still passed. Here each row has ~10 live positions, its first and last among
+    them, spread over several BLOCK_L tiles (each ~1/10 of the row's result), so a skipped
+    position or tile, or a scaled gradient, fails in 16-bit alone: on a GPU the 16-bit code paths
+    are checked by the 16-bit tests only. Row 0 is live throughout, 200 positive terms, where a
+    sum kept in 16 bits errs by far more than 4 u. Scores are all positive (no ReLU kink to round
+    across)."""
+    batch, seq_len, dim, num_unique = 4, 200, 96, 30
+    g = torch.Generator().manual_seed(21)
+    keep = torch.zeros(batch, seq_len, dtype=torch.bool)
+    keep[0] = True
+    for row in keep[1:]:
+        row[torch.randperm(seq_len, generator=g)[:8]] = True
+        row[[0, -1]] = True
+    positive = lambda *shape: (torch.rand(*shape, generator=g) + 0.1).to(dtype)
+    query, grad_z = positive(batch, dim) / dim, positive(batch, dim)
+    keep, query, grad_z = keep.to(device), query.to(device), grad_z.to(device)
+    if form == "plain":
+        check_against_oracle(positive(batch, seq_len, dim).to(device), query, keep, grad_z)
+    else:
+        index = torch.randint(0, num_unique, (batch, seq_len), generator=g).to(device)
+        check_gathered(positive(num_unique, dim).to(device), index, query, keep, grad_z)
+
+
 def test_gathered_float64_keeps_float64_sums(device):
     """float64 in, float64 sums: the gradient into reps (summed over repeated ids) included."""
     check_gathered(*make_gathered(4, 37, 70, 9, torch.float64, device, "random", seed=13))

@@ -106,6 +106,25 @@ def test_dropout_path_with_a_ragged_last_column_tile(device, dim, dtype):
     run_and_check(x, weight, bias, gy, 2, 0.1, True, 7, mask)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["train p=0.1", "eval"])
+def test_16bit_bound_bites_where_nothing_cancels(device, dtype, mode):
+    """Non-negative x, W, b and output gradient: no term cancels, so the scale the 16-bit bound is
+    relative to is the result itself and 4 u of it is 4 u of the result (with random signs a
+    product over D terms is ~sqrt(D) times smaller than its terms, and the bound that much
+    looser). So a group, a tile or a dropped value's rescaling missed, or a gradient scaled,
+    fails in 16-bit alone: on a GPU the 16-bit code paths are checked by the 16-bit tests only.
+    Two row tiles and a ragged column tile; "eval" is the folded W_bar path."""
+    batch, dim, num_row, seed = 20, 100, 4, 23
+    g = torch.Generator().manual_seed(seed)
+    positive = lambda *shape: (torch.rand(*shape, generator=g) + 0.1).to(device=device, dtype=dtype)
+    x, weight, bias, gy = positive(batch, dim), positive(num_row * dim, dim) / dim, positive(num_row * dim), \
+        positive(batch, dim)
+    training, p = mode.startswith("train"), 0.1
+    mask = dropout_keep_mask(seed, batch, num_row, dim, p, device) if training else None
+    run_and_check(x, weight, bias, gy, num_row, p, training, seed, mask)
+
+
 def test_same_seed_same_output_other_seed_other_mask(device):
     x, weight, bias, _ = make_inputs(12, 24, 3, torch.float32, device)
     run = lambda seed: kernels.quadratic_projection(x, weight, bias, 3, dropout_p=0.5, training=True,
