@@ -209,13 +209,19 @@ class ItemEncoder(FeatureModules):
         unique_ids, target_index, history_index = self.unique_ids(target_ids, history_ids)
         return self(unique_ids), target_index, history_index
 
-    def encoding_again(self, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def encoding_again(self, ids: torch.Tensor) -> Callable[[], torch.Tensor] | None:
         """A function that computes self(ids) again, with the weights and under the autocast state in
         force now: the same values as self(ids) now. The weights are those of this call (under
         torch.func.functional_call, the ones it put in; they are gone again when backward runs), and
         a weight changed in place before backward (a step on a graph kept with retain_graph) is an
         error, as autograd's own saved tensors make it. Autograd records the function as the
-        caller's grad mode says (in backward: only under create_graph=True)."""
+        caller's grad mode says (in backward: only under create_graph=True).
+
+        None (autograd keeps the representations) where a run again could differ or act twice: a
+        forward hook (embedding noise, activation capture) or a parametrization (spectral norm's
+        power iteration) on the encoder or any module in it, or a global module hook."""
+        if self._runs_more_than_its_weights():
+            return None
         device_type = ids.device.type
         enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
         weights = {**dict(self.named_parameters()), **dict(self.named_buffers())}
@@ -231,6 +237,16 @@ class ItemEncoder(FeatureModules):
             with torch.autocast(device_type, dtype=dtype, enabled=enabled):
                 return torch.func.functional_call(self, weights, (ids,))
         return again
+
+    def _runs_more_than_its_weights(self) -> bool:
+        """Whether self(ids) runs code besides its own forward: hooks, or parametrized weights."""
+        from torch.nn.modules import module as nn_module
+        from torch.nn.utils import parametrize
+
+        if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks or parametrize.is_parametrized(m)
+                   for m in self.modules())
 
     def encode(self, target_ids: torch.Tensor, history_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(e(targets), e(history)); with dedup, each distinct item of the batch is encoded once."""

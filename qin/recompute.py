@@ -30,6 +30,9 @@ def recomputed_in_backward(tensor: torch.Tensor, recompute: Callable[[], torch.T
     Every other saved tensor goes to the saved-tensor hooks in force around the block, if any.
     A plain block where there is nothing to differentiate, under torch.compile (whose partitioner
     decides itself what to keep) or without `recompute`.
+    Autograd's check that a saved tensor was not changed in place does not see `tensor` (it is not
+    saved): the caller must not change it before backward (QIN's representations never leave
+    its forward).
     """
     if (recompute is None or _top_hooks is None or not torch.is_grad_enabled()
             or torch.compiler.is_compiling()):

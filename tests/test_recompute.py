@@ -128,3 +128,42 @@ def test_an_item_weight_changed_in_place_before_backward_is_an_error():
         model.items.item_embedding.weight.mul_(2)
     with pytest.raises(RuntimeError, match="item_embedding.weight was modified in place"):
         loss.backward()
+
+
+@pytest.mark.parametrize("change", ["noise hook on the encoder", "pre-hook on a submodule", "spectral norm",
+                                    "global hook"])
+def test_an_encoder_that_runs_more_than_its_weights_keeps_its_representations(change, monkeypatch):
+    """A forward hook or a parametrization would run again in backward: with fresh random numbers
+    (embedding noise), or a second step of spectral norm's power iteration. So such an encoder's
+    representations are kept, and its gradients are those autograd gives without recompute."""
+    model = small_qin(asta_kernel="torch", qnn_kernel="torch", dropout=0.0)
+    calls = []
+
+    def noise(module, args, out):
+        calls.append(1)
+        return out + 0.05 * torch.randn_like(out)
+
+    if change == "noise hook on the encoder":
+        model.items.register_forward_hook(noise)
+    elif change == "pre-hook on a submodule":
+        model.items.item_embedding.register_forward_pre_hook(lambda module, args: calls.append(1))
+    elif change == "spectral norm":
+        torch.nn.utils.parametrizations.spectral_norm(model.items.mm_projection)
+    else:
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: calls.append(1))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = random_batch(batch=24, length=9)
+    try:
+        recomputed, _ = _grads_and_saved(model, batch, "fp32")  # L2 > 0: reads the parametrized weight too
+        forward_calls = len(calls)
+        model.load_state_dict(state)  # spectral norm's vectors as they were
+        monkeypatch.setattr(qin.recompute, "_top_hooks", None)
+        kept, _ = _grads_and_saved(model, batch, "fp32")
+    finally:
+        if change == "global hook":
+            handle.remove()
+    assert recomputed.keys() == kept.keys()
+    for name in kept:
+        torch.testing.assert_close(recomputed[name], kept[name], rtol=0, atol=0, msg=name)
+    if change != "spectral norm":
+        assert forward_calls and len(calls) == 2 * forward_calls  # none in backward
