@@ -36,7 +36,7 @@ cores), and the largest resident set:
 | heap kept, bounded, no huge pages (THP_MEM_ALLOC_ENABLE=0) | | 169 ms, 2.2 GB |
 | heap kept, bounded, huge pages (the default) | 339 ms, 1.5 GB | 156 ms, 2.2 GB |
 
-Where the C library is not glibc the heap part does nothing and says so, and QIN_KEEP_FREED_MEMORY=0
+Where the C library is not glibc the heap part does nothing (a debug log says so), and QIN_KEEP_FREED_MEMORY=0
 turns all of it off (a process that embeds the trainer and wants the defaults).
 """
 from __future__ import annotations
@@ -45,6 +45,8 @@ import ctypes
 import ctypes.util
 import logging
 import os
+
+from qin.errors import ConfigError
 
 logger = logging.getLogger("qin.host_memory")
 
@@ -62,7 +64,7 @@ def keep_freed_memory() -> bool:
     if _done:
         return _done[0]
     ok = False
-    if os.environ.get("QIN_KEEP_FREED_MEMORY", "1") == "0":
+    if not _switched_on():
         _done.append(ok)
         return ok
     if huge_pages_available():
@@ -80,6 +82,18 @@ def keep_freed_memory() -> bool:
         logger.debug("not glibc (no mallopt): freed host memory is returned to the system as usual")
     _done.append(ok)
     return ok
+
+
+def _switched_on() -> bool:
+    """QIN_KEEP_FREED_MEMORY: on unless 0, false, no or off (any case); another value is an error
+    rather than silently on."""
+    value = os.environ.get("QIN_KEEP_FREED_MEMORY", "1").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    if value in ("", "1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"QIN_KEEP_FREED_MEMORY must be 1 or 0 (on or off), got "
+                      f"{os.environ['QIN_KEEP_FREED_MEMORY']!r}")
 
 
 def huge_pages_available(setting: str = "/sys/kernel/mm/transparent_hugepage/enabled") -> bool:

@@ -56,6 +56,10 @@ def test_it_takes_effect_exactly_with_glibc_and_unless_turned_off():
 
     assert result("1") == [str(GLIBC)] * 2  # a second call is a no-op that agrees
     assert result("0") == ["False", "False"]
+    assert result("Off") == ["False", "False"] and result(" false") == ["False", "False"]
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        result("of")
+    assert "QIN_KEEP_FREED_MEMORY must be 1 or 0" in refused.value.stderr
 
 
 @pytest.mark.skipif(not GLIBC, reason="no glibc heap to keep: keep_freed_memory is a no-op here, as the test "
