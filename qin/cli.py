@@ -185,6 +185,7 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
     """The checkpoint's model in eval mode, and the dataset with the splits it will read (with
     `first_present`, only the first of them the folder holds)."""
     from kernels import utils as kernels_utils
+    from qin.data import warn_if_another_item_table
     from qin.models import build_model
     from qin.train import resolve_device, resolve_precision
 
@@ -208,6 +209,7 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
     model = build_model(cfg.model)
     model.load_item_info(dataset.item_info.columns)
     model.load_state_dict(payload["model"])
+    warn_if_another_item_table(payload.get("item_info"), dataset, path)
     # Weights are fp32 whatever the run trained in, so any precision can score them.
     return model.to(device).eval(), dataset, cfg, device, precision
 

@@ -9,6 +9,7 @@ from 0). Files are streamed in record batches, so the peak memory is the loaded 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,29 @@ class ItemInfo:
     def num_tags(self) -> int:
         """MicroLens: tag vocabulary, max tag id + 1 (id 0 is padding)."""
         return int(self.tags.max()) + 1
+
+
+def item_info_fingerprint(info: ItemInfo) -> str:
+    """A hash of the item table as the model reads it (every column's name, dtype, shape and
+    values): a checkpoint records it, so that scoring with another item_info.parquet of the same
+    size (new tags or frozen embeddings) is told, not silent. ~0.05 s for MicroLens' table."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(info.columns):
+        column = info.columns[name]
+        digest.update(f"{name}:{column.dtype}:{tuple(column.shape)};".encode())
+        digest.update(column.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def warn_if_another_item_table(trained: str | None, dataset: Dataset, checkpoint: str) -> bool:
+    """Warn (True) when the checkpoint's item-table fingerprint (None: saved before 2026-12-02, not
+    known) is not the dataset's: a refreshed table may be meant, so it is used, but never silently."""
+    if trained is None or trained == item_info_fingerprint(dataset.item_info):
+        return False
+    logger.warning("%s is not the item table %s was trained with (same %d items, other tags or frozen "
+                   "embeddings): scoring uses this one", dataset.root / "item_info.parquet", checkpoint,
+                   dataset.item_info.num_items)
+    return True
 
 
 @dataclass

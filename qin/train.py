@@ -27,7 +27,8 @@ from qin import distributed
 from qin.checkpoint import (CheckpointError, atomic_write, check_model_config, load_checkpoint,
                             remove_stale_temporaries, run_lock, save_checkpoint)
 from qin.config import ConfigError, RunConfig
-from qin.data import Dataset, Split, iterate_batches, require_both_classes
+from qin.data import (Dataset, Split, item_info_fingerprint, iterate_batches, require_both_classes,
+                      warn_if_another_item_table)
 from qin.host_memory import bound_kept_memory, keep_freed_memory
 from qin.metrics import log_loss, roc_auc
 from qin.model import compile_model, count_parameters
@@ -359,6 +360,7 @@ class Trainer:
             keep_freed_memory()  # a CPU step would otherwise fault in fresh pages for every large tensor
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, dataset, self.device)
+        self.item_info_fingerprint = item_info_fingerprint(dataset.item_info)
         self.forward_model = self.model
         if self.ctx.distributed:
             distributed.convert_batchnorm(self.model)
@@ -409,6 +411,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "trainer": dataclasses.asdict(self.state),
             "num_parameters": count_parameters(self.model),
+            "item_info": self.item_info_fingerprint,  # scoring warns when its item table is another
         }
         if not model_only:
             payload["optimizer"] = self.optimizer.state_dict()
@@ -461,6 +464,7 @@ class Trainer:
         payload = load_checkpoint(path, map_location="cpu")
         check_model_config(payload, self.cfg.to_dict()["model"], str(path))
         self.model.load_state_dict(payload["model"])
+        warn_if_another_item_table(payload.get("item_info"), self.dataset, str(path))
         self.optimizer.load_state_dict(payload["optimizer"])
         saved_precision = payload["config"]["train"].get("precision", "fp32")
         if saved_precision != self.cfg.train.precision:

@@ -1,5 +1,7 @@
 """The `qin` command as a user meets it: each subcommand end to end, and every refusal with its message."""
 
+import json
+import logging
 import os
 import stat
 from pathlib import Path
@@ -272,6 +274,42 @@ def test_evaluate_a_run_folder_and_a_checkpoint_file(run_dir, capsys):
     assert capsys.readouterr().out == from_folder
     assert main(["evaluate", str(run_dir), "--split", "test"]) == 2  # test has no label
     assert "no label" in capsys.readouterr().err
+    # The numbers are the trained model's: those training logged for the best epoch, from a fresh
+    # process's view of the checkpoint (its item table loaded, eval mode, the same metrics).
+    best = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert best["best"]
+    auc, logloss = (float(part.split()[-1]) for part in from_folder.removeprefix("valid: ").split(","))
+    assert auc == pytest.approx(best["valid_auc"], abs=2e-6)
+    assert logloss == pytest.approx(best["valid_logloss"], abs=2e-6)
+
+
+def test_scoring_with_another_item_table_of_the_same_size_warns(run_dir, data_dir, tmp_path, capsys, caplog):
+    """Tags and frozen embeddings are the model's input: a refreshed table may be meant, so it is
+    used, but said, naming the file (before, it was silent: another AUC, no word why)."""
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("valid.parquet", "test.parquet"):
+        (other / name).write_bytes((data_dir / name).read_bytes())
+    refreshed = make_dataset(tmp_path / "refreshed", rows=300, items=200, seed=6, valid_rows=100, test_rows=50)
+    (other / "item_info.parquet").write_bytes((refreshed / "item_info.parquet").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="qin.data"):
+        assert main(["evaluate", str(run_dir)]) == 0
+        assert "not the item table" not in caplog.text
+        same = capsys.readouterr().out
+        assert main(["evaluate", str(run_dir), "--data", str(other)]) == 0
+    assert f"{other / 'item_info.parquet'} is not the item table" in caplog.text
+    assert capsys.readouterr().out != same
+
+
+def test_resuming_on_a_changed_item_table_warns(tmp_path, caplog):
+    data = make_dataset(tmp_path / "ds", rows=400, items=50, seed=2, valid_rows=100, test_rows=20)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(run), *SMALL_RUN]) == 0
+    refreshed = make_dataset(tmp_path / "refreshed", rows=100, items=50, seed=3, valid_rows=50, test_rows=20)
+    (data / "item_info.parquet").write_bytes((refreshed / "item_info.parquet").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="qin.data"):
+        assert main(["train", "--resume", str(run), "train.epochs=2"]) == 0
+    assert f"{data / 'item_info.parquet'} is not the item table {run / 'latest.pt'} was trained with" in caplog.text
 
 
 def test_predict_writes_one_probability_per_test_row_and_never_overwrites(run_dir, data_dir, tmp_path, capsys):
