@@ -181,9 +181,10 @@ def _trained_data(cfg):
 
 
 def _model_from_checkpoint(path: str, data: str | None, device_name: str, precision: str = "fp32",
-                           splits: tuple[str, ...] = ("valid",), first_present: bool = False):
+                           splits: tuple[str, ...] = ("valid",), first_present: bool = False,
+                           labelled: tuple[str, ...] = ("train", "valid")):
     """The checkpoint's model in eval mode, and the dataset with the splits it will read (with
-    `first_present`, only the first of them the folder holds)."""
+    `first_present`, only the first of them the folder holds; labels read strictly in `labelled`)."""
     from kernels import utils as kernels_utils
     from qin.data import warn_if_another_item_table
     from qin.models import build_model
@@ -197,7 +198,7 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
     folder = data or cfg.data.dir
     if first_present:
         splits = ([s for s in splits if folder and (Path(folder) / f"{s}.parquet").exists()] or list(splits))[:1]
-    dataset = load_data(folder, _trained_data(cfg), splits=tuple(splits), required=tuple(splits))
+    dataset = load_data(folder, _trained_data(cfg), splits=tuple(splits), required=tuple(splits), labelled=labelled)
     if dataset.item_info.num_items != cfg.model.num_items:
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "
                               f"{dataset.root / 'item_info.parquet'} has {dataset.item_info.num_items:,}")
@@ -219,7 +220,8 @@ def cmd_evaluate(args) -> int:
     from qin.train import evaluate
 
     model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
-                                                                    args.precision, (args.split,))
+                                                                    args.precision, (args.split,),
+                                                                    labelled=(args.split,))
     if dataset.splits[args.split].label is None:
         raise UsageError(f"{dataset.root / (args.split + '.parquet')} has no label column: it cannot be evaluated")
     require_both_classes(dataset.splits[args.split], f"{args.split}.parquet", cfg.data.label)

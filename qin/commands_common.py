@@ -28,14 +28,16 @@ class UsageError(Exception):
     """A command was asked for something it refuses (exit status 2, one line naming why)."""
 
 
-def load_data(path: str | None, data_cfg, splits=("train", "valid", "test"), required=None):
+def load_data(path: str | None, data_cfg, splits=("train", "valid", "test"), required=None,
+              labelled=("train", "valid")):
     """The dataset in `path`, or the built-in generated one (made on first use) when it is None,
     read as the config's data block declares it (features, label and history columns, max_len):
-    the named splits, of which `required` must exist (default: qin.data's train and valid)."""
+    the named splits, of which `required` must exist (default: qin.data's train and valid), with
+    strictly read labels in `labelled`."""
     from qin.data import REQUIRED_SPLITS, load_dataset
     from qin.synth import builtin_dataset
 
     root = Path(path) if path else builtin_dataset()
     return load_dataset(root, max_len=data_cfg.max_len, features=data_cfg.features, label=data_cfg.label,
                         history=data_cfg.history, splits=splits,
-                        required=REQUIRED_SPLITS if required is None else required)
+                        required=REQUIRED_SPLITS if required is None else required, labelled=labelled)

@@ -412,11 +412,11 @@ def _load_item_info(path: Path, features) -> tuple[ItemInfo, list[str]]:
 
 
 def _load_split(path: Path, name: str, num_items: int, max_len: int, features, label: str,
-                history: str) -> tuple[Split, list[str]]:
+                history: str, labels_optional: bool) -> tuple[Split, list[str]]:
     key, context = item_key(features), context_features(features)
     kinds = {history: "int_list", key.name: "int", **{f.name: KIND_OF_TYPE[f.type] for f in context},
              label: "number"}
-    required = set(kinds) - ({label} if name == "test" else set())
+    required = set(kinds) - ({label} if labels_optional else set())
     with _FileReader(path, {**_meta_kinds(features), **kinds}, required) as reader:
         has_label = label in reader.present
         n = reader.num_rows
@@ -456,7 +456,7 @@ def _load_split(path: Path, name: str, num_items: int, max_len: int, features, l
                 array = batch.column(label)
                 values = array.to_numpy(zero_copy_only=False)
                 bad = _label_problem(array, values)
-                if bad is not None and name == "test":
+                if bad is not None and labels_optional:
                     # Only `qin evaluate --split test` reads test labels; placeholders (-1, null)
                     # must not stop training or prediction.
                     row, problem = bad
@@ -543,8 +543,11 @@ def _resolve_vocab(features, item_info: ItemInfo, splits: dict[str, Split]) -> l
 
 
 def load_dataset(root, max_len: int = 64, splits=("train", "valid", "test"), features=None,
-                 label: str = "label", history: str = "item_seq", required=REQUIRED_SPLITS) -> Dataset:
+                 label: str = "label", history: str = "item_seq", required=REQUIRED_SPLITS,
+                 labelled=("train", "valid")) -> Dataset:
     """Read and validate item_info.parquet and the named splits; those in `required` must exist.
+    Labels are read strictly in the `labelled` splits; elsewhere (the test split, unless `qin
+    evaluate` scores it) a label column of placeholders (-1, null) is left out with a warning.
 
     `features` is a list of qin.features.Feature or config dicts; None reads the MicroLens layout.
     Dataset.features holds them back with every vocab_size resolved.
@@ -568,7 +571,8 @@ def load_dataset(root, max_len: int = 64, splits=("train", "valid", "test"), fea
             path = root / f"{name}.parquet"
             if name not in required and not path.exists():
                 continue
-            loaded[name], extra = _load_split(path, name, item_info.num_items, max_len, features, label, history)
+            loaded[name], extra = _load_split(path, name, item_info.num_items, max_len, features, label, history,
+                                              labels_optional=name not in labelled)
             if extra:
                 extra_columns[path.name] = extra
     except DataError as exc:

@@ -283,6 +283,28 @@ def test_evaluate_a_run_folder_and_a_checkpoint_file(run_dir, capsys):
     assert logloss == pytest.approx(best["valid_logloss"], abs=2e-6)
 
 
+def test_evaluating_a_test_split_reads_its_labels_strictly(run_dir, data_dir, tmp_path, capsys):
+    """Placeholder test labels are left out with a warning wherever labels are not needed; `qin
+    evaluate --split test` needs them, so a bad one is named there, row and value (it used to warn
+    to run the very command that was running, then say the column it had just read was missing)."""
+    labelled = tmp_path / "labelled"
+    labelled.mkdir()
+    (labelled / "item_info.parquet").write_bytes((data_dir / "item_info.parquet").read_bytes())
+    table = pq.read_table(data_dir / "valid.parquet")
+    pq.write_table(table, labelled / "test.parquet")
+    assert main(["evaluate", str(run_dir), "--data", str(labelled), "--split", "test"]) == 0
+    assert capsys.readouterr().out.startswith("test: AUC ")
+    labels = table.column("label").to_numpy().copy()
+    labels[2] = -1
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label", pa.array(labels)),
+                   labelled / "test.parquet")
+    assert main(["evaluate", str(run_dir), "--data", str(labelled), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "test.parquet, column 'label', row 2: label -1" in err and "no label column" not in err
+    output = tmp_path / "prediction.csv"
+    assert main(["predict", str(run_dir), "--data", str(labelled), "--output", str(output)]) == 0  # not needed here
+
+
 def test_scoring_with_another_item_table_of_the_same_size_warns(run_dir, data_dir, tmp_path, capsys, caplog):
     """Tags and frozen embeddings are the model's input: a refreshed table may be meant, so it is
     used, but said, naming the file (before, it was silent: another AUC, no word why)."""
