@@ -576,10 +576,18 @@ def load_dataset(root, max_len: int = 64, splits=("train", "valid", "test"), fea
             if extra:
                 extra_columns[path.name] = extra
     except DataError as exc:
-        if declared or not getattr(exc, "missing_column", False):
+        if not getattr(exc, "missing_column", False):
             raise
-        hinted = DataError(f"{exc}; with no data.features the loader reads the MicroLens_1M_x1 layout: declare "
-                           f"this dataset's columns in data.features")
+        hints = []
+        if exc.column in (history, label):  # a FuxiCTR block cannot name these: only data.* can
+            setting, what = ("data.history", "histories") if exc.column == history else ("data.label", "clicks")
+            hints.append(f"if another column holds the {what}, set {setting}=COLUMN")
+        if not declared:
+            hints.append("with no data.features the loader reads the MicroLens_1M_x1 layout: declare this "
+                         "dataset's columns in data.features")
+        if not hints:
+            raise
+        hinted = DataError(f"{exc}; {'; '.join(hints)}")
         hinted.file, hinted.column, hinted.row = exc.file, exc.column, exc.row
         raise hinted from None
     for file, names in extra_columns.items():

@@ -512,3 +512,15 @@ def test_a_dataset_of_another_layout_without_data_features_is_told_to_declare_th
     with pytest.raises(DataError, match=r"item_info\.parquet, column 'item_tags': missing \(the file has item_id.*"
                                         r"declare this dataset's columns in data\.features"):
         load_dataset(root)
+
+
+@pytest.mark.parametrize("setting,column", [("history", "clicked_items"), ("label", "clicked")])
+def test_a_history_or_label_under_another_name_is_told_which_setting_names_it(tmp_path, setting, column):
+    """Declared features (a FuxiCTR block, say) cannot name the history or label column: data.* can."""
+    root = synth.make_dataset(tmp_path / "other", rows=50, items=10, seed=0, valid_rows=20, test_rows=5, schema="other")
+    section = {**synth.OTHER_DATA_SECTION}
+    del section[setting]  # the MicroLens name then, which this layout lacks
+    default = {"history": "item_seq", "label": "label"}[setting]
+    with pytest.raises(DataError, match=rf"train\.parquet, column '{default}': missing .*{column}.*; if another column "
+                                        rf"holds the \w+, set data\.{setting}=COLUMN$"):
+        load_dataset(root, **section)
