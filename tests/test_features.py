@@ -298,7 +298,8 @@ def test_every_feature_type_on_either_side_builds_and_trains():
              "age": torch.rand(6, generator=g)}
     for architecture in ("qin", "din"):
         model = (QIN if architecture == "qin" else DIN)(QINConfig(**{**cfg.__dict__, "architecture": architecture}))
-        model.load_item_info({"item_words": words, "item_price": torch.rand(30, generator=g)})
+        prices = torch.rand(30, generator=g)
+        model.load_item_info({"item_words": words, "item_price": prices})
         logits = model(batch)
         logits.sum().backward()
         assert logits.shape == (6,) and torch.isfinite(logits).all()
@@ -308,6 +309,32 @@ def test_every_feature_type_on_either_side_builds_and_trains():
         assert torch.all(grad[0] == 0) and torch.all(grad[4:] == 0)
         assert grad[1:4].abs().sum() > 0
         assert tables["items.item_price_embedding.weight"].grad.abs().sum() > 0
+        # Every feature reaches the logits: changing any one input, context or item side, changes them.
+        model.eval()
+        with torch.no_grad():
+            before = model(batch)
+            for name in ("user_topics", "user_vector", "age"):
+                changed = {**batch, name: batch[name].flip(0)}  # rows swap values (row 0 has no topics)
+                assert not torch.allclose(model(changed), before), f"{architecture}: {name} changes nothing"
+            for name, column in (("item_words", torch.cat([words[:1], words[1:].roll(1, 0)])), ("item_price", torch.rand(30, generator=g))):
+                model.load_item_info({"item_words": words, "item_price": prices, name: column})
+                assert not torch.allclose(model(batch), before), f"{architecture}: {name} changes nothing"
+
+
+def test_an_inactive_feature_is_left_out_and_its_column_reported_extra(tmp_path, caplog):
+    """FuxiCTR's `active: False` turns a feature off: not in the model, its column an extra one."""
+    path = tmp_path / "dataset_config.yaml"
+    path.write_text(AUTHORS_BLOCK.replace("{name: views_level, active: True", "{name: views_level, active: False"))
+    data = read_fuxictr_dataset(path, "MicroLens_1M_x1")
+    assert [f.name for f in parse_features(data["features"])] == \
+        ["user_id", "item_seq", "likes_level", "item_id", "item_tags", "item_emb_d128"]
+    root = make_dataset(tmp_path / "ds", rows=200, items=30, seed=1, valid_rows=50, test_rows=10)
+    with caplog.at_level("INFO", logger="qin.data"):
+        dataset = load_dataset(root, features=data["features"])
+    assert "views_level" not in [f.name for f in dataset.features]
+    assert "train.parquet: ignoring extra columns views_level" in caplog.text
+    cfg = QINConfig(features=to_dicts(dataset.features))
+    assert cfg.context_dim == cfg.embed_dim == QINConfig().context_dim / 2  # likes_level alone
 
 
 def _write(tables, root):
