@@ -30,8 +30,10 @@ def atomic_write(path: str | Path, write) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:  # write or fsync: say which file (a full disk)
+            exc.filename = str(path)
         raise
     # Make the rename itself durable.
     dir_fd = os.open(path.parent, os.O_RDONLY)

@@ -497,6 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"qin {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        if exc.filename is None:  # not about a file: a traceback says more
+            raise
+        print(f"qin {args.command}: error: {exc}", file=sys.stderr)  # a full disk, a read-only folder: one line
+        return 1
     except torch.cuda.OutOfMemoryError as exc:
         print(f"qin {args.command}: error: the GPU ran out of memory ({str(exc).splitlines()[0]}); a smaller "
               f"train.batch_size (or train.eval_batch_size, when it happened in validation or scoring) needs "

@@ -353,6 +353,20 @@ def test_predict_writes_one_probability_per_test_row_and_never_overwrites(run_di
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_predict_that_fails_to_write_leaves_the_earlier_file_whole(run_dir, tmp_path, monkeypatch, capsys):
+    """A full disk while writing: the earlier predictions stay as they were, with nothing beside."""
+    output = tmp_path / "prediction.csv"
+    output.write_text("earlier\n")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    assert main(["predict", str(run_dir), "--output", str(output), "--force"]) != 0
+    assert "No space left on device" in capsys.readouterr().err
+    assert output.read_text() == "earlier\n" and [p.name for p in tmp_path.iterdir()] == ["prediction.csv"]
+
+
 def test_scoring_reads_only_the_split_it_scores(run_dir, data_dir, tmp_path, capsys):
     # New data to score need not come with a train or valid split (3.6M rows on MicroLens).
     fresh = tmp_path / "fresh"

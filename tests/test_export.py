@@ -66,12 +66,24 @@ def test_a_program_traced_on_one_row_still_takes_any_batch(run):
 
 def test_export_traces_on_whatever_split_the_data_folder_holds(run, tmp_path):
     # The folder that `qin predict --data` scores may hold only item_info and test.parquet.
+    # Its item table is baked into the program: here a refreshed one (other tags and frozen
+    # embeddings, the same items), which the program must hold rather than the run's own.
     root, data = run
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    for name in ("item_info.parquet", "test.parquet"):
-        (fresh / name).write_bytes((data / name).read_bytes())
-    assert main(["export", str(root / "run"), "--data", str(fresh), "--output", str(tmp_path / "m.pt2")]) == 0
+    (fresh / "test.parquet").write_bytes((data / "test.parquet").read_bytes())
+    refreshed = make_dataset(tmp_path / "refreshed", rows=200, items=120, seed=10, valid_rows=50, test_rows=20)
+    (fresh / "item_info.parquet").write_bytes((refreshed / "item_info.parquet").read_bytes())
+    assert main(["export", str(root / "run"), "--data", str(fresh), "--output", str(tmp_path / "fresh.pt2")]) == 0
+    assert main(["export", str(root / "run"), "--output", str(tmp_path / "own.pt2")]) == 0
+
+    import kernels  # noqa: F401  - registers the qin:: ops a program may hold
+
+    batch = next(iterate_batches(load_dataset(data, max_len=16).splits["test"].rows(0, 50), 50, shuffle=False))
+    batch.pop("label", None)
+    with torch.no_grad():
+        own, refreshed = (torch.export.load(str(tmp_path / f"{name}.pt2")).module()(batch) for name in ("own", "fresh"))
+    assert (own - refreshed).abs().max() > 1e-3
 
 
 def test_an_export_named_as_a_checkpoint_is_told_apart(run, tmp_path, capsys):
