@@ -123,7 +123,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
     if path.is_dir():
         path = path / "best.pt"
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint")
+        latest = path.with_name("latest.pt")
+        hint = (f" (the run has no best epoch yet; {latest} holds its last step)"
+                if path.name == "best.pt" and latest.exists() else "")
+        raise CheckpointError(f"{path}: no such checkpoint{hint}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged file

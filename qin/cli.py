@@ -196,6 +196,8 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
     device = distributed.setup(distributed.context_from_env(), resolve_device(device_name, "--device"))
     precision = resolve_precision(precision, device, "--precision")
     folder = data or cfg.data.dir
+    if not data and folder and not Path(folder).is_dir():
+        raise UsageError(f"{path} trained on {folder}, which is no longer there: name the data with --data DIR")
     if first_present:
         splits = ([s for s in splits if folder and (Path(folder) / f"{s}.parquet").exists()] or list(splits))[:1]
     dataset = load_data(folder, _trained_data(cfg), splits=tuple(splits), required=tuple(splits), labelled=labelled)

@@ -488,6 +488,26 @@ def test_a_checkpoint_config_this_version_cannot_read_is_named(run_dir, tmp_path
     assert f"{tmp_path / 'best.pt'}'s config: unknown key 'model.heads'" in capsys.readouterr().err
 
 
+def test_scoring_a_run_whose_data_moved_or_that_has_no_best_epoch_says_what_to_do(run_dir, data_dir, tmp_path,
+                                                                                  capsys):
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("config.yaml", "best.pt"):
+        (moved / name).write_bytes((run_dir / name).read_bytes())
+    payload = torch.load(moved / "best.pt", weights_only=False)
+    payload["config"]["data"]["dir"] = str(tmp_path / "gone")
+    torch.save(payload, moved / "best.pt")
+    assert main(["evaluate", str(moved)]) == 2
+    assert f"trained on {tmp_path / 'gone'}, which is no longer there: name the data with --data DIR" in \
+        capsys.readouterr().err
+    assert main(["evaluate", str(moved), "--data", str(data_dir)]) == 0
+    capsys.readouterr()
+    (moved / "best.pt").rename(moved / "latest.pt")  # stopped before its first validation
+    assert main(["evaluate", str(moved)]) == 2
+    assert f"no such checkpoint (the run has no best epoch yet; {moved / 'latest.pt'} holds its last step)" in \
+        capsys.readouterr().err
+
+
 def test_unreadable_checkpoint_is_refused(tmp_path, capsys):
     bad = tmp_path / "best.pt"
     bad.write_bytes(b"not a checkpoint")
