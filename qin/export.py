@@ -5,6 +5,11 @@ e.g. likes_level and views_level: any batch size from 1, the run's history lengt
 side data (tags, frozen embeddings) and, in eval form, the QNN's folded W_bar product. The fused
 ops, where the model runs them, stay in the graph as registered qin:: ops: load it with
 `import kernels` first, then torch.export.load(path).module()(batch).
+
+The program checks shapes only: a history of another length than the run's data.max_len fails a
+guard (`Guard failed: batch['item_seq'].size()[1] == 16`), and an id past a trained vocabulary
+(item_id, likes_level, ...) raises a bare `IndexError: index out of range`; `qin predict` names
+such ids by file, column and row, so check new data with it first.
 """
 from __future__ import annotations
 
