@@ -126,6 +126,9 @@ trimmed = bound_kept_memory()
 # What stays resident is live (more than KEEP_BYTES above the start): the bound now counts from
 # here, so the next call does not trim again, nor would every later step.
 print(trimmed, (before - resident_bytes()) >> 20, bound_kept_memory())
+# ... and from here, not from before the trim: growing by just over KEEP_BYTES trims again.
+more = torch.ones(KEEP_BYTES // 4 + 2**25)
+print(bound_kept_memory())
 """
 
 
@@ -141,4 +144,4 @@ def test_freed_memory_kept_past_the_bound_is_returned_to_the_system():
         return
     out = subprocess.run([sys.executable, "-c", BOUND_PROBE], capture_output=True, text=True, check=True,
                          env=env).stdout.split()
-    assert out[0] == "True" and int(out[1]) > 1024 and out[2] == "False", out
+    assert out[0] == "True" and int(out[1]) > 1024 and out[2] == "False" and out[3] == "True", out
