@@ -395,6 +395,32 @@ def test_an_inferred_vocabulary_of_padding_only_or_of_hashed_ids_is_refused_nami
         load_dataset(tmp_path, **{**OTHER_DATA_SECTION, "features": features})
 
 
+@pytest.mark.parametrize("top_id,above,ratio,refused", [(109, 50, 10, False), (110, 50, 10, True),
+                                                       (110, 111, 10, False)])
+def test_sparse_ids_are_refused_exactly_past_both_limits(other_dir, tmp_path, monkeypatch, top_id, above, ratio,
+                                                         refused):
+    """Ids 0..9 and `top_id`: 11 distinct, an inferred vocabulary of top_id + 1 rows. Refused when
+    that is past SPARSE_IDS_ABOVE and past SPARSE_IDS_RATIO times the distinct ids, not at either."""
+    import qin.data
+
+    monkeypatch.setattr(qin.data, "SPARSE_IDS_ABOVE", above)
+    monkeypatch.setattr(qin.data, "SPARSE_IDS_RATIO", ratio)
+    tables = _other_tables(other_dir)
+    for split in ("train", "valid"):
+        levels = tables[split].column("activity_level").to_numpy().copy()
+        levels[levels == levels.max()] = top_id
+        tables[split] = _column(tables[split], "activity_level", levels)
+    _write(tables, tmp_path)
+    features = [{k: v for k, v in f.items() if not (f["name"] == "activity_level" and k == "vocab_size")}
+                for f in OTHER_FEATURES]
+    if refused:
+        with pytest.raises(DataError, match=f"ids reach {top_id} but only 11 distinct ids appear"):
+            load_dataset(tmp_path, **{**OTHER_DATA_SECTION, "features": features})
+    else:
+        dataset = load_dataset(tmp_path, **{**OTHER_DATA_SECTION, "features": features})
+        assert {f.name: f.vocab_size for f in dataset.features}["activity_level"] == top_id + 1
+
+
 def test_placeholder_test_labels_leave_the_test_split_unlabelled_with_a_warning(other_dir, tmp_path, caplog):
     tables = {**_other_tables(other_dir), "test": pq.read_table(other_dir / "test.parquet")}
     tables["test"] = _column(tables["test"], "clicked", np.full(tables["test"].num_rows, -1, np.int64))
