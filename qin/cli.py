@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--training", action="store_true", help="also train with each backend over --seeds seeds")
     p.add_argument("--seeds", type=int, default=3, help="seeds per backend for --training (default 3)")
     p.add_argument("--only", help="comma-separated name prefixes of the checks to run: asta, gathered_asta, "
-                                  "qnn_train, qnn_eval, model")
+                                  "qnn_train, qnn_train_autocast, qnn_eval, qnn_dropout_mask, model")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("backends", help="list what backend='auto' has timed and chose on this machine's GPUs")

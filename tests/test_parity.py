@@ -89,9 +89,12 @@ def test_a_wrong_interpreter_setting_reruns_the_command_in_a_fresh_process(monke
     monkeypatch.setattr(kernels.utils, "INTERPRETING", False)
     monkeypatch.delenv(parity.CHILD_ENV, raising=False)
     monkeypatch.setattr(subprocess, "run", lambda cmd, env: calls.append((cmd, env)) or subprocess.CompletedProcess(cmd, 3))
-    assert main(["parity", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 3
+    assert main(["parity", "--quick", "--device", "cpu", "--out", str(tmp_path), "--only", "asta", "--force",
+                 "--seeds", "2"]) == 3
     (cmd, env), = calls
-    assert cmd[1:4] == ["-m", "qin", "parity"] and "--quick" in cmd and str(tmp_path) in cmd
+    assert cmd[1:4] == ["-m", "qin", "parity"]
+    assert cmd[4:] == ["--device", "cpu", "--out", str(tmp_path), "--seeds", "2", "--quick", "--only", "asta",
+                       "--force"]  # every option the user gave, none dropped
     assert env["TRITON_INTERPRET"] == "1" and env[parity.CHILD_ENV] == "1"
 
 
@@ -223,6 +226,28 @@ def test_a_bf16_gradient_that_is_all_zeros_fails(tmp_path, monkeypatch, capsys):
     assert "grad asta.W_q.weight" in failed and "bf16" in failed
 
 
+def test_a_gradient_both_models_get_wrong_fails_both_and_heads_their_summaries(monkeypatch):
+    """The fused model's tolerance widens to MODEL_VS_PLAIN x the plain model's error at most up
+    to MODEL_VS_PLAIN x the table's: a plain model with nothing right leaves the fused one held to
+    that, not to twice its own error. And the summary line names the worst gradient, not the best."""
+    from qin.model import SparseTargetAttention
+
+    real = SparseTargetAttention.forward
+    def no_bf16_gradient(self, *args, **kwargs):  # as above: the float64 oracle keeps its gradient
+        out = real(self, *args, **kwargs)
+        return out * 0 + out.detach() if out.dtype == torch.bfloat16 else out
+
+    monkeypatch.setattr(SparseTargetAttention, "forward", no_bf16_gradient)
+    setup = parity.model_setup(True, steps=0, batch_size=16, seq_len=8)
+    grads = []
+    rows = parity.check_model(setup, [torch.bfloat16], torch.device("cpu"), all_grads=grads)
+    for label in ("model[torch]", "model[triton]"):
+        (w_q,) = [r for r in grads if r.op == label and r.quantity == "grad asta.W_q.weight"]
+        assert not w_q.passed and w_q.tolerance <= tolerances.MODEL_VS_PLAIN * tolerances.MODEL[torch.bfloat16].rtol
+        (summary,) = [r for r in rows if r.op == label and r.quantity.startswith("every parameter gradient")]
+        assert not summary.passed and summary.note.startswith("worst: asta.")
+
+
 def test_the_model_rows_run_the_fused_qnn_kernels_in_training(monkeypatch):
     """The model rows train with dropout on (its masks replayed alike into every model), so a
     fault that only the fused QNN's dropout path has fails them; the plain model's rows pass."""
@@ -282,3 +307,10 @@ def test_the_dropout_mask_statistics_catch_a_wrong_rate_and_correlated_draws(mon
     for fault, fails in ((twice_p, "keep rate"), (pairs_alike, "both kept: neighbouring elements")):
         monkeypatch.setattr(parity, "dropout_keep_mask", fault)
         assert fails in {r.quantity for r in parity.check_dropout_mask(torch.device("cpu")) if not r.passed}
+
+
+def test_the_help_names_every_check(capsys):
+    with pytest.raises(SystemExit):
+        main(["parity", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in parity.CHECK_NAMES), text
