@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from bench import common
 from bench.report import CODEGEN_SECTION, _number, auto_section, render
 
 # The report's section of each kernel the modules write (bench/report.py's section titles).
@@ -41,11 +42,13 @@ def section_of(row: dict) -> str:
     return "Other"
 
 
-def read_rows(path: Path) -> tuple[list[dict], list[str]]:
+def read_rows(path: Path, device: str | None = None, commit: str | None = None) -> tuple[list[dict], list[str]]:
     """The CSV's rows, and the lines left out: a field missing or one too many, a figure that is
     not a finite number (a line cut off when a stage was killed: one bad line must not lose the
-    report), or a figure measured again further down. Generated-code rows hold text figures
-    (access widths, instruction names) and are kept as they are."""
+    report), a figure measured again further down, or (where `device` or `commit` is given) one
+    measured on another device or at another commit: a CSV appended to by an earlier run must
+    not lend its figures to this one, least of all as evidence for MEASURED_FASTER. Generated-code
+    rows hold text figures (access widths, instruction names) and are kept as they are."""
     latest: dict[tuple, tuple[int, dict]] = {}
     skipped = []
     with open(path, newline="") as fh:
@@ -56,6 +59,12 @@ def read_rows(path: Path) -> tuple[list[dict], list[str]]:
             if None in row or None in row.values() or (
                     numeric and any(_number(row.get(f)) is None for f in ("p50", "p20", "p80"))):
                 skipped.append(f"line {reader.line_num}: its figures do not parse: {text}")
+                continue
+            other = [f"{field} {row.get(field)!r}, not {want!r}" for field, want in (("device", device),
+                                                                                      ("commit", commit))
+                     if want is not None and row.get(field) != want]
+            if other:
+                skipped.append(f"line {reader.line_num}: measured on another {', '.join(other)}")
                 continue
             key = tuple(row.get(f) for f in ROW_KEY)
             if key in latest:
@@ -73,7 +82,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     path = Path(args.csv)
-    rows, skipped = read_rows(path) if path.exists() else ([], [])
+    rows, skipped = read_rows(path, common.device_name(device), common.git_commit()) if path.exists() else ([], [])
     for row in rows:
         row["section"] = section_of(row)
     for line in skipped:

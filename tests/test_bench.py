@@ -149,8 +149,12 @@ def test_measured_faster_needs_triton_ahead_of_every_torch_line_in_both_modes():
     evidence = auto_evidence(rows)
     assert ("qnn", "fp16") not in evidence and evidence[("asta", "fp16")]["modes"] == {"fwd"}
     assert "asta_gathered_op fwd+bwd bf16" in evidence[("asta", "bf16")]["losses"][0]
-    # A tie is not faster.
-    assert measured_faster(_lines("qnn", "bf16", {"fwd": (1, 1, 1), "fwd+bwd": (2, 2, 2)}, torch_names=qnn), cap) == set()
+    # A tie is not faster: the same complete evidence as the entry above, one case tied.
+    tied = {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 2.0, 2.0)}
+    assert measured_faster(_lines("qnn", "bf16", wins, torch_names=qnn)
+                           + _lines("qnn", "bf16-autocast", wins, torch_names=qnn), cap) == {("qnn", torch.bfloat16, cap)}
+    assert measured_faster(_lines("qnn", "bf16", wins, torch_names=qnn)
+                           + _lines("qnn", "bf16-autocast", tied, torch_names=qnn), cap) == set()
     # The printed source is the set itself, ready to paste.
     for entries in (measured_faster(rows, cap), set()):
         namespace = {"torch": torch}
@@ -500,6 +504,30 @@ def test_a_cut_off_csv_line_is_left_out_of_the_report_and_named(tmp_path):
     assert "## CSV rows left out" in report and "line 3: its figures do not parse: train_step,+ hoisted ASTA" in report
     rows, skipped = csv_report.read_rows(path)
     assert [r["provider"] for r in rows] == ["literal eager", "+ item dedup"] and len(skipped) == 1
+
+
+def test_rows_of_another_device_or_commit_are_left_out_of_the_report_and_named(tmp_path):
+    """gpu_run.sh appends to $OUT/results.csv: rows an earlier run left there, on another GPU or
+    at another commit, must not fill this run's tables, least of all as MEASURED_FASTER evidence."""
+    from bench import common, csv_report
+    from bench.common import append_csv, make_row
+
+    cpu = torch.device("cpu")
+    rows = [make_row("train_step", name, "full", "throughput", "samples/s", "batch", 1024, value, cpu, "fp32")
+            for name, value in (("literal eager", 100.0), ("+ item dedup", 300.0), ("+ hoisted ASTA", 900.0))]
+    rows[1]["device"] = "NVIDIA A100-SXM4-80GB"  # the same figure key, measured elsewhere: kept beside, not over
+    rows[2]["commit"] = "0000000"
+    path = tmp_path / "results.csv"
+    append_csv(rows, path)
+    kept, skipped = csv_report.read_rows(path, common.device_name(cpu), common.git_commit())
+    assert [r["provider"] for r in kept] == ["literal eager"]
+    assert "line 3: measured on another device 'NVIDIA A100-SXM4-80GB'" in skipped[0]
+    assert "line 4: measured on another commit '0000000'" in skipped[1]
+    assert csv_report.main([str(path), "--device", "cpu", "--out", str(tmp_path / "report.md")]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "+ item dedup" not in report.split("## CSV rows left out")[0]
+    assert "measured on another device 'NVIDIA A100-SXM4-80GB'" in report
+    assert len(csv_report.read_rows(path)[0]) == 3  # without the filters every row is read
 
 
 def test_cuda_timing_repeats_a_slow_step_and_fills_time_with_a_fast_op(monkeypatch):
