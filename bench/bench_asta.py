@@ -126,7 +126,7 @@ def _case_rows(kernel, providers, args, grad_inputs, grad_out, history, x_name, 
                copy_gbs, full_mask, speedup="speedup_vs_literal"):
     """time, bandwidth, fraction of copy bandwidth, peak memory of each provider, and its speed-up
     over the first provider (the baseline) measured in the same call; yields each row as it is measured."""
-    base = {}
+    base, baseline = {}, next(iter(providers))
     hist_bytes = history.numel() * history.element_size()
     kw = dict(device=device, dtype=dtype)
     suffix = " full mask" if full_mask else ""
@@ -156,9 +156,11 @@ def _case_rows(kernel, providers, args, grad_inputs, grad_out, history, x_name, 
                         row("fraction_of_peak", "x", gbs / copy_gbs))
             if memory is not None:
                 yield row("peak_memory", "MB", memory)
-            if mode not in base:
+            # Against the first provider only: where it failed (literal eager out of memory), no
+            # ratio, rather than one against whichever provider ran next under the same name.
+            if provider == baseline:
                 base[mode] = times[0]
-            else:
+            elif mode in base:
                 yield row(speedup, "x", base[mode] / times[0])
 
 

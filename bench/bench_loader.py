@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 import torch
 
-from bench.common import append_csv, make_row, print_table, time_ms
+from bench.common import append_csv, device_argument, make_row, print_table, time_ms
 from qin.data import Split, iterate_batches, load_dataset
 from qin.synth import make_dataset
 
@@ -75,7 +75,7 @@ def run(device, quick: bool = False) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller split, fewer repeats")
-    parser.add_argument("--device", default="cpu", help="where the batches go (cpu, cuda)")
+    parser.add_argument("--device", default="cpu", type=device_argument, help="where the batches go (cpu, cuda)")
     parser.add_argument("--csv", help="append the rows to this CSV file")
     args = parser.parse_args()
     rows = run(args.device, quick=args.quick)

@@ -21,9 +21,11 @@ import numpy as np
 import torch
 
 from bench.report import BF16_OP, timed_section
-from bench.common import STOPPED, keep, make_row, peak_memory_mb, print_table, stop_on_sigterm, time_ms
+from bench.common import (STOPPED, device_argument, keep, make_row, peak_memory_mb, print_table, stop_on_sigterm,
+                          time_ms)
 from qin.config import QINConfig
 from qin.host_memory import bound_kept_memory, keep_freed_memory
+from qin.cli import positive_int
 from qin.model import QIN, compile_model, make_graph_safe
 from qin.train import loss_fn, make_optimizer
 
@@ -146,7 +148,7 @@ def run(device: torch.device, quick: bool = False, batch: int | None = None, csv
     if device.type == "cpu":
         keep_freed_memory()  # as `qin train` does on the CPU, for every variant alike
     rows = []
-    for size in ([batch] if batch else default_batches(device, quick)):
+    for size in ([batch] if batch is not None else default_batches(device, quick)):
         if not STOPPED.is_set():
             keep(rows, run_batch(device, quick, size), csv)
     if not STOPPED.is_set():
@@ -266,18 +268,18 @@ def print_ratios(rows: list[dict]) -> None:
     print(f"{AUTHORS_DEVICE:36s} {AUTHORS_SAMPLES_PER_S:10,d}   (published figure, not measured here)")
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_argument)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--batch", type=int)
+    parser.add_argument("--batch", type=positive_int)
     parser.add_argument("--csv")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     stop_on_sigterm()
-    rows = run(torch.device(args.device), args.quick, args.batch, csv=args.csv)  # in the CSV as measured
+    rows = run(args.device, args.quick, args.batch, csv=args.csv)  # in the CSV as measured
     print_table(rows, "QIN training step")
     print_ratios(rows)
-    print("\n".join(["", 'What backend="auto" chose for the default variants:', *timed_section(torch.device(args.device))]))
+    print("\n".join(["", 'What backend="auto" chose for the default variants:', *timed_section(args.device)]))
 
 
 if __name__ == "__main__":

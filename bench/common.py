@@ -229,17 +229,32 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def device_argument(text: str) -> torch.device:
+    """The type of a benchmark's --device: cpu, or cuda[:N] where that GPU is here."""
+    import argparse
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu or cuda, got {text!r}")
+    if device.type == "cuda" and (device.index or 0) >= (torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        raise argparse.ArgumentTypeError(f"{text}: no such CUDA device here")
+    return device
+
+
 def kernel_bench_main(run: Callable, doc: str, quick_help: str, argv=None) -> None:
     """The command line of a kernel benchmark module: --device, --quick, --csv, then run()."""
     import argparse
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_argument)
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--csv", help="append the rows to this CSV file")
     args = parser.parse_args(argv)
     stop_on_sigterm()
-    run(torch.device(args.device), quick=args.quick, csv=args.csv)
+    run(args.device, quick=args.quick, csv=args.csv)
 
 
 # Set when SIGTERM arrived (bench/gpu_run.sh time-boxes each stage with `timeout`): a benchmark's

@@ -36,6 +36,7 @@ BF16_OP = ", ASTA op in bf16"
 RATIO_METRICS = {"time", "throughput", *MEMORY_METRICS}
 
 REPORT_FILES = ("report.md", "results.csv")
+PLOT_FILES = ("time_per_variant.png", "memory_per_variant.png", "train_throughput.png")  # what make_plots writes
 
 
 class BenchError(Exception):
@@ -593,7 +594,7 @@ def make_plots(rows: list[dict], folder: Path) -> list[str]:
 
     written = []
     # Time and memory per variant, at each kernel's largest shape and first mode/dtype.
-    for metric, unit_label, name in (("time", "ms", "time_per_variant.png"), ("peak_memory", "MB", "memory_per_variant.png")):
+    for metric, unit_label, name in (("time", "ms", PLOT_FILES[0]), ("peak_memory", "MB", PLOT_FILES[1])):
         kernels = [k for k in dict.fromkeys(r["kernel"] for r in rows)
                    if any(r["kernel"] == k and r["metric"] == metric for r in rows)]
         if not kernels:
@@ -635,9 +636,9 @@ def make_plots(rows: list[dict], folder: Path) -> list[str]:
         ax.set_title(f"QIN training step: {train[0]['device']}", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(folder / "train_throughput.png", dpi=120)
+        fig.savefig(folder / PLOT_FILES[2], dpi=120)
         plt.close(fig)
-        written.append(str(folder / "train_throughput.png"))
+        written.append(str(folder / PLOT_FILES[2]))
     return written
 
 
@@ -653,11 +654,13 @@ def write_outputs(out: Path, rows: list[dict], failures: list[str], device: torc
         plots = make_plots(rows, staging)
         (staging / "report.md").write_text(render(rows, failures, device, quick, plots, seconds, command=command))
         out.mkdir(exist_ok=True)
-        for f in staging.iterdir():
-            target = out / f.name
-            if target.exists() and not force:  # checked again: something may have appeared meanwhile
-                raise BenchError(f"{target} exists; pass --force to overwrite it")
-            os.replace(f, target)
+        staged = sorted(staging.iterdir())
+        # Checked again, every file before any moves: something may have appeared meanwhile.
+        clash = next((out / f.name for f in staged if (out / f.name).exists()), None)
+        if clash is not None and not force:
+            raise BenchError(f"{clash} exists; pass --force to overwrite it")
+        for f in staged:
+            os.replace(f, out / f.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -680,9 +683,16 @@ def run_command(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda, but no CUDA device is available")
     out = Path(args.out)
-    clashes = [out / name for name in REPORT_FILES if (out / name).exists()]
+    blocking = next((p for p in (out, *out.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():  # found now, not after the whole run
+        raise BenchError(f"--out {out}: {blocking} is a file, not a folder")
+    clashes = [out / name for name in (*REPORT_FILES, *PLOT_FILES) if (out / name).exists()]
     if clashes and not args.force:
         raise BenchError(f"{clashes[0]} exists; pass --force to overwrite it, or choose another --out")
+    titles = [title for title, _ in _sections(args.quick, device, args.codegen)]
+    if args.only and not any(word.lower() in title.lower() for title in titles for word in args.only):
+        raise BenchError(f"--only {' '.join(args.only)}: no section title holds these words; the sections are "
+                         + "; ".join(titles))
     start = time.perf_counter()
     rows, failures = collect(device, args.quick, codegen=args.codegen, only=args.only)
     if not rows:

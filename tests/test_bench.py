@@ -678,3 +678,49 @@ def test_the_cuda_graphs_step_memory_is_labelled_and_compared_with_nothing(monke
     for row in rows:
         row["section"] = "Training step, end to end"
     assert any("peak memory beyond graph pool (MB)" in line for line in pivot_tables(rows))
+
+
+def test_asta_speedups_are_against_the_first_provider_or_not_given():
+    """Where the baseline (literal eager) fails, e.g. out of memory, the rows named
+    speedup_vs_literal must not quietly hold ratios against the next provider."""
+    from bench import bench_asta
+
+    history = torch.randn(2, 4, 8, requires_grad=True)
+    grad_out = torch.randn(2, 8)
+
+    def out_of_memory(h):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    def run(providers):
+        rows = bench_asta._case_rows("asta_block", providers, (history,), (history,), grad_out, history, "batch", 2,
+                                     torch.float32, torch.device("cpu"), copy_gbs=10.0, full_mask=False)
+        return {(r["provider"], r["mode"]) for r in rows if r["metric"] == "speedup_vs_literal"}
+
+    double = lambda h: (h * 2).sum(1)
+    assert run({"literal eager": double, "hoisted eager": double, "hoisted triton": double}) == {
+        (p, m) for p in ("hoisted eager", "hoisted triton") for m in ("fwd", "fwd+bwd")}
+    assert run({"literal eager": out_of_memory, "hoisted eager": double, "hoisted triton": double}) == set()
+
+
+def test_bad_bench_arguments_are_refused_before_anything_runs(tmp_path, capsys):
+    from bench import bench_asta, bench_train, common
+    from bench.report import main
+
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    for argv, named in ((["--out", str(a_file)], f"{a_file} is a file, not a folder"),
+                        (["--out", str(a_file / "sub")], f"{a_file} is a file, not a folder"),
+                        (["--only", "nosuchword"], "no section title holds these words; the sections are Device")):
+        assert main(["--quick", "--device", "cpu", *argv]) == 2
+        assert named in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "train_throughput.png").write_bytes(b"an earlier plot")  # any file the run would write
+    assert main(["--quick", "--device", "cpu", "--out", str(tmp_path / "out"), "--only", "nosuchword"]) == 2
+    assert "train_throughput.png exists; pass --force" in capsys.readouterr().err
+    for run, argv, named in ((bench_train.main, ["--batch", "0"], "expected a positive integer"),
+                             (bench_train.main, ["--device", "foo"], "expected cpu or cuda"),
+                             (lambda a: common.kernel_bench_main(bench_asta.run, "", "", a), ["--device", "cuda:3"],
+                              "no such CUDA device here")):
+        with pytest.raises(SystemExit) as exit_:
+            run(argv)
+        assert exit_.value.code == 2 and named in capsys.readouterr().err
