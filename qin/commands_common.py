@@ -37,6 +37,9 @@ def load_data(path: str | None, data_cfg, splits=("train", "valid", "test"), req
     from qin.data import REQUIRED_SPLITS, load_dataset
     from qin.synth import builtin_dataset
 
+    if path and not Path(path).is_dir():
+        raise UsageError(f"{path}: no such data folder" if not Path(path).exists() else
+                         f"{path} is a file; the data is a folder of parquet files")
     root = Path(path) if path else builtin_dataset()
     return load_dataset(root, max_len=data_cfg.max_len, features=data_cfg.features, label=data_cfg.label,
                         history=data_cfg.history, splits=splits,

@@ -215,7 +215,8 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
         stopped = isinstance(exc, TrainingInterrupted)
         why = f"{'stopped' if stopped else 'failed'} in {v.name} seed {seed}"
         kept = (f"the {len(results)} finished run(s) of {total} are in {out / 'compare.md'}" if results
-                else "no run had finished; nothing written")
+                else "no run had finished; nothing written"
+                + (f" ({clashes[0]} is an earlier compare's, left as it was)" if clashes else ""))
         if results:
             rows = summarise(results)
             _write_outputs(rows, out, markdown(rows, label, epochs, time.perf_counter() - start,

@@ -81,6 +81,20 @@ def test_a_stopped_compare_keeps_the_finished_runs_and_says_where(data_dir, tmp_
     assert "(`qin`)" in table and "(`no_asta`)" not in table
     assert "one seed: no spread" in table and " ± " not in table
     assert [r["auc_std"] for r in csv.DictReader(open(out / "compare.csv"))] == [""]
+    # Stopped again with --force before any run finished: the table there is the earlier one, and said so.
+    calls.clear()
+    calls.append(1)  # the next run is the second call: stopped
+    assert main([*args, "--force"]) == 128 + signal.SIGTERM
+    assert (f"no run had finished; nothing written ({out / 'compare.md'} is an earlier compare's, left as it was)"
+            in capsys.readouterr().err)
+    assert (out / "compare.md").read_text() == table
+
+
+def test_a_data_folder_that_is_not_there_is_named(tmp_path, capsys):
+    assert main(["compare", "--data", str(tmp_path / "gone"), "--out", str(tmp_path / "cmp")]) == 2
+    assert f"{tmp_path / 'gone'}: no such data folder" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "gone"), "--out", str(tmp_path / "run")]) == 2
+    assert f"{tmp_path / 'gone'}: no such data folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("override, named", [
@@ -106,3 +120,31 @@ def test_a_run_with_no_measured_samples_per_s_shows_a_dash_not_a_crash():
     assert [r["samples_per_s"] for r in rows] == [None, 2000.0]
     table = markdown(rows, "built-in", 1, 60.0)
     assert "| 0.5000 | 1,000 | - |" in table and "| 0.6000 | 900 | 2,000 |" in table
+
+
+def test_a_run_is_summarised_by_its_best_epoch_and_variants_by_their_mean_and_sample_spread(data_dir, tmp_path,
+                                                                                            monkeypatch):
+    """Two epochs, the best one first: its AUC and logloss, not the last epoch's; samples/s the
+    mean of the epochs that counted one; over seeds the mean and the sample standard deviation."""
+    from types import SimpleNamespace
+
+    from qin.commands_common import load_data
+    from qin.compare import Result, summarise, train_variant
+    from qin.config import load_config
+
+    history = [{"epoch": 1, "valid_auc": 0.9, "valid_logloss": 0.3, "samples_per_s": 100.0},
+               {"epoch": 2, "valid_auc": 0.8, "valid_logloss": 0.2, "samples_per_s": 300.0},
+               {"epoch": 3, "valid_auc": 0.7, "valid_logloss": 0.1, "samples_per_s": None}]
+    monkeypatch.setattr(qin.train.Trainer, "fit",
+                        lambda self: SimpleNamespace(history=history, best_epoch=1, best_auc=0.9))
+    dataset = load_data(str(data_dir), load_config(overrides=TINY).data)
+    result = train_variant(VARIANTS["qin"], 0, dataset, str(data_dir), tmp_path / "run", 3, TINY, None, print)
+    assert (result.auc, result.logloss, result.samples_per_s) == (0.9, 0.3, 200.0)
+
+    qin_v, din_v = VARIANTS["qin"], VARIANTS["din"]
+    rows = summarise([Result(qin_v, 0, 0.80, 0.5, 10, 100.0), Result(din_v, 0, 0.70, 0.6, 5, None),
+                      Result(qin_v, 1, 0.84, 0.3, 10, None)])
+    assert [r["variant"] for r in rows] == ["qin", "din"]
+    assert rows[0]["auc_mean"] == pytest.approx(0.82) and rows[0]["auc_std"] == pytest.approx(0.04 / 2**0.5)
+    assert rows[0]["logloss_mean"] == pytest.approx(0.4) and rows[0]["samples_per_s"] == 100.0
+    assert rows[1]["auc_std"] is None and rows[1]["samples_per_s"] is None
