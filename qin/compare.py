@@ -47,6 +47,7 @@ class Result:
     logloss: float
     parameters: int
     samples_per_s: float | None  # None: no step counted (each epoch was the compiling step)
+    epochs: int  # trained; fewer than asked where early stopping ended the run
 
 
 def parse_variants(text: str | None) -> list[Variant]:
@@ -96,11 +97,14 @@ def train_variant(variant: Variant, seed: int, dataset, data_dir: str, run_dir: 
     cfg.data.dir = data_dir
     cfg.train.seed += seed
     fill_vocab_from_data(cfg, dataset)
-    trainer = Trainer(cfg, dataset, run_dir, log=lambda *_: None)
+    # The run folder is scratch, deleted when compare ends: a stop keeps only the finished runs' table.
+    trainer = Trainer(cfg, dataset, run_dir, log=lambda *_: None,
+                      on_stop="stopping after this step; the finished runs' table is kept")
     state = trainer.fit()
     best = next(r for r in state.history if r["epoch"] == state.best_epoch)
     speed = _mean_or_none([r["samples_per_s"] for r in state.history])  # None: no epoch had a step that counted
-    result = Result(variant, seed, state.best_auc, best["valid_logloss"], count_parameters(trainer.model), speed)
+    result = Result(variant, seed, state.best_auc, best["valid_logloss"], count_parameters(trainer.model), speed,
+                    len(state.history))
     log(f"{variant.name} seed {seed}: valid AUC {result.auc:.4f}, logloss {result.logloss:.4f}, "
         f"{result.parameters:,} parameters, "
         + (f"{speed:,.0f} samples/s" if speed is not None else "samples/s not measured"))
@@ -123,6 +127,7 @@ def summarise(results: list[Result]) -> list[dict]:
             "auc_mean": statistics.mean(aucs), "auc_std": statistics.stdev(aucs) if len(aucs) > 1 else None,
             "logloss_mean": statistics.mean(r.logloss for r in mine), "parameters": mine[0].parameters,
             "samples_per_s": _mean_or_none([r.samples_per_s for r in mine]),
+            "epochs_min": min(r.epochs for r in mine), "epochs_max": max(r.epochs for r in mine),
             "paper_auc_microlens": mine[0].variant.paper_auc,
         })
     return rows
@@ -132,7 +137,7 @@ def markdown(rows: list[dict], data_label: str, epochs: int, seconds: float, sto
     """The table; `stopped` says why it holds fewer runs than asked for."""
     seeds = sorted({r["seeds"] for r in rows})
     auc = "valid AUC (mean ± std over seeds)" if seeds[-1] > 1 else "valid AUC (one seed: no spread)"
-    lines = [f"Data: {data_label}; {epochs} epoch(s) per run; {'-'.join(map(str, seeds))} seed(s) per variant; "
+    lines = [f"Data: {data_label}; {_epochs_per_run(rows, epochs)}; {'-'.join(map(str, seeds))} seed(s) per variant; "
              f"{seconds / 60:.1f} minutes in all.", "",
              f"| variant | {auc} | logloss | parameters | train samples/s "
              "| paper's valid AUC on MicroLens_1M_x1 |", "|---|---|---|---|---|---|"]
@@ -147,6 +152,15 @@ def markdown(rows: list[dict], data_label: str, epochs: int, seconds: float, sto
     lines += ["", "The last column is the paper's published figure on the real MicroLens_1M_x1 data, "
               "not a result of this run."]
     return "\n".join(lines) + "\n"
+
+
+def _epochs_per_run(rows: list[dict], epochs: int) -> str:
+    """"5 epoch(s) per run", or, where early stopping ended runs sooner, how many epochs those had."""
+    sooner = [f"{r['variant']} {r['epochs_min']}" + (f"-{r['epochs_max']}" if r["epochs_max"] != r["epochs_min"] else "")
+              for r in rows if r["epochs_min"] < epochs]
+    if not sooner:
+        return f"{epochs} epoch(s) per run"
+    return f"up to {epochs} epoch(s) per run (early stopping ended some sooner: {', '.join(sooner)})"
 
 
 def bar_chart(rows: list[dict], path: Path) -> None:

@@ -291,13 +291,14 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 
 @contextmanager
-def _catch_stop_signals():
-    """Turn a stop signal into a flag the loop checks between steps, so a checkpoint can be written."""
+def _catch_stop_signals(then: str = "saving latest.pt after this step"):
+    """Turn a stop signal into a flag the loop checks between steps, so a checkpoint can be written;
+    `then` is what the user is told happens next."""
     flag = {"set": False, "signum": signal.SIGINT}
 
     def handler(signum, frame):
         if not flag["set"] and distributed.context_from_env().is_main:  # under torchrun every rank gets it
-            print(f"\nreceived {signal.Signals(signum).name}: saving latest.pt after this step", file=sys.stderr)
+            print(f"\nreceived {signal.Signals(signum).name}: {then}", file=sys.stderr)
         flag["set"], flag["signum"] = True, signum
 
     previous = {}
@@ -342,10 +343,13 @@ class Trainer:
     numbers, so the ranks never disagree.
     """
 
-    def __init__(self, cfg: RunConfig, dataset: Dataset, out_dir: str | Path, log=print, lr_given: bool = False):
+    def __init__(self, cfg: RunConfig, dataset: Dataset, out_dir: str | Path, log=print, lr_given: bool = False,
+                 on_stop: str = "saving latest.pt after this step"):
         """`lr_given`: train.lr was set for this run (an override), so a resume takes it even where
-        it equals the configured rate, which the run may have decayed from."""
+        it equals the configured rate, which the run may have decayed from. `on_stop`: what a stop
+        signal is answered with (a caller whose run folder is scratch says so)."""
         self.cfg, self.dataset, self.out_dir, self.lr_given = cfg, dataset, Path(out_dir), lr_given
+        self.on_stop = on_stop
         self.ctx = distributed.context_from_env()
         self.log = log if self.ctx.is_main else (lambda *_: None)
         if cfg.train.batch_size % self.ctx.world_size:  # each rank takes an equal share of a batch
@@ -559,7 +563,7 @@ class Trainer:
             self.watch.open(resumed_at=(self.state.step, self.state.epoch) if resume else None,
                             window=self._resumed_window if resume else None)
         try:
-            with _catch_stop_signals() as interrupted:
+            with _catch_stop_signals(self.on_stop) as interrupted:
                 while not self.state.finished and self.state.epoch < tc.epochs:
                     self._train_epoch(train, batches_per_epoch, interrupted)
                     self._end_epoch(valid)

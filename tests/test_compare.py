@@ -1,5 +1,6 @@
 """`qin compare`: every variant on the same data and seeds, one table, CSV and chart."""
 import csv
+import os
 import signal
 
 import pytest
@@ -90,6 +91,39 @@ def test_a_stopped_compare_keeps_the_finished_runs_and_says_where(data_dir, tmp_
     assert (out / "compare.md").read_text() == table
 
 
+def test_a_stop_signal_in_compare_promises_the_table_not_a_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    """The runs' folders are scratch, deleted when compare ends: the signal's answer must not say
+    latest.pt is being saved, as a plain `qin train` does."""
+    train_epoch, calls = qin.train.Trainer._train_epoch, []
+
+    def signalled_in_the_second_run(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler sets a flag; the step loop stops
+        return train_epoch(self, *args, **kwargs)
+
+    monkeypatch.setattr(qin.train.Trainer, "_train_epoch", signalled_in_the_second_run)
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(data_dir), "--epochs", "1", "--out", str(out), "--variants", "qin,no_asta", *TINY]
+    assert main(args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "received SIGTERM: stopping after this step; the finished runs' table is kept" in err
+    assert "latest.pt" not in err
+    assert "(`qin`)" in (out / "compare.md").read_text()
+
+
+def test_runs_that_early_stopping_ended_sooner_are_not_said_to_have_every_epoch():
+    from qin.compare import Result, markdown, summarise
+
+    qin_v, din_v = VARIANTS["qin"], VARIANTS["din"]
+    full = summarise([Result(qin_v, 0, 0.8, 0.5, 10, 1.0, 5), Result(din_v, 0, 0.7, 0.6, 5, 1.0, 5)])
+    assert "; 5 epoch(s) per run;" in markdown(full, "built-in", 5, 60.0)
+    rows = summarise([Result(qin_v, 0, 0.8, 0.5, 10, 1.0, 5), Result(din_v, 0, 0.7, 0.6, 5, 1.0, 4),
+                      Result(din_v, 1, 0.7, 0.6, 5, 1.0, 2)])
+    assert [(r["epochs_min"], r["epochs_max"]) for r in rows] == [(5, 5), (2, 4)]
+    assert "; up to 5 epoch(s) per run (early stopping ended some sooner: din 2-4);" in markdown(rows, "built-in", 5, 60.0)
+
+
 def test_a_data_folder_that_is_not_there_is_named(tmp_path, capsys):
     assert main(["compare", "--data", str(tmp_path / "gone"), "--out", str(tmp_path / "cmp")]) == 2
     assert f"{tmp_path / 'gone'}: no such data folder" in capsys.readouterr().err
@@ -114,8 +148,8 @@ def test_a_run_with_no_measured_samples_per_s_shows_a_dash_not_a_crash():
     # time is left out, so no epoch has a samples/s (None in metrics.jsonl).
     from qin.compare import Result, markdown, summarise
 
-    results = [Result(VARIANTS["qin"], 0, 0.8, 0.5, 1000, None), Result(VARIANTS["din"], 0, 0.7, 0.6, 900, 2000.0),
-               Result(VARIANTS["din"], 1, 0.7, 0.6, 900, None)]
+    results = [Result(VARIANTS["qin"], 0, 0.8, 0.5, 1000, None, 1), Result(VARIANTS["din"], 0, 0.7, 0.6, 900, 2000.0, 1),
+               Result(VARIANTS["din"], 1, 0.7, 0.6, 900, None, 1)]
     rows = summarise(results)
     assert [r["samples_per_s"] for r in rows] == [None, 2000.0]
     table = markdown(rows, "built-in", 1, 60.0)
@@ -139,11 +173,11 @@ def test_a_run_is_summarised_by_its_best_epoch_and_variants_by_their_mean_and_sa
                         lambda self: SimpleNamespace(history=history, best_epoch=1, best_auc=0.9))
     dataset = load_data(str(data_dir), load_config(overrides=TINY).data)
     result = train_variant(VARIANTS["qin"], 0, dataset, str(data_dir), tmp_path / "run", 3, TINY, None, print)
-    assert (result.auc, result.logloss, result.samples_per_s) == (0.9, 0.3, 200.0)
+    assert (result.auc, result.logloss, result.samples_per_s, result.epochs) == (0.9, 0.3, 200.0, 3)
 
     qin_v, din_v = VARIANTS["qin"], VARIANTS["din"]
-    rows = summarise([Result(qin_v, 0, 0.80, 0.5, 10, 100.0), Result(din_v, 0, 0.70, 0.6, 5, None),
-                      Result(qin_v, 1, 0.84, 0.3, 10, None)])
+    rows = summarise([Result(qin_v, 0, 0.80, 0.5, 10, 100.0, 3), Result(din_v, 0, 0.70, 0.6, 5, None, 3),
+                      Result(qin_v, 1, 0.84, 0.3, 10, None, 3)])
     assert [r["variant"] for r in rows] == ["qin", "din"]
     assert rows[0]["auc_mean"] == pytest.approx(0.82) and rows[0]["auc_std"] == pytest.approx(0.04 / 2**0.5)
     assert rows[0]["logloss_mean"] == pytest.approx(0.4) and rows[0]["samples_per_s"] == 100.0
