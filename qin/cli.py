@@ -474,6 +474,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """parse_args, with overrides taken wherever they stand: argparse alone fills the positional
+    overrides from the first run of them and calls any after an option unrecognised
+    (`qin train train.epochs=1 --out x train.lr=1e-3`)."""
+    args, extra = parser.parse_known_args(argv)
+    strays = [a for a in extra if a.startswith("-") or "=" not in a]
+    if extra and (strays or not hasattr(args, "overrides")):
+        parser.parse_args(argv)  # argparse's own message for what it does not know, and exit 2
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -483,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     # Under torchrun the other ranks load the same data: only rank 0 logs, as only it writes.
     main_rank = distributed.context_from_env().is_main
     logging.basicConfig(level=logging.INFO if main_rank else logging.ERROR, format="%(message)s")
-    args = build_parser().parse_args(argv)
+    args = _parse(build_parser(), argv)
     try:
         return args.func(args)
     except (DataError, ConfigError, CheckpointError, UsageError) as exc:

@@ -252,6 +252,23 @@ def test_bad_overrides_are_refused_by_name(data_dir, tmp_path, capsys, override,
     assert not out.exists()
 
 
+def test_overrides_on_either_side_of_an_option_all_apply_in_order(capsys):
+    from qin.cli import _parse, build_parser
+
+    args = _parse(build_parser(), ["train", "train.lr=1e-2", "--out", "x", "model.embed_dim=4", "--data", "d",
+                                   "train.lr=1e-3"])
+    assert (args.out, args.data) == ("x", "d")
+    assert args.overrides == ["train.lr=1e-2", "model.embed_dim=4", "train.lr=1e-3"]  # the last train.lr wins
+    args = _parse(build_parser(), ["compare", "--epochs", "1", "train.lr=1e-2", "--seeds", "2", "train.seed=3"])
+    assert (args.epochs, args.seeds, args.overrides) == (1, 2, ["train.lr=1e-2", "train.seed=3"])
+    # What is not an override is still argparse's to refuse: an unknown option, or an override where none is taken.
+    for argv in (["train", "--out", "x", "train.lr=1e-2", "--bogus", "3"], ["evaluate", "runs/x", "train.lr=1e-2"]):
+        with pytest.raises(SystemExit) as stop:
+            _parse(build_parser(), argv)
+        assert stop.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_bad_data_is_refused_before_anything_is_written(data_dir, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
