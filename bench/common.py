@@ -81,10 +81,10 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
-    return _percentiles(samples)
+    return percentiles(samples)
 
 
-def _percentiles(samples: list[float]) -> tuple[float, float, float]:
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(samples, n=10) if len(samples) > 1 else samples * 9
     return statistics.median(samples), q[1], q[7]
 
@@ -119,7 +119,7 @@ def _time_cuda_ms(fn: Callable[[], object], device: torch.device, warmup: int, r
     for _ in range(warmup):
         fn()
     estimate = timed(1)[0]
-    return _percentiles(timed(cuda_reps(reps, estimate)))
+    return percentiles(timed(cuda_reps(reps, estimate)))
 
 
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:

@@ -18,7 +18,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench.bench_train import build, synthetic_batch
-from bench.common import device_name, git_commit, stop_on_sigterm
+from bench.common import device_argument, device_name, git_commit, stop_on_sigterm
+from qin.checkpoint import atomic_write
+from qin.cli import positive_int
 from qin.config import QINConfig
 from qin.host_memory import bound_kept_memory, keep_freed_memory
 from qin.train import loss_fn, make_optimizer
@@ -97,16 +99,19 @@ def profile_step(device: torch.device, batch: int, precision: str, steps: int, t
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--batch", type=int, help="default: 8192 on CUDA, 256 on the CPU")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_argument)
+    parser.add_argument("--batch", type=positive_int, help="default: 8192 on CUDA, 256 on the CPU")
     parser.add_argument("--precision", nargs="+", choices=list(AMP), default=["fp32"])
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--out", help="also write the Markdown here")
+    parser.add_argument("--steps", type=positive_int, default=5)
+    parser.add_argument("--top", type=positive_int, default=15)
+    parser.add_argument("--out", help="also write the Markdown here (replaced if it exists)")
     args = parser.parse_args(argv)
+    if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):  # before the profiling, not after
+        parser.error(f"--out {args.out}: " + ("is a folder" if Path(args.out).is_dir() else
+                                              f"no folder {Path(args.out).parent}"))
     stop_on_sigterm()  # as the benchmarks: SIGTERM raises KeyboardInterrupt, caught below
-    device = torch.device(args.device)
-    batch = args.batch or (8192 if device.type == "cuda" else 256)
+    device = args.device
+    batch = args.batch if args.batch is not None else (8192 if device.type == "cuda" else 256)
     lines = [f"# Profile of the default training step: {device_name(device)}", "",
              f"torch {torch.__version__}, commit {git_commit()}; {args.steps} profiled steps after warm-up.", ""]
     print("\n".join(lines))
@@ -120,8 +125,9 @@ def main(argv=None) -> int:
             part = [f"## {precision}: failed: {type(exc).__name__}: {exc}", ""]
         lines += part
         print("\n".join(part))
-        if args.out:  # after each precision: a run stopped later keeps this one
-            Path(args.out).write_text("\n".join(lines))
+        if args.out:  # after each precision, whole or not at all: a run stopped later keeps this one
+            text = "\n".join(lines).encode()
+            atomic_write(args.out, lambda fh: fh.write(text))
         if stopped:
             break
         if device.type == "cuda":

@@ -204,6 +204,18 @@ def _ratio(metric: str, value: float, base: float) -> str:
     return f" ({ratio:.2f}x)"
 
 
+WIDE_SPREAD = 0.25  # of the median: a cell whose 20th-80th percentiles span more shows them
+
+
+def _wide_spread(cell: dict) -> str:
+    """" [p20-p80: a-b]" where the repeats of a figure disagree enough that its ratio is doubtful
+    (a loaded machine, a one-off stall), else ""."""
+    p50, p20, p80 = (_number(cell.get(k)) for k in ("p50", "p20", "p80"))
+    if None in (p50, p20, p80) or not p50 or abs(p80 - p20) <= WIDE_SPREAD * abs(p50):
+        return ""
+    return f" [p20-p80: {_fmt(min(p20, p80))}-{_fmt(max(p20, p80))}]"
+
+
 def pivot_tables(rows: list[dict]) -> list[str]:
     """One table per (kernel, metric): a line per (mode, dtype, x), a column per provider.
 
@@ -238,7 +250,7 @@ def pivot_tables(rows: list[dict]) -> list[str]:
                     numbers = (_number(cell["p50"]), _number(base["p50"]) if base is not None else None)
                     if provider != providers[0] and None not in numbers and metric in RATIO_METRICS:
                         text += _ratio(metric, *numbers)
-                    line.append(text)
+                    line.append(text + _wide_spread(cell))
                 out.append("| " + " | ".join(line) + " |")
             out.append("")
     return out
@@ -536,7 +548,9 @@ def render(rows: list[dict], failures: list[str], device: torch.device, quick: b
         f"{when}; torch {torch.__version__}, triton {triton.__version__}, commit {common.git_commit()}; "
         + (f"`{command or 'qin bench'}`, {seconds / 60:.1f} minutes. " if seconds is not None else
            "figures read from the CSV of bench/gpu_run.sh. ")
-        + ("Medians (p50) of repeated runs; every ratio compares two variants measured in this same run. "
+        + ("Medians (p50) of repeated runs; every ratio compares two variants measured in this same run; "
+           f"where the 20th-80th percentiles of a figure span more than {WIDE_SPREAD:.0%} of it, they follow "
+           "in square brackets, and its ratio is doubtful. "
            "Absolute times mean little on a CPU." if any(r["section"] != CODEGEN_SECTION for r in rows) else ""),
         "",
     ]

@@ -1,5 +1,10 @@
 """`qin bench`: one command, a report, a CSV and plots; never overwriting, never leaving partial files."""
 import csv
+import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -7,6 +12,7 @@ import torch
 
 import bench.report
 from qin.cli import main
+from qin.synth import make_dataset
 
 
 @pytest.fixture(scope="module")
@@ -306,7 +312,7 @@ def test_the_ddp_line_tries_once_more_when_a_rank_was_killed_by_a_signal(monkeyp
         calls.append(procs)
         if procs == 2 and calls.count(2) == 1:
             raise RuntimeError("2-process training failed (exit 1):\ntraceback : Signal 6 (SIGABRT) received by PID 7")
-        return 100.0 * procs
+        return [100.0 * procs]
 
     monkeypatch.setattr(bench_ddp, "make_dataset", lambda *args, **kwargs: "data")
     monkeypatch.setattr(bench_ddp, "train_samples_per_s", killed_once)
@@ -321,6 +327,60 @@ def test_the_ddp_line_tries_once_more_when_a_rank_was_killed_by_a_signal(monkeyp
     monkeypatch.setattr(bench_ddp, "train_samples_per_s", broken)
     with pytest.raises(RuntimeError, match="bad config"):
         bench_ddp.run(torch.device("cpu"), quick=True)
+
+
+def test_the_ddp_lines_launch_their_process_count_and_read_every_epoch_after_the_warm_up(tmp_path, monkeypatch):
+    from bench import bench_ddp
+
+    commands = []
+
+    def finished(command, env, timeout):
+        commands.append(command)
+        out = Path(command[command.index("--out") + 1])
+        out.mkdir()
+        epochs = [{"epoch": 1, "samples_per_s": 1.0}, {"epoch": 2, "samples_per_s": 300.0},
+                  {"epoch": 3, "samples_per_s": None}, {"epoch": 4, "samples_per_s": 100.0}]
+        (out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(bench_ddp, "run_to_the_end", finished)
+    assert bench_ddp.train_samples_per_s(tmp_path / "d", tmp_path / "one", 1, torch.device("cpu"), []) == [300.0, 100.0]
+    assert bench_ddp.train_samples_per_s(tmp_path / "d", tmp_path / "two", 2, torch.device("cpu"), []) == [300.0, 100.0]
+    assert "torch.distributed.run" not in commands[0] and "train.device=cpu" in commands[0]
+    assert "--nproc-per-node=2" in commands[1] and commands[1][commands[1].index("-m", 2) + 1] == "qin"
+    # Every line trains the same global batch, a multiple of the processes.
+    cuda = torch.device("cuda")
+    assert [bench_ddp.global_batch(cuda, n) for n in (1, 2, 3, 7)] == [8192, 8192, 8190, 8190]
+    assert bench_ddp.global_batch(torch.device("cpu"), 2) == 1024
+
+
+def test_the_ddp_line_reads_what_a_real_run_wrote(tmp_path):
+    """One real `qin train` through the benchmark: the figures are metrics.jsonl's epochs 2 and 3."""
+    from bench import bench_ddp
+
+    data = make_dataset(tmp_path / "data", rows=300, items=30, seed=0, valid_rows=50, test_rows=5)
+    overrides = ["model.embed_dim=4", "model.attention_dim=8", "train.batch_size=64", "train.epochs=3",
+                 "train.max_steps_per_epoch=2"]
+    rates = bench_ddp.train_samples_per_s(data, tmp_path / "run", 1, torch.device("cpu"), overrides)
+    logged = [json.loads(line)["samples_per_s"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == 3 and rates == logged[1:]
+
+
+def test_a_ddp_run_past_its_time_leaves_no_rank_running(tmp_path):
+    """torchrun starts its ranks in sessions of their own: killing torchrun alone left them
+    training. The worker here only writes its pid and sleeps."""
+    from bench import bench_ddp
+
+    worker, pid_file = tmp_path / "worker.py", tmp_path / "pid"
+    worker.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(600)\n")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", str(worker),
+               str(pid_file)]
+    with pytest.raises(RuntimeError, match="still running after 15 s; stopped"):
+        bench_ddp.run_to_the_end(command, {**os.environ, "TMPDIR": str(tmp_path)}, timeout=15)
+    pid = int(pid_file.read_text())  # the worker had started
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
 
 
 def test_cpu_name_gives_the_family_and_model_a_virtual_machine_hides_behind_a_vendor_line(tmp_path, monkeypatch):
@@ -646,6 +706,39 @@ def test_profile_step_stopped_by_sigterm_keeps_the_precisions_it_finished(tmp_pa
     assert "## fp32, batch 64" in text and "## bf16: not finished: out of time" in text  # fp32 kept, bf16 cut
 
 
+def test_profile_step_ranks_the_operators_and_gives_per_step_times_that_add_up(tmp_path, capsys):
+    """Every operator listed (--top past their count), most time first; their times a step sum to
+    the total line, and on the CPU that total is the step's wall time less what no operator holds."""
+    import re
+
+    from bench import profile_step
+
+    path = tmp_path / "profile.md"
+    assert profile_step.main(["--device", "cpu", "--batch", "32", "--steps", "2", "--top", "100000",
+                              "--out", str(path)]) == 0
+    text = path.read_text()
+    wall = float(re.search(r"batch 32: ([\d.]+) ms a step", text).group(1))
+    rows = [(float(ms), float(share)) for ms, share in re.findall(r"^\| `.*` \| [\d.]+ \| ([\d.]+) \| ([\d.]+)% \|$",
+                                                                   text, re.M)]
+    count, total = re.search(r"All (\d+) operators: ([\d.]+) ms a step", text).groups()
+    assert len(rows) == int(count) > 10
+    assert [ms for ms, _ in rows] == sorted((ms for ms, _ in rows), reverse=True)
+    assert sum(ms for ms, _ in rows) == pytest.approx(float(total), abs=0.001 * len(rows))
+    assert sum(share for _, share in rows) == pytest.approx(100.0, abs=0.05 * len(rows))
+    assert 0.5 * wall < float(total) <= 1.05 * wall
+
+
+@pytest.mark.parametrize("args, named", [(["--steps", "0"], "--steps"), (["--batch", "0"], "--batch"),
+                                         (["--top", "-2"], "--top"), (["--device", "tpu"], "--device"),
+                                         (["--out", "/nonexistent/p.md"], "no folder /nonexistent")])
+def test_profile_step_refuses_bad_arguments_before_profiling(args, named, capsys):
+    from bench import profile_step
+
+    with pytest.raises(SystemExit) as stop:
+        profile_step.main(["--device", "cpu", *args])
+    assert stop.value.code == 2 and named in capsys.readouterr().err
+
+
 def test_gpu_run_default_stages_fit_the_budget_with_the_tests_time_reserved(tmp_path):
     import re
 
@@ -678,6 +771,20 @@ def test_the_cuda_graphs_step_memory_is_labelled_and_compared_with_nothing(monke
     for row in rows:
         row["section"] = "Training step, end to end"
     assert any("peak memory beyond graph pool (MB)" in line for line in pivot_tables(rows))
+
+
+def test_a_figure_whose_repeats_disagree_shows_their_spread_beside_its_ratio():
+    from bench.common import make_row
+    from bench.report import pivot_tables
+
+    cpu = torch.device("cpu")
+    rows = [make_row("ddp", "1 process", "train", "throughput", "samples/s", "batch", 1024, (1000.0, 990.0, 1010.0),
+                     cpu, "fp32"),
+            make_row("ddp", "2 processes", "train", "throughput", "samples/s", "batch", 1024, (3000.0, 1000.0, 5000.0),
+                     cpu, "fp32")]
+    assert "| train | fp32 | batch=1024 | 1,000 | 3,000 (3.00x) [p20-p80: 1,000-5,000] |" in pivot_tables(rows)
+    rows[1].update(p20=2700.0, p80=3400.0)  # a spread of 23% of the median: the ratio stands alone
+    assert "| train | fp32 | batch=1024 | 1,000 | 3,000 (3.00x) |" in pivot_tables(rows)
 
 
 def test_asta_speedups_are_against_the_first_provider_or_not_given():
