@@ -30,13 +30,15 @@ REPO = Path(__file__).resolve().parent.parent
 KERNEL_MODULES = ("kernels.sparse_target_attention", "kernels.quadratic_projection")
 DTYPES = ("fp32", "bf16", "fp16")
 ARCHS = (89, 90)
-ARCH_NAMES = {89: "RTX 4090", 90: "H100"}
+ARCH_NAMES = {80: "A100", 89: "RTX 4090", 90: "H100", 100: "B200"}  # ARCHS: the ones compiled by default
 
 # Per-SM limits for the occupancy estimate (CUDA C Programming Guide, compute capabilities table).
 # shared_sm is what one SM can give to blocks; shared_block is the most one block may ask for.
 SM_LIMITS = {
+    80: dict(regs=65536, max_warps=64, max_blocks=32, shared_sm=164 * 1024, shared_block=163 * 1024),
     89: dict(regs=65536, max_warps=48, max_blocks=24, shared_sm=100 * 1024, shared_block=99 * 1024),
     90: dict(regs=65536, max_warps=64, max_blocks=32, shared_sm=228 * 1024, shared_block=227 * 1024),
+    100: dict(regs=65536, max_warps=64, max_blocks=32, shared_sm=228 * 1024, shared_block=227 * 1024),
 }
 REG_ALLOC_UNIT = 256        # registers are handed to a warp in chunks of 256
 SHARED_RESERVED = 1024      # the CUDA runtime keeps 1 KB of shared memory per block (sm_80+)
@@ -104,8 +106,10 @@ def compile_case(case: dict, arch: int, dtype: str = "") -> dict:
 
 
 def _cuobjdump(flag: str, cubin: Path) -> str:
-    return subprocess.run([str(_nvidia_bin() / "cuobjdump"), flag, str(cubin)], capture_output=True,
-                          text=True, check=True).stdout
+    proc = subprocess.run([str(_nvidia_bin() / "cuobjdump"), flag, str(cubin)], capture_output=True, text=True)
+    if proc.returncode != 0:  # its reason (an architecture the wheel's tools dropped, say) is on stderr
+        raise RuntimeError(f"cuobjdump {flag} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
 
 
 def _value_args(case: dict) -> list[str]:
@@ -283,9 +287,10 @@ def ptx_store_widths_by_pointer(ptx: str, value_args: list[str], pointer_args: l
 # ----------------------------------------------------------------------------------------------
 
 def _example_cases(dtype: str) -> list[dict]:
-    """Two toy kernels with known code, used by tests/test_codegen.py to test the parsing:
-    a vector add (fp32, BLOCK=1024, 4 warps: 4 consecutive floats a thread, so LDG.E.128) and a
-    64x64x64 tl.dot (16-bit inputs: HMMA on sm_89)."""
+    """Toy kernels with known code, used by tests/test_codegen.py to test the parsing: a vector
+    add (fp32, BLOCK=1024, 4 warps: 4 consecutive floats a thread, so LDG.E.128), a 64x64x64
+    tl.dot (16-bit inputs: HMMA on sm_89), and (fp32) a kernel that must spill, the positive
+    control of "nothing spills"."""
     # Triton 3.3 (seen with 3.3.1) reads the string annotations (`from __future__ import annotations`)
     # in the kernel's module globals, so `tl` must be a global of this module; triton is still
     # imported only here, when compiling.
@@ -308,6 +313,14 @@ def _example_cases(dtype: str) -> list[dict]:
         b = tl.load(b_ptr + rows[:, None] * BLOCK + rows[None, :])
         tl.store(c_ptr + rows[:, None] * BLOCK + rows[None, :], tl.dot(a, b))
 
+    @triton.jit
+    def example_spill(x_ptr, out_ptr, BLOCK: tl.constexpr):
+        # One warp holding BLOCK floats live across two reductions: BLOCK / 32 values a thread,
+        # more than the 255 registers a thread may have, so the rest goes to local memory.
+        offs = tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs)
+        tl.store(out_ptr + offs, x * tl.sum(x, axis=0) + tl.sum(x * x, axis=0))
+
     # Aligned pointers and n % 16 == 0, as the JIT would note for real tensors: allows vector loads.
     aligned = lambda *idx: {(i,): [["tt.divisibility", 16]] for i in idx}  # noqa: E731
     add = dict(name="example_add", fn=example_add, num_warps=4,
@@ -316,7 +329,10 @@ def _example_cases(dtype: str) -> list[dict]:
     dot = dict(name="example_dot", fn=example_dot, num_warps=4,
                signature={"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": "*fp32", "BLOCK": "constexpr"},
                constexprs={"BLOCK": 64}, attrs=aligned(0, 1, 2))
-    return [add, dot] if dtype == "fp32" else [dot]
+    spill = dict(name="example_spill", fn=example_spill, num_warps=1,
+                 signature={"x_ptr": "*fp32", "out_ptr": "*fp32", "BLOCK": "constexpr"},
+                 constexprs={"BLOCK": 16384}, attrs=aligned(0, 1))
+    return [add, dot, spill] if dtype == "fp32" else [dot]
 
 
 def _cases(module_name: str, dtype: str) -> list[dict]:
@@ -422,17 +438,38 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _list_of(kind: str, known, parse=str):
+    """An argparse type: a comma-separated list, each item one of `known`."""
+    def convert(text: str) -> tuple:
+        items = tuple(parse(t.strip()) for t in text.split(",") if t.strip())
+        unknown = [t for t in items if t not in known]
+        if not items or unknown:
+            raise argparse.ArgumentTypeError(
+                f"{', '.join(map(str, unknown)) if unknown else repr(text)}: expected {kind} among "
+                f"{', '.join(map(str, known))}")
+        return items
+    return convert
+
+
+def _arch(text: str):
+    """89 or sm_89 as 89; anything else as itself, for the message."""
+    number = text.removeprefix("sm_")
+    return int(number) if number.isdigit() else text
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
     parser = argparse.ArgumentParser(prog="python -m bench.codegen", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true", help="print the records as JSON (used by run())")
     parser.add_argument("--csv", metavar="PATH", help="append the rows to this CSV file")
-    parser.add_argument("--dtypes", default=",".join(DTYPES))
-    parser.add_argument("--archs", default=",".join(map(str, ARCHS)))
+    parser.add_argument("--dtypes", default=DTYPES, type=_list_of("dtypes", (*DTYPES, "fp64")),
+                        help=f"comma-separated, of {', '.join(DTYPES)}, fp64 (default: {','.join(DTYPES)})")
+    # The targets whose occupancy limits SM_LIMITS holds.
+    parser.add_argument("--archs", default=ARCHS, type=_list_of("compute capabilities", tuple(SM_LIMITS), _arch),
+                        help=f"comma-separated, of {', '.join(map(str, SM_LIMITS))} (default: all)")
     parser.add_argument("--examples", action="store_true", help="compile the toy kernels, not the real ones")
     args = parser.parse_args(argv)
-    dtypes = tuple(d for d in args.dtypes.split(",") if d)
-    archs = tuple(int(a) for a in args.archs.split(",") if a)
+    dtypes, archs = args.dtypes, args.archs
     modules = ("examples",) if args.examples else KERNEL_MODULES
 
     if os.environ.get("TRITON_INTERPRET") == "1":  # e.g. run from a shell that exported it

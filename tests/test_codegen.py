@@ -180,6 +180,15 @@ def test_vector_add_uses_128_bit_accesses(examples, arch):
     assert rec["occupancy"] == 1.0  # few registers, no shared memory: 12 (16) blocks of 4 warps fill the SM
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_kernel_that_spills_is_seen_to(examples, arch):
+    """The positive control of test_kernel_does_not_spill: spills land in cuobjdump's STACK, which
+    a local-memory figure of LOCAL alone would miss."""
+    rec = examples[("example_spill", "fp32", f"sm_{arch}")]
+    assert rec["local_memory"] > 1000, rec
+    assert rec["num_warps"] == 1
+
+
 def test_dot_uses_tensor_cores(examples):
     assert "HMMA" in examples[("example_dot", "bf16", "sm_89")]["matrix_instructions"].split(",")
     # Triton 3.9 uses wgmma for a 64x64 bf16 dot on Hopper.
@@ -208,6 +217,9 @@ SASS = """
 
 def test_parse_sass():
     assert codegen.global_access_widths(SASS) == {"load_widths": "16,64,128", "store_widths": "16,32"}
+    # An asynchronous copy into shared memory reads global memory: it counts as a load.
+    assert codegen.global_access_widths("        /*0180*/  LDGSTS.E.BYPASS.128 [R3], desc[UR4][R8.64] ;") == {
+        "load_widths": "128", "store_widths": ""}
     assert codegen.matrix_instructions(SASS) == "HMMA,LDGSTS"
     assert codegen.matrix_instructions("        /*0000*/  EXIT ;") == "none"
     assert codegen.count_instructions(SASS) == 9  # the NOP padding is not counted
@@ -226,11 +238,16 @@ def test_ptx_loads_are_attributed_to_pointers():
         ld.global.b16 { %rs1 }, [ %rd5 + 0 ];
         cp.async.cg.shared.global [ %r9 + 0 ], [ %rd5 + 0 ], 0x10, %r8;
         add.s64 	%rd6, %rd4, 16;
+        ld.global.b64 	%rd7, [ %rd4 + 0 ];
+        add.s64 	%rd8, %rd2, %rd7;
+        ld.global.b32 	%r10, [ %rd8 + 0 ];
         bra.uni 	$L__BB0_1;
     """
     # %rd6 is defined after its use in the loop: the pass must go round until nothing changes.
+    # %rd7 is an index read through x_ptr: the address m_ptr + %rd7 is m_ptr's alone (a gather's
+    # table read must not be credited to the index pointer).
     got = codegen.ptx_load_widths_by_pointer(ptx, ["x_ptr", "m_ptr", "L"], ["x_ptr", "m_ptr"])
-    assert got == {"x_ptr": "128", "m_ptr": "16,128"}
+    assert got == {"x_ptr": "64,128", "m_ptr": "16,32,128"}
 
 
 def test_occupancy():
@@ -242,6 +259,42 @@ def test_occupancy():
     # Block-count bound: 1-warp blocks stop at 24 (sm_89) / 32 (sm_90) blocks an SM.
     assert codegen.occupancy(89, 16, 0, 1) == pytest.approx(24 / 48)
     assert codegen.occupancy(90, 16, 0, 1) == pytest.approx(32 / 64)
+    # Registers go to a warp in units of 256: 100 a thread is 3,328 a warp (not 3,200), 19 warps of
+    # 65,536, four blocks of 4 warps (unrounded, 20 warps: five blocks).
+    assert codegen.occupancy(89, 100, 0, 4) == pytest.approx(16 / 48)
     # More shared memory than a block may have on sm_89, fine on sm_90.
     assert codegen.occupancy(89, 32, 120 * 1024, 4) == 0.0
     assert codegen.occupancy(90, 32, 120 * 1024, 4) == pytest.approx(4 / 64)
+
+
+@pytest.mark.parametrize("args, named", [(["--archs", "80,75"], "75: expected compute capabilities among 80, 89, 90, 100"),
+                                         (["--archs", ","], "',': expected compute capabilities"),
+                                         (["--archs", "sm_8x"], "sm_8x: expected"),
+                                         (["--dtypes", "bf17"], "bf17: expected dtypes among fp32, bf16, fp16, fp64")])
+def test_unknown_targets_and_dtypes_are_refused_by_name(args, named, capsys):
+    with pytest.raises(SystemExit) as stop:
+        codegen.main(args)
+    assert stop.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_the_table_exits_1_when_a_case_failed_to_compile(monkeypatch, capsys):
+    """The suite runs under TRITON_INTERPRET=1, so main() goes through compile_in_subprocess."""
+    ok = {"kernel": "k", "dtype": "fp32", "arch": "sm_89", "registers": 1, "shared_memory": 0, "local_memory": 0,
+          "occupancy": 1.0, "load_widths": "", "store_widths": "", "matrix_instructions": "none",
+          "sass_instructions": 1, "ptx_loads_by_pointer": {}, "ptx_stores_by_pointer": {}}
+    failed = {"kernel": "k", "dtype": "fp32", "arch": "sm_90", "error": "RuntimeError: cuobjdump --dump-sass failed"}
+    monkeypatch.setattr(codegen, "compile_in_subprocess", lambda *args: [ok])
+    assert codegen.main(["--archs", "89", "--dtypes", "fp32"]) == 0
+    monkeypatch.setattr(codegen, "compile_in_subprocess", lambda *args: [ok, failed])
+    assert codegen.main(["--archs", "89,90", "--dtypes", "fp32"]) == 1
+    assert "ERROR RuntimeError: cuobjdump --dump-sass failed" in capsys.readouterr().out
+    assert codegen.main(["--json", "--archs", "89,90", "--dtypes", "fp32"]) == 0  # the records carry it
+
+
+def test_a_failing_cuobjdump_says_why(tmp_path, monkeypatch):
+    fake = tmp_path / "cuobjdump"
+    fake.write_text("#!/bin/sh\necho 'nvdisasm fatal : CUDA architecture \"SM70\" is deprecated' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(codegen, "_nvidia_bin", lambda: tmp_path)
+    with pytest.raises(RuntimeError, match='cuobjdump --dump-sass failed \\(1\\): nvdisasm fatal : CUDA architecture "SM70"'):
+        codegen._cuobjdump("--dump-sass", tmp_path / "k.cubin")
