@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import percentiles, device_argument, make_row, print_table
+from bench.common import device_argument, make_row, percentiles, print_table
 from qin.synth import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
