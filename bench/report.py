@@ -100,6 +100,11 @@ def pytest_benchmark_rows(device: torch.device, quick: bool) -> list[dict]:
     import json
     import subprocess
 
+    import importlib.util
+
+    missing = [name for name in ("pytest", "pytest_benchmark") if importlib.util.find_spec(name) is None]
+    if missing:  # else pytest's "unrecognized arguments: --benchmark-only" would not say what is missing
+        raise BenchError(f"the pytest-benchmark suite needs {' and '.join(missing)}: pip install -e \".[bench]\"")
     suite = Path(__file__).with_name("test_ops_benchmark.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real kernels, never the interpreter
     env.update(QIN_BENCH_DEVICE=device.type, QIN_BENCH_QUICK="1" if quick else "0")
@@ -116,7 +121,7 @@ def pytest_benchmark_rows(device: torch.device, quick: bool) -> list[dict]:
         info = bench["extra_info"]
         stats = bench["stats"]
         rows.append(common.make_row(f"pytest-benchmark {info['op']}", info["backend"], info["mode"], "time", "ms",
-                                    "batch", info["batch"],
+                                    info.get("shape_names", "batch"), info.get("shape", info["batch"]),
                                     # the JSON holds every round's time: the 20th/80th percentiles, as elsewhere
                                     (stats["median"] * 1e3, *(np.percentile(stats["data"], [20, 80]) * 1e3)),
                                     device, info["dtype"]))
@@ -401,7 +406,7 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
             slower = any(ratio < 1.0 for ratio in measured.values())
             add(f"GPU: {kernel} {dtype} Triton >= the reference (eager) in every mode (B=8192, L=64)",
                 figure if measured else None, False if slower else None if missing else True)
-    loader = _value(rows, kernel="loader", provider="numpy", mode="assemble")
+    loader = _value(rows, kernel="loader", provider="numpy", mode="assemble", x_value=2)  # MicroLens' schema
     add("Loader: batch assembly at batch 8192 >= 500k samples/s on 2 CPU cores",
         f"{loader:,.0f} samples/s" if loader else None, bool(loader and loader >= 500_000))
     return lines

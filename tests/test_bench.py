@@ -39,6 +39,18 @@ def test_quick_bench_writes_report_csv_and_plots(quick_report):
     assert "these verdicts are indicative" in report
     suite = [r for r in rows if r["kernel"].startswith("pytest-benchmark")]
     assert suite and all(float(r["p20"]) <= float(r["p50"]) <= float(r["p80"]) for r in suite)
+    # Each op's rows name its shape, the gathered form (training's) among them; backward adds time.
+    shapes = {(r["kernel"], r["x_name"], r["x_value"]) for r in suite}
+    assert shapes == {("pytest-benchmark asta", "B,L,D", "256,64,384"),
+                      ("pytest-benchmark asta gathered", "B,L,D,U", "256,64,384,4096"),
+                      ("pytest-benchmark qnn", "B,D,M", "256,256,4")}, shapes
+    for op in ("asta", "asta gathered", "qnn"):
+        fwd, both = (float(r["p50"]) for mode in ("forward", "forward+backward") for r in suite
+                     if r["kernel"] == f"pytest-benchmark {op}" and r["mode"] == mode)
+        assert both > fwd, op
+    # The loader's figure for the MicroLens schema is the one the target reads.
+    assert [(r["x_name"], r["x_value"]) for r in rows if r["kernel"] == "loader"] == [("context features", "2"),
+                                                                                      ("context features", "6")]
     assert "Sections that failed" not in report, report
     assert "## Targets" in report and "21,000" in report
     assert '| qnn | fp32 | torch | not measured |' in report  # what backend="auto" runs here
@@ -381,6 +393,39 @@ def test_a_ddp_run_past_its_time_leaves_no_rank_running(tmp_path):
     time.sleep(1)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_suite_without_its_plugin_says_what_to_install(monkeypatch):
+    import importlib.util
+
+    from bench.report import BenchError, pytest_benchmark_rows
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytest_benchmark" else
+                        find_spec(name, *a))
+    with pytest.raises(BenchError, match=r'needs pytest_benchmark: pip install -e "\.\[bench\]"'):
+        pytest_benchmark_rows(torch.device("cpu"), quick=True)
+
+
+def test_the_loader_figure_is_whole_epochs_over_their_median_time(monkeypatch):
+    from bench import bench_loader
+
+    split = bench_loader.make_split(20_000)
+    epochs = []
+
+    def timed_once(fn, device, **kwargs):  # each call of fn is one timed epoch
+        fn()
+        epochs.append(1)
+        return (100.0, 90.0, 110.0)
+
+    monkeypatch.setattr(bench_loader, "time_ms", timed_once)
+    assert bench_loader.assembly_throughput(split, torch.device("cpu"), reps=3) == (200_000.0, 20_000 / 0.11,
+                                                                                     20_000 / 0.09)
+    # An epoch that stops short is refused, not timed as if whole.
+    whole = bench_loader.iterate_batches
+    monkeypatch.setattr(bench_loader, "iterate_batches", lambda *args, **kwargs: list(whole(*args, **kwargs))[:-1])
+    with pytest.raises(RuntimeError, match=r"an epoch delivered 16384 of 20000 rows"):
+        bench_loader.assembly_throughput(split, torch.device("cpu"), reps=3)
 
 
 def test_cpu_name_gives_the_family_and_model_a_virtual_machine_hides_behind_a_vendor_line(tmp_path, monkeypatch):
