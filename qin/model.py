@@ -34,17 +34,19 @@ MODULE_NAMES = {"item_id": "item_embedding", "item_tags": "tag_embedding", "item
                 "likes_level": "likes_embedding", "views_level": "views_embedding"}
 
 
-def feature_module(feature: Feature, dim: int, project: bool) -> nn.Module | None:
+def feature_module(feature: Feature, dim: int, project_to_dim: bool) -> nn.Module:
     """The trainable part of one feature (FuxiCTR's FeatureEmbedding): a table, a numeric weight
-    vector, or the projection P of a frozen embedding (None: the embedding enters as it is)."""
+    vector, or the projection P of a frozen embedding: to the model's `dim` (QIN), or, without
+    `project_to_dim` (DIN, as FuxiCTR's feature encoder of an `embedding` feature), to its own
+    width."""
     if feature.has_ids:
         return nn.Embedding(feature.vocab_size, feature.embedding_dim or dim, padding_idx=feature.padding_idx)
     if feature.type == "numeric":
         return nn.Linear(1, feature.embedding_dim or dim, bias=False)
-    return nn.Linear(feature.embedding_dim, dim, bias=False) if project else None
+    return nn.Linear(feature.embedding_dim, dim if project_to_dim else feature.embedding_dim, bias=False)
 
 
-def embed_feature(feature: Feature, module: nn.Module | None, values: torch.Tensor,
+def embed_feature(feature: Feature, module: nn.Module, values: torch.Tensor,
                   graph_safe: bool = False) -> torch.Tensor:
     """(N, width) for N values of one feature; graph_safe: see FeatureModules.graph_safe."""
     if feature.type == "categorical":
@@ -56,7 +58,7 @@ def embed_feature(feature: Feature, module: nn.Module | None, values: torch.Tens
         return F.embedding_bag(values, module.weight, mode="mean", padding_idx=0)
     if feature.type == "numeric":
         return module(values.to(module.weight.dtype).unsqueeze(-1))
-    return values if module is None else module(values)
+    return module(values)
 
 
 def masked_mean_embedding(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -83,23 +85,20 @@ class FeatureModules(nn.Module):
     def embed(self, feature: Feature, values: torch.Tensor) -> torch.Tensor:
         return embed_feature(feature, self.module_of(feature), values, self.graph_safe)
 
-    def add_feature_modules(self, features: list[Feature], dim: int, project: bool) -> None:
+    def add_feature_modules(self, features: list[Feature], dim: int, project_to_dim: bool) -> None:
         self._feature_modules = getattr(self, "_feature_modules", {})
         for feature in features:
-            module = feature_module(feature, dim, project)
-            if module is not None:
-                name = MODULE_NAMES.get(feature.name) or (
-                    f"{feature.name}_projection" if feature.type == "embedding" else f"{feature.name}_embedding")
-                self.add_module(name, module)
-                self._feature_modules[feature.name] = name
+            name = MODULE_NAMES.get(feature.name) or (
+                f"{feature.name}_projection" if feature.type == "embedding" else f"{feature.name}_embedding")
+            self.add_module(name, feature_module(feature, dim, project_to_dim))
+            self._feature_modules[feature.name] = name
 
-    def module_of(self, feature: Feature) -> nn.Module | None:
-        name = self._feature_modules.get(feature.name)
-        return None if name is None else getattr(self, name)
+    def module_of(self, feature: Feature) -> nn.Module:
+        return getattr(self, self._feature_modules[feature.name])
 
     def feature_tables(self, features: list[Feature]) -> list[torch.Tensor]:
         """The weights of these features' modules: the tensors under the embedding L2 penalty."""
-        return [self.module_of(f).weight for f in features if self.module_of(f) is not None]
+        return [self.module_of(f).weight for f in features]
 
 
 def _item_info_buffer(feature: Feature, num_items: int) -> torch.Tensor:
@@ -149,14 +148,14 @@ class ItemEncoder(FeatureModules):
 
     The item attributes other than the id (tags, the frozen embedding) are data, not parameters:
     they live in non-persistent buffers `info_<name>` filled by `load_item_info`. Without
-    `project_mm` (the DIN baseline) a frozen embedding enters as it is.
+    `project_to_dim` (the DIN baseline) P keeps the frozen embedding's width.
     """
 
-    def __init__(self, cfg: QINConfig, embed_dim: int | None = None, project_mm: bool = True):
+    def __init__(self, cfg: QINConfig, embed_dim: int | None = None, project_to_dim: bool = True):
         super().__init__()
         self.features = item_features(model_features(cfg))
         self.key = self.features[0]
-        self.add_feature_modules(self.features, embed_dim or cfg.embed_dim, project_mm)
+        self.add_feature_modules(self.features, embed_dim or cfg.embed_dim, project_to_dim)
         for feature in self.features[1:]:
             self.register_buffer(f"info_{feature.name}", _item_info_buffer(feature, self.key.vocab_size),
                                  persistent=False)
@@ -408,9 +407,9 @@ class CTRModel(FeatureModules):
     """What QIN and DIN share: the item encoder `items`, one module per context feature, the
     item side data and the L2 term."""
 
-    def add_context(self, cfg: QINConfig, dim: int, project: bool) -> None:
+    def add_context(self, cfg: QINConfig, dim: int, project_to_dim: bool) -> None:
         self.context = context_features(model_features(cfg))
-        self.add_feature_modules(self.context, dim, project)
+        self.add_feature_modules(self.context, dim, project_to_dim)
 
     def embed_context(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [self.embed(f, batch[f.name]) for f in self.context]
@@ -473,7 +472,7 @@ class QIN(CTRModel):
         self.cfg = cfg = cfg or QINConfig()
         cfg.validate()
         self.items = ItemEncoder(cfg)
-        self.add_context(cfg, cfg.embed_dim, project=True)
+        self.add_context(cfg, cfg.embed_dim, project_to_dim=True)
         self.asta = SparseTargetAttention(cfg) if cfg.use_asta else None
         self.qnn = QNN(cfg)
         self.output = nn.Linear(cfg.qnn_dim, 1)

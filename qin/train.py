@@ -469,7 +469,11 @@ class Trainer:
         check_model_config(payload, self.cfg.to_dict()["model"], str(path))
         self.model.load_state_dict(payload["model"])
         warn_if_another_item_table(payload.get("item_info"), self.dataset, str(path))
-        self.optimizer.load_state_dict(payload["optimizer"])
+        try:
+            self.optimizer.load_state_dict(payload["optimizer"])
+        except ValueError as exc:  # a model with parameters its run never had: a DIN run from before P
+            raise CheckpointError(f"{path}: its optimizer state does not fit this model's parameters ({exc}); "
+                                  f"it still evaluates and predicts, but cannot be resumed: start a new run") from None
         saved_precision = payload["config"]["train"].get("precision", "fp32")
         if saved_precision != self.cfg.train.precision:
             self.log(f"{path} was trained in {saved_precision}; this run continues in {self.cfg.train.precision}")

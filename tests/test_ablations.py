@@ -106,13 +106,34 @@ def test_din_follows_the_spec_sizes():
     p = shapes(model)
     item = 2 * 64 + SMALL["mm_dim"]
     assert p["items.item_embedding.weight"] == (40, 64)
-    assert "items.mm_projection.weight" not in p  # the frozen embedding enters as it is
+    # P keeps the frozen embedding's width (FuxiCTR's feature encoder), and is under the embedding L2.
+    assert p["items.mm_projection.weight"] == (SMALL["mm_dim"], SMALL["mm_dim"])
+    assert any(t is model.items.mm_projection.weight for t in model.embedding_tables())
     assert p["attention.0.0.weight"] == (512, 4 * item)
     assert p["dnn.0.weight"] == (1024, 2 * 64 + 2 * item)
     assert p["output.weight"] == (1, 256)
     model.load_item_info(torch.randint(0, 15, (40, 5)), torch.randn(40, 6))
     logits = model(random_batch())
     assert logits.shape == (5,) and torch.isfinite(logits).all()
+
+
+def test_a_din_checkpoint_from_before_p_loads_as_p_equal_to_the_identity():
+    """Such a run let the frozen embedding in as it is: P = I is that function."""
+    cfg = QINConfig(architecture="din", **SMALL)
+    torch.manual_seed(0)
+    old = build_model(cfg).eval()
+    with torch.no_grad():
+        old.items.mm_projection.weight.copy_(torch.eye(SMALL["mm_dim"]))
+    state = {k: v for k, v in old.state_dict().items() if k != "items.mm_projection.weight"}
+    torch.manual_seed(1)
+    new = build_model(cfg).eval()
+    new.load_state_dict(state)
+    torch.testing.assert_close(new.items.mm_projection.weight, torch.eye(SMALL["mm_dim"]))
+    info = (torch.randint(0, 15, (40, 5)), torch.randn(40, 6))
+    old.load_item_info(*info)
+    new.load_item_info(*info)
+    batch = random_batch()
+    torch.testing.assert_close(new(batch), old(batch), rtol=0, atol=0)
 
 
 def test_din_attention_ignores_padding():

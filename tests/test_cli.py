@@ -184,6 +184,34 @@ def test_resume_may_change_how_attention_rounds_not_what_the_model_is(run_dir, t
     assert "checkpoint config does not match the model: model.embed_dim" in capsys.readouterr().err
 
 
+def test_a_din_run_from_before_p_evaluates_but_its_resume_is_refused_by_name(data_dir, tmp_path, capsys):
+    """A DIN checkpoint without P (written before DIN had one) scores as it did (P = I); its
+    optimizer holds one parameter fewer, so a resume says so instead of raising a ValueError."""
+    from qin.checkpoint import save_checkpoint
+
+    out = tmp_path / "din"
+    din = ["model.architecture=din", "model.din_embed_dim=4", "model.din_attention_units=[8]",
+           "model.din_dnn_units=[8]", "train.max_steps_per_epoch=2"]
+    assert main(["train", "--data", str(data_dir), "--out", str(out), *SMALL_RUN, *din]) == 0
+    capsys.readouterr()
+    for name in ("best.pt", "latest.pt"):
+        payload = load_checkpoint(out / name)
+        keys = list(payload["model"])
+        p_index = keys.index("items.mm_projection.weight")  # parameters come in state_dict order here
+        del payload["model"]["items.mm_projection.weight"]
+        if "optimizer" in payload:
+            group = payload["optimizer"]["param_groups"][0]
+            group["params"] = group["params"][:-1]
+            payload["optimizer"]["state"].pop(p_index, None)
+        save_checkpoint(out / name, {k: v for k, v in payload.items() if k != "format"})
+    assert main(["evaluate", str(out)]) == 0
+    assert "AUC" in capsys.readouterr().out
+    assert main(["train", "--resume", str(out), "train.epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'latest.pt'}: its optimizer state does not fit this model's parameters" in err
+    assert "cannot be resumed: start a new run" in err
+
+
 def test_a_folder_another_process_trains_in_is_refused(data_dir, run_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
     copy.mkdir()

@@ -124,6 +124,31 @@ def test_runs_that_early_stopping_ended_sooner_are_not_said_to_have_every_epoch(
     assert "; up to 5 epoch(s) per run (early stopping ended some sooner: din 2-4);" in markdown(rows, "built-in", 5, 60.0)
 
 
+def test_din_trains_with_the_challenge_baselines_settings(data_dir, tmp_path, monkeypatch):
+    """FuxiCTR's rate cut (x0.1), the challenge's embedding L2 (1e-6), lr 1e-3, patience 3; QIN
+    keeps its own (x0.5, 2e-4, 2e-3, 8)."""
+    from types import SimpleNamespace
+
+    from qin.commands_common import load_data
+    from qin.compare import train_variant
+    from qin.config import load_config
+
+    trained = {}
+
+    def fit(self):
+        trained[self.cfg.model.architecture] = self.cfg.train
+        return SimpleNamespace(history=[{"epoch": 1, "valid_logloss": 0.5, "samples_per_s": 1.0}], best_epoch=1,
+                               best_auc=0.5)
+
+    monkeypatch.setattr(qin.train.Trainer, "fit", fit)
+    dataset = load_data(str(data_dir), load_config(overrides=TINY).data)
+    for name in ("din", "qin"):
+        train_variant(VARIANTS[name], 0, dataset, str(data_dir), tmp_path / name, 1, TINY, None, print)
+    din, qin_ = trained["din"], trained["qin"]
+    assert (din.lr, din.patience, din.lr_decay, din.embedding_l2) == (1e-3, 3, 0.1, 1e-6)
+    assert (qin_.lr, qin_.patience, qin_.lr_decay, qin_.embedding_l2) == (2e-3, 8, 0.5, 2e-4)
+
+
 def test_a_data_folder_that_is_not_there_is_named(tmp_path, capsys):
     assert main(["compare", "--data", str(tmp_path / "gone"), "--out", str(tmp_path / "cmp")]) == 2
     assert f"{tmp_path / 'gone'}: no such data folder" in capsys.readouterr().err
