@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from bench.common import append_csv, device_argument, make_row, print_table, time_ms
+from qin.commands_common import file_in_the_way
 from qin.data import Split, iterate_batches, load_dataset
 from qin.synth import make_dataset
 
@@ -91,9 +92,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", type=device_argument, help="where the batches go (cpu, cuda)")
     parser.add_argument("--csv", help="append the rows to this CSV file")
     args = parser.parse_args()
-    if args.csv and (Path(args.csv).is_dir() or not Path(args.csv).parent.is_dir()):  # before the timing
-        parser.error(f"--csv {args.csv}: " + ("is a folder" if Path(args.csv).is_dir() else
-                                              f"no folder {Path(args.csv).parent}"))
+    blocking = args.csv and (Path(args.csv) if Path(args.csv).is_dir() else file_in_the_way(Path(args.csv).parent))
+    if blocking:  # before the timing, not after it
+        parser.error(f"--csv {args.csv}: {blocking} is " + ("a folder" if blocking.is_dir() else "a file, not a folder"))
     rows = run(args.device, quick=args.quick)
     print_table(rows, "data loader")
     print(f"batch assembly: {rows[0]['p50']:,.0f} samples/s at batch {BATCH_SIZE} (MicroLens), "

@@ -44,7 +44,8 @@ REG_ALLOC_UNIT = 256        # registers are handed to a warp in chunks of 256
 SHARED_RESERVED = 1024      # the CUDA runtime keeps 1 KB of shared memory per block (sm_80+)
 
 # Instructions worth naming in the table: tensor-core products and asynchronous copies.
-MATRIX_OPS = ("HMMA", "HGMMA", "IMMA", "DMMA", "LDGSTS", "UTMALDG")
+# (Blackwell's tensor-core products are the UTC*MMA family.)
+MATRIX_OPS = ("HMMA", "HGMMA", "IMMA", "DMMA", "UTCHMMA", "UTCQMMA", "UTCIMMA", "UTCOMMA", "LDGSTS", "UTMALDG")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, of {', '.join(DTYPES)}, fp64 (default: {','.join(DTYPES)})")
     # The targets whose occupancy limits SM_LIMITS holds.
     parser.add_argument("--archs", default=ARCHS, type=_list_of("compute capabilities", tuple(SM_LIMITS), _arch),
-                        help=f"comma-separated, of {', '.join(map(str, SM_LIMITS))} (default: all)")
+                        help=f"comma-separated, of {', '.join(map(str, SM_LIMITS))} (default: {','.join(map(str, ARCHS))})")
     parser.add_argument("--examples", action="store_true", help="compile the toy kernels, not the real ones")
     args = parser.parse_args(argv)
     dtypes, archs = args.dtypes, args.archs

@@ -20,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from bench.bench_train import build, synthetic_batch
 from bench.common import device_argument, device_name, git_commit, stop_on_sigterm
 from qin.checkpoint import atomic_write
+from qin.commands_common import file_in_the_way
 from qin.cli import positive_int
 from qin.config import QINConfig
 from qin.host_memory import bound_kept_memory, keep_freed_memory
@@ -106,9 +107,9 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=positive_int, default=15)
     parser.add_argument("--out", help="also write the Markdown here (replaced if it exists)")
     args = parser.parse_args(argv)
-    if args.out and (Path(args.out).is_dir() or not Path(args.out).parent.is_dir()):  # before the profiling, not after
-        parser.error(f"--out {args.out}: " + ("is a folder" if Path(args.out).is_dir() else
-                                              f"no folder {Path(args.out).parent}"))
+    blocking = args.out and (Path(args.out) if Path(args.out).is_dir() else file_in_the_way(Path(args.out).parent))
+    if blocking:  # before the profiling, not after it
+        parser.error(f"--out {args.out}: {blocking} is " + ("a folder" if blocking.is_dir() else "a file, not a folder"))
     stop_on_sigterm()  # as the benchmarks: SIGTERM raises KeyboardInterrupt, caught below
     device = args.device
     batch = args.batch if args.batch is not None else (8192 if device.type == "cuda" else 256)

@@ -238,7 +238,7 @@ def pivot_tables(rows: list[dict]) -> list[str]:
             cells = {(r["mode"], r["dtype"], r["x_name"], str(r["x_value"]), r["provider"]): r for r in metric_rows}
             unit = metric_rows[0]["unit"]
             ratio_note = "" if len(providers) < 2 or metric not in RATIO_METRICS else (
-                f"; in brackets: against {providers[0]}" + (" (x = its fraction)" if metric in MEMORY_METRICS else
+                f"; in parentheses: against {providers[0]}" + (" (x = its fraction)" if metric in MEMORY_METRICS else
                                                             " (x = speed-up)"))
             out.append(f"**{kernel}: {metric.replace('_', ' ')} ({unit})**{ratio_note}\n")
             out.append("| mode | dtype | shape | " + " | ".join(providers) + " |")

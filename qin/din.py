@@ -41,8 +41,8 @@ class DIN(CTRModel):
         dim = cfg.din_embed_dim
         self.items = ItemEncoder(cfg, embed_dim=dim, project_to_dim=False)
         self.add_context(cfg, dim, project_to_dim=False)
-        item_dim = sum(f.width(dim, project=False) for f in self.items.features)
-        context_dim = sum(f.width(dim, project=False) for f in self.context)
+        item_dim = sum(f.width(dim, project_to_dim=False) for f in self.items.features)
+        context_dim = sum(f.width(dim, project_to_dim=False) for f in self.context)
         units = cfg.din_attention_units
         self.attention = nn.Sequential(_mlp([4 * item_dim, *units], cfg.dropout, batch_norm=False),
                                        nn.Linear(units[-1], 1))
@@ -64,9 +64,13 @@ class DIN(CTRModel):
 
 def _identity_p_for_older_checkpoints(model: DIN, state_dict: dict, prefix: str, *args) -> None:
     """A DIN checkpoint from before P (2026-12-03) let each frozen embedding in as it is: P = I
-    computes that function, so such a checkpoint still evaluates, predicts and exports the same."""
-    for owner, where, features in ((model.items, "items.", model.items.features), (model, "", model.context)):
-        for feature in features:
-            key = f"{prefix}{where}{owner._feature_modules[feature.name]}.weight"
-            if feature.type == "embedding" and key not in state_dict:
-                state_dict[key] = torch.eye(feature.embedding_dim)
+    computes that function, so such a checkpoint still evaluates, predicts and exports the same.
+    Only a whole checkpoint but P: a load of some weights (strict=False) leaves P as it is, and
+    torch passes strict=True to this hook whatever the caller asked for."""
+    p_keys = {f"{prefix}{where}{owner._feature_modules[f.name]}.weight"
+              for owner, where, features in ((model.items, "items.", model.items.features), (model, "", model.context))
+              for f in features if f.type == "embedding"}
+    missing = {f"{prefix}{key}" for key in model.state_dict()} - state_dict.keys()
+    if missing and missing <= p_keys:
+        for key in missing:
+            state_dict[key] = torch.eye(model.get_parameter(key.removeprefix(prefix)).shape[0])

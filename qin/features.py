@@ -55,10 +55,11 @@ class Feature:
     def has_ids(self) -> bool:
         return self.type in ("categorical", "sequence")
 
-    def width(self, embed_dim: int, project: bool = True) -> int:
-        """Width of this feature's part of the model input."""
+    def width(self, embed_dim: int, project_to_dim: bool = True) -> int:
+        """Width of this feature's part of the model input (a frozen embedding's: embed_dim where
+        its P projects to the model's width, else its own)."""
         if self.type == "embedding":
-            return embed_dim if project else self.embedding_dim
+            return embed_dim if project_to_dim else self.embedding_dim
         return self.embedding_dim or embed_dim
 
 

@@ -136,6 +136,14 @@ def test_a_din_checkpoint_from_before_p_loads_as_p_equal_to_the_identity():
     torch.testing.assert_close(new(batch), old(batch), rtol=0, atol=0)
 
 
+def test_a_partial_load_of_din_weights_leaves_p_as_it_is():
+    model = build_model(QINConfig(architecture="din", **SMALL))
+    before = model.items.mm_projection.weight.detach().clone()
+    result = model.load_state_dict({"output.bias": torch.zeros(1)}, strict=False)
+    assert "items.mm_projection.weight" in result.missing_keys
+    torch.testing.assert_close(model.items.mm_projection.weight, before, rtol=0, atol=0)
+
+
 def test_din_attention_ignores_padding():
     cfg = QINConfig(architecture="din", **SMALL, din_attention_units=[8], din_dnn_units=[16])
     torch.manual_seed(0)

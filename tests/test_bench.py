@@ -775,10 +775,14 @@ def test_profile_step_ranks_the_operators_and_gives_per_step_times_that_add_up(t
 
 @pytest.mark.parametrize("args, named", [(["--steps", "0"], "--steps"), (["--batch", "0"], "--batch"),
                                          (["--top", "-2"], "--top"), (["--device", "tpu"], "--device"),
-                                         (["--out", "/nonexistent/p.md"], "no folder /nonexistent")])
-def test_profile_step_refuses_bad_arguments_before_profiling(args, named, capsys):
+                                         (["--out", "{file}/p.md"], "{file} is a file, not a folder"),
+                                         (["--out", "{folder}"], "{folder} is a folder")])
+def test_profile_step_refuses_bad_arguments_before_profiling(args, named, capsys, tmp_path):
     from bench import profile_step
 
+    (tmp_path / "f").write_text("")
+    where = {"file": tmp_path / "f", "folder": tmp_path}
+    args, named = [a.format(**where) for a in args], named.format(**where)
     with pytest.raises(SystemExit) as stop:
         profile_step.main(["--device", "cpu", *args])
     assert stop.value.code == 2 and named in capsys.readouterr().err
@@ -816,6 +820,13 @@ def test_the_cuda_graphs_step_memory_is_labelled_and_compared_with_nothing(monke
     for row in rows:
         row["section"] = "Training step, end to end"
     assert any("peak memory beyond graph pool (MB)" in line for line in pivot_tables(rows))
+
+
+def test_percentiles_of_a_few_samples_stay_within_them():
+    from bench.common import percentiles
+
+    assert percentiles([10.0, 300.0, 300.0]) == (300.0, pytest.approx(126.0), 300.0)  # "exclusive" gave -48
+    assert percentiles([5.0]) == (5.0, 5.0, 5.0)
 
 
 def test_a_figure_whose_repeats_disagree_shows_their_spread_beside_its_ratio():

@@ -222,6 +222,8 @@ def test_parse_sass():
         "load_widths": "128", "store_widths": ""}
     assert codegen.matrix_instructions(SASS) == "HMMA,LDGSTS"
     assert codegen.matrix_instructions("        /*0000*/  EXIT ;") == "none"
+    # Blackwell's (sm_100) tensor-core products.
+    assert codegen.matrix_instructions("        /*0200*/  UTCHMMA gdesc[UR4], gdesc[UR6], tmem[UR8] ;") == "UTCHMMA"
     assert codegen.count_instructions(SASS) == 9  # the NOP padding is not counted
 
 

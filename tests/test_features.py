@@ -105,7 +105,9 @@ def test_the_model_sizes_follow_the_features(other_dir):
     assert shapes["hour_embedding.weight"] == (8, 1)
     assert shapes["asta.W_q.weight"] == (16, 32) and shapes["output.weight"] == (1, 88)
     din = DIN(QINConfig(architecture="din", features=to_dicts(dataset.features)))
-    # DIN: 64-wide tables, the frozen embedding as it is: item 3 * 64 + 64, context 3 * 64.
+    shapes_of = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}  # noqa: E731
+    # DIN: 64-wide tables, the frozen embedding through a P of its own width: item 3 * 64 + 64, context 3 * 64.
+    assert shapes_of(din)["items.item_emb_d64_projection.weight"] == (64, 64)
     assert din.attention[0][0].in_features == 4 * 256 and din.dnn[0].in_features == 192 + 2 * 256
 
 
