@@ -12,6 +12,7 @@ import contextlib
 import datetime
 import inspect
 import os
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,11 +73,30 @@ def leaving_group_at_end():
         yield
     except BaseException:
         if dist.is_initialized():
+            _drop_reducers()
             dist.destroy_process_group()
         raise
     if dist.is_initialized():
         dist.barrier()
+        _drop_reducers()
         dist.destroy_process_group()
+
+
+# The DDP wrappers `wrap` made, so that leaving the group can free their Reducers first.
+_wrapped: weakref.WeakSet = weakref.WeakSet()
+
+
+def _drop_reducers() -> None:
+    """Free each DDP wrapper's Reducer (and the Logger that holds it) while the group is still
+    registered. A Reducer keeps the process group alive; freed after destroy_process_group, when
+    its trainer goes, it held the group's last reference, and pybind11 frees a Reducer with the
+    GIL held: gloo's destructor then joins its worker thread, which may still need the GIL to
+    release the last collective's tensors. The rank hung there for good (1 run in 11 of the
+    killed-rank test; a loop of 2-rank DDP rounds hangs within 50). Freed here, what still holds
+    the group are Python's ProcessGroup objects, whose binding releases the GIL before the join."""
+    for ddp in list(_wrapped):
+        for name in ("logger", "reducer"):
+            ddp.__dict__.pop(name, None)
 
 
 def all_gather_objects(ctx: Context, obj) -> list:
@@ -188,7 +208,9 @@ def wrap(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataP
     ddp = nn.parallel.DistributedDataParallel
     # torch 2.13 renamed the setting (broadcast_buffers still works there, with a warning).
     name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp).parameters else "broadcast_buffers"
-    return ddp(model, device_ids=[device] if device.type == "cuda" else None, **{name: False})
+    wrapped = ddp(model, device_ids=[device] if device.type == "cuda" else None, **{name: False})
+    _wrapped.add(wrapped)
+    return wrapped
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

@@ -46,10 +46,24 @@ def env():
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def qin(*args, procs=1, **kwargs):
+def qin(*args, procs=1, timeout=300):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
     command = [*(launcher if procs > 1 else [sys.executable]), "-m", "qin", *args]
-    return subprocess.run(command, env=env(), capture_output=True, text=True, timeout=300, **kwargs)
+    proc = subprocess.Popen(command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # SIGTERM, which torchrun passes on to its ranks (in sessions of their own, a kill of
+        # torchrun would leave them running, and the rest of the suite sharing their cores).
+        proc.terminate()
+        try:
+            _, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+        pytest.fail(f"qin {' '.join(args[:1])} ({procs} process(es)) ran past {timeout} s; its stderr ends: "
+                    f"{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 # Parameters of one process and of two ranks after N steps (same rows, same synchronised
@@ -236,6 +250,38 @@ def test_sync_batchnorm_is_batchnorm_over_the_whole_batch(tmp_path, dtype, bound
     for name in ("running_mean", "running_var"):
         for r in ranks:
             torch.testing.assert_close(r[name], getattr(norm, name), rtol=1e-5, atol=1e-6)
+
+
+# -- leaving the group: a DDP wrapper freed after it must not hang the rank ----------------------
+
+def _ddp_rounds(rank, init_dir, rounds):
+    import torch.distributed as dist
+
+    from qin.distributed import leaving_group_at_end, wrap
+
+    torch.set_num_threads(1)
+    for i in range(rounds):
+        with leaving_group_at_end():
+            dist.init_process_group("gloo", init_method=f"file://{init_dir}/init{i}", rank=rank, world_size=2)
+            model = wrap(torch.nn.Linear(4, 1), torch.device("cpu"))
+            model(torch.randn(8, 4)).sum().backward()
+            dist.all_reduce(torch.ones(1))  # a collective on a tensor Python made, as the trainer's
+        assert "reducer" not in model.__dict__
+        del model  # freed after the group was left, as cmd_train's trainer is when it returns
+
+
+def test_a_ddp_wrapper_freed_after_leaving_the_group_does_not_hang_the_rank(tmp_path):
+    # Before the fix every run of this hung, in the first 43 rounds (gloo's destructor joining a
+    # worker thread that waits for the GIL the freeing Reducer holds); 100 rounds take 12 s.
+    context = torch.multiprocessing.start_processes(_ddp_rounds, args=(tmp_path, 100), nprocs=2, join=False,
+                                                    start_method="spawn")
+    deadline = time.time() + 120
+    try:
+        while not context.join(timeout=1):
+            assert time.time() < deadline, "a rank hung leaving the process group"
+    finally:
+        for process in context.processes:
+            process.kill()
 
 
 # A Ctrl-C that reaches rank 0 just after the ranks' per-step all_reduce agreed to go on.
