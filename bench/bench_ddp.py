@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -60,6 +62,12 @@ def run_to_the_end(command: list[str], env: dict, timeout: float) -> subprocess.
     """subprocess.run, except that a timeout or an interrupt stops the job's workers too. torchrun
     starts its ranks in sessions of their own, so killing torchrun would orphan them (still
     training, on the GPUs, in a folder being deleted); SIGTERM has torchrun stop them first."""
+    # A plain SIGTERM (`kill`) would end this process where it waits and leave torchrun running:
+    # unless a handler is there already (bench.common.stop_on_sigterm), it becomes KeyboardInterrupt.
+    sigterm_default = (threading.current_thread() is threading.main_thread()
+                       and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if sigterm_default:
+        signal.signal(signal.SIGTERM, _interrupt)
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -73,7 +81,14 @@ def run_to_the_end(command: list[str], env: dict, timeout: float) -> subprocess.
         if isinstance(exc, subprocess.TimeoutExpired):
             raise RuntimeError(f"{' '.join(command[:6])} ...: still running after {timeout:g} s; stopped") from None
         raise
+    finally:
+        if sigterm_default:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"{signal.Signals(signum).name}: stopping the DDP job")
 
 
 def global_batch(device: torch.device, procs: int) -> int:

@@ -505,12 +505,15 @@ def main(argv: list[str] | None = None) -> int:
         else:
             time.sleep(1)  # torchrun stops the group when a rank exits: rank 0 prints the verdict first
         return 2
-    except TrainingInterrupted as exc:
+    except TrainingInterrupted as exc:  # under torchrun the ranks agreed to stop at the same step
         if main_rank:  # which saved the checkpoint the message names
             print(f"qin {args.command}: {exc}", file=sys.stderr)
         return 128 + int(exc.signum)
     except TrainingError as exc:
-        print(f"qin {args.command}: error: {exc}", file=sys.stderr)
+        if main_rank or not getattr(exc, "shared_by_ranks", False):
+            print(f"qin {args.command}: error: {exc}", file=sys.stderr)
+        else:
+            time.sleep(1)
         return 1
     except OSError as exc:
         if exc.filename is None:  # not about a file: a traceback says more

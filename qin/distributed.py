@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import inspect
 import os
 import weakref
@@ -93,10 +94,17 @@ def _drop_reducers() -> None:
     GIL held: gloo's destructor then joins its worker thread, which may still need the GIL to
     release the last collective's tensors. The rank hung there for good (1 run in 11 of the
     killed-rank test; a loop of 2-rank DDP rounds hangs within 50). Freed here, what still holds
-    the group are Python's ProcessGroup objects, whose binding releases the GIL before the join."""
+    the group are Python's ProcessGroup objects, whose binding releases the GIL before the join.
+    Not only DDP's own attributes hold them: torch.compile's wrappers of the DDP module copied its
+    __dict__ (functools.wraps), so every dict that holds them lets go."""
     for ddp in list(_wrapped):
-        for name in ("logger", "reducer"):
-            ddp.__dict__.pop(name, None)
+        for held in [ddp.__dict__.get(name) for name in ("logger", "reducer")]:
+            if held is None:
+                continue
+            for holder in gc.get_referrers(held):
+                if isinstance(holder, dict):
+                    for key in [k for k, v in holder.items() if v is held]:
+                        del holder[key]
 
 
 def all_gather_objects(ctx: Context, obj) -> list:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -290,6 +291,18 @@ def epoch_batches(rows: int, batch_size: int, world_size: int = 1) -> tuple[int,
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
+def _say(text: str) -> None:
+    """Write to stderr from a signal handler: straight to the file descriptor, because the handler
+    may run inside a write to sys.stderr's buffer (tqdm's, blocked on a full pipe), where a print
+    raises "reentrant call"."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a stream without one (pytest's capture)
+        print(text, end="", file=sys.stderr)
+        return
+    os.write(fd, text.encode())
+
+
 @contextmanager
 def _catch_stop_signals(then: str = "saving latest.pt after this step"):
     """Turn a stop signal into a flag the loop checks between steps, so a checkpoint can be written;
@@ -298,7 +311,7 @@ def _catch_stop_signals(then: str = "saving latest.pt after this step"):
 
     def handler(signum, frame):
         if not flag["set"] and distributed.context_from_env().is_main:  # under torchrun every rank gets it
-            print(f"\nreceived {signal.Signals(signum).name}: {then}", file=sys.stderr)
+            _say(f"\nreceived {signal.Signals(signum).name}: {then}\n")
         flag["set"], flag["signum"] = True, signum
 
     previous = {}
@@ -313,8 +326,12 @@ def _catch_stop_signals(then: str = "saving latest.pt after this step"):
     try:
         yield flag
     finally:
+        # Under torchrun, a rank that stopped exits now; the first to exit has torchrun SIGTERM the
+        # rest, which killed rank 0 before it said how to resume. So it ignores stop signals until
+        # it exits (torchrun kills it 30 s later if it hangs).
+        keep_out = flag["set"] and distributed.context_from_env().distributed
         for signum, old in previous.items():
-            signal.signal(signum, old)
+            signal.signal(signum, signal.SIG_IGN if keep_out else old)
 
 
 def _run_facts(cfg: RunConfig, dataset: Dataset) -> dict:
@@ -428,28 +445,50 @@ class Trainer:
     def save(self, name: str, model_only: bool = False) -> None:
         """Called on every rank (the RNG states are gathered); only rank 0 writes."""
         payload = self._payload(model_only)
-        if self.ctx.is_main:
+
+        def write():
             self.watch.flush()  # the events hold every step the checkpoint covers
+            save_checkpoint(self.out_dir / name, payload)
+
+        def why(exc):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return (f"could not write {self.out_dir / name} ({first}; is the disk full?): training stopped; an "
+                    f"earlier {name} there is kept")
+
+        # torch.save reports a short write as a RuntimeError
+        self._on_rank0(write, errors=(OSError, RuntimeError), why=why)
+
+    def _on_rank0(self, write, errors=(OSError,), why=str) -> None:
+        """Call `write` on rank 0 alone, every rank waiting for the outcome: a failure (a full disk,
+        a folder made read-only) stops every rank, with rank 0's message printed once. Raised on
+        rank 0 alone, it left the other ranks to fail in their next collective with a dead peer's
+        70-line gloo traceback, or over NCCL to wait out its 30-minute timeout."""
+        error = None
+        if self.ctx.is_main:
             try:
-                save_checkpoint(self.out_dir / name, payload)
-            except (OSError, RuntimeError) as exc:  # torch.save reports a short write as a RuntimeError
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise TrainingError(f"could not write {self.out_dir / name} ({first}; is the disk full?): training "
-                                    f"stopped; an earlier {name} there is kept") from exc
+                write()
+            except errors as exc:
+                if not self.ctx.distributed:
+                    raise TrainingError(why(exc)) from exc
+                error = why(exc)
+        error = distributed.rank0_error(self.ctx, error)
+        if error:
+            raise distributed.shared(TrainingError(error))
 
     def _write_metrics(self) -> None:
-        """metrics.jsonl, rewritten whole from the state, so it always agrees with latest.pt."""
+        """metrics.jsonl, rewritten whole from the state, so it always agrees with latest.pt (every rank
+        calls this; rank 0 writes)."""
+        self._on_rank0(self._write_metrics_file)
+
+    def _write_metrics_file(self) -> None:
         lines = "".join(json.dumps(r) + "\n" for r in self.state.history)
-        if self.ctx.is_main:
-            atomic_write(self.out_dir / "metrics.jsonl", lambda fh: fh.write(lines.encode()))
+        atomic_write(self.out_dir / "metrics.jsonl", lambda fh: fh.write(lines.encode()))
 
     def _repair_after_resume(self) -> None:
         """What a stop between the writes at an epoch's end left behind: metrics.jsonl short of
         latest.pt's epochs, and best.pt without the best epoch when that is the epoch latest.pt
-        ended (then the restored model is that epoch's)."""
-        if not self.ctx.is_main:
-            return
-        self._write_metrics()
+        ended (then the restored model is that epoch's). On rank 0 only (see _on_rank0)."""
+        self._write_metrics_file()
         st = self.state
         if st.best_epoch and st.best_epoch == st.epoch and not st.batches_done:
             best = self.out_dir / "best.pt"
@@ -539,7 +578,7 @@ class Trainer:
                 for path in remove_stale_temporaries(self.out_dir):
                     self.log(f"removed {path.name}, a partial write left by the interrupted run")
             self.restore(self.out_dir / "latest.pt")
-            self._repair_after_resume()
+            self._on_rank0(self._repair_after_resume, errors=(OSError, RuntimeError))
             if self.state.finished or self.state.epoch >= tc.epochs:
                 why = "early stopping ended it" if self.state.finished else f"train.epochs={tc.epochs}"
                 self.log(f"{self.out_dir / 'latest.pt'}: the run is over after {self.state.epoch} epochs ({why}); "
@@ -547,8 +586,9 @@ class Trainer:
             else:
                 self.log(f"resumed from {self.out_dir / 'latest.pt'} at epoch {self.state.epoch + 1}, "
                          f"step {self.state.step}")
-        if self.ctx.is_main:  # a resume's overrides too: the next --resume reads them from here
-            atomic_write(self.out_dir / "config.yaml", lambda fh: fh.write(yaml.safe_dump(cfg.to_dict()).encode()))
+        # A resume's overrides too: the next --resume reads them from here.
+        self._on_rank0(lambda: atomic_write(self.out_dir / "config.yaml",
+                                            lambda fh: fh.write(yaml.safe_dump(cfg.to_dict()).encode())))
         where = f"{self.ctx.world_size} processes ({self.device.type})" if self.ctx.distributed else str(self.device)
         self.log(f"{type(self.model).__name__}: {count_parameters(self.model):,} parameters on {where}, "
                  f"precision {tc.precision}; "
@@ -723,8 +763,9 @@ class Trainer:
                     f"overflows at any scale. train.precision=bf16 has fp32's range")
         kept = (f"the last good checkpoint in {self.out_dir} is kept" if (self.out_dir / "latest.pt").exists()
                 else "no checkpoint had been written yet")
-        raise TrainingError(f"non-finite {what} at epoch {self.state.epoch + 1}, step {step}: training stopped; "
-                            f"{kept}{fp16}")
+        # Under DDP every rank sees the same global loss and gradient: all stop here, rank 0 prints.
+        raise distributed.shared(TrainingError(f"non-finite {what} at epoch {self.state.epoch + 1}, step {step}: "
+                                               f"training stopped; {kept}{fp16}"))
 
     def _end_epoch(self, valid: Split) -> None:
         tc, st = self.cfg.train, self.state

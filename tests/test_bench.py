@@ -395,6 +395,35 @@ def test_a_ddp_run_past_its_time_leaves_no_rank_running(tmp_path):
         os.kill(pid, 0)
 
 
+PARENT_OF_A_DDP_JOB = """
+import os, sys
+from bench import bench_ddp
+
+command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", sys.argv[1], sys.argv[2]]
+bench_ddp.run_to_the_end(command, dict(os.environ), timeout=300)
+"""
+
+
+def test_a_ddp_run_whose_benchmark_is_killed_leaves_no_rank_running(tmp_path):
+    """`kill` (SIGTERM) of the benchmark, not of its process group: it ended the benchmark where it
+    waited, and left torchrun and its ranks running."""
+    worker, pid_file, parent = tmp_path / "worker.py", tmp_path / "pid", tmp_path / "parent.py"
+    worker.write_text("import os, sys, time\nopen(sys.argv[1], 'w').write(str(os.getpid()))\ntime.sleep(600)\n")
+    parent.write_text(PARENT_OF_A_DDP_JOB)
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, str(parent), str(worker), str(pid_file)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())  # the worker has started
+    proc.terminate()
+    assert proc.wait(timeout=90) != 0
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
 def test_the_suite_without_its_plugin_says_what_to_install(monkeypatch):
     import importlib.util
 

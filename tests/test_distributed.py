@@ -286,8 +286,8 @@ def test_a_ddp_wrapper_freed_after_leaving_the_group_does_not_hang_the_rank(tmp_
 
 # A Ctrl-C that reaches rank 0 just after the ranks' per-step all_reduce agreed to go on.
 LATE_CTRL_C = """
-import sys
-import qin.train
+import os, sys, time
+import qin.train, qin.watch
 from qin.cli import main
 
 checked, calls = qin.train.Trainer._checked_step, []
@@ -300,6 +300,17 @@ def checked_then_ctrl_c(self, loss, grad_norm, rows, interrupted):
     return out
 
 qin.train.Trainer._checked_step = checked_then_ctrl_c
+
+# Rank 0 slow to close its events (as NCCL's teardown or a network file system can be): rank 1 has
+# long exited, and torchrun sends rank 0 SIGTERM, which killed it before it said how to resume.
+close = qin.watch.RunWatch.close
+
+def slow_close(self):
+    if os.environ["RANK"] == "0":
+        time.sleep(1.5)
+    close(self)
+
+qin.watch.RunWatch.close = slow_close
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -321,7 +332,19 @@ def test_a_late_ctrl_c_stops_every_rank_at_the_same_step(data_dir, tmp_path):
         proc.communicate()
         pytest.fail("the ranks hung after a late Ctrl-C")
     assert "interrupted at epoch 1, step 4" in out + err, (out + err)[-3000:]
+    assert "exitcode  : -15" not in err, err[-3000:]  # no rank was killed by torchrun
     assert load_checkpoint(run / "latest.pt")["trainer"]["step"] == 4
+
+
+def test_a_write_that_fails_on_rank_0_stops_every_rank_with_one_line(data_dir, tmp_path):
+    # Only rank 0 writes: failing alone, it left rank 1 to a dead peer's collective (a gloo
+    # "Connection reset by peer" traceback; over NCCL, a wait of 30 minutes).
+    run = tmp_path / "run"
+    (run / "metrics.jsonl").mkdir(parents=True)  # rank 0's write at the end of epoch 1 fails
+    done = qin("train", "--data", str(data_dir), "--out", str(run), *SMALL, "train.epochs=1", procs=2)
+    assert done.returncode != 0
+    assert done.stderr.count("qin train: error: [Errno 21] Is a directory") == 1, done.stderr[-3000:]
+    assert f'File "{REPO}' not in done.stderr and "Connection" not in done.stderr, done.stderr[-3000:]
 
 
 def test_a_batch_size_the_processes_do_not_divide_is_refused_before_anything_is_written(data_dir, tmp_path):
@@ -375,8 +398,11 @@ def test_a_run_folder_in_use_stops_every_rank_with_rank_0s_reason(data_dir, tmp_
 def test_compiled_ddp_model_trains_with_its_l2_term_and_sends_no_buffers(tmp_path):
     """Under torchrun with train.compile=true the step's model is torch.compile(DDP(QIN)): the L2
     term is the inner QIN's (the compiled wrapper forwarded the lookup to DDP, which has none).
-    DDP sends no buffers before each forward (the item side data never change). One gloo process
+    DDP sends no buffers before each forward (the item side data never change). Leaving the group
+    frees DDP's Reducer, although torch.compile's wrappers copied DDP's attributes. One gloo process
     in this one: what the wrapping does does not depend on the number of ranks."""
+    import weakref
+
     import torch.distributed as dist
 
     from qin import distributed
@@ -384,8 +410,8 @@ def test_compiled_ddp_model_trains_with_its_l2_term_and_sends_no_buffers(tmp_pat
     from qin.model import QIN, compile_model
     from qin.train import loss_fn
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
+    with distributed.leaving_group_at_end():
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
         model = QIN(QINConfig(num_items=50, num_tags=10, embed_dim=8, mm_dim=16, attention_dim=16, qnn_layers=1))
         wrapped = distributed.wrap(model, torch.device("cpu"))
         assert not wrapped.will_sync_module_buffers()
@@ -398,5 +424,5 @@ def test_compiled_ddp_model_trains_with_its_l2_term_and_sends_no_buffers(tmp_pat
         loss = loss_fn(compiled, batch, embedding_l2=1e-3, global_rows=4, world_size=1)
         loss.backward()
         assert torch.isfinite(loss)
-    finally:
-        dist.destroy_process_group()
+        reducer = weakref.ref(wrapped.reducer)
+    assert reducer() is None  # before the group went: see distributed._drop_reducers
