@@ -78,9 +78,11 @@ def leaving_group_at_end():
             dist.destroy_process_group()
         raise
     if dist.is_initialized():
-        dist.barrier()
-        _drop_reducers()
-        dist.destroy_process_group()
+        try:
+            dist.barrier()  # raises if a peer died: the group is left all the same
+        finally:
+            _drop_reducers()
+            dist.destroy_process_group()
 
 
 # The DDP wrappers `wrap` made, so that leaving the group can free their Reducers first.

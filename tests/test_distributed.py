@@ -284,6 +284,29 @@ def test_a_ddp_wrapper_freed_after_leaving_the_group_does_not_hang_the_rank(tmp_
             process.kill()
 
 
+def _rank_0_fails_while_leaving(rank, init, out):
+    import torch.distributed as dist
+
+    from qin.distributed import leaving_group_at_end, wrap
+
+    try:
+        with leaving_group_at_end():
+            dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+            model = wrap(torch.nn.Linear(4, 1), torch.device("cpu"))
+            model(torch.randn(8, 4)).sum().backward()
+            if rank == 0:
+                raise OSError("rank 0's write failed")
+    except (OSError, RuntimeError) as exc:  # rank 1's: the barrier, its peer gone
+        (out / f"rank{rank}").write_text(f"{type(exc).__name__}; group left: {not dist.is_initialized()}; "
+                                         f"reducer: {'reducer' in model.__dict__}")
+
+
+def test_a_rank_whose_peer_failed_leaves_the_group_all_the_same(tmp_path):
+    torch.multiprocessing.spawn(_rank_0_fails_while_leaving, args=(f"file://{tmp_path / 'init'}", tmp_path), nprocs=2)
+    assert (tmp_path / "rank0").read_text() == "OSError; group left: True; reducer: False"
+    assert (tmp_path / "rank1").read_text() == "RuntimeError; group left: True; reducer: False"
+
+
 # A Ctrl-C that reaches rank 0 just after the ranks' per-step all_reduce agreed to go on.
 LATE_CTRL_C = """
 import os, sys, time
