@@ -221,15 +221,16 @@ def cmd_evaluate(args) -> int:
     from qin.data import require_both_classes
     from qin.train import evaluate
 
-    model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
-                                                                    args.precision, (args.split,),
-                                                                    labelled=(args.split,))
-    if dataset.splits[args.split].label is None:
-        raise UsageError(f"{dataset.root / (args.split + '.parquet')} has no label column: it cannot be evaluated")
-    require_both_classes(dataset.splits[args.split], f"{args.split}.parquet", cfg.data.label)
-    # Under torchrun each rank scores a share of the split; the AUC is computed once, on all of it.
     ctx = distributed.context_from_env()
-    with distributed.leaving_group_at_end():
+    with distributed.leaving_group_at_end():  # joined under torchrun by _model_from_checkpoint
+        model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
+                                                                        args.precision, (args.split,),
+                                                                        labelled=(args.split,))
+        if dataset.splits[args.split].label is None:
+            raise UsageError(f"{dataset.root / (args.split + '.parquet')} has no label column: it cannot be "
+                             f"evaluated")
+        require_both_classes(dataset.splits[args.split], f"{args.split}.parquet", cfg.data.label)
+        # Under torchrun each rank scores a share of the split; the AUC is computed once, on all of it.
         metrics = evaluate(model, dataset.splits[args.split], args.batch_size or cfg.train.eval_batch_size, device, ctx,
                            precision)
     if ctx.is_main:
@@ -241,11 +242,11 @@ def cmd_predict(args) -> int:
     from qin.train import predict
 
     output = _output_file(args.output, args.force)
-    model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
-                                                                    args.precision, ("test",))
-    # Under torchrun each rank scores a share of the rows; rank 0 writes them all, once.
     ctx = distributed.context_from_env()
-    with distributed.leaving_group_at_end():
+    with distributed.leaving_group_at_end():  # joined under torchrun by _model_from_checkpoint
+        model, dataset, cfg, device, precision = _model_from_checkpoint(args.checkpoint, args.data, args.device,
+                                                                        args.precision, ("test",))
+        # Under torchrun each rank scores a share of the rows; rank 0 writes them all, once.
         probs = predict(model, dataset.splits["test"], args.batch_size or cfg.train.eval_batch_size, device, ctx,
                         precision)
     if ctx.is_main:

@@ -307,6 +307,31 @@ def test_a_rank_whose_peer_failed_leaves_the_group_all_the_same(tmp_path):
     assert (tmp_path / "rank1").read_text() == "RuntimeError; group left: True; reducer: False"
 
 
+def _evaluate_as_rank(rank, port, run, data, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    import torch.distributed as dist
+
+    from qin.cli import main
+
+    code = main(["evaluate", str(run), "--data", str(data), "--device", "cpu"])
+    (out / f"rank{rank}").write_text(f"exit {code}; group left: {not dist.is_initialized()}")
+
+
+def test_scoring_that_fails_after_joining_the_group_leaves_it(data_dir, tmp_path):
+    import socket
+
+    run = tmp_path / "run"
+    assert qin("train", "--data", str(data_dir), "--out", str(run), *SMALL, "train.epochs=1",
+               "train.max_steps_per_epoch=2").returncode == 0
+    with socket.socket() as s:  # a free port for the ranks' rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_evaluate_as_rank, args=(port, run, tmp_path / "absent", tmp_path), nprocs=2)
+    for rank in (0, 1):  # the data folder is checked after the checkpoint's device joined the group
+        assert (tmp_path / f"rank{rank}").read_text() == "exit 2; group left: True"
+
+
 # A Ctrl-C that reaches rank 0 just after the ranks' per-step all_reduce agreed to go on.
 LATE_CTRL_C = """
 import os, sys, time
