@@ -488,6 +488,10 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.
     return args
 
 
+# The commands that run under torchrun, each rank taking a share of the work.
+SHARED_BY_RANKS = ("train", "evaluate", "predict")
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -498,6 +502,16 @@ def main(argv: list[str] | None = None) -> int:
     main_rank = distributed.context_from_env().is_main
     logging.basicConfig(level=logging.INFO if main_rank else logging.ERROR, format="%(message)s")
     args = _parse(build_parser(), argv)
+    ctx = distributed.context_from_env()
+    if ctx.distributed and args.command not in SHARED_BY_RANKS:
+        # Each rank would run the whole command and write the same files.
+        if main_rank:
+            print(f"qin {args.command}: error: runs in one process, not under torchrun ({ctx.world_size} "
+                  f"processes here); {', '.join(SHARED_BY_RANKS)} share their work across processes",
+                  file=sys.stderr)
+        else:
+            time.sleep(1)  # torchrun stops the group when a rank exits: rank 0 prints the verdict first
+        return 2
     try:
         return args.func(args)
     except (DataError, ConfigError, CheckpointError, UsageError) as exc:

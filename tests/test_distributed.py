@@ -395,6 +395,15 @@ def test_a_write_that_fails_on_rank_0_stops_every_rank_with_one_line(data_dir, t
     assert f'File "{REPO}' not in done.stderr and "Connection" not in done.stderr, done.stderr[-3000:]
 
 
+def test_a_command_that_runs_in_one_process_refuses_torchrun(data_dir, tmp_path):
+    # Each rank ran the whole comparison, writing the same files, and never left the group.
+    done = qin("compare", "--data", str(data_dir), "--epochs", "1", "--out", str(tmp_path / "cmp"), procs=2)
+    assert done.returncode != 0
+    assert done.stderr.count("qin compare: error: runs in one process, not under torchrun (2 processes here); "
+                             "train, evaluate, predict share their work") == 1, done.stderr[-2000:]
+    assert not (tmp_path / "cmp").exists()
+
+
 def test_a_batch_size_the_processes_do_not_divide_is_refused_before_anything_is_written(data_dir, tmp_path):
     done = qin("train", "--data", str(data_dir), "--out", str(tmp_path / "run"), *SMALL, "train.batch_size=255",
                procs=2)
