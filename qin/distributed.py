@@ -98,15 +98,15 @@ def _drop_reducers() -> None:
     killed-rank test; a loop of 2-rank DDP rounds hangs within 50). Freed here, what still holds
     the group are Python's ProcessGroup objects, whose binding releases the GIL before the join.
     Not only DDP's own attributes hold them: torch.compile's wrappers of the DDP module copied its
-    __dict__ (functools.wraps), so every dict that holds them lets go."""
+    __dict__ (functools.wraps), so each dict holding one under DDP's name for it lets go."""
     for ddp in list(_wrapped):
-        for held in [ddp.__dict__.get(name) for name in ("logger", "reducer")]:
+        for name in ("logger", "reducer"):
+            held = ddp.__dict__.get(name)
             if held is None:
                 continue
             for holder in gc.get_referrers(held):
-                if isinstance(holder, dict):
-                    for key in [k for k, v in holder.items() if v is held]:
-                        del holder[key]
+                if isinstance(holder, dict) and holder.get(name) is held:
+                    del holder[name]
 
 
 def all_gather_objects(ctx: Context, obj) -> list:

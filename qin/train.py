@@ -296,11 +296,15 @@ def _say(text: str) -> None:
     may run inside a write to sys.stderr's buffer (tqdm's, blocked on a full pipe), where a print
     raises "reentrant call"."""
     try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # a stream without one (pytest's capture)
-        print(text, end="", file=sys.stderr)
-        return
-    os.write(fd, text.encode())
+        try:
+            fd = sys.stderr.fileno()
+        except (AttributeError, OSError, ValueError):  # a stream without one (pytest's capture)
+            if sys.stderr is not None:
+                print(text, end="", file=sys.stderr)
+            return
+        os.write(fd, text.encode())
+    except OSError:  # stderr gone (a closed pipe): the stop itself must not be lost
+        pass
 
 
 @contextmanager
@@ -310,9 +314,10 @@ def _catch_stop_signals(then: str = "saving latest.pt after this step"):
     flag = {"set": False, "signum": signal.SIGINT}
 
     def handler(signum, frame):
-        if not flag["set"] and distributed.context_from_env().is_main:  # under torchrun every rank gets it
-            _say(f"\nreceived {signal.Signals(signum).name}: {then}\n")
+        first = not flag["set"]
         flag["set"], flag["signum"] = True, signum
+        if first and distributed.context_from_env().is_main:  # under torchrun every rank gets it
+            _say(f"\nreceived {signal.Signals(signum).name}: {then}\n")
 
     previous = {}
     try:
@@ -578,7 +583,7 @@ class Trainer:
                 for path in remove_stale_temporaries(self.out_dir):
                     self.log(f"removed {path.name}, a partial write left by the interrupted run")
             self.restore(self.out_dir / "latest.pt")
-            self._on_rank0(self._repair_after_resume, errors=(OSError, RuntimeError))
+            self._on_rank0(self._repair_after_resume)
             if self.state.finished or self.state.epoch >= tc.epochs:
                 why = "early stopping ended it" if self.state.finished else f"train.epochs={tc.epochs}"
                 self.log(f"{self.out_dir / 'latest.pt'}: the run is over after {self.state.epoch} epochs ({why}); "
@@ -615,6 +620,7 @@ class Trainer:
                     # stop here rather than train a step of the next epoch first.
                     stop = self._any_rank_stopped(interrupted)
                     if stop and not self.state.finished and self.state.epoch < tc.epochs:
+                        interrupted["set"] = True  # a stop another rank caught is this rank's too
                         raise TrainingInterrupted(
                             f"interrupted after epoch {self.state.epoch}, step {self.state.step}; checkpoint saved "
                             f"to {self.out_dir / 'latest.pt'}; continue with: qin train --resume {self.out_dir}",
@@ -684,6 +690,7 @@ class Trainer:
             if self._stop_agreed if ctx.distributed else interrupted["set"]:
                 bar.close()
                 self.save("latest.pt")
+                interrupted["set"] = True  # a stop another rank caught is this rank's too
                 raise TrainingInterrupted(
                     f"interrupted at epoch {st.epoch + 1}, step {st.step}; checkpoint saved to "
                     f"{self.out_dir / 'latest.pt'}; continue with: qin train --resume {self.out_dir}",

@@ -1,4 +1,5 @@
 """DistributedDataParallel on the CPU: 2 gloo processes launched by torchrun, against 1 process."""
+import datetime
 import json
 import os
 import signal
@@ -291,13 +292,16 @@ def _rank_0_fails_while_leaving(rank, init, out):
 
     try:
         with leaving_group_at_end():
-            dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+            # A deadline for rank 1's barrier, should gloo not see its peer go (30 minutes by default).
+            dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
+                                    timeout=datetime.timedelta(seconds=60))
             model = wrap(torch.nn.Linear(4, 1), torch.device("cpu"))
             model(torch.randn(8, 4)).sum().backward()
             if rank == 0:
                 raise OSError("rank 0's write failed")
-    except (OSError, RuntimeError) as exc:  # rank 1's: the barrier, its peer gone
-        (out / f"rank{rank}").write_text(f"{type(exc).__name__}; group left: {not dist.is_initialized()}; "
+    except (OSError, RuntimeError) as exc:  # rank 1's: the barrier, its peer gone (DistBackendError)
+        kind = "OSError" if isinstance(exc, OSError) else "RuntimeError"
+        (out / f"rank{rank}").write_text(f"{kind}; group left: {not dist.is_initialized()}; "
                                          f"reducer: {'reducer' in model.__dict__}")
 
 
@@ -332,7 +336,7 @@ def test_scoring_that_fails_after_joining_the_group_leaves_it(data_dir, tmp_path
         assert (tmp_path / f"rank{rank}").read_text() == "exit 2; group left: True"
 
 
-# A Ctrl-C that reaches rank 0 just after the ranks' per-step all_reduce agreed to go on.
+# A Ctrl-C that reaches rank CTRL_C_RANK just after the ranks' per-step all_reduce agreed to go on.
 LATE_CTRL_C = """
 import os, sys, time
 import qin.train, qin.watch
@@ -343,7 +347,7 @@ checked, calls = qin.train.Trainer._checked_step, []
 def checked_then_ctrl_c(self, loss, grad_norm, rows, interrupted):
     out = checked(self, loss, grad_norm, rows, interrupted)
     calls.append(1)
-    if self.ctx.rank == 0 and len(calls) == 3:
+    if self.ctx.rank == int(os.environ["CTRL_C_RANK"]) and len(calls) == 3:
         interrupted["set"] = True
     return out
 
@@ -363,14 +367,16 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_late_ctrl_c_stops_every_rank_at_the_same_step(data_dir, tmp_path):
+@pytest.mark.parametrize("ctrl_c_rank", [0, 1], ids=["rank 0 gets it", "rank 1 alone gets it"])
+def test_a_late_ctrl_c_stops_every_rank_at_the_same_step(data_dir, tmp_path, ctrl_c_rank):
     # Stopping on the live flag sent rank 0 into save()'s collectives while rank 1 ran the next
     # step's: the job hung until torchrun killed it. The ranks must stop on their shared verdict.
     (tmp_path / "late_ctrl_c.py").write_text(LATE_CTRL_C)
     run = tmp_path / "run"
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
     proc = subprocess.Popen([*launcher, str(tmp_path / "late_ctrl_c.py"), "train", "--data", str(data_dir),
-                             "--out", str(run), *SMALL, "train.epochs=1"], env=env(), stdout=subprocess.PIPE,
+                             "--out", str(run), *SMALL, "train.epochs=1"],
+                            env={**env(), "CTRL_C_RANK": str(ctrl_c_rank)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=150)
