@@ -34,6 +34,14 @@ settings.register_profile("cuda", deadline=None, max_examples=8, derandomize=Tru
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cuda" if os.environ.get("QIN_TEST_CUDA") else "ci"))
 
 
+@pytest.fixture(autouse=True)
+def same_random_state_whatever_ran_before():
+    """torch's global generator seeded afresh for every test: what a test draws without a generator
+    of its own does not depend on which tests ran before it, so a test run alone, or in another
+    order, sees the inputs it saw in the whole suite."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def deterministic_algorithms():
     """torch.use_deterministic_algorithms(True) for the test, then the settings as they were."""
