@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -524,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         if main_rank:  # which saved the checkpoint the message names
             print(f"qin {args.command}: {exc}", file=sys.stderr)
         return 128 + int(exc.signum)
+    except KeyboardInterrupt as exc:  # Ctrl-C where nothing waits for a step, or a second one
+        print(f"qin {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
     except TrainingError as exc:
         if main_rank or not getattr(exc, "shared_by_ranks", False):
             print(f"qin {args.command}: error: {exc}", file=sys.stderr)

@@ -196,7 +196,7 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
     """Train each variant `seeds` times on one dataset: the folder `data`, or a FuxiCTR dataset
     block (read_fuxictr_dataset's data section, with its folder unless `data` names one), or the
     built-in generated data; write compare.md/.csv/.png into `out`."""
-    from qin.train import TrainingError, TrainingInterrupted
+    from qin.train import StoppedAtOnce, TrainingError, TrainingInterrupted
 
     blocking = file_in_the_way(out)
     if blocking:
@@ -225,10 +225,10 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
             for seed in range(seeds):
                 results.append(train_variant(v, seed, dataset, str(dataset.root), runs / f"{v.name}-seed{seed}",
                                              epochs, overrides, base, log, dataset_block))
-    except (TrainingInterrupted, TrainingError) as exc:
+    except (TrainingInterrupted, StoppedAtOnce, TrainingError) as exc:
         # The runs are scratch (deleted below): keep what finished, and say so, rather than point
         # at a checkpoint that is about to go.
-        stopped = isinstance(exc, TrainingInterrupted)
+        stopped = isinstance(exc, (TrainingInterrupted, StoppedAtOnce))
         why = f"{'stopped' if stopped else 'failed'} in {v.name} seed {seed}"
         kept = (f"the {len(results)} finished run(s) of {total} are in {out / 'compare.md'}" if results
                 else "no run had finished; nothing written"

@@ -49,6 +49,17 @@ class TrainingInterrupted(Exception):
         self.signum = signum  # the exit status is 128 + signum, as the shell reports a signal
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second stop signal while the first waits for the step in progress (a slow step: fp16 on a
+    CPU, a huge batch): stop now, without saving. A KeyboardInterrupt, so that no `except
+    Exception` on the way (a backend trial, a write's error handling) can swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"received {signal.Signals(signum).name} again: stopped at once, without saving the step "
+                         f"in progress")
+        self.signum = signum
+
+
 @dataclasses.dataclass
 class TrainerState:
     epoch: int = 0  # epochs completed
@@ -315,9 +326,13 @@ def _catch_stop_signals(then: str = "saving latest.pt after this step"):
 
     def handler(signum, frame):
         first = not flag["set"]
+        ctx = distributed.context_from_env()
+        if not first and not ctx.distributed:  # asked twice: the user will not wait for the step
+            raise StoppedAtOnce(signum)
         flag["set"], flag["signum"] = True, signum
-        if first and distributed.context_from_env().is_main:  # under torchrun every rank gets it
-            _say(f"\nreceived {signal.Signals(signum).name}: {then}\n")
+        if first and ctx.is_main:  # under torchrun every rank gets it
+            again = "" if ctx.distributed else " (again to stop at once, without saving)"
+            _say(f"\nreceived {signal.Signals(signum).name}: {then}{again}\n")
 
     previous = {}
     try:
@@ -625,6 +640,10 @@ class Trainer:
                             f"interrupted after epoch {self.state.epoch}, step {self.state.step}; checkpoint saved "
                             f"to {self.out_dir / 'latest.pt'}; continue with: qin train --resume {self.out_dir}",
                             interrupted["signum"])
+        except StoppedAtOnce as exc:
+            if (self.out_dir / "latest.pt").exists():
+                exc.args = (f"{exc}; continue from the last checkpoint saved with: qin train --resume {self.out_dir}",)
+            raise
         finally:
             self.watch.close()
         return self.state

@@ -91,15 +91,19 @@ def test_a_stopped_compare_keeps_the_finished_runs_and_says_where(data_dir, tmp_
     assert (out / "compare.md").read_text() == table
 
 
-def test_a_stop_signal_in_compare_promises_the_table_not_a_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice: at once"])
+def test_a_stop_signal_in_compare_promises_the_table_not_a_checkpoint(data_dir, tmp_path, monkeypatch, capsys,
+                                                                       signals):
     """The runs' folders are scratch, deleted when compare ends: the signal's answer must not say
-    latest.pt is being saved, as a plain `qin train` does."""
+    latest.pt is being saved, as a plain `qin train` does. A second signal stops the run in
+    progress at once, and the finished runs' table is still kept."""
     train_epoch, calls = qin.train.Trainer._train_epoch, []
 
     def signalled_in_the_second_run(self, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)  # the handler sets a flag; the step loop stops
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGTERM)  # the handler sets a flag; the step loop stops
         return train_epoch(self, *args, **kwargs)
 
     monkeypatch.setattr(qin.train.Trainer, "_train_epoch", signalled_in_the_second_run)
@@ -108,7 +112,8 @@ def test_a_stop_signal_in_compare_promises_the_table_not_a_checkpoint(data_dir, 
     assert main(args) == 128 + signal.SIGTERM
     err = capsys.readouterr().err
     assert "received SIGTERM: stopping after this step; the finished runs' table is kept" in err
-    assert "latest.pt" not in err
+    assert "latest.pt" not in err and "--resume" not in err
+    assert f"stopped in no_asta seed 0; the 1 finished run(s) of 2 are in {out / 'compare.md'}" in err
     assert "(`qin`)" in (out / "compare.md").read_text()
 
 

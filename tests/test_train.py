@@ -318,15 +318,68 @@ def test_ctrl_c_or_a_termination_signal_saves_a_checkpoint_and_exits_cleanly(dat
     out = tmp_path / "run"
     proc = subprocess.Popen(qin_command("train", *train_args(data_dir, out, epochs=50)), env=run_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and _latest_step(out) < 2:
-        time.sleep(0.05)
-    proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and _latest_step(out) < 2:
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=120)
+    finally:  # a run of 50 epochs would go on beside the rest of the suite
+        proc.kill()
+        proc.wait()
     assert proc.returncode == 128 + signum, stderr
     assert "Traceback" not in stderr and f"received {signal.Signals(signum).name}" in stderr
     assert f"qin train --resume {out}" in stderr
     assert load_checkpoint(out / "latest.pt")["trainer"]["step"] >= 2
+
+
+# A step that takes for ever once two are checkpointed (fp16 on a CPU, a huge batch).
+SLOW_THIRD_STEP = """
+import sys, time
+from pathlib import Path
+import qin.train
+from qin.cli import main
+
+def slow_third(step):
+    def slow(self, *args):
+        if self.state.step == 3:  # counted before the optimizer steps
+            Path(sys.argv[1]).write_text("slow")
+            time.sleep(600)
+        return step(self, *args)
+    return slow
+
+for name in ("_checked_step", "_deferred_step"):  # the host checks each step, or only the device does
+    setattr(qin.train.Trainer, name, slow_third(getattr(qin.train.Trainer, name)))
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_second_ctrl_c_stops_a_slow_step_at_once(data_dir, tmp_path):
+    """The first Ctrl-C waits for the step in progress, so as to save it; the second does not
+    wait: it was ignored, and only SIGKILL stopped an fp16 run on the CPU."""
+    out, script, slow = tmp_path / "run", tmp_path / "slow.py", tmp_path / "slow"
+    script.write_text(SLOW_THIRD_STEP)
+    proc = subprocess.Popen([sys.executable, str(script), str(slow), "train", *train_args(data_dir, out)],
+                            env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not slow.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(1)
+        assert proc.poll() is None  # the first waits for the step
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "received SIGINT: saving latest.pt after this step (again to stop at once, without saving)" in stderr
+    assert ("qin train: received SIGINT again: stopped at once, without saving the step in progress; continue from "
+            f"the last checkpoint saved with: qin train --resume {out}") in stderr
+    assert "Traceback" not in stderr, stderr
+    assert load_checkpoint(out / "latest.pt")["trainer"]["step"] == 2  # the last one saved, whole
+    assert not list(out.glob(".*.tmp"))
 
 
 def test_the_rate_never_decays_below_min_lr(data_dir, tmp_path, monkeypatch):
