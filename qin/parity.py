@@ -25,10 +25,12 @@ import math
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -924,7 +926,17 @@ def rerun_if_interpreter_differs(args) -> int | None:
         env["TRITON_INTERPRET"] = "1"
     else:
         env.pop("TRITON_INTERPRET", None)
-    return subprocess.run([sys.executable, "-m", "qin", "parity", *_argv(args)], env=env).returncode
+    child = subprocess.Popen([sys.executable, "-m", "qin", "parity", *_argv(args)], env=env)
+    # A Ctrl-C reaches the child too (the terminal signals the whole process group), and the child
+    # says what it kept: this process only waits for it, where it printed a second traceback and
+    # subprocess.run killed the child 0.25 s later. Ignored after the start: the child inherits it.
+    main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works there only
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        return child.wait()
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 CHECK_NAMES = tuple(op.name for op in OPS) + ("qnn_dropout_mask", "model")

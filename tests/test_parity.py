@@ -88,7 +88,15 @@ def test_a_wrong_interpreter_setting_reruns_the_command_in_a_fresh_process(monke
     calls = []
     monkeypatch.setattr(kernels.utils, "INTERPRETING", False)
     monkeypatch.delenv(parity.CHILD_ENV, raising=False)
-    monkeypatch.setattr(subprocess, "run", lambda cmd, env: calls.append((cmd, env)) or subprocess.CompletedProcess(cmd, 3))
+
+    class Child:
+        def __init__(self, cmd, env):
+            calls.append((cmd, env))
+
+        def wait(self):
+            return 3
+
+    monkeypatch.setattr(subprocess, "Popen", Child)
     assert main(["parity", "--quick", "--device", "cpu", "--out", str(tmp_path), "--only", "asta", "--force",
                  "--seeds", "2"]) == 3
     (cmd, env), = calls
@@ -291,6 +299,34 @@ def test_a_run_stopped_part_way_keeps_the_checks_it_finished(tmp_path, monkeypat
     report = (tmp_path / "parity.md").read_text()
     assert "**INCOMPLETE**" in report and "the checks done so far: qnn_dropout_mask." in report
     assert len((tmp_path / "parity.csv").read_text().splitlines()) == 1 + 5  # the mask's rows
+
+
+def test_ctrl_c_in_a_rerun_says_one_line(tmp_path):
+    """Ctrl-C reaches the whole process group: the parent that reran the command for the
+    interpreter and its child each printed a KeyboardInterrupt traceback."""
+    import os
+    import signal
+    import sys
+    import time
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # so that the CPU run reruns
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-m", "qin", "parity", "--quick", "--device", "cpu", "--out",
+                             str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a terminal's process group of its own
+    try:
+        deadline = time.time() + 180
+        while not (tmp_path / "parity.md").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)  # the child writes its report as it goes
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and stderr.count("qin parity: interrupted") == 1, stderr[-3000:]
+    assert "**INCOMPLETE**" in (tmp_path / "parity.md").read_text()
 
 
 def test_the_dropout_mask_statistics_catch_a_wrong_rate_and_correlated_draws(monkeypatch):
