@@ -664,8 +664,9 @@ def make_plots(rows: list[dict], folder: Path) -> list[str]:
 # -- the command -----------------------------------------------------------------------------------
 
 def write_outputs(out: Path, rows: list[dict], failures: list[str], device: torch.device, quick: bool,
-                  seconds: float, force: bool, command: str | None = None) -> None:
-    """Build everything in a temporary folder beside `out`, then move the files into place."""
+                  seconds: float, force: bool, command: str | None = None) -> list[str]:
+    """Build everything in a temporary folder beside `out`, then move the files into place; returns
+    their names."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -680,6 +681,7 @@ def write_outputs(out: Path, rows: list[dict], failures: list[str], device: torc
             raise BenchError(f"{clash} exists; pass --force to overwrite it")
         for f in staged:
             os.replace(f, out / f.name)
+        return [f.name for f in staged]
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -718,8 +720,9 @@ def run_command(args) -> int:
         raise BenchError("no section produced a figure: " + "; ".join(failures))
     command = " ".join(["qin bench", *(["--quick"] if args.quick else []), *(["--codegen"] if args.codegen else []),
                         *(["--only", *args.only] if args.only else [])])
-    write_outputs(out, rows, failures, device, args.quick, time.perf_counter() - start, args.force, command)
-    print(f"\nwrote {out / 'report.md'}, {out / 'results.csv'} and plots ({len(rows)} figures"
+    written = write_outputs(out, rows, failures, device, args.quick, time.perf_counter() - start, args.force,
+                            command)
+    print(f"\nwrote {', '.join(written)} in {out} ({len(rows)} result rows"
           + (f"; {len(failures)} section(s) failed, see the report" if failures else "") + ")")
     return 1 if failures else 0
 

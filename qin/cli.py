@@ -19,7 +19,7 @@ import numpy as np
 from qin import distributed
 from qin.checkpoint import CheckpointError, atomic_write, load_checkpoint, training_there
 from qin.commands_common import BUILTIN_SETTINGS, UsageError, file_in_the_way, load_data, override_key
-from qin.config import ConfigError, load_config, read_fuxictr_dataset
+from qin.config import ConfigError, QINConfig, load_config, read_fuxictr_dataset
 
 
 def cmd_make_data(args) -> int:
@@ -103,6 +103,17 @@ def _refuse_data_sized(overrides: list[str]) -> None:
                              f"(declare vocab_size and embedding_dim in data.features)")
 
 
+def _refuse_data_sized_in_file(path: str, cfg) -> None:
+    """The same keys in a --config file. num_items and features are replaced by the data's (and
+    recorded so); the others would be recorded and do nothing, so a value other than QINConfig's
+    is refused (a run's own config.yaml, reused, holds QINConfig's)."""
+    default = QINConfig()
+    for key in ("num_tags", "num_levels", "tags_per_item", "mm_dim"):
+        if getattr(cfg.model, key) != getattr(default, key):
+            raise UsageError(f"{path}: model.{key}: {getattr(cfg.model, key)}: qin train sizes model.{key} from the "
+                             f"data (declare vocab_size and embedding_dim in data.features)")
+
+
 def _add_dataset_block_args(p) -> None:
     p.add_argument("--data-config", help="a FuxiCTR dataset_config.yaml; its block --dataset-id sets the data section")
     p.add_argument("--dataset-id", help="the dataset block to read from --data-config")
@@ -134,6 +145,8 @@ def cmd_train(args) -> int:
         base = None if (args.data or _data_dir_override(args.overrides) or args.config or dataset_block) \
             else BUILTIN_SETTINGS
         cfg = load_config(args.config, args.overrides, base=base, dataset=dataset_block)
+        if args.config:
+            _refuse_data_sized_in_file(args.config, cfg)
         if args.data:
             cfg.data.dir = args.data
         out_dir = Path(args.out or cfg.train.out_dir)
@@ -461,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("parity", help="check the fused kernels and the model against float64; write parity.md/.csv")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="small shapes only (about 15 s on a CPU)")
+    p.add_argument("--quick", action="store_true", help="small shapes only (under a minute on a CPU)")
     p.add_argument("--out", default="runs/parity", help="folder for parity.md and parity.csv")
     p.add_argument("--force", action="store_true", help="overwrite an earlier report in --out")
     p.add_argument("--training", action="store_true", help="also train with each backend over --seeds seeds")

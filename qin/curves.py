@@ -72,6 +72,12 @@ def _step_series(run: RunCurves, tag: str) -> tuple[np.ndarray, np.ndarray] | No
     return steps_to_epochs(run.records, steps), np.array([last[s] for s in sorted(last)])
 
 
+def _lone(series: tuple[np.ndarray, np.ndarray]) -> str | None:
+    """A marker for a series of one point (a short run logs one step), which a line alone leaves
+    undrawn."""
+    return "o" if len(series[0]) == 1 else None
+
+
 def draw(runs: list[RunCurves], path: str | Path) -> None:
     """Three panels (loss, valid AUC, learning rate), one colour per run; written atomically."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
@@ -85,7 +91,7 @@ def draw(runs: list[RunCurves], path: str | Path) -> None:
         epochs = [r["epoch"] for r in run.records]
         step_loss = _step_series(run, "train/loss")
         if step_loss is not None:
-            ax_loss.plot(*step_loss, color=color, alpha=0.35, linewidth=1)
+            ax_loss.plot(*step_loss, color=color, alpha=0.35, linewidth=1, marker=_lone(step_loss))
         ax_loss.plot(epochs, [r["train_loss"] for r in run.records], "o-", color=color, markersize=4)
         ax_loss.plot(epochs, [r["valid_logloss"] for r in run.records], "s--", color=color, markersize=4)
         auc = [r["valid_auc"] for r in run.records]
@@ -99,7 +105,7 @@ def draw(runs: list[RunCurves], path: str | Path) -> None:
                         xytext=(0, 8), ha="center", fontsize=8, color=color)
         step_lr = _step_series(run, "train/lr")
         if step_lr is not None:
-            ax_lr.plot(*step_lr, color=color, drawstyle="steps-post")
+            ax_lr.plot(*step_lr, color=color, drawstyle="steps-post", marker=_lone(step_lr))
         else:  # no step log: the lr each epoch ended with
             ax_lr.plot(epochs, [r["lr"] for r in run.records], "o", color=color)
     ax_loss.set_title("loss")

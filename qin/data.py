@@ -210,7 +210,9 @@ class _FileReader:
         if path.is_dir():  # as Spark writes a partitioned table
             raise data_error(self.name, f"is a folder in {path.parent}; expected one parquet file")
         if not path.is_file():
-            raise data_error(self.name, f"file is missing from {path.parent}")
+            there = sorted(p.name for p in path.parent.glob("*.parquet")) if path.parent.is_dir() else []
+            raise data_error(self.name, f"file is missing from {path.parent}"
+                             + (f" (it holds {', '.join(there)})" if there else ""))
         try:
             self.parquet = pq.ParquetFile(path)
             schema = self.parquet.schema_arrow

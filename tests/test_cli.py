@@ -250,6 +250,18 @@ def test_resume_in_another_folder_and_data_sized_overrides_are_refused(data_dir,
         assert main(["train", *args]) == 2
         assert named in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # In a --config file too (it was recorded in config.yaml, and did nothing); a run's own
+    # config.yaml, reused as one, is taken.
+    (tmp_path / "tags.yaml").write_text("model:\n  num_tags: 5\n")
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "z"), "--config",
+                 str(tmp_path / "tags.yaml")]) == 2
+    assert (f"{tmp_path / 'tags.yaml'}: model.num_tags: 5: qin train sizes model.num_tags from the data"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "z").exists()
+    from qin.cli import _refuse_data_sized_in_file
+    from qin.config import load_config
+
+    _refuse_data_sized_in_file("config.yaml", load_config(run_dir / "config.yaml"))
 
 
 def test_histories_too_large_for_memory_name_max_len(data_dir, monkeypatch):
@@ -422,7 +434,8 @@ def test_scoring_reads_only_the_split_it_scores(run_dir, data_dir, tmp_path, cap
     assert main(["predict", str(run_dir), "--output", str(tmp_path / "b.csv")]) == 0
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
     assert main(["evaluate", str(run_dir), "--data", str(fresh)]) == 2
-    assert "valid.parquet: file is missing" in capsys.readouterr().err
+    assert f"valid.parquet: file is missing from {fresh} (it holds item_info.parquet, test.parquet)" in \
+        capsys.readouterr().err  # what --split could name
 
 
 @pytest.mark.parametrize("command", ["predict", "export"])

@@ -125,6 +125,24 @@ def test_labels_and_epoch_axis():
     np.testing.assert_allclose(steps_to_epochs(records, np.array([4.0, 8.0, 12.0, 20.0])), [0.5, 1.0, 1.5, 2.5])
 
 
+def test_a_run_that_logged_one_step_shows_it(tmp_path, monkeypatch):
+    """12 steps logged every 10: one point per step curve, which a line alone left undrawn (an
+    empty learning-rate panel)."""
+    from matplotlib.figure import Figure
+
+    from qin.curves import RunCurves, draw
+
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *args, **kwargs: drawn.append(fig))
+    records = [{"epoch": 1, "step": 6, "train_loss": 0.6, "valid_auc": 0.7, "valid_logloss": 0.6, "lr": 1e-3},
+               {"epoch": 2, "step": 12, "train_loss": 0.5, "valid_auc": 0.8, "valid_logloss": 0.5, "lr": 1e-3}]
+    draw([RunCurves("mine", records, {"train/loss": [(10, 0.55)], "train/lr": [(10, 1e-3)]})], tmp_path / "c.png")
+    ax_loss, _, ax_lr = drawn[0].axes
+    for ax in (ax_loss, ax_lr):
+        line = ax.lines[0]  # the step series
+        assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "None", "", " ")
+
+
 def test_a_stopped_run_resumes_its_curves_with_each_step_once(dataset, run_dir, tmp_path, monkeypatch):
     # Stop at step 7: the checkpoint covers step 5, the events already hold step 6.
     first = make_trainer(dataset, tmp_path / "split", *WATCHED)
