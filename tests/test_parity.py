@@ -312,9 +312,11 @@ def test_ctrl_c_in_a_rerun_says_one_line(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # so that the CPU run reruns
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    # A process group of its own, as a terminal gives a command, and SIGINT handled as there: a
+    # suite run in the background (`pytest &` in a script) inherits it ignored, and so would qin.
     proc = subprocess.Popen([sys.executable, "-m", "qin", "parity", "--quick", "--device", "cpu", "--out",
                              str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # a terminal's process group of its own
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 180
         while not (tmp_path / "parity.md").exists() and proc.poll() is None and time.time() < deadline:
