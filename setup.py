@@ -27,5 +27,5 @@ setup(
         "test": ["pytest>=7", "hypothesis>=6.80", "pytest-benchmark>=4"],
         "bench": ["pytest-benchmark>=4"],
     },
-    entry_points={"console_scripts": ["qin=qin.cli:main"]},
+    entry_points={"console_scripts": ["qin=qin.cli:console_main"]},
 )

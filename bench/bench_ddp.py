@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from bench.common import device_argument, make_row, percentiles, print_table
+from qin.errors import StoppedBySignal
 from qin.synth import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +89,7 @@ def run_to_the_end(command: list[str], env: dict, timeout: float) -> subprocess.
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"{signal.Signals(signum).name}: stopping the DDP job")
+    raise StoppedBySignal(f"received {signal.Signals(signum).name}: the DDP job was stopped", signum)
 
 
 def global_batch(device: torch.device, procs: int) -> int:

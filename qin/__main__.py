@@ -1,5 +1,3 @@
-import sys
+from qin.cli import console_main
 
-from qin.cli import main
-
-sys.exit(main())
+console_main()

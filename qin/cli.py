@@ -53,9 +53,9 @@ def cmd_make_data(args) -> int:
                 raise UsageError(f"{out / in_the_way[0]} is in the way (not a file); nothing was written")
             for name in new:
                 os.replace(staging / name, out / name)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(f"qin make-data: interrupted; {out} is as it was", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))
     except MemoryError:
         raise UsageError(f"{args.rows:,} rows of {args.items:,} items do not fit in this machine's memory; "
                          f"a smaller --rows or --items does") from None
@@ -103,15 +103,15 @@ def _refuse_data_sized(overrides: list[str]) -> None:
                              f"(declare vocab_size and embedding_dim in data.features)")
 
 
-def _refuse_data_sized_in_file(path: str, cfg) -> None:
-    """The same keys in a --config file. num_items and features are replaced by the data's (and
-    recorded so); the others would be recorded and do nothing, so a value other than QINConfig's
-    is refused (a run's own config.yaml, reused, holds QINConfig's)."""
+def data_sized_in_file(path: str, cfg) -> list[str]:
+    """The same keys in a --config file, said in a warning each: num_items and features are replaced
+    by the data's (and recorded so); the others do nothing. Not refused: a run's own config.yaml,
+    reused as one, holds them (runs before 49a1a7a recorded them from their data)."""
     default = QINConfig()
-    for key in ("num_tags", "num_levels", "tags_per_item", "mm_dim"):
-        if getattr(cfg.model, key) != getattr(default, key):
-            raise UsageError(f"{path}: model.{key}: {getattr(cfg.model, key)}: qin train sizes model.{key} from the "
-                             f"data (declare vocab_size and embedding_dim in data.features)")
+    return [f"{path}: model.{key}: {getattr(cfg.model, key)} is ignored: qin train sizes the model from the data "
+            f"(declare vocab_size and embedding_dim in data.features)"
+            for key in ("num_tags", "num_levels", "tags_per_item", "mm_dim")
+            if getattr(cfg.model, key) != getattr(default, key)]
 
 
 def _add_dataset_block_args(p) -> None:
@@ -145,8 +145,8 @@ def cmd_train(args) -> int:
         base = None if (args.data or _data_dir_override(args.overrides) or args.config or dataset_block) \
             else BUILTIN_SETTINGS
         cfg = load_config(args.config, args.overrides, base=base, dataset=dataset_block)
-        if args.config:
-            _refuse_data_sized_in_file(args.config, cfg)
+        for line in data_sized_in_file(args.config, cfg) if args.config else []:
+            logging.getLogger("qin").warning(line)
         if args.data:
             cfg.data.dir = args.data
         out_dir = Path(args.out or cfg.train.out_dir)
@@ -539,8 +539,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"qin {args.command}: {exc}", file=sys.stderr)
         return 128 + int(exc.signum)
     except KeyboardInterrupt as exc:  # Ctrl-C where nothing waits for a step, or a second one
-        print(f"qin {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
-        return 128 + int(getattr(exc, "signum", signal.SIGINT))
+        if main_rank and not getattr(exc, "reported", False):
+            print(f"qin {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        exc.reported = True
+        raise  # console_main leaves by the signal
     except TrainingError as exc:
         if main_rank or not getattr(exc, "shared_by_ranks", False):
             print(f"qin {args.command}: error: {exc}", file=sys.stderr)
@@ -559,5 +561,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def console_main(argv: list[str] | None = None) -> None:
+    """The `qin` command and `python -m qin`: main's exit status. A Ctrl-C that main reported in
+    one line leaves the process by SIGINT, after Python's own clean-up, as an uncaught Ctrl-C does,
+    so that a shell script's loop around qin stops too (an exit status of 130 lets it go on); another
+    stop signal exits 128 + the signal. (qin train's saved stop exits 128 + the signal, as documented.)"""
+    try:
+        code = main(argv)
+    except KeyboardInterrupt as exc:
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        if signum != signal.SIGINT:
+            sys.exit(128 + signum)
+        sys.excepthook = _quiet_after_a_reported_interrupt
+        raise KeyboardInterrupt from None  # CPython dies of SIGINT for this very type, not a subclass
+    sys.exit(code)
+
+
+def _quiet_after_a_reported_interrupt(kind, value, traceback) -> None:
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, traceback)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

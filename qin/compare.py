@@ -229,7 +229,8 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
         # The runs are scratch (deleted below): keep what finished, and say so, rather than point
         # at a checkpoint that is about to go.
         stopped = isinstance(exc, (TrainingInterrupted, StoppedAtOnce))
-        why = f"{'stopped' if stopped else 'failed'} in {v.name} seed {seed}"
+        how = "stopped at once" if isinstance(exc, StoppedAtOnce) else "stopped" if stopped else "failed"
+        why = f"{how} in {v.name} seed {seed}"
         kept = (f"the {len(results)} finished run(s) of {total} are in {out / 'compare.md'}" if results
                 else "no run had finished; nothing written"
                 + (f" ({clashes[0]} is an earlier compare's, left as it was)" if clashes else ""))

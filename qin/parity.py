@@ -44,6 +44,7 @@ import kernels.utils
 from kernels import reference, tolerances
 from kernels.dropout import keep_mask
 from kernels.quadratic_projection import dropout_keep_mask
+from qin.errors import StoppedBySignal
 
 DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 CHILD_ENV = "QIN_PARITY_CHILD"
@@ -933,10 +934,13 @@ def rerun_if_interpreter_differs(args) -> int | None:
     main_thread = threading.current_thread() is threading.main_thread()  # signal.signal works there only
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
     try:
-        return child.wait()
+        status = child.wait()
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, previous)
+    if status == -signal.SIGINT:  # the child said why and died of it: this process leaves the same way
+        raise StoppedBySignal("", signal.SIGINT, reported=True)
+    return status if status >= 0 else 128 - status  # another signal, as a shell reports it
 
 
 CHECK_NAMES = tuple(op.name for op in OPS) + ("qnn_dropout_mask", "model")

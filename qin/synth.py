@@ -32,6 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from qin.errors import StoppedBySignal
+
 logger = logging.getLogger(__name__)
 
 # The built-in dataset of the CLI: sized to train for about 5 minutes on 2 CPU cores.
@@ -370,7 +372,7 @@ def staging_folder(parent: Path, prefix: str):
               and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
     if handle:
         def interrupt(signum, frame):
-            raise KeyboardInterrupt("SIGTERM")
+            raise StoppedBySignal("received SIGTERM", signum)
 
         signal.signal(signal.SIGTERM, interrupt)
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))

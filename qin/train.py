@@ -30,6 +30,7 @@ from qin.checkpoint import (CheckpointError, atomic_write, check_model_config, l
 from qin.config import ConfigError, RunConfig
 from qin.data import (Dataset, Split, item_info_fingerprint, iterate_batches, require_both_classes,
                       warn_if_another_item_table)
+from qin.errors import StoppedBySignal
 from qin.host_memory import bound_kept_memory, keep_freed_memory
 from qin.metrics import log_loss, roc_auc
 from qin.model import compile_model, count_parameters
@@ -49,15 +50,13 @@ class TrainingInterrupted(Exception):
         self.signum = signum  # the exit status is 128 + signum, as the shell reports a signal
 
 
-class StoppedAtOnce(KeyboardInterrupt):
+class StoppedAtOnce(StoppedBySignal):
     """A second stop signal while the first waits for the step in progress (a slow step: fp16 on a
-    CPU, a huge batch): stop now, without saving. A KeyboardInterrupt, so that no `except
-    Exception` on the way (a backend trial, a write's error handling) can swallow it."""
+    CPU, a huge batch): stop now, without saving."""
 
     def __init__(self, signum: int):
         super().__init__(f"received {signal.Signals(signum).name} again: stopped at once, without saving the step "
-                         f"in progress")
-        self.signum = signum
+                         f"in progress", signum)
 
 
 @dataclasses.dataclass
@@ -327,6 +326,8 @@ def _catch_stop_signals(then: str = "saving latest.pt after this step"):
     def handler(signum, frame):
         first = not flag["set"]
         ctx = distributed.context_from_env()
+        if flag.get("closing"):  # the run is ending already, its checkpoint saved or not: nothing to stop
+            return
         if not first and not ctx.distributed:  # asked twice: the user will not wait for the step
             raise StoppedAtOnce(signum)
         flag["set"], flag["signum"] = True, signum
@@ -346,6 +347,7 @@ def _catch_stop_signals(then: str = "saving latest.pt after this step"):
     try:
         yield flag
     finally:
+        flag["closing"] = True  # a signal now cannot leave the handlers half restored
         # Under torchrun, a rank that stopped exits now; the first to exit has torchrun SIGTERM the
         # rest, which killed rank 0 before it said how to resume. So it ignores stop signals until
         # it exits (torchrun kills it 30 s later if it hangs).

@@ -36,9 +36,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cuda" if os.environ.
 
 @pytest.fixture(autouse=True)
 def same_random_state_whatever_ran_before():
-    """torch's global generator seeded afresh for every test: what a test draws without a generator
-    of its own does not depend on which tests ran before it, so a test run alone, or in another
-    order, sees the inputs it saw in the whole suite."""
+    """torch's global generator seeded afresh for every test function: what its body draws without a
+    generator of its own does not depend on which tests ran before it (module-scoped fixtures,
+    set up earlier, are not covered)."""
     torch.manual_seed(0)
 
 

@@ -113,7 +113,8 @@ def test_a_stop_signal_in_compare_promises_the_table_not_a_checkpoint(data_dir, 
     err = capsys.readouterr().err
     assert "received SIGTERM: stopping after this step; the finished runs' table is kept" in err
     assert "latest.pt" not in err and "--resume" not in err
-    assert f"stopped in no_asta seed 0; the 1 finished run(s) of 2 are in {out / 'compare.md'}" in err
+    how = "stopped" if signals == 1 else "stopped at once"
+    assert f"{how} in no_asta seed 0; the 1 finished run(s) of 2 are in {out / 'compare.md'}" in err
     assert "(`qin`)" in (out / "compare.md").read_text()
 
 
