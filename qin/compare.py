@@ -228,8 +228,9 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
     except (TrainingInterrupted, StoppedAtOnce, TrainingError) as exc:
         # The runs are scratch (deleted below): keep what finished, and say so, rather than point
         # at a checkpoint that is about to go.
-        stopped = isinstance(exc, (TrainingInterrupted, StoppedAtOnce))
-        how = "stopped at once" if isinstance(exc, StoppedAtOnce) else "stopped" if stopped else "failed"
+        how = ("stopped at once" if isinstance(exc, StoppedAtOnce) else
+               "stopped" if isinstance(exc, TrainingInterrupted) else "failed")
+        stopped = how != "failed"
         why = f"{how} in {v.name} seed {seed}"
         kept = (f"the {len(results)} finished run(s) of {total} are in {out / 'compare.md'}" if results
                 else "no run had finished; nothing written"

@@ -324,10 +324,9 @@ def _catch_stop_signals(then: str = "saving latest.pt after this step"):
     flag = {"set": False, "signum": signal.SIGINT}
 
     def handler(signum, frame):
-        first = not flag["set"]
-        ctx = distributed.context_from_env()
         if flag.get("closing"):  # the run is ending already, its checkpoint saved or not: nothing to stop
             return
+        first, ctx = not flag["set"], distributed.context_from_env()
         if not first and not ctx.distributed:  # asked twice: the user will not wait for the step
             raise StoppedAtOnce(signum)
         flag["set"], flag["signum"] = True, signum
