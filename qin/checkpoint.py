@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import socket
 import tempfile
 from contextlib import contextmanager
@@ -128,15 +130,36 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
                 if path.name == "best.pt" and latest.exists() else "")
         raise CheckpointError(f"{path}: no such checkpoint{hint}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint holds tensors and plain values only, so it is read without
+        # unpickling arbitrary objects; a file from elsewhere cannot run code by being loaded.
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))  # the object weights_only would not build
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused: it asks to build {refused.group(1)}, and qin reads checkpoints with "
+                f"torch.load(weights_only=True), which builds tensors and plain values only, so that loading a file "
+                f"runs no code from it (qin's own checkpoints hold nothing else)") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_unpickling_reason(exc)})") from None
     except Exception as exc:  # torch raises many types for a damaged file
         if path.suffix == ".pt2":
             raise CheckpointError(f"{path}: a torch.export program (qin export's output), not a checkpoint; "
                                   f"name the run folder or its best.pt") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_unpickling_reason(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a QIN checkpoint (expected format {FORMAT})")
     return payload
+
+
+# torch's weights_only errors wrap the reason in advice about weights_only=False, which is not
+# ours to give: these lines are skipped when naming what was wrong with the file.
+_TORCH_ADVICE = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(_TORCH_ADVICE)]
+    return (reasons or lines or [type(exc).__name__])[0]
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

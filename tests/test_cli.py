@@ -571,6 +571,35 @@ def test_unreadable_checkpoint_is_refused(tmp_path, capsys):
     assert "not a readable checkpoint" in capsys.readouterr().err
 
 
+class _RunsCodeWhenUnpickled:
+    """What a malicious checkpoint holds: unpickling it calls a function of the file's choosing."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(run_dir, data_dir, tmp_path, capsys):
+    """evaluate/predict/export/--resume read checkpoints someone may have sent: torch.load with
+    weights_only=False would call whatever the pickle names."""
+    import shutil
+
+    sent = tmp_path / "sent"
+    shutil.copytree(run_dir, sent)
+    marker = tmp_path / "code-ran"
+    for name in ("best.pt", "latest.pt"):
+        payload = torch.load(sent / name, weights_only=True)
+        torch.save({**payload, "trick": _RunsCodeWhenUnpickled(marker)}, sent / name)
+    assert main(["evaluate", str(sent), "--data", str(data_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"{sent / 'best.pt'}: refused: it asks to build getattr" in err and "weights_only=True" in err
+    assert main(["train", "--resume", str(sent)]) == 2
+    assert f"{sent / 'latest.pt'}: refused: it asks to build getattr" in capsys.readouterr().err
+    assert not marker.exists()
+
+
 def test_running_out_of_gpu_memory_says_what_to_lower(data_dir, tmp_path, monkeypatch, capsys):
     import qin.train
 
