@@ -157,6 +157,12 @@ def cmd_train(args) -> int:
         if (out_dir / "latest.pt").exists():
             raise UsageError(f"{out_dir} already holds a run; continue it with --resume {out_dir} "
                              f"or choose another --out")
+        # latest.pt deleted to save space (it is three times best.pt): the trained model and its
+        # record would still be overwritten by the new run.
+        results = [name for name in ("best.pt", "metrics.jsonl") if (out_dir / name).exists()]
+        if results:
+            raise UsageError(f"{out_dir} already holds an earlier run's {' and '.join(results)} (without the "
+                             f"latest.pt that --resume needs); choose another --out, or move them away")
     cfg.train.out_dir = str(out_dir)  # the run's config.yaml names the folder it is in
     if resolve_device(cfg.train.device).type == "cpu":
         keep_freed_memory()  # before the data's tensors: torch reads the huge-page switch once

@@ -150,6 +150,23 @@ def test_train_refuses_to_overwrite_a_run(data_dir, run_dir, capsys):
     assert (run_dir / "latest.pt").read_bytes() == before
 
 
+def test_train_refuses_a_run_whose_latest_checkpoint_was_deleted(data_dir, run_dir, tmp_path, capsys):
+    """latest.pt is three times best.pt: a user may delete it to save space, keeping the model."""
+    import shutil
+
+    for kept in (("best.pt", "metrics.jsonl"), ("metrics.jsonl",)):
+        kept_run = tmp_path / "-".join(kept)
+        kept_run.mkdir()
+        for name in kept:
+            shutil.copy(run_dir / name, kept_run / name)
+        before = {name: (kept_run / name).read_bytes() for name in kept}
+        assert main(["train", "--data", str(data_dir), "--out", str(kept_run), *SMALL_RUN]) == 2
+        err = capsys.readouterr().err
+        assert f"{kept_run} already holds an earlier run's {' and '.join(kept)}" in err
+        assert {name: (kept_run / name).read_bytes() for name in kept} == before
+        assert sorted(p.name for p in kept_run.iterdir()) == sorted(kept)
+
+
 def test_resume_continues_and_refuses_new_data(data_dir, run_dir, tmp_path, capsys):
     copy = tmp_path / "copy"
     copy.mkdir()
