@@ -5,6 +5,7 @@ import os
 import pickle
 import re
 import socket
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -62,7 +63,22 @@ def run_lock(folder: str | Path):
     except ImportError:
         yield
         return
-    with open(Path(folder) / LOCK_NAME, "a+") as fh:
+    path = Path(folder) / LOCK_NAME
+    try:  # not through a symbolic link: the lock file is truncated and written below
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError:
+        if path.is_symlink():
+            raise CheckpointError(f"{path} is a symbolic link; qin writes its lock file only as a plain file "
+                                  f"(remove the link)") from None
+        if path.exists():
+            fd = None
+        else:
+            raise
+    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd is not None:
+            os.close(fd)
+        raise CheckpointError(f"{path} is not a plain file; qin keeps its lock there (remove it)")
+    with os.fdopen(fd, "r+") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -104,13 +120,19 @@ def _umask() -> int:
     return mask
 
 
+# What a run writes into its folder with atomic_write: a resume removes only their temporaries.
+RUN_FILES = ("latest.pt", "best.pt", "metrics.jsonl", "config.yaml", "curves.png")
+
+
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     """Delete the temporary files of atomic_write that a killed process left in `folder`.
 
     A SIGKILL between mkstemp and the rename leaves `.<name>.<random>.tmp` behind; the file it was
     meant to replace is intact, so the leftover holds nothing worth keeping.
     """
-    stale = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    folder = Path(folder)
+    stale = sorted(path for name in RUN_FILES for path in folder.glob(f".{name}.*.tmp")
+                   if path.is_file() and not path.is_symlink()) if folder.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -842,12 +842,18 @@ def mark_incomplete(out: Path, header: list[str]) -> None:
     """Before any check: parity.md says the run has not finished, and an earlier parity.csv is
     gone, so a run that fails or is stopped never leaves an earlier report standing as its own."""
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / ".parity.md.incomplete"
-    staging.write_text("\n".join(["# qin parity", "", *[f"- {h}" for h in header], "",
-                                   "**INCOMPLETE**: this run has not finished (it is running, failed or was "
-                                   "stopped); it compared nothing yet.", ""]), encoding="utf-8")
-    (out / "parity.csv").unlink(missing_ok=True)
-    os.replace(staging, out / "parity.md")
+    # In a fresh folder, as write_report does: a fixed name could be a link planted in a shared
+    # folder, and writing it would write through the link.
+    staging = Path(tempfile.mkdtemp(prefix=".parity.", dir=out))
+    try:
+        (staging / "parity.md").write_text("\n".join(["# qin parity", "", *[f"- {h}" for h in header], "",
+                                                     "**INCOMPLETE**: this run has not finished (it is running, "
+                                                     "failed or was stopped); it compared nothing yet.", ""]),
+                                           encoding="utf-8")
+        (out / "parity.csv").unlink(missing_ok=True)
+        os.replace(staging / "parity.md", out / "parity.md")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_report(out: Path, header: list[str], rows: list[Row], extra_rows: list[Row], notes: list[str],

@@ -150,6 +150,27 @@ def test_train_refuses_to_overwrite_a_run(data_dir, run_dir, capsys):
     assert (run_dir / "latest.pt").read_bytes() == before
 
 
+def test_the_lock_file_is_never_written_through_a_link(tmp_path):
+    """The lock file is truncated and written: a link planted in a shared run folder must not
+    make that happen to the file it points at."""
+    from qin.checkpoint import CheckpointError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / LOCK_NAME).symlink_to(victim)
+    with pytest.raises(CheckpointError, match="is a symbolic link"):
+        with run_lock(shared):
+            pass
+    assert victim.read_text() == "precious"
+    (shared / LOCK_NAME).unlink()
+    (shared / LOCK_NAME).mkdir()
+    with pytest.raises(CheckpointError, match="not a plain file"):
+        with run_lock(shared):
+            pass
+
+
 def test_train_refuses_a_run_whose_latest_checkpoint_was_deleted(data_dir, run_dir, tmp_path, capsys):
     """latest.pt is three times best.pt: a user may delete it to save space, keeping the model."""
     import shutil

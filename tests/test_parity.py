@@ -288,6 +288,18 @@ def test_a_run_that_fails_leaves_no_earlier_report_standing(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["parity.md"]
 
 
+def test_the_report_is_never_written_through_a_link_planted_in_its_folder(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / ".parity.md.incomplete").symlink_to(victim)  # the name the INCOMPLETE report was staged under
+    parity.mark_incomplete(out, ["header"])
+    assert victim.read_text() == "precious"
+    assert "**INCOMPLETE**" in (out / "parity.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == [".parity.md.incomplete", "parity.md"]
+
+
 def test_a_run_stopped_part_way_keeps_the_checks_it_finished(tmp_path, monkeypatch, capsys):
     # A time box (gpu_run.sh's parity stage) must not lose every row measured before it struck.
     def stopped(*args, **kwargs):
