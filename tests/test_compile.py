@@ -95,3 +95,20 @@ def test_compile_caches_are_keyed_by_the_kernels_source():
         compile_model(torch.nn.Linear(2, 2))
         tag_compile_caches()  # again: the tag is not repeated
         assert torch.compiler.config.cache_key_tag == f"users-own|qin-kernels-{source_hash()}"
+
+
+def test_compile_caches_go_to_a_private_folder_not_a_shared_temp_name(tmp_path, monkeypatch):
+    """torch's default cache folder, /tmp/torchinductor_<user>, is a name another user can take
+    first; compile_model puts the caches in QIN's cache folder, owner-only, unless the user named one."""
+    import os
+    import stat
+
+    monkeypatch.setenv("QIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")  # conftest sets one for the test session
+    compile_model(torch.nn.Linear(2, 2))
+    folder = tmp_path / "cache" / "inductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "users-own"))
+    compile_model(torch.nn.Linear(2, 2))
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "users-own")
