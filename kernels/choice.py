@@ -133,7 +133,9 @@ def _load() -> None:
     except (OSError, ValueError) as exc:
         logger.warning("backend='auto': ignoring %s, which cannot be read (%s); timing afresh", path, exc)
         return
-    records = records if isinstance(records, list) else []
+    if not isinstance(records, list):
+        logger.warning("backend='auto': ignoring %s, which holds no list of decisions; timing afresh", path)
+        return
     kept = [record for record in records if _well_formed(record)]
     if len(kept) < len(records):
         logger.warning("backend='auto': ignoring %d record(s) of %s that lack what a decision holds",
@@ -149,7 +151,9 @@ def _well_formed(record) -> bool:
     return (isinstance(record, dict) and isinstance(record.get("key"), str) and record["key"].count("|") >= 3
             and record.get("choice") in ("torch", "triton") and isinstance(record.get("op"), str)
             and isinstance(record.get("dtype"), str) and isinstance(record.get("shape"), list)
-            and number(record.get("torch_ms")) and (record.get("triton_ms") is None or number(record["triton_ms"])))
+            and all(isinstance(part, (int, float, str)) for part in record["shape"])  # hashable: a key
+            and number(record.get("torch_ms")) and (record.get("triton_ms") is None or number(record["triton_ms"]))
+            and isinstance(record.get("error", ""), str))
 
 
 def _save() -> None:

@@ -225,13 +225,23 @@ def test_incomplete_records_are_skipped_and_an_unremovable_file_is_named(timed, 
     resolve_backend("auto", device, "asta", torch.float32, _fake_trial(0.5))
     good = json.loads(timed.read_text())
     short = [{"key": "qnn|float32", "choice": "torch"}, {**good[0], "key": good[0]["key"] + "x", "torch_ms": None},
-             {**good[0], "key": good[0]["key"] + "y", "shape": "B<=8"}]
+             {**good[0], "key": good[0]["key"] + "y", "shape": "B<=8"},
+             {**good[0], "key": good[0]["key"] + "z", "shape": [["B<=8"]]},  # unhashable: preload's key
+             {**good[0], "key": good[0]["key"] + "e", "triton_ms": None, "error": None}]  # table() slices it
     timed.write_text(json.dumps(good + short))
     choice.forget()
     with caplog.at_level(logging.WARNING, logger="kernels.choice"):
         assert main(["backends"]) == 0
-    assert "ignoring 3 record(s)" in caplog.text
+        assert choice.preload(device) == 1  # the good record alone
+    assert "ignoring 5 record(s)" in caplog.text
     assert capsys.readouterr().out.count("| asta | float32 |") == 1
+
+    caplog.clear()
+    timed.write_text(json.dumps({"key": "a dict, not a list"}))
+    choice.forget()
+    with caplog.at_level(logging.WARNING, logger="kernels.choice"):
+        assert main(["backends"]) == 0
+    assert "holds no list of decisions" in caplog.text
 
     timed.unlink()
     timed.mkdir()  # a path unlink cannot remove
