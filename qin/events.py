@@ -37,6 +37,25 @@ def _scalar_events(path: Path):
     return ((tag, step, value, wall) for tag, step, value, wall in _summary_values(path) if value is not None)
 
 
+def _values_if_ours(path: Path) -> list | None:
+    """The summary values of an event file a run of ours wrote: one holding nothing but scalars
+    under our tags, besides the file's version header (a run killed before its first scalar leaves
+    only that). None for a file holding anything else (another writer's graph, images, other tags)."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    values = []
+    for event in LegacyEventFileLoader(str(path)).Load():
+        if event.HasField("file_version"):
+            continue
+        if not event.HasField("summary"):
+            return None  # a graph, run metadata, a log message: another writer's
+        for value in event.summary.value:
+            if not value.HasField("simple_value") or not value.tag.startswith(QIN_TAG_PREFIXES):
+                return None
+            values.append((value.tag, event.step, value.simple_value, event.wall_time))
+    return values
+
+
 def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """{tag: [(step, value), ...] in writing order} over all event files of the run."""
     scalars: dict[str, list[tuple[int, float]]] = {}
@@ -63,8 +82,8 @@ def keep_covered(run_dir: str | Path, last_step: int, last_epoch: int) -> bool:
     files = []
     kept, seen, clean = [], set(), True
     for path in event_files(run_dir):
-        values = list(_summary_values(path))
-        if any(value is None or not tag.startswith(QIN_TAG_PREFIXES) for tag, _, value, _ in values):
+        values = _values_if_ours(path)
+        if values is None:
             continue  # not written by a run of ours
         files.append(path)
         for tag, step, value, wall_time in values:

@@ -251,7 +251,14 @@ def test_trimming_removes_the_duplicates_an_interrupted_trim_leaves(run_dir, tmp
     # As if a kill came after the trimmed copy was written but before the old file was deleted.
     for name in (original.name, original.name + ".resumed"):
         (tmp_path / name).write_bytes(original.read_bytes())
+    # Another writer's file with no scalar at all (add_graph writes a graph, no summary) stays.
+    graph_writer = torch.utils.tensorboard.SummaryWriter(str(tmp_path), filename_suffix=".graph")
+    graph_writer.add_graph(torch.nn.Linear(2, 1), torch.zeros(1, 2))
+    graph_writer.close()
+    (graph,) = [path for path in event_files(tmp_path) if path.name.endswith(".graph")]
     assert keep_covered(tmp_path, last_step=2 * STEPS_PER_EPOCH, last_epoch=2)
+    assert graph.exists()
+    graph.unlink()
     assert len(event_files(tmp_path)) == 1
     assert steps_by_tag(tmp_path) == steps_by_tag(run_dir)
     assert not keep_covered(tmp_path, last_step=2 * STEPS_PER_EPOCH, last_epoch=2)  # nothing left to do
