@@ -518,11 +518,15 @@ def main(argv: list[str] | None = None) -> int:
     from qin.data import DataError
     from qin.train import TrainingError, TrainingInterrupted
 
+    try:
+        ctx = distributed.context_from_env()
+    except ConfigError as exc:
+        print(f"qin: error: {exc}", file=sys.stderr)
+        return 2
     # Under torchrun the other ranks load the same data: only rank 0 logs, as only it writes.
-    main_rank = distributed.context_from_env().is_main
+    main_rank = ctx.is_main
     logging.basicConfig(level=logging.INFO if main_rank else logging.ERROR, format="%(message)s")
     args = _parse(build_parser(), argv)
-    ctx = distributed.context_from_env()
     if ctx.distributed and args.command not in SHARED_BY_RANKS:
         # Each rank would run the whole command and write the same files.
         if main_rank:

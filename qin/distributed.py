@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qin.errors import ConfigError
+
 
 @dataclass
 class Context:
@@ -39,8 +41,23 @@ class Context:
 
 
 def context_from_env() -> Context:
-    return Context(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
+    """This process's place in a torchrun job (RANK, WORLD_SIZE, LOCAL_RANK; one process without
+    them). A value that is no such place (a variable left in a shell after a job) is a ConfigError
+    naming it."""
+    values = {}
+    for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)):
+        text = os.environ.get(name, str(default))
+        try:
+            values[name] = int(text)
+        except ValueError:
+            raise ConfigError(f"the environment variable {name}={text!r} is not a whole number "
+                              f"(torchrun sets it; unset it to run one process)") from None
+    rank, world_size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
+        raise ConfigError(f"the environment variables RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank} "
+                          f"name no process of a job (RANK runs from 0 to WORLD_SIZE - 1; torchrun sets them; "
+                          f"unset them to run one process)")
+    return Context(rank, world_size, local_rank)
 
 
 def setup(ctx: Context, device: torch.device) -> torch.device:

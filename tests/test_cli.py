@@ -665,3 +665,17 @@ def test_a_torch_file_that_is_no_qin_checkpoint_is_named(tmp_path, capsys):
     torch.save({"model": {}}, tmp_path / "other.pt")  # someone else's weights: no QIN format key
     assert main(["evaluate", str(tmp_path / "other.pt")]) == 2
     assert f"{tmp_path / 'other.pt'}: not a QIN checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, named", [({"RANK": "abc"}, "RANK='abc' is not a whole number"),
+                                        ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
+                                        ({"RANK": "1"}, "RANK=1, WORLD_SIZE=1"),  # left from a torchrun job
+                                        ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1")])
+def test_torchrun_variables_that_name_no_process_are_refused_in_one_line(env, named, monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert main(["backends"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qin: error: the environment variable") and named in err and "unset" in err
