@@ -527,6 +527,14 @@ def main(argv: list[str] | None = None) -> int:
     main_rank = ctx.is_main
     logging.basicConfig(level=logging.INFO if main_rank else logging.ERROR, format="%(message)s")
     args = _parse(build_parser(), argv)
+    if args.command not in ("make-data", "plot"):  # those run no model
+        from kernels import choice
+
+        try:  # read where backend="auto" first runs on a GPU, after the data has loaded: checked now
+            choice.mode()
+        except ValueError as exc:
+            print(f"qin {args.command}: error: {exc}", file=sys.stderr)
+            return 2
     if ctx.distributed and args.command not in SHARED_BY_RANKS:
         # Each rank would run the whole command and write the same files.
         if main_rank:

@@ -679,3 +679,14 @@ def test_torchrun_variables_that_name_no_process_are_refused_in_one_line(env, na
     assert main(["backends"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("qin: error: the environment variable") and named in err and "unset" in err
+
+
+def test_a_bad_qin_auto_backend_is_refused_before_the_data_loads(data_dir, tmp_path, monkeypatch, capsys):
+    """On a GPU, backend="auto" reads QIN_AUTO_BACKEND at the model's first step, after the data has
+    loaded; a bad value is refused at once, on any machine."""
+    import qin.cli
+
+    monkeypatch.setenv("QIN_AUTO_BACKEND", "Table")
+    monkeypatch.setattr(qin.cli, "load_data", lambda *a, **k: pytest.fail("the data loaded"))
+    assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "run"), *SMALL_RUN]) == 2
+    assert "qin train: error: QIN_AUTO_BACKEND must be one of" in capsys.readouterr().err
