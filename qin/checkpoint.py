@@ -170,7 +170,20 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({_unpickling_reason(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a QIN checkpoint (expected format {FORMAT})")
+    lacking = [key for key in ("config", "model") if not isinstance(payload.get(key), dict)]
+    if lacking:
+        raise CheckpointError(f"{path}: a QIN checkpoint without its {' and '.join(lacking)} (damaged, or not "
+                              f"written by qin train)")
     return payload
+
+
+def load_weights(model, payload: dict, source) -> None:
+    """model.load_state_dict(payload["model"]), naming the checkpoint where its weights do not fit."""
+    try:
+        model.load_state_dict(payload["model"])
+    except RuntimeError as exc:  # missing or unexpected keys, other shapes
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(f"{source}: its weights do not fit the model its config builds ({detail[:300]})") from None
 
 
 # torch's weights_only errors wrap the reason in advice about weights_only=False, which is not

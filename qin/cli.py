@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from qin import distributed
-from qin.checkpoint import CheckpointError, atomic_write, load_checkpoint, training_there
+from qin.checkpoint import CheckpointError, atomic_write, load_checkpoint, load_weights, training_there
 from qin.commands_common import BUILTIN_SETTINGS, UsageError, file_in_the_way, load_data, override_key
 from qin.config import ConfigError, QINConfig, load_config, read_fuxictr_dataset
 
@@ -231,7 +231,7 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
             setattr(cfg.model, key, "auto")
     model = build_model(cfg.model)
     model.load_item_info(dataset.item_info.columns)
-    model.load_state_dict(payload["model"])
+    load_weights(model, payload, path)
     warn_if_another_item_table(payload.get("item_info"), dataset, path)
     # Weights are fp32 whatever the run trained in, so any precision can score them.
     return model.to(device).eval(), dataset, cfg, device, precision

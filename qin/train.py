@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from kernels import choice as kernels_choice
 from qin import distributed
-from qin.checkpoint import (CheckpointError, atomic_write, check_model_config, load_checkpoint,
+from qin.checkpoint import (CheckpointError, atomic_write, check_model_config, load_checkpoint, load_weights,
                             remove_stale_temporaries, run_lock, save_checkpoint)
 from qin.config import ConfigError, RunConfig
 from qin.data import (Dataset, Split, item_info_fingerprint, iterate_batches, require_both_classes,
@@ -527,7 +527,7 @@ class Trainer:
         # (torch.set_rng_state refuses a CUDA tensor), and load_state_dict moves the rest.
         payload = load_checkpoint(path, map_location="cpu")
         check_model_config(payload, self.cfg.to_dict()["model"], str(path))
-        self.model.load_state_dict(payload["model"])
+        load_weights(self.model, payload, path)
         warn_if_another_item_table(payload.get("item_info"), self.dataset, str(path))
         try:
             self.optimizer.load_state_dict(payload["optimizer"])

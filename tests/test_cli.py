@@ -690,3 +690,27 @@ def test_a_bad_qin_auto_backend_is_refused_before_the_data_loads(data_dir, tmp_p
     monkeypatch.setattr(qin.cli, "load_data", lambda *a, **k: pytest.fail("the data loaded"))
     assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "run"), *SMALL_RUN]) == 2
     assert "qin train: error: QIN_AUTO_BACKEND must be one of" in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_its_config_or_with_weights_that_do_not_fit_is_named(run_dir, tmp_path, capsys):
+    import shutil
+
+    from qin.checkpoint import FORMAT
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    payload = torch.load(run_dir / "best.pt", weights_only=True)
+    torch.save({"format": FORMAT, "model": payload["model"]}, damaged / "best.pt")
+    assert main(["evaluate", str(damaged)]) == 2
+    assert f"{damaged / 'best.pt'}: a QIN checkpoint without its config" in capsys.readouterr().err
+
+    weights = dict(payload["model"])
+    weights.pop(next(iter(weights)))
+    torch.save({**payload, "model": weights}, damaged / "best.pt")
+    assert main(["evaluate", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert f"{damaged}: its weights do not fit the model its config builds" in err and "Missing key" in err
+    latest = torch.load(run_dir / "latest.pt", weights_only=True)
+    torch.save({**latest, "model": weights}, damaged / "latest.pt")
+    assert main(["train", "--resume", str(damaged)]) == 2
+    assert f"{damaged / 'latest.pt'}: its weights do not fit" in capsys.readouterr().err
