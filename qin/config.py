@@ -304,6 +304,8 @@ def read_fuxictr_dataset(path: str | Path, dataset_id: str) -> dict:
     splits and item table must be train/valid/test/item_info.parquet.
     """
     blocks = _read_yaml(path) or {}
+    if isinstance(blocks, dict):  # a block named 2024 is read as a number; --dataset-id gives text
+        blocks = {str(key): block for key, block in blocks.items()}
     if not isinstance(blocks, dict) or dataset_id not in blocks:
         known = ", ".join(blocks) if isinstance(blocks, dict) else "none"
         raise ConfigError(f"{path}: no dataset block '{dataset_id}' (blocks: {known})")
@@ -317,6 +319,9 @@ def read_fuxictr_dataset(path: str | Path, dataset_id: str) -> dict:
             raise ConfigError(f"{path}: block '{dataset_id}': label_col must be a mapping with a name")
         data["label"] = label["name"]
     if block.get("train_data"):
+        for key in ("train_data", "valid_data", "test_data", "item_info"):
+            if block.get(key) is not None and not isinstance(block[key], str):
+                raise ConfigError(f"{path}: block '{dataset_id}': {key} must be a file path, got {block[key]!r}")
         folder = Path(block["train_data"]).parent
         for key, name in (("valid_data", "valid.parquet"), ("test_data", "test.parquet"),
                           ("item_info", "item_info.parquet"), ("train_data", "train.parquet")):

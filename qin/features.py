@@ -76,6 +76,10 @@ def parse_feature(entry, where: str) -> Feature:
     if entry.get("type") not in FEATURE_TYPES:
         raise ConfigError(f"{where}: feature '{name}': type must be one of {', '.join(FEATURE_TYPES)}, "
                           f"got {entry.get('type')!r}")
+    for key in sorted(BOOKKEEPING_KEYS & set(entry)):  # not read, but kept in the run's config
+        if not isinstance(entry[key], (str, int, float, type(None))):
+            raise ConfigError(f"{where}: feature '{name}': {key} must be a single value, got a "
+                              f"{type(entry[key]).__name__}")
     values = {key: entry[key] for key in FEATURE_KEYS if key in entry}
     values["source"] = values.get("source") or ""
     if values["source"] not in ("", "item"):  # a typo would make an item attribute a context column

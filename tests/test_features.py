@@ -91,6 +91,19 @@ def test_fuxictr_blocks_that_this_loader_cannot_read_are_refused(tmp_path):
         parse_features([{"name": "a", "type": "categorical"}])
 
 
+def test_fuxictr_blocks_with_values_of_the_wrong_kind_are_refused_in_one_line(tmp_path):
+    path = tmp_path / "dataset_config.yaml"
+    path.write_text("2024: {feature_cols: [], label_col: {name: clicked}}\n"
+                    "numbers: {feature_cols: [], train_data: 5}\n")
+    assert read_fuxictr_dataset(path, "2024") == {"features": [], "label": "clicked"}  # a number as a block name
+    with pytest.raises(ConfigError, match="block 'numbers': train_data must be a file path, got 5"):
+        read_fuxictr_dataset(path, "numbers")
+    # FuxiCTR's bookkeeping keys are kept in the run's config: a YAML alias there could expand without bound.
+    with pytest.raises(ConfigError, match="feature 'a': dtype must be a single value, got a list"):
+        parse_features([{"name": "a", "type": "categorical", "source": "item", "dtype": [[1] * 10] * 10}])
+    parse_features([{"name": "a", "type": "categorical", "source": "item", "dtype": "int", "active": True}])
+
+
 def test_the_model_sizes_follow_the_features(other_dir):
     dataset = load_other(other_dir)
     vocab = {f.name: f.vocab_size for f in dataset.features}
