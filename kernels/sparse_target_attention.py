@@ -310,8 +310,10 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
     """sparse_target_attention(reps[index], query, mask), without ever forming reps[index].
 
     reps (U, D) the representations of a batch's distinct items, index (B, L) integer row of reps
-    for each history position (read only where the mask is non-zero), query (B, D), mask (B, L).
-    The gradient reaches reps through the index (summed over repeats), and query.
+    for each history position, query (B, D), mask (B, L). Every index must be a row of reps, at
+    masked positions too: the Triton kernel reads only live ones, but the torch path gathers all
+    (checked on the CPU, for both). The gradient reaches reps through the index (summed over
+    repeats), and query.
     """
     check_tensor("reps", reps, 2, FLOAT_DTYPES)
     check_tensor("index", index, 2, (torch.int32, torch.int64), reps.device)
@@ -321,9 +323,12 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
                       f"shape {tuple(reps.shape)}", reps.device)
     if index.device.type == "cpu" and index.numel() and not torch.compiler.is_compiling():
         # On a GPU this check would cost a device sync per call; there a bad index faults instead.
-        live = index[mask != 0]
-        if live.numel() and (int(live.min()) < 0 or int(live.max()) >= reps.shape[0]):
-            raise ValueError(f"index holds rows outside reps' {reps.shape[0]} rows at unmasked positions")
+        # All positions, masked ones too: the backends would otherwise differ (Triton never reads
+        # a masked position's index, the torch path gathers it and fails).
+        if int(index.min()) < 0 or int(index.max()) >= reps.shape[0]:
+            where = "unmasked" if bool(((index < 0) | (index >= reps.shape[0]))[mask != 0].any()) else "masked"
+            raise ValueError(f"index holds rows outside reps' {reps.shape[0]} rows (at {where} positions; "
+                             f"every position's index must be a row of reps)")
     dtype = compute_dtype(reps.device, reps, query)
     reps, query = cast(dtype, reps, query)
     if backend == "auto" and torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled() and reps.requires_grad:

@@ -161,14 +161,21 @@ def test_float64_forward_is_exact_to_roundoff(device):
     check_against_oracle(*make_inputs(4, 37, 70, torch.float64, device, "random", "float", seed=2))
 
 
-def test_mask_dtypes_give_identical_results(device):
-    """A bool mask and the same 0/1 mask as float, uint8 or int64: bit-identical outputs and grads."""
-    history, query, keep, grad_z = make_inputs(5, 23, 45, torch.float32, device, "left_padded", "bool", seed=3)
-    base = run_triton(history, query, keep, grad_z)
-    for kind in ("float", "float32", "uint8", "int64"):
-        mask = cast_mask(keep.cpu(), kind, torch.float32).to(device)
-        for name, a, b in zip(("z", "grad_history", "grad_query"), base, run_triton(history, query, mask, grad_z)):
-            assert torch.equal(a, b), f"{name} differs for a {kind} mask"
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mask_dtypes_give_identical_results(device, dtype):
+    """A bool mask and the same 0/1 mask as float, uint8 or int64: bit-identical outputs and grads,
+    in both forms (the gathered one through an index that reads each history row once)."""
+    history, query, keep, grad_z = make_inputs(5, 23, 45, dtype, device, "left_padded", "bool", seed=3)
+    batch, seq_len, dim = history.shape
+    reps, index = history.reshape(-1, dim), torch.arange(batch * seq_len, device=device).view(batch, seq_len)
+    forms = {"plain": lambda mask: run_triton(history, query, mask, grad_z),
+             "gathered": lambda mask: run_gathered(reps, index, query, mask, grad_z)}
+    for form, run in forms.items():
+        base = run(keep)
+        for kind in ("float", "float32", "uint8", "int64"):
+            mask = cast_mask(keep.cpu(), kind, dtype).to(device)
+            for name, a, b in zip(("z", "grad_history", "grad_query"), base, run(mask)):
+                assert torch.equal(a, b), f"{form}: {name} differs for a {kind} mask"
 
 
 def test_all_zero_mask_rows_give_exact_zeros(device):
@@ -548,6 +555,22 @@ def test_gathered_padding_never_reads_its_index(device):
     want = run_gathered(reps, index, query, mask, grad_z)
     assert torch.equal(z, want[0]) and torch.equal(grad_q, want[2])
     assert torch.equal(grad_reps[5], torch.zeros_like(grad_reps[5]))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gathered_index_outside_reps_is_refused_by_both_backends(device, backend):
+    """At a masked position too: the Triton kernel would never read it, but the torch path gathers
+    it (an IndexError there), so both refuse it alike. Checked on the CPU only (on a GPU the check
+    would cost a device sync per call)."""
+    if device.type != "cpu":
+        pytest.skip("the index range is checked on the CPU only")
+    reps, index, query, mask, grad_z = make_gathered(3, 7, 8, 5, torch.float32, device, "left_padded", seed=2)
+    assert (~mask).any() and mask.any()
+    for bad, where in ((-1, "masked"), (5, "masked"), (5, "unmasked")):
+        wrong = index.clone()
+        wrong[mask if where == "unmasked" else ~mask] = bad
+        with pytest.raises(ValueError, match=f"outside reps' 5 rows \\(at {where} positions"):
+            run_gathered(reps, wrong, query, mask, grad_z, backend=backend)
 
 
 def small_gathered_inputs(device):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import kernels
@@ -184,6 +184,7 @@ def test_gradcheck_float64_torch_backend(training, p):
 @settings(max_examples=40, deadline=None)
 @given(**shapes, dtype=st.sampled_from([torch.float64, *DTYPES]), p=st.floats(0.05, 0.9),
        seed=st.integers(0, 2**31 - 1))
+@example(batch=5, dim=12, num_row=3, dtype=torch.float32, p=0.25, seed=1)  # the ci profile's draws held no fp32
 def test_torch_backend_training_regenerates_the_mask_it_drew(batch, dim, num_row, dtype, p, seed):
     """The CPU torch backend in training draws keep_mask's mask from torch's generator, keeps only
     x and the group sum, and draws the mask again in backward: y and every gradient equal the
