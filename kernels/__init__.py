@@ -7,6 +7,10 @@ runs Triton only where it measured faster on the GPU at hand: a one-time timing 
 there (kernels.choice), or where nothing is timed, kernels.utils.MEASURED_FASTER (our benchmark
 runs on GPUs of that name; empty today).
 """
+from kernels.compile_cache import keep_compile_caches_private
+
+keep_compile_caches_private()  # before anything imports torch._dynamo, which fixes the folder
+
 try:
     import triton
 except ImportError:  # no triton wheel for this platform: the same entry points, PyTorch only

@@ -511,7 +511,6 @@ def compile_model(model: nn.Module, cuda_graphs: bool = False, **options) -> nn.
     the host must learn, or one that waits for the device, so the model is made graph-safe first
     (make_graph_safe: the same function)."""
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
-    keep_compile_caches_private()
     tag_compile_caches()
     if cuda_graphs:
         make_graph_safe(model)
@@ -525,28 +524,6 @@ def make_graph_safe(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FeatureModules):
             module.graph_safe = True
-
-
-def keep_compile_caches_private() -> None:
-    """Put torch.compile's disk caches in QIN's own cache folder (QIN_CACHE or ~/.cache/qin,
-    inductor/, readable by its owner only) unless TORCHINDUCTOR_CACHE_DIR names a place.
-
-    torch's default, /tmp/torchinductor_<user>, is a name anyone on the machine can take first:
-    torch uses the folder whoever made it, and runs the Python modules it finds cached there
-    (PyTorch issue 121122 proposes ~/.cache instead). There the caches also outlive a reboot.
-    A folder that cannot be made (a read-only home) leaves torch's default."""
-    import os
-
-    from qin.synth import default_cache_dir
-
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        return
-    folder = default_cache_dir() / "inductor"
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError:
-        return
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
 
 
 def tag_compile_caches() -> None:

@@ -97,18 +97,28 @@ def test_compile_caches_are_keyed_by_the_kernels_source():
         assert torch.compiler.config.cache_key_tag == f"users-own|qin-kernels-{source_hash()}"
 
 
-def test_compile_caches_go_to_a_private_folder_not_a_shared_temp_name(tmp_path, monkeypatch):
+
+def test_compile_caches_go_to_a_private_folder_not_a_shared_temp_name(tmp_path):
     """torch's default cache folder, /tmp/torchinductor_<user>, is a name another user can take
-    first; compile_model puts the caches in QIN's cache folder, owner-only, unless the user named one."""
+    first. torch fixes the folder while the kernels are imported, so the check runs in a fresh
+    process: QIN's cache folder, owner-only (also where it existed with other rights), unless the
+    user named one."""
     import os
     import stat
+    import subprocess
+    import sys
 
-    monkeypatch.setenv("QIN_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")  # conftest sets one for the test session
-    compile_model(torch.nn.Linear(2, 2))
+    show = ("import os, kernels, qin.train, torch; from torch._inductor.runtime.cache_dir_utils import cache_dir; "
+            "print(cache_dir())")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     folder = tmp_path / "cache" / "inductor"
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder)
+    folder.mkdir(parents=True, mode=0o777)
+    folder.chmod(0o777)
+    out = subprocess.run([sys.executable, "-c", show], env={**env, "QIN_CACHE": str(tmp_path / "cache")},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == str(folder)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "users-own"))
-    compile_model(torch.nn.Linear(2, 2))
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "users-own")
+    users_own = str(tmp_path / "users-own")
+    out = subprocess.run([sys.executable, "-c", show], env={**env, "TORCHINDUCTOR_CACHE_DIR": users_own},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == users_own
