@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from qin import distributed
-from qin.checkpoint import CheckpointError, atomic_write, load_checkpoint, load_weights, training_there
+from qin.checkpoint import (CheckpointError, atomic_write, checkpoint_file, load_checkpoint, load_weights,
+                            training_there)
 from qin.commands_common import BUILTIN_SETTINGS, UsageError, file_in_the_way, load_data, override_key
 from qin.config import ConfigError, QINConfig, load_config, read_fuxictr_dataset
 
@@ -159,7 +160,7 @@ def cmd_train(args) -> int:
                              f"or choose another --out")
         # latest.pt deleted to save space (it is three times best.pt): the trained model and its
         # record would still be overwritten by the new run.
-        results = [name for name in ("best.pt", "metrics.jsonl") if (out_dir / name).exists()]
+        results = [name for name in ("best.pt", "metrics.jsonl") if (out_dir / name).is_file()]
         if results:
             raise UsageError(f"{out_dir} already holds an earlier run's {' and '.join(results)} (without the "
                              f"latest.pt that --resume needs); choose another --out, or move them away")
@@ -231,7 +232,7 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
             setattr(cfg.model, key, "auto")
     model = build_model(cfg.model)
     model.load_item_info(dataset.item_info.columns)
-    load_weights(model, payload, path)
+    load_weights(model, payload, checkpoint_file(path))
     warn_if_another_item_table(payload.get("item_info"), dataset, path)
     # Weights are fp32 whatever the run trained in, so any precision can score them.
     return model.to(device).eval(), dataset, cfg, device, precision

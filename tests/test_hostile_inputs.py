@@ -107,8 +107,10 @@ KINDS = ["negative id", "id beyond item_info", "history id out of range", "level
 
 
 def earlier_run(out: Path) -> dict[str, bytes]:
+    """What a run killed before its first checkpoint leaves (a folder a new run may train in), and a
+    user's file beside it. (An earlier run's best.pt or metrics.jsonl is refused before the data loads.)"""
     out.mkdir(parents=True)
-    files = {"metrics.jsonl": b'{"epoch": 1}\n', "config.yaml": b"train: {}\n", "best.pt": b"earlier best model"}
+    files = {"config.yaml": b"train: {}\n", "notes.txt": b"the user's own file"}
     for name, content in files.items():
         (out / name).write_bytes(content)
     return files
