@@ -29,8 +29,8 @@ import triton
 import triton.language as tl
 
 from kernels import choice, reference
-from kernels.utils import (INTERPRETING, alert_not_deterministic, cast, check_tensor, compute_dtype, launching_on,
-                           next_power_of_2, register_autocast, resolve_backend)
+from kernels.utils import (INTERPRETING, alert_not_deterministic, cast, check_index_rows, check_tensor, compute_dtype,
+                           launching_on, next_power_of_2, register_autocast, resolve_backend)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -321,14 +321,7 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
     dim = reps.shape[1]
     _check_query_mask(query, mask, batch, seq_len, dim, f"index of shape {tuple(index.shape)} and reps of "
                       f"shape {tuple(reps.shape)}", reps.device)
-    if index.device.type == "cpu" and index.numel() and not torch.compiler.is_compiling():
-        # On a GPU this check would cost a device sync per call; there a bad index faults instead.
-        # All positions, masked ones too: the backends would otherwise differ (Triton never reads
-        # a masked position's index, the torch path gathers it and fails).
-        if int(index.min()) < 0 or int(index.max()) >= reps.shape[0]:
-            where = "unmasked" if bool(((index < 0) | (index >= reps.shape[0]))[mask != 0].any()) else "masked"
-            raise ValueError(f"index holds rows outside reps' {reps.shape[0]} rows (at {where} positions; "
-                             f"every position's index must be a row of reps)")
+    check_index_rows(index, mask, reps.shape[0])
     dtype = compute_dtype(reps.device, reps, query)
     reps, query = cast(dtype, reps, query)
     if backend == "auto" and torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled() and reps.requires_grad:

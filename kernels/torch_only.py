@@ -9,7 +9,7 @@ qin::regathered_attention is), so a model exported with the Triton ops cannot be
 from __future__ import annotations
 
 from kernels import reference
-from kernels.utils import BACKENDS, cast, compute_dtype
+from kernels.utils import BACKENDS, cast, check_index_rows, compute_dtype
 
 TRITON_MISSING = ("backend='triton' needs the triton package, which is not installed here (PyPI has triton "
                   "wheels for Linux x86_64 and aarch64 only); use backend='torch' or 'auto'")
@@ -30,6 +30,7 @@ def sparse_target_attention(history, query, mask, *, backend="auto"):
 
 def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"):
     _check_backend(backend)
+    check_index_rows(index, mask, reps.shape[0])
     reps, query = cast(compute_dtype(reps.device, reps, query), reps, query)
     return reference.regathered_sparse_target_attention(reps, index, query, mask)
 

@@ -127,6 +127,19 @@ def register_autocast(qualname: str, op, float_args: tuple[int, ...] = (), dtype
     _LIBRARIES.append(lib)
 
 
+def check_index_rows(index: torch.Tensor, mask: torch.Tensor, rows: int) -> None:
+    """The gathered ASTA's index: every position's value a row of reps (0..rows-1), masked positions
+    too, since the Triton kernel never reads a masked position's index but the torch path gathers it:
+    a ValueError either way, not a result on one backend and an IndexError on the other. On the CPU
+    only (on a GPU it would cost a device sync per call; a bad index faults there instead)."""
+    if index.device.type != "cpu" or not index.numel() or torch.compiler.is_compiling():
+        return
+    if int(index.min()) < 0 or int(index.max()) >= rows:
+        where = "unmasked" if bool(((index < 0) | (index >= rows))[mask != 0].any()) else "masked"
+        raise ValueError(f"index holds rows outside reps' {rows} rows (at {where} positions; every "
+                         f"position's index must be a row of reps)")
+
+
 def check_tensor(name: str, t, ndim: int, dtypes=None, device=None) -> None:
     """Raise ValueError naming the argument if `t` is not a tensor of the expected rank/dtype/device."""
     if not isinstance(t, torch.Tensor):

@@ -70,10 +70,10 @@ def run_lock(folder: str | Path):
         if path.is_symlink():
             raise CheckpointError(f"{path} is a symbolic link; qin writes its lock file only as a plain file "
                                   f"(remove the link)") from None
-        if path.exists():
+        if path.exists() and not path.is_file():  # a folder, a socket: open() cannot take it
             fd = None
         else:
-            raise
+            raise  # a lock file this user may not write (another user's run): say so as the OS does
     if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
         if fd is not None:
             os.close(fd)
@@ -142,10 +142,14 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     atomic_write(path, lambda fh: torch.save({"format": FORMAT, **payload}, fh))
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+def checkpoint_file(path: str | Path) -> Path:
+    """The file a checkpoint argument names: a run folder means its best.pt."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
+    return path / "best.pt" if path.is_dir() else path
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    path = checkpoint_file(path)
     if not path.exists():
         latest = path.with_name("latest.pt")
         hint = (f" (the run has no best epoch yet; {latest} holds its last step)"
@@ -192,6 +196,8 @@ _TORCH_ADVICE = ("Weights only load failed", "Check the documentation", "Please 
 
 
 def _unpickling_reason(exc: BaseException) -> str:
+    if isinstance(exc, KeyError):  # what torch's weights-only unpickler raises on text or junk bytes
+        return "not a file torch.save wrote"
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     reasons = [line for line in lines if not line.startswith(_TORCH_ADVICE)]
     return (reasons or lines or [type(exc).__name__])[0]

@@ -171,6 +171,20 @@ def test_the_lock_file_is_never_written_through_a_link(tmp_path):
             pass
 
 
+def test_a_lock_file_this_user_may_not_write_is_named_as_the_system_says(tmp_path, monkeypatch):
+    import qin.checkpoint
+
+    (tmp_path / LOCK_NAME).write_text("process 7 on elsewhere")  # another user's run left it, 0644
+
+    def refused(path, *args, **kwargs):  # as os.open answers a user who may not write it (root may)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(qin.checkpoint.os, "open", refused)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        with run_lock(tmp_path):
+            pass
+
+
 def test_train_refuses_a_run_whose_latest_checkpoint_was_deleted(data_dir, run_dir, tmp_path, capsys):
     """latest.pt is three times best.pt: a user may delete it to save space, keeping the model."""
     import shutil
@@ -604,9 +618,12 @@ def test_scoring_a_run_whose_data_moved_or_that_has_no_best_epoch_says_what_to_d
 
 def test_unreadable_checkpoint_is_refused(tmp_path, capsys):
     bad = tmp_path / "best.pt"
-    bad.write_bytes(b"not a checkpoint")
-    assert main(["evaluate", str(bad)]) == 2
-    assert "not a readable checkpoint" in capsys.readouterr().err
+    for junk in (b"not a checkpoint", b"hello"):
+        bad.write_bytes(junk)
+        assert main(["evaluate", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"{bad}: not a readable checkpoint (" in err
+        assert "(101)" not in err  # torch's weights-only unpickler says KeyError(101) for b"hello"
 
 
 class _RunsCodeWhenUnpickled:
@@ -709,7 +726,7 @@ def test_a_checkpoint_without_its_config_or_with_weights_that_do_not_fit_is_name
     torch.save({**payload, "model": weights}, damaged / "best.pt")
     assert main(["evaluate", str(damaged)]) == 2
     err = capsys.readouterr().err
-    assert f"{damaged}: its weights do not fit the model its config builds" in err and "Missing key" in err
+    assert f"{damaged / 'best.pt'}: its weights do not fit the model its config builds" in err and "Missing key" in err
     latest = torch.load(run_dir / "latest.pt", weights_only=True)
     torch.save({**latest, "model": weights}, damaged / "latest.pt")
     assert main(["train", "--resume", str(damaged)]) == 2

@@ -47,6 +47,13 @@ for call in (lambda: kernels.quadratic_projection(x, torch.randn(8, 4), torch.ra
     except RuntimeError as exc:
         errors.append(str(exc))
 out["errors"] = errors
+mask, index = torch.ones(3, 5), torch.zeros(3, 5, dtype=torch.long)
+mask[:, 0], index[:, 0] = 0, 6
+try:  # an index outside reps at a masked position: refused as by the full package
+    kernels.gathered_sparse_target_attention(torch.randn(6, 4), index, x, mask, backend="torch")
+    out["bad_index"] = None
+except ValueError as exc:
+    out["bad_index"] = str(exc)
 print(json.dumps(out))
 """
 
@@ -84,3 +91,7 @@ def test_triton_backend_names_the_missing_package(child):
 
 def test_full_package_is_used_when_triton_is_present():
     assert kernels.quadratic_projection.__module__ == "kernels.quadratic_projection"
+
+
+def test_an_index_outside_reps_is_refused_as_by_the_full_package(child):
+    assert child["bad_index"] is not None and "outside reps' 6 rows (at masked positions" in child["bad_index"]
