@@ -400,7 +400,11 @@ def builtin_dataset(cache_dir=None) -> Path:
                           f"cache folder)")
     if path.is_dir():
         logger.info("%s was made by another version of qin.synth or numpy: generating it again", path)
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only home, a container without one
+        raise ConfigError(f"the data cache {cache} cannot be made ({exc.strerror or exc}); set QIN_CACHE to a "
+                          f"folder this user can write") from None
     # Generated beside the final folder and renamed: a reader never sees a half-written dataset.
     with staging_folder(cache, f".{path.name}.") as staging:
         make_dataset(staging, rows=BUILTIN_ROWS, items=BUILTIN_ITEMS, seed=BUILTIN_SEED)

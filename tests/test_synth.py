@@ -193,6 +193,20 @@ def test_a_cache_path_through_a_file_is_refused_naming_it(tmp_path):
         synth.builtin_dataset(tmp_path / "afile" / "cache")
 
 
+def test_a_cache_folder_that_cannot_be_made_says_to_set_qin_cache(tmp_path, monkeypatch):
+    """A read-only home (a container's): the default cache cannot be made; say what to set."""
+    from pathlib import Path
+
+    from qin.config import ConfigError
+
+    def read_only(self, *args, **kwargs):  # what mkdir meets in a home this user may not write (root may)
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(ConfigError, match=r"cache .*cannot be made \(Permission denied\); set QIN_CACHE"):
+        synth.builtin_dataset(tmp_path / "home" / ".cache" / "qin")
+
+
 def test_sigterm_while_generating_leaves_no_staging_folder(tmp_path):
     import os
     import signal
