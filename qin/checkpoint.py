@@ -23,7 +23,11 @@ def atomic_write(path: str | Path, write) -> None:
     """Call write(file_object) on a temporary file beside `path`, fsync it, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # a folder this user may not write: name the file asked for, not the temporary
+        exc.filename = str(path)
+        raise
     try:
         # mkstemp creates the file readable by its owner only; the result gets the mode open()
         # would give it, so a run or a prediction stays readable to whom the umask allows.

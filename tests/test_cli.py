@@ -588,6 +588,19 @@ def test_atomic_write_stages_beside_its_target_syncs_it_and_leaves_nothing_on_fa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["atomic"]
 
 
+def test_a_prediction_into_a_folder_this_user_may_not_write_names_the_file_asked_for(run_dir, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import tempfile
+
+    def refused(*args, dir=None, **kwargs):  # as mkstemp answers in a folder the user may not write (root may)
+        raise PermissionError(13, "Permission denied", os.path.join(dir, ".p.csv.x1y2z3.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    assert main(["predict", str(run_dir), "--output", str(tmp_path / "p.csv")]) != 0
+    err = capsys.readouterr().err
+    assert f"Permission denied: '{tmp_path / 'p.csv'}'" in err and ".tmp" not in err
+
+
 def test_a_checkpoint_config_this_version_cannot_read_is_named(run_dir, tmp_path, capsys):
     payload = torch.load(run_dir / "best.pt", weights_only=False)
     payload["config"]["model"]["heads"] = 2  # a key of some other version
