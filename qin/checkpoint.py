@@ -74,13 +74,11 @@ def run_lock(folder: str | Path):
         if path.is_symlink():
             raise CheckpointError(f"{path} is a symbolic link; qin writes its lock file only as a plain file "
                                   f"(remove the link)") from None
-        if path.exists() and not path.is_file():  # a folder, a socket: open() cannot take it
-            fd = None
-        else:
-            raise  # a lock file this user may not write (another user's run): say so as the OS does
-    if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
-        if fd is not None:
-            os.close(fd)
+        if path.exists() and not path.is_file():  # a folder: open() cannot take it
+            raise CheckpointError(f"{path} is not a plain file; qin keeps its lock there (remove it)") from None
+        raise  # a lock file this user may not write (another user's run): say so as the OS does
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device, which open() did take
+        os.close(fd)
         raise CheckpointError(f"{path} is not a plain file; qin keeps its lock there (remove it)")
     with os.fdopen(fd, "r+") as fh:
         try:
@@ -163,18 +161,17 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         # weights_only: a checkpoint holds tensors and plain values only, so it is read without
         # unpickling arbitrary objects; a file from elsewhere cannot run code by being loaded.
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(exc))  # the object weights_only would not build
+    except Exception as exc:  # torch raises many types for a damaged file
+        if path.suffix == ".pt2":
+            raise CheckpointError(f"{path}: a torch.export program (qin export's output), not a checkpoint; "
+                                  f"name the run folder or its best.pt") from None
+        # The object weights_only would not build, named in torch's message.
+        refused = re.search(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
         if refused:
             raise CheckpointError(
                 f"{path}: refused: it asks to build {refused.group(1)}, and qin reads checkpoints with "
                 f"torch.load(weights_only=True), which builds tensors and plain values only, so that loading a file "
                 f"runs no code from it (qin's own checkpoints hold nothing else)") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_unpickling_reason(exc)})") from None
-    except Exception as exc:  # torch raises many types for a damaged file
-        if path.suffix == ".pt2":
-            raise CheckpointError(f"{path}: a torch.export program (qin export's output), not a checkpoint; "
-                                  f"name the run folder or its best.pt") from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({_unpickling_reason(exc)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a QIN checkpoint (expected format {FORMAT})")
