@@ -242,12 +242,27 @@ def _setup_context(ctx, inputs, output):
     # grad_W = G.T @ x, whose GEMM reads x in it: x is kept in that dtype (under autocast 2 bytes
     # an element, not the residual stream's 4), as the torch backend keeps it. The weight is kept
     # as given (the parameter itself: nothing new) and cast again in backward.
-    ctx.save_for_backward(x if x.dtype == dtype else x.to(dtype), weight, s, seed)
+    # The bias (the parameter itself, nothing new) only for higher-order gradients.
+    ctx.save_for_backward(x if x.dtype == dtype else x.to(dtype), weight, bias, s, seed)
     ctx.num_row, ctx.p, ctx.x_dtype, ctx.bias_dtype = num_row, p, x.dtype, bias.dtype
 
 
+def _higher_order_gradients(ctx, gy, x, weight, bias, seed):
+    """Differentiable gradients (create_graph=True), through the reference with this call's mask."""
+    reference.check_x_kept_as_given(ctx.needs_input_grad[0], ctx.x_dtype, x.dtype)
+    batch, dim = x.shape
+    keep = dropout_keep_mask(int(seed), batch, ctx.num_row, dim, ctx.p, x.device)
+    grad_x, grad_w, grad_b = reference.differentiable_gradients(
+        lambda x, weight, bias: reference.quadratic_projection(
+            x, weight.to(x.dtype), bias.to(x.dtype), ctx.num_row, ctx.p, True, dropout_mask=keep),
+        (x, weight, bias), ctx.needs_input_grad[:3], gy)
+    return grad_x if grad_x is None else grad_x.to(ctx.x_dtype), grad_w, grad_b, None, None, None, None
+
+
 def _autograd_backward(ctx, gy, _grad_s):
-    x, weight, s, seed = ctx.saved_tensors
+    x, weight, bias, s, seed = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
+        return _higher_order_gradients(ctx, gy, x, weight, bias, seed)
     grad_x, grad_w, grad_b = _qnn_backward_op(gy, x, weight.to(x.dtype), s, seed, ctx.num_row, ctx.p, ctx.x_dtype)
     # Each gradient in its input's dtype, rounded to `dtype` first as autograd through a cast
     # outside the op would round it.

@@ -5,7 +5,7 @@ Each function is the literal formula from SPEC.md, written for readability, not 
 import torch
 import torch.nn.functional as F
 
-from kernels.dropout import draw_seed, draws_from_lanes, dropout, keep_multiplier
+from kernels.dropout import draw_seed, draws_from_lanes, dropout, keep_mask, keep_multiplier
 
 
 def sparse_target_attention(history: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -25,6 +25,21 @@ def gathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, qu
     repeated rows in a fixed order, unlike reps[index]'s).
     """
     return sparse_target_attention(F.embedding(index, reps), query, mask)
+
+
+def differentiable_gradients(function, inputs, needs, grad_output) -> list:
+    """The gradients of function(*inputs) (a plain-PyTorch recomputation of an op) for the inputs
+    with `needs`, by autograd with create_graph=True: what the fused ops' backwards return when a
+    caller asks for higher-order gradients (backward with create_graph=True, torch.func.hessian).
+    Their own backward kernels compute first-order gradients only, and an autograd rule on them
+    would have to re-derive what autograd derives from the reference. The inputs must be the
+    tensors the forward received (as ctx.saved_tensors returns them), so that the gradients stay
+    connected to the caller's graph. Only under create_graph: it forms what the op exists to avoid."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    with torch.enable_grad():
+        output = function(*inputs)
+    grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in needs]
 
 
 # The torch backend's gathered ASTA in training: a registered op (qin::regathered_attention and
@@ -131,6 +146,11 @@ def _regathered_setup_context(ctx, inputs, output):
 def _regathered_autograd_backward(ctx, grad_z, _grad_scores):
     reps, index, query, mask, scores = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+    if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
+        grad_reps, grad_query, grad_mask = differentiable_gradients(
+            lambda reps, query, mask: gathered_sparse_target_attention(reps, index, query, mask),
+            (reps, query, mask), needs, grad_z)
+        return grad_reps, None, grad_query, grad_mask
     grads = _regathered_backward_op(grad_z, reps, index, query, mask, scores, needs)
     grad_reps, grad_query, grad_mask = (g if need else None for g, need in zip(grads, needs))
     return grad_reps, None, grad_query, grad_mask
@@ -204,6 +224,18 @@ def quadratic_product(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return y.to(product_dtype(x.dtype, s.dtype))
 
 
+def check_x_kept_as_given(needs_grad_x: bool, x_dtype: torch.dtype, kept_dtype: torch.dtype) -> None:
+    """Higher-order gradients of a quadratic projection whose x requires grad but was kept in another
+    dtype (a copy made in forward, not connected to the caller's x) cannot be formed: refused, not
+    silently wrong. (A backward cannot tell which inputs a torch.autograd.grad call asked for: an x
+    that requires grad is refused even where only the weight's gradients were asked for.)"""
+    if needs_grad_x and x_dtype != kept_dtype:
+        raise RuntimeError(f"quadratic_projection has no higher-order gradients (create_graph=True) where x "
+                           f"requires grad and is read in another dtype than its own ({kept_dtype}, autocast's, "
+                           f"for x in {x_dtype}): it keeps only that copy of x for backward; take them outside "
+                           f"autocast")
+
+
 class _RegeneratedQuadraticProjection(torch.autograd.Function):
     """quadratic_projection in training with dropout on the CPU, keeping for backward only x and
     s = sum_r dropout(h_r), both (B, D), as the Triton kernels do.
@@ -228,14 +260,18 @@ class _RegeneratedQuadraticProjection(torch.autograd.Function):
         # torch's sums accumulate 16-bit floats in fp32 and round once (an fp32 `dtype=` would
         # first copy the whole (B, M * D) hidden to fp32).
         s = hidden.view(batch, num_row, dim).sum(1) * (1.0 / (1.0 - p))
-        ctx.save_for_backward(x_c, weight, s)
+        # The bias (the parameter itself, nothing new) only for higher-order gradients.
+        ctx.save_for_backward(x_c, weight, bias, s)
         ctx.num_row, ctx.p = num_row, p
         return quadratic_product(x, s)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, s = ctx.saved_tensors  # x in the compute dtype
+        x, weight, bias, s = ctx.saved_tensors  # x in the compute dtype
         batch, dim = x.shape
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
+            return (*_RegeneratedQuadraticProjection.higher_order_gradients(ctx, grad_y, x, weight, bias),
+                    None, None, None)
         keep = keep_multiplier((batch, ctx.num_row, dim), ctx.p, ctx.seed, x.dtype)
         # gy * x rounded once to the compute dtype (gy is fp32 where y is: fp16 over a wider x).
         scaled = (grad_y * x * (1.0 / (1.0 - ctx.p))).to(x.dtype)[:, None, :]
@@ -253,6 +289,21 @@ class _RegeneratedQuadraticProjection(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0).to(bias_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None
+
+
+    @staticmethod
+    def higher_order_gradients(ctx, grad_y, x, weight, bias):
+        """Differentiable gradients (create_graph=True), through the reference with this call's mask.
+        x is kept in the compute dtype; where that is a copy (autocast), made in forward, it is
+        not connected to the caller's x, so its gradient cannot be differentiated."""
+        check_x_kept_as_given(ctx.needs_input_grad[0], ctx.input_dtypes[0], x.dtype)
+        batch, dim = x.shape
+        keep = keep_mask((batch, ctx.num_row * dim), ctx.p, ctx.seed)
+        grad_x, grad_w, grad_b = differentiable_gradients(
+            lambda x, weight, bias: quadratic_projection(x, weight.to(x.dtype), bias.to(x.dtype), ctx.num_row, ctx.p,
+                                                         True, dropout_mask=keep),
+            (x, weight, bias), ctx.needs_input_grad[:3], grad_y)
+        return grad_x, grad_w, grad_b
 
 
 def regenerated_quadratic_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_row: int,

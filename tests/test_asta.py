@@ -157,6 +157,24 @@ def test_gradcheck_float64(device):
     assert torch.autograd.gradcheck(fn, (history, query), eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["plain", "gathered"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_second_order_gradients_float64(device, backend, form):
+    """backward(create_graph=True) gives gradients that are differentiable in turn (a Hessian-vector
+    product, a gradient penalty): the fused backward is first-order, so there the op differentiates
+    its reference. One all-padding row, and an index that repeats rows of reps."""
+    history, query, mask, _ = make_inputs(3, 5, 4, torch.float64, device, "random", "bool", seed=1)
+    query.requires_grad_()
+    if form == "plain":
+        inputs = (history.requires_grad_(), query)
+        fn = lambda h, q: kernels.sparse_target_attention(h, q, mask, backend=backend)
+    else:
+        index = torch.tensor([[0, 1, 2, 1, 0], [3, 3, 1, 2, 0], [2, 2, 2, 1, 3]], device=device)
+        inputs = (history[0, :4].detach().clone().requires_grad_(), query)
+        fn = lambda r, q: kernels.gathered_sparse_target_attention(r, index, q, mask, backend=backend)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
 def test_float64_forward_is_exact_to_roundoff(device):
     check_against_oracle(*make_inputs(4, 37, 70, torch.float64, device, "random", "float", seed=2))
 

@@ -167,6 +167,8 @@ def test_gradcheck_float64_triton(device):
         fn = lambda a, w, b: kernels.quadratic_projection(a, w, b, 2, dropout_p=p, training=training, seed=11,
                                                           backend="triton")
         assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-8)
+        # create_graph=True differentiates the reference with the same mask: second order too
+        assert torch.autograd.gradgradcheck(fn, leaves, eps=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("training, p", [(False, 0.3), (True, 0.0), (True, 0.3)])
@@ -179,6 +181,29 @@ def test_gradcheck_float64_torch_backend(training, p):
         torch.manual_seed(0)
         return kernels.quadratic_projection(a, w, b, 3, dropout_p=p, training=training, backend="torch")
     assert torch.autograd.gradcheck(fn, leaves)
+    # Its backward keeps no graph of s: with create_graph=True it differentiates the reference
+    # with the same mask (second derivatives through s were silently dropped before).
+    assert torch.autograd.gradgradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_second_order_gradients_in_x_under_autocast_are_refused(device, backend):
+    """Under autocast the training op keeps only the 16-bit copy of x, made in forward, so where x
+    requires grad, create_graph=True is refused instead of dropping the terms through x. With an x
+    that does not, the weight's and bias's gradients are differentiable."""
+    x, weight, bias, _ = make_inputs(3, 4, 2, torch.float32, device)
+    for x_requires_grad in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+        leaves[0].requires_grad_(x_requires_grad)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            y = kernels.quadratic_projection(*leaves, 2, dropout_p=0.3, training=True, seed=3, backend=backend)
+        if x_requires_grad:
+            with pytest.raises(RuntimeError, match="no higher-order gradients .* where x requires grad"):
+                torch.autograd.grad(y.float().sum(), leaves[1:], create_graph=True)
+        else:  # (an output gradient that requires grad: with x constant, only it reaches them)
+            v = torch.randn(y.shape, device=device).requires_grad_()
+            grad_w, grad_b = torch.autograd.grad(y.float(), leaves[1:], v, create_graph=True)
+            assert grad_w.requires_grad and grad_b.requires_grad
 
 
 @settings(max_examples=40, deadline=None)
@@ -205,7 +230,8 @@ def test_torch_backend_training_regenerates_the_mask_it_drew(batch, dim, num_row
 
 def test_torch_backend_under_autocast_keeps_neither_mask_nor_weight_copy():
     """Under CPU autocast bf16 the fp32 weight is read in bf16, and what backward keeps is x and the
-    group sum in bf16 (B x D each) and the fp32 weight itself: no (B, M*D) tensor, no bf16 copy of W."""
+    group sum in bf16 (B x D each) and the fp32 weight and bias themselves (the bias for
+    higher-order gradients): no (B, M*D) tensor, no bf16 copy of W."""
     batch, dim, num_row = 32, 24, 4
     x, weight, bias, gy = make_inputs(batch, dim, num_row, torch.float32, "cpu")
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
@@ -216,8 +242,8 @@ def test_torch_backend_under_autocast_keeps_neither_mask_nor_weight_copy():
             y = kernels.quadratic_projection(*leaves, num_row, dropout_p=0.1, training=True, backend="torch")
     assert y.dtype == torch.bfloat16
     assert sorted((tuple(t.shape), t.dtype) for t in saved) == sorted(
-        [((batch, dim), torch.bfloat16)] * 2 + [((num_row * dim, dim), torch.float32)])
-    assert any(t is leaves[1] for t in saved)  # the parameter, not a copy
+        [((batch, dim), torch.bfloat16)] * 2 + [((num_row * dim, dim), torch.float32), ((num_row * dim,), torch.float32)])
+    assert any(t is leaves[1] for t in saved) and any(t is leaves[2] for t in saved)  # the parameters, not copies
     grads = torch.autograd.grad(y, leaves, gy.bfloat16())
     assert [g.dtype for g in grads] == [torch.float32] * 3
     torch.manual_seed(1)
@@ -229,8 +255,9 @@ def test_torch_backend_under_autocast_keeps_neither_mask_nor_weight_copy():
 
 def test_triton_backend_under_autocast_keeps_x_in_the_compute_dtype(device):
     """The fused op under autocast bf16 keeps x as the GEMMs read it (bf16, not the fp32 residual
-    stream), the fp32 group sum, the fp32 weight it was given (the parameter: backward casts it
-    again) and its seed; the gradients come back fp32."""
+    stream), the fp32 group sum, the fp32 weight and bias it was given (the parameters: backward
+    casts the weight again; the bias is for higher-order gradients) and its seed; the gradients
+    come back fp32."""
     batch, dim, num_row = 32, 24, 4
     x, weight, bias, gy = make_inputs(batch, dim, num_row, torch.float32, device)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
@@ -241,8 +268,9 @@ def test_triton_backend_under_autocast_keeps_x_in_the_compute_dtype(device):
                                              backend="triton")
     assert y.dtype == torch.bfloat16
     assert sorted((tuple(t.shape), str(t.dtype)) for t in saved if t.is_floating_point()) == sorted(
-        [((batch, dim), "torch.bfloat16"), ((batch, dim), "torch.float32"), ((num_row * dim, dim), "torch.float32")])
-    assert any(t is leaves[1] for t in saved)
+        [((batch, dim), "torch.bfloat16"), ((batch, dim), "torch.float32"), ((num_row * dim, dim), "torch.float32"),
+         ((num_row * dim,), "torch.float32")])
+    assert any(t is leaves[1] for t in saved) and any(t is leaves[2] for t in saved)
     grads = torch.autograd.grad(y, leaves, gy.bfloat16())
     assert [g.dtype for g in grads] == [torch.float32] * 3
     mask = dropout_keep_mask(7, batch, num_row, dim, 0.1, device)
