@@ -77,7 +77,9 @@ def _regathered_backward_op(grad_z: torch.Tensor, reps: torch.Tensor, index: tor
     masked = scores * mask_f
     grad_w = torch.einsum("bd,bld->bl", grad_z, history) * (masked > 0)
     grad_s = grad_w * mask_f
-    grad_reps = grad_query = grad_mask = reps.new_empty(0)
+    # Each unwanted output its own empty tensor: a custom op may not return one tensor twice (a
+    # frozen reps and a bool mask leave two unwanted).
+    grad_reps, grad_query, grad_mask = (reps.new_empty(0) for _ in range(3))
     if needs[0]:
         # d reps[u] sums w_bl dz_b + ds_bl q_b over the positions (b, l) that read row u: one
         # sparse (U, 2B) @ [dz; q] product in fp32 (or wider), never forming the (B, L, D)

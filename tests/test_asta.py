@@ -548,6 +548,22 @@ def test_gathered_float64_keeps_float64_sums(device):
     check_gathered(*make_gathered(4, 37, 70, 9, torch.float64, device, "random", seed=13))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_gathered_gradient_of_one_input_alone(device, backend):
+    """A frozen reps (a fixed item table) or a frozen query: the other's gradient as when both train
+    (the torch path's backward op once returned one empty tensor for two unwanted gradients,
+    which a custom op may not)."""
+    reps, index, query, mask, grad_z = make_gathered(4, 9, 12, 5, torch.float64, device, "random", seed=14)
+    _, want_reps, want_query = gathered_oracle(reps, index, query, mask, grad_z)
+    _, scale_reps, scale_query = gathered_oracle(reps.abs(), index, query.abs(), mask.double(), grad_z.abs())
+    for trains, want, scale in (("reps", want_reps, scale_reps), ("query", want_query, scale_query)):
+        leaves = {"reps": reps.clone(), "query": query.clone()}
+        leaves[trains].requires_grad_()
+        z = kernels.gathered_sparse_target_attention(leaves["reps"], index, leaves["query"], mask, backend=backend)
+        got, = torch.autograd.grad(z, leaves[trains], grad_z)
+        assert_close(trains, got, want, torch.float64, scale)
+
+
 def test_gathered_equals_the_plain_form(device):
     """Through an identity index the gathered op is the plain op on the same rows."""
     history, query, mask, grad_z = make_inputs(3, 11, 24, torch.float32, device, "random", "bool", seed=12)

@@ -177,3 +177,18 @@ def test_dropout_is_active_in_training_only():
     assert not torch.equal(model(batch), model(batch))
     model.eval()
     assert torch.equal(model(batch), model(batch))
+
+
+@pytest.mark.parametrize("asta_form", ["hoisted", "literal"])
+def test_a_frozen_item_encoder_trains_the_rest(asta_form):
+    """Fixed item representations (the encoder frozen, as with pretrained embeddings): backward
+    runs on the CPU default path and reaches every other parameter, none of the encoder's."""
+    model = small_model(asta_form=asta_form).train()
+    model.items.requires_grad_(False)
+    batch = random_batch()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch), batch["label"])
+    loss.backward()
+    frozen = {f"items.{name}" for name, _ in model.items.named_parameters()}
+    assert frozen
+    for name, p in model.named_parameters():
+        assert (p.grad is None) == (name in frozen), name
