@@ -17,7 +17,8 @@ MAX_ROUNDED_P that would pass 0.1% (and near 1 the rate stops at 1 - 2**-16), so
 draws the mask.
 
 On CUDA F.dropout is already one fused Philox kernel with a bool mask, and under torch.compile or
-torch.export the compiler generates its own random numbers from F.dropout, so those use it unchanged.
+torch.export the compiler generates its own random numbers from F.dropout, so those use it unchanged;
+so do forward-mode AD and torch.func transforms (vmap's randomness= follows F.dropout, not NumPy).
 The draws differ from F.dropout's, not their distribution: a seeded run repeats itself either way.
 """
 import math
@@ -25,6 +26,8 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from kernels.utils import transforms_active
 
 
 MAX_ROUNDED_P = 1 - 2**-7  # the largest p drawn through 16-bit lanes: bias 2**-17 / 2**-7 < 0.1%
@@ -83,7 +86,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if not training or p == 0.0:
         return x
     if (x.device.type != "cpu" or not draws_from_lanes(p) or not x.is_floating_point()
-            or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling() or transforms_active()):
         return F.dropout(x, p, training=True)  # also where p is out of range: its error names it
     return _RegeneratedDropout.apply(x, p)
 

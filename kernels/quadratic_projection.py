@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 
 from kernels import choice, reference
-from kernels.utils import (INTERPRETING, cast, check_tensor, compute_dtype, launching_on, register_autocast,
-                           resolve_backend)
+from kernels.utils import (INTERPRETING, cast, check_tensor, compute_dtype, differentiable_backend, launching_on,
+                           register_autocast, resolve_backend)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -342,6 +342,8 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     p = _check_dropout_p(dropout_p)
     seed = _check_seed(seed)
     dtype = compute_dtype(x.device, x, weight, bias)
+    if training and p > 0.0:  # (elsewhere every backend runs the same plain-torch fold)
+        backend = differentiable_backend(backend, "quadratic_projection")
     if (backend == "auto" and training and p > 0.0 and not torch.compiler.is_compiling()
             and x.shape[0] * num_row * x.shape[1] >= _INT32_LIMIT):
         backend = "torch"  # past the kernels' int32 offsets: whatever MEASURED_FASTER says

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dropout import draw_seed, draws_from_lanes, dropout, keep_mask, keep_multiplier
+from kernels.utils import transforms_active
 
 
 def sparse_target_attention(history: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -165,8 +166,9 @@ def regathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, 
                                        mask: torch.Tensor) -> torch.Tensor:
     """gathered_sparse_target_attention, re-gathering the history in backward instead of keeping it:
     what the torch backend trains with (the op above, in eager and compiled runs alike). With
-    nothing to differentiate it is the plain reference."""
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (reps, query, mask)):
+    nothing to differentiate, and under forward-mode AD or a torch.func transform, it is the plain
+    reference."""
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (reps, query, mask)) or transforms_active():
         return gathered_sparse_target_attention(reps, index, query, mask)
     return _regathered_op(reps, index, query, mask)[0]
 
@@ -312,10 +314,12 @@ def regenerated_quadratic_projection(x: torch.Tensor, weight: torch.Tensor, bias
                                      dropout_p: float, training: bool, dtype: torch.dtype) -> torch.Tensor:
     """quadratic_projection of x, weight and bias read in `dtype`: what the torch backend trains
     with. In training with dropout on the CPU, with something to differentiate and outside
-    torch.compile/export, it regenerates the mask in backward (above); elsewhere it is the
-    reference, whose dropout is F.dropout's (CUDA) or the same CPU draw."""
+    torch.compile/export, forward-mode AD and torch.func transforms, it regenerates the mask in
+    backward (above); elsewhere it is the reference, whose dropout is F.dropout's (CUDA, and under
+    those transforms) or the same CPU draw."""
     if (training and draws_from_lanes(dropout_p) and x.device.type == "cpu" and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and any(t.requires_grad for t in (x, weight, bias))):
+            and not torch.compiler.is_compiling() and any(t.requires_grad for t in (x, weight, bias))
+            and not transforms_active()):
         return _RegeneratedQuadraticProjection.apply(x, weight, bias, num_row, dropout_p, dtype)
     return quadratic_projection(x, weight.to(dtype), bias.to(dtype), num_row, dropout_p, training)
 

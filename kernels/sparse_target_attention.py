@@ -31,7 +31,7 @@ import triton.language as tl
 
 from kernels import choice, reference
 from kernels.utils import (INTERPRETING, alert_not_deterministic, cast, check_index_rows, check_tensor, compute_dtype,
-                           launching_on, next_power_of_2, register_autocast, resolve_backend)
+                           differentiable_backend, launching_on, next_power_of_2, register_autocast, resolve_backend)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -301,13 +301,15 @@ def sparse_target_attention(history, query, mask, *, backend="auto"):
 
     history (B, L, D), query (B, D), mask (B, L) bool or 0/1 numbers -> (B, D). Floating inputs
     are read in one dtype: autocast's where it is on, else their promoted type, which is the
-    output's dtype; sums run in fp32 (fp64 for fp64). Differentiable in history and query.
+    output's dtype; sums run in fp32 (fp64 for fp64). Differentiable in history and query (and a
+    floating mask, on the torch path: "auto" runs it where the mask requires grad).
     """
     check_tensor("history", history, 3, FLOAT_DTYPES)
     batch, seq_len, dim = history.shape
     _check_query_mask(query, mask, batch, seq_len, dim, f"history of shape {tuple(history.shape)}", history.device)
     dtype = compute_dtype(history.device, history, query)
     history, query = cast(dtype, history, query)
+    backend = differentiable_backend(backend, "sparse_target_attention", mask)
     if backend == "auto" and dim > MAX_D:
         backend = "torch"  # wider than the kernel takes: whatever MEASURED_FASTER says
     trial = choice.trial(backend, history.device, "asta", dtype, ("plain", f"L={seq_len}", f"D={dim}"),
@@ -336,6 +338,7 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
     check_index_rows(index, mask, reps.shape[0])
     dtype = compute_dtype(reps.device, reps, query)
     reps, query = cast(dtype, reps, query)
+    backend = differentiable_backend(backend, "gathered_sparse_target_attention", mask)
     if backend == "auto" and torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled() and reps.requires_grad:
         backend = "torch"  # the Triton backward sums into reps by atomic adds: not deterministic on a GPU
     if backend == "auto" and dim > MAX_D:

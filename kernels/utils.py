@@ -41,6 +41,38 @@ def resolve_backend(backend: str, device: torch.device, op: str = "", dtype: tor
     return backend
 
 
+def transforms_active() -> bool:
+    """Whether forward-mode AD (a dual level) or a torch.func transform (grad, vmap, jvp, ...) is in
+    force. The fused ops and the memory-saving autograd Functions of the torch path implement
+    reverse-mode autograd only: a custom op has no forward-mode rule (its tangent would silently
+    be zero), and the Functions' NumPy-drawn dropout masks cannot follow vmap. (False while
+    torch.compile traces, which supports neither.)"""
+    if torch.compiler.is_compiling():
+        return False
+    from torch.autograd import forward_ad
+
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+
+
+def differentiable_backend(backend: str, op: str, mask: torch.Tensor | None = None) -> str:
+    """`backend`, where the Triton kernels can give what autograd may ask of this call; elsewhere
+    "auto" becomes "torch" and "triton" raises. They cannot: under forward-mode AD or a torch.func
+    transform (transforms_active), or where the mask requires grad (their backward does not
+    differentiate the mask)."""
+    if backend not in ("auto", "triton"):
+        return backend
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        reason = "a gradient in the mask (mask.requires_grad)"
+    elif transforms_active():
+        reason = "forward-mode AD or torch.func transforms"
+    else:
+        return backend
+    if backend == "triton":
+        raise NotImplementedError(f"{op} with backend='triton' does not support {reason}: its kernels "
+                                  f"differentiate in reverse mode, in the floating inputs; use backend='torch' or 'auto'")
+    return "torch"
+
+
 def auto_picks_triton(op: str, dtype: torch.dtype | None, device: torch.device, trial=None) -> bool:
     from kernels import choice
 

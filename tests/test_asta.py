@@ -175,6 +175,55 @@ def test_second_order_gradients_float64(device, backend, form):
     assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["plain", "gathered"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_forward_mode_and_func_transforms(device, backend, form):
+    """A custom op has no forward-mode rule: the Triton op's tangent was silently zero under
+    torch.func.jvp and dual tensors. Now "auto" runs torch there (its tangent and jacrev right),
+    and "triton" refuses, naming what it does not support."""
+    history, query, mask, _ = make_inputs(3, 5, 4, torch.float64, device, "random", "bool", seed=1)
+    index = torch.tensor([[0, 1, 2, 1, 0], [3, 3, 1, 2, 0], [2, 2, 2, 1, 3]], device=device)
+    x = history if form == "plain" else history[0, :4].clone()
+    op = (lambda x, q: kernels.sparse_target_attention(x, q, mask, backend=backend)) if form == "plain" else \
+        (lambda x, q: kernels.gathered_sparse_target_attention(x, index, q, mask, backend=backend))
+    ref = (lambda x, q: reference.sparse_target_attention(x, q, mask)) if form == "plain" else \
+        (lambda x, q: reference.gathered_sparse_target_attention(x, index, q, mask))
+    tangents = (torch.randn_like(x), torch.randn_like(query))
+    want = torch.func.jvp(ref, (x, query), tangents)
+    if backend == "triton":
+        with pytest.raises(NotImplementedError, match="does not support forward-mode AD or torch.func"):
+            torch.func.jvp(op, (x, query), tangents)
+        return
+    for got, w in zip(torch.func.jvp(op, (x, query), tangents), want):
+        torch.testing.assert_close(got, w, rtol=1e-12, atol=1e-12)
+    with torch.autograd.forward_ad.dual_level():
+        duals = [torch.autograd.forward_ad.make_dual(t, dt) for t, dt in zip((x, query), tangents)]
+        tangent = torch.autograd.forward_ad.unpack_dual(op(*duals)).tangent
+    torch.testing.assert_close(tangent, want[1], rtol=1e-12, atol=1e-12)
+    for got, w in zip(torch.func.jacrev(op, argnums=(0, 1))(x, query), torch.func.jacrev(ref, argnums=(0, 1))(x, query)):
+        torch.testing.assert_close(got, w, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("form", ["plain", "gathered"])
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_a_mask_that_requires_grad(device, backend, form):
+    """The Triton backward does not differentiate the mask (it returned None, silently): for a
+    floating mask that requires grad "auto" runs the torch path, which does, and "triton" refuses."""
+    history, query, keep, grad_z = make_inputs(3, 5, 4, torch.float64, device, "random", "bool", seed=2)
+    weights = torch.rand(keep.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
+    mask = (keep * (0.5 + weights)).requires_grad_()  # soft weights, away from relu's kink at 0
+    index = torch.arange(15, device=device).view(3, 5)
+    op = (lambda m: kernels.sparse_target_attention(history, query, m, backend=backend)) if form == "plain" else \
+        (lambda m: kernels.gathered_sparse_target_attention(history.view(15, 4), index, query, m, backend=backend))
+    if backend == "triton":
+        with pytest.raises(NotImplementedError, match="does not support a gradient in the mask"):
+            op(mask)
+        return
+    got, = torch.autograd.grad(op(mask), mask, grad_z)
+    want, = torch.autograd.grad(reference.sparse_target_attention(history, query, mask), mask, grad_z)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_float64_forward_is_exact_to_roundoff(device):
     check_against_oracle(*make_inputs(4, 37, 70, torch.float64, device, "random", "float", seed=2))
 

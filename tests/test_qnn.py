@@ -186,6 +186,29 @@ def test_gradcheck_float64_torch_backend(training, p):
     assert torch.autograd.gradgradcheck(fn, leaves)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_forward_mode_ad_in_training_with_dropout(backend):
+    """Under torch.func.jvp the training op runs the plain reference with F.dropout (a custom op has
+    no forward-mode rule, and the CPU's NumPy-drawn mask cannot follow torch.func): its output and
+    tangent are those of the reference on the mask F.dropout draws from the same generator state.
+    backend="triton" refuses (its tangent was silently zero)."""
+    x, weight, bias, _ = make_inputs(3, 4, 2, torch.float64, "cpu")
+    tangents = tuple(torch.randn_like(t) for t in (x, weight, bias))
+    op = lambda x, w, b: kernels.quadratic_projection(x, w, b, 2, dropout_p=0.3, training=True, backend=backend)
+    if backend == "triton":
+        with pytest.raises(NotImplementedError, match="does not support forward-mode AD or torch.func"):
+            torch.func.jvp(op, (x, weight, bias), tangents)
+        return
+    torch.manual_seed(5)
+    keep = torch.nn.functional.dropout(torch.ones(3, 8, dtype=torch.float64), 0.3, True) != 0
+    assert 0 < int(keep.sum()) < keep.numel()
+    ref = lambda x, w, b: reference.quadratic_projection(x, w, b, 2, 0.3, True, dropout_mask=keep)
+    torch.manual_seed(5)
+    got = torch.func.jvp(op, (x, weight, bias), tangents)
+    for g, w in zip(got, torch.func.jvp(ref, (x, weight, bias), tangents)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_second_order_gradients_in_x_under_autocast_are_refused(device, backend):
     """Under autocast the training op keeps only the 16-bit copy of x, made in forward, so where x
