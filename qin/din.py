@@ -52,6 +52,7 @@ class DIN(CTRModel):
         self.register_load_state_dict_pre_hook(_identity_p_for_older_checkpoints)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.check_batch(batch)
         target, history = self.items.encode(batch["item_id"], batch["item_seq"])
         query = target.unsqueeze(1).expand_as(history)
         features = torch.cat([query, history, query - history, query * history], dim=-1)

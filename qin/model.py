@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -147,8 +148,10 @@ class ItemEncoder(FeatureModules):
     concat(E_item[i], masked_mean(E_tag[tags(i)]), P @ item_emb_d128[i]).
 
     The item attributes other than the id (tags, the frozen embedding) are data, not parameters:
-    they live in non-persistent buffers `info_<name>` filled by `load_item_info`. Without
-    `project_to_dim` (the DIN baseline) P keeps the frozen embedding's width.
+    they live in non-persistent buffers `info_<name>` filled by `load_item_info`, which a
+    state_dict does not hold; the encoder refuses to run before they are loaded (all zeros, they
+    would give another model than the one trained, silently). Without `project_to_dim` (the DIN
+    baseline) P keeps the frozen embedding's width.
     """
 
     def __init__(self, cfg: QINConfig, embed_dim: int | None = None, project_to_dim: bool = True):
@@ -159,6 +162,7 @@ class ItemEncoder(FeatureModules):
         for feature in self.features[1:]:
             self.register_buffer(f"info_{feature.name}", _item_info_buffer(feature, self.key.vocab_size),
                                  persistent=False)
+        self.info_loaded = len(self.features) == 1  # nothing to load where the id is the only item feature
         self.dedup = cfg.dedup_items
 
     @property
@@ -167,20 +171,39 @@ class ItemEncoder(FeatureModules):
         return self.feature_tables(self.features)
 
     def load_item_info(self, columns, mm: torch.Tensor | None = None) -> None:
-        """Fill the item attributes from {name: tensor with row = item id}; (tags, mm) on MicroLens.
+        """Fill the item attributes from {name: tensor or array with row = item id}; (tags, mm) on
+        MicroLens. Ids must be integers within their feature's vocabulary.
 
         A declared item vocabulary may hold more rows than the data: those items stay all zeros."""
+        names = [feature.name for feature in self.features[1:]]
         if mm is not None:
             columns = {"item_tags": columns, "item_emb_d128": mm}
+        if not isinstance(columns, Mapping):
+            raise TypeError(f"load_item_info takes {{name: tensor}} for the item features {names} "
+                            f"(or (tags, mm) on MicroLens), got {type(columns).__name__}")
+        missing = [name for name in names if name not in columns]
+        if missing:
+            raise ValueError(f"item_info lacks the item features {missing} (given: {sorted(columns)})")
         for feature in self.features[1:]:
-            buffer, given = getattr(self, f"info_{feature.name}"), columns[feature.name]
+            buffer, given = getattr(self, f"info_{feature.name}"), torch.as_tensor(columns[feature.name])
             if given.shape[1:] != buffer.shape[1:] or given.shape[0] > buffer.shape[0]:
                 raise ValueError(f"item_info does not fit the model: {feature.name} {tuple(given.shape)}, "
                                  f"expected {tuple(buffer.shape)}")
+            if feature.has_ids:
+                if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
+                    raise ValueError(f"item_info {feature.name} holds ids, which must be integers, got {given.dtype}")
+                if given.numel() and (int(given.min()) < 0 or int(given.max()) >= (feature.vocab_size or 0)):
+                    raise ValueError(f"item_info {feature.name} holds ids {int(given.min())}..{int(given.max())}, "
+                                     f"outside its vocabulary 0..{feature.vocab_size - 1}")
             buffer.zero_()
             buffer[: given.shape[0]].copy_(given)
+        self.info_loaded = True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.info_loaded:
+            raise RuntimeError(f"the item features {[f.name for f in self.features[1:]]} were never loaded: call "
+                               f"model.load_item_info(...) first (item data, not weights: a state_dict does not "
+                               f"hold them)")
         flat = ids.reshape(-1)
         parts = [self.embed(f, flat if f is self.key else getattr(self, f"info_{f.name}")[flat]) for f in self.features]
         rep = torch.cat(parts, dim=-1)
@@ -411,6 +434,40 @@ class CTRModel(FeatureModules):
         self.context = context_features(model_features(cfg))
         self.add_feature_modules(self.context, dim, project_to_dim)
 
+    def check_batch(self, batch) -> None:
+        """Refuse a batch this model cannot read, naming its key: a missing key, a value that is not a
+        (B,) or (B, ...) tensor, ids that are not integers or lie outside their table (on the CPU
+        only: on a GPU the check would wait for the device). Not while torch.compile traces."""
+        if torch.compiler.is_compiling():
+            return
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"the batch must be a dict of tensors, got {type(batch).__name__}")
+        key = self.items.key
+        reads = [("item_id", key, 1), ("item_seq", key, 2)]
+        reads += [(f.name, f, 2 if f.type in ("sequence", "embedding") else 1) for f in self.context]
+        missing = [name for name, _, _ in reads if name not in batch]
+        if missing:
+            raise ValueError(f"the batch lacks {missing} (it has {sorted(batch)})")
+        size = None
+        for name, feature, ndim in reads:
+            values = batch[name]
+            if not isinstance(values, torch.Tensor):
+                raise ValueError(f"batch[{name!r}] must be a tensor, got {type(values).__name__}")
+            size = values.shape[0] if size is None and values.dim() else size
+            if values.dim() != ndim or values.shape[0] != size:
+                want = f"({size},)" if ndim == 1 else f"({size}, ...) with {ndim} dimensions"
+                raise ValueError(f"batch[{name!r}] must have shape {want}, got {tuple(values.shape)}")
+            if not feature.has_ids:
+                continue
+            if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+                raise ValueError(f"batch[{name!r}] holds ids, which must be integers, got {values.dtype}")
+            if values.device.type == "cpu" and values.numel() and (
+                    int(values.min()) < 0 or int(values.max()) >= feature.vocab_size):
+                raise ValueError(f"batch[{name!r}] holds ids {int(values.min())}..{int(values.max())}, outside "
+                                 f"its table's 0..{feature.vocab_size - 1}")
+        if size == 0:
+            raise ValueError("the batch is empty (B = 0)")
+
     def embed_context(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [self.embed(f, batch[f.name]) for f in self.context]
 
@@ -462,6 +519,10 @@ def sum_of_squares(tensors: list[torch.Tensor]) -> torch.Tensor:
 class QIN(CTRModel):
     """QIN built from the dataset's features (cfg.features, or the MicroLens layout of SPEC.md).
 
+    Before its first forward, `load_item_info` fills the item attributes (tags and the frozen
+    multimodal embedding on MicroLens): they are data, not weights, so a state_dict does not hold
+    them, and a model loaded from one needs them loaded again.
+
     Padding, as in the authors' FuxiCTR feature map: every categorical and sequence feature has
     padding_idx 0, so likes_level = 0 and views_level = 0 map to an all-zero row that never trains,
     like item id 0 and tag 0. `padding_idx: null` on a feature makes its row 0 an ordinary one.
@@ -471,6 +532,9 @@ class QIN(CTRModel):
         super().__init__()
         self.cfg = cfg = cfg or QINConfig()
         cfg.validate()
+        if cfg.architecture != "qin":
+            raise ValueError(f"QIN builds architecture 'qin'; this config names {cfg.architecture!r}: "
+                             f"qin.models.build_model(cfg) builds the model a config names")
         self.items = ItemEncoder(cfg)
         self.add_context(cfg, cfg.embed_dim, project_to_dim=True)
         self.asta = SparseTargetAttention(cfg) if cfg.use_asta else None
@@ -483,6 +547,7 @@ class QIN(CTRModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Click logits (B,) for a batch with item_id (B), item_seq (B, L) and the context features."""
+        self.check_batch(batch)
         item_id, item_seq = batch["item_id"], batch["item_seq"]
         parts = list(self.embed_context(batch))
         if self.asta is None:  # the no-ASTA ablation never looks at the history

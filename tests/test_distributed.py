@@ -503,6 +503,7 @@ def test_compiled_ddp_model_trains_with_its_l2_term_and_sends_no_buffers(tmp_pat
     with distributed.leaving_group_at_end():
         dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
         model = QIN(QINConfig(num_items=50, num_tags=10, embed_dim=8, mm_dim=16, attention_dim=16, qnn_layers=1))
+        model.load_item_info(torch.randint(0, 10, (50, 5), generator=torch.Generator().manual_seed(1)), torch.randn(50, 16))
         wrapped = distributed.wrap(model, torch.device("cpu"))
         assert not wrapped.will_sync_module_buffers()
         compiled = compile_model(wrapped, backend="eager")

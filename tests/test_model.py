@@ -192,3 +192,75 @@ def test_a_frozen_item_encoder_trains_the_rest(asta_form):
     assert frozen
     for name, p in model.named_parameters():
         assert (p.grad is None) == (name in frozen), name
+
+
+def test_item_info_must_be_loaded_before_the_first_forward():
+    """The tags and the frozen embedding are data, not weights: a state_dict does not hold them. A
+    model loaded from one (strictly, 'All keys matched') used to run on all-zero item data, a
+    different model, silently; now it asks for load_item_info."""
+    trained = small_model()
+    fresh = QIN(QINConfig(**SMALL))
+    fresh.load_state_dict(trained.state_dict())
+    with pytest.raises(RuntimeError, match=r"were never loaded: call model.load_item_info"):
+        fresh(random_batch())
+    fresh.load_item_info(trained.items.info_item_tags, trained.items.info_item_emb_d128)
+    torch.testing.assert_close(fresh.eval()(random_batch()), trained.eval()(random_batch()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("columns, mm, error, match", [
+    (torch.zeros(40, 5, dtype=torch.long), None, TypeError, r"takes \{name: tensor\}"),
+    ({"item_tags": torch.zeros(40, 5, dtype=torch.long)}, None, ValueError, r"lacks the item features \['item_emb_d128'\]"),
+    (torch.full((40, 5), 1.7), torch.zeros(40, 6), ValueError, "item_tags holds ids, which must be integers"),
+    (torch.full((40, 5), 15), torch.zeros(40, 6), ValueError, r"item_tags holds ids 15..15, outside its vocabulary 0..14"),
+    (torch.zeros(40, 4, dtype=torch.long), torch.zeros(40, 6), ValueError, r"item_tags \(40, 4\), expected \(40, 5\)"),
+])
+def test_load_item_info_names_what_does_not_fit(columns, mm, error, match):
+    model = QIN(QINConfig(**SMALL))
+    with pytest.raises(error, match=match):
+        model.load_item_info(columns, mm)
+
+
+def test_load_item_info_takes_numpy_arrays():
+    model = small_model()
+    other = QIN(QINConfig(**SMALL))
+    other.load_state_dict(model.state_dict())
+    other.load_item_info(model.items.info_item_tags.numpy(), model.items.info_item_emb_d128.numpy())
+    torch.testing.assert_close(other.eval()(random_batch()), model.eval()(random_batch()), rtol=0, atol=0)
+
+
+def test_a_din_config_is_not_built_as_qin():
+    with pytest.raises(ValueError, match="build_model"):
+        QIN(QINConfig(**SMALL, architecture="din"))
+
+
+def _batch_with(**changes):
+    batch = random_batch()
+    for key, value in changes.items():
+        if value is None:
+            del batch[key]
+        else:
+            batch[key] = value(batch[key]) if callable(value) else value
+    return batch
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(likes_level=None), r"the batch lacks \['likes_level'\]"),
+    (dict(item_id=lambda t: t[:, None]), r"batch\['item_id'\] must have shape \(5,\), got \(5, 1\)"),
+    (dict(item_seq=lambda t: t[:4]), r"batch\['item_seq'\] must have shape \(5, \.\.\.\)"),
+    (dict(item_seq=lambda t: t.float()), r"batch\['item_seq'\] holds ids, which must be integers"),
+    (dict(item_seq=lambda t: t - 1), r"batch\['item_seq'\] holds ids -1\.\.\d+, outside its table's 0\.\.39"),
+    (dict(views_level=lambda t: t + 11), r"batch\['views_level'\] holds ids 1[1-9]\.\.2[01], outside its table's 0\.\.10"),
+    (dict(likes_level=[1, 2, 3, 4, 5]), r"batch\['likes_level'\] must be a tensor, got list"),
+    (dict(item_id=lambda t: t[:0], item_seq=lambda t: t[:0], likes_level=lambda t: t[:0],
+          views_level=lambda t: t[:0], label=lambda t: t[:0]), r"the batch is empty"),
+])
+@pytest.mark.parametrize("architecture", ["qin", "din"])
+def test_a_batch_the_model_cannot_read_is_named(changes, match, architecture):
+    """Not an IndexError from an embedding, a cat's dimension error or a failed torch._check."""
+    from qin.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(QINConfig(**SMALL, architecture=architecture))
+    model.load_item_info(torch.zeros(40, 5, dtype=torch.long), torch.zeros(40, 6))
+    with pytest.raises(ValueError, match=match):
+        model(_batch_with(**changes))
