@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +100,13 @@ class QINConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("dropout", "asta_dropout", "embedding_init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ConfigError(f"model.{name} must be a number, got {value!r}")
+        for name in ("dedup_items", "use_asta"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"model.{name} must be true or false, got {getattr(self, name)!r}")
         if not (math.isfinite(self.embedding_init_std) and self.embedding_init_std >= 0):
             raise ConfigError(f"model.embedding_init_std must be a number >= 0, got {self.embedding_init_std}")
         for name in ("dropout", "asta_dropout"):
@@ -110,13 +118,21 @@ class QINConfig:
                 raise ConfigError(f"model.{name} must be a non-empty list of positive integers, got {units!r}")
         for name in ("num_items", "num_tags", "num_levels", "embed_dim", "mm_dim", "attention_dim",
                      "qnn_layers", "qnn_rows", "tags_per_item", "din_embed_dim"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
-                raise ConfigError(f"model.{name} must be a positive integer, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is None and name == "attention_dim":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
         from qin.features import model_features
 
-        missing = [f.name for f in model_features(self) if f.has_ids and f.vocab_size is None]
+        features = model_features(self)
+        missing = [f.name for f in features if f.has_ids and f.vocab_size is None]
         if missing:
             raise ConfigError(f"model.features: no vocab_size for {', '.join(missing)} (fill it from the data)")
+        padding_only = [f"{f.name} ({f.vocab_size})" for f in features
+                        if f.has_ids and f.padding_idx == 0 and f.vocab_size < 2]
+        if padding_only:
+            raise ConfigError(f"vocabulary sizes that leave no id beside padding 0: {', '.join(padding_only)}")
 
 
 @dataclass

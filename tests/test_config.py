@@ -126,3 +126,26 @@ def test_attention_width_follows_the_item_width_unless_set():
 def test_qin_config_validates():
     with pytest.raises(ConfigError):
         QINConfig(asta_form="x").validate()
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("embed_dim", 8.5, "model.embed_dim must be a positive integer, got 8.5"),
+    ("qnn_layers", 2.0, "model.qnn_layers must be a positive integer, got 2.0"),
+    ("mm_dim", "6", "model.mm_dim must be a positive integer, got '6'"),
+    ("qnn_rows", True, "model.qnn_rows must be a positive integer, got True"),
+    ("dropout", "0.1", "model.dropout must be a number, got '0.1'"),
+    ("use_asta", 1, "model.use_asta must be true or false, got 1"),
+    ("num_items", 1, r"no id beside padding 0: item_id \(1\)"),
+    ("num_levels", 1, r"no id beside padding 0: likes_level \(1\), views_level \(1\)"),
+])
+def test_qin_config_from_python_names_a_bad_field(field, value, match):
+    """A QINConfig built in Python (no YAML parser to type its fields) is refused naming the field,
+    not by torch.empty's 'argument size must be tuple of ints' once the model is being built."""
+    with pytest.raises(ConfigError, match=match):
+        QINConfig(**{field: value}).validate()
+
+
+def test_qin_config_takes_numpy_integers():
+    import numpy as np
+
+    QINConfig(num_items=np.int64(50), embed_dim=np.int32(8)).validate()
