@@ -28,6 +28,17 @@ def gathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, qu
     return sparse_target_attention(F.embedding(index, reps), query, mask)
 
 
+def accurately(function):
+    """function, run on its floating inputs in fp32 (fp64 stays): an attention op's recomputation
+    for higher-order gradients. The gradient of the representations sums over a popular item's
+    repeats, which in 16 bits loses the later terms (the fused backwards sum in fp32 too); the
+    casts back are part of the graph, so each gradient returns in its input's dtype."""
+    def wide(*tensors):
+        return function(*(t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t
+                          for t in tensors))
+    return wide
+
+
 def differentiable_gradients(function, inputs, needs, grad_output) -> list:
     """The gradients of function(*inputs) (a plain-PyTorch recomputation of an op) for the inputs
     with `needs`, by autograd with create_graph=True: what the fused ops' backwards return when a
@@ -35,10 +46,16 @@ def differentiable_gradients(function, inputs, needs, grad_output) -> list:
     Their own backward kernels compute first-order gradients only, and an autograd rule on them
     would have to re-derive what autograd derives from the reference. The inputs must be the
     tensors the forward received (as ctx.saved_tensors returns them), so that the gradients stay
-    connected to the caller's graph. Only under create_graph: it forms what the op exists to avoid."""
-    wanted = [t for t, need in zip(inputs, needs) if need]
+    connected to the caller's graph. Only under create_graph: it forms what the op exists to avoid.
+
+    The function runs on an alias of each wanted input, and the gradients are taken at the aliases:
+    taken at the inputs themselves, a path from one input to another (QIN's query is computed from
+    the representations it attends over) would be followed here and again by the caller's engine,
+    and counted twice."""
     with torch.enable_grad():
-        output = function(*inputs)
+        aliases = [t.view_as(t) if need else t for t, need in zip(inputs, needs)]
+        output = function(*aliases)
+    wanted = [a for a, need in zip(aliases, needs) if need]
     grads = iter(torch.autograd.grad(output, wanted, grad_output, create_graph=True, allow_unused=True))
     return [next(grads) if need else None for need in needs]
 
@@ -151,7 +168,7 @@ def _regathered_autograd_backward(ctx, grad_z, _grad_scores):
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
     if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
         grad_reps, grad_query, grad_mask = differentiable_gradients(
-            lambda reps, query, mask: gathered_sparse_target_attention(reps, index, query, mask),
+            accurately(lambda reps, query, mask: gathered_sparse_target_attention(reps, index, query, mask)),
             (reps, query, mask), needs, grad_z)
         return grad_reps, None, grad_query, grad_mask
     grads = _regathered_backward_op(grad_z, reps, index, query, mask, scores, needs)
@@ -235,9 +252,9 @@ def check_x_kept_as_given(needs_grad_x: bool, x_dtype: torch.dtype, kept_dtype: 
     that requires grad is refused even where only the weight's gradients were asked for.)"""
     if needs_grad_x and x_dtype != kept_dtype:
         raise RuntimeError(f"quadratic_projection has no higher-order gradients (create_graph=True) where x "
-                           f"requires grad and is read in another dtype than its own ({kept_dtype}, autocast's, "
-                           f"for x in {x_dtype}): it keeps only that copy of x for backward; take them outside "
-                           f"autocast")
+                           f"requires grad and its products read it in another dtype ({kept_dtype}, autocast's or "
+                           f"the weight's, for x in {x_dtype}): it keeps only that copy of x for backward; take "
+                           f"them with x in the compute dtype (outside autocast)")
 
 
 class _RegeneratedQuadraticProjection(torch.autograd.Function):

@@ -251,10 +251,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _recomputed(index, mask):
-    """The op as a function of (x, query), in plain PyTorch: what higher-order gradients differentiate."""
+    """The op as a function of (x, query), in plain PyTorch and fp32 (reference.accurately): what
+    higher-order gradients differentiate."""
     def recompute(x, query):
         return reference.sparse_target_attention(x if index is None else F.embedding(index, x), query, mask)
-    return recompute
+    return reference.accurately(recompute)
 
 
 def _autograd_backward(ctx, grad_z):

@@ -51,7 +51,10 @@ def transforms_active() -> bool:
         return False
     from torch.autograd import forward_ad
 
-    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+    # Private names (torch's autograd.Function reads the first; the second has held the dual level
+    # since torch 1.9): where a later torch renames them, nothing is taken to be active.
+    functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+    return functorch_active() or getattr(forward_ad, "_current_level", -1) >= 0
 
 
 def differentiable_backend(backend: str, op: str, mask: torch.Tensor | None = None) -> str:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import kernels
 from kernels.choice import source_hash
 from kernels.dropout import Dropout, dropout
-from kernels.utils import autocast_dtype
+from kernels.utils import autocast_dtype, transforms_active
 from qin.config import QINConfig
 from qin.features import Feature, context_features, item_features, model_features
 from qin.recompute import recomputed_in_backward
@@ -437,7 +437,8 @@ class CTRModel(FeatureModules):
     def check_batch(self, batch) -> None:
         """Refuse a batch this model cannot read, naming its key: a missing key, a value that is not a
         (B,) or (B, ...) tensor, ids that are not integers or lie outside their table (on the CPU
-        only: on a GPU the check would wait for the device). Not while torch.compile traces."""
+        only: on a GPU the check would wait for the device; and not under torch.func transforms,
+        where a tensor has no value to read). Not while torch.compile traces."""
         if torch.compiler.is_compiling():
             return
         if not isinstance(batch, Mapping):
@@ -455,13 +456,14 @@ class CTRModel(FeatureModules):
                 raise ValueError(f"batch[{name!r}] must be a tensor, got {type(values).__name__}")
             size = values.shape[0] if size is None and values.dim() else size
             if values.dim() != ndim or values.shape[0] != size:
-                want = f"({size},)" if ndim == 1 else f"({size}, ...) with {ndim} dimensions"
+                rows = "B" if size is None else size
+                want = f"({rows},)" if ndim == 1 else f"({rows}, ...) with {ndim} dimensions"
                 raise ValueError(f"batch[{name!r}] must have shape {want}, got {tuple(values.shape)}")
             if not feature.has_ids:
                 continue
             if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
                 raise ValueError(f"batch[{name!r}] holds ids, which must be integers, got {values.dtype}")
-            if values.device.type == "cpu" and values.numel() and (
+            if values.device.type == "cpu" and values.numel() and not transforms_active() and (
                     int(values.min()) < 0 or int(values.max()) >= feature.vocab_size):
                 raise ValueError(f"batch[{name!r}] holds ids {int(values.min())}..{int(values.max())}, outside "
                                  f"its table's 0..{feature.vocab_size - 1}")

@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from kernels.utils import transforms_active
+
 # Chaining to the hooks already in force needs this (torch 2.2 and later); without it nothing is
 # recomputed, so that hooks of the caller (torch.autograd.graph.save_on_cpu, a saved-bytes count)
 # still see every saved tensor.
@@ -29,13 +31,14 @@ def recomputed_in_backward(tensor: torch.Tensor, recompute: Callable[[], torch.T
 
     Every other saved tensor goes to the saved-tensor hooks in force around the block, if any.
     A plain block where there is nothing to differentiate, under torch.compile (whose partitioner
-    decides itself what to keep) or without `recompute`.
+    decides itself what to keep), under torch.func transforms (whose wrapped tensors have no
+    storage to recognise) or without `recompute`.
     Autograd's check that a saved tensor was not changed in place does not see `tensor` (it is not
     saved): the caller must not change it before backward (QIN's representations never leave
     its forward).
     """
     if (recompute is None or _top_hooks is None or not torch.is_grad_enabled()
-            or torch.compiler.is_compiling()):
+            or torch.compiler.is_compiling() or transforms_active()):
         yield
         return
     outer = _top_hooks(False)

@@ -175,6 +175,37 @@ def test_second_order_gradients_float64(device, backend, form):
     assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_second_order_with_a_query_computed_from_reps(device, backend):
+    """QIN's query is computed from the representations the op attends over. Under create_graph=True
+    the recomputation once followed that path itself, and the caller's engine again: the first-order
+    gradient of reps came out wrong (8.4 off in 1e0). Now it is the one without create_graph, and the
+    second order checks out."""
+    reps, index, _, mask, grad_z = make_gathered(4, 5, 6, 6, torch.float64, device, "random", seed=15)
+    reps.requires_grad_()
+    weight = torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device) / 3
+    fn = lambda r: kernels.gathered_sparse_target_attention(r, index, r[:4] @ weight, mask, backend=backend)
+    first, = torch.autograd.grad(fn(reps), reps, grad_z)
+    again, = torch.autograd.grad(fn(reps), reps, grad_z, create_graph=True)
+    torch.testing.assert_close(again, first, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(fn, (reps,), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_second_order_sums_a_popular_items_gradient_in_fp32(device, backend):
+    """Under create_graph=True the recomputation runs in fp32: a bf16 gradient into an item read
+    at 2048 positions keeps every term (summed in bf16 it was 64% off)."""
+    reps, index, query, mask, grad_z = make_gathered(32, 64, 8, 2, torch.bfloat16, device, "all_one", seed=16)
+    index.zero_()  # one item everywhere: 2048 repeats
+    r = reps.clone().requires_grad_()
+    got, = torch.autograd.grad(kernels.gathered_sparse_target_attention(r, index, query, mask, backend=backend),
+                               r, grad_z, create_graph=True)
+    _, want, _ = gathered_oracle(reps, index, query, mask, grad_z)
+    _, scale, _ = gathered_oracle(reps.abs(), index, query.abs(), mask.double(), grad_z.abs())
+    assert got.dtype == torch.bfloat16
+    assert_close("grad_reps", got, want, torch.bfloat16, scale)
+
+
 @pytest.mark.parametrize("form", ["plain", "gathered"])
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_forward_mode_and_func_transforms(device, backend, form):

@@ -186,6 +186,23 @@ def test_gradcheck_float64_torch_backend(training, p):
     assert torch.autograd.gradgradcheck(fn, leaves)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_second_order_with_a_bias_computed_from_x(device, backend):
+    """Inputs that depend on each other: under create_graph=True the first-order gradient of x is
+    the one without it (the recomputation once counted the path bias <- x a second time)."""
+    x, weight, bias, gy = make_inputs(3, 4, 2, torch.float64, device)
+    x.requires_grad_()
+
+    def fn(x):
+        torch.manual_seed(0)
+        return kernels.quadratic_projection(x, weight, bias + 0.1 * x.sum(), 2, dropout_p=0.3, training=True,
+                                            seed=9, backend=backend)
+    first, = torch.autograd.grad(fn(x), x, gy)
+    again, = torch.autograd.grad(fn(x), x, gy, create_graph=True)
+    torch.testing.assert_close(again, first, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradgradcheck(fn, (x,), eps=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_forward_mode_ad_in_training_with_dropout(backend):
     """Under torch.func.jvp the training op runs the plain reference with F.dropout (a custom op has
