@@ -172,11 +172,12 @@ def _forward(x, weight, bias, seed, num_row, p):
     return y, s
 
 
-def _backward(gy, x, weight, s, seed, num_row, p, x_dtype):
+def _backward(gy, x, weight, s, seed, num_row, p, x_dtype, needs=(True, True, True)):
     """(grad_x, grad_W, grad_b) from the masked gradient G, formed once, and three vendor products.
     x is the forward's x in the weight's dtype, as the GEMMs read it; x_dtype is the dtype the
     forward's x had, which grad_x takes. G is in the weight's dtype; the direct term gy * s of
-    grad_x in x_dtype, as the product y = x * s read x."""
+    grad_x in x_dtype, as the product y = x * s read x. A gradient not in `needs` (a frozen
+    weight) is left empty, its product not run."""
     batch, dim = x.shape
     gy = gy.contiguous()
     g = torch.empty((batch, num_row * dim), device=x.device, dtype=weight.dtype)
@@ -187,12 +188,15 @@ def _backward(gy, x, weight, s, seed, num_row, p, x_dtype):
         with launching_on(g.device):
             _qnn_masked_grad_kernel[_grid(batch, dim, cfg)](
                 gy, x, s, seed, g, gys, batch, dim, num_row, P=p, ACC_DTYPE=acc, **cfg)
-    if x_dtype == weight.dtype:
+    need_x, need_weight, need_bias = needs
+    if not need_x:
+        grad_x = gys.new_empty(0)
+    elif x_dtype == weight.dtype:
         grad_x = torch.addmm(gys, g, weight)
     else:
         grad_x = gys.add_(g @ weight)
-    grad_w = g.t() @ x
-    grad_b = g.sum(0, dtype=s.dtype).to(weight.dtype)
+    grad_w = g.t() @ x if need_weight else weight.new_empty(0)
+    grad_b = g.sum(0, dtype=s.dtype).to(weight.dtype) if need_bias else weight.new_empty(0)
     return grad_x, grad_w, grad_b
 
 
@@ -219,19 +223,22 @@ def _(x, weight, bias, seed, num_row, p, dtype):
 
 @torch.library.custom_op("qin::quadratic_projection_dropout_backward", mutates_args=())
 def _qnn_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, seed: torch.Tensor,
-                     num_row: int, p: float, x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     num_row: int, p: float, x_dtype: torch.dtype, need_x: bool = True, need_weight: bool = True,
+                     need_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if x.dtype != weight.dtype:
         raise ValueError(f"x must have the weight's dtype {weight.dtype} (the forward's x as the GEMMs "
                          f"read it), got {x.dtype}")
     _check_offsets_fit(x, num_row)
-    return _backward(gy, x.contiguous(), weight.contiguous(), s.contiguous(), seed, num_row, p, x_dtype)
+    return _backward(gy, x.contiguous(), weight.contiguous(), s.contiguous(), seed, num_row, p, x_dtype,
+                     (need_x, need_weight, need_bias))
 
 
 @_qnn_backward_op.register_fake
-def _(gy, x, weight, s, seed, num_row, p, x_dtype):
+def _(gy, x, weight, s, seed, num_row, p, x_dtype, need_x=True, need_weight=True, need_bias=True):
     contiguous = torch.contiguous_format
-    return (torch.empty_like(x, memory_format=contiguous, dtype=x_dtype),
-            torch.empty_like(weight, memory_format=contiguous), weight.new_empty(weight.shape[0]))
+    return (torch.empty_like(x, memory_format=contiguous, dtype=x_dtype) if need_x else x.new_empty(0, dtype=x_dtype),
+            torch.empty_like(weight, memory_format=contiguous) if need_weight else weight.new_empty(0),
+            weight.new_empty(weight.shape[0] if need_bias else 0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -263,10 +270,13 @@ def _autograd_backward(ctx, gy, _grad_s):
     x, weight, bias, s, seed = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
         return _higher_order_gradients(ctx, gy, x, weight, bias, seed)
-    grad_x, grad_w, grad_b = _qnn_backward_op(gy, x, weight.to(x.dtype), s, seed, ctx.num_row, ctx.p, ctx.x_dtype)
+    needs = ctx.needs_input_grad[:3]  # a frozen weight: its product with G is not run
+    grad_x, grad_w, grad_b = _qnn_backward_op(gy, x, weight.to(x.dtype), s, seed, ctx.num_row, ctx.p, ctx.x_dtype,
+                                              *needs)
     # Each gradient in its input's dtype, rounded to `dtype` first as autograd through a cast
     # outside the op would round it.
-    return grad_x, grad_w.to(weight.dtype), grad_b.to(ctx.bias_dtype), None, None, None, None
+    return (grad_x if needs[0] else None, grad_w.to(weight.dtype) if needs[1] else None,
+            grad_b.to(ctx.bias_dtype) if needs[2] else None, None, None, None, None)
 
 
 _qnn_op.register_autograd(_autograd_backward, setup_context=_setup_context)

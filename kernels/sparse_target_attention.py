@@ -88,11 +88,12 @@ def _asta_fwd_kernel(
 def _asta_bwd_kernel(
     x_ptr, idx_ptr, q_ptr, m_ptr, g_ptr, dx_ptr, dq_ptr,
     L, D, stride_xb, stride_xl,
-    GATHER: tl.constexpr, WIDE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    GATHER: tl.constexpr, WIDE: tl.constexpr, ACC_DTYPE: tl.constexpr, NEED_DX: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Row b of dq, and its share of dx (plain: rows b*L.. of a (B*L, D) buffer, stored;
-    gathered: rows index[b, l] of a (U, D) fp32/fp64 buffer, atomically added); g = dz."""
+    gathered: rows index[b, l] of a (U, D) fp32/fp64 buffer, atomically added), unless NEED_DX is
+    off (x frozen: a fixed item table); g = dz."""
     row = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_l = tl.arange(0, BLOCK_L)
@@ -109,16 +110,17 @@ def _asta_bwd_kernel(
         rows, item = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER, WIDE)
         x = tl.load(rows + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
         s = tl.sum(x * q[None, :], axis=1) * m  # recomputed, not saved
-        a = tl.maximum(s, 0.0)
         u = tl.sum(x * g[None, :], axis=1)
         gu = tl.where(s > 0, m, 0.0) * u  # gate_l * u_l; strict > gives relu'(0) = 0 like torch
-        dx = a[:, None] * g[None, :] + gu[:, None] * q[None, :]
-        if GATHER:
-            tl.atomic_add(dx_ptr + item[:, None] * D + offs_d[None, :], dx,
-                          mask=live[:, None] & mask_d[None, :], sem="relaxed")
-        else:
-            tl.store(dx_ptr + (row * L + ls[:, None]) * D + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=in_l[:, None] & mask_d[None, :])
+        if NEED_DX:
+            a = tl.maximum(s, 0.0)
+            dx = a[:, None] * g[None, :] + gu[:, None] * q[None, :]
+            if GATHER:
+                tl.atomic_add(dx_ptr + item[:, None] * D + offs_d[None, :], dx,
+                              mask=live[:, None] & mask_d[None, :], sem="relaxed")
+            else:
+                tl.store(dx_ptr + (row * L + ls[:, None]) * D + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty),
+                         mask=in_l[:, None] & mask_d[None, :])
         dq += tl.sum(gu[:, None] * x, axis=0)
     tl.store(dq_ptr + row * D + offs_d, dq.to(dq_ptr.dtype.element_ty), mask=mask_d)
 
@@ -197,11 +199,14 @@ def _forward(x, index, query, mask):
     return z
 
 
-def _backward(grad_z, x, index, query, mask):
+def _backward(grad_z, x, index, query, mask, need_x=True):
+    """(grad_x, grad_q); grad_x is empty (and nothing of it computed) where need_x is off."""
     batch, dim = query.shape
     seq_len = mask.shape[1]
     grad_q = torch.zeros_like(query, memory_format=torch.contiguous_format)
-    if index is None:  # the kernel stores every element (zeros at masked positions): no memset
+    if not need_x:
+        grad_x = x.new_empty(0)
+    elif index is None:  # the kernel stores every element (zeros at masked positions): no memset
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     else:  # accumulated by atomics: fp32 for 16-bit inputs (fp16 atomics are slow or missing)
         grad_x = torch.zeros(x.shape, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
@@ -211,9 +216,9 @@ def _backward(grad_z, x, index, query, mask):
     grad_z = grad_z.to(x.dtype).contiguous()  # e.g. expanded (stride 0) grads of a sum
     with launching_on(grad_q.device):
         _asta_bwd_kernel[(batch,)](
-            x, index if index is not None else mask, query, mask, grad_z, grad_x, grad_q, seq_len, dim,
-            *_strides(x, index),
-            GATHER=index is not None, WIDE=_wide(x, index, seq_len), ACC_DTYPE=_acc_dtype(x.dtype),
+            x, index if index is not None else mask, query, mask, grad_z, grad_x if need_x else grad_q, grad_q,
+            seq_len, dim, *_strides(x, index),
+            GATHER=index is not None, WIDE=_wide(x, index, seq_len), ACC_DTYPE=_acc_dtype(x.dtype), NEED_DX=need_x,
             **_config(seq_len, dim),
         )
     return grad_x.to(x.dtype), grad_q
@@ -235,14 +240,15 @@ def _(x, index, query, mask):
 
 @torch.library.custom_op("qin::sparse_target_attention_backward", mutates_args=())
 def _asta_backward_op(grad_z: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None, query: torch.Tensor,
-                      mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(grad_z, x, index, query, mask)
+                      mask: torch.Tensor, need_x: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(grad_z, x, index, query, mask, need_x)
 
 
 @_asta_backward_op.register_fake
-def _(grad_z, x, index, query, mask):
+def _(grad_z, x, index, query, mask, need_x=True):
     contiguous = torch.contiguous_format
-    return torch.empty_like(x, memory_format=contiguous), torch.empty_like(query, memory_format=contiguous)
+    grad_x = torch.empty_like(x, memory_format=contiguous) if need_x else x.new_empty(0)
+    return grad_x, torch.empty_like(query, memory_format=contiguous)
 
 
 def _setup_context(ctx, inputs, output):
@@ -268,8 +274,10 @@ def _autograd_backward(ctx, grad_z):
         # (The interpreter runs programs one after another: the same order every time.)
         alert_not_deterministic("The Triton backward of gathered_sparse_target_attention (the gradient into reps "
                                 "is summed by atomic adds, in whatever order the GPU runs them)")
-    grad_x, grad_q = _asta_backward_op(grad_z, x, index, query, mask)
-    return grad_x, None, grad_q, None
+    # x frozen (a fixed item table): its gradient, the atomics of the gathered form, is not formed.
+    need_x = ctx.needs_input_grad[0]
+    grad_x, grad_q = _asta_backward_op(grad_z, x, index, query, mask, need_x)
+    return grad_x if need_x else None, None, grad_q, None
 
 
 _asta_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -375,6 +383,8 @@ def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
 
     def case(name, fn, pointers, gather):
         constexprs = dict(GATHER=gather, WIDE=False, ACC_DTYPE=_acc_dtype(dtype), **cfg)
+        if "NEED_DX" in fn.arg_names:
+            constexprs["NEED_DX"] = True  # what training the representations launches
         ints = dict(L=seq_len, D=dim, stride_xb=0 if gather else seq_len * dim, stride_xl=dim)
         types = {**{p: t for p in pointers}, "idx_ptr": "*i64" if gather else t,
                  **{k: "i32" for k in ints}, **{k: "constexpr" for k in constexprs}}

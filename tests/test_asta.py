@@ -644,6 +644,18 @@ def test_gathered_gradient_of_one_input_alone(device, backend):
         assert_close(trains, got, want, torch.float64, scale)
 
 
+@pytest.mark.parametrize("gathered", [False, True], ids=["plain", "gathered"])
+def test_triton_backward_skips_the_gradient_of_a_frozen_history(device, gathered):
+    """With x frozen (a fixed item table) the backward op forms no gradient of it (in the gathered
+    form, no atomics at all) and the query's gradient is the same to the bit."""
+    reps, index, query, mask, grad_z = make_gathered(4, 9, 12, 5, torch.float32, device, "random", seed=17)
+    x, index = (reps, index) if gathered else (reps[index], None)
+    full = torch.ops.qin.sparse_target_attention_backward(grad_z, x, index, query, mask)
+    frozen = torch.ops.qin.sparse_target_attention_backward(grad_z, x, index, query, mask, False)
+    assert full[0].shape == x.shape and frozen[0].numel() == 0
+    assert torch.equal(frozen[1], full[1])
+
+
 def test_gathered_equals_the_plain_form(device):
     """Through an identity index the gathered op is the plain op on the same rows."""
     history, query, mask, grad_z = make_inputs(3, 11, 24, torch.float32, device, "random", "bool", seed=12)

@@ -331,6 +331,14 @@ def test_no_grad_and_frozen_weights(device):
     mask = dropout_keep_mask(3, 9, 2, 20, 0.2, device)
     (want, mag) = reference_and_magnitude(x, weight, bias, gy, 2, 0.2, True, mask)
     assert_close("grad_x", gx, want[1], mag[1], torch.float32)
+    # The backward op runs no product for a gradient not asked for: grad_W's is as large as forward's.
+    seed = torch.tensor([3], device=device)
+    s = torch.ops.qin.quadratic_projection_dropout(x, weight, bias, seed, 2, 0.2, torch.float32)[1]
+    full = torch.ops.qin.quadratic_projection_dropout_backward(gy, x, weight, s, seed, 2, 0.2, torch.float32)
+    only_x = torch.ops.qin.quadratic_projection_dropout_backward(gy, x, weight, s, seed, 2, 0.2, torch.float32,
+                                                                 True, False, False)
+    assert torch.equal(only_x[0], full[0]) and only_x[1].numel() == 0 and only_x[2].numel() == 0
+    assert full[1].shape == weight.shape and full[2].shape == bias.shape
 
 
 def test_empty_batch(device):
