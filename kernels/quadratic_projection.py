@@ -250,7 +250,8 @@ def _setup_context(ctx, inputs, output):
     # an element, not the residual stream's 4), as the torch backend keeps it. The weight is kept
     # as given (the parameter itself: nothing new) and cast again in backward.
     # The bias (the parameter itself, nothing new) only for higher-order gradients.
-    ctx.save_for_backward(x if x.dtype == dtype else x.to(dtype), weight, bias, s, seed)
+    ctx.save_for_backward(x if x.dtype == dtype else x.to(dtype), weight, bias, s,
+                          seed.clone() if seed.is_inference() else seed)  # (a seed made under inference_mode)
     ctx.num_row, ctx.p, ctx.x_dtype, ctx.bias_dtype = num_row, p, x.dtype, bias.dtype
 
 

@@ -253,7 +253,9 @@ def _(grad_z, x, index, query, mask, need_x=True):
 
 def _setup_context(ctx, inputs, output):
     x, index, query, mask = inputs
-    ctx.save_for_backward(x, index, query, mask)
+    # A mask made under torch.inference_mode (a cached padding mask) cannot be saved as it is; the
+    # torch path keeps only what it computes from it, so copy it rather than refuse.
+    ctx.save_for_backward(x, index, query, mask.clone() if mask.is_inference() else mask)
 
 
 def _recomputed(index, mask):

@@ -656,6 +656,19 @@ def test_triton_backward_skips_the_gradient_of_a_frozen_history(device, gathered
     assert torch.equal(frozen[1], full[1])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_mask_made_under_inference_mode(device, backend):
+    """A mask cached under torch.inference_mode serves a training call on either backend (the Triton
+    op saved it as it was, which autograd refuses for an inference tensor)."""
+    history, query, keep, grad_z = make_inputs(3, 5, 4, torch.float32, device, "random", "bool", seed=4)
+    with torch.inference_mode():
+        cached = keep.clone()
+    h = history.clone().requires_grad_()
+    got = torch.autograd.grad(kernels.sparse_target_attention(h, query, cached, backend=backend), h, grad_z)
+    want = torch.autograd.grad(kernels.sparse_target_attention(h, query, keep, backend=backend), h, grad_z)
+    assert torch.equal(got[0], want[0])
+
+
 def test_gathered_equals_the_plain_form(device):
     """Through an identity index the gathered op is the plain op on the same rows."""
     history, query, mask, grad_z = make_inputs(3, 11, 24, torch.float32, device, "random", "bool", seed=12)

@@ -341,6 +341,19 @@ def test_no_grad_and_frozen_weights(device):
     assert full[1].shape == weight.shape and full[2].shape == bias.shape
 
 
+def test_a_seed_made_under_inference_mode(device):
+    """A seed tensor made under torch.inference_mode serves a training call (the op saved it as it was)."""
+    x, weight, bias, gy = make_inputs(3, 4, 2, torch.float32, device)
+    with torch.inference_mode():
+        seed = torch.tensor(7, device=device)
+    xg = x.clone().requires_grad_()
+    got, = torch.autograd.grad(kernels.quadratic_projection(xg, weight, bias, 2, dropout_p=0.3, training=True,
+                                                            seed=seed, backend="triton"), xg, gy)
+    want, = torch.autograd.grad(kernels.quadratic_projection(xg, weight, bias, 2, dropout_p=0.3, training=True,
+                                                             seed=7, backend="triton"), xg, gy)
+    assert torch.equal(got, want)
+
+
 def test_empty_batch(device):
     x, weight, bias, _ = make_inputs(0, 8, 2, torch.float32, device)
     y = kernels.quadratic_projection(x, weight, bias, 2, dropout_p=0.1, training=True, backend="triton")
