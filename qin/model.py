@@ -154,6 +154,10 @@ class ItemEncoder(FeatureModules):
     baseline) P keeps the frozen embedding's width.
     """
 
+    # Whether load_item_info has run (set per instance). The class's True serves an encoder pickled
+    # whole (torch.save(model)) before the flag existed: it ran then, and runs as it did.
+    info_loaded = True
+
     def __init__(self, cfg: QINConfig, embed_dim: int | None = None, project_to_dim: bool = True):
         super().__init__()
         self.features = item_features(model_features(cfg))

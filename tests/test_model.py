@@ -220,6 +220,16 @@ def test_load_item_info_names_what_does_not_fit(columns, mm, error, match):
         model.load_item_info(columns, mm)
 
 
+def test_a_model_pickled_before_the_item_info_flag_still_runs():
+    """torch.save(model) of an earlier version holds no info_loaded: it ran then and runs now."""
+    import pickle
+
+    model = small_model().eval()
+    del model.items.__dict__["info_loaded"]  # what unpickling an earlier version's model gives
+    again = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(again(random_batch()), small_model().eval()(random_batch()), rtol=0, atol=0)
+
+
 def test_load_item_info_takes_numpy_arrays():
     model = small_model()
     other = QIN(QINConfig(**SMALL))
