@@ -255,22 +255,13 @@ def _setup_context(ctx, inputs, output):
     ctx.num_row, ctx.p, ctx.x_dtype, ctx.bias_dtype = num_row, p, x.dtype, bias.dtype
 
 
-def _higher_order_gradients(ctx, gy, x, weight, bias, seed):
-    """Differentiable gradients (create_graph=True), through the reference with this call's mask."""
-    reference.check_x_kept_as_given(ctx.needs_input_grad[0], ctx.x_dtype, x.dtype)
-    batch, dim = x.shape
-    keep = dropout_keep_mask(int(seed), batch, ctx.num_row, dim, ctx.p, x.device)
-    grad_x, grad_w, grad_b = reference.differentiable_gradients(
-        lambda x, weight, bias: reference.quadratic_projection(
-            x, weight.to(x.dtype), bias.to(x.dtype), ctx.num_row, ctx.p, True, dropout_mask=keep),
-        (x, weight, bias), ctx.needs_input_grad[:3], gy)
-    return grad_x if grad_x is None else grad_x.to(ctx.x_dtype), grad_w, grad_b, None, None, None, None
-
-
 def _autograd_backward(ctx, gy, _grad_s):
     x, weight, bias, s, seed = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
-        return _higher_order_gradients(ctx, gy, x, weight, bias, seed)
+        keep = dropout_keep_mask(int(seed), x.shape[0], ctx.num_row, x.shape[1], ctx.p, x.device)
+        grad_x, grad_w, grad_b = reference.differentiable_projection_gradients(
+            x, weight, bias, ctx.num_row, ctx.p, keep, ctx.needs_input_grad[:3], ctx.x_dtype, gy)
+        return grad_x, grad_w, grad_b, None, None, None, None
     needs = ctx.needs_input_grad[:3]  # a frozen weight: its product with G is not run
     grad_x, grad_w, grad_b = _qnn_backward_op(gy, x, weight.to(x.dtype), s, seed, ctx.num_row, ctx.p, ctx.x_dtype,
                                               *needs)

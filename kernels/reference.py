@@ -60,6 +60,15 @@ def differentiable_gradients(function, inputs, needs, grad_output) -> list:
     return [next(grads) if need else None for need in needs]
 
 
+def differentiable_attention_gradients(index, x, query, mask, needs, grad_z) -> list:
+    """(grad x, grad query, grad mask) of sparse_target_attention (index None) or its gathered form,
+    differentiable in turn, through the reference in fp32: the attention ops' backwards under
+    create_graph=True. `needs` says which are wanted (None for the others)."""
+    def attention(x, query, mask):
+        return sparse_target_attention(x if index is None else F.embedding(index, x), query, mask)
+    return differentiable_gradients(accurately(attention), (x, query, mask), needs, grad_z)
+
+
 # The torch backend's gathered ASTA in training: a registered op (qin::regathered_attention and
 # its backward), so that eager autograd, torch.compile and torch.export all keep what it keeps.
 #
@@ -167,9 +176,7 @@ def _regathered_autograd_backward(ctx, grad_z, _grad_scores):
     reps, index, query, mask, scores = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
     if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
-        grad_reps, grad_query, grad_mask = differentiable_gradients(
-            accurately(lambda reps, query, mask: gathered_sparse_target_attention(reps, index, query, mask)),
-            (reps, query, mask), needs, grad_z)
+        grad_reps, grad_query, grad_mask = differentiable_attention_gradients(index, reps, query, mask, needs, grad_z)
         return grad_reps, None, grad_query, grad_mask
     grads = _regathered_backward_op(grad_z, reps, index, query, mask, scores, needs)
     grad_reps, grad_query, grad_mask = (g if need else None for g, need in zip(grads, needs))
@@ -245,16 +252,26 @@ def quadratic_product(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return y.to(product_dtype(x.dtype, s.dtype))
 
 
-def check_x_kept_as_given(needs_grad_x: bool, x_dtype: torch.dtype, kept_dtype: torch.dtype) -> None:
-    """Higher-order gradients of a quadratic projection whose x requires grad but was kept in another
-    dtype (a copy made in forward, not connected to the caller's x) cannot be formed: refused, not
-    silently wrong. (A backward cannot tell which inputs a torch.autograd.grad call asked for: an x
-    that requires grad is refused even where only the weight's gradients were asked for.)"""
-    if needs_grad_x and x_dtype != kept_dtype:
+def differentiable_projection_gradients(x, weight, bias, num_row: int, p: float, keep: torch.Tensor,
+                                       needs, x_dtype: torch.dtype, grad_y) -> list:
+    """(grad x, grad weight, grad bias) of quadratic_projection in training with the keep mask
+    `keep` (B, num_row * D), differentiable in turn, through the reference: the QNN ops' backwards
+    under create_graph=True. x is the copy the op kept, in the compute dtype; x_dtype the dtype of
+    the caller's x.
+
+    Where that copy was made in forward (x read in another dtype: autocast's or the weight's), it
+    is not connected to the caller's x, and second-order terms through x cannot be formed: refused,
+    not silently dropped. (A backward cannot tell which inputs a torch.autograd.grad call asked for:
+    an x that requires grad is refused even where only the weight's gradients were asked for.)"""
+    if needs[0] and x_dtype != x.dtype:
         raise RuntimeError(f"quadratic_projection has no higher-order gradients (create_graph=True) where x "
-                           f"requires grad and its products read it in another dtype ({kept_dtype}, autocast's or "
+                           f"requires grad and its products read it in another dtype ({x.dtype}, autocast's or "
                            f"the weight's, for x in {x_dtype}): it keeps only that copy of x for backward; take "
                            f"them with x in the compute dtype (outside autocast)")
+    return differentiable_gradients(
+        lambda x, weight, bias: quadratic_projection(x, weight.to(x.dtype), bias.to(x.dtype), num_row, p, True,
+                                                     dropout_mask=keep),
+        (x, weight, bias), needs, grad_y)
 
 
 class _RegeneratedQuadraticProjection(torch.autograd.Function):
@@ -291,7 +308,9 @@ class _RegeneratedQuadraticProjection(torch.autograd.Function):
         x, weight, bias, s = ctx.saved_tensors  # x in the compute dtype
         batch, dim = x.shape
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
-            return (*_RegeneratedQuadraticProjection.higher_order_gradients(ctx, grad_y, x, weight, bias),
+            keep = keep_mask((batch, ctx.num_row * dim), ctx.p, ctx.seed)
+            return (*differentiable_projection_gradients(x, weight, bias, ctx.num_row, ctx.p, keep,
+                                                         ctx.needs_input_grad[:3], ctx.input_dtypes[0], grad_y),
                     None, None, None)
         keep = keep_multiplier((batch, ctx.num_row, dim), ctx.p, ctx.seed, x.dtype)
         # gy * x rounded once to the compute dtype (gy is fp32 where y is: fp16 over a wider x).
@@ -310,21 +329,6 @@ class _RegeneratedQuadraticProjection(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = g.sum(0).to(bias_dtype)
         return grad_x, grad_weight, grad_bias, None, None, None
-
-
-    @staticmethod
-    def higher_order_gradients(ctx, grad_y, x, weight, bias):
-        """Differentiable gradients (create_graph=True), through the reference with this call's mask.
-        x is kept in the compute dtype; where that is a copy (autocast), made in forward, it is
-        not connected to the caller's x, so its gradient cannot be differentiated."""
-        check_x_kept_as_given(ctx.needs_input_grad[0], ctx.input_dtypes[0], x.dtype)
-        batch, dim = x.shape
-        keep = keep_mask((batch, ctx.num_row * dim), ctx.p, ctx.seed)
-        grad_x, grad_w, grad_b = differentiable_gradients(
-            lambda x, weight, bias: quadratic_projection(x, weight.to(x.dtype), bias.to(x.dtype), ctx.num_row, ctx.p,
-                                                         True, dropout_mask=keep),
-            (x, weight, bias), ctx.needs_input_grad[:3], grad_y)
-        return grad_x, grad_w, grad_b
 
 
 def regenerated_quadratic_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_row: int,

@@ -25,7 +25,6 @@ backward), with fake implementations for tracing, autograd and autocast register
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -258,19 +257,11 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, index, query, mask.clone() if mask.is_inference() else mask)
 
 
-def _recomputed(index, mask):
-    """The op as a function of (x, query), in plain PyTorch and fp32 (reference.accurately): what
-    higher-order gradients differentiate."""
-    def recompute(x, query):
-        return reference.sparse_target_attention(x if index is None else F.embedding(index, x), query, mask)
-    return reference.accurately(recompute)
-
-
 def _autograd_backward(ctx, grad_z):
     x, index, query, mask = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
-        grad_x, grad_q = reference.differentiable_gradients(
-            _recomputed(index, mask), (x, query), (ctx.needs_input_grad[0], ctx.needs_input_grad[2]), grad_z)
+        grad_x, grad_q, _ = reference.differentiable_attention_gradients(
+            index, x, query, mask, (ctx.needs_input_grad[0], ctx.needs_input_grad[2], False), grad_z)
         return grad_x, None, grad_q, None
     if index is not None and x.device.type == "cuda" and ctx.needs_input_grad[0]:
         # (The interpreter runs programs one after another: the same order every time.)

@@ -102,6 +102,15 @@ class FeatureModules(nn.Module):
         return [self.module_of(f).weight for f in features]
 
 
+def check_ids(what: str, values: torch.Tensor, vocab_size: int, read_values: bool = True) -> None:
+    """Ids must be integers, and (where read_values: it reads them) rows of their feature's table."""
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise ValueError(f"{what} holds ids, which must be integers, got {values.dtype}")
+    if read_values and values.numel() and (int(values.min()) < 0 or int(values.max()) >= vocab_size):
+        raise ValueError(f"{what} holds ids {int(values.min())}..{int(values.max())}, outside its table's "
+                         f"0..{vocab_size - 1}")
+
+
 def _item_info_buffer(feature: Feature, num_items: int) -> torch.Tensor:
     if feature.type == "sequence":
         return torch.zeros(num_items, feature.max_len, dtype=torch.long)
@@ -194,11 +203,7 @@ class ItemEncoder(FeatureModules):
                 raise ValueError(f"item_info does not fit the model: {feature.name} {tuple(given.shape)}, "
                                  f"expected {tuple(buffer.shape)}")
             if feature.has_ids:
-                if given.is_floating_point() or given.is_complex() or given.dtype == torch.bool:
-                    raise ValueError(f"item_info {feature.name} holds ids, which must be integers, got {given.dtype}")
-                if given.numel() and (int(given.min()) < 0 or int(given.max()) >= (feature.vocab_size or 0)):
-                    raise ValueError(f"item_info {feature.name} holds ids {int(given.min())}..{int(given.max())}, "
-                                     f"outside its vocabulary 0..{feature.vocab_size - 1}")
+                check_ids(f"item_info {feature.name}", given, feature.vocab_size)
             buffer.zero_()
             buffer[: given.shape[0]].copy_(given)
         self.info_loaded = True
@@ -465,12 +470,8 @@ class CTRModel(FeatureModules):
                 raise ValueError(f"batch[{name!r}] must have shape {want}, got {tuple(values.shape)}")
             if not feature.has_ids:
                 continue
-            if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
-                raise ValueError(f"batch[{name!r}] holds ids, which must be integers, got {values.dtype}")
-            if values.device.type == "cpu" and values.numel() and not transforms_active() and (
-                    int(values.min()) < 0 or int(values.max()) >= feature.vocab_size):
-                raise ValueError(f"batch[{name!r}] holds ids {int(values.min())}..{int(values.max())}, outside "
-                                 f"its table's 0..{feature.vocab_size - 1}")
+            check_ids(f"batch[{name!r}]", values, feature.vocab_size,
+                      read_values=values.device.type == "cpu" and not transforms_active())
         if size == 0:
             raise ValueError("the batch is empty (B = 0)")
 

@@ -211,7 +211,7 @@ def test_item_info_must_be_loaded_before_the_first_forward():
     (torch.zeros(40, 5, dtype=torch.long), None, TypeError, r"takes \{name: tensor\}"),
     ({"item_tags": torch.zeros(40, 5, dtype=torch.long)}, None, ValueError, r"lacks the item features \['item_emb_d128'\]"),
     (torch.full((40, 5), 1.7), torch.zeros(40, 6), ValueError, "item_tags holds ids, which must be integers"),
-    (torch.full((40, 5), 15), torch.zeros(40, 6), ValueError, r"item_tags holds ids 15..15, outside its vocabulary 0..14"),
+    (torch.full((40, 5), 15), torch.zeros(40, 6), ValueError, r"item_tags holds ids 15..15, outside its table's 0..14"),
     (torch.zeros(40, 4, dtype=torch.long), torch.zeros(40, 6), ValueError, r"item_tags \(40, 4\), expected \(40, 5\)"),
 ])
 def test_load_item_info_names_what_does_not_fit(columns, mm, error, match):
