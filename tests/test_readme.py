@@ -1,8 +1,10 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written, its commands parse, and the links of every
+markdown file in the repository lead somewhere."""
 from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 from qin.cli import build_parser
@@ -58,3 +60,50 @@ def test_every_option_the_readme_synopses_name_exists():
         known = commands[synopsis.split()[1]]._option_string_actions
         for option in re.findall(r"(?<![\w-])--[a-z][a-z-]*", synopsis):
             assert option in known, f"README synopsis names {option}, which qin {synopsis.split()[1]} lacks"
+
+
+ROOT = README.parent
+
+
+def _without_code(text: str) -> str:
+    return re.sub(r"```.*?```", "", text, flags=re.S)
+
+
+def heading_anchors(text: str) -> set[str]:
+    """The fragments GitHub gives a markdown file's headings: lower case, punctuation but hyphens
+    and underscores dropped, spaces made hyphens; a repeated one gets -1, -2, ..."""
+    anchors, seen = set(), {}
+    for heading in re.findall(r"^#{1,6} +(.+?)\s*$", _without_code(text), re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        anchors.add(f"{slug}-{seen[slug]}" if slug in seen else slug)
+        seen[slug] = seen.get(slug, 0) + 1
+    return anchors
+
+
+def test_heading_anchors_follow_github():
+    text = "# QIN-Triton\n## From Python, and what `auto` runs\n```\n# not a heading\n```\n## Notes\n## Notes\n"
+    assert heading_anchors(text) == {"qin-triton", "from-python-and-what-auto-runs", "notes", "notes-1"}
+
+
+def test_every_relative_link_in_the_markdown_files_leads_somewhere():
+    """A file moved or a heading renamed leaves no dead link behind (the README and the reports
+    under bench/results link into each other by heading)."""
+    files = subprocess.run(["git", "ls-files", "*.md"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not files:  # not a git checkout (an sdist): the markdown files there are these
+        files = [str(p.relative_to(ROOT)) for p in ROOT.glob("**/*.md") if ".git" not in p.parts]
+    assert "README.md" in files
+    dead, checked = [], 0
+    for name in files:
+        source = ROOT / name
+        for link in re.findall(r"\]\(([^)\s]+)\)", _without_code(source.read_text())):
+            if re.match(r"[a-z][a-z+.-]*:", link):  # https:, mailto:
+                continue
+            path, _, fragment = link.partition("#")
+            target = (source.parent / path) if path else source
+            checked += 1
+            if not target.exists():
+                dead.append(f"{name}: {link} (no such file)")
+            elif fragment and target.suffix == ".md" and fragment not in heading_anchors(target.read_text()):
+                dead.append(f"{name}: {link} (no such heading in {target.relative_to(ROOT)})")
+    assert checked >= 10, checked
+    assert not dead, "dead links:\n" + "\n".join(dead)
