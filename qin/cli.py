@@ -20,7 +20,7 @@ from qin import distributed
 from qin.checkpoint import (CheckpointError, atomic_write, checkpoint_file, load_checkpoint, load_weights,
                             training_there)
 from qin.commands_common import BUILTIN_SETTINGS, UsageError, file_in_the_way, load_data, override_key
-from qin.config import ConfigError, QINConfig, load_config, read_fuxictr_dataset
+from qin.config import ConfigError, QINConfig, load_config, read_fuxictr_dataset, settings_help
 
 
 def cmd_make_data(args) -> int:
@@ -415,7 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into a non-empty folder")
     p.set_defaults(func=cmd_make_data)
 
-    p = sub.add_parser("train", help="train QIN (no arguments: the built-in dataset on this machine)")
+    builtin = ", ".join(f"train.{k}={v}" for k, v in BUILTIN_SETTINGS["train"].items())
+    p = sub.add_parser(
+        "train", help="train QIN (no arguments: the built-in dataset on this machine)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="settings: section.key=value, or the same keys under the data:, model: and train: blocks of\n"
+               "--config's YAML file. The defaults below are the paper's; the built-in run (none of --data,\n"
+               f"data.dir=, --config, --data-config) takes\n{builtin} instead.\n\n"
+               + settings_help(DATA_SIZED_KEYS))
     p.add_argument("--data", help="dataset folder (default: the built-in generated dataset)")
     p.add_argument("--config", help="YAML file with data/model/train blocks")
     _add_dataset_block_args(p)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,14 +32,14 @@ class QINConfig:
     num_tags: int = 11_740  # tag vocabulary, id 0 = padding
     num_levels: int = 11  # likes_level / views_level take 0..10
     tags_per_item: int = 5
-    embed_dim: int = 128
+    embed_dim: int = 128  # width of each embedding table (on MicroLens an item is 3 of them)
     mm_dim: int = 128  # width of the frozen multimodal embedding item_emb_d128
     # d_a of ASTA; None: twice the item width, as the authors size it (768 on MicroLens).
     attention_dim: int | None = None
-    qnn_layers: int = 4
+    qnn_layers: int = 4  # quadratic layers in the QNN
     qnn_rows: int = 4  # M, the num_row of the quadratic layer
-    dropout: float = 0.1
-    embedding_init_std: float = 1e-4
+    dropout: float = 0.1  # on each quadratic layer's projection (training only)
+    embedding_init_std: float = 1e-4  # embedding tables start as normal(0, this); padding rows 0
     # ASTA computed literally (K and V projected per history item) or through the exact
     # hoisted algebra of SPEC.md (never forms K or V).
     asta_form: str = "hoisted"
@@ -59,9 +61,9 @@ class QINConfig:
     interaction: str = "qnn"  # qnn | mlp (QNN replaced by residual MLP blocks of the same size)
     qnn_activation: str = "prelu"  # prelu | relu
     # DIN baseline sizes (used only when architecture is din).
-    din_embed_dim: int = 64
-    din_attention_units: list = field(default_factory=lambda: [512, 256])
-    din_dnn_units: list = field(default_factory=lambda: [1024, 512, 256])
+    din_embed_dim: int = 64  # (DIN only)
+    din_attention_units: list = field(default_factory=lambda: [512, 256])  # (DIN only)
+    din_dnn_units: list = field(default_factory=lambda: [1024, 512, 256])  # (DIN only)
     # The dataset's features (qin.features), vocabularies resolved; None: the MicroLens layout
     # sized by num_items, num_tags, num_levels, tags_per_item and mm_dim above.
     features: list | None = None
@@ -141,7 +143,7 @@ class DataConfig:
     max_len: int = 64  # history items kept per row (the most recent)
     # The columns, in FuxiCTR's feature_cols vocabulary (qin.features); None: the MicroLens layout.
     features: list | None = None
-    label: str = "label"
+    label: str = "label"  # the click column (0/1)
     history: str = "item_seq"  # the list of the user's earlier item ids, left-padded with 0
 
 
@@ -149,16 +151,16 @@ class DataConfig:
 class TrainConfig:
     """The paper's training settings (SPEC.md, 'Training')."""
 
-    lr: float = 2e-3
+    lr: float = 2e-3  # Adam's learning rate at the start
     batch_size: int = 8192
-    eval_batch_size: int = 8192
-    epochs: int = 100
+    eval_batch_size: int = 8192  # validation, evaluate and predict batches
+    epochs: int = 100  # at most: early stopping usually ends the run first
     embedding_l2: float = 2e-4  # loss += embedding_l2 / 2 * sum of squares of embedding tables and P
-    grad_clip: float = 10.0
+    grad_clip: float = 10.0  # the gradients' global norm is clipped to this
     lr_decay: float = 0.5  # lr *= lr_decay after an epoch without valid-AUC gain
     min_lr: float = 1e-6
     patience: int = 8  # epochs without gain before early stop
-    seed: int = 20242025
+    seed: int = 20242025  # weights, shuffling and dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Autocast dtype of the training forward: fp32 | bf16 | fp16 | auto (bf16 on a CUDA device
     # that has it, fp32 elsewhere). Weights, optimizer state, BatchNorm statistics, the residual
@@ -168,11 +170,11 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole split
     checkpoint_every_steps: int = 0  # also write latest.pt every N steps (0: at epoch ends only)
     compile: bool = False  # torch.compile the model for training (the first step also compiles)
-    # Compiled with CUDA graphs (mode="reduce-overhead", the model made graph-safe: qin.model.
-    # compile_model); implies compile. CUDA only, one process; not yet measured on a GPU.
+    # Compiled with CUDA graphs (mode="reduce-overhead", the model made graph-safe:
+    # qin.model.compile_model); implies compile. CUDA only, one process; not yet measured on a GPU.
     cuda_graphs: bool = False
     log_every_steps: int = 10  # one TensorBoard point of train loss, grad norm, lr, samples/s every N steps
-    out_dir: str = "runs/qin"
+    out_dir: str = "runs/qin"  # the run folder when --out is not given
 
     def validate(self) -> None:
         """Refuse values the loop would fail on late (a zero batch after an epoch) or not at all."""
@@ -219,6 +221,39 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def settings_help(data_sized: tuple = ()) -> str:
+    """Every `section.key` with its default and the comment it carries in this file (the one place
+    they are explained), for `qin train --help`. Keys in `data_sized` are marked as sized from the data."""
+    try:
+        module = Path(__file__).read_text(encoding="utf-8")
+    except OSError:  # no source shipped: the keys and defaults alone
+        module = ""
+    lines = []
+    for section, cls in (("data", DataConfig), ("model", QINConfig), ("train", TrainConfig)):
+        body = re.search(rf"^class {cls.__name__}\b.*?\n(.*?)(?=^\S|\Z)", module, re.M | re.S)
+        source = body.group(1).splitlines() if body else []
+        notes, above = {}, []
+        for line in source:
+            text = line.strip()
+            field_line = re.match(r"(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", text)
+            if text.startswith("#"):
+                above.append(text.lstrip("# "))
+            elif field_line:
+                notes[field_line.group(1)] = field_line.group(2) or " ".join(above)
+                above = []
+            else:
+                above = []
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            note = "sized from the data by qin train" if key in data_sized else notes.get(f.name, "")
+            head = f"  {key}={yaml.safe_dump(getattr(cls(), f.name), default_flow_style=True).strip().removesuffix('...').strip()}"
+            wrapped = textwrap.wrap(note, 100 - 34)  # the comment in a column of its own, 2 spaces at least
+            lines.append(head if not wrapped else f"{head:<34}{wrapped[0]}" if len(head) <= 32
+                         else f"{head}\n{'':34}{wrapped[0]}")
+            lines.extend(f"{'':34}{more}" for more in wrapped[1:])
+    return "\n".join(lines)
 
 
 def _apply(section_obj, section: str, values: dict, source: str) -> None:

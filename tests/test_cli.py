@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -744,3 +745,28 @@ def test_a_checkpoint_without_its_config_or_with_weights_that_do_not_fit_is_name
     torch.save({**latest, "model": weights}, damaged / "latest.pt")
     assert main(["train", "--resume", str(damaged)]) == 2
     assert f"{damaged / 'latest.pt'}: its weights do not fit" in capsys.readouterr().err
+
+
+def test_train_help_lists_every_setting_with_its_default_and_its_comment(capsys):
+    """`qin train --help` is where a user finds the settings: every key of the three sections, its
+    default as YAML would give it back, and the comment config.py carries for it."""
+    import dataclasses
+
+    from qin.config import DataConfig, QINConfig, TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    # "  section.key=value" then, 2 spaces on or on the next lines, the comment
+    listed = dict(re.findall(r"^  ((?:data|model|train)\.\w+)=(.*?)(?:  |$)", text, re.M))
+    comments = {key: line for line in text.splitlines() for key in listed if line.startswith(f"  {key}=")}
+    fields = {f"{section}.{f.name}": getattr(cls(), f.name)
+              for section, cls in (("data", DataConfig), ("model", QINConfig), ("train", TrainConfig))
+              for f in dataclasses.fields(cls)}
+    assert listed.keys() == fields.keys()
+    for key, default in fields.items():
+        assert yaml.safe_load(listed[key]) == default, key
+    assert "auto | torch | triton" in comments["model.asta_kernel"]  # a comment on the field's line
+    assert "ASTA computed literally" in comments["model.asta_form"]  # a comment above the field
+    assert "sized from the data" in comments["model.num_items"]
+    assert "train.batch_size=512" in text  # the built-in run's own settings are named
