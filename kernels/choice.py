@@ -280,7 +280,7 @@ def preload(device: torch.device) -> int:
     if device.type not in TIMED_DEVICE_TYPES or mode() == "table":
         return 0
     try:
-        import triton
+        import triton  # noqa: F401  (only whether it imports)
     except ImportError:  # the torch-only entry points: nothing to choose
         return 0
     _load()

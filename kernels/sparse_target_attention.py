@@ -30,7 +30,8 @@ import triton.language as tl
 
 from kernels import choice, reference
 from kernels.utils import (INTERPRETING, alert_not_deterministic, cast, check_index_rows, check_tensor, compute_dtype,
-                           differentiable_backend, launching_on, next_power_of_2, register_autocast, resolve_backend)
+                           differentiable_backend, launching_on, next_power_of_2, register_autocast, resolve_backend,
+                           triton_cannot_run, warn_reference_runs)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
@@ -229,6 +230,12 @@ def _backward(grad_z, x, index, query, mask, need_x=True):
 
 @torch.library.custom_op("qin::sparse_target_attention", mutates_args=())
 def _asta_op(x: torch.Tensor, index: torch.Tensor | None, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    why = triton_cannot_run(x.device)
+    if why:  # a program exported where the kernel ran (qin export on a GPU), run where it cannot
+        warn_reference_runs("qin::sparse_target_attention", why)
+        if index is None:
+            return reference.accurately(reference.sparse_target_attention)(x, query, mask).to(x.dtype)
+        return reference.accurately(reference.gathered_sparse_target_attention)(x, index, query, mask).to(x.dtype)
     return _forward(x, index, query, mask)
 
 

@@ -1,5 +1,6 @@
 """Helpers shared by the Triton ops: interpreter detection, backend choice, autocast, argument checks."""
 import contextlib
+import importlib.util
 import os
 import warnings
 
@@ -39,6 +40,28 @@ def resolve_backend(backend: str, device: torch.device, op: str = "", dtype: tor
             f"imported to run the kernels on the CPU; got a tensor on {device}"
         )
     return backend
+
+
+def triton_cannot_run(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run for tensors on `device` in this process, or None where they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed here (PyPI has triton wheels for Linux x86_64 and aarch64 only)"
+    if device.type != "cuda" and not INTERPRETING:
+        return (f"they run on a CUDA device, or on the CPU under TRITON_INTERPRET=1 set before triton is imported "
+                f"(Triton's interpreter, slow); this is {device}")
+    return None
+
+
+def warn_reference_runs(op: str, why: str) -> None:
+    """Once per op and process: a registered Triton op called where Triton cannot run computes
+    the same function with the plain-PyTorch reference."""
+    if op not in _WARNED:
+        _WARNED.add(op)
+        warnings.warn(f"{op}: the Triton kernel cannot run here ({why}); computing it with the PyTorch "
+                      f"reference (the same function)", stacklevel=3)
+
+
+_WARNED: set[str] = set()
 
 
 def transforms_active() -> bool:

@@ -5,6 +5,7 @@ with QIN_TEST_CUDA=1 the same tests run on the GPU. Every comparison evaluates t
 float64 on the very same (possibly 16-bit) inputs, so only the kernel's own rounding is measured.
 """
 import importlib
+import warnings
 from pathlib import Path
 
 import pytest
@@ -507,6 +508,30 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
         h, q, m = _good(torch.device("cpu"))
         assert torch.equal(kernels.sparse_target_attention(h, q, m, backend=backend),
                            reference.sparse_target_attention(h, q, m))
+
+
+@pytest.mark.parametrize("gathered", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_registered_op_where_triton_cannot_run_computes_the_reference(monkeypatch, gathered, dtype):
+    """A program exported where the Triton op ran (`qin export` on a GPU) holds the op itself; run
+    on a CPU without TRITON_INTERPRET it computes the same function with the reference (it failed
+    inside Triton: "0 active drivers"), warning once."""
+    monkeypatch.setattr(kernels.utils, "INTERPRETING", False)
+    monkeypatch.setattr(kernels.utils, "_WARNED", set())
+    x, q, mask, gz = make_inputs(5, 9, 24, dtype, torch.device("cpu"), style="left_padded")
+    want, scale = oracle(x, q, mask, gz)[0], oracle(x.abs(), q.abs(), mask.double(), gz)[0]
+    if gathered:  # the same history as rows of reps in another order
+        order = torch.randperm(45, generator=torch.Generator().manual_seed(1))
+        args = (x.reshape(45, 24)[order], torch.argsort(order).reshape(5, 9), q, mask)
+    else:
+        args = (x, None, q, mask)
+    with pytest.warns(UserWarning, match="computing it with the PyTorch reference"):
+        got = torch.ops.qin.sparse_target_attention(*args)
+    assert got.dtype == dtype
+    assert_close("z", got, want, dtype, scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        torch.ops.qin.sparse_target_attention(*args)
 
 
 def test_auto_backend_matches_reference(device):
