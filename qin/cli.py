@@ -165,6 +165,7 @@ def cmd_train(args) -> int:
             raise UsageError(f"{out_dir} already holds an earlier run's {' and '.join(results)} (without the "
                              f"latest.pt that --resume needs); choose another --out, or move them away")
     cfg.train.out_dir = str(out_dir)  # the run's config.yaml names the folder it is in
+    _kernels_that_run_here(cfg, resolve_device(cfg.train.device), args)
     if resolve_device(cfg.train.device).type == "cpu":
         keep_freed_memory()  # before the data's tensors: torch reads the huge-page switch once
     # Validated before anything is written; a resumed run reads it with its trained vocabularies.
@@ -183,6 +184,26 @@ def cmd_train(args) -> int:
     if trainer.ctx.is_main:
         print(f"best valid AUC {state.best_auc:.4f} at epoch {state.best_epoch}; model in {out_dir / 'best.pt'}")
     return 0
+
+
+def _kernels_that_run_here(cfg, device, args) -> None:
+    """model.*_kernel=triton where Triton cannot run on the training device: refused before anything
+    is loaded or written, or on --resume, where the run's config.yaml says so (a run trained on a
+    GPU, continued on a CPU), 'auto' for the epochs run here (logged: how, not what, it computes)."""
+    from kernels.utils import triton_cannot_run
+    from qin.models import ops_not_in
+
+    for key in ("asta_kernel", "qnn_kernel"):
+        why = triton_cannot_run(device)
+        if getattr(cfg.model, key) != "triton" or not why or key in ops_not_in(cfg.model):
+            continue
+        if args.resume and not any(override_key(o) == f"model.{key}" for o in args.overrides):
+            logging.getLogger("qin").warning("model.%s: the run trained with 'triton', which cannot run here (%s); "
+                                             "it continues with 'auto'", key, why)
+            setattr(cfg.model, key, "auto")
+        else:
+            raise UsageError(f"model.{key}=triton: {why}; use auto (Triton only where it measured faster) "
+                             f"or torch")
 
 
 def _refuse_if_in_use(out_dir: Path) -> None:
@@ -226,9 +247,9 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
         raise CheckpointError(f"{path} was trained with {cfg.model.num_items:,} items, but "
                               f"{dataset.root / 'item_info.parquet'} has {dataset.item_info.num_items:,}")
     for key in ("asta_kernel", "qnn_kernel"):  # how it computes, not what (checkpoint.EXECUTION_KEYS)
-        if getattr(cfg.model, key) == "triton" and device.type != "cuda" and not kernels_utils.INTERPRETING:
-            logging.getLogger("qin").info("model.%s: the run trained with 'triton', which runs on CUDA (or under "
-                                          "TRITON_INTERPRET=1); scoring on %s with 'auto'", key, device)
+        if getattr(cfg.model, key) == "triton" and kernels_utils.triton_cannot_run(device):
+            logging.getLogger("qin").info("model.%s: the run trained with 'triton', which cannot run here (%s); "
+                                          "scoring with 'auto'", key, kernels_utils.triton_cannot_run(device))
             setattr(cfg.model, key, "auto")
     model = build_model(cfg.model)
     model.load_item_info(dataset.item_info.columns)
@@ -317,7 +338,7 @@ def cmd_compare(args) -> int:
 
     run_compare(args.data or _data_dir_override(args.overrides), parse_variants(args.variants), args.epochs,
                 args.seeds, Path(args.out),
-                args.overrides, args.force, dataset_block=_dataset_block(args))
+                args.overrides, args.force, dataset_block=_dataset_block(args), config=args.config)
     print(f"wrote {Path(args.out) / 'compare.md'}, compare.csv and compare.png")
     return 0
 
@@ -459,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("compare", help="train QIN, its ablations and DIN on the same data; write a table")
     p.add_argument("--data", help="dataset folder (default: the built-in generated dataset)")
+    p.add_argument("--config", help="YAML file with data/model/train blocks, as qin train takes it (e.g. the "
+                                    "data.yaml that qin make-data --schema other writes)")
     _add_dataset_block_args(p)
     p.add_argument("--variants", help="comma-separated: qin,asta_dropout,qnn_relu,asta_softmax,no_asta,no_qnn,din (default: all)")
     p.add_argument("--epochs", type=int, default=2)

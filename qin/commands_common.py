@@ -34,13 +34,21 @@ def load_data(path: str | None, data_cfg, splits=("train", "valid", "test"), req
     read as the config's data block declares it (features, label and history columns, max_len):
     the named splits, of which `required` must exist (default: qin.data's train and valid), with
     strictly read labels in `labelled`."""
-    from qin.data import REQUIRED_SPLITS, load_dataset
+    from qin.data import REQUIRED_SPLITS, DataError, load_dataset
     from qin.synth import builtin_dataset
 
     if path and not Path(path).is_dir():
         raise UsageError(f"{path}: no such data folder" if not Path(path).exists() else
                          f"{path} is a file; the data is a folder of parquet files")
     root = Path(path) if path else builtin_dataset()
-    return load_dataset(root, max_len=data_cfg.max_len, features=data_cfg.features, label=data_cfg.label,
-                        history=data_cfg.history, splits=splits,
-                        required=REQUIRED_SPLITS if required is None else required, labelled=labelled)
+    try:
+        return load_dataset(root, max_len=data_cfg.max_len, features=data_cfg.features, label=data_cfg.label,
+                            history=data_cfg.history, splits=splits,
+                            required=REQUIRED_SPLITS if required is None else required, labelled=labelled)
+    except DataError as error:
+        if path:
+            raise
+        # The user named no folder: say which data this is (a config declaring other columns, --data forgotten).
+        error.args = (f"the built-in dataset ({root}, the MicroLens layout), read because no data folder is "
+                      f"named (--data DIR or data.dir): {error}",)
+        raise

@@ -90,11 +90,12 @@ def shadowed(overrides: list[str], variants: list[Variant]) -> list[str]:
 
 
 def train_variant(variant: Variant, seed: int, dataset, data_dir: str, run_dir: Path, epochs: int,
-                  overrides: list[str], base: dict | None, log, dataset_block: dict | None = None) -> Result:
+                  overrides: list[str], base: dict | None, log, dataset_block: dict | None = None,
+                  config: str | None = None) -> Result:
     from qin.model import count_parameters
     from qin.train import Trainer, fill_vocab_from_data
 
-    cfg = load_config(overrides=[*overrides, *variant.overrides, f"train.epochs={epochs}"], base=base,
+    cfg = load_config(config, overrides=[*overrides, *variant.overrides, f"train.epochs={epochs}"], base=base,
                       dataset=dataset_block)
     cfg.data.dir = data_dir
     cfg.train.seed += seed
@@ -192,10 +193,12 @@ OUTPUTS = ("compare.md", "compare.csv", "compare.png")
 
 
 def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: int, out: Path,
-                overrides: list[str], force: bool, log=print, dataset_block: dict | None = None) -> list[dict]:
+                overrides: list[str], force: bool, log=print, dataset_block: dict | None = None,
+                config: str | None = None) -> list[dict]:
     """Train each variant `seeds` times on one dataset: the folder `data`, or a FuxiCTR dataset
     block (read_fuxictr_dataset's data section, with its folder unless `data` names one), or the
-    built-in generated data; write compare.md/.csv/.png into `out`."""
+    folder of the YAML file `config` (as `qin train --config` reads it), or the built-in generated
+    data; write compare.md/.csv/.png into `out`."""
     from qin.train import StoppedAtOnce, TrainingError, TrainingInterrupted
 
     blocking = file_in_the_way(out)
@@ -207,12 +210,12 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
     if epochs < 1 or seeds < 1:
         raise UsageError("--epochs and --seeds must be at least 1")
     refused_overrides(overrides)
-    data_section = load_config(overrides=overrides, dataset=dataset_block).data  # bad overrides fail here
+    data_section = load_config(config, overrides=overrides, dataset=dataset_block).data  # bad overrides fail here
     for line in shadowed(overrides, variants):
         log(line)
-    data = data or (dataset_block or {}).get("dir")
+    data = data or (dataset_block or {}).get("dir") or data_section.dir
     dataset = load_data(data, data_section)
-    base = None if data else BUILTIN_SETTINGS
+    base = None if data or config else BUILTIN_SETTINGS  # as qin train takes them
     label = (str(dataset.root.resolve()) if data else
              f"the built-in generated dataset ({dataset.root.name}): generated data, not MicroLens")
     start = time.perf_counter()
@@ -224,7 +227,7 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
         for v in variants:
             for seed in range(seeds):
                 results.append(train_variant(v, seed, dataset, str(dataset.root), runs / f"{v.name}-seed{seed}",
-                                             epochs, overrides, base, log, dataset_block))
+                                             epochs, overrides, base, log, dataset_block, config))
     except (TrainingInterrupted, StoppedAtOnce, TrainingError) as exc:
         # The runs are scratch (deleted below): keep what finished, and say so, rather than point
         # at a checkpoint that is about to go.

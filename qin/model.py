@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from collections.abc import Mapping
 from typing import Callable
@@ -25,8 +24,6 @@ from kernels.utils import autocast_dtype, transforms_active
 from qin.config import QINConfig
 from qin.features import Feature, context_features, item_features, model_features
 from qin.recompute import recomputed_in_backward
-
-logger = logging.getLogger("qin.model")
 
 
 # MicroLens features keep the module names they had before features could be declared, so the
@@ -312,9 +309,6 @@ class SparseTargetAttention(nn.Module):
         self.precision = cfg.asta_precision
         self.softmax = cfg.asta_activation == "softmax"
         self.dropout = cfg.asta_dropout
-        if self.softmax and cfg.asta_kernel != "torch":
-            logger.info("model.asta_activation=softmax: ASTA runs in eager PyTorch "
-                        "(the fused kernel computes ReLU weights only)")
 
     def _weights_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The mask as a float, with attention dropout folded in.

@@ -5,6 +5,8 @@ model.py: the imports run one way, models -> din -> model.
 """
 from __future__ import annotations
 
+import logging
+
 import torch.nn as nn
 
 from qin.config import QINConfig
@@ -14,6 +16,23 @@ from qin.model import QIN
 
 def build_model(cfg: QINConfig) -> nn.Module:
     """QIN, or the DIN baseline when cfg.architecture is 'din'."""
+    for key, why in ops_not_in(cfg).items():
+        if getattr(cfg, key) == "triton":  # kept (and recorded), but it changes nothing
+            logging.getLogger("qin").info("model.%s=triton has no effect with %s: that model does not run the op",
+                                          key, why)
     if cfg.architecture == "din":
         return DIN(cfg)
     return QIN(cfg)
+
+
+def ops_not_in(cfg: QINConfig) -> dict[str, str]:
+    """{kernel setting: the setting that leaves its op out of the model} for the fused ops the
+    model that cfg describes never runs."""
+    why = {"asta_kernel": ("model.architecture=din" if cfg.architecture == "din" else
+                           "model.use_asta=false" if not cfg.use_asta else
+                           "model.asta_form=literal" if cfg.asta_form == "literal" else
+                           # the fused kernel computes ReLU weights only
+                           "model.asta_activation=softmax" if cfg.asta_activation == "softmax" else None),
+           "qnn_kernel": ("model.architecture=din" if cfg.architecture == "din" else
+                          "model.interaction=mlp" if cfg.interaction == "mlp" else None)}
+    return {key: reason for key, reason in why.items() if reason}

@@ -391,8 +391,8 @@ class Trainer:
         self.ctx = distributed.context_from_env()
         self.log = log if self.ctx.is_main else (lambda *_: None)
         if cfg.train.batch_size % self.ctx.world_size:  # each rank takes an equal share of a batch
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the "
-                              f"{self.ctx.world_size} processes")
+            raise distributed.shared(ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of "
+                                                 f"the {self.ctx.world_size} processes"))
         self.device = distributed.setup(self.ctx, resolve_device(cfg.train.device))
         different = distributed.first_difference(self.ctx, _run_facts(cfg, dataset)) if self.ctx.distributed else None
         if different:  # each rank would train on other rows, or wait for steps the others never take
@@ -412,8 +412,9 @@ class Trainer:
         if cfg.train.cuda_graphs:
             if self.device.type != "cuda" or self.ctx.distributed:
                 where = f"{self.device} with {self.ctx.world_size} processes" if self.ctx.distributed else self.device
-                raise ConfigError(f"train.cuda_graphs=true needs one process on a CUDA device; this run is on {where} "
-                                  "(train.compile=true compiles without graphs)")
+                raise distributed.shared(ConfigError(
+                    f"train.cuda_graphs=true needs one process on a CUDA device; this run is on {where} "
+                    "(train.compile=true compiles without graphs)"))
             cfg.train.compile = True  # written back: config.yaml says what ran
         if cfg.train.compile:
             # The compiled model's backend="auto" follows decisions timed before on this GPU (the

@@ -521,6 +521,58 @@ def test_a_run_trained_with_triton_kernels_scores_on_a_cpu_without_the_interpret
     assert capsys.readouterr().out == want
 
 
+def test_triton_kernels_where_triton_cannot_run_are_refused_up_front_or_on_resume_become_auto(
+        data_dir, run_dir, tmp_path, capsys, caplog, monkeypatch):
+    """On a CPU without TRITON_INTERPRET, model.*_kernel=triton stops `qin train` in one line before
+    anything is loaded or written (it failed with a traceback at the first step, after the run's
+    config.yaml). A run whose config.yaml says triton (trained on a GPU) resumes here with 'auto',
+    unless the override asks for triton again."""
+    import kernels.utils
+
+    monkeypatch.setattr(kernels.utils, "INTERPRETING", False)  # a user's CPU: no TRITON_INTERPRET
+    for key in ("asta_kernel", "qnn_kernel"):
+        out = tmp_path / key
+        assert main(["train", "--data", str(data_dir), "--out", str(out), *SMALL_RUN, f"model.{key}=triton"]) == 2
+        err = capsys.readouterr().err
+        assert f"model.{key}=triton" in err and "TRITON_INTERPRET=1" in err and "Traceback" not in err
+        assert not out.exists() or not any(out.iterdir())
+    # Where the model has no such op, the setting changes nothing: trained, and said so.
+    with caplog.at_level(logging.INFO, logger="qin"):
+        assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "mlp"), *SMALL_RUN,
+                     "train.max_steps_per_epoch=2", "model.interaction=mlp", "model.qnn_kernel=triton"]) == 0
+    assert "model.qnn_kernel=triton has no effect with model.interaction=mlp" in caplog.text
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in run_dir.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["model"]["asta_kernel"] = "triton"  # as trained on a GPU
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["train", "--resume", str(copy), "train.epochs=2", "model.asta_kernel=triton"]) == 2
+    assert "model.asta_kernel=triton" in capsys.readouterr().err
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qin"):
+        assert main(["train", "--resume", str(copy), "train.epochs=2", "train.max_steps_per_epoch=2"]) == 0
+    assert "model.asta_kernel: the run trained with 'triton', which cannot run here" in caplog.text
+    assert yaml.safe_load((copy / "config.yaml").read_text())["model"]["asta_kernel"] == "auto"
+
+
+def test_a_data_error_in_the_built_in_dataset_says_that_no_folder_was_named(data_dir, tmp_path, capsys, monkeypatch):
+    """--config declaring another dataset's columns, --data forgotten: the built-in data is read,
+    and its error says so (it named item_info.parquet alone, of a folder the user never chose)."""
+    import qin.synth
+
+    monkeypatch.setattr(qin.synth, "builtin_dataset", lambda: data_dir)
+    config = tmp_path / "other.yaml"
+    config.write_text(yaml.safe_dump({"data": {"features": [
+        {"name": "likes_level", "type": "categorical"}, {"name": "item_id", "type": "categorical", "source": "item"},
+        {"name": "item_topic", "type": "categorical", "source": "item"}]}}))
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run"), *SMALL_RUN]) == 2
+    err = capsys.readouterr().err
+    assert f"the built-in dataset ({data_dir}" in err and "--data DIR" in err and "'item_topic': missing" in err
+
+
 def test_a_checkpoint_does_not_load_against_other_items(run_dir, tmp_path, capsys):
     other = make_dataset(tmp_path / "other", rows=300, items=120, seed=1, valid_rows=100, test_rows=50)
     output = tmp_path / "prediction.csv"

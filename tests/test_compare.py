@@ -213,3 +213,21 @@ def test_a_run_is_summarised_by_its_best_epoch_and_variants_by_their_mean_and_sa
     assert rows[0]["auc_mean"] == pytest.approx(0.82) and rows[0]["auc_std"] == pytest.approx(0.04 / 2**0.5)
     assert rows[0]["logloss_mean"] == pytest.approx(0.4) and rows[0]["samples_per_s"] == 100.0
     assert rows[1]["auc_std"] is None and rows[1]["samples_per_s"] is None
+
+
+def test_compare_takes_another_dataset_with_its_config_as_qin_train_does(tmp_path, capsys):
+    """The data block qin make-data --schema other writes, read by --config (compare had no --config:
+    such data could be compared only through a FuxiCTR --data-config file)."""
+    import yaml
+
+    from qin.synth import OTHER_DATA_SECTION
+
+    data = make_dataset(tmp_path / "other", rows=400, items=50, seed=2, valid_rows=150, test_rows=10, schema="other")
+    config = tmp_path / "data.yaml"
+    config.write_text(yaml.safe_dump({"data": OTHER_DATA_SECTION}, sort_keys=False))
+    out = tmp_path / "cmp"
+    assert main(["compare", "--data", str(data), "--config", str(config), "--epochs", "1", "--out", str(out),
+                 "--variants", "qin,no_asta", *TINY]) == 0
+    rows = list(csv.DictReader(open(out / "compare.csv")))
+    assert [r["variant"] for r in rows] == ["qin", "no_asta"] and all(0 <= float(r["auc_mean"]) <= 1 for r in rows)
+    assert str(data.resolve()) in (out / "compare.md").read_text()
