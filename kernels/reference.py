@@ -125,6 +125,9 @@ def _regathered_backward_op(grad_z: torch.Tensor, reps: torch.Tensor, index: tor
     return grad_reps, grad_query, grad_mask
 
 
+regathered_attention_backward = _regathered_backward_op  # also the Triton op's backward where Triton cannot run
+
+
 def _reps_gradient_by_sparse_product(index, weights, grad_s, grad_z, query, rows: int) -> torch.Tensor:
     """d reps (rows, D) in fp32 (or wider): the sum over the positions (b, l) that read row u of
     weights_bl dz_b + ds_bl q_b, as one sparse (rows, 2B) @ [dz; q] product."""

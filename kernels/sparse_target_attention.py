@@ -25,6 +25,7 @@ backward), with fake implementations for tracing, autograd and autocast register
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -233,10 +234,15 @@ def _asta_op(x: torch.Tensor, index: torch.Tensor | None, query: torch.Tensor, m
     why = triton_cannot_run(x.device)
     if why:  # a program exported where the kernel ran (qin export on a GPU), run where it cannot
         warn_reference_runs("qin::sparse_target_attention", why)
-        if index is None:
-            return reference.accurately(reference.sparse_target_attention)(x, query, mask).to(x.dtype)
-        return reference.accurately(reference.gathered_sparse_target_attention)(x, index, query, mask).to(x.dtype)
+        return _reference_attention(index)(x, query, mask).to(x.dtype)
     return _forward(x, index, query, mask)
+
+
+def _reference_attention(index):
+    """The op's function of (x, query, mask) through the plain reference, in fp32 (fp64 stays)."""
+    def attention(x, query, mask):
+        return reference.sparse_target_attention(x if index is None else F.embedding(index, x), query, mask)
+    return reference.accurately(attention)
 
 
 @_asta_op.register_fake
@@ -247,6 +253,17 @@ def _(x, index, query, mask):
 @torch.library.custom_op("qin::sparse_target_attention_backward", mutates_args=())
 def _asta_backward_op(grad_z: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None, query: torch.Tensor,
                       mask: torch.Tensor, need_x: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    why = triton_cannot_run(x.device)
+    if why:  # as the forward op: the same gradients, from the torch path's backward, in fp32
+        warn_reference_runs("qin::sparse_target_attention_backward", why)
+        wide = torch.promote_types(x.dtype, torch.float32)
+        reps = x.to(wide).reshape(-1, x.shape[-1])  # the plain form: reps row b * L + l is x[b, l]
+        rows = index if index is not None else torch.arange(reps.shape[0], device=x.device).reshape(mask.shape)
+        q = query.to(wide)
+        scores = torch.einsum("bld,bd->bl", F.embedding(rows, reps), q)
+        grad_reps, grad_q, _ = reference.regathered_attention_backward(grad_z.to(wide), reps, rows, q, mask, scores,
+                                                                       [need_x, True, False])
+        return (grad_reps.reshape(x.shape).to(x.dtype) if need_x else x.new_empty(0)), grad_q.to(query.dtype)
     return _backward(grad_z, x, index, query, mask, need_x)
 
 

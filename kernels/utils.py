@@ -1,6 +1,6 @@
 """Helpers shared by the Triton ops: interpreter detection, backend choice, autocast, argument checks."""
 import contextlib
-import importlib.util
+import importlib
 import os
 import warnings
 
@@ -44,8 +44,10 @@ def resolve_backend(backend: str, device: torch.device, op: str = "", dtype: tor
 
 def triton_cannot_run(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run for tensors on `device` in this process, or None where they can."""
-    if importlib.util.find_spec("triton") is None:
-        return "the triton package is not installed here (PyPI has triton wheels for Linux x86_64 and aarch64 only)"
+    try:
+        importlib.import_module("triton")  # (kernels/__init__ has imported it, or fell back without it)
+    except ImportError:
+        return "the triton package cannot be imported here (PyPI has triton wheels for Linux x86_64 and aarch64 only)"
     if device.type != "cuda" and not INTERPRETING:
         return (f"they run on a CUDA device, or on the CPU under TRITON_INTERPRET=1 set before triton is imported "
                 f"(Triton's interpreter, slow); this is {device}")

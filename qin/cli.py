@@ -165,7 +165,7 @@ def cmd_train(args) -> int:
             raise UsageError(f"{out_dir} already holds an earlier run's {' and '.join(results)} (without the "
                              f"latest.pt that --resume needs); choose another --out, or move them away")
     cfg.train.out_dir = str(out_dir)  # the run's config.yaml names the folder it is in
-    _kernels_that_run_here(cfg, resolve_device(cfg.train.device), args)
+    _kernels_that_run_here(cfg, args.overrides, resume=bool(args.resume))
     if resolve_device(cfg.train.device).type == "cpu":
         keep_freed_memory()  # before the data's tensors: torch reads the huge-page switch once
     # Validated before anything is written; a resumed run reads it with its trained vocabularies.
@@ -186,24 +186,26 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _kernels_that_run_here(cfg, device, args) -> None:
+def _kernels_that_run_here(cfg, overrides: list[str], resume: bool = False) -> None:
     """model.*_kernel=triton where Triton cannot run on the training device: refused before anything
     is loaded or written, or on --resume, where the run's config.yaml says so (a run trained on a
-    GPU, continued on a CPU), 'auto' for the epochs run here (logged: how, not what, it computes)."""
+    GPU, continued on a CPU), 'auto' from here on (logged: how, not what, it computes)."""
     from kernels.utils import triton_cannot_run
     from qin.models import ops_not_in
+    from qin.train import resolve_device
 
+    why = triton_cannot_run(resolve_device(cfg.train.device))
     for key in ("asta_kernel", "qnn_kernel"):
-        why = triton_cannot_run(device)
         if getattr(cfg.model, key) != "triton" or not why or key in ops_not_in(cfg.model):
             continue
-        if args.resume and not any(override_key(o) == f"model.{key}" for o in args.overrides):
-            logging.getLogger("qin").warning("model.%s: the run trained with 'triton', which cannot run here (%s); "
-                                             "it continues with 'auto'", key, why)
+        if resume and not any(override_key(o) == f"model.{key}" for o in overrides):
+            logging.getLogger("qin").warning(
+                "model.%s: the run trained with 'triton', which cannot run here (%s); it continues with 'auto', "
+                "and its config.yaml says so from now on (model.%s=triton on a resume puts it back)", key, why, key)
             setattr(cfg.model, key, "auto")
-        else:
-            raise UsageError(f"model.{key}=triton: {why}; use auto (Triton only where it measured faster) "
-                             f"or torch")
+        else:  # every rank of a torchrun says the same: one copy
+            raise distributed.shared(UsageError(f"model.{key}=triton: {why}; use auto (Triton only where it measured "
+                                                f"faster) or torch"))
 
 
 def _refuse_if_in_use(out_dir: Path) -> None:
@@ -335,6 +337,8 @@ def cmd_export(args) -> int:
 
 def cmd_compare(args) -> int:
     from qin.compare import parse_variants, run_compare
+
+    _kernels_that_run_here(load_config(args.config, args.overrides, dataset=_dataset_block(args)), args.overrides)
 
     run_compare(args.data or _data_dir_override(args.overrides), parse_variants(args.variants), args.epochs,
                 args.seeds, Path(args.out),

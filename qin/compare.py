@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from qin.commands_common import BUILTIN_SETTINGS, UsageError, file_in_the_way, load_data, override_key
 from qin.config import ConfigError, load_config
 
@@ -81,6 +83,18 @@ def refused_overrides(overrides: list[str]) -> None:
                              f"train one setting with qin train")
         if key == "train.epochs":
             raise UsageError(f"{text}: qin compare trains every run --epochs epochs; pass --epochs")
+
+
+def refused_in_config(config: str | None) -> None:
+    """The same keys given in the --config file (an ablation run's config.yaml, say): refused too."""
+    tree = yaml.safe_load(Path(config).read_text()) if config else None
+    for section, values in (tree or {}).items():
+        for name in values or {}:
+            key = f"{section}.{name}"
+            if key in VARIANT_KEYS or key == "train.epochs":
+                raise UsageError(f"{config}: {key}: qin compare sets it itself ("
+                                 + ("per variant; --variants chooses them" if key in VARIANT_KEYS else "pass --epochs")
+                                 + "); remove it from the file")
 
 
 def shadowed(overrides: list[str], variants: list[Variant]) -> list[str]:
@@ -211,6 +225,7 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
         raise UsageError("--epochs and --seeds must be at least 1")
     refused_overrides(overrides)
     data_section = load_config(config, overrides=overrides, dataset=dataset_block).data  # bad overrides fail here
+    refused_in_config(config)
     for line in shadowed(overrides, variants):
         log(line)
     data = data or (dataset_block or {}).get("dir") or data_section.dir

@@ -34,7 +34,7 @@ class QINConfig:
     tags_per_item: int = 5
     embed_dim: int = 128  # width of each embedding table (on MicroLens an item is 3 of them)
     mm_dim: int = 128  # width of the frozen multimodal embedding item_emb_d128
-    # d_a of ASTA; None: twice the item width, as the authors size it (768 on MicroLens).
+    # d_a of ASTA; null: twice the item width, as the authors size it (768 on MicroLens).
     attention_dim: int | None = None
     qnn_layers: int = 4  # quadratic layers in the QNN
     qnn_rows: int = 4  # M, the num_row of the quadratic layer
@@ -43,7 +43,7 @@ class QINConfig:
     # ASTA computed literally (K and V projected per history item) or through the exact
     # hoisted algebra of SPEC.md (never forms K or V).
     asta_form: str = "hoisted"
-    # Encode each distinct item of a batch once and gather (exact); False encodes every
+    # Encode each distinct item of a batch once and gather (exact); false encodes every
     # position separately, as the authors' code does.
     dedup_items: bool = True
     asta_kernel: str = "auto"  # backend of the hoisted ASTA op: auto | torch | triton
@@ -55,7 +55,7 @@ class QINConfig:
     # Which model: QIN, or the challenge's official DIN baseline (SPEC.md; sizes below).
     architecture: str = "qin"  # qin | din
     # The paper's ablations (Table 3), each a switch; the defaults are QIN itself.
-    use_asta: bool = True  # False: no interest vector, the QNN sees likes, views and the target only
+    use_asta: bool = True  # false: no interest vector, the QNN sees likes, views and the target only
     asta_activation: str = "relu"  # relu | softmax (over the unmasked history positions)
     asta_dropout: float = 0.0  # dropout on ASTA's attention weights
     interaction: str = "qnn"  # qnn | mlp (QNN replaced by residual MLP blocks of the same size)
@@ -64,7 +64,7 @@ class QINConfig:
     din_embed_dim: int = 64  # (DIN only)
     din_attention_units: list = field(default_factory=lambda: [512, 256])  # (DIN only)
     din_dnn_units: list = field(default_factory=lambda: [1024, 512, 256])  # (DIN only)
-    # The dataset's features (qin.features), vocabularies resolved; None: the MicroLens layout
+    # The dataset's features (qin.features), vocabularies resolved; null: the MicroLens layout
     # sized by num_items, num_tags, num_levels, tags_per_item and mm_dim above.
     features: list | None = None
 
@@ -139,9 +139,9 @@ class QINConfig:
 
 @dataclass
 class DataConfig:
-    dir: str | None = None  # None: the built-in generated dataset
+    dir: str | None = None  # a dataset folder; null: the built-in generated dataset
     max_len: int = 64  # history items kept per row (the most recent)
-    # The columns, in FuxiCTR's feature_cols vocabulary (qin.features); None: the MicroLens layout.
+    # The columns, in FuxiCTR's feature_cols vocabulary (qin.features); null: the MicroLens layout.
     features: list | None = None
     label: str = "label"  # the click column (0/1)
     history: str = "item_seq"  # the list of the user's earlier item ids, left-padded with 0
@@ -152,13 +152,13 @@ class TrainConfig:
     """The paper's training settings (SPEC.md, 'Training')."""
 
     lr: float = 2e-3  # Adam's learning rate at the start
-    batch_size: int = 8192
+    batch_size: int = 8192  # rows a training step (under torchrun, all processes' together)
     eval_batch_size: int = 8192  # validation, evaluate and predict batches
     epochs: int = 100  # at most: early stopping usually ends the run first
     embedding_l2: float = 2e-4  # loss += embedding_l2 / 2 * sum of squares of embedding tables and P
     grad_clip: float = 10.0  # the gradients' global norm is clipped to this
     lr_decay: float = 0.5  # lr *= lr_decay after an epoch without valid-AUC gain
-    min_lr: float = 1e-6
+    min_lr: float = 1e-6  # the rate decays no lower
     patience: int = 8  # epochs without gain before early stop
     seed: int = 20242025  # weights, shuffling and dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -167,7 +167,7 @@ class TrainConfig:
     # stream and the loss stay fp32 whatever this says, and so does ASTA's attention op unless
     # model.asta_precision=autocast; fp16 adds a gradient scaler.
     precision: str = "auto"
-    max_steps_per_epoch: int | None = None  # cap for quick runs; None = the whole split
+    max_steps_per_epoch: int | None = None  # cap for quick runs; null: the whole split
     checkpoint_every_steps: int = 0  # also write latest.pt every N steps (0: at epoch ends only)
     compile: bool = False  # torch.compile the model for training (the first step also compiles)
     # Compiled with CUDA graphs (mode="reduce-overhead", the model made graph-safe:
@@ -235,10 +235,10 @@ def settings_help(data_sized: tuple = ()) -> str:
         body = re.search(rf"^class {cls.__name__}\b.*?\n(.*?)(?=^\S|\Z)", module, re.M | re.S)
         source = body.group(1).splitlines() if body else []
         notes, above = {}, []
-        for line in source:
+        for line in source:  # the class body's own lines (4 spaces in), not its methods'
             text = line.strip()
-            field_line = re.match(r"(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", text)
-            if text.startswith("#"):
+            field_line = re.match(r" {4}(\w+): [^=]+=[^#]*(?:#\s*(.*))?$", line)
+            if line.startswith("    #"):
                 above.append(text.lstrip("# "))
             elif field_line:
                 notes[field_line.group(1)] = field_line.group(2) or " ".join(above)
@@ -248,7 +248,11 @@ def settings_help(data_sized: tuple = ()) -> str:
         for f in dataclasses.fields(cls):
             key = f"{section}.{f.name}"
             note = "sized from the data by qin train" if key in data_sized else notes.get(f.name, "")
-            head = f"  {key}={yaml.safe_dump(getattr(cls(), f.name), default_flow_style=True).strip().removesuffix('...').strip()}"
+            try:
+                default = yaml.safe_dump(getattr(cls(), f.name), default_flow_style=True).strip().removesuffix("...")
+            except yaml.YAMLError:  # a value YAML cannot write (a tuple): as Python writes it
+                default = repr(getattr(cls(), f.name))
+            head = f"  {key}={default.strip()}"
             wrapped = textwrap.wrap(note, 100 - 34)  # the comment in a column of its own, 2 spaces at least
             lines.append(head if not wrapped else f"{head:<34}{wrapped[0]}" if len(head) <= 32
                          else f"{head}\n{'':34}{wrapped[0]}")

@@ -191,3 +191,19 @@ def test_each_variant_trains_a_few_steps(override, tmp_path):
 def test_bad_ablation_values_are_refused(override, named):
     with pytest.raises(ConfigError, match=named):
         load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("overrides, unused", [
+    ({}, {}),
+    (dict(architecture="din"), {"asta_kernel": "model.architecture=din", "qnn_kernel": "model.architecture=din"}),
+    (dict(asta_form="literal", interaction="mlp"), {"asta_kernel": "model.asta_form=literal",
+                                                    "qnn_kernel": "model.interaction=mlp"}),
+    (dict(use_asta=False), {"asta_kernel": "model.use_asta=false"}),
+    (dict(asta_activation="softmax"), {"asta_kernel": "model.asta_activation=softmax"}),
+    (dict(dropout=0.0), {"qnn_kernel": "model.dropout=0"}),
+])
+def test_the_kernel_settings_a_model_has_no_op_for(overrides, unused):
+    """What `qin train` logs as having no effect, and does not refuse where Triton cannot run."""
+    from qin.models import ops_not_in
+
+    assert ops_not_in(QINConfig(**overrides)) == unused

@@ -514,24 +514,28 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_registered_op_where_triton_cannot_run_computes_the_reference(monkeypatch, gathered, dtype):
     """A program exported where the Triton op ran (`qin export` on a GPU) holds the op itself; run
-    on a CPU without TRITON_INTERPRET it computes the same function with the reference (it failed
-    inside Triton: "0 active drivers"), warning once."""
+    on a CPU without TRITON_INTERPRET it computes the same function, and its gradients, with the
+    reference (it failed inside Triton: "0 active drivers"), warning once."""
     monkeypatch.setattr(kernels.utils, "INTERPRETING", False)
     monkeypatch.setattr(kernels.utils, "_WARNED", set())
     x, q, mask, gz = make_inputs(5, 9, 24, dtype, torch.device("cpu"), style="left_padded")
-    want, scale = oracle(x, q, mask, gz)[0], oracle(x.abs(), q.abs(), mask.double(), gz)[0]
-    if gathered:  # the same history as rows of reps in another order
-        order = torch.randperm(45, generator=torch.Generator().manual_seed(1))
-        args = (x.reshape(45, 24)[order], torch.argsort(order).reshape(5, 9), q, mask)
-    else:
-        args = (x, None, q, mask)
+    want, scale = oracle(x, q, mask, gz), oracle(x.abs(), q.abs(), mask.double(), gz.abs())
+    order = torch.randperm(45, generator=torch.Generator().manual_seed(1))
+    index = torch.argsort(order).reshape(5, 9)  # the same history as rows of reps in another order
+    x = (x.reshape(45, 24)[order] if gathered else x).requires_grad_()
+    q = q.requires_grad_()
     with pytest.warns(UserWarning, match="computing it with the PyTorch reference"):
-        got = torch.ops.qin.sparse_target_attention(*args)
-    assert got.dtype == dtype
-    assert_close("z", got, want, dtype, scale)
+        z = torch.ops.qin.sparse_target_attention(x, index if gathered else None, q, mask)
+    with pytest.warns(UserWarning, match="backward: the Triton kernel cannot run here"):
+        gx, gq = torch.autograd.grad(z, (x, q), gz)
+    if gathered:  # each history row's gradient is its reps row's: one reader each
+        gx = gx[index]
+    for name, got, w, s in zip(("z", "grad_history", "grad_query"), (z, gx, gq), want, scale):
+        assert got.dtype == dtype
+        assert_close(name, got, w, dtype, s)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process
-        torch.ops.qin.sparse_target_attention(*args)
+        torch.ops.qin.sparse_target_attention(x.detach(), index if gathered else None, q.detach(), mask)
 
 
 def test_auto_backend_matches_reference(device):

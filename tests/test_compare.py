@@ -231,3 +231,25 @@ def test_compare_takes_another_dataset_with_its_config_as_qin_train_does(tmp_pat
     rows = list(csv.DictReader(open(out / "compare.csv")))
     assert [r["variant"] for r in rows] == ["qin", "no_asta"] and all(0 <= float(r["auc_mean"]) <= 1 for r in rows)
     assert str(data.resolve()) in (out / "compare.md").read_text()
+
+
+def test_a_config_file_may_not_set_what_the_variants_differ_in(data_dir, tmp_path, capsys, monkeypatch):
+    """An ablation run's config.yaml given to compare would turn every row into that ablation while
+    the table kept the variants' names; the keys refused as overrides are refused in the file."""
+    import yaml
+
+    import kernels.utils
+
+    for block in ({"model": {"use_asta": False}}, {"train": {"epochs": 3}}):
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(block))
+        assert main(["compare", "--data", str(data_dir), "--config", str(config), "--out", str(tmp_path / "cmp"),
+                     *TINY]) == 2
+        key = next(f"{section}.{name}" for section, values in block.items() for name in values)
+        assert f"{config}: {key}: qin compare sets it itself" in capsys.readouterr().err
+    # Triton where it cannot run: refused before anything trains, as qin train refuses it.
+    monkeypatch.setattr(kernels.utils, "INTERPRETING", False)
+    assert main(["compare", "--data", str(data_dir), "--out", str(tmp_path / "cmp"), *TINY,
+                 "model.asta_kernel=triton"]) == 2
+    assert "model.asta_kernel=triton: they run on a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "cmp").exists()
