@@ -338,7 +338,11 @@ def cmd_export(args) -> int:
 def cmd_compare(args) -> int:
     from qin.compare import parse_variants, run_compare
 
-    _kernels_that_run_here(load_config(args.config, args.overrides, dataset=_dataset_block(args)), args.overrides)
+    _refuse_data_sized(args.overrides)  # as qin train: the data sizes the model
+    cfg = load_config(args.config, args.overrides, dataset=_dataset_block(args))
+    for line in data_sized_in_file(args.config, cfg) if args.config else []:
+        logging.getLogger("qin").warning(line)
+    _kernels_that_run_here(cfg, args.overrides)
 
     run_compare(args.data or _data_dir_override(args.overrides), parse_variants(args.variants), args.epochs,
                 args.seeds, Path(args.out),

@@ -247,6 +247,9 @@ def test_a_config_file_may_not_set_what_the_variants_differ_in(data_dir, tmp_pat
                      *TINY]) == 2
         key = next(f"{section}.{name}" for section, values in block.items() for name in values)
         assert f"{config}: {key}: qin compare sets it itself" in capsys.readouterr().err
+    # What the data sizes, as qin train treats it: refused as an override, and named as ignored in a file.
+    assert main(["compare", "--data", str(data_dir), "--out", str(tmp_path / "cmp"), *TINY, "model.num_tags=5"]) == 2
+    assert "model.num_tags=5: qin train sizes model.num_tags from the data" in capsys.readouterr().err
     # Triton where it cannot run: refused before anything trains, as qin train refuses it.
     monkeypatch.setattr(kernels.utils, "INTERPRETING", False)
     assert main(["compare", "--data", str(data_dir), "--out", str(tmp_path / "cmp"), *TINY,
