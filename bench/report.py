@@ -501,9 +501,13 @@ def timed_section(device: torch.device) -> list[str]:
     from kernels import choice
 
     records = choice.decisions(device)
+    try:
+        where = choice.cache_file()
+    except OSError as exc:  # no cache folder: what this process timed, kept nowhere
+        where = exc
     if not records:
-        return [f"No timed decisions for this device in {choice.cache_file()}.", ""]
-    return [f"Timed by backend=\"auto\" on this device ({choice.cache_file()}; Triton runs where it took at most "
+        return [f"No timed decisions for this device in {where}.", ""]
+    return [f"Timed by backend=\"auto\" on this device ({where}; Triton runs where it took at most "
             f"{choice.MARGIN:.0%} of torch's time):", "", *choice.table(records), ""]
 
 

@@ -39,6 +39,8 @@ from typing import Callable
 
 import torch
 
+from kernels.compile_cache import cache_root
+
 logger = logging.getLogger("kernels.choice")
 
 MARGIN = 0.95  # Triton must take at most 95% of torch's time: noise never flips auto to a loser
@@ -74,7 +76,8 @@ def mode() -> str:
 
 
 def cache_file() -> Path:
-    return Path(os.environ.get("QIN_CACHE") or Path.home() / ".cache" / "qin") / "backend_choice.json"
+    """Where the decisions are kept (OSError where there is no cache folder: kernels.compile_cache)."""
+    return cache_root() / "backend_choice.json"
 
 
 @functools.cache
@@ -121,8 +124,17 @@ def timing_allowed(device: torch.device) -> bool:
     return device.type != "cuda" or not torch.cuda.is_current_stream_capturing()
 
 
+@functools.cache
+def _say_once(message: str) -> None:
+    logger.warning("%s", message)
+
+
 def _load() -> None:
-    path = cache_file()
+    try:
+        path = cache_file()
+    except OSError as exc:
+        _say_once(f"backend='auto': {exc}; decisions last for this process only")
+        return
     if path in _loaded_from:
         return
     _loaded_from.append(path)
@@ -159,7 +171,10 @@ def _well_formed(record) -> bool:
 def _save() -> None:
     """Write every decision this process knows, with what other processes wrote meanwhile (read
     again and merged), atomically: a reader never sees half a file."""
-    path = cache_file()
+    try:
+        path = cache_file()
+    except OSError:  # (said by _load)
+        return
     if path in _loaded_from:
         _loaded_from.remove(path)
     _load()

@@ -13,6 +13,18 @@ import stat
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """QIN's cache folder: $QIN_CACHE, else ~/.cache/qin (the built-in dataset, backend='auto''s
+    timed decisions, torch.compile's caches). OSError naming QIN_CACHE where there is no home."""
+    if os.environ.get("QIN_CACHE"):
+        return Path(os.environ["QIN_CACHE"])
+    try:
+        return Path.home() / ".cache" / "qin"
+    except RuntimeError:  # neither HOME nor a passwd entry (a container run under an arbitrary uid)
+        raise OSError("this user has no home folder to keep QIN's cache in; set QIN_CACHE to a folder "
+                      "this user can write") from None
+
+
 def keep_compile_caches_private() -> None:
     """TORCHINDUCTOR_CACHE_DIR = QIN_CACHE (or ~/.cache/qin) / inductor, readable by its owner
     only, unless it is set already (by the user, or by torch before the kernels were imported).
@@ -20,13 +32,13 @@ def keep_compile_caches_private() -> None:
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
         return
     try:
-        folder = Path(os.environ.get("QIN_CACHE") or Path.home() / ".cache" / "qin") / "inductor"
+        folder = cache_root() / "inductor"
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         status = folder.stat()
         if hasattr(os, "getuid") and status.st_uid != os.getuid():
             return
         if stat.S_IMODE(status.st_mode) & 0o077:  # made earlier with other rights: owner-only now
             folder.chmod(0o700)
-    except (OSError, RuntimeError):  # RuntimeError: Path.home() without a home
+    except OSError:
         return
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)

@@ -32,19 +32,15 @@ mask, for tests and replays.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from kernels import choice, reference
-from kernels.utils import (INTERPRETING, cast, check_tensor, compute_dtype, differentiable_backend, launching_on,
-                           register_autocast, resolve_backend)
+from kernels.utils import (INT32_LIMIT, INTERPRETING, cast, check_dropout_p, check_projection_args, check_seed,
+                           compute_dtype, differentiable_backend, launching_on, register_autocast, resolve_backend)
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-_INT32_LIMIT = 2**31
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,7 +144,7 @@ def _check_offsets_fit(x: torch.Tensor, num_row: int) -> None:
     """The kernels index the (B, M*D) hidden and its dropout stream with int32 offsets. Checked by
     the ops themselves (before any copy of x), so that a direct call of torch.ops.qin... is too."""
     batch, dim = x.shape
-    if batch * num_row * dim >= _INT32_LIMIT:
+    if batch * num_row * dim >= INT32_LIMIT:
         raise ValueError(f"x of shape {tuple(x.shape)} with num_row={num_row} needs 2**31 or more hidden "
                          f"elements; the dropout offsets are int32")
 
@@ -281,52 +277,14 @@ register_autocast("qin::quadratic_projection_dropout", _qnn_op, dtype_arg=6)
 # Public API
 # ----------------------------------------------------------------------------------------------
 
-def _check_dropout_p(dropout_p) -> float:
-    try:
-        p = float(dropout_p)
-    except (TypeError, ValueError):
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}") from None
-    if not math.isfinite(p) or not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout_p must be a finite number in [0, 1), got {dropout_p!r}")
-    return p
-
-
-def _check_seed(seed):
-    if seed is None:
-        return None
-    if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
-            raise ValueError(f"seed must be one integer, got a {seed.dtype} tensor of shape {tuple(seed.shape)}")
-        return seed
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _INT32_LIMIT:
-        raise ValueError(f"seed must be None, an int in [0, 2**31) or a one-element integer tensor, got {seed!r}")
-    return seed
-
-
 def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
     """The seed as the int64 tensor the kernels read. None draws one from torch's generator of
     the device (no host sync on a GPU; torch.manual_seed makes it repeatable)."""
     if seed is None:
-        return torch.randint(0, _INT32_LIMIT - 1, (1,), device=device, dtype=torch.int64)
+        return torch.randint(0, INT32_LIMIT - 1, (1,), device=device, dtype=torch.int64)
     if isinstance(seed, torch.Tensor):
         return seed.reshape(1).to(device=device, dtype=torch.int64)
     return torch.tensor([seed], dtype=torch.int64, device=device)
-
-
-def _check_args(x, weight, bias, num_row):
-    if isinstance(num_row, bool) or not isinstance(num_row, int) or num_row < 1:
-        raise ValueError(f"num_row must be a positive int, got {num_row!r}")
-    check_tensor("x", x, 2, FLOAT_DTYPES)
-    batch, dim = x.shape
-    if dim < 1:
-        raise ValueError(f"x must have at least one column, got shape {tuple(x.shape)}")
-    check_tensor("weight", weight, 2, FLOAT_DTYPES, x.device)
-    if tuple(weight.shape) != (num_row * dim, dim):
-        raise ValueError(f"weight must have shape (num_row * D, D) = {(num_row * dim, dim)} for x of shape "
-                         f"{tuple(x.shape)} and num_row={num_row}, got {tuple(weight.shape)}")
-    check_tensor("bias", bias, 1, FLOAT_DTYPES, x.device)
-    if tuple(bias.shape) != (num_row * dim,):
-        raise ValueError(f"bias must have shape (num_row * D,) = {(num_row * dim,)}, got {tuple(bias.shape)}")
 
 
 def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=False, seed=None, backend="auto"):
@@ -340,25 +298,28 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     a one-element integer tensor, or None (drawn on x's device from torch's generator); the torch
     backend draws its own (kernels.dropout on the CPU, F.dropout's on CUDA).
     """
-    _check_args(x, weight, bias, num_row)
-    p = _check_dropout_p(dropout_p)
-    seed = _check_seed(seed)
+    check_projection_args(x, weight, bias, num_row)
+    p = check_dropout_p(dropout_p)
+    seed = check_seed(seed)
     dtype = compute_dtype(x.device, x, weight, bias)
-    if training and p > 0.0:  # (elsewhere every backend runs the same plain-torch fold)
+    kernel_runs = training and p > 0.0  # the fused kernel is the dropout's: without it, torch computes the op
+    if kernel_runs:
         backend = differentiable_backend(backend, "quadratic_projection")
-    if (backend == "auto" and training and p > 0.0 and not torch.compiler.is_compiling()
-            and x.shape[0] * num_row * x.shape[1] >= _INT32_LIMIT):
+    if (backend == "auto" and kernel_runs and not torch.compiler.is_compiling()
+            and x.shape[0] * num_row * x.shape[1] >= INT32_LIMIT):
         backend = "torch"  # past the kernels' int32 offsets: whatever MEASURED_FASTER says
-    # Only training with dropout has a Triton path to choose; elsewhere both backends fold.
+    # Only training with dropout has a Triton path to choose, and only there must Triton run:
+    # elsewhere 'triton' means the fold below (so a model with dropout 0 trains on any device).
     trial = choice.trial(backend, x.device, "qnn", dtype, (f"D={x.shape[1]}", f"M={num_row}"), quadratic_projection,
                          (x, weight, bias), dict(num_row=num_row, dropout_p=p, training=True, seed=0), train=True) \
-        if training and p > 0.0 else None
-    chosen = resolve_backend(backend, x.device, "qnn", dtype, trial)
+        if kernel_runs else None
+    chosen = "triton" if backend == "triton" and not kernel_runs else \
+        resolve_backend(backend, x.device, "qnn", dtype, trial)
     if training and chosen == "torch":  # the reference, its CPU mask regenerated in backward
         return reference.regenerated_quadratic_projection(x, weight, bias, num_row, p, training, dtype)
     # x is not cast: the GEMM reads it in `dtype`, the product y = x * s as it is (the fp32
     # residual stream under autocast; reference.quadratic_product says why).
-    if not training or p == 0.0:
+    if not kernel_runs:
         return reference.folded_quadratic_projection(x, *cast(dtype, weight, bias), num_row)
     return _qnn_op(x, weight, bias, _seed_tensor(seed, x.device), num_row, p, dtype)[0]
 
@@ -367,12 +328,12 @@ def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: 
                       device: torch.device | str = "cpu") -> torch.Tensor:
     """The keep mask (batch, num_row * dim) bool that the kernels draw for this seed and p."""
     device = torch.device(device)
-    seed = int(_check_seed(seed))
-    p = _check_dropout_p(dropout_p)
+    seed = int(check_seed(seed))
+    p = check_dropout_p(dropout_p)
     if resolve_backend("triton", device) != "triton":  # raises off CUDA without the interpreter
         raise ValueError(f"dropout_keep_mask needs Triton on {device}")
     n = batch * num_row * dim
-    if n >= _INT32_LIMIT:
+    if n >= INT32_LIMIT:
         raise ValueError(f"a mask of {n} elements does not fit the kernels' int32 offsets")
     out = torch.empty((batch, num_row * dim), dtype=torch.int8, device=device)
     if n:

@@ -30,11 +30,10 @@ import triton
 import triton.language as tl
 
 from kernels import choice, reference
-from kernels.utils import (INTERPRETING, alert_not_deterministic, cast, check_index_rows, check_tensor, compute_dtype,
-                           differentiable_backend, launching_on, next_power_of_2, register_autocast, resolve_backend,
-                           triton_cannot_run, warn_reference_runs)
+from kernels.utils import (INTERPRETING, alert_not_deterministic, cast, check_attention_args,
+                           check_gathered_attention_args, compute_dtype, differentiable_backend, launching_on,
+                           next_power_of_2, register_autocast, resolve_backend, triton_cannot_run, warn_reference_runs)
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # A whole row of D lives in registers (BLOCK_D = next power of two of D). Past this width the
 # tile would spill; wider rows would need a D loop, i.e. a second pass over the history.
@@ -305,17 +304,6 @@ register_autocast("qin::sparse_target_attention", _asta_op, float_args=(0, 2))
 # Public API
 # ----------------------------------------------------------------------------------------------
 
-def _check_query_mask(query, mask, batch: int, seq_len: int, dim: int, what: str, device) -> None:
-    check_tensor("query", query, 2, FLOAT_DTYPES, device)
-    if tuple(query.shape) != (batch, dim):
-        raise ValueError(f"query must have shape (B, D) = {(batch, dim)} for {what}, got {tuple(query.shape)}")
-    check_tensor("mask", mask, 2, device=device)
-    if mask.is_complex():
-        raise ValueError(f"mask must be bool, integer or real floating point, got {mask.dtype}")
-    if tuple(mask.shape) != (batch, seq_len):
-        raise ValueError(f"mask must have shape (B, L) = {(batch, seq_len)} for {what}, got {tuple(mask.shape)}")
-
-
 def _check_width(dim: int) -> None:
     if dim > MAX_D:
         raise ValueError(f"the history has D={dim} features; the Triton kernel keeps a row in registers and "
@@ -330,9 +318,8 @@ def sparse_target_attention(history, query, mask, *, backend="auto"):
     output's dtype; sums run in fp32 (fp64 for fp64). Differentiable in history and query (and a
     floating mask, on the torch path: "auto" runs it where the mask requires grad).
     """
-    check_tensor("history", history, 3, FLOAT_DTYPES)
-    batch, seq_len, dim = history.shape
-    _check_query_mask(query, mask, batch, seq_len, dim, f"history of shape {tuple(history.shape)}", history.device)
+    check_attention_args(history, query, mask)
+    seq_len, dim = history.shape[1:]
     dtype = compute_dtype(history.device, history, query)
     history, query = cast(dtype, history, query)
     backend = differentiable_backend(backend, "sparse_target_attention", mask)
@@ -355,13 +342,9 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
     (checked on the CPU, for both). The gradient reaches reps through the index (summed over
     repeats), and query.
     """
-    check_tensor("reps", reps, 2, FLOAT_DTYPES)
-    check_tensor("index", index, 2, (torch.int32, torch.int64), reps.device)
+    check_gathered_attention_args(reps, index, query, mask)
     batch, seq_len = index.shape
     dim = reps.shape[1]
-    _check_query_mask(query, mask, batch, seq_len, dim, f"index of shape {tuple(index.shape)} and reps of "
-                      f"shape {tuple(reps.shape)}", reps.device)
-    check_index_rows(index, mask, reps.shape[0])
     dtype = compute_dtype(reps.device, reps, query)
     reps, query = cast(dtype, reps, query)
     backend = differentiable_backend(backend, "gathered_sparse_target_attention", mask)

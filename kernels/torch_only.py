@@ -3,13 +3,15 @@ x86_64 and aarch64 only: macOS, Windows and other platforms install without it).
 
 Same names and signatures as the fused modules; backend "auto" and "torch" run the plain-PyTorch
 reference, with the same dtype rule (autocast's dtype where it is on, else the promoted type);
-backend "triton" raises. The Triton ops are not registered here (the torch backend's own
+backend "triton" raises where a Triton kernel would run (the QNN op without dropout is
+torch products on every backend). The Triton ops are not registered here (the torch backend's own
 qin::regathered_attention is), so a model exported with the Triton ops cannot be loaded here.
 """
 from __future__ import annotations
 
 from kernels import reference
-from kernels.utils import BACKENDS, cast, check_index_rows, compute_dtype
+from kernels.utils import (BACKENDS, cast, check_attention_args, check_dropout_p, check_gathered_attention_args,
+                           check_projection_args, check_seed, compute_dtype)
 
 TRITON_MISSING = ("backend='triton' needs the triton package, which is not installed here (PyPI has triton "
                   "wheels for Linux x86_64 and aarch64 only); use backend='torch' or 'auto'")
@@ -23,22 +25,29 @@ def _check_backend(backend: str) -> None:
 
 
 def sparse_target_attention(history, query, mask, *, backend="auto"):
+    check_attention_args(history, query, mask)
     _check_backend(backend)
     history, query = cast(compute_dtype(history.device, history, query), history, query)
     return reference.sparse_target_attention(history, query, mask)
 
 
 def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"):
+    check_gathered_attention_args(reps, index, query, mask)
     _check_backend(backend)
-    check_index_rows(index, mask, reps.shape[0])
     reps, query = cast(compute_dtype(reps.device, reps, query), reps, query)
     return reference.regathered_sparse_target_attention(reps, index, query, mask)
 
 
 def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=False, seed=None, backend="auto"):
-    _check_backend(backend)  # seed only fixes the Triton path's dropout stream; torch's dropout ignores it
+    check_projection_args(x, weight, bias, num_row)
+    p = check_dropout_p(dropout_p)
+    check_seed(seed)  # it only fixes the Triton path's dropout stream; torch's dropout ignores it
+    if training and p > 0.0:  # only there a Triton kernel would run (as in the full package)
+        _check_backend(backend)
+    elif backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     dtype = compute_dtype(x.device, x, weight, bias)
-    if training:  # as the full package's torch backend does
-        return reference.regenerated_quadratic_projection(x, weight, bias, num_row, float(dropout_p), training, dtype)
+    if training and backend != "triton":  # as the full package's torch backend does
+        return reference.regenerated_quadratic_projection(x, weight, bias, num_row, p, training, dtype)
     weight, bias = cast(dtype, weight, bias)  # x as it is, as the full package's backends read it
     return reference.folded_quadratic_projection(x, weight, bias, num_row)

@@ -1,6 +1,7 @@
 """Helpers shared by the Triton ops: interpreter detection, backend choice, autocast, argument checks."""
 import contextlib
 import importlib
+import math
 import os
 import warnings
 
@@ -198,6 +199,77 @@ def check_index_rows(index: torch.Tensor, mask: torch.Tensor, rows: int) -> None
         where = "unmasked" if bool(((index < 0) | (index >= rows))[mask != 0].any()) else "masked"
         raise ValueError(f"index holds rows outside reps' {rows} rows (at {where} positions; every "
                          f"position's index must be a row of reps)")
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INT32_LIMIT = 2**31  # the kernels' offsets and seeds are int32
+
+
+def check_dropout_p(dropout_p) -> float:
+    try:
+        p = float(dropout_p)
+    except (TypeError, ValueError):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}") from None
+    if not math.isfinite(p) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be a finite number in [0, 1), got {dropout_p!r}")
+    return p
+
+
+def check_seed(seed):
+    if seed is None:
+        return None
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+            raise ValueError(f"seed must be one integer, got a {seed.dtype} tensor of shape {tuple(seed.shape)}")
+        return seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < INT32_LIMIT:
+        raise ValueError(f"seed must be None, an int in [0, 2**31) or a one-element integer tensor, got {seed!r}")
+    return seed
+
+
+def check_projection_args(x, weight, bias, num_row) -> None:
+    """quadratic_projection's tensors and num_row (both packages: kernels/torch_only.py too)."""
+    if isinstance(num_row, bool) or not isinstance(num_row, int) or num_row < 1:
+        raise ValueError(f"num_row must be a positive int, got {num_row!r}")
+    check_tensor("x", x, 2, FLOAT_DTYPES)
+    batch, dim = x.shape
+    if dim < 1:
+        raise ValueError(f"x must have at least one column, got shape {tuple(x.shape)}")
+    check_tensor("weight", weight, 2, FLOAT_DTYPES, x.device)
+    if tuple(weight.shape) != (num_row * dim, dim):
+        raise ValueError(f"weight must have shape (num_row * D, D) = {(num_row * dim, dim)} for x of shape "
+                         f"{tuple(x.shape)} and num_row={num_row}, got {tuple(weight.shape)}")
+    check_tensor("bias", bias, 1, FLOAT_DTYPES, x.device)
+    if tuple(bias.shape) != (num_row * dim,):
+        raise ValueError(f"bias must have shape (num_row * D,) = {(num_row * dim,)}, got {tuple(bias.shape)}")
+
+
+def _check_query_mask(query, mask, batch: int, seq_len: int, dim: int, what: str, device) -> None:
+    check_tensor("query", query, 2, FLOAT_DTYPES, device)
+    if tuple(query.shape) != (batch, dim):
+        raise ValueError(f"query must have shape (B, D) = {(batch, dim)} for {what}, got {tuple(query.shape)}")
+    check_tensor("mask", mask, 2, device=device)
+    if mask.is_complex():
+        raise ValueError(f"mask must be bool, integer or real floating point, got {mask.dtype}")
+    if tuple(mask.shape) != (batch, seq_len):
+        raise ValueError(f"mask must have shape (B, L) = {(batch, seq_len)} for {what}, got {tuple(mask.shape)}")
+
+
+def check_attention_args(history, query, mask) -> None:
+    """sparse_target_attention's arguments (both packages)."""
+    check_tensor("history", history, 3, FLOAT_DTYPES)
+    batch, seq_len, dim = history.shape
+    _check_query_mask(query, mask, batch, seq_len, dim, f"history of shape {tuple(history.shape)}", history.device)
+
+
+def check_gathered_attention_args(reps, index, query, mask) -> None:
+    """gathered_sparse_target_attention's arguments (both packages), index values on the CPU."""
+    check_tensor("reps", reps, 2, FLOAT_DTYPES)
+    check_tensor("index", index, 2, (torch.int32, torch.int64), reps.device)
+    batch, seq_len = index.shape
+    _check_query_mask(query, mask, batch, seq_len, reps.shape[1], f"index of shape {tuple(index.shape)} and reps of "
+                      f"shape {tuple(reps.shape)}", reps.device)
+    check_index_rows(index, mask, reps.shape[0])
 
 
 def check_tensor(name: str, t, ndim: int, dtypes=None, device=None) -> None:

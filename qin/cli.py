@@ -406,7 +406,10 @@ def cmd_backends(args) -> int:
     """What backend="auto" has timed and chose on this machine (kernels.choice's file)."""
     from kernels import choice
 
-    path = choice.cache_file()
+    try:
+        path = choice.cache_file()
+    except OSError as exc:
+        raise UsageError(str(exc)) from None
     if args.forget:
         existed = path.exists()
         try:

@@ -35,6 +35,6 @@ def ops_not_in(cfg: QINConfig) -> dict[str, str]:
                            "model.asta_activation=softmax" if cfg.asta_activation == "softmax" else None),
            "qnn_kernel": ("model.architecture=din" if cfg.architecture == "din" else
                           "model.interaction=mlp" if cfg.interaction == "mlp" else
-                          # without dropout every backend folds the groups into one torch product
+                          # without dropout no Triton kernel runs: the op is torch products on any backend
                           "model.dropout=0" if cfg.dropout == 0 else None)}
     return {key: reason for key, reason in why.items() if reason}

@@ -338,7 +338,9 @@ def _write_other_schema(root: Path, data: SyntheticData, splits: dict[str, tuple
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("QIN_CACHE") or Path.home() / ".cache" / "qin")
+    from kernels.compile_cache import cache_root
+
+    return cache_root()
 
 
 # Written into the built-in dataset's folder: the generator that made it (generator_fingerprint).
@@ -389,7 +391,10 @@ def builtin_dataset(cache_dir=None) -> Path:
     made it is this one (else made again); written atomically."""
     from qin.config import ConfigError
 
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    except OSError as exc:
+        raise ConfigError(f"the built-in dataset: {exc}") from None
     path = cache / f"{BUILTIN_VERSION}-rows{BUILTIN_ROWS}-items{BUILTIN_ITEMS}-seed{BUILTIN_SEED}"
     fingerprint = generator_fingerprint()
     if _fingerprint_of(path) == fingerprint:

@@ -144,6 +144,30 @@ def test_a_damaged_decision_file_is_ignored_with_a_warning(timed, device, monkey
     assert json.loads(timed.read_text()) == choice.decisions(device)  # rewritten whole
 
 
+def test_without_a_home_the_decisions_last_for_the_process_and_say_so(timed, device, monkeypatch, caplog, capsys):
+    """Neither HOME nor a passwd entry (a container run under an arbitrary uid): Path.home() raises,
+    which crashed the first auto op of a run on a GPU, `qin backends` and the benchmark report."""
+    from pathlib import Path
+
+    from bench.report import timed_section
+    from qin.cli import main
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("QIN_CACHE")
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    _fake_timings(monkeypatch, 1.0, 0.5)
+    with caplog.at_level(logging.WARNING, logger="kernels.choice"):
+        assert resolve_backend("auto", device, "asta", torch.float32, _fake_trial(0.5)) == "triton"
+        assert resolve_backend("auto", device, "asta", torch.float32, _fake_trial(0.5)) == "triton"  # kept
+    assert caplog.text.count("no home folder") == 1 and "set QIN_CACHE" in caplog.text
+    assert "decisions last for this process only" in caplog.text
+    assert "no home folder" in "\n".join(timed_section(device))
+    assert main(["backends"]) == 2
+    assert "set QIN_CACHE" in capsys.readouterr().err
+
+
 def test_the_benchmark_report_lists_the_timed_decisions(timed, device, monkeypatch):
     from bench.report import timed_section
 
@@ -475,7 +499,7 @@ def test_auto_runs_torch_where_the_kernels_cannot_take_the_shape(device, monkeyp
     kernels.gathered_sparse_target_attention(history[0], torch.zeros(2, 3, dtype=torch.long, device=device),
                                              query, mask)
     assert asked == ["torch", "torch"]
-    monkeypatch.setattr(qnn, "_INT32_LIMIT", 5 * 2 * 8)  # as B*M*D past 2**31 would
+    monkeypatch.setattr(qnn, "INT32_LIMIT", 5 * 2 * 8)  # as B*M*D past 2**31 would
     x, weight, bias = _qnn_inputs(device)
     kernels.quadratic_projection(x, weight, bias, 2, dropout_p=0.1, training=True)
     assert asked[-1] == "torch"

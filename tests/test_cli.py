@@ -541,6 +541,11 @@ def test_triton_kernels_where_triton_cannot_run_are_refused_up_front_or_on_resum
         assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "mlp"), *SMALL_RUN,
                      "train.max_steps_per_epoch=2", "model.interaction=mlp", "model.qnn_kernel=triton"]) == 0
     assert "model.qnn_kernel=triton has no effect with model.interaction=mlp" in caplog.text
+    caplog.clear()  # without dropout the QNN op is torch products on any backend (it failed at the first step)
+    with caplog.at_level(logging.INFO, logger="qin"):
+        assert main(["train", "--data", str(data_dir), "--out", str(tmp_path / "p0"), *SMALL_RUN,
+                     "train.max_steps_per_epoch=2", "model.dropout=0", "model.qnn_kernel=triton"]) == 0
+    assert "model.qnn_kernel=triton has no effect with model.dropout=0" in caplog.text
 
     copy = tmp_path / "copy"
     copy.mkdir()

@@ -37,7 +37,8 @@ out["loss"] = loss.item()
 out["grad_norm"] = sum(p.grad.double().pow(2).sum().item() for p in model.parameters() if p.grad is not None)
 x = torch.randn(3, 4)
 errors = []
-for call in (lambda: kernels.quadratic_projection(x, torch.randn(8, 4), torch.randn(8), 2, backend="triton"),
+for call in (lambda: kernels.quadratic_projection(x, torch.randn(8, 4), torch.randn(8), 2, dropout_p=0.1, training=True,
+                                                 backend="triton"),
              lambda: kernels.sparse_target_attention(torch.randn(3, 5, 4), x, torch.ones(3, 5), backend="triton"),
              lambda: kernels.gathered_sparse_target_attention(torch.randn(6, 4), torch.zeros(3, 5, dtype=torch.long),
                                                               x, torch.ones(3, 5), backend="triton")):
@@ -54,8 +55,48 @@ try:  # an index outside reps at a masked position: refused as by the full packa
     out["bad_index"] = None
 except ValueError as exc:
     out["bad_index"] = str(exc)
+# Without dropout no Triton kernel runs, here as in the full package: 'triton' is the torch fold.
+out["qnn_no_dropout_triton"] = kernels.quadratic_projection(torch.arange(12.0).reshape(3, 4) / 10, torch.ones(8, 4),
+                                                            torch.ones(8), 2, backend="triton", training=True).tolist()
+out["bad_args"] = bad_argument_messages(kernels)
 print(json.dumps(out))
 """
+
+# Bad arguments, each refused by the full package and by kernels.torch_only in the same words.
+BAD_ARGUMENTS = """
+import torch
+
+def bad_argument_messages(kernels):
+    x, w, b = torch.randn(3, 4), torch.randn(8, 4), torch.randn(8)
+    h, q, m = torch.randn(3, 5, 4), torch.randn(3, 4), torch.ones(3, 5)
+    reps, index = torch.randn(6, 4), torch.zeros(3, 5, dtype=torch.long)
+    calls = [
+        lambda: kernels.quadratic_projection(x, w, b, 2, dropout_p=-0.5, training=True),
+        lambda: kernels.quadratic_projection(x, w, b, 2, dropout_p=1.0, training=True),
+        lambda: kernels.quadratic_projection(x, w, b, 2, seed="abc"),
+        lambda: kernels.quadratic_projection(x, w, b, 3),
+        lambda: kernels.quadratic_projection(x, w, b[:7], 2),
+        lambda: kernels.quadratic_projection(x.long(), w, b, 2),
+        lambda: kernels.quadratic_projection(x, w, b, 2, backend="fast"),
+        lambda: kernels.sparse_target_attention(h, q[:2], m),
+        lambda: kernels.sparse_target_attention(h, q, m[:, :4]),
+        lambda: kernels.sparse_target_attention(h[0], q, m),
+        lambda: kernels.sparse_target_attention(h, q, m.to(torch.complex64)),
+        lambda: kernels.gathered_sparse_target_attention(reps, index.float(), q, m),
+        lambda: kernels.gathered_sparse_target_attention(reps, index, q[:, :3], m),
+        lambda: kernels.gathered_sparse_target_attention(reps, index + 6, q, m),
+    ]
+    messages = []
+    for call in calls:
+        try:
+            call()
+            messages.append(None)
+        except Exception as exc:
+            messages.append(f"{type(exc).__name__}: {exc}")
+    return messages
+"""
+exec(BAD_ARGUMENTS)
+CHILD = BAD_ARGUMENTS + CHILD
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +136,16 @@ def test_full_package_is_used_when_triton_is_present():
 
 def test_an_index_outside_reps_is_refused_as_by_the_full_package(child):
     assert child["bad_index"] is not None and "outside reps' 6 rows (at masked positions" in child["bad_index"]
+
+
+def test_bad_arguments_are_refused_in_the_same_words_without_triton(child):
+    """kernels.torch_only ran none of the full package's checks: dropout_p=-0.5 trained without
+    dropout, dropout_p=1.0 returned zeros, seed='abc' passed, a wrong shape failed inside einsum."""
+    want = bad_argument_messages(kernels)
+    assert all(message is not None and message.startswith("ValueError") for message in want), want
+    assert child["bad_args"] == want
+
+
+def test_the_projection_without_dropout_takes_triton_as_the_torch_fold(child):
+    want = kernels.quadratic_projection(torch.arange(12.0).reshape(3, 4) / 10, torch.ones(8, 4), torch.ones(8), 2)
+    assert torch.tensor(child["qnn_no_dropout_triton"]).allclose(want)

@@ -207,6 +207,20 @@ def test_a_cache_folder_that_cannot_be_made_says_to_set_qin_cache(tmp_path, monk
         synth.builtin_dataset(tmp_path / "home" / ".cache" / "qin")
 
 
+def test_without_a_home_the_built_in_dataset_says_to_set_qin_cache(monkeypatch):
+    from pathlib import Path
+
+    from qin.config import ConfigError
+
+    def no_home():  # neither HOME nor a passwd entry: a container run under an arbitrary uid
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("QIN_CACHE", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with pytest.raises(ConfigError, match=r"built-in dataset: this user has no home folder .*set QIN_CACHE"):
+        synth.builtin_dataset()
+
+
 def test_sigterm_while_generating_leaves_no_staging_folder(tmp_path):
     import os
     import signal
