@@ -113,8 +113,8 @@ def _forward_loss(forward, data: dict, amp: torch.dtype | None) -> torch.Tensor:
     return loss_fn(forward, data, 2e-4, precision=PRECISION_NAMES[amp])
 
 
-def synthetic_batch(batch: int, device: torch.device, num_items: int = 91_718, num_tags: int = 11_740,
-                    max_len: int = 64, seed: int = 0) -> dict:
+def synthetic_batch(batch: int, device: torch.device, num_items: int = 91_718, max_len: int = 64,
+                    seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     lengths = np.clip(np.round(rng.lognormal(np.log(6), 0.9, batch)), 3, max_len).astype(np.int64)
     seq = rng.integers(1, num_items, (batch, max_len))

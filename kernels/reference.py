@@ -1,6 +1,10 @@
-"""Plain-PyTorch reference ops: the oracle every fused Triton kernel is tested against.
+"""Plain-PyTorch ops: the oracle every fused Triton kernel is tested against, and the torch
+backend that `auto` runs wherever Triton has not measured faster (every CPU, and every GPU today).
 
-Each function is the literal formula from SPEC.md, written for readability, not speed.
+The oracle functions are the literal formulas of SPEC.md, written for readability. Beside them
+sit the torch backend's memory-saving forms (the gathered attention op, the QNN whose CPU dropout
+mask is regenerated in backward, the folded eval product), each tested against its oracle: a
+change here changes what trains, not only what tests compare with.
 """
 import torch
 import torch.nn.functional as F

@@ -38,7 +38,7 @@ class QINConfig:
     attention_dim: int | None = None
     qnn_layers: int = 4  # quadratic layers in the QNN
     qnn_rows: int = 4  # M, the num_row of the quadratic layer
-    dropout: float = 0.1  # on each quadratic layer's projection (training only)
+    dropout: float = 0.1  # training only: each quadratic layer's projection and its residual branch; DIN's MLP
     embedding_init_std: float = 1e-4  # embedding tables start as normal(0, this); padding rows 0
     # ASTA computed literally (K and V projected per history item) or through the exact
     # hoisted algebra of SPEC.md (never forms K or V).

@@ -228,7 +228,8 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def wrap(model: nn.Module, device: torch.device) -> nn.parallel.DistributedDataParallel:
-    """DistributedDataParallel over `model` (its BatchNorm converted first). Buffers are not sent
+    """DistributedDataParallel over `model`, whose BatchNorm the caller has made SyncBatchNorm
+    first (convert_batchnorm, as Trainer does; this does not convert). Buffers are not sent
     from rank 0 before each forward, DDP's default: QIN's item side data are buffers that never
     change (48 MiB on MicroLens, 40% of the gradients' all-reduce, every step), and the running
     statistics of SyncBatchNorm1d are already the global batch's on every rank."""

@@ -197,8 +197,8 @@ def generate(rows: int, items: int, *, seed: int = 0, tags: int | None = None,
 
     history_items = draw_for(np.repeat(user_id, lengths), INTEREST_RATE)
     item_id = draw_for(user_id, TARGET_INTEREST_RATE)
-    likes_level = np.clip(item_likes[item_id] + rng.integers(-1, 2, size=rows), 0, 10).astype(np.int64)
-    views_level = np.clip(item_views[item_id] + rng.integers(-1, 2, size=rows), 0, 10).astype(np.int64)
+    likes_level = np.clip(item_likes[item_id] + rng.integers(-1, 2, size=rows), 0, NUM_LEVELS - 1).astype(np.int64)
+    views_level = np.clip(item_views[item_id] + rng.integers(-1, 2, size=rows), 0, NUM_LEVELS - 1).astype(np.int64)
 
     # Clicks.
     match = 1.0 - np.exp(-2.0 * _history_match(latent, item_id, offsets, history_items))

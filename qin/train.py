@@ -424,9 +424,9 @@ class Trainer:
                 self.log(f"backend='auto' under torch.compile: {known} decisions timed before on this device")
             self.forward_model = compile_model(self.forward_model, cuda_graphs=cfg.train.cuda_graphs)
             if self.device.type == "cpu":
-                self.log("train.compile=true on the CPU: the compiled step measured slower than eager in our CPU "
-                         "benchmarks (0.68-0.96x of eager's speed at batch 1024-2048, fp32 and bf16; about even at "
-                         "256; README, 'Mixed precision'); train.compile=false may train faster")
+                self.log("train.compile=true on the CPU: the compiled step ran slower than eager in our CPU "
+                         "benchmarks (bench/results/README.md, 'Mixed precision': bf16 on two hosts; fp32 0.96x in "
+                         "cpu-train-step-2026-11-30); train.compile=false may train faster")
         self._compiling = cfg.train.compile  # until the first step has run (and compiled)
         self.optimizer = make_optimizer(self.model, cfg.train.lr)
         # Resolved once and written back, so config.yaml names what ran ('auto' would resolve
