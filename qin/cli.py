@@ -500,8 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="folder for compare.md, compare.csv, compare.png")
     p.add_argument("--force", action="store_true", help="overwrite an earlier table in --out")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="applied to every variant, except a setting the variant itself fixes (DIN's train.lr and "
-                        "train.patience, each ablation's switch): the run says which")
+                   help="applied to every run; the settings the variants differ in and train.epochs are refused "
+                        "(pass --epochs), and DIN keeps its own train.lr, patience, lr_decay and embedding_l2 "
+                        "(said where one of yours does not apply)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("plot", help="draw the curves of one or more runs on the same axes")

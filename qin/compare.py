@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from qin.commands_common import BUILTIN_SETTINGS, UsageError, file_in_the_way, load_data, override_key
-from qin.config import ConfigError, load_config
+from qin.config import ConfigError, QINConfig, load_config
 
 
 @dataclass(frozen=True)
@@ -85,16 +85,26 @@ def refused_overrides(overrides: list[str]) -> None:
             raise UsageError(f"{text}: qin compare trains every run --epochs epochs; pass --epochs")
 
 
-def refused_in_config(config: str | None) -> None:
-    """The same keys given in the --config file (an ablation run's config.yaml, say): refused too."""
+def file_settings(config: str | None) -> dict[str, object]:
+    """{section.key: value} of a --config file (load_config has checked it)."""
     tree = yaml.safe_load(Path(config).read_text()) if config else None
-    for section, values in (tree or {}).items():
-        for name in values or {}:
-            key = f"{section}.{name}"
-            if key in VARIANT_KEYS or key == "train.epochs":
-                raise UsageError(f"{config}: {key}: qin compare sets it itself ("
-                                 + ("per variant; --variants chooses them" if key in VARIANT_KEYS else "pass --epochs")
-                                 + "); remove it from the file")
+    return {f"{section}.{name}": value for section, values in (tree or {}).items() for name, value in (values or {}).items()}
+
+
+def refused_in_config(config: str | None) -> list[str]:
+    """The variants' keys in the --config file (a run's config.yaml holds them all) are refused,
+    all named at once, where they differ from QIN's defaults (they would relabel every row);
+    train.epochs there is ignored for --epochs. Returns the lines that say what is ignored."""
+    settings = file_settings(config)
+    defaults = QINConfig()
+    changed = [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in settings.items()
+               if key in VARIANT_KEYS and value != getattr(defaults, key.split(".", 1)[1])]
+    if changed:
+        raise UsageError(f"{config}: {', '.join(changed)}: qin compare sets {'these' if len(changed) > 1 else 'it'} "
+                         f"per variant (--variants chooses them); remove {'them' if len(changed) > 1 else 'it'} "
+                         f"from the file")
+    return [f"{config}: train.epochs={settings['train.epochs']} is ignored: every run trains --epochs epochs"] \
+        if "train.epochs" in settings else []
 
 
 def shadowed(overrides: list[str], variants: list[Variant]) -> list[str]:
@@ -103,17 +113,23 @@ def shadowed(overrides: list[str], variants: list[Variant]) -> list[str]:
             for v in variants for own in v.overrides for text in overrides if override_key(text) == override_key(own)]
 
 
-def train_variant(variant: Variant, seed: int, dataset, data_dir: str, run_dir: Path, epochs: int,
-                  overrides: list[str], base: dict | None, log, dataset_block: dict | None = None,
-                  config: str | None = None) -> Result:
-    from qin.model import count_parameters
-    from qin.train import Trainer, fill_vocab_from_data
+def variant_config(variant: Variant, seed: int, dataset, epochs: int, overrides: list[str], base: dict | None,
+                   dataset_block: dict | None = None, config: str | None = None):
+    """One run's settings: the user's, then the variant's own, on the dataset's vocabularies."""
+    from qin.train import fill_vocab_from_data
 
     cfg = load_config(config, overrides=[*overrides, *variant.overrides, f"train.epochs={epochs}"], base=base,
                       dataset=dataset_block)
-    cfg.data.dir = data_dir
+    cfg.data.dir = str(dataset.root)
     cfg.train.seed += seed
     fill_vocab_from_data(cfg, dataset)
+    return cfg
+
+
+def train_variant(variant: Variant, seed: int, cfg, dataset, run_dir: Path, log) -> Result:
+    from qin.model import count_parameters
+    from qin.train import Trainer
+
     # The run folder is scratch, deleted when compare ends: a stop keeps only the finished runs' table.
     trainer = Trainer(cfg, dataset, run_dir, log=lambda *_: None,
                       on_stop="stopping after this step; the finished runs' table is kept")
@@ -225,12 +241,17 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
         raise UsageError("--epochs and --seeds must be at least 1")
     refused_overrides(overrides)
     data_section = load_config(config, overrides=overrides, dataset=dataset_block).data  # bad overrides fail here
-    refused_in_config(config)
-    for line in shadowed(overrides, variants):
+    notes = refused_in_config(config)
+    in_file = [f"{key}={value} ({config})" for key, value in file_settings(config).items()]
+    for line in notes + shadowed(overrides + in_file, variants):
         log(line)
     data = data or (dataset_block or {}).get("dir") or data_section.dir
     dataset = load_data(data, data_section)
     base = None if data or config else BUILTIN_SETTINGS  # as qin train takes them
+    # Every run's settings before the first trains: one a variant's own settings make invalid (DIN's
+    # lr under a larger train.min_lr) would otherwise stop the compare hours in.
+    configs = {(v.name, seed): variant_config(v, seed, dataset, epochs, overrides, base, dataset_block, config)
+               for v in variants for seed in range(seeds)}
     label = (str(dataset.root.resolve()) if data else
              f"the built-in generated dataset ({dataset.root.name}): generated data, not MicroLens")
     start = time.perf_counter()
@@ -241,9 +262,9 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
     try:
         for v in variants:
             for seed in range(seeds):
-                results.append(train_variant(v, seed, dataset, str(dataset.root), runs / f"{v.name}-seed{seed}",
-                                             epochs, overrides, base, log, dataset_block, config))
-    except (TrainingInterrupted, StoppedAtOnce, TrainingError) as exc:
+                results.append(train_variant(v, seed, configs[v.name, seed], dataset, runs / f"{v.name}-seed{seed}",
+                                             log))
+    except (TrainingInterrupted, StoppedAtOnce, TrainingError, ConfigError) as exc:
         # The runs are scratch (deleted below): keep what finished, and say so, rather than point
         # at a checkpoint that is about to go.
         how = ("stopped at once" if isinstance(exc, StoppedAtOnce) else

@@ -59,6 +59,29 @@ def test_an_override_a_variant_fixes_is_named_where_it_does_not_apply():
                      "train.lr=1e-4 does not apply to din, which sets train.lr=1e-3"]
 
 
+def test_a_run_config_yaml_at_qins_defaults_is_taken_and_what_it_cannot_set_is_said(data_dir, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """A run's config.yaml holds every variant key, at QIN's values: taken (it was refused key by
+    key); its train.epochs gives way to --epochs, and its train.lr to DIN's, each said."""
+    import yaml
+
+    from qin.config import load_config
+
+    monkeypatch.setattr(qin.train.Trainer, "fit", lambda self: pytest.skip("reached training"))
+    saved = load_config(overrides=TINY)
+    tree = {"model": {k: getattr(saved.model, k) for k in ("architecture", "use_asta", "asta_dropout",
+                                                            "asta_activation", "qnn_activation", "interaction")},
+            "train": {"epochs": 7, "lr": 5e-3}}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    with pytest.raises(pytest.skip.Exception):
+        main(["compare", "--data", str(data_dir), "--config", str(config), "--out", str(tmp_path / "cmp"),
+              "--variants", "qin,din", *TINY])
+    out = capsys.readouterr().out
+    assert f"{config}: train.epochs=7 is ignored: every run trains --epochs epochs" in out
+    assert f"train.lr=0.005 ({config}) does not apply to din, which sets train.lr=1e-3" in out
+
+
 def test_a_stopped_compare_keeps_the_finished_runs_and_says_where(data_dir, tmp_path, monkeypatch, capsys):
     fit, calls = qin.train.Trainer.fit, []
 
@@ -136,7 +159,7 @@ def test_din_trains_with_the_challenge_baselines_settings(data_dir, tmp_path, mo
     from types import SimpleNamespace
 
     from qin.commands_common import load_data
-    from qin.compare import train_variant
+    from qin.compare import train_variant, variant_config
     from qin.config import load_config
 
     trained = {}
@@ -149,10 +172,42 @@ def test_din_trains_with_the_challenge_baselines_settings(data_dir, tmp_path, mo
     monkeypatch.setattr(qin.train.Trainer, "fit", fit)
     dataset = load_data(str(data_dir), load_config(overrides=TINY).data)
     for name in ("din", "qin"):
-        train_variant(VARIANTS[name], 0, dataset, str(data_dir), tmp_path / name, 1, TINY, None, print)
+        cfg = variant_config(VARIANTS[name], 0, dataset, 1, TINY, None)
+        train_variant(VARIANTS[name], 0, cfg, dataset, tmp_path / name, print)
     din, qin_ = trained["din"], trained["qin"]
     assert (din.lr, din.patience, din.lr_decay, din.embedding_l2) == (1e-3, 3, 0.1, 1e-6)
     assert (qin_.lr, qin_.patience, qin_.lr_decay, qin_.embedding_l2) == (2e-3, 8, 0.5, 2e-4)
+
+
+def test_settings_a_later_variant_makes_invalid_are_refused_before_any_run_trains(data_dir, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """DIN sets train.lr=1e-3: a train.min_lr above it passed QIN's runs and stopped the compare at
+    DIN's, hours in, with nothing written."""
+    trained = []
+    monkeypatch.setattr(qin.train.Trainer, "fit", lambda self: trained.append(self.cfg.model.architecture))
+    out = tmp_path / "cmp"
+    assert main(["compare", "--data", str(data_dir), "--out", str(out), "--variants", "qin,din", *TINY,
+                 "train.lr=5e-3", "train.min_lr=2e-3"]) == 2
+    assert "train.min_lr=0.002 is above train.lr=0.001" in capsys.readouterr().err
+    assert trained == [] and not (out / "compare.md").exists()
+
+
+def test_a_run_that_fails_on_its_settings_keeps_the_finished_runs_table(data_dir, tmp_path, capsys, monkeypatch):
+    from types import SimpleNamespace
+
+    from qin.config import ConfigError
+
+    def fit(self):
+        if self.cfg.model.architecture == "din":
+            raise ConfigError("a setting only the trainer checks")
+        return SimpleNamespace(history=[{"epoch": 1, "valid_logloss": 0.5, "samples_per_s": 1.0}], best_epoch=1,
+                               best_auc=0.5)
+
+    monkeypatch.setattr(qin.train.Trainer, "fit", fit)
+    out = tmp_path / "cmp"
+    assert main(["compare", "--data", str(data_dir), "--out", str(out), "--variants", "qin,din", *TINY]) != 0
+    assert "failed in din seed 0: a setting only the trainer checks" in capsys.readouterr().err
+    assert "after 1 of 2 runs" in (out / "compare.md").read_text()
 
 
 def test_a_data_folder_that_is_not_there_is_named(tmp_path, capsys):
@@ -194,7 +249,7 @@ def test_a_run_is_summarised_by_its_best_epoch_and_variants_by_their_mean_and_sa
     from types import SimpleNamespace
 
     from qin.commands_common import load_data
-    from qin.compare import Result, summarise, train_variant
+    from qin.compare import Result, summarise, train_variant, variant_config
     from qin.config import load_config
 
     history = [{"epoch": 1, "valid_auc": 0.9, "valid_logloss": 0.3, "samples_per_s": 100.0},
@@ -203,7 +258,8 @@ def test_a_run_is_summarised_by_its_best_epoch_and_variants_by_their_mean_and_sa
     monkeypatch.setattr(qin.train.Trainer, "fit",
                         lambda self: SimpleNamespace(history=history, best_epoch=1, best_auc=0.9))
     dataset = load_data(str(data_dir), load_config(overrides=TINY).data)
-    result = train_variant(VARIANTS["qin"], 0, dataset, str(data_dir), tmp_path / "run", 3, TINY, None, print)
+    cfg = variant_config(VARIANTS["qin"], 0, dataset, 3, TINY, None)
+    result = train_variant(VARIANTS["qin"], 0, cfg, dataset, tmp_path / "run", print)
     assert (result.auc, result.logloss, result.samples_per_s, result.epochs) == (0.9, 0.3, 200.0, 3)
 
     qin_v, din_v = VARIANTS["qin"], VARIANTS["din"]
@@ -240,13 +296,12 @@ def test_a_config_file_may_not_set_what_the_variants_differ_in(data_dir, tmp_pat
 
     import kernels.utils
 
-    for block in ({"model": {"use_asta": False}}, {"train": {"epochs": 3}}):
-        config = tmp_path / "config.yaml"
-        config.write_text(yaml.safe_dump(block))
-        assert main(["compare", "--data", str(data_dir), "--config", str(config), "--out", str(tmp_path / "cmp"),
-                     *TINY]) == 2
-        key = next(f"{section}.{name}" for section, values in block.items() for name in values)
-        assert f"{config}: {key}: qin compare sets it itself" in capsys.readouterr().err
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": {"use_asta": False, "asta_dropout": 0.1, "qnn_activation": "prelu"}}))
+    assert main(["compare", "--data", str(data_dir), "--config", str(config), "--out", str(tmp_path / "cmp"),
+                 *TINY]) == 2
+    assert (f"{config}: model.asta_dropout=0.1, model.use_asta=false: qin compare sets these per variant"
+            in capsys.readouterr().err)
     # What the data sizes, as qin train treats it: refused as an override, and named as ignored in a file.
     assert main(["compare", "--data", str(data_dir), "--out", str(tmp_path / "cmp"), *TINY, "model.num_tags=5"]) == 2
     assert "model.num_tags=5: qin train sizes model.num_tags from the data" in capsys.readouterr().err
