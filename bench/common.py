@@ -136,18 +136,22 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
+def triton_version() -> str:
+    import kernels
+
+    return kernels.triton.__version__ if kernels.triton is not None else "not installed"
+
+
 def make_row(kernel: str, provider: str, mode: str, metric: str, unit: str, x_name: str, x_value,
              values: tuple[float, float, float] | float, device: torch.device, dtype: torch.dtype | str = "") -> dict:
     if not isinstance(values, tuple):
         values = (values, values, values)
-    import triton
-
     return {
         "kernel": kernel, "provider": provider, "mode": mode, "metric": metric, "unit": unit,
         "x_name": x_name, "x_value": x_value, "p50": values[0], "p20": values[1], "p80": values[2],
         "device": device_name(device), "dtype": short_dtype(dtype),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
+        "torch": torch.__version__, "triton": triton_version(), "commit": git_commit(),
     }
 
 

@@ -549,12 +549,11 @@ def render(rows: list[dict], failures: list[str], device: torch.device, quick: b
     """report.md; seconds None: the rows come from a CSV (bench/csv_report.py), not from this run;
     `skipped`: the CSV's lines left out, each with why (e.g. a line cut off, a figure measured again)."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    import triton
 
     parts = [
         f"# QIN benchmark report: {common.device_name(device)}",
         "",
-        f"{when}; torch {torch.__version__}, triton {triton.__version__}, commit {common.git_commit()}; "
+        f"{when}; torch {torch.__version__}, triton {common.triton_version()}, commit {common.git_commit()}; "
         + (f"`{command or 'qin bench'}`, {seconds / 60:.1f} minutes. " if seconds is not None else
            "figures read from the CSV of bench/gpu_run.sh. ")
         + ("Medians (p50) of repeated runs; every ratio compares two variants measured in this same run; "

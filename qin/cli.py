@@ -379,6 +379,11 @@ def cmd_bench(args) -> int:
 def cmd_parity(args) -> int:
     import torch
 
+    import kernels
+
+    if kernels.triton is None:
+        raise UsageError("qin parity compares the Triton kernels with the torch path, and the triton package cannot "
+                         "be imported here (PyPI has triton wheels for Linux x86_64 and aarch64 only)")
     from qin import parity
 
     if args.device == "cuda" and not torch.cuda.is_available():

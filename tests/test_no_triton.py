@@ -59,6 +59,16 @@ except ValueError as exc:
 out["qnn_no_dropout_triton"] = kernels.quadratic_projection(torch.arange(12.0).reshape(3, 4) / 10, torch.ones(8, 4),
                                                             torch.ones(8), 2, backend="triton", training=True).tolist()
 out["bad_args"] = bad_argument_messages(kernels)
+# The commands that read triton's version or compare its kernels: a figure, or a one-line refusal.
+import contextlib, io, tempfile
+from qin.cli import main
+folder = tempfile.mkdtemp()
+err = io.StringIO()
+with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    out["parity"] = main(["parity", "--quick", "--out", folder + "/parity"])
+    out["bench"] = main(["bench", "--quick", "--only", "loading", "--out", folder + "/bench"])
+out["stderr"] = err.getvalue()
+out["bench_report"] = open(folder + "/bench/report.md").read()
 print(json.dumps(out))
 """
 
@@ -149,3 +159,12 @@ def test_bad_arguments_are_refused_in_the_same_words_without_triton(child):
 def test_the_projection_without_dropout_takes_triton_as_the_torch_fold(child):
     want = kernels.quadratic_projection(torch.arange(12.0).reshape(3, 4) / 10, torch.ones(8, 4), torch.ones(8), 2)
     assert torch.tensor(child["qnn_no_dropout_triton"]).allclose(want)
+
+
+def test_parity_is_refused_in_one_line_and_bench_reports_without_triton(child):
+    """qin parity ended in a traceback (ModuleNotFoundError), and qin bench produced no figure at
+    all: it read triton's version for every row."""
+    assert child["parity"] == 2
+    assert "qin parity: error: qin parity compares the Triton kernels" in child["stderr"]
+    assert "Traceback" not in child["stderr"]
+    assert child["bench"] == 0 and "triton not installed" in child["bench_report"]
