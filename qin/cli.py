@@ -23,10 +23,17 @@ from qin.commands_common import BUILTIN_SETTINGS, UsageError, file_in_the_way, l
 from qin.config import ConfigError, QINConfig, load_config, read_fuxictr_dataset, settings_help
 
 
-def cmd_make_data(args) -> int:
+def other_schema_yaml() -> str:
+    """The data block `qin make-data --schema other` writes beside its files."""
     import yaml
 
-    from qin.synth import OTHER_DATA_SECTION, make_dataset, staging_folder
+    from qin.synth import OTHER_DATA_SECTION
+
+    return yaml.safe_dump({"data": OTHER_DATA_SECTION}, sort_keys=False)
+
+
+def cmd_make_data(args) -> int:
+    from qin.synth import make_dataset, staging_folder
 
     # Two train rows at least: BatchNorm trains on no fewer.
     for name, value, least in (("--rows", args.rows, 2), ("--items", args.items, 1), ("--seed", args.seed, 0)):
@@ -47,13 +54,16 @@ def cmd_make_data(args) -> int:
         with staging_folder(out, ".make-data.") as staging:
             make_dataset(staging, rows=args.rows, items=args.items, seed=args.seed, schema=args.schema)
             if args.schema == "other":  # its columns are not the default layout's: the data block to train with
-                (staging / "data.yaml").write_text(yaml.safe_dump({"data": OTHER_DATA_SECTION}, sort_keys=False))
+                (staging / "data.yaml").write_text(other_schema_yaml())
             new = sorted(p.name for p in staging.iterdir())
             in_the_way = [name for name in new if (out / name).exists() and not (out / name).is_file()]
             if in_the_way:  # checked before any file moves: an old and a new dataset must never mix
                 raise UsageError(f"{out / in_the_way[0]} is in the way (not a file); nothing was written")
             for name in new:
                 os.replace(staging / name, out / name)
+            declared = out / "data.yaml"  # an earlier --schema other dataset's columns: not these
+            if "data.yaml" not in new and declared.is_file() and declared.read_text() == other_schema_yaml():
+                declared.unlink()
     except KeyboardInterrupt as exc:
         print(f"qin make-data: interrupted; {out} is as it was", file=sys.stderr)
         return 128 + int(getattr(exc, "signum", signal.SIGINT))

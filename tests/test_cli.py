@@ -133,6 +133,19 @@ def test_make_data_other_schema_writes_the_data_block_it_trains_with(tmp_path, c
     assert [f.name for f in dataset.features][-1] == "item_emb_d64" and len(dataset.splits["train"]) == 300
 
 
+def test_make_data_force_over_the_other_schema_leaves_no_data_block_of_its_columns(tmp_path, capsys):
+    """The other schema's data.yaml, left beside a MicroLens-layout dataset, declared columns the
+    files no longer had; a data.yaml of the user's own is left as it is."""
+    out = tmp_path / "generated"
+    assert main(["make-data", str(out), "--schema", "other", "--rows", "300", "--items", "20"]) == 0
+    assert main(["make-data", str(out), "--rows", "300", "--items", "20", "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["item_info.parquet", "test.parquet", "train.parquet",
+                                                     "valid.parquet"]
+    (out / "data.yaml").write_text("data:\n  label: label\n")
+    assert main(["make-data", str(out), "--rows", "300", "--items", "20", "--force"]) == 0
+    assert (out / "data.yaml").read_text() == "data:\n  label: label\n"
+
+
 def test_train_writes_a_complete_run(run_dir, capsys):
     names = {p.name for p in run_dir.iterdir()}
     events = {n for n in names if n.startswith("events.out.tfevents.")}
