@@ -66,7 +66,7 @@ def test_qin_train_with_compile_logs_the_compile_time_once(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert out.count("torch.compile: the first step took") == 1, out
-    assert out.count("the compiled step measured slower than eager") == 1, out  # a CPU user is told
+    assert out.count("the compiled step ran slower than eager") == 1, out  # a CPU user is told
     assert (tmp_path / "run" / "best.pt").exists()
 
 
