@@ -4,7 +4,7 @@ Run it on the device that made the CSV: the report's targets, its tables and wha
 runs here with the MEASURED_FASTER entries the op tables support (bench/report.py's render,
 without plots: `bench.report.make_plots` draws them anywhere from the same CSV).
 
-    python -m bench.csv_report results.csv [--device cuda] [--out report.md]
+    python -m bench.csv_report results.csv [--device cuda] [--out report.md] [--quick]
 """
 from __future__ import annotations
 
@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     parser.add_argument("csv", help="rows of bench_train / bench_asta / bench_qnn (a missing file: no rows)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--out", help="write report.md here")
+    parser.add_argument("--quick", action="store_true",
+                        help="the modules ran with --quick (bench/gpu_run.sh's): the report says its verdicts are indicative")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     path = Path(args.csv)
@@ -91,7 +93,8 @@ def main(argv=None) -> int:
     print("\n".join(['## What backend="auto" runs', "", *auto_section(rows, device)]))
     if args.out:
         failures = [] if rows else [f"no figures in {path}"]
-        Path(args.out).write_text(render(rows, failures, device, quick=False, plots=[], seconds=None, skipped=skipped))
+        Path(args.out).write_text(render(rows, failures, device, quick=args.quick, plots=[], seconds=None,
+                                          skipped=skipped))
     return 0 if rows else 1
 
 

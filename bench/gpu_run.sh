@@ -105,7 +105,7 @@ fi
 stage train 180 "$OUT/bench.log" python3 -m bench.bench_train --device "$DEV" "${TRAIN[@]}" --csv "$OUT/results.csv"
 stage asta 60 "$OUT/bench.log" python3 -m bench.bench_asta --device "$DEV" --quick --csv "$OUT/results.csv"
 stage qnn 50 "$OUT/bench.log" python3 -m bench.bench_qnn --device "$DEV" --quick --csv "$OUT/results.csv"
-stage report 30 "$OUT/bench.log" python3 -m bench.csv_report "$OUT/results.csv" --device "$DEV" --out "$OUT/report.md"
+stage report 30 "$OUT/bench.log" python3 -m bench.csv_report "$OUT/results.csv" --device "$DEV" --out "$OUT/report.md" --quick
 stage profile 40 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" "${PROFILE[@]}" \
   --precision fp32 bf16 --out "$OUT/profile.md"
 # Never yet run on a GPU, so first: train.cuda_graphs (a compiled training step replayed as CUDA

@@ -286,6 +286,8 @@ def test_gpu_run_dry_mode_runs_its_stages_on_the_cpu(tmp_path):
     assert "torch" in device and "triton" in device and "stage report: exit 0" in device
     report = (out / "report.md").read_text()
     assert "## Targets" in report and "| qnn | bf16 | torch | not measured |" in report
+    # The stages time with --quick: its verdicts say so (they read as full-length timings).
+    assert "--quick: a training step's figure is the median of 3 steps" in report
     assert len(list(out.rglob("*"))) <= 8
 
 
@@ -312,6 +314,7 @@ def test_report_from_the_csv_of_a_gpu_run(tmp_path):
     assert "| asta | fp32 | torch | not measured |" in report and "read from the CSV" in report
     # Its figures came from gpu_run.sh's stages, not from `qin bench`.
     assert "Reproduce: `GPU_RUN_DRY=1 OUT=DIR bash bench/gpu_run.sh`" in report and "`qin bench" not in report
+    assert "--quick:" not in report
     assert csv_report.main([str(tmp_path / "missing.csv"), "--device", "cpu"]) == 1
 
 
@@ -321,6 +324,7 @@ def test_the_ddp_line_tries_once_more_when_a_rank_was_killed_by_a_signal(monkeyp
     calls = []
 
     def killed_once(data, out, procs, device, overrides):
+        assert "train.precision=fp32" in overrides  # as the rows say (auto is bf16 on a recent GPU)
         calls.append(procs)
         if procs == 2 and calls.count(2) == 1:
             raise RuntimeError("2-process training failed (exit 1):\ntraceback : Signal 6 (SIGABRT) received by PID 7")
