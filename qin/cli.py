@@ -404,8 +404,9 @@ def cmd_parity(args) -> int:
     if args.training and args.seeds < 2:
         raise UsageError(f"--seeds must be at least 2 (a spread needs two runs), got {args.seeds}")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
+    blocking = file_in_the_way(out)  # before minutes of checks, and before the rerun under the interpreter
+    if blocking:
+        raise UsageError(f"--out {out}: {blocking} is a file, not a folder")
     clashes = [out / name for name in parity.REPORT_FILES if (out / name).exists()]
     if clashes and not args.force:  # checked before minutes of checks, not after
         raise UsageError(f"{clashes[0]} exists; pass --force to overwrite it, or choose another --out")
@@ -540,8 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an earlier report in --out")
     p.add_argument("--training", action="store_true", help="also train with each backend over --seeds seeds")
     p.add_argument("--seeds", type=int, default=3, help="seeds per backend for --training (default 3)")
-    p.add_argument("--only", help="comma-separated name prefixes of the checks to run: asta, gathered_asta, "
-                                  "qnn_train, qnn_train_autocast, qnn_eval, qnn_dropout_mask, model")
+    p.add_argument("--only", help="comma-separated checks to run, by name (that check alone) or name prefix (qnn: "
+                                  "every QNN check): asta, gathered_asta, qnn_train, qnn_train_autocast, qnn_eval, "
+                                  "qnn_dropout_mask, model")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("backends", help="list what backend='auto' has timed and chose on this machine's GPUs")

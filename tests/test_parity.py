@@ -171,6 +171,18 @@ def test_training_runs_each_backend_over_the_seeds(monkeypatch):
 def test_an_unknown_check_name_is_refused(tmp_path, capsys):
     assert main(["parity", "--quick", "--device", "cpu", "--only", "asat", "--out", str(tmp_path)]) == 2
     assert "asat names no check" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("x")  # an --out under a file: refused at once, as by the other commands
+    assert main(["parity", "--quick", "--device", "cpu", "--out", str(tmp_path / "afile" / "x")]) == 2
+    assert f"{tmp_path / 'afile'} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_a_checks_whole_name_selects_it_alone_and_a_prefix_every_check_it_begins():
+    from qin.parity import CHECK_NAMES, selected
+
+    assert [n for n in CHECK_NAMES if selected(n, "qnn_train")] == ["qnn_train"]
+    assert [n for n in CHECK_NAMES if selected(n, "qnn_train_autocast,asta")] == ["asta", "qnn_train_autocast"]
+    assert [n for n in CHECK_NAMES if selected(n, "qnn")] == [n for n in CHECK_NAMES if n.startswith("qnn")]
+    assert len([n for n in CHECK_NAMES if n.startswith("qnn")]) == 4
 
 
 def test_a_weight_that_fp16_turns_subnormal_is_named_in_the_report(quick_report):
