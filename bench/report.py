@@ -504,7 +504,7 @@ def timed_section(device: torch.device) -> list[str]:
     try:
         where = choice.cache_file()
     except OSError as exc:  # no cache folder: what this process timed, kept nowhere
-        where = exc
+        where = f"this process (kept in no file: {exc})"
     if not records:
         return [f"No timed decisions for this device in {where}.", ""]
     return [f"Timed by backend=\"auto\" on this device ({where}; Triton runs where it took at most "

@@ -343,6 +343,7 @@ def forget() -> None:
     _by_call.clear()
     _loaded_from.clear()
     _gpu_label.cache_clear()
+    _say_once.cache_clear()
 
 
 def trial(backend: str, device: torch.device, op: str, dtype: torch.dtype, shape: tuple, fn: Callable,

@@ -62,7 +62,11 @@ def cmd_make_data(args) -> int:
             for name in new:
                 os.replace(staging / name, out / name)
             declared = out / "data.yaml"  # an earlier --schema other dataset's columns: not these
-            if "data.yaml" not in new and declared.is_file() and declared.read_text() == other_schema_yaml():
+            try:
+                ours = "data.yaml" not in new and declared.read_bytes() == other_schema_yaml().encode()
+            except OSError:  # none there, or not one this user may read: not ours
+                ours = False
+            if ours:
                 declared.unlink()
     except KeyboardInterrupt as exc:
         print(f"qin make-data: interrupted; {out} is as it was", file=sys.stderr)

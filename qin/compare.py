@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from qin.commands_common import BUILTIN_SETTINGS, UsageError, file_in_the_way, load_data, override_key
-from qin.config import ConfigError, QINConfig, load_config
+from qin.config import ConfigError, QINConfig, TrainConfig, load_config
 
 
 @dataclass(frozen=True)
@@ -91,20 +91,33 @@ def file_settings(config: str | None) -> dict[str, object]:
     return {f"{section}.{name}": value for section, values in (tree or {}).items() for name, value in (values or {}).items()}
 
 
-def refused_in_config(config: str | None) -> list[str]:
+def _yaml_value(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def refused_in_config(config: str | None, dataset_block: dict | None = None) -> tuple[list[str], list[str]]:
     """The variants' keys in the --config file (a run's config.yaml holds them all) are refused,
-    all named at once, where they differ from QIN's defaults (they would relabel every row);
-    train.epochs there is ignored for --epochs. Returns the lines that say what is ignored."""
+    all named at once, where they differ from QIN's defaults (they would relabel every row), as
+    load_config reads them (0e0 is 0.0); train.epochs there is ignored for --epochs.
+    Returns the lines that say what is ignored, and the file's train settings (as overrides are
+    written, for shadowed) that differ from QIN's defaults: a variant may set them itself."""
     settings = file_settings(config)
+    if not settings:
+        return [], []
+    loaded = load_config(config, dataset=dataset_block)
     defaults = QINConfig()
-    changed = [f"{key}={str(value).lower() if isinstance(value, bool) else value}" for key, value in settings.items()
-               if key in VARIANT_KEYS and value != getattr(defaults, key.split(".", 1)[1])]
+    changed = [f"{key}={_yaml_value(value)}" for key, value in settings.items() if key in VARIANT_KEYS
+               and getattr(loaded.model, key.split(".", 1)[1]) != getattr(defaults, key.split(".", 1)[1])]
     if changed:
         raise UsageError(f"{config}: {', '.join(changed)}: qin compare sets {'these' if len(changed) > 1 else 'it'} "
                          f"per variant (--variants chooses them); remove {'them' if len(changed) > 1 else 'it'} "
                          f"from the file")
-    return [f"{config}: train.epochs={settings['train.epochs']} is ignored: every run trains --epochs epochs"] \
+    notes = [f"{config}: train.epochs={settings['train.epochs']} is ignored: every run trains --epochs epochs"] \
         if "train.epochs" in settings else []
+    train_defaults = TrainConfig()
+    return notes, [f"{key}={_yaml_value(value)} ({config})" for key, value in settings.items()
+                   if key.startswith("train.") and key != "train.epochs"
+                   and getattr(loaded.train, key.split(".", 1)[1]) != getattr(train_defaults, key.split(".", 1)[1])]
 
 
 def shadowed(overrides: list[str], variants: list[Variant]) -> list[str]:
@@ -241,8 +254,7 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
         raise UsageError("--epochs and --seeds must be at least 1")
     refused_overrides(overrides)
     data_section = load_config(config, overrides=overrides, dataset=dataset_block).data  # bad overrides fail here
-    notes = refused_in_config(config)
-    in_file = [f"{key}={value} ({config})" for key, value in file_settings(config).items()]
+    notes, in_file = refused_in_config(config, dataset_block)
     for line in notes + shadowed(overrides + in_file, variants):
         log(line)
     data = data or (dataset_block or {}).get("dir") or data_section.dir
@@ -280,7 +292,8 @@ def run_compare(data: str | None, variants: list[Variant], epochs: int, seeds: i
                                                f"{why} after {len(results)} of {total} runs"))
         if stopped:
             raise TrainingInterrupted(f"{why}; {kept}", exc.signum) from None
-        raise TrainingError(f"{why}: {exc}; {kept}") from None
+        # A setting's error stays one (exit 2, as qin train's), with what was kept.
+        raise (ConfigError if isinstance(exc, ConfigError) else TrainingError)(f"{why}: {exc}; {kept}") from None
     finally:
         shutil.rmtree(runs, ignore_errors=True)
     rows = summarise(results)

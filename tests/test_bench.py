@@ -286,8 +286,10 @@ def test_gpu_run_dry_mode_runs_its_stages_on_the_cpu(tmp_path):
     assert "torch" in device and "triton" in device and "stage report: exit 0" in device
     report = (out / "report.md").read_text()
     assert "## Targets" in report and "| qnn | bf16 | torch | not measured |" in report
-    # The stages time with --quick: its verdicts say so (they read as full-length timings).
-    assert "--quick: a training step's figure is the median of 3 steps" in report
+    # On a GPU the training step is timed with --quick and the report says so; here (8 steps) not.
+    assert "--quick:" not in report
+    cuda_branch = Path("bench/gpu_run.sh").read_text().split("DEV=cuda", 1)[1].split("fi\n", 1)[0]
+    assert "REPORT=(--device cuda --quick)" in cuda_branch
     assert len(list(out.rglob("*"))) <= 8
 
 
@@ -315,6 +317,9 @@ def test_report_from_the_csv_of_a_gpu_run(tmp_path):
     # Its figures came from gpu_run.sh's stages, not from `qin bench`.
     assert "Reproduce: `GPU_RUN_DRY=1 OUT=DIR bash bench/gpu_run.sh`" in report and "`qin bench" not in report
     assert "--quick:" not in report
+    assert csv_report.main([str(tmp_path / "results.csv"), "--device", "cpu", "--out", str(tmp_path / "quick.md"),
+                            "--quick"]) == 0
+    assert "--quick: a training step's figure is the median of 3 steps" in (tmp_path / "quick.md").read_text()
     assert csv_report.main([str(tmp_path / "missing.csv"), "--device", "cpu"]) == 1
 
 

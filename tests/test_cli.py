@@ -141,9 +141,10 @@ def test_make_data_force_over_the_other_schema_leaves_no_data_block_of_its_colum
     assert main(["make-data", str(out), "--rows", "300", "--items", "20", "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["item_info.parquet", "test.parquet", "train.parquet",
                                                      "valid.parquet"]
-    (out / "data.yaml").write_text("data:\n  label: label\n")
-    assert main(["make-data", str(out), "--rows", "300", "--items", "20", "--force"]) == 0
-    assert (out / "data.yaml").read_text() == "data:\n  label: label\n"
+    for own in (b"data:\n  label: label\n", b"data:\n  label: clic\xe9\n"):  # the second: not UTF-8
+        (out / "data.yaml").write_bytes(own)
+        assert main(["make-data", str(out), "--rows", "300", "--items", "20", "--force"]) == 0
+        assert (out / "data.yaml").read_bytes() == own
 
 
 def test_train_writes_a_complete_run(run_dir, capsys):

@@ -71,15 +71,17 @@ def test_a_run_config_yaml_at_qins_defaults_is_taken_and_what_it_cannot_set_is_s
     saved = load_config(overrides=TINY)
     tree = {"model": {k: getattr(saved.model, k) for k in ("architecture", "use_asta", "asta_dropout",
                                                             "asta_activation", "qnn_activation", "interaction")},
-            "train": {"epochs": 7, "lr": 5e-3}}
+            "train": {"epochs": 7, "lr": 5e-3, "patience": saved.train.patience}}  # patience: DIN's own, at QIN's
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(tree))
+    # 0e0: a number YAML reads as text and load_config as 0.0, QIN's default
+    config.write_text(yaml.safe_dump(tree).replace("asta_dropout: 0.0", "asta_dropout: 0e0"))
     with pytest.raises(pytest.skip.Exception):
         main(["compare", "--data", str(data_dir), "--config", str(config), "--out", str(tmp_path / "cmp"),
               "--variants", "qin,din", *TINY])
     out = capsys.readouterr().out
     assert f"{config}: train.epochs=7 is ignored: every run trains --epochs epochs" in out
     assert f"train.lr=0.005 ({config}) does not apply to din, which sets train.lr=1e-3" in out
+    assert "does not apply" in out and out.count("does not apply") == 1, out  # not for values at QIN's defaults
 
 
 def test_a_stopped_compare_keeps_the_finished_runs_and_says_where(data_dir, tmp_path, monkeypatch, capsys):
@@ -205,7 +207,7 @@ def test_a_run_that_fails_on_its_settings_keeps_the_finished_runs_table(data_dir
 
     monkeypatch.setattr(qin.train.Trainer, "fit", fit)
     out = tmp_path / "cmp"
-    assert main(["compare", "--data", str(data_dir), "--out", str(out), "--variants", "qin,din", *TINY]) != 0
+    assert main(["compare", "--data", str(data_dir), "--out", str(out), "--variants", "qin,din", *TINY]) == 2
     assert "failed in din seed 0: a setting only the trainer checks" in capsys.readouterr().err
     assert "after 1 of 2 runs" in (out / "compare.md").read_text()
 
