@@ -17,10 +17,11 @@ TRITON_MISSING = ("backend='triton' needs the triton package, which is not insta
                   "wheels for Linux x86_64 and aarch64 only); use backend='torch' or 'auto'")
 
 
-def _check_backend(backend: str) -> None:
+def _check_backend(backend: str, kernel_runs: bool = True) -> None:
+    """kernel_runs: whether the full package would run a Triton kernel for this call."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
+    if backend == "triton" and kernel_runs:
         raise RuntimeError(TRITON_MISSING)
 
 
@@ -42,10 +43,7 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     check_projection_args(x, weight, bias, num_row)
     p = check_dropout_p(dropout_p)
     check_seed(seed)  # it only fixes the Triton path's dropout stream; torch's dropout ignores it
-    if training and p > 0.0:  # only there a Triton kernel would run (as in the full package)
-        _check_backend(backend)
-    elif backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _check_backend(backend, kernel_runs=training and p > 0.0)  # without dropout: torch products on any backend
     dtype = compute_dtype(x.device, x, weight, bias)
     if training and backend != "triton":  # as the full package's torch backend does
         return reference.regenerated_quadratic_projection(x, weight, bias, num_row, p, training, dtype)

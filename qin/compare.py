@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from qin.commands_common import BUILTIN_SETTINGS, UsageError, file_in_the_way, load_data, override_key
-from qin.config import ConfigError, QINConfig, TrainConfig, load_config
+from qin.config import ConfigError, RunConfig, load_config
 
 
 @dataclass(frozen=True)
@@ -104,20 +104,21 @@ def refused_in_config(config: str | None, dataset_block: dict | None = None) -> 
     settings = file_settings(config)
     if not settings:
         return [], []
-    loaded = load_config(config, dataset=dataset_block)
-    defaults = QINConfig()
-    changed = [f"{key}={_yaml_value(value)}" for key, value in settings.items() if key in VARIANT_KEYS
-               and getattr(loaded.model, key.split(".", 1)[1]) != getattr(defaults, key.split(".", 1)[1])]
+    loaded, defaults = load_config(config, dataset=dataset_block), RunConfig()
+
+    def off_default(key: str) -> bool:
+        section, name = key.split(".", 1)
+        return getattr(getattr(loaded, section), name) != getattr(getattr(defaults, section), name)
+
+    changed = [f"{key}={_yaml_value(value)}" for key, value in settings.items() if key in VARIANT_KEYS and off_default(key)]
     if changed:
         raise UsageError(f"{config}: {', '.join(changed)}: qin compare sets {'these' if len(changed) > 1 else 'it'} "
                          f"per variant (--variants chooses them); remove {'them' if len(changed) > 1 else 'it'} "
                          f"from the file")
-    notes = [f"{config}: train.epochs={settings['train.epochs']} is ignored: every run trains --epochs epochs"] \
-        if "train.epochs" in settings else []
-    train_defaults = TrainConfig()
+    notes = [f"{config}: train.epochs={_yaml_value(settings['train.epochs'])} is ignored: every run trains --epochs "
+             f"epochs"] if "train.epochs" in settings else []
     return notes, [f"{key}={_yaml_value(value)} ({config})" for key, value in settings.items()
-                   if key.startswith("train.") and key != "train.epochs"
-                   and getattr(loaded.train, key.split(".", 1)[1]) != getattr(train_defaults, key.split(".", 1)[1])]
+                   if key.startswith("train.") and key != "train.epochs" and off_default(key)]
 
 
 def shadowed(overrides: list[str], variants: list[Variant]) -> list[str]:

@@ -337,12 +337,6 @@ def _write_other_schema(root: Path, data: SyntheticData, splits: dict[str, tuple
         pq.write_table(pa.table(columns), root / f"{name}.parquet")
 
 
-def default_cache_dir() -> Path:
-    from kernels.compile_cache import cache_root
-
-    return cache_root()
-
-
 # Written into the built-in dataset's folder: the generator that made it (generator_fingerprint).
 FINGERPRINT_FILE = ".generator"
 
@@ -389,10 +383,11 @@ def staging_folder(parent: Path, prefix: str):
 def builtin_dataset(cache_dir=None) -> Path:
     """The built-in dataset, generated once into the cache and reused while the generator that
     made it is this one (else made again); written atomically."""
+    from kernels.compile_cache import cache_root
     from qin.config import ConfigError
 
     try:
-        cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        cache = Path(cache_dir) if cache_dir is not None else cache_root()
     except OSError as exc:
         raise ConfigError(f"the built-in dataset: {exc}") from None
     path = cache / f"{BUILTIN_VERSION}-rows{BUILTIN_ROWS}-items{BUILTIN_ITEMS}-seed{BUILTIN_SEED}"
