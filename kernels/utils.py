@@ -20,10 +20,15 @@ BACKENDS = ("auto", "torch", "triton")
 # QIN_AUTO_BACKEND=table, and a call traced by torch.compile or captured in a CUDA graph before
 # any decision was timed in the process. Elsewhere on a GPU a decision timed there, for the call's
 # shape class (kernels.choice), comes first.
-# Empty: the kernels of this version have not been timed on a GPU of ours yet. The first GPU run
-# (H200, sm_90) timed the previous kernels: its QNN lost to cuBLAS, its ASTA forward lost to the
-# reference, so nothing of it carried over.
-MEASURED_FASTER: set[tuple[str, torch.dtype, str]] = set()
+# Measured on 2026-12-04 (bench/results/gpu-h200-2026-12-04, commit b97e354): the fp32 ASTA ops,
+# plain and gathered, ran faster in Triton than every torch line (eager and compiled) in each mode,
+# forward and fwd+bwd. Not entered, each having lost a case there: ASTA bf16/fp16 (the plain op's
+# forward, 0.58x of the reference in bf16; the gathered forward tied the compiled reference) and
+# the QNN in every dtype (fp32 fwd+bwd under TF32 1.16 vs 0.95 ms compiled, and without TF32 a
+# tie, 4.38 vs 4.40; bf16 fwd+bwd 0.48x of cuBLAS eager).
+MEASURED_FASTER: set[tuple[str, torch.dtype, str]] = {
+    ("asta", torch.float32, "NVIDIA H200 sm_90"),
+}
 
 
 def resolve_backend(backend: str, device: torch.device, op: str = "", dtype: torch.dtype | None = None,

@@ -310,7 +310,7 @@ def test_a_score_of_exactly_zero_passes_no_gradient(device, form):
     else:
         got = run_gathered(reps, index, query, mask, grad_z, backend=form.split()[1])
         want = gathered_oracle(reps, index, query, mask, grad_z)
-    assert torch.equal(want[2][0], torch.zeros(4, dtype=torch.float64))  # the convention itself
+    assert torch.equal(want[2][0], torch.zeros(4, dtype=torch.float64, device=device))  # the convention itself
     for name, g, w in zip(("z", "grad_x", "grad_query"), got, want):
         assert torch.equal(g, w.float()), f"{name}: {g} != {w}"
 
