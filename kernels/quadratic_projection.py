@@ -22,8 +22,8 @@ G @ W) and grad_W and grad_b two.
 Without dropout (eval, or p == 0) every mask is all ones, so sum_r (x @ W_r.T + b_r) =
 x @ W_bar.T + b_bar with W_bar = sum_r W_r: one M times smaller GEMM, in plain torch, on every
 backend in eval (and in training at p = 0 on the Triton backend); kernels/reference.py keeps the
-literal M-group form as the oracle, and the torch backend trains with it (on the CPU with dropout
-as reference.regenerated_quadratic_projection, which keeps what these kernels keep).
+literal M-group form as the oracle, and the torch backend trains with it (with dropout as
+reference.training_quadratic_projection, which keeps what these kernels keep).
 
 The dropout stream: element (b, r, j) of the hidden keeps iff tl.rand(seed, b*M*D + r*D + j) >= p
 (int32 offsets). The seed is an int64 tensor input of the op (drawn on the device from torch's
@@ -315,8 +315,8 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
         if kernel_runs else None
     chosen = "triton" if backend == "triton" and not kernel_runs else \
         resolve_backend(backend, x.device, "qnn", dtype, trial)
-    if training and chosen == "torch":  # the reference, its CPU mask regenerated in backward
-        return reference.regenerated_quadratic_projection(x, weight, bias, num_row, p, training, dtype)
+    if training and chosen == "torch":  # keeping what the kernels keep (reference.py)
+        return reference.training_quadratic_projection(x, weight, bias, num_row, p, training, dtype)
     # x is not cast: the GEMM reads it in `dtype`, the product y = x * s as it is (the fp32
     # residual stream under autocast; reference.quadratic_product says why).
     if not kernel_runs:

@@ -1,10 +1,10 @@
 """Plain-PyTorch ops: the oracle every fused Triton kernel is tested against, and the torch
-backend that `auto` runs wherever Triton has not measured faster (every CPU, and every GPU today).
+backend that `auto` runs wherever Triton has not measured faster (every CPU, and most GPU cases).
 
 The oracle functions are the literal formulas of SPEC.md, written for readability. Beside them
-sit the torch backend's memory-saving forms (the gathered attention op, the QNN whose CPU dropout
-mask is regenerated in backward, the folded eval product), each tested against its oracle: a
-change here changes what trains, not only what tests compare with.
+sit the torch backend's memory-saving forms (the gathered attention op, the QNN in training that
+keeps only x, the group sum and the mask, the folded eval product), each tested against its
+oracle: a change here changes what trains, not only what tests compare with.
 """
 import torch
 import torch.nn.functional as F
@@ -281,48 +281,68 @@ def differentiable_projection_gradients(x, weight, bias, num_row: int, p: float,
         (x, weight, bias), needs, grad_y)
 
 
-class _RegeneratedQuadraticProjection(torch.autograd.Function):
-    """quadratic_projection in training with dropout on the CPU, keeping for backward only x and
-    s = sum_r dropout(h_r), both (B, D), as the Triton kernels do.
+class _TrainingQuadraticProjection(torch.autograd.Function):
+    """quadratic_projection in training with dropout, keeping for backward x in the compute dtype
+    and s = sum_r dropout(h_r), both (B, D), as the Triton kernels do, and the mask: on the CPU
+    its seed alone, elsewhere (and past the CPU lanes' rates) the (B, M * D) bool mask.
 
-    Autograd through the reference keeps the (B, M * D) keep mask, and under autocast the 16-bit
-    copy of the weight (M * D * D elements, whatever the batch). Here forward keeps the mask's
-    seed and backward draws the same mask again (kernels.dropout's keep_multiplier: 2.5 ms for the
-    paper's layer at batch 1024 on our 2-core test machine), and casts the weight to the compute dtype
-    again. With G[b, r*D + j] = keep * gy[b, j] * x[b, j] / (1 - p):
+    Autograd through the reference would also keep, under autocast, the 16-bit copy of the weight
+    (M * D * D elements, whatever the batch), and under CUDA autocast sum the (B, M * D) hidden in
+    an fp32 copy (sum is on autocast's fp32 list there) and return y in fp32, where the CPU returns
+    it in the compute dtype. On the CPU backward draws the same mask again (kernels.dropout's
+    keep_multiplier: 2.5 ms for the paper's layer at batch 1024 on our 2-core test machine);
+    elsewhere the mask is torch.native_dropout's, the draw F.dropout makes. Backward casts the
+    weight to the compute dtype again. With G[b, r*D + j] = keep * gy[b, j] * x[b, j] / (1 - p):
         grad_x = gy * s + G @ W,  grad_W = G.T @ x,  grad_b = sum_b G.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, num_row, p, dtype):
+        # Every cast is explicit: autocast stays off (on CUDA it would sum the hidden in fp32).
+        with torch.autocast(x.device.type, enabled=False):
+            return _TrainingQuadraticProjection._forward(ctx, x, weight, bias, num_row, p, dtype)
+
+    @staticmethod
+    def _forward(ctx, x, weight, bias, num_row, p, dtype):
         batch, dim = x.shape
         ctx.input_dtypes = (x.dtype, weight.dtype, bias.dtype)
         x_c = x.to(dtype)
         hidden = torch.addmm(bias.to(dtype), x_c, weight.to(dtype).t())
-        ctx.seed = draw_seed()
-        # The mask multiplies in place: cheaper than torch.where on the CPU (keep_multiplier).
-        hidden.mul_(keep_multiplier(hidden.shape, p, ctx.seed, dtype))
-        # torch's sums accumulate 16-bit floats in fp32 and round once (an fp32 `dtype=` would
-        # first copy the whole (B, M * D) hidden to fp32).
-        s = hidden.view(batch, num_row, dim).sum(1) * (1.0 / (1.0 - p))
+        ctx.seed = draw_seed() if x.device.type == "cpu" and draws_from_lanes(p) else None
+        if ctx.seed is not None:
+            # The mask multiplies in place: cheaper than torch.where on the CPU (keep_multiplier).
+            hidden.mul_(keep_multiplier(hidden.shape, p, ctx.seed, dtype))
+            # torch's sums accumulate 16-bit floats in fp32 and round once (an fp32 `dtype=` would
+            # first copy the whole (B, M * D) hidden to fp32).
+            s = hidden.view(batch, num_row, dim).sum(1) * (1.0 / (1.0 - p))
+            keep = None
+        else:
+            hidden, keep = torch.native_dropout(hidden, p, True)
+            s = hidden.view(batch, num_row, dim).sum(1)
         # The bias (the parameter itself, nothing new) only for higher-order gradients.
-        ctx.save_for_backward(x_c, weight, bias, s)
+        ctx.save_for_backward(x_c, weight, bias, s, keep)
         ctx.num_row, ctx.p = num_row, p
         return quadratic_product(x, s)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, bias, s = ctx.saved_tensors  # x in the compute dtype
+        with torch.autocast(grad_y.device.type, enabled=False):
+            return _TrainingQuadraticProjection._backward(ctx, grad_y)
+
+    @staticmethod
+    def _backward(ctx, grad_y):
+        x, weight, bias, s, kept = ctx.saved_tensors  # x in the compute dtype
         batch, dim = x.shape
+        shape = (batch, ctx.num_row * dim)
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
-            keep = keep_mask((batch, ctx.num_row * dim), ctx.p, ctx.seed)
+            keep = keep_mask(shape, ctx.p, ctx.seed) if kept is None else kept
             return (*differentiable_projection_gradients(x, weight, bias, ctx.num_row, ctx.p, keep,
                                                          ctx.needs_input_grad[:3], ctx.input_dtypes[0], grad_y),
                     None, None, None)
-        keep = keep_multiplier((batch, ctx.num_row, dim), ctx.p, ctx.seed, x.dtype)
+        keep = keep_multiplier(shape, ctx.p, ctx.seed, x.dtype) if kept is None else kept
         # gy * x rounded once to the compute dtype (gy is fp32 where y is: fp16 over a wider x).
         scaled = (grad_y * x * (1.0 / (1.0 - ctx.p))).to(x.dtype)[:, None, :]
-        g = (keep * scaled).view(batch, ctx.num_row * dim)
+        g = (keep.view(batch, ctx.num_row, dim) * scaled).view(shape)
         x_dtype, weight_dtype, bias_dtype = ctx.input_dtypes
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -338,18 +358,18 @@ class _RegeneratedQuadraticProjection(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None
 
 
-def regenerated_quadratic_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_row: int,
-                                     dropout_p: float, training: bool, dtype: torch.dtype) -> torch.Tensor:
+def training_quadratic_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_row: int,
+                                  dropout_p: float, training: bool, dtype: torch.dtype) -> torch.Tensor:
     """quadratic_projection of x, weight and bias read in `dtype`: what the torch backend trains
-    with. In training with dropout on the CPU, with something to differentiate and outside
-    torch.compile/export, forward-mode AD and torch.func transforms, it regenerates the mask in
-    backward (above); elsewhere it is the reference, whose dropout is F.dropout's (CUDA, and under
-    those transforms) or the same CPU draw."""
-    if (training and draws_from_lanes(dropout_p) and x.device.type == "cpu" and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and any(t.requires_grad for t in (x, weight, bias))
-            and not transforms_active()):
-        return _RegeneratedQuadraticProjection.apply(x, weight, bias, num_row, dropout_p, dtype)
-    return quadratic_projection(x, weight.to(dtype), bias.to(dtype), num_row, dropout_p, training)
+    with. In training with dropout, with something to differentiate and outside torch.compile/
+    export, forward-mode AD and torch.func transforms, it is _TrainingQuadraticProjection (above);
+    elsewhere the reference, whose dropout is F.dropout's (CUDA, and under those transforms) or the
+    same CPU draw, run with autocast off (its inputs are cast already): y in `dtype` on every device."""
+    if (training and dropout_p > 0.0 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and any(t.requires_grad for t in (x, weight, bias)) and not transforms_active()):
+        return _TrainingQuadraticProjection.apply(x, weight, bias, num_row, dropout_p, dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return quadratic_projection(x, weight.to(dtype), bias.to(dtype), num_row, dropout_p, training)
 
 
 def folded_quadratic_projection(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, num_row: int) -> torch.Tensor:

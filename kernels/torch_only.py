@@ -46,6 +46,6 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     _check_backend(backend, kernel_runs=training and p > 0.0)  # without dropout: torch products on any backend
     dtype = compute_dtype(x.device, x, weight, bias)
     if training and backend != "triton":  # as the full package's torch backend does
-        return reference.regenerated_quadratic_projection(x, weight, bias, num_row, p, training, dtype)
+        return reference.training_quadratic_projection(x, weight, bias, num_row, p, training, dtype)
     weight, bias = cast(dtype, weight, bias)  # x as it is, as the full package's backends read it
     return reference.folded_quadratic_projection(x, weight, bias, num_row)

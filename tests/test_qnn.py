@@ -293,6 +293,37 @@ def test_torch_backend_under_autocast_keeps_neither_mask_nor_weight_copy():
         assert_close(name, got, w, m, torch.bfloat16)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_torch_backend_keeping_the_mask_matches_the_reference(monkeypatch, device, autocast):
+    """Where the mask is not redrawn (on CUDA, and past the CPU lanes' rates; here forced on the
+    CPU too) the torch backend keeps native_dropout's bool mask beside x and the group sum, both in
+    the compute dtype, and the parameters themselves: under autocast no 16-bit copy of W, and y in
+    the compute dtype (CUDA autocast sums in fp32: before, y came back fp32 there). y and every
+    gradient equal the float64 reference replaying that mask."""
+    monkeypatch.setattr(reference, "draws_from_lanes", lambda p: False)
+    batch, dim, num_row, p = 48, 24, 3, 0.3
+    x, weight, bias, gy = make_inputs(batch, dim, num_row, torch.float32, device)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=autocast):
+            y = kernels.quadratic_projection(*leaves, num_row, dropout_p=p, training=True, backend="torch")
+    dtype = torch.bfloat16 if autocast else torch.float32
+    assert y.dtype == dtype
+    masks = [t for t in saved if t.dtype == torch.bool]
+    assert len(masks) == 1 and masks[0].shape == (batch, num_row * dim)
+    mask = masks[0]
+    assert 0.5 < mask.float().mean().item() < 0.9  # kept with probability 0.7
+    assert sorted((tuple(t.shape), t.dtype) for t in saved if t.dtype != torch.bool) == sorted(
+        [((batch, dim), dtype)] * 2 + [((num_row * dim, dim), torch.float32), ((num_row * dim,), torch.float32)])
+    assert any(t is leaves[1] for t in saved) and any(t is leaves[2] for t in saved)  # the parameters, not copies
+    grads = torch.autograd.grad(y, leaves, gy.to(dtype))
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    want, mag = reference_and_magnitude(*(t.to(dtype) for t in (x, weight, bias, gy)), num_row, p, True, mask)
+    for name, got, w, m in zip(("y", "grad_x", "grad_weight", "grad_bias"), (y, *grads), want, mag):
+        assert_close(name, got, w, m, dtype)
+
+
 def test_triton_backend_under_autocast_keeps_x_in_the_compute_dtype(device):
     """The fused op under autocast bf16 keeps x as the GEMMs read it (bf16, not the fp32 residual
     stream), the fp32 group sum, the fp32 weight and bias it was given (the parameters: backward
