@@ -12,10 +12,12 @@
 #                    fit beside the benchmarks and the tests. A second call runs it alone (its full
 #                    check with --training takes about 5-8 minutes),
 #                    GPU_RUN_STAGES="device parity" GPU_RUN_CAP_parity=540 GPU_RUN_PARITY_ARGS=--training
-# The default caps (train 180, asta 60, qnn 50, report 30, profile 40, tests 180 on a GPU) sum to
-# 540 s of the 560: the device stage takes the rest. Until the tests stage runs, the stages before
-# it keep the tests' cap in reserve, so a slow stage (or one that needs timeout's KILL) shortens
-# the benchmarks, never the CUDA suite. Within a stage the most valuable rows come first
+# The default caps (train 140, asta 95, qnn 80, report 20, profile 30, tests 180 on a GPU) sum to
+# 545 s of the 560: the device stage takes the rest. On the H200 (2026-12-04) the stages took train
+# 108 s, report 8, profile 12, tests 175, while asta and qnn were stopped at 60 and 50 s before
+# their last rows: their caps took the others' spare time. Until the tests stage runs, the stages
+# before it keep the tests' cap in reserve, so a slow stage (or one that needs timeout's KILL)
+# shortens the benchmarks, never the CUDA suite. Within a stage the most valuable rows come first
 # (bench_asta and bench_qnn: bf16 first, fp16 last, every dtype's op rows before any sweep;
 # bench_train: the eager variants, then the compiled ones, the stock recipe first), and every
 # row is in results.csv as soon as it is measured.
@@ -104,11 +106,11 @@ if [[ $STAGES == *" device "* ]]; then
   cat "$OUT/device.txt"
 fi
 
-stage train 180 "$OUT/bench.log" python3 -m bench.bench_train --device "$DEV" "${TRAIN[@]}" --csv "$OUT/results.csv"
-stage asta 60 "$OUT/bench.log" python3 -m bench.bench_asta --device "$DEV" --quick --csv "$OUT/results.csv"
-stage qnn 50 "$OUT/bench.log" python3 -m bench.bench_qnn --device "$DEV" --quick --csv "$OUT/results.csv"
-stage report 30 "$OUT/bench.log" python3 -m bench.csv_report "$OUT/results.csv" "${REPORT[@]}" --out "$OUT/report.md"
-stage profile 40 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" "${PROFILE[@]}" \
+stage train 140 "$OUT/bench.log" python3 -m bench.bench_train --device "$DEV" "${TRAIN[@]}" --csv "$OUT/results.csv"
+stage asta 95 "$OUT/bench.log" python3 -m bench.bench_asta --device "$DEV" --quick --csv "$OUT/results.csv"
+stage qnn 80 "$OUT/bench.log" python3 -m bench.bench_qnn --device "$DEV" --quick --csv "$OUT/results.csv"
+stage report 20 "$OUT/bench.log" python3 -m bench.csv_report "$OUT/results.csv" "${REPORT[@]}" --out "$OUT/report.md"
+stage profile 30 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" "${PROFILE[@]}" \
   --precision fp32 bf16 --out "$OUT/profile.md"
 # Never yet run on a GPU, so first: train.cuda_graphs (a compiled training step replayed as CUDA
 # graphs; the file's other tests are CPU ones) and the registered ops (opcheck, and their autocast
