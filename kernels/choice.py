@@ -391,7 +391,10 @@ def _replay(fn: Callable, tensors: tuple, kwargs: dict, train: bool) -> Callable
             if train and out.requires_grad:
                 if not grad_out:
                     grad_out.append(torch.randn_like(out))
-                out.backward(grad_out[0])
+                # Backward outside autocast, as the trainer runs it (inside, the torch backward
+                # of the gathered attention failed on CUDA in bf16 before it turned autocast off).
+                with torch.autocast(out.device.type, enabled=False):
+                    out.backward(grad_out[0])
                 for t in inputs:
                     if isinstance(t, torch.Tensor):
                         t.grad = None

@@ -103,6 +103,15 @@ def _regathered_backward_op(grad_z: torch.Tensor, reps: torch.Tensor, index: tor
                             mask: torch.Tensor, scores: torch.Tensor,
                             needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad reps, grad query, grad mask); `needs` says which are wanted, the others are empty."""
+    # Autocast stays off: a backward run inside an autocast region (the trainer's is outside, a
+    # user's or kernels.choice's timing may be inside) would run the sparse product below in
+    # bf16, summing a popular item's terms in 16 bits on the CPU and failing on CUDA
+    # ("addmm_sparse_cuda" not implemented for 'BFloat16': seen on an H200).
+    with torch.autocast(grad_z.device.type, enabled=False):
+        return _regathered_backward(grad_z, reps, index, query, mask, scores, needs)
+
+
+def _regathered_backward(grad_z, reps, index, query, mask, scores, needs):
     history = F.embedding(index, reps)
     mask_f = mask.to(history.dtype)
     masked = scores * mask_f

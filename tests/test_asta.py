@@ -207,6 +207,29 @@ def test_second_order_sums_a_popular_items_gradient_in_fp32(device, backend):
     assert_close("grad_reps", got, want, torch.bfloat16, scale)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_backward_inside_autocast_sums_a_popular_items_gradient_in_fp32(device, backend):
+    """Backward called inside the autocast region (the trainer's is outside; a user's, or
+    kernels.choice's timing, may be inside) gives the gradient a backward outside gives: the torch
+    backward summed a popular item's terms in bf16 on the CPU (its sparse product was autocast's)
+    and failed on CUDA ("addmm_sparse_cuda" not implemented for 'BFloat16', on an H200)."""
+    reps, index, query, mask, grad_z = make_gathered(32, 64, 8, 2, torch.bfloat16, device, "all_one", seed=16)
+    index.zero_()  # one item everywhere: 2048 repeats
+    grads = []
+    for inside in (False, True):
+        r = reps.clone().requires_grad_()
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            z = kernels.gathered_sparse_target_attention(r, index, query, mask, backend=backend)
+            if inside:
+                grads.append(torch.autograd.grad(z, r, grad_z)[0])
+        if not inside:
+            grads.append(torch.autograd.grad(z, r, grad_z)[0])
+    assert torch.equal(grads[1], grads[0])
+    _, want, _ = gathered_oracle(reps, index, query, mask, grad_z)
+    _, scale, _ = gathered_oracle(reps.abs(), index, query.abs(), mask.double(), grad_z.abs())
+    assert_close("grad_reps", grads[1], want, torch.bfloat16, scale)
+
+
 @pytest.mark.parametrize("form", ["plain", "gathered"])
 @pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
 def test_forward_mode_and_func_transforms(device, backend, form):

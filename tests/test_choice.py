@@ -514,3 +514,27 @@ def test_the_decisions_listed_for_a_device_are_those_that_hold_now(timed, device
     choice.forget()
     assert choice.decisions(device) == [current]  # the other versions' record is never used: not listed
     assert len(choice.decisions()) == 2
+
+
+def test_a_trial_runs_backward_outside_autocast_as_the_trainer_does():
+    """A call made under autocast is timed with its forward under autocast and its backward
+    outside, as the trainer runs them: inside, the torch backward of the gathered attention
+    failed on CUDA in bf16, and the trial gave up timing it."""
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            seen.append(("forward", torch.is_autocast_enabled("cpu")))
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(("backward", torch.is_autocast_enabled("cpu")))
+            return grad * 2
+
+    x = torch.randn(4, requires_grad=True)
+    run = choice._replay(lambda x, backend: Probe.apply(x), (x,), {}, train=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run("torch")
+    assert seen == [("forward", True), ("backward", False)]
