@@ -112,9 +112,9 @@ stage qnn 80 "$OUT/bench.log" python3 -m bench.bench_qnn --device "$DEV" --quick
 stage report 20 "$OUT/bench.log" python3 -m bench.csv_report "$OUT/results.csv" "${REPORT[@]}" --out "$OUT/report.md"
 stage profile 30 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" "${PROFILE[@]}" \
   --precision fp32 bf16 --out "$OUT/profile.md"
-# Never yet run on a GPU, so first: train.cuda_graphs (a compiled training step replayed as CUDA
-# graphs; the file's other tests are CPU ones) and the registered ops (opcheck, and their autocast
-# on CUDA: bf16 and fp16). The one test of test_ops.py that compiles for the CPU stays CI's. Then
+# First (they failed or were never run on a GPU before the H200 run of 2026-12-04): train.cuda_graphs
+# (a compiled training step replayed as CUDA graphs; the file's other tests are CPU ones) and the
+# registered ops (opcheck, and their autocast on CUDA: bf16 and fp16). The one test of test_ops.py that compiles for the CPU stays CI's. Then
 # the kernels against float64 and backend="auto". -v names every test that ran before a time box;
 # a failure does not stop the rest. cuBLAS under torch.use_deterministic_algorithms (test_choice)
 # needs a fixed workspace on older CUDA.

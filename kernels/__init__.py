@@ -5,7 +5,7 @@ the registered ops qin::sparse_target_attention and qin::quadratic_projection_dr
 backend="torch" runs the plain-PyTorch reference of kernels/reference.py, and backend="auto"
 runs Triton only where it measured faster on the GPU at hand: a one-time timing of both paths
 there (kernels.choice), or where nothing is timed, kernels.utils.MEASURED_FASTER (our benchmark
-runs on GPUs of that name; empty today).
+runs on GPUs of that name: today the fp32 attention on the H200).
 """
 from kernels.compile_cache import keep_compile_caches_private
 

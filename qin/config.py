@@ -171,7 +171,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also write latest.pt every N steps (0: at epoch ends only)
     compile: bool = False  # torch.compile the model for training (the first step also compiles)
     # Compiled with CUDA graphs (mode="reduce-overhead", the model made graph-safe:
-    # qin.model.compile_model); implies compile. CUDA only, one process; not yet measured on a GPU.
+    # qin.model.compile_model); implies compile. CUDA only, one process. On one H200, bf16, batch
+    # 8192: 2.5x the eager step (bench/results/gpu-h200-2026-12-04); no full run trained with it yet.
     cuda_graphs: bool = False
     log_every_steps: int = 10  # one TensorBoard point of train loss, grad norm, lr, samples/s every N steps
     out_dir: str = "runs/qin"  # the run folder when --out is not given
