@@ -8,6 +8,8 @@
 #                    the order below)
 # GPU_RUN_BUDGET     seconds for the whole run (default 560: the device tool's 600 less a margin; 900 dry)
 # GPU_RUN_CAP_<stage> seconds for one stage instead of its cap below, e.g. GPU_RUN_CAP_train=300
+# GPU_RUN_STAGES="device tune" GPU_RUN_CAP_tune=300: the ASTA kernels' launch configurations timed
+#                    (bench/tune_asta.py, to tune.csv; 3-5 minutes), not a default stage either
 # GPU_RUN_PARITY_ARGS more arguments for `qin parity`. parity is not a default stage: it does not
 #                    fit beside the benchmarks and the tests. A second call runs it alone (its full
 #                    check with --training takes about 5-8 minutes),
@@ -51,6 +53,7 @@ if [ "${GPU_RUN_DRY:-0}" = 1 ]; then
   TRAIN=(--batch 64)
   REPORT=(--device cpu)  # the training step timed at full length (8 steps): no --quick caveat
   PROFILE=(--batch 64 --steps 1 --top 5)
+  TUNE=(env TRITON_INTERPRET=1 python3 -m bench.tune_asta --quick)  # the interpreter: checks the script alone
   TESTS_CAP=60
   # The CPU compiles two variants of the paper's model (minutes), and its op tables take a minute
   # or two on a loaded 2-core machine: more than the GPU's caps (a stage cut short here would
@@ -61,6 +64,7 @@ else
   TRAIN=(--batch 8192 --quick)
   REPORT=(--device cuda --quick)  # its verdicts say they come from --quick timings
   PROFILE=(--batch 8192 --steps 5 --top 15)
+  TUNE=(python3 -m bench.tune_asta)
   TESTS_CAP=180
 fi
 BUDGET=${GPU_RUN_BUDGET:-560}
@@ -128,6 +132,7 @@ if [ "$DEV" = cuda ]; then
 else  # collected only: on the CPU the kernel tests run through Triton's interpreter, for minutes
   stage tests "$TESTS_CAP" "$OUT/tests_cuda.log" python3 -m pytest "${CUDA_TESTS[@]}" -q -p no:cacheprovider --collect-only
 fi
+stage tune 300 "$OUT/bench.log" "${TUNE[@]}" --device "$DEV" --csv "$OUT/tune.csv"
 if [[ $STAGES == *" parity "* ]]; then
   if python3 -m qin parity --help > /dev/null 2>&1; then
     # shellcheck disable=SC2086  # the arguments are meant to split

@@ -24,6 +24,8 @@ backward), with fake implementations for tracing, autograd and autocast register
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -130,7 +132,7 @@ def _asta_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 def _config(seq_len: int, dim: int, interpreting: bool = INTERPRETING) -> dict:
-    """BLOCK_L, BLOCK_D and num_warps for a (L, D) problem.
+    """BLOCK_L, BLOCK_D and num_warps for a (L, D) problem (what forced_config sets, in its block).
 
     On a GPU a tile holds about 4096 elements (32 fp32 values per thread with 4 warps), which
     keeps the x tile and the backward's dx tile in registers without spills (checked on sm_89 and
@@ -141,12 +143,37 @@ def _config(seq_len: int, dim: int, interpreting: bool = INTERPRETING) -> dict:
     block_d = next_power_of_2(dim)
     if interpreting:
         block_l = min(next_power_of_2(seq_len), max(1, 16384 // block_d), 16)
-        return dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=1, num_stages=1)
+        return {**dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=1, num_stages=1), **_FORCED}
     block_l = min(next_power_of_2(seq_len), max(1, 4096 // block_d), 16)
     num_warps = 4 if block_d <= 1024 else (8 if block_d <= 4096 else 16)  # wide rows: more threads, fewer values each
     # The L loop has no tl.dot for the pipeliner to feed; one stage, and latency is hidden by
     # the many resident programs (one per row) instead.
-    return dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=num_warps, num_stages=1)
+    return {**dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=num_warps, num_stages=1), **_FORCED}
+
+
+# A launch configuration in force instead of _config's (forced_config): empty in use.
+_FORCED: dict = {}
+FORCEABLE = ("BLOCK_L", "num_warps", "num_stages")
+
+
+@contextlib.contextmanager
+def forced_config(**cfg):
+    """Launch the kernels with `cfg` (any of BLOCK_L, num_warps, num_stages) in place of
+    _config's within the block: for timing candidate configurations on a GPU
+    (bench/tune_asta.py). BLOCK_D stays the row's width: the kernels hold a whole row."""
+    if set(cfg) - set(FORCEABLE):
+        raise ValueError(f"forced_config takes {', '.join(FORCEABLE)}; got {', '.join(sorted(set(cfg) - set(FORCEABLE)))}")
+    for name, value in cfg.items():
+        if not isinstance(value, int) or value < 1 or (name != "num_stages" and value & (value - 1)):
+            raise ValueError(f"forced_config: {name} must be a positive integer"
+                             f"{'' if name == 'num_stages' else ', a power of two'}; got {value!r}")
+    if _FORCED:
+        raise RuntimeError("forced_config is already in force (its blocks do not nest)")
+    _FORCED.update(cfg)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
 
 
 def _acc_dtype(dtype: torch.dtype):

@@ -852,3 +852,33 @@ def test_paper_shape_against_float64(device, dtype, gathered):
         check_gathered(*make_gathered(batch, 64, 384, batch * 16, dtype, device, "all_one", seed=18))
     else:
         check_against_oracle(*make_inputs(batch, 64, 384, dtype, device, "all_one", "bool", seed=18))
+
+
+def test_a_forced_launch_configuration_gives_the_ops_result(device):
+    """forced_config (bench/tune_asta.py times candidate configurations with it): within its block
+    the kernels launch with its BLOCK_L (here 2, ragged over L=7) and give the op's result, forward
+    and backward, plain and gathered; after it, _config's own again. It refuses what no kernel
+    can launch, and does not nest."""
+    sta = importlib.import_module("kernels.sparse_target_attention")
+    history, query, mask, grad_z = make_inputs(3, 7, 20, torch.float32, device, "random", "bool", seed=2)
+    reps, index = history[0, :5].clone(), torch.randint(0, 5, (3, 7), device=device)
+    own = sta._config(7, 20)["BLOCK_L"]
+    with sta.forced_config(BLOCK_L=2, num_warps=2, num_stages=2):
+        assert sta._config(7, 20)["BLOCK_L"] == 2 != own
+        got = run_triton(history, query, mask, grad_z)
+        got_gathered = run_gathered(reps, index, query, mask, grad_z)
+        with pytest.raises(RuntimeError, match="already in force"):
+            with sta.forced_config(BLOCK_L=4):
+                pass
+    assert sta._config(7, 20)["BLOCK_L"] == own
+    for what, g, w in zip(("z", "grad_history", "grad_query"), got, oracle(history, query, mask, grad_z)):
+        assert_close(what, g, w, torch.float32)
+    for what, g, w in zip(("z", "grad_reps", "grad_query"), got_gathered,
+                          gathered_oracle(reps, index, query, mask, grad_z)):
+        assert_close(what, g, w, torch.float32)
+    for bad, match in ((dict(BLOCK_L=3), "power of two"), (dict(num_warps=0), "positive"),
+                       (dict(BLOCK_D=64), "takes BLOCK_L, num_warps, num_stages; got BLOCK_D")):
+        with pytest.raises(ValueError, match=match):
+            with sta.forced_config(**bad):
+                pass
+    assert not sta._FORCED

@@ -936,3 +936,19 @@ def test_bad_bench_arguments_are_refused_before_anything_runs(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             run(argv)
         assert exit_.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_tune_asta_times_each_candidate_and_names_the_fastest(monkeypatch):
+    """bench/tune_asta.py on the CPU (Triton's interpreter, a toy size, one candidate): a line per
+    provider, form and mode, and a summary naming the fastest configuration against _config's."""
+    from bench import tune_asta
+
+    monkeypatch.setattr(tune_asta, "CANDIDATES", [(2, 1)])
+    rows = list(tune_asta._rows(torch.float32, torch.device("cpu"), 2, (1,)))
+    providers = {(r["kernel"], r["provider"], r["mode"]) for r in rows}
+    for form in ("plain", "gathered"):
+        for provider in ("reference eager", "_config's", "BLOCK_L=2 warps=1 stages=1"):
+            for mode in ("fwd", "fwd+bwd"):
+                assert (f"asta_config_{form}", provider, mode) in providers
+    lines = tune_asta.summary(rows)
+    assert len(lines) == 4 and all("BLOCK_L=2 warps=1 stages=1" in line and "x _config's" in line for line in lines)
