@@ -33,6 +33,7 @@
 #   profile.md      the top CUDA kernels of the default training step, fp32 and autocast bf16
 #   tests_cuda.log  a training step as CUDA graphs, the registered ops' checks (tests/test_ops.py)
 #                   and the kernel tests compiled for real (QIN_TEST_CUDA=1), on CUDA
+#   tune.csv        the tune stage's timings (bench/tune_asta.py), when it runs
 #   parity/         `python3 -m qin parity --device cuda` where this tree has the command
 #                   (packed into parity.tar.gz if it would pass the file or folder-depth limits)
 set -uo pipefail

@@ -40,6 +40,7 @@ from typing import Callable
 import torch
 
 from kernels.compile_cache import cache_root
+from kernels.utils import autocast_off
 
 logger = logging.getLogger("kernels.choice")
 
@@ -393,7 +394,7 @@ def _replay(fn: Callable, tensors: tuple, kwargs: dict, train: bool) -> Callable
                     grad_out.append(torch.randn_like(out))
                 # Backward outside autocast, as the trainer runs it (inside, the torch backward
                 # of the gathered attention failed on CUDA in bf16 before it turned autocast off).
-                with torch.autocast(out.device.type, enabled=False):
+                with autocast_off(out.device.type):
                     out.backward(grad_out[0])
                 for t in inputs:
                     if isinstance(t, torch.Tensor):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dropout import draw_seed, draws_from_lanes, dropout, keep_mask, keep_multiplier
-from kernels.utils import transforms_active
+from kernels.utils import autocast_off, transforms_active
 
 
 def sparse_target_attention(history: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ def _regathered_backward_op(grad_z: torch.Tensor, reps: torch.Tensor, index: tor
     # user's or kernels.choice's timing may be inside) would run the sparse product below in
     # bf16, summing a popular item's terms in 16 bits on the CPU and failing on CUDA
     # ("addmm_sparse_cuda" not implemented for 'BFloat16': seen on an H200).
-    with torch.autocast(grad_z.device.type, enabled=False):
+    with autocast_off(grad_z.device.type):
         return _regathered_backward(grad_z, reps, index, query, mask, scores, needs)
 
 
@@ -308,7 +308,7 @@ class _TrainingQuadraticProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, num_row, p, dtype):
         # Every cast is explicit: autocast stays off (on CUDA it would sum the hidden in fp32).
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             return _TrainingQuadraticProjection._forward(ctx, x, weight, bias, num_row, p, dtype)
 
     @staticmethod
@@ -335,7 +335,7 @@ class _TrainingQuadraticProjection(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        with torch.autocast(grad_y.device.type, enabled=False):
+        with autocast_off(grad_y.device.type):
             return _TrainingQuadraticProjection._backward(ctx, grad_y)
 
     @staticmethod
@@ -351,7 +351,10 @@ class _TrainingQuadraticProjection(torch.autograd.Function):
         keep = keep_multiplier(shape, ctx.p, ctx.seed, x.dtype) if kept is None else kept
         # gy * x rounded once to the compute dtype (gy is fp32 where y is: fp16 over a wider x).
         scaled = (grad_y * x * (1.0 / (1.0 - ctx.p))).to(x.dtype)[:, None, :]
-        g = (keep.view(batch, ctx.num_row, dim) * scaled).view(shape)
+        if kept is None:
+            g = (keep.view(batch, ctx.num_row, dim) * scaled).view(shape)
+        else:  # where, not a multiply: a dropped element stays 0 where fp16's gy * x / (1 - p) overflowed
+            g = torch.where(keep.view(batch, ctx.num_row, dim), scaled, 0).view(shape)
         x_dtype, weight_dtype, bias_dtype = ctx.input_dtypes
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -377,7 +380,7 @@ def training_quadratic_projection(x: torch.Tensor, weight: torch.Tensor, bias: t
     if (training and dropout_p > 0.0 and torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and any(t.requires_grad for t in (x, weight, bias)) and not transforms_active()):
         return _TrainingQuadraticProjection.apply(x, weight, bias, num_row, dropout_p, dtype)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         return quadratic_projection(x, weight.to(dtype), bias.to(dtype), num_row, dropout_p, training)
 
 

@@ -164,7 +164,7 @@ def forced_config(**cfg):
     if set(cfg) - set(FORCEABLE):
         raise ValueError(f"forced_config takes {', '.join(FORCEABLE)}; got {', '.join(sorted(set(cfg) - set(FORCEABLE)))}")
     for name, value in cfg.items():
-        if not isinstance(value, int) or value < 1 or (name != "num_stages" and value & (value - 1)):
+        if type(value) is not int or value < 1 or (name != "num_stages" and value & (value - 1)):
             raise ValueError(f"forced_config: {name} must be a positive integer"
                              f"{'' if name == 'num_stages' else ', a power of two'}; got {value!r}")
     if _FORCED:

@@ -119,6 +119,13 @@ def auto_picks_triton(op: str, dtype: torch.dtype | None, device: torch.device, 
     return device.type == "cuda" and bool(MEASURED_FASTER) and (op, dtype, choice.where(device)) in MEASURED_FASTER
 
 
+def autocast_off(device_type: str):
+    """A context with autocast off on `device_type`, for code whose casts are all explicit; none on
+    a device type autocast does not know (meta tensors, where torch.autocast itself would raise)."""
+    known = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
+    return torch.autocast(device_type, enabled=False) if known(device_type) else contextlib.nullcontext()
+
+
 def launching_on(device: torch.device):
     """The context a Triton launch for tensors on `device` runs in. Triton launches on the current
     CUDA device and its current stream, not on its arguments' device as a torch op does: a kernel

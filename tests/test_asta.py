@@ -224,7 +224,8 @@ def test_a_backward_inside_autocast_sums_a_popular_items_gradient_in_fp32(device
                 grads.append(torch.autograd.grad(z, r, grad_z)[0])
         if not inside:
             grads.append(torch.autograd.grad(z, r, grad_z)[0])
-    assert torch.equal(grads[1], grads[0])
+    if backend == "torch":  # (Triton's atomic adds may sum in another order on a GPU)
+        assert torch.equal(grads[1], grads[0])
     _, want, _ = gathered_oracle(reps, index, query, mask, grad_z)
     _, scale, _ = gathered_oracle(reps.abs(), index, query.abs(), mask.double(), grad_z.abs())
     assert_close("grad_reps", grads[1], want, torch.bfloat16, scale)
@@ -876,7 +877,7 @@ def test_a_forced_launch_configuration_gives_the_ops_result(device):
     for what, g, w in zip(("z", "grad_reps", "grad_query"), got_gathered,
                           gathered_oracle(reps, index, query, mask, grad_z)):
         assert_close(what, g, w, torch.float32)
-    for bad, match in ((dict(BLOCK_L=3), "power of two"), (dict(num_warps=0), "positive"),
+    for bad, match in ((dict(BLOCK_L=3), "power of two"), (dict(num_warps=0), "positive"), (dict(BLOCK_L=True), "integer"),
                        (dict(BLOCK_D=64), "takes BLOCK_L, num_warps, num_stages; got BLOCK_D")):
         with pytest.raises(ValueError, match=match):
             with sta.forced_config(**bad):

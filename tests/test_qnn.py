@@ -324,6 +324,34 @@ def test_torch_backend_keeping_the_mask_matches_the_reference(monkeypatch, devic
         assert_close(name, got, w, m, dtype)
 
 
+def test_torch_backend_keeping_the_mask_gives_no_nan_where_fp16_overflows(monkeypatch):
+    """fp16 with gy * x / (1 - p) past 65504 (p = 0.9999 here; on CUDA any p where |gy * x| is
+    large): a dropped element's gradient term is 0, not 0 * inf = NaN (autograd through the
+    reference, before the op kept the mask itself, gave 0 there too)."""
+    monkeypatch.setattr(reference, "draws_from_lanes", lambda p: False)
+    torch.manual_seed(0)
+    x = torch.full((4, 6), 100.0, dtype=torch.float16, requires_grad=True)
+    weight = (torch.randn(18, 6) / 6).half().requires_grad_()
+    bias = torch.zeros(18, dtype=torch.float16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = kernels.quadratic_projection(x, weight, bias, 3, dropout_p=0.9999, training=True, backend="torch")
+    mask, = (t for t in saved if t.dtype == torch.bool)
+    assert not mask.any()  # every element dropped (this seed): every gradient is exactly 0
+    for g in torch.autograd.grad(y, (x, weight, bias), torch.ones_like(y)):
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_torch_backend_trains_on_meta_tensors():
+    """Shapes alone (the meta device, where torch.autocast cannot even be turned off): the torch
+    backend's training path runs, forward and backward."""
+    x, weight, bias = (torch.randn(*shape, device="meta", requires_grad=True) for shape in ((4, 6), (18, 6), (18,)))
+    y = kernels.quadratic_projection(x, weight, bias, 3, dropout_p=0.1, training=True, backend="torch")
+    assert y.shape == (4, 6) and y.device.type == "meta"
+    grads = torch.autograd.grad(y, (x, weight, bias), torch.ones_like(y))
+    assert [g.shape for g in grads] == [(4, 6), (18, 6), (18,)]
+
+
 def test_triton_backend_under_autocast_keeps_x_in_the_compute_dtype(device):
     """The fused op under autocast bf16 keeps x as the GEMMs read it (bf16, not the fp32 residual
     stream), the fp32 group sum, the fp32 weight and bias it was given (the parameters: backward
