@@ -21,6 +21,8 @@ bench/gpu_run.sh says whether the op now beats the torch lines, for MEASURED_FAS
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import kernels
@@ -61,11 +63,7 @@ def _time_modes(call, inputs, grad_out, device) -> dict:
     def fwd_bwd():
         torch.autograd.grad(call(), inputs, grad_out)
 
-    out = {}
-    for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-        fn()  # compile outside the timing
-        out[mode] = time_ms(fn, device)
-    return out
+    return {mode: time_ms(fn, device) for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd))}  # its warm-up compiles
 
 
 def _rows(dtype: torch.dtype, device: torch.device, batch: int, stages: tuple[int, ...]):
@@ -77,11 +75,8 @@ def _rows(dtype: torch.dtype, device: torch.device, batch: int, stages: tuple[in
             if STOPPED.is_set():
                 return
             try:
-                if cfg is None:
+                with forced_config(**cfg) if cfg else contextlib.nullcontext():
                     times = _time_modes(lambda: op(backend), inputs, grad_out, device)
-                else:
-                    with forced_config(**cfg):
-                        times = _time_modes(lambda: op(backend), inputs, grad_out, device)
             except Exception as exc:  # a configuration past the registers or shared memory
                 print(f"skipping {form} {short_dtype(dtype)} {provider}: {type(exc).__name__}: {str(exc)[:160]}")
                 continue
