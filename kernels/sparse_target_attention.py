@@ -9,13 +9,16 @@ no (B, L, D) history exists in forward or backward.
 
 forward   one program per row b: loop over L in (BLOCK_L, BLOCK_D) tiles of x, score
           s_l = m_l * <x_l, q>, a_l = relu(s_l), z += sum_l a_l * x_l, in fp32 (fp64 for fp64
-          inputs). Positions with m_l == 0 are not even loaded.
+          inputs). Positions with m_l == 0 are not even loaded, and a tile of padding alone
+          does no more than read its mask: a left-padded history of 6 items in 64 positions is
+          one or two tiles of work, not eight.
 backward  one program per row, one more pass over x: with g = dz, u_l = <g, x_l> and
           gate_l = (s_l > 0) * m_l (relu's gradient is 0 at s = 0, like torch):
               dx_l = a_l * g + gate_l * u_l * q
               dq   = sum_l gate_l * u_l * x_l
           s_l is recomputed from the tile, so only x, q, the mask (and the index) are saved.
-          Plain form: dx_l is stored row by row (zeros at masked positions). Gathered form:
+          Plain form: dx_l is stored row by row (zeros at masked positions; a tile of padding
+          alone stores zeros and computes nothing). Gathered form:
           dx_l is atomically added into an fp32 (fp64) buffer of reps' shape: no sort, no
           (B, L, D) temporary; the order of the float additions varies from run to run on a GPU.
 
@@ -78,11 +81,12 @@ def _asta_fwd_kernel(
         ls = l0 + offs_l
         m = tl.load(m_ptr + row * L + ls, mask=ls < L, other=0).to(ACC_DTYPE)
         live = m != 0  # masked-off positions are not loaded at all: they read as 0 and add 0
-        rows, _ = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER, WIDE)
-        x = tl.load(rows + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
-        s = tl.sum(x * q[None, :], axis=1) * m
-        a = tl.maximum(s, 0.0)
-        acc += tl.sum(a[:, None] * x, axis=0)
+        if tl.max(live.to(tl.int32), axis=0) != 0:  # a tile of padding alone: nothing to do
+            rows, _ = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER, WIDE)
+            x = tl.load(rows + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
+            s = tl.sum(x * q[None, :], axis=1) * m
+            a = tl.maximum(s, 0.0)
+            acc += tl.sum(a[:, None] * x, axis=0)
     tl.store(z_ptr + row * D + offs_d, acc.to(z_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -109,21 +113,27 @@ def _asta_bwd_kernel(
         in_l = ls < L
         m = tl.load(m_ptr + row * L + ls, mask=in_l, other=0).to(ACC_DTYPE)
         live = m != 0
-        rows, item = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER, WIDE)
-        x = tl.load(rows + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
-        s = tl.sum(x * q[None, :], axis=1) * m  # recomputed, not saved
-        u = tl.sum(x * g[None, :], axis=1)
-        gu = tl.where(s > 0, m, 0.0) * u  # gate_l * u_l; strict > gives relu'(0) = 0 like torch
-        if NEED_DX:
-            a = tl.maximum(s, 0.0)
-            dx = a[:, None] * g[None, :] + gu[:, None] * q[None, :]
-            if GATHER:
-                tl.atomic_add(dx_ptr + item[:, None] * D + offs_d[None, :], dx,
-                              mask=live[:, None] & mask_d[None, :], sem="relaxed")
-            else:
-                tl.store(dx_ptr + (row * L + ls[:, None]) * D + offs_d[None, :], dx.to(dx_ptr.dtype.element_ty),
+        if tl.max(live.to(tl.int32), axis=0) != 0:
+            rows, item = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER, WIDE)
+            x = tl.load(rows + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
+            s = tl.sum(x * q[None, :], axis=1) * m  # recomputed, not saved
+            u = tl.sum(x * g[None, :], axis=1)
+            gu = tl.where(s > 0, m, 0.0) * u  # gate_l * u_l; strict > gives relu'(0) = 0 like torch
+            if NEED_DX:
+                a = tl.maximum(s, 0.0)
+                dx = a[:, None] * g[None, :] + gu[:, None] * q[None, :]
+                if GATHER:
+                    tl.atomic_add(dx_ptr + item[:, None] * D + offs_d[None, :], dx,
+                                  mask=live[:, None] & mask_d[None, :], sem="relaxed")
+                else:
+                    tl.store(dx_ptr + (row * L + ls[:, None]) * D + offs_d[None, :],
+                             dx.to(dx_ptr.dtype.element_ty), mask=in_l[:, None] & mask_d[None, :])
+            dq += tl.sum(gu[:, None] * x, axis=0)
+        else:  # a tile of padding alone: nothing to add to dq; the plain form's dx is zeros there
+            if NEED_DX and not GATHER:
+                tl.store(dx_ptr + (row * L + ls[:, None]) * D + offs_d[None, :],
+                         tl.zeros((BLOCK_L, BLOCK_D), dtype=dx_ptr.dtype.element_ty),
                          mask=in_l[:, None] & mask_d[None, :])
-        dq += tl.sum(gu[:, None] * x, axis=0)
     tl.store(dq_ptr + row * D + offs_d, dq.to(dq_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -132,7 +142,8 @@ def _asta_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 def _config(seq_len: int, dim: int, interpreting: bool = INTERPRETING) -> dict:
-    """BLOCK_L, BLOCK_D and num_warps for a (L, D) problem (what forced_config sets, in its block).
+    """BLOCK_L, BLOCK_D and the launch options for a (L, D) problem (what forced_config sets, in
+    its block).
 
     On a GPU a tile holds about 4096 elements (32 fp32 values per thread with 4 warps), which
     keeps the x tile and the backward's dx tile in registers without spills (checked on sm_89 and
@@ -148,7 +159,8 @@ def _config(seq_len: int, dim: int, interpreting: bool = INTERPRETING) -> dict:
     num_warps = 4 if block_d <= 1024 else (8 if block_d <= 4096 else 16)  # wide rows: more threads, fewer values each
     # The L loop has no tl.dot for the pipeliner to feed; one stage, and latency is hidden by
     # the many resident programs (one per row) instead.
-    return {**dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=num_warps, num_stages=1), **_FORCED}
+    return {**dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=num_warps, num_stages=1),
+            **_FORCED}
 
 
 # A launch configuration in force instead of _config's (forced_config): empty in use.

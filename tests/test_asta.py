@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 TOL = {dtype: tol.rtol for dtype, tol in tolerances.OPS.items()}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MASK_KINDS = ["bool", "float", "float32", "uint8", "int64", "scaled"]
-MASK_STYLES = ["random", "left_padded", "all_zero", "all_one"]
+MASK_STYLES = ["random", "left_padded", "span", "all_zero", "all_one"]
 # The device fixture is a constant, so sharing it across examples is safe.
 fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -34,7 +34,13 @@ fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture
 # ---------------------------------------------------------------------------------------------
 
 def make_mask(batch, seq_len, style, g):
-    """(B, L) bool: random positions, or left-padded histories of random length (0..L)."""
+    """(B, L) bool: random positions, left-padded histories of random length (0..L), or one run of
+    live positions anywhere in the row (padding at both ends, in tiles the kernels skip)."""
+    if style == "span":
+        start = torch.randint(0, seq_len + 1, (batch,), generator=g)
+        stop = start + (torch.rand(batch, generator=g) * (seq_len + 1 - start)).long()  # start..L
+        positions = torch.arange(seq_len)[None, :]
+        return (positions >= start[:, None]) & (positions < stop[:, None])
     if style == "random":
         keep = torch.rand(batch, seq_len, generator=g) < 0.6
         if batch > 1:
@@ -707,6 +713,32 @@ def test_triton_backward_skips_the_gradient_of_a_frozen_history(device, gathered
     frozen = torch.ops.qin.sparse_target_attention_backward(grad_z, x, index, query, mask, False)
     assert full[0].shape == x.shape and frozen[0].numel() == 0
     assert torch.equal(frozen[1], full[1])
+
+
+# (start, stop) of the one live run of each row, L = 23 in tiles of 4: the first and the last
+# position alone, a run across a tile edge, one whole tile, none, all.
+SPANS = [(0, 1), (22, 23), (5, 9), (8, 12), (0, 0), (0, 23)]
+
+
+@pytest.mark.parametrize("gathered", [False, True], ids=["plain", "gathered"])
+def test_tiles_of_padding_alone_are_skipped_and_the_plain_gradient_stores_zeros(device, gathered, monkeypatch):
+    """The kernels skip the work of a tile with no live position: runs at either end of a row,
+    across a tile edge, filling one tile, none, all give the oracle's result. The plain backward
+    still stores every position of dx (zeros in the skipped tiles): its buffer comes from
+    torch.empty_like, filled with NaN here so that a tile left unstored shows."""
+    batch, seq_len, dim = len(SPANS), 23, 12
+    positions = torch.arange(seq_len)
+    keep = torch.stack([(positions >= a) & (positions < b) for a, b in SPANS])
+    reps, index, query, _, grad_z = make_gathered(batch, seq_len, dim, 9, torch.float32, device, seed=23)
+    keep = keep.to(device)
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: empty_like(*args, **kwargs).fill_(float("nan")))
+    with asta.forced_config(BLOCK_L=4):
+        if gathered:
+            check_gathered(reps, index, query, keep, grad_z)
+        else:
+            got = check_against_oracle(reps[index], query, keep, grad_z)
+            assert not got[1][~keep].any()  # exactly 0, not NaN, where no position is live
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
