@@ -21,7 +21,8 @@ gradient clipping, fused Adam) after a warm-up step, counted at the dispatcher
   or host cost, no fusion.
 - syncs: operators whose result the host must wait for (.item(), unique, nonzero, a sparse product).
 The CPU path differs from CUDA's in dropout: the CPU draws its own mask and regenerates it in
-backward (kernels/dropout.py, reference.regenerated_quadratic_projection); CUDA runs
+backward (kernels/dropout.py, and the QNN layer's reference._TrainingQuadraticProjection,
+reference.regenerated_quadratic_projection before c01b37a); CUDA runs
 aten.native_dropout (one kernel writing the output and a 1-byte mask). The count switches the
 CPU path to CUDA's (`cuda_dropout`) and checks that every dropout site then ran native_dropout.
 The index range check of the gathered ASTA op runs on the CPU only (2 .item() syncs); it is
@@ -84,19 +85,27 @@ def cuda_dropout():
                 patched.append((mod, "dropout"))
     saved = [(mod, name, getattr(mod, name)) for mod, name in patched]
     reference = importlib.import_module("kernels.reference")
-    regenerated = getattr(reference, "regenerated_quadratic_projection", None)
+    regenerated = getattr(reference, "regenerated_quadratic_projection", None)  # before c01b37a
+    # From c01b37a the QNN layer trains through reference._TrainingQuadraticProjection on every
+    # device, drawing its mask from a seed only where draws_from_lanes says so on the CPU;
+    # elsewhere it keeps torch.native_dropout's mask, as CUDA does.
+    lanes = getattr(reference, "draws_from_lanes", None)
     try:
         for mod, name in patched:
             setattr(mod, name, lambda x, p=0.5, training=True, inplace=False: _native_dropout(x, p, training))
         if regenerated is not None:  # the CPU's mask-regenerating QNN -> the literal reference (CUDA's)
             reference.regenerated_quadratic_projection = (
                 lambda x, w, b, m, p, t, dt: reference.quadratic_projection(x, w.to(dt), b.to(dt), m, p, t))
+        if lanes is not None:
+            reference.draws_from_lanes = lambda p: False
         yield
     finally:
         for mod, name, value in saved:
             setattr(mod, name, value)
         if regenerated is not None:
             reference.regenerated_quadratic_projection = regenerated
+        if lanes is not None:
+            reference.draws_from_lanes = lanes
 
 
 def _nbytes(t: torch.Tensor) -> int:
