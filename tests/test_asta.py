@@ -100,9 +100,14 @@ def oracle(history, query, mask, grad_z):
     return z.detach(), gh, gq
 
 
+def leaf(t):
+    """A trainable copy of t with t's strides: clone() makes a gapped view (a slice of wider rows)
+    contiguous, and the kernels' strided reads would go untested."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t).requires_grad_()
+
+
 def run_triton(history, query, mask, grad_z):
-    h = history.detach().clone().requires_grad_()
-    q = query.detach().clone().requires_grad_()
+    h, q = leaf(history), leaf(query)
     z = kernels.sparse_target_attention(h, q, mask, backend="triton")
     gh, gq = torch.autograd.grad(z, (h, q), grad_z)
     return z, gh, gq
@@ -383,6 +388,12 @@ def test_non_contiguous_inputs(device):
         for what, g, w in zip(("z", "grad_history", "grad_query"), got, want):
             assert_close(f"{name} {what}", g, w, torch.float32)
 
+    # A transposed float mask of the history's dtype (no cast on the way, so no copy either).
+    weights = mask.float() / 0.9
+    got = run_triton(history, query, weights.t().contiguous().t(), grad_z)
+    for what, g, w in zip(("z", "grad_history", "grad_query"), got, oracle(history, query, weights, grad_z)):
+        assert_close(f"transposed float mask {what}", g, w, torch.float32)
+
     # One history shared by every row (batch stride 0): its gradient is the sum over rows.
     one = history[:1].detach().clone().requires_grad_()
     q = query.detach().clone().requires_grad_()
@@ -619,8 +630,7 @@ def gathered_oracle(reps, index, query, mask, grad_z):
 
 
 def run_gathered(reps, index, query, mask, grad_z, backend="triton"):
-    r = reps.detach().clone().requires_grad_()
-    q = query.detach().clone().requires_grad_()
+    r, q = leaf(reps), leaf(query)
     z = kernels.gathered_sparse_target_attention(r, index, q, mask, backend=backend)
     return (z, *torch.autograd.grad(z, (r, q), grad_z))
 
@@ -763,6 +773,44 @@ def test_gathered_equals_the_plain_form(device):
     torch.testing.assert_close(gathered[0], plain[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gathered[1].view(3, 11, 24), plain[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gathered[2], plain[2], rtol=1e-6, atol=1e-6)
+
+
+def test_gathered_non_contiguous_inputs(device):
+    """Representations with wider rows (a slice of a table: row stride > D), transposed reps,
+    index, query and float mask: the same as contiguous ones."""
+    reps, index, query, keep, grad_z = make_gathered(4, 13, 24, 7, torch.float32, device, "random", seed=15)
+    mask = keep.float() / 0.9
+    want = gathered_oracle(reps, index, query, mask, grad_z)
+    table = torch.randn(7, 24 + 5, device=device)
+    table[:, :24] = reps
+    flip = lambda t: t.t().contiguous().t()
+    for name, r in {"row-sliced": table[:, :24], "transposed": flip(reps)}.items():
+        args = (r, flip(index), flip(query), flip(mask))
+        assert not any(a.is_contiguous() for a in args), name
+        for what, g, w in zip(("z", "grad_reps", "grad_query"), run_gathered(*args, grad_z), want):
+            assert_close(f"{name} {what}", g, w, torch.float32)
+
+
+@pytest.mark.parametrize("form", ["plain", "gathered"])
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_mask_weight_of_either_sign_scales_the_score_inside_the_relu(device, form, backend):
+    """The reference's relu(mask * score): a negative weight flips which scores pass, so a kernel
+    that took only positive weights as live (or applied the weight after the ReLU) differs."""
+    reps, index, query, keep, grad_z = make_gathered(4, 19, 16, 6, torch.float32, device, "random", seed=16)
+    size = torch.rand(keep.shape, generator=torch.Generator().manual_seed(1)).to(device) + 0.5
+    weights = torch.where(keep, size, -size)
+    if form == "gathered":
+        got = run_gathered(reps, index, query, weights, grad_z, backend)
+        want = gathered_oracle(reps, index, query, weights, grad_z)
+    else:
+        history = reps[index]
+        h, q = history.clone().requires_grad_(), query.clone().requires_grad_()
+        z = kernels.sparse_target_attention(h, q, weights, backend=backend)
+        got = (z, *torch.autograd.grad(z, (h, q), grad_z))
+        want = oracle(history, query, weights, grad_z)
+    assert want[0].abs().max() > 0
+    for what, g, w in zip(("z", "grad_x", "grad_query"), got, want):
+        assert_close(f"{form} {backend} {what}", g, w, torch.float32)
 
 
 def test_gathered_padding_never_reads_its_index(device):

@@ -200,8 +200,12 @@ def test_the_op_itself_casts_under_autocast(device):
     """Called directly (not through kernels.*), the registered op still follows autocast."""
     history, _, query, mask = asta_args(torch.float32, False, device, seed=3)
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        assert ASTA(history, None, query, mask).dtype == torch.bfloat16
-        assert QNN(*qnn_args(torch.float32, device))[0].dtype == torch.bfloat16
+        z = ASTA(history, None, query, mask)
+        y = QNN(*qnn_args(torch.float32, device))[0]
+    # Every floating input is cast, the query too: bf16 history with an fp32 query would read
+    # both in fp32 and return fp32 rounded to bf16, not bf16 arithmetic.
+    assert z.dtype == y.dtype == torch.bfloat16
+    assert torch.equal(z, ASTA(history.bfloat16(), None, query.bfloat16(), mask))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
