@@ -12,9 +12,10 @@ The bare op ("asta_op", every position live) and its gathered form ("asta_gather
 rows read through a (B, L) index into the (U, D) distinct items' representations, U drawn like a
 deduplicated batch) each against the reference, eager and under torch.compile, at B=8192, L=64,
 in bf16, fp32 and fp16; the gathered form with every position live and with real masks, and
-against the torch backend that "auto" trains with. "asta_reps_gradient": that backend's
-gradient into the representations, as the sparse product it trains with and as the index_add_
-it uses under CUDA graph capture.
+against the torch backend that "auto" trains with. "asta_tile_skip" (CUDA): the Triton gathered
+op on real masks, skipping tiles of padding alone (as it runs) against reading every tile.
+"asta_reps_gradient": the torch backend's gradient into the representations, as the sparse
+product it trains with and as the index_add_ it uses under CUDA graph capture.
 Forward and forward+backward (gradients of X, t and the four weights), over batch (L=64) and
 history length (B=8192 on CUDA). Histories are left-padded with a median of 6 items out of 64,
 like the real data.
@@ -35,6 +36,7 @@ kernel's real bandwidth.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -43,6 +45,7 @@ import kernels
 from bench.common import (STOPPED, keep, kernel_bench_main, make_row, measure_copy_bandwidth_gbs, peak_memory_mb,
                           print_table, time_ms)
 from kernels import reference
+from kernels.sparse_target_attention import forced_config
 
 DIM, ATTN_DIM, HIST_LEN = 384, 768, 64  # the paper's item width, d_a and history length
 MEDIAN_LEN = 6  # median number of real items per history in the data
@@ -123,9 +126,10 @@ def _measure(fn, device):
 
 
 def _case_rows(kernel, providers, args, grad_inputs, grad_out, history, x_name, x_value, dtype, device,
-               copy_gbs, full_mask, speedup="speedup_vs_literal"):
+               copy_gbs, full_mask, speedup="speedup_vs_literal", contexts=None):
     """time, bandwidth, fraction of copy bandwidth, peak memory of each provider, and its speed-up
-    over the first provider (the baseline) measured in the same call; yields each row as it is measured."""
+    over the first provider (the baseline) measured in the same call; yields each row as it is measured.
+    contexts: provider -> a context its forward and backward run in (a forced kernel configuration)."""
     base, baseline = {}, next(iter(providers))
     hist_bytes = history.numel() * history.element_size()
     kw = dict(device=device, dtype=dtype)
@@ -144,7 +148,8 @@ def _case_rows(kernel, providers, args, grad_inputs, grad_out, history, x_name, 
         for mode, fn, nbytes in (("fwd", fwd, hist_bytes), ("fwd+bwd", fwd_bwd, 3 * hist_bytes)):
             mode = mode + suffix
             try:
-                times, memory = _measure(fn, device)
+                with (contexts or {}).get(provider, contextlib.nullcontext)():
+                    times, memory = _measure(fn, device)
             except Exception as exc:  # torch.compile may be unavailable, literal may run out of memory
                 print(f"skipping {provider} {mode} {x_name}={x_value}: {type(exc).__name__}: {str(exc)[:120]}")
                 if device.type == "cuda":
@@ -211,6 +216,20 @@ def _gathered_rows(batch, seq_len, dtype, device, copy_gbs, full_mask):
                    "U", "batch", batch, float(reps.shape[0]), device=device, dtype=dtype)
 
 
+def _tile_skip_rows(batch, seq_len, dtype, device, copy_gbs):
+    """The Triton gathered op as it runs (skipping tiles of padding alone, most of a left-padded
+    history) against the same kernels reading every tile, on real masks; yields each row as it is
+    measured. The skip stays only where this shows it pays."""
+    reps, index, query, mask, grad_out = make_gathered(batch, seq_len, dtype, device, full_mask=False)
+    history = torch.empty(batch, seq_len, DIM, dtype=dtype, device="meta")  # only its size is used
+    triton = lambda r, i, q, m: kernels.gathered_sparse_target_attention(r, i, q, m, backend="triton")
+    every_tile = "triton, reading every tile"
+    yield from _case_rows("asta_tile_skip", {every_tile: triton, "triton, skipping padding tiles": triton},
+                          (reps, index, query, mask), (reps, query), grad_out, history, "batch", batch, dtype, device,
+                          copy_gbs, False, speedup="speedup_vs_every_tile",
+                          contexts={every_tile: lambda: forced_config(SKIP_EMPTY_TILES=False)})
+
+
 def _reps_gradient_rows(batch, seq_len, dtype, device):
     """The torch backend's gradient into reps, formed both ways it can be on one deduplicated batch:
     the sparse product it trains with (its coalescing sorts 2*B*L entries and sizes the result on
@@ -262,6 +281,8 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
             yield from _op_rows(paper, HIST_LEN, dtype, device, copy_gbs)
         for full in (True, False):
             yield from _gathered_rows(paper, HIST_LEN, dtype, device, copy_gbs, full)
+        if device.type == "cuda":
+            yield from _tile_skip_rows(paper, HIST_LEN, dtype, device, copy_gbs)
 
     def sweep_rows(dtype):
         yield from _reps_gradient_rows(paper, HIST_LEN, dtype, device)

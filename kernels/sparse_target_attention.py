@@ -67,7 +67,7 @@ def _asta_fwd_kernel(
     x_ptr, idx_ptr, q_ptr, m_ptr, z_ptr,
     L, D, stride_xb, stride_xl,
     GATHER: tl.constexpr, WIDE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, SKIP_EMPTY_TILES: tl.constexpr,
 ):
     """Row b of z. x rows are strided (unit stride along D); q, m, index and z are contiguous."""
     row = tl.program_id(0).to(tl.int64)  # int64: B*L*D may pass 2**31 elements
@@ -81,7 +81,8 @@ def _asta_fwd_kernel(
         ls = l0 + offs_l
         m = tl.load(m_ptr + row * L + ls, mask=ls < L, other=0).to(ACC_DTYPE)
         live = m != 0  # masked-off positions are not loaded at all: they read as 0 and add 0
-        if tl.max(live.to(tl.int32), axis=0) != 0:  # a tile of padding alone: nothing to do
+        # A tile of padding alone has nothing to do (unless forced to, to time what skipping saves).
+        if not SKIP_EMPTY_TILES or tl.max(live.to(tl.int32), axis=0) != 0:
             rows, _ = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER, WIDE)
             x = tl.load(rows + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
             s = tl.sum(x * q[None, :], axis=1) * m
@@ -95,7 +96,7 @@ def _asta_bwd_kernel(
     x_ptr, idx_ptr, q_ptr, m_ptr, g_ptr, dx_ptr, dq_ptr,
     L, D, stride_xb, stride_xl,
     GATHER: tl.constexpr, WIDE: tl.constexpr, ACC_DTYPE: tl.constexpr, NEED_DX: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SKIP_EMPTY_TILES: tl.constexpr,
 ):
     """Row b of dq, and its share of dx (plain: rows b*L.. of a (B*L, D) buffer, stored;
     gathered: rows index[b, l] of a (U, D) fp32/fp64 buffer, atomically added), unless NEED_DX is
@@ -113,7 +114,7 @@ def _asta_bwd_kernel(
         in_l = ls < L
         m = tl.load(m_ptr + row * L + ls, mask=in_l, other=0).to(ACC_DTYPE)
         live = m != 0
-        if tl.max(live.to(tl.int32), axis=0) != 0:
+        if not SKIP_EMPTY_TILES or tl.max(live.to(tl.int32), axis=0) != 0:
             rows, item = _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER, WIDE)
             x = tl.load(rows + offs_d[None, :], mask=live[:, None] & mask_d[None, :], other=0.0).to(ACC_DTYPE)
             s = tl.sum(x * q[None, :], axis=1) * m  # recomputed, not saved
@@ -154,29 +155,36 @@ def _config(seq_len: int, dim: int, interpreting: bool = INTERPRETING) -> dict:
     block_d = next_power_of_2(dim)
     if interpreting:
         block_l = min(next_power_of_2(seq_len), max(1, 16384 // block_d), 16)
-        return {**dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=1, num_stages=1), **_FORCED}
+        return {**dict(BLOCK_L=block_l, BLOCK_D=block_d, SKIP_EMPTY_TILES=True, num_warps=1, num_stages=1),
+                **_FORCED}
     block_l = min(next_power_of_2(seq_len), max(1, 4096 // block_d), 16)
     num_warps = 4 if block_d <= 1024 else (8 if block_d <= 4096 else 16)  # wide rows: more threads, fewer values each
     # The L loop has no tl.dot for the pipeliner to feed; one stage, and latency is hidden by
-    # the many resident programs (one per row) instead.
-    return {**dict(BLOCK_L=block_l, BLOCK_D=block_d, num_warps=num_warps, num_stages=1),
+    # the many resident programs (one per row) instead. SKIP_EMPTY_TILES: a tile with no live
+    # position computes nothing (a left-padded history of median 6 items in 64 positions is
+    # mostly such tiles); bench/bench_asta.py times it against reading every tile.
+    return {**dict(BLOCK_L=block_l, BLOCK_D=block_d, SKIP_EMPTY_TILES=True, num_warps=num_warps, num_stages=1),
             **_FORCED}
 
 
 # A launch configuration in force instead of _config's (forced_config): empty in use.
 _FORCED: dict = {}
-FORCEABLE = ("BLOCK_L", "num_warps", "num_stages")
+FORCEABLE = ("BLOCK_L", "num_warps", "num_stages", "SKIP_EMPTY_TILES")
 
 
 @contextlib.contextmanager
 def forced_config(**cfg):
-    """Launch the kernels with `cfg` (any of BLOCK_L, num_warps, num_stages) in place of
-    _config's within the block: for timing candidate configurations on a GPU
-    (bench/tune_asta.py). BLOCK_D stays the row's width: the kernels hold a whole row."""
+    """Launch the kernels with `cfg` (any of BLOCK_L, num_warps, num_stages, SKIP_EMPTY_TILES) in
+    place of _config's within the block: for timing candidate configurations on a GPU
+    (bench/tune_asta.py), and the kernels reading every tile against skipping those of padding
+    alone (bench/bench_asta.py). BLOCK_D stays the row's width: the kernels hold a whole row."""
     if set(cfg) - set(FORCEABLE):
         raise ValueError(f"forced_config takes {', '.join(FORCEABLE)}; got {', '.join(sorted(set(cfg) - set(FORCEABLE)))}")
     for name, value in cfg.items():
-        if type(value) is not int or value < 1 or (name != "num_stages" and value & (value - 1)):
+        if name == "SKIP_EMPTY_TILES":
+            if type(value) is not bool:
+                raise ValueError(f"forced_config: SKIP_EMPTY_TILES must be True or False; got {value!r}")
+        elif type(value) is not int or value < 1 or (name != "num_stages" and value & (value - 1)):
             raise ValueError(f"forced_config: {name} must be a positive integer"
                              f"{'' if name == 'num_stages' else ', a power of two'}; got {value!r}")
     if _FORCED:

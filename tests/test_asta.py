@@ -749,6 +749,17 @@ def test_tiles_of_padding_alone_are_skipped_and_the_plain_gradient_stores_zeros(
         else:
             got = check_against_oracle(reps[index], query, keep, grad_z)
             assert not got[1][~keep].any()  # exactly 0, not NaN, where no position is live
+    # Reading every tile (what bench_asta times the skip against) gives the same bits: a skipped
+    # tile would only have added zeros.
+    run = run_gathered if gathered else run_triton
+    first = reps if gathered else reps[index]
+    args = (first, index, query, keep, grad_z) if gathered else (first, query, keep, grad_z)
+    with asta.forced_config(BLOCK_L=4):
+        skipping = run(*args)
+    with asta.forced_config(BLOCK_L=4, SKIP_EMPTY_TILES=False):
+        every_tile = run(*args)
+    for s, e in zip(skipping, every_tile):
+        assert torch.equal(s, e)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -958,7 +969,8 @@ def test_a_forced_launch_configuration_gives_the_ops_result(device):
                           gathered_oracle(reps, index, query, mask, grad_z)):
         assert_close(what, g, w, torch.float32)
     for bad, match in ((dict(BLOCK_L=3), "power of two"), (dict(num_warps=0), "positive"), (dict(BLOCK_L=True), "integer"),
-                       (dict(BLOCK_D=64), "takes BLOCK_L, num_warps, num_stages; got BLOCK_D")):
+                       (dict(SKIP_EMPTY_TILES=0), "True or False; got 0"),
+                       (dict(BLOCK_D=64), "takes BLOCK_L, num_warps, num_stages, SKIP_EMPTY_TILES; got BLOCK_D")):
         with pytest.raises(ValueError, match=match):
             with sta.forced_config(**bad):
                 pass

@@ -1,5 +1,6 @@
 """`qin bench`: one command, a report, a CSV and plots; never overwriting, never leaving partial files."""
 import csv
+import importlib
 import json
 import os
 import subprocess
@@ -727,14 +728,16 @@ def test_op_tables_run_bf16_first_and_every_dtypes_ops_before_any_sweep(monkeypa
         return rows
 
     from bench.common import short_dtype as common_name
-    for name in ("_op_rows", "_gathered_rows", "_reps_gradient_rows", "_block_rows"):
+    for name in ("_op_rows", "_gathered_rows", "_tile_skip_rows", "_reps_gradient_rows", "_block_rows"):
         monkeypatch.setattr(bench_asta, name, fake(name))
     monkeypatch.setattr(bench_asta, "measure_copy_bandwidth_gbs", lambda *args: 1000.0)
     bench_asta.run(torch.device("cuda"), quick=True)
     dtypes = list(dict.fromkeys(dtype for _, dtype in order))
     assert dtypes == ["bf16", "fp32", "fp16"]
-    ops = [i for i, (kind, _) in enumerate(order) if kind in ("_op_rows", "_gathered_rows")]
-    assert max(ops) < min(i for i, (kind, _) in enumerate(order) if kind not in ("_op_rows", "_gathered_rows"))
+    op_kinds = ("_op_rows", "_gathered_rows", "_tile_skip_rows")
+    ops = [i for i, (kind, _) in enumerate(order) if kind in op_kinds]
+    assert max(ops) < min(i for i, (kind, _) in enumerate(order) if kind not in op_kinds)
+    assert [dtype for kind, dtype in order if kind == "_tile_skip_rows"] == ["bf16", "fp32", "fp16"]
     order.clear()
     monkeypatch.setattr(bench_qnn, "measure_matmul_tflops", lambda *args: 100.0)
     monkeypatch.setattr(bench_qnn, "_stack_rows", fake("stack"))
@@ -912,6 +915,27 @@ def test_asta_speedups_are_against_the_first_provider_or_not_given():
     assert run({"literal eager": double, "hoisted eager": double, "hoisted triton": double}) == {
         (p, m) for p in ("hoisted eager", "hoisted triton") for m in ("fwd", "fwd+bwd")}
     assert run({"literal eager": out_of_memory, "hoisted eager": double, "hoisted triton": double}) == set()
+
+
+def test_the_tile_skip_is_timed_against_reading_every_tile(monkeypatch):
+    """bench_asta's asta_tile_skip rows on the CPU (Triton's interpreter, B=4): the gathered op
+    reading every tile (forward and backward launched with SKIP_EMPTY_TILES off) and as it runs,
+    with the skip's speed-up over reading every tile, per mode."""
+    from bench import bench_asta
+
+    sta = importlib.import_module("kernels.sparse_target_attention")
+    seen, config = [], sta._config
+    monkeypatch.setattr(sta, "_config", lambda *args, **kw: seen.append(config(*args, **kw)) or seen[-1])
+    rows = list(bench_asta._tile_skip_rows(4, 64, torch.float32, torch.device("cpu"), 10.0))
+    every, skipping = "triton, reading every tile", "triton, skipping padding tiles"
+    assert {(r["provider"], r["mode"]) for r in rows if r["metric"] == "time"} == {
+        (p, m) for p in (every, skipping) for m in ("fwd", "fwd+bwd")}
+    assert {(r["provider"], r["mode"]) for r in rows if r["metric"] == "speedup_vs_every_tile"} == {
+        (skipping, "fwd"), (skipping, "fwd+bwd")}
+    # Every launch of one provider's timings is followed by those of the other: fwd, fwd+bwd (two
+    # kernels) each warmed up and timed, all with the skip off, then all with it on.
+    flags = [c["SKIP_EMPTY_TILES"] for c in seen]
+    assert flags == sorted(flags) and flags.count(False) == flags.count(True) > 3
 
 
 def test_bad_bench_arguments_are_refused_before_anything_runs(tmp_path, capsys):
