@@ -120,10 +120,14 @@ def auto_picks_triton(op: str, dtype: torch.dtype | None, device: torch.device, 
 
 
 def autocast_off(device_type: str):
-    """A context with autocast off on `device_type`, for code whose casts are all explicit; none on
-    a device type autocast does not know (meta tensors, where torch.autocast itself would raise)."""
+    """A context with autocast off on `device_type`, for code whose casts are all explicit; none
+    where it is off already (the usual case: building an autocast object costs host time, a dozen
+    times a step) or on a device type autocast does not know (meta tensors, where torch.autocast
+    itself would raise)."""
     known = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
-    return torch.autocast(device_type, enabled=False) if known(device_type) else contextlib.nullcontext()
+    if known(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def launching_on(device: torch.device):

@@ -224,6 +224,22 @@ def test_qnn_under_autocast_keeps_no_16bit_copy_of_the_weight(device, backend):
     assert weight.grad.dtype == bias.grad.dtype == torch.float32
 
 
+def test_autocast_off_turns_autocast_off_where_it_is_on():
+    """Inside autocast, autocast_off turns it off for its block and back on after; outside, it
+    changes nothing; for meta tensors (a device type autocast does not know) it is no context."""
+    from kernels.utils import autocast_off
+
+    x = torch.randn(4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast_off("cpu"):
+            assert not torch.is_autocast_enabled("cpu") and (x @ x).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu") and (x @ x).dtype == torch.bfloat16
+    with autocast_off("cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+    with autocast_off("meta"):
+        assert (torch.empty(2, 2, device="meta") @ torch.empty(2, 2, device="meta")).shape == (2, 2)
+
+
 def test_launching_on_names_the_tensors_gpu():
     """Triton launches on the current CUDA device; the guard makes it the tensors' one. (Entering
     it needs CUDA; what it will switch to does not.)"""
