@@ -21,9 +21,9 @@ history length (B=8192 on CUDA). Histories are left-padded with a median of 6 it
 like the real data.
 
 Order, so that a time box (bench/gpu_run.sh) cuts the least valuable rows: the bare ops (what the
-targets and MEASURED_FASTER rest on) in every dtype first, bf16 then fp32 then fp16; then, dtype
-by dtype, the representations' gradient and the block sweeps. Each row is kept (and appended to
---csv) as it is measured.
+targets and MEASURED_FASTER rest on) in every dtype first, bf16 then fp32 then fp16; the tile
+skip in every dtype; then, dtype by dtype, the representations' gradient and the block sweeps.
+Each row is kept (and appended to --csv) as it is measured.
 
 Figures per case: time; "bandwidth" = bytes of history the op must cover (B*L*D elements read
 in the forward; read again plus its gradient written in the backward) / time, and its fraction
@@ -281,6 +281,8 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
             yield from _op_rows(paper, HIST_LEN, dtype, device, copy_gbs)
         for full in (True, False):
             yield from _gathered_rows(paper, HIST_LEN, dtype, device, copy_gbs, full)
+
+    def tile_skip_rows(dtype):  # whether the kernels' skip pays: after every dtype's op rows
         if device.type == "cuda":
             yield from _tile_skip_rows(paper, HIST_LEN, dtype, device, copy_gbs)
 
@@ -293,7 +295,7 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
         for n in lengths:
             yield from _block_rows(length_batch, n, dtype, device, copy_gbs, "history_len", n)
 
-    for rows_of in (op_rows, sweep_rows):
+    for rows_of in (op_rows, tile_skip_rows, sweep_rows):
         for dtype in dtypes:
             if STOPPED.is_set():
                 break

@@ -734,10 +734,12 @@ def test_op_tables_run_bf16_first_and_every_dtypes_ops_before_any_sweep(monkeypa
     bench_asta.run(torch.device("cuda"), quick=True)
     dtypes = list(dict.fromkeys(dtype for _, dtype in order))
     assert dtypes == ["bf16", "fp32", "fp16"]
-    op_kinds = ("_op_rows", "_gathered_rows", "_tile_skip_rows")
-    ops = [i for i, (kind, _) in enumerate(order) if kind in op_kinds]
-    assert max(ops) < min(i for i, (kind, _) in enumerate(order) if kind not in op_kinds)
-    assert [dtype for kind, dtype in order if kind == "_tile_skip_rows"] == ["bf16", "fp32", "fp16"]
+    kinds = [kind for kind, _ in order]
+    last_op = max(i for i, kind in enumerate(kinds) if kind in ("_op_rows", "_gathered_rows"))
+    skips = [i for i, kind in enumerate(kinds) if kind == "_tile_skip_rows"]
+    sweeps = [i for i, kind in enumerate(kinds) if kind in ("_reps_gradient_rows", "_block_rows")]
+    assert last_op < min(skips) and max(skips) < min(sweeps)  # the ops, then the skip, then the sweeps
+    assert [order[i][1] for i in skips] == ["bf16", "fp32", "fp16"]
     order.clear()
     monkeypatch.setattr(bench_qnn, "measure_matmul_tflops", lambda *args: 100.0)
     monkeypatch.setattr(bench_qnn, "_stack_rows", fake("stack"))
