@@ -5,6 +5,7 @@ with QIN_TEST_CUDA=1 the same tests run on the GPU. Every comparison evaluates t
 float64 on the very same (possibly 16-bit) inputs, so only the kernel's own rounding is measured.
 """
 import importlib
+import os
 import warnings
 from pathlib import Path
 
@@ -761,6 +762,39 @@ def test_tiles_of_padding_alone_are_skipped_and_the_plain_gradient_stores_zeros(
         every_tile = run(*args)
     for s, e in zip(skipping, every_tile):
         assert torch.equal(s, e)
+
+
+@pytest.mark.skipif(bool(os.environ.get("QIN_TEST_CUDA")),
+                    reason="counts the loads of Triton's interpreter, which a CUDA run does not use")
+@pytest.mark.parametrize("skip", [True, False], ids=["skipping", "every_tile"])
+@pytest.mark.parametrize("gathered", [False, True], ids=["plain", "gathered"])
+def test_a_tile_of_padding_alone_reads_no_history(gathered, skip, monkeypatch):
+    """What the skip saves, counted in the interpreter: the forward and the backward each load the
+    (BLOCK_L, BLOCK_D) history tile of a tile with a live position, and no other (forced to read
+    every tile, all six tiles of every row)."""
+    from triton.runtime import interpreter
+
+    builder = type(interpreter.interpreter_builder)
+    masked_load, tiles = builder.create_masked_load, []
+
+    def counting(self, ptrs, *args, **kwargs):
+        if ptrs.data.ndim == 2:  # the history tile; mask, index, query and gradient rows are 1-D
+            tiles.append(ptrs.data.shape)
+        return masked_load(self, ptrs, *args, **kwargs)
+
+    monkeypatch.setattr(builder, "create_masked_load", counting)
+    batch, seq_len, dim = len(SPANS), 23, 12
+    positions = torch.arange(seq_len)
+    keep = torch.stack([(positions >= a) & (positions < b) for a, b in SPANS])
+    reps, index, query, _, grad_z = make_gathered(batch, seq_len, dim, 9, torch.float32, torch.device("cpu"), seed=23)
+    with asta.forced_config(BLOCK_L=4, SKIP_EMPTY_TILES=skip):
+        if gathered:
+            run_gathered(reps, index, query, keep, grad_z)
+        else:
+            run_triton(reps[index], query, keep, grad_z)
+    live_tiles = sum(len({int(l) // 4 for l in positions[row]}) for row in keep) if skip else batch * 6
+    assert live_tiles == (11 if skip else 36)
+    assert tiles == [(4, 16)] * (2 * live_tiles)  # forward and backward
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
