@@ -752,7 +752,9 @@ def test_tiles_of_padding_alone_are_skipped_and_the_plain_gradient_stores_zeros(
             got = check_against_oracle(reps[index], query, keep, grad_z)
             assert not got[1][~keep].any()  # exactly 0, not NaN, where no position is live
     # Reading every tile (what bench_asta times the skip against) gives the same bits: a skipped
-    # tile would only have added zeros.
+    # tile would only have added zeros. All but the gathered gradient into reps, which on a GPU
+    # atomic adds from several rows sum in an order of their own in each variant (the last bit
+    # differed on an H200): that one against the oracle, as the skipping variant's is above.
     run = run_gathered if gathered else run_triton
     first = reps if gathered else reps[index]
     args = (first, index, query, keep, grad_z) if gathered else (first, query, keep, grad_z)
@@ -760,8 +762,13 @@ def test_tiles_of_padding_alone_are_skipped_and_the_plain_gradient_stores_zeros(
         skipping = run(*args)
     with asta.forced_config(BLOCK_L=4, SKIP_EMPTY_TILES=False):
         every_tile = run(*args)
-    for s, e in zip(skipping, every_tile):
-        assert torch.equal(s, e)
+    assert torch.equal(skipping[0], every_tile[0]) and torch.equal(skipping[2], every_tile[2])
+    if gathered and device.type == "cuda":
+        want, scale = gathered_oracle(*args)[1], gathered_oracle(reps.abs(), index, query.abs(), keep.double(),
+                                                                  grad_z.abs())[1]
+        assert_close("every tile grad_reps", every_tile[1], want, torch.float32, scale)
+    else:
+        assert torch.equal(skipping[1], every_tile[1])
 
 
 @pytest.mark.skipif(bool(os.environ.get("QIN_TEST_CUDA")),
