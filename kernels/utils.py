@@ -120,14 +120,23 @@ def auto_picks_triton(op: str, dtype: torch.dtype | None, device: torch.device, 
 
 
 def autocast_off(device_type: str):
-    """A context with autocast off on `device_type`, for code whose casts are all explicit; none
-    where it is off already (the usual case: building an autocast object costs host time, a dozen
-    times a step) or on a device type autocast does not know (meta tensors, where torch.autocast
-    itself would raise)."""
-    known = getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))
-    if known(device_type) and torch.is_autocast_enabled(device_type):
+    """A context with autocast off on `device_type`, for code whose casts are all explicit.
+
+    None where autocast is off already and nothing is being traced (the usual eager case: building
+    an autocast object costs host time, a dozen times a step); a traced program (torch.compile,
+    torch.export) records the region, so that it keeps its casts when run under autocast later.
+    None on a device type autocast does not know (meta tensors, where torch.autocast itself would
+    raise). The CPU and CUDA are known without asking: dynamo in torch 2.11 cannot trace
+    torch.amp.is_autocast_available, and a fullgraph compile of the model failed on it."""
+    if device_type not in ("cpu", "cuda") and not _autocast_available(device_type):
+        return contextlib.nullcontext()
+    if torch.is_autocast_enabled(device_type) or torch.compiler.is_compiling():
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _autocast_available(device_type: str) -> bool:
+    return getattr(torch.amp, "is_autocast_available", lambda t: t in ("cpu", "cuda"))(device_type)
 
 
 def launching_on(device: torch.device):

@@ -224,9 +224,12 @@ def test_qnn_under_autocast_keeps_no_16bit_copy_of_the_weight(device, backend):
     assert weight.grad.dtype == bias.grad.dtype == torch.float32
 
 
-def test_autocast_off_turns_autocast_off_where_it_is_on():
+def test_autocast_off_turns_autocast_off_where_it_is_on(monkeypatch):
     """Inside autocast, autocast_off turns it off for its block and back on after; outside, it
-    changes nothing; for meta tensors (a device type autocast does not know) it is no context."""
+    changes nothing; for meta tensors (a device type autocast does not know) it is no context. A
+    program exported outside autocast keeps the region, so run under autocast later it still
+    computes in fp32. For the CPU and CUDA it never asks torch.amp.is_autocast_available, which
+    dynamo in torch 2.11 cannot trace (a fullgraph compile of the model failed on an H200)."""
     from kernels.utils import autocast_off
 
     x = torch.randn(4, 4)
@@ -238,6 +241,19 @@ def test_autocast_off_turns_autocast_off_where_it_is_on():
         assert not torch.is_autocast_enabled("cpu")
     with autocast_off("meta"):
         assert (torch.empty(2, 2, device="meta") @ torch.empty(2, 2, device="meta")).shape == (2, 2)
+
+    class Product(torch.nn.Module):
+        def forward(self, x):
+            with autocast_off("cpu"):
+                return x @ x
+
+    exported = torch.export.export(Product(), (x,)).module()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert exported(x).dtype == torch.float32
+
+    monkeypatch.setattr(torch.amp, "is_autocast_available", lambda t: pytest.fail(f"asked about {t}"))
+    for device_type in ("cpu", "cuda"):
+        autocast_off(device_type)
 
 
 def test_launching_on_names_the_tensors_gpu():
