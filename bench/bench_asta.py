@@ -14,6 +14,8 @@ deduplicated batch) each against the reference, eager and under torch.compile, a
 in bf16, fp32 and fp16; the gathered form with every position live and with real masks, and
 against the torch backend that "auto" trains with. "asta_tile_skip" (CUDA): the Triton gathered
 op on real masks, skipping tiles of padding alone (as it runs) against reading every tile.
+"asta_layout_plain" / "asta_layout_gathered" (CUDA, bf16 and fp16): the Triton ops with every
+position live, in fp32's thread layout (as they run) against Triton's own layout for 16-bit values.
 "asta_reps_gradient": the torch backend's gradient into the representations, as the sparse
 product it trains with and as the index_add_ it uses under CUDA graph capture.
 Forward and forward+backward (gradients of X, t and the four weights), over batch (L=64) and
@@ -22,7 +24,7 @@ like the real data.
 
 Order, so that a time box (bench/gpu_run.sh) cuts the least valuable rows: the bare ops (what the
 targets and MEASURED_FASTER rest on) in every dtype first, bf16 then fp32 then fp16; the tile
-skip in every dtype; then, dtype by dtype, the representations' gradient and the block sweeps.
+skip in every dtype; the 16-bit layouts; then, dtype by dtype, the representations' gradient and the block sweeps.
 Each row is kept (and appended to --csv) as it is measured.
 
 Figures per case: time; "bandwidth" = bytes of history the op must cover (B*L*D elements read
@@ -230,6 +232,29 @@ def _tile_skip_rows(batch, seq_len, dtype, device, copy_gbs):
                           contexts={every_tile: lambda: forced_config(SKIP_EMPTY_TILES=False)})
 
 
+def _layout_rows(batch, seq_len, dtype, device, copy_gbs):
+    """The Triton ops as they run (4 values of a row a thread: fp32's thread layout in every dtype)
+    against the same kernels in Triton's own layout for the dtype (VEC=0: 16 bytes a thread, which
+    for 16-bit values splits a tile's rows over warps), every position live: the plain op and the
+    gathered one. 16-bit dtypes only: in fp32 the two layouts are the same code. Yields each row as
+    it is measured; the layout stays only where this shows it pays."""
+    _, x, mask, _, grad_out = make_block(batch, seq_len, dtype, device, full_mask=True)
+    query = (torch.randn(batch, DIM, device=device, dtype=dtype) / DIM**0.5).requires_grad_()
+    own, as_run = "triton, Triton's own layout", "triton, fp32's layout"
+    contexts = {own: lambda: forced_config(VEC=0)}
+    plain = lambda x, q, m: kernels.sparse_target_attention(x, q, m, backend="triton")
+    yield from _case_rows("asta_layout_plain", {own: plain, as_run: plain}, (x, query, mask), (x, query), grad_out,
+                          x, "batch", batch, dtype, device, copy_gbs, True, speedup="speedup_vs_triton_layout",
+                          contexts=contexts)
+    del x, query, mask, grad_out
+    reps, index, query, mask, grad_out = make_gathered(batch, seq_len, dtype, device, full_mask=True)
+    history = torch.empty(batch, seq_len, DIM, dtype=dtype, device="meta")  # only its size is used
+    gathered = lambda r, i, q, m: kernels.gathered_sparse_target_attention(r, i, q, m, backend="triton")
+    yield from _case_rows("asta_layout_gathered", {own: gathered, as_run: gathered}, (reps, index, query, mask),
+                          (reps, query), grad_out, history, "batch", batch, dtype, device, copy_gbs, True,
+                          speedup="speedup_vs_triton_layout", contexts=contexts)
+
+
 def _reps_gradient_rows(batch, seq_len, dtype, device):
     """The torch backend's gradient into reps, formed both ways it can be on one deduplicated batch:
     the sparse product it trains with (its coalescing sorts 2*B*L entries and sizes the result on
@@ -286,6 +311,10 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
         if device.type == "cuda":
             yield from _tile_skip_rows(paper, HIST_LEN, dtype, device, copy_gbs)
 
+    def layout_rows(dtype):  # whether fp32's thread layout pays for 16-bit values: after the tile skip
+        if device.type == "cuda" and dtype != torch.float32:
+            yield from _layout_rows(paper, HIST_LEN, dtype, device, copy_gbs)
+
     def sweep_rows(dtype):
         yield from _reps_gradient_rows(paper, HIST_LEN, dtype, device)
         if device.type == "cuda":  # every position live: the paper's shape at full density
@@ -295,7 +324,7 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
         for n in lengths:
             yield from _block_rows(length_batch, n, dtype, device, copy_gbs, "history_len", n)
 
-    for rows_of in (op_rows, tile_skip_rows, sweep_rows):
+    for rows_of in (op_rows, tile_skip_rows, layout_rows, sweep_rows):
         for dtype in dtypes:
             if STOPPED.is_set():
                 break

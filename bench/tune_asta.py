@@ -1,13 +1,16 @@
 """Launch configurations of the ASTA kernels, timed on a GPU: which BLOCK_L, num_warps and
-num_stages to launch, per dtype, at the paper's shape (B=8192, L=64, D=384, every position live).
+thread layout (VEC) to launch, per dtype, at the paper's shape (B=8192, L=64, D=384, every
+position live).
 
 Why: on an H200 (bench/results/gpu-h200-2026-12-04) the fp32 forward read the history at 1.09x
 the copy ceiling, the bf16 and fp16 forwards at 0.30x, slower in absolute time on half the bytes.
-One fixed configuration serves every dtype (kernels/sparse_target_attention.py's _config), and
-Triton lays the 16-bit tile out differently: 8 values a thread, so the (8, 512) tile of 4 warps
+In Triton's own layout for 16-bit values (VEC=0: 8 values a thread) the (8, 512) tile of 4 warps
 spreads its 8 rows over 2 warps, and the sum over L crosses warps (shared memory and a barrier
-each trip), where the fp32 tile keeps its 8 rows in each thread. The candidates below keep a row
-block within one warp or not, and 1 or 3 stages; the timings decide.
+each trip), where the fp32 tile keeps its 8 rows in each thread. _config now launches every dtype
+with 4 values a thread (VEC=4, fp32's layout), chosen from the generated code, not yet timed.
+The candidates below keep a row block within one warp or not, in either layout for 16-bit values
+(in fp32 VEC=0 and VEC=4 are the same code); the timings decide. num_stages is not a candidate:
+the L loop has no tl.dot, and 1 or 3 stages give the same PTX (Triton 3.9, sm_90).
 
 Each candidate runs the plain op and the gathered op (the model's), forward and fwd+bwd, inside
 kernels.sparse_target_attention.forced_config; the reference eager and "_config's" lines are the
@@ -32,13 +35,14 @@ from kernels.utils import INTERPRETING
 from kernels.sparse_target_attention import forced_config
 
 # (BLOCK_L, num_warps): with BLOCK_D = 512 each keeps at most 64 values of the tile a thread.
-CANDIDATES = [(8, 2), (8, 4), (8, 8), (16, 4), (16, 8), (32, 8)]
-STAGES = (1, 3)
+CANDIDATES = [(2, 1), (4, 1), (4, 2), (8, 2), (8, 4), (16, 4), (16, 8), (32, 8)]
+# Values of a row a thread (VEC): 4 (fp32's layout), 0 (Triton's own: 8 for 16-bit values).
+LAYOUTS = (4, 0)
 DEFAULT = "_config's"
 
 
-def _name(block_l: int, num_warps: int, num_stages: int) -> str:
-    return f"BLOCK_L={block_l} warps={num_warps} stages={num_stages}"
+def _name(block_l: int, num_warps: int, vec: int) -> str:
+    return f"BLOCK_L={block_l} warps={num_warps} VEC={vec}"
 
 
 def _forms(batch: int, dtype: torch.dtype, device: torch.device) -> dict:
@@ -66,11 +70,11 @@ def _time_modes(call, inputs, grad_out, device) -> dict:
     return {mode: time_ms(fn, device) for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd))}  # its warm-up compiles
 
 
-def _rows(dtype: torch.dtype, device: torch.device, batch: int, stages: tuple[int, ...]):
+def _rows(dtype: torch.dtype, device: torch.device, batch: int, layouts: tuple[int, ...]):
     for form, (op, inputs, grad_out) in _forms(batch, dtype, device).items():
         lines = [("reference eager", None, "torch"), (DEFAULT, None, "triton")]
-        lines += [(_name(bl, nw, ns), dict(BLOCK_L=bl, num_warps=nw, num_stages=ns), "triton")
-                  for bl, nw in CANDIDATES for ns in stages]
+        lines += [(_name(bl, nw, vec), dict(BLOCK_L=bl, num_warps=nw, VEC=vec), "triton")
+                  for bl, nw in CANDIDATES for vec in layouts]
         for provider, cfg, backend in lines:
             if STOPPED.is_set():
                 return
@@ -109,16 +113,17 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
         raise SystemExit("tune_asta times the Triton kernels: it needs a CUDA device (or, to check the "
                          "script alone, TRITON_INTERPRET=1 set before the run)")
     if device.type == "cuda":
-        dtypes, batch, stages = [torch.bfloat16, torch.float32, torch.float16], 8192, STAGES
-    else:  # the CPU checks the script under Triton's interpreter, at a toy size, one stage
-        dtypes, batch, stages = [torch.float32], 4, (1,)
+        dtypes, batch = [torch.bfloat16, torch.float32, torch.float16], 8192
+    else:  # the CPU checks the script under Triton's interpreter, at a toy size
+        dtypes, batch = [torch.float32], 4
     if quick:
         dtypes = dtypes[:2]
     rows: list[dict] = []
     for dtype in dtypes:
         if STOPPED.is_set():
             break
-        keep(rows, _rows(dtype, device, batch, stages), csv)
+        layouts = LAYOUTS[:1] if dtype == torch.float32 else LAYOUTS  # fp32: one code for both
+        keep(rows, _rows(dtype, device, batch, layouts), csv)
     if STOPPED.is_set():
         print("out of time: the cases after the last table line were not run")
     print_table(rows, f"ASTA launch configurations (B={batch}, L={HIST_LEN}, D={DIM}, every position live)")

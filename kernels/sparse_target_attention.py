@@ -63,15 +63,29 @@ def _history_rows(x_ptr, idx_ptr, row, ls, live, L, stride_xb, stride_xl, GATHER
 
 
 @triton.jit
+def _row_offsets(BLOCK_D: tl.constexpr, VEC: tl.constexpr):
+    """0 .. BLOCK_D-1 along a row, read VEC values a thread at a time (VEC=0: as Triton chooses,
+    16 bytes a thread). The thread layout of every tile follows: VEC=4 gives 16-bit rows the layout
+    of fp32 ones (4 values a thread, the warps side by side along D, each thread holding all
+    BLOCK_L rows of its columns, so the sum over L stays in the thread); 16 bytes of 16-bit
+    values put half the warps on other rows, and that sum crosses warps, through shared memory
+    and a barrier, every trip of the L loop."""
+    offs = tl.arange(0, BLOCK_D)
+    if VEC > 0:
+        offs = tl.max_contiguous(offs, VEC)
+    return offs
+
+
+@triton.jit
 def _asta_fwd_kernel(
     x_ptr, idx_ptr, q_ptr, m_ptr, z_ptr,
     L, D, stride_xb, stride_xl,
     GATHER: tl.constexpr, WIDE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_D: tl.constexpr, SKIP_EMPTY_TILES: tl.constexpr,
+    BLOCK_D: tl.constexpr, SKIP_EMPTY_TILES: tl.constexpr, VEC: tl.constexpr,
 ):
     """Row b of z. x rows are strided (unit stride along D); q, m, index and z are contiguous."""
     row = tl.program_id(0).to(tl.int64)  # int64: B*L*D may pass 2**31 elements
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = _row_offsets(BLOCK_D, VEC)
     offs_l = tl.arange(0, BLOCK_L)
     mask_d = offs_d < D
 
@@ -96,13 +110,13 @@ def _asta_bwd_kernel(
     x_ptr, idx_ptr, q_ptr, m_ptr, g_ptr, dx_ptr, dq_ptr,
     L, D, stride_xb, stride_xl,
     GATHER: tl.constexpr, WIDE: tl.constexpr, ACC_DTYPE: tl.constexpr, NEED_DX: tl.constexpr,
-    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SKIP_EMPTY_TILES: tl.constexpr,
+    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr, SKIP_EMPTY_TILES: tl.constexpr, VEC: tl.constexpr,
 ):
     """Row b of dq, and its share of dx (plain: rows b*L.. of a (B*L, D) buffer, stored;
     gathered: rows index[b, l] of a (U, D) fp32/fp64 buffer, atomically added), unless NEED_DX is
     off (x frozen: a fixed item table); g = dz."""
     row = tl.program_id(0).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = _row_offsets(BLOCK_D, VEC)
     offs_l = tl.arange(0, BLOCK_L)
     mask_d = offs_d < D
 
@@ -143,8 +157,8 @@ def _asta_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 
 def _config(seq_len: int, dim: int, interpreting: bool = INTERPRETING) -> dict:
-    """BLOCK_L, BLOCK_D and the launch options for a (L, D) problem (what forced_config sets, in
-    its block).
+    """BLOCK_L, BLOCK_D, VEC and the launch options for a (L, D) problem (what forced_config sets,
+    in its block).
 
     On a GPU a tile holds about 4096 elements (32 fp32 values per thread with 4 warps), which
     keeps the x tile and the backward's dx tile in registers without spills (checked on sm_89 and
@@ -155,35 +169,45 @@ def _config(seq_len: int, dim: int, interpreting: bool = INTERPRETING) -> dict:
     block_d = next_power_of_2(dim)
     if interpreting:
         block_l = min(next_power_of_2(seq_len), max(1, 16384 // block_d), 16)
-        return {**dict(BLOCK_L=block_l, BLOCK_D=block_d, SKIP_EMPTY_TILES=True, num_warps=1, num_stages=1),
-                **_FORCED}
-    block_l = min(next_power_of_2(seq_len), max(1, 4096 // block_d), 16)
-    num_warps = 4 if block_d <= 1024 else (8 if block_d <= 4096 else 16)  # wide rows: more threads, fewer values each
-    # The L loop has no tl.dot for the pipeliner to feed; one stage, and latency is hidden by
-    # the many resident programs (one per row) instead. SKIP_EMPTY_TILES: a tile with no live
-    # position computes nothing (a left-padded history of median 6 items in 64 positions is
-    # mostly such tiles); bench/bench_asta.py times it against reading every tile.
-    return {**dict(BLOCK_L=block_l, BLOCK_D=block_d, SKIP_EMPTY_TILES=True, num_warps=num_warps, num_stages=1),
-            **_FORCED}
+        cfg = dict(BLOCK_L=block_l, BLOCK_D=block_d, SKIP_EMPTY_TILES=True, VEC=4, num_warps=1, num_stages=1)
+    else:
+        block_l = min(next_power_of_2(seq_len), max(1, 4096 // block_d), 16)
+        num_warps = 4 if block_d <= 1024 else (8 if block_d <= 4096 else 16)  # wide rows: more threads, fewer values each
+        # The L loop has no tl.dot for the pipeliner to feed (num_stages changes nothing in the
+        # generated code); latency is hidden by the many resident programs (one per row).
+        # SKIP_EMPTY_TILES: a tile with no live position computes nothing (a left-padded history of
+        # median 6 items in 64 positions is mostly such tiles); bench/bench_asta.py times it against
+        # reading every tile. VEC=4: every dtype gets the thread layout with which the fp32 kernels
+        # read the history at the copy ceiling on an H200 (_row_offsets); 16-bit rows in Triton's own
+        # layout (VEC=0) read half the bytes in more time than fp32 there. bench/bench_asta.py times
+        # the two layouts against each other.
+        cfg = dict(BLOCK_L=block_l, BLOCK_D=block_d, SKIP_EMPTY_TILES=True, VEC=4, num_warps=num_warps, num_stages=1)
+    cfg.update(_FORCED)
+    cfg["VEC"] = min(cfg["VEC"], block_d)  # a row narrower than the vector is one vector
+    return cfg
 
 
 # A launch configuration in force instead of _config's (forced_config): empty in use.
 _FORCED: dict = {}
-FORCEABLE = ("BLOCK_L", "num_warps", "num_stages", "SKIP_EMPTY_TILES")
+FORCEABLE = ("BLOCK_L", "num_warps", "num_stages", "SKIP_EMPTY_TILES", "VEC")
 
 
 @contextlib.contextmanager
 def forced_config(**cfg):
-    """Launch the kernels with `cfg` (any of BLOCK_L, num_warps, num_stages, SKIP_EMPTY_TILES) in
-    place of _config's within the block: for timing candidate configurations on a GPU
-    (bench/tune_asta.py), and the kernels reading every tile against skipping those of padding
-    alone (bench/bench_asta.py). BLOCK_D stays the row's width: the kernels hold a whole row."""
+    """Launch the kernels with `cfg` (any of BLOCK_L, num_warps, num_stages, SKIP_EMPTY_TILES, VEC)
+    in place of _config's within the block: for timing candidate configurations on a GPU
+    (bench/tune_asta.py), and in bench/bench_asta.py the kernels reading every tile against
+    skipping those of padding alone, and Triton's own thread layout (VEC=0) against _config's.
+    BLOCK_D stays the row's width: the kernels hold a whole row."""
     if set(cfg) - set(FORCEABLE):
         raise ValueError(f"forced_config takes {', '.join(FORCEABLE)}; got {', '.join(sorted(set(cfg) - set(FORCEABLE)))}")
     for name, value in cfg.items():
         if name == "SKIP_EMPTY_TILES":
             if type(value) is not bool:
                 raise ValueError(f"forced_config: SKIP_EMPTY_TILES must be True or False; got {value!r}")
+        elif name == "VEC":
+            if type(value) is not int or value < 0 or value & (value - 1):
+                raise ValueError(f"forced_config: VEC must be 0 (Triton's choice) or a power of two; got {value!r}")
         elif type(value) is not int or value < 1 or (name != "num_stages" and value & (value - 1)):
             raise ValueError(f"forced_config: {name} must be a positive integer"
                              f"{'' if name == 'num_stages' else ', a power of two'}; got {value!r}")

@@ -997,8 +997,9 @@ def test_a_forced_launch_configuration_gives_the_ops_result(device):
     history, query, mask, grad_z = make_inputs(3, 7, 20, torch.float32, device, "random", "bool", seed=2)
     reps, index = history[0, :5].clone(), torch.randint(0, 5, (3, 7), device=device)
     own = sta._config(7, 20)["BLOCK_L"]
-    with sta.forced_config(BLOCK_L=2, num_warps=2, num_stages=2):
-        assert sta._config(7, 20)["BLOCK_L"] == 2 != own
+    assert sta._config(7, 20)["VEC"] == 4 and sta._config(7, 2)["VEC"] == 2  # capped at the row's BLOCK_D
+    with sta.forced_config(BLOCK_L=2, num_warps=2, num_stages=2, VEC=0):  # VEC=0: Triton's own layout
+        assert sta._config(7, 20)["BLOCK_L"] == 2 != own and sta._config(7, 20)["VEC"] == 0
         got = run_triton(history, query, mask, grad_z)
         got_gathered = run_gathered(reps, index, query, mask, grad_z)
         with pytest.raises(RuntimeError, match="already in force"):
@@ -1011,8 +1012,9 @@ def test_a_forced_launch_configuration_gives_the_ops_result(device):
                           gathered_oracle(reps, index, query, mask, grad_z)):
         assert_close(what, g, w, torch.float32)
     for bad, match in ((dict(BLOCK_L=3), "power of two"), (dict(num_warps=0), "positive"), (dict(BLOCK_L=True), "integer"),
-                       (dict(SKIP_EMPTY_TILES=0), "True or False; got 0"),
-                       (dict(BLOCK_D=64), "takes BLOCK_L, num_warps, num_stages, SKIP_EMPTY_TILES; got BLOCK_D")):
+                       (dict(SKIP_EMPTY_TILES=0), "True or False; got 0"), (dict(VEC=3), "VEC must be 0 .* got 3"),
+                       (dict(VEC=-4), "VEC must be 0"), (dict(VEC=4.0), "VEC must be 0"),
+                       (dict(BLOCK_D=64), "takes BLOCK_L, num_warps, num_stages, SKIP_EMPTY_TILES, VEC; got BLOCK_D")):
         with pytest.raises(ValueError, match=match):
             with sta.forced_config(**bad):
                 pass

@@ -728,7 +728,7 @@ def test_op_tables_run_bf16_first_and_every_dtypes_ops_before_any_sweep(monkeypa
         return rows
 
     from bench.common import short_dtype as common_name
-    for name in ("_op_rows", "_gathered_rows", "_tile_skip_rows", "_reps_gradient_rows", "_block_rows"):
+    for name in ("_op_rows", "_gathered_rows", "_tile_skip_rows", "_layout_rows", "_reps_gradient_rows", "_block_rows"):
         monkeypatch.setattr(bench_asta, name, fake(name))
     monkeypatch.setattr(bench_asta, "measure_copy_bandwidth_gbs", lambda *args: 1000.0)
     bench_asta.run(torch.device("cuda"), quick=True)
@@ -738,8 +738,11 @@ def test_op_tables_run_bf16_first_and_every_dtypes_ops_before_any_sweep(monkeypa
     last_op = max(i for i, kind in enumerate(kinds) if kind in ("_op_rows", "_gathered_rows"))
     skips = [i for i, kind in enumerate(kinds) if kind == "_tile_skip_rows"]
     sweeps = [i for i, kind in enumerate(kinds) if kind in ("_reps_gradient_rows", "_block_rows")]
-    assert last_op < min(skips) and max(skips) < min(sweeps)  # the ops, then the skip, then the sweeps
+    layouts = [i for i, kind in enumerate(kinds) if kind == "_layout_rows"]
+    # the ops, then the skip, then the layouts, then the sweeps
+    assert last_op < min(skips) and max(skips) < min(layouts) and max(layouts) < min(sweeps)
     assert [order[i][1] for i in skips] == ["bf16", "fp32", "fp16"]
+    assert [order[i][1] for i in layouts] == ["bf16", "fp16"]  # in fp32 the two layouts are one code
     order.clear()
     monkeypatch.setattr(bench_qnn, "measure_matmul_tflops", lambda *args: 100.0)
     monkeypatch.setattr(bench_qnn, "_stack_rows", fake("stack"))
@@ -940,6 +943,30 @@ def test_the_tile_skip_is_timed_against_reading_every_tile(monkeypatch):
     assert flags == sorted(flags) and flags.count(False) == flags.count(True) > 3
 
 
+def test_the_16_bit_layout_is_timed_against_tritons_own(monkeypatch):
+    """bench_asta's asta_layout rows on the CPU (Triton's interpreter, B=4): the plain and the
+    gathered op with every position live, launched with VEC=0 (Triton's own layout) and as they
+    run (VEC=4), with the speed-up over Triton's layout, per form and mode."""
+    from bench import bench_asta
+
+    sta = importlib.import_module("kernels.sparse_target_attention")
+    seen, config = [], sta._config
+    monkeypatch.setattr(sta, "_config", lambda *args, **kw: seen.append(config(*args, **kw)) or seen[-1])
+    rows = list(bench_asta._layout_rows(4, 16, torch.bfloat16, torch.device("cpu"), 10.0))
+    own, as_run = "triton, Triton's own layout", "triton, fp32's layout"
+    for form in ("plain", "gathered"):
+        form_rows = [r for r in rows if r["kernel"] == f"asta_layout_{form}"]
+        assert {(r["provider"], r["mode"]) for r in form_rows if r["metric"] == "time"} == {
+            (p, m) for p in (own, as_run) for m in ("fwd full mask", "fwd+bwd full mask")}
+        assert {(r["provider"], r["mode"]) for r in form_rows if r["metric"] == "speedup_vs_triton_layout"} == {
+            (as_run, "fwd full mask"), (as_run, "fwd+bwd full mask")}
+    # Per form: every launch of Triton's layout, then every launch as the ops run.
+    vecs = [c["VEC"] for c in seen]
+    half = len(vecs) // 2
+    assert vecs[:half] == sorted(vecs[:half]) and vecs[half:] == sorted(vecs[half:])
+    assert vecs.count(0) == vecs.count(4) > 6 and set(vecs) == {0, 4}
+
+
 def test_bad_bench_arguments_are_refused_before_anything_runs(tmp_path, capsys):
     from bench import bench_asta, bench_train, common
     from bench.report import main
@@ -970,11 +997,16 @@ def test_tune_asta_times_each_candidate_and_names_the_fastest(monkeypatch):
     from bench import tune_asta
 
     monkeypatch.setattr(tune_asta, "CANDIDATES", [(2, 1)])
-    rows = list(tune_asta._rows(torch.float32, torch.device("cpu"), 2, (1,)))
+    sta = importlib.import_module("kernels.sparse_target_attention")
+    seen, config = [], sta._config
+    monkeypatch.setattr(sta, "_config", lambda *args, **kw: seen.append(config(*args, **kw)) or seen[-1])
+    rows = list(tune_asta._rows(torch.float32, torch.device("cpu"), 2, (0,)))
     providers = {(r["kernel"], r["provider"], r["mode"]) for r in rows}
     for form in ("plain", "gathered"):
-        for provider in ("reference eager", "_config's", "BLOCK_L=2 warps=1 stages=1"):
+        for provider in ("reference eager", "_config's", "BLOCK_L=2 warps=1 VEC=0"):
             for mode in ("fwd", "fwd+bwd"):
                 assert (f"asta_config_{form}", provider, mode) in providers
+    assert {(c["BLOCK_L"], c["num_warps"], c["VEC"]) for c in seen} == {
+        (config(64, 384)["BLOCK_L"], config(64, 384)["num_warps"], 4), (2, 1, 0)}  # _config's, then the candidate's
     lines = tune_asta.summary(rows)
-    assert len(lines) == 4 and all("BLOCK_L=2 warps=1 stages=1" in line and "x _config's" in line for line in lines)
+    assert len(lines) == 4 and all("BLOCK_L=2 warps=1 VEC=0" in line and "x _config's" in line for line in lines)
