@@ -3,7 +3,8 @@
 Training mode with dropout 0.1, as the model runs it. Per provider, dtype and batch: forward and
 forward+backward time, achieved TFLOP/s (forward 2*B*D*M*D FLOPs, forward+backward 3x) against
 the measured matmul rate of the same device and dtype, peak memory, and speed-up over eager in
-the same run. Plus the 4-layer QNN stack (quadratic + BatchNorm + PReLU + dropout + residual)
+the same run. "qnn_backward" (CUDA, bf16 and fp32-tf32): backward alone, eager's and the Triton
+op's, and each part of the Triton backward timed apart, at the paper's batch. Plus the 4-layer QNN stack (quadratic + BatchNorm + PReLU + dropout + residual)
 forward+backward time and peak memory, eager vs torch.compile vs Triton. On a GPU fp32 runs twice,
 with TF32 off ("fp32") and on ("fp32-tf32"): every path's products follow torch's switch, and
 auto must not lose under either; the matmul ceiling is measured under the same setting. bf16 runs
@@ -12,7 +13,8 @@ train.precision=bf16 calls the op.
 
 Order, so that a time box (bench/gpu_run.sh) cuts the least valuable rows: the op at the paper's
 batch in every precision first (bf16, bf16-autocast, fp32, then fp32-tf32: what the targets and
-MEASURED_FASTER rest on), then the batch sweep and the stack. Each row is kept (and appended to
+MEASURED_FASTER rest on), bf16's and fp32-tf32's each followed by its backward's parts, then the
+batch sweep and the stack. Each row is kept (and appended to
 --csv) as it is measured.
 
     python -m bench.bench_qnn --device cuda [--quick] [--csv out.csv]
@@ -20,6 +22,7 @@ MEASURED_FASTER rest on), then the batch sweep and the stack. Each row is kept (
 from __future__ import annotations
 
 import contextlib
+import importlib
 
 import torch
 
@@ -29,6 +32,9 @@ from bench.common import (STOPPED, keep, kernel_bench_main, make_row, measure_ma
 from kernels import reference
 
 DIM, ROWS, DROPOUT = 1024, 4, 0.1  # the paper's QNN width and num_row
+# The precisions whose backward is timed part by part: bf16, where the Triton op lost most to eager
+# on an H200, and fp32 with TF32, whose products are as fast but whose tensors are twice as wide.
+PARTS_LABELS = ("bf16", "fp32-tf32")
 
 
 def _make(batch, dim, dtype, device):
@@ -102,6 +108,49 @@ def _projection_rows(device, dtype, batches, dim, rate, label):
                     yield make_row("qnn", provider, mode, "peak_memory", "MB", "batch", batch, memory, **kw)
 
 
+def _backward_parts_rows(device, dtype, batch, dim, label):
+    """Backward alone, eager's and the Triton op's (forward run once, its graph kept), then each
+    part of the Triton backward on the tensors it gets: the masked-gradient pass, the products
+    for grad_x and grad_W, grad_b's sum over the batch, and that sum as a product with a ones
+    vector (the alternative). Why: on an H200 (b0662d3) the Triton op's bf16 forward took eager's
+    time and its forward+backward 2.4x eager's, while in fp32 the two were level. Yields each row
+    as it is measured."""
+    qp = importlib.import_module("kernels.quadratic_projection")
+    x, weight, bias, gy = _make(batch, dim, dtype, device)
+    kw = dict(device=device, dtype=label)
+    row = lambda provider, times: make_row("qnn_backward", provider, "bwd", "time", "ms", "batch", batch, times, **kw)
+    ops = {"eager": _providers(device)["eager"],
+           "triton": lambda x, w, b: kernels.quadratic_projection(x, w, b, ROWS, dropout_p=DROPOUT, training=True,
+                                                                  backend="triton")}
+    for provider, op in ops.items():
+        if STOPPED.is_set():
+            return
+        y = op(x, weight, bias)
+        yield row(f"{provider} backward", time_ms(
+            lambda: torch.autograd.grad(y, (x, weight, bias), gy, retain_graph=True), device))
+        del y
+    # The operands as the op's backward has them: x and W in the products' dtype (autocast's under
+    # autocast), s from the forward, gy in y's dtype, grad_x in x's own dtype.
+    on = torch.is_autocast_enabled(device.type)
+    wide = torch.get_autocast_dtype(device.type) if on else dtype
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        xw, ww, bw = x.detach().to(wide), weight.detach().to(wide), bias.detach().to(wide)
+        seed = qp._seed_tensor(0, device)
+        y, s = qp._forward(x.detach(), ww, bw, seed, ROWS, DROPOUT)
+        gy = gy.to(y.dtype)
+        g, gys = qp._masked_gradient(gy, xw, s, seed, ROWS, DROPOUT, x.dtype)
+        ones = torch.ones(batch, device=device, dtype=wide)
+        parts = {"masked-gradient pass": lambda: qp._masked_gradient(gy, xw, s, seed, ROWS, DROPOUT, x.dtype),
+                 "grad_x product": lambda: torch.addmm(gys, g, ww) if x.dtype == wide else gys + g @ ww,
+                 "grad_W product": lambda: g.t() @ xw,
+                 "grad_b sum": lambda: g.sum(0, dtype=s.dtype),
+                 "grad_b as a product with ones": lambda: ones @ g}
+        for provider, part in parts.items():
+            if STOPPED.is_set():
+                return
+            yield row(provider, time_ms(part, device))
+
+
 def _stack_rows(device, dtype, batch, label):
     """Peak memory and time of the model's 4-layer QNN stack, forward+backward: eager, compiled, Triton.
     Yields each row as it is measured."""
@@ -159,6 +208,8 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
         n = 4096 if device.type == "cuda" else 1024  # the size measure_matmul_tflops uses
         yield make_row("matmul", "torch", "ceiling", "tflops", "TFLOP/s", "n", n, rates[label], device=device, dtype=label)
         yield from _projection_rows(device, dtype, batches[:1], dim, rates[label], label)
+        if device.type == "cuda" and label in PARTS_LABELS:  # where the Triton backward's time goes
+            yield from _backward_parts_rows(device, dtype, batches[0], dim, label)
 
     def sweep_rows(label, dtype, amp):  # the other batches, then the 4-layer stack
         yield from _projection_rows(device, dtype, batches[1:], dim, rates[label], label)

@@ -168,15 +168,12 @@ def _forward(x, weight, bias, seed, num_row, p):
     return y, s
 
 
-def _backward(gy, x, weight, s, seed, num_row, p, x_dtype, needs=(True, True, True)):
-    """(grad_x, grad_W, grad_b) from the masked gradient G, formed once, and three vendor products.
-    x is the forward's x in the weight's dtype, as the GEMMs read it; x_dtype is the dtype the
-    forward's x had, which grad_x takes. G is in the weight's dtype; the direct term gy * s of
-    grad_x in x_dtype, as the product y = x * s read x. A gradient not in `needs` (a frozen
-    weight) is left empty, its product not run."""
+def _masked_gradient(gy, x, s, seed, num_row, p, x_dtype):
+    """(G, gy * s): the Triton pass of backward. G (B, M*D) in x's dtype (the weight's, as the
+    GEMMs read it), gy * s in x_dtype."""
     batch, dim = x.shape
     gy = gy.contiguous()
-    g = torch.empty((batch, num_row * dim), device=x.device, dtype=weight.dtype)
+    g = torch.empty((batch, num_row * dim), device=x.device, dtype=x.dtype)
     gys = torch.empty_like(x, dtype=x_dtype)
     if batch:
         cfg = _config(dim)
@@ -184,6 +181,16 @@ def _backward(gy, x, weight, s, seed, num_row, p, x_dtype, needs=(True, True, Tr
         with launching_on(g.device):
             _qnn_masked_grad_kernel[_grid(batch, dim, cfg)](
                 gy, x, s, seed, g, gys, batch, dim, num_row, P=p, ACC_DTYPE=acc, **cfg)
+    return g, gys
+
+
+def _backward(gy, x, weight, s, seed, num_row, p, x_dtype, needs=(True, True, True)):
+    """(grad_x, grad_W, grad_b) from the masked gradient G, formed once, and three vendor products.
+    x is the forward's x in the weight's dtype, as the GEMMs read it; x_dtype is the dtype the
+    forward's x had, which grad_x takes. G is in the weight's dtype; the direct term gy * s of
+    grad_x in x_dtype, as the product y = x * s read x. A gradient not in `needs` (a frozen
+    weight) is left empty, its product not run."""
+    g, gys = _masked_gradient(gy, x, s, seed, num_row, p, x_dtype)
     need_x, need_weight, need_bias = needs
     if not need_x:
         grad_x = gys.new_empty(0)

@@ -751,10 +751,19 @@ def test_op_tables_run_bf16_first_and_every_dtypes_ops_before_any_sweep(monkeypa
         yield from [_row("qnn", "fake", "time", 1.0, dtype)] if batches else []
 
     monkeypatch.setattr(bench_qnn, "_projection_rows", projection)
+
+    def backward_parts(device, dtype, batch, dim, label):
+        order.append((f"backward parts {batch}", label))
+        yield _row("qnn_backward", "fake", "time", 1.0, dtype)
+
+    monkeypatch.setattr(bench_qnn, "_backward_parts_rows", backward_parts)
     bench_qnn.run(torch.device("cuda"), quick=False)
-    assert order[:4] == [("projection [8192]", "bf16"), ("projection [8192]", "bf16-autocast"),
-                         ("projection [8192]", "fp32"), ("projection [8192]", "fp32-tf32")]
-    assert all(kind != "projection [8192]" for kind, _ in order[4:]) and ("stack", "bf16") in order
+    # Each op line, bf16's and fp32-tf32's followed by where its backward's time goes.
+    assert order[:6] == [("projection [8192]", "bf16"), ("backward parts 8192", "bf16"),
+                         ("projection [8192]", "bf16-autocast"), ("projection [8192]", "fp32"),
+                         ("projection [8192]", "fp32-tf32"), ("backward parts 8192", "fp32-tf32")]
+    assert all(kind not in ("projection [8192]", "backward parts 8192") for kind, _ in order[6:])
+    assert ("stack", "bf16") in order
 
 
 def _stop_when(cmd, ready, tmp_path, wait=300):
@@ -965,6 +974,38 @@ def test_the_16_bit_layout_is_timed_against_tritons_own(monkeypatch):
     half = len(vecs) // 2
     assert vecs[:half] == sorted(vecs[:half]) and vecs[half:] == sorted(vecs[half:])
     assert vecs.count(0) == vecs.count(4) > 6 and set(vecs) == {0, 4}
+
+
+@pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
+def test_the_qnn_backward_is_timed_part_by_part(amp):
+    """bench_qnn's qnn_backward rows on the CPU (Triton's interpreter, a toy size): eager's and the
+    Triton op's backward, and each part of the Triton backward, which together make its gradients."""
+    import kernels
+    from bench import bench_qnn
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
+        rows = list(bench_qnn._backward_parts_rows(torch.device("cpu"), torch.float32, 8, 16, "label"))
+    assert [r["provider"] for r in rows] == [
+        "eager backward", "triton backward", "masked-gradient pass", "grad_x product", "grad_W product",
+        "grad_b sum", "grad_b as a product with ones"]
+    assert all(r["kernel"] == "qnn_backward" and r["metric"] == "time" and r["p50"] > 0 for r in rows)
+    # The parts are the op's backward: put together, they give the gradients autograd gets.
+    qp = importlib.import_module("kernels.quadratic_projection")
+    x, weight, bias, gy = bench_qnn._make(8, 16, torch.float32, torch.device("cpu"))
+    seed = qp._seed_tensor(5, x.device)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
+        y = kernels.quadratic_projection(x, weight, bias, bench_qnn.ROWS, dropout_p=bench_qnn.DROPOUT, training=True,
+                                         seed=seed, backend="triton")
+    want = torch.autograd.grad(y, (x, weight, bias), gy)
+    wide = amp or torch.float32
+    xw, ww, bw = x.detach().to(wide), weight.detach().to(wide), bias.detach().to(wide)
+    y, s = qp._forward(x.detach(), ww, bw, seed, bench_qnn.ROWS, bench_qnn.DROPOUT)
+    g, gys = qp._masked_gradient(gy.to(y.dtype), xw, s, seed, bench_qnn.ROWS, bench_qnn.DROPOUT, x.dtype)
+    got = (gys + (g @ ww).to(x.dtype), (g.t() @ xw).to(weight.dtype), g.sum(0, dtype=s.dtype).to(wide).to(bias.dtype))
+    for name, a, b in zip(("grad_x", "grad_W", "grad_b"), got, want):
+        torch.testing.assert_close(a, b, msg=name)
+    torch.testing.assert_close((torch.ones(8, dtype=wide) @ g).float(), g.sum(0, dtype=torch.float32),
+                               **({} if amp is None else dict(rtol=1.6e-2, atol=1e-2)))
 
 
 def test_bad_bench_arguments_are_refused_before_anything_runs(tmp_path, capsys):
