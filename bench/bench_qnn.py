@@ -1,10 +1,10 @@
-"""QNN quadratic projection: eager reference vs torch.compile vs the fused Triton op.
+"""QNN quadratic projection: eager reference vs the torch backend vs torch.compile vs the fused Triton op.
 
 Training mode with dropout 0.1, as the model runs it. Per provider, dtype and batch: forward and
 forward+backward time, achieved TFLOP/s (forward 2*B*D*M*D FLOPs, forward+backward 3x) against
 the measured matmul rate of the same device and dtype, peak memory, and speed-up over eager in
-the same run. "qnn_backward" (CUDA, bf16 and fp32-tf32): backward alone, eager's and the Triton
-op's, and each part of the Triton backward timed apart, at the paper's batch. Plus the 4-layer QNN stack (quadratic + BatchNorm + PReLU + dropout + residual)
+the same run. "qnn_backward" (CUDA, bf16 and fp32-tf32): backward alone, eager's, the torch backend's
+and the Triton op's, and each part of the Triton backward timed apart, at the paper's batch. Plus the 4-layer QNN stack (quadratic + BatchNorm + PReLU + dropout + residual)
 forward+backward time and peak memory, eager vs torch.compile vs Triton. On a GPU fp32 runs twice,
 with TF32 off ("fp32") and on ("fp32-tf32"): every path's products follow torch's switch, and
 auto must not lose under either; the matmul ceiling is measured under the same setting. bf16 runs
@@ -47,10 +47,16 @@ def _make(batch, dim, dtype, device):
 
 
 def _providers(device):
-    """name -> op(x, weight, bias). Triton needs CUDA; compile is tried everywhere and dropped if it
-    fails. Triton before compile: a time box that cuts the stage in a cold compile keeps its line."""
+    """name -> op(x, weight, bias). "eager": autograd through the plain reference, the baseline;
+    "torch backend": what backend="torch" (and "auto" until Triton measures faster) trains with,
+    reference.training_quadratic_projection (on an H200 auto's own timing gave it 1.16 ms fwd+bwd
+    under autocast bf16 where this table's eager line took 0.69: the two had never been timed side
+    by side). Triton needs CUDA; compile is tried everywhere and dropped if it fails. Triton before
+    compile: a time box that cuts the stage in a cold compile keeps its line."""
     eager = lambda x, w, b: reference.quadratic_projection(x, w, b, ROWS, DROPOUT, True)
-    out = {"eager": eager}
+    out = {"eager": eager,
+           "torch backend": lambda x, w, b: kernels.quadratic_projection(x, w, b, ROWS, dropout_p=DROPOUT,
+                                                                          training=True, backend="torch")}
     if device.type == "cuda":
         out["triton"] = lambda x, w, b: kernels.quadratic_projection(
             x, w, b, ROWS, dropout_p=DROPOUT, training=True, backend="triton")
@@ -109,7 +115,7 @@ def _projection_rows(device, dtype, batches, dim, rate, label):
 
 
 def _backward_parts_rows(device, dtype, batch, dim, label):
-    """Backward alone, eager's and the Triton op's (forward run once, its graph kept), then each
+    """Backward alone, eager's, the torch backend's and the Triton op's (forward run once, its graph kept), then each
     part of the Triton backward on the tensors it gets: the masked-gradient pass, the products
     for grad_x and grad_W, grad_b's sum over the batch, and that sum as a product with a ones
     vector (the alternative). Why: on an H200 (b0662d3) the Triton op's bf16 forward took eager's
@@ -119,7 +125,8 @@ def _backward_parts_rows(device, dtype, batch, dim, label):
     x, weight, bias, gy = _make(batch, dim, dtype, device)
     kw = dict(device=device, dtype=label)
     row = lambda provider, times: make_row("qnn_backward", provider, "bwd", "time", "ms", "batch", batch, times, **kw)
-    ops = {"eager": _providers(device)["eager"],
+    providers = _providers(device)
+    ops = {"eager": providers["eager"], "torch backend": providers["torch backend"],
            "triton": lambda x, w, b: kernels.quadratic_projection(x, w, b, ROWS, dropout_p=DROPOUT, training=True,
                                                                   backend="triton")}
     for provider, op in ops.items():

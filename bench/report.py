@@ -432,7 +432,7 @@ REQUIRED_MODES = {**ASTA_TARGET_MODES, "qnn": ("fwd", "fwd+bwd")}
 # (MEASURED_FASTER's main use) the compiled line is the one to beat.
 REQUIRED_TORCH_LINES = {"asta_op": ("reference eager", "reference compile"),
                         "asta_gathered_op": ("reference eager", "torch backend", "reference compile"),
-                        "qnn": ("eager", "compile")}
+                        "qnn": ("eager", "torch backend", "compile")}
 REQUIRED_LABELS = {("qnn", "fp32"): ("fp32", "fp32-tf32"), ("qnn", "bf16"): ("bf16", "bf16-autocast")}
 _TORCH_NAMES = {torch.float32: "torch.float32", torch.bfloat16: "torch.bfloat16", torch.float16: "torch.float16"}
 

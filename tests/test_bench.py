@@ -133,13 +133,14 @@ def _time(kernel, provider, mode, dtype, p50):
 
 
 def _lines(kernel, dtype, times, mode_suffix="", torch_names=("reference eager", "reference compile")):
-    """Rows of one op table: times = {mode: (eager, compiled, triton)}; the gathered op's third
-    torch line (its torch backend) takes the eager time."""
+    """Rows of one op table: times = {mode: (eager, compiled, triton)}; the third torch line of the
+    gathered op's and the QNN's tables (their torch backend, what "auto" trains with) takes the
+    eager time."""
     rows = []
     for mode, values in times.items():
         for provider, p50 in zip((*torch_names, "triton"), values):
             rows.append(_time(kernel, provider, mode + mode_suffix, dtype, p50))
-        if kernel == "asta_gathered_op":
+        if kernel in ("asta_gathered_op", "qnn"):
             rows.append(_time(kernel, "torch backend", mode + mode_suffix, dtype, values[0]))
     return rows
 
@@ -213,6 +214,10 @@ def test_a_case_whose_compiled_line_was_cut_supports_no_entry():
     assert measured_faster(rows, "Fake H200 sm_90") == {("qnn", torch.bfloat16, "Fake H200 sm_90")}
     assert measured_faster(cut, "Fake H200 sm_90") == set()
     assert auto_evidence(cut)[("qnn", "bf16")]["losses"] == ["qnn fwd+bwd bf16-autocast batch=8192: compile missing"]
+    # Nor ahead of the reference without the torch backend that "auto" trains with beside it.
+    no_backend = [r for r in rows if not (r["dtype"] == "bf16" and r["mode"] == "fwd" and r["provider"] == "torch backend")]
+    assert measured_faster(no_backend, "Fake H200 sm_90") == set()
+    assert auto_evidence(no_backend)[("qnn", "bf16")]["losses"] == ["qnn fwd bf16 batch=8192: torch backend missing"]
 
 
 def test_report_says_what_auto_runs_on_the_device(monkeypatch):
@@ -624,7 +629,8 @@ def test_measured_faster_counts_a_missing_triton_line_as_a_loss_and_needs_every_
 
     qnn = ("eager", "compile")
     wins = {"fwd": (1.0, 0.8, 0.7), "fwd+bwd": (3.0, 2.5, 2.0)}
-    cut = [_time("qnn", provider, "fwd+bwd", "bf16", p50) for provider, p50 in (("eager", 9.0), ("compile", 8.0))]
+    cut = [_time("qnn", provider, "fwd+bwd", "bf16", p50)
+           for provider, p50 in (("eager", 9.0), ("torch backend", 9.0), ("compile", 8.0))]
     for row in cut:
         row["x_value"] = 16384  # a case whose triton line the time box cut (or Triton failed)
     rows = (_lines("qnn", "bf16", wins, torch_names=qnn) + cut
@@ -978,15 +984,15 @@ def test_the_16_bit_layout_is_timed_against_tritons_own(monkeypatch):
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
 def test_the_qnn_backward_is_timed_part_by_part(amp):
-    """bench_qnn's qnn_backward rows on the CPU (Triton's interpreter, a toy size): eager's and the
-    Triton op's backward, and each part of the Triton backward, which together make its gradients."""
+    """bench_qnn's qnn_backward rows on the CPU (Triton's interpreter, a toy size): eager's, the torch
+    backend's and the Triton op's backward, and each part of the Triton backward, which together make its gradients."""
     import kernels
     from bench import bench_qnn
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
         rows = list(bench_qnn._backward_parts_rows(torch.device("cpu"), torch.float32, 8, 16, "label"))
     assert [r["provider"] for r in rows] == [
-        "eager backward", "triton backward", "masked-gradient pass", "grad_x product", "grad_W product",
+        "eager backward", "torch backend backward", "triton backward", "masked-gradient pass", "grad_x product", "grad_W product",
         "grad_b sum", "grad_b as a product with ones"]
     assert all(r["kernel"] == "qnn_backward" and r["metric"] == "time" and r["p50"] > 0 for r in rows)
     # The parts are the op's backward: put together, they give the gradients autograd gets.
