@@ -412,6 +412,48 @@ def targets(rows: list[dict], device: torch.device) -> list[str]:
     return lines
 
 
+# -- kernel variants the run decides between ------------------------------------------------------
+
+# (table, the speed-up metric of the variant as it runs over the other, what runs, the other).
+# A variant stays where it is not slower in any case; bench/bench_asta.py times both in one run.
+KERNEL_CHOICES = (
+    ("asta_tile_skip", "speedup_vs_every_tile", "skipping tiles of padding alone (SKIP_EMPTY_TILES)",
+     "reading every tile"),
+    ("asta_layout_plain", "speedup_vs_triton_layout", "16-bit rows in fp32's thread layout (VEC=4)",
+     "Triton's own layout (VEC=0)"),
+    ("asta_layout_gathered", "speedup_vs_triton_layout", "16-bit rows in fp32's thread layout (VEC=4)",
+     "Triton's own layout (VEC=0)"),
+)
+
+
+def kernel_choices(rows: list[dict]) -> list[str]:
+    """For each kernel variant the run timed against its alternative: the ratios per dtype and mode,
+    and whether it stays (not slower in any case timed) or goes. Then where the Triton QNN's
+    backward spends its time (bench_qnn's qnn_backward rows). [] where none of these was timed."""
+    lines = []
+    for table, metric, runs, other in KERNEL_CHOICES:
+        found = [r for r in rows if r["kernel"] == table and r["metric"] == metric and _number(r["p50"])]
+        if not found:
+            continue
+        ratios = [(r["dtype"], r["mode"], _number(r["p50"])) for r in found]
+        verdict = ("stays" if all(x >= 1.0 for *_, x in ratios) else
+                   "slower somewhere: time it again, and revert it where it loses twice")
+        lines += [f"**{table}**: {runs} against {other}: {verdict}.", "",
+                  "| dtype | mode | speed-up |", "|---|---|---|"]
+        lines += [f"| {dtype} | {mode} | {x:.2f}x |" for dtype, mode, x in ratios] + [""]
+    parts = [r for r in rows if r["kernel"] == "qnn_backward" and r["metric"] == "time" and _number(r["p50"])]
+    for dtype in dict.fromkeys(r["dtype"] for r in parts):
+        times = {r["provider"]: _number(r["p50"]) for r in parts if r["dtype"] == dtype}
+        whole = times.get("triton backward")
+        lines += [f"**qnn_backward** {dtype}, batch {next(r['x_value'] for r in parts if r['dtype'] == dtype)}: "
+                  "backward alone, and the Triton backward's parts timed apart"
+                  + (f" (share of its {whole:.3g} ms)" if whole else "") + ":", "",
+                  "| part | ms | share |", "|---|---|---|"]
+        lines += [f"| {name} | {ms:.3g} | {f'{ms / whole:.0%}' if whole and 'backward' not in name else ''} |"
+                  for name, ms in times.items()] + [""]
+    return lines
+
+
 # -- what backend="auto" runs, and what the measurements support adding to MEASURED_FASTER --------
 
 # The op names of kernels.utils.MEASURED_FASTER and the op tables that time each (a table's
@@ -585,6 +627,9 @@ def render(rows: list[dict], failures: list[str], device: torch.device, quick: b
                   ""]
     if timed:
         parts += ['## What backend="auto" runs', ""] + auto_section(rows, device)
+    choices = kernel_choices(rows)
+    if choices:
+        parts += ["## Kernel variants this run decides", ""] + choices
     sections = list(dict.fromkeys(r["section"] for r in rows))
     for section in sections:
         in_section = [r for r in rows if r["section"] == section]

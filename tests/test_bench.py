@@ -647,6 +647,35 @@ def test_measured_faster_counts_a_missing_triton_line_as_a_loss_and_needs_every_
     assert auto_evidence(_lines("qnn", "fp32", {"fwd": (1.0, 0.8)}, torch_names=qnn)) == {}
 
 
+def test_report_says_which_kernel_variants_stay_and_where_the_qnn_backward_goes():
+    from bench.report import kernel_choices, render
+
+    def ratio(kernel, metric, dtype, mode, value):
+        return dict(_time(kernel, "triton", mode, dtype, value), metric=metric, unit="x")
+
+    rows = [ratio("asta_tile_skip", "speedup_vs_every_tile", "bf16", "fwd", 3.0),
+            ratio("asta_tile_skip", "speedup_vs_every_tile", "bf16", "fwd+bwd", 1.3),
+            ratio("asta_layout_plain", "speedup_vs_triton_layout", "bf16", "fwd full mask", 1.6),
+            ratio("asta_layout_plain", "speedup_vs_triton_layout", "fp16", "fwd+bwd full mask", 0.9),
+            _time("asta_layout_plain", "triton, fp32's layout", "fwd full mask", "bf16", 0.2)]  # a time: no ratio
+    rows += [dict(_time("qnn_backward", provider, "bwd", "bf16", ms))
+             for provider, ms in (("eager backward", 0.4), ("triton backward", 1.2), ("masked-gradient pass", 0.9),
+                                  ("grad_x product", 0.1))]
+    text = "\n".join(kernel_choices(rows))
+    assert "**asta_tile_skip**: skipping tiles of padding alone (SKIP_EMPTY_TILES) against reading every tile: stays." in text
+    assert "| bf16 | fwd | 3.00x |" in text and "| bf16 | fwd+bwd | 1.30x |" in text
+    assert ("**asta_layout_plain**: 16-bit rows in fp32's thread layout (VEC=4) against Triton's own layout (VEC=0): "
+            "slower somewhere") in text and "| fp16 | fwd+bwd full mask | 0.90x |" in text
+    assert "asta_layout_gathered" not in text  # not timed: no line
+    assert "(share of its 1.2 ms)" in text and "| masked-gradient pass | 0.9 | 75% |" in text
+    assert "| eager backward | 0.4 |  |" in text  # a whole backward has no share of another
+    assert kernel_choices([_time("qnn", "eager", "fwd", "bf16", 1.0)]) == []
+    for r in rows:
+        r.update(section="ASTA", device="cuda", timestamp="", torch="", triton="", commit="")
+    report = render(rows, [], torch.device("cpu"), True, [], None)
+    assert "## Kernel variants this run decides" in report and "**asta_tile_skip**" in report
+
+
 def test_a_cut_off_csv_line_is_left_out_of_the_report_and_named(tmp_path):
     from bench import csv_report
     from bench.common import append_csv, make_row
