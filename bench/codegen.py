@@ -75,6 +75,8 @@ def compile_case(case: dict, arch: int, dtype: str = "") -> dict:
     options = {"num_warps": case.get("num_warps", 4)}
     if case.get("num_stages") is not None:
         options["num_stages"] = case["num_stages"]
+    if case.get("maxnreg") is not None:  # a register cap the launcher sets
+        options["maxnreg"] = case["maxnreg"]
     src = ASTSource(case["fn"], case["signature"], case.get("constexprs") or {}, case.get("attrs"))
     # Triton and ptxas may print diagnostics; keep stdout clean for --json.
     with contextlib.redirect_stdout(sys.stderr):

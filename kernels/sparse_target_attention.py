@@ -187,6 +187,22 @@ def _config(seq_len: int, dim: int, interpreting: bool = INTERPRETING) -> dict:
     return cfg
 
 
+# The register cap of the 16-bit forwards' launches on a GPU. ptxas, told the block size (Triton
+# emits .reqntid) but no cap, spilled a register of the 16-bit plain forward inside its loop for
+# sm_90 to reach a higher occupancy tier (56 registers and 8 bytes of stack, with the ptxas of
+# Triton 3.3 and 3.6; not with 3.9's). With a cap of 72, what the fp32 forwards use, every forward
+# keeps all in registers with each of those versions, for sm_89 and sm_90 (tests/test_codegen.py;
+# a cap of 64 spilled for sm_89). fp32 launches keep ptxas's own choice.
+FORWARD_MAX_REGISTERS_16_BIT = 72
+
+
+def _register_cap(x: torch.Tensor) -> dict:
+    """The forward's launch option maxnreg, where it is set (see FORWARD_MAX_REGISTERS_16_BIT)."""
+    if INTERPRETING or x.element_size() != 2:
+        return {}
+    return {"maxnreg": FORWARD_MAX_REGISTERS_16_BIT}
+
+
 # A launch configuration in force instead of _config's (forced_config): empty in use.
 _FORCED: dict = {}
 FORCEABLE = ("BLOCK_L", "num_warps", "num_stages", "SKIP_EMPTY_TILES", "VEC")
@@ -265,7 +281,7 @@ def _forward(x, index, query, mask):
         _asta_fwd_kernel[(batch,)](
             x, index if index is not None else mask, query, mask, z, seq_len, dim, *_strides(x, index),
             GATHER=index is not None, WIDE=_wide(x, index, seq_len), ACC_DTYPE=_acc_dtype(x.dtype),
-            **_config(seq_len, dim),
+            **_config(seq_len, dim), **_register_cap(x),
         )
     return z
 
@@ -441,9 +457,10 @@ def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """One dict per kernel launched in training at B=8192, L=64, D=384 (mask in x's dtype, as the
     model passes it): the plain and the gathered forms.
 
-    Each has name, fn, signature, constexprs, attrs, num_warps, num_stages, so that
-    triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 89, 32),
-    options=dict(num_warps=..., num_stages=...)) builds the kernel the wrapper would launch.
+    Each has name, fn, signature, constexprs, attrs, num_warps, num_stages (and the 16-bit
+    forwards maxnreg), so that triton.compile(ASTSource(fn, signature, constexprs, attrs),
+    target=GPUTarget("cuda", 89, 32), options=dict(num_warps=..., num_stages=..., maxnreg=...))
+    builds the kernel the wrapper would launch.
     attrs repeats the alignment facts the JIT derives from the real arguments (16-byte-aligned
     pointers, ints divisible by 16); without them the loads are not vectorised.
     """
@@ -464,8 +481,10 @@ def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
         signature = {arg: types[arg] for arg in fn.arg_names}  # in the kernel's argument order
         aligned = [*pointers, "idx_ptr", *(k for k, v in ints.items() if v % 16 == 0 and v)]
         attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in aligned}
-        return dict(name=name, fn=fn, signature=signature, constexprs=constexprs, attrs=attrs,
-                    num_warps=num_warps, num_stages=num_stages)
+        launch = dict(num_warps=num_warps, num_stages=num_stages)
+        if fn is _asta_fwd_kernel and torch.empty(0, dtype=dtype).element_size() == 2:
+            launch["maxnreg"] = FORWARD_MAX_REGISTERS_16_BIT  # as _forward launches it (_register_cap)
+        return dict(name=name, fn=fn, signature=signature, constexprs=constexprs, attrs=attrs, **launch)
 
     fwd = ("x_ptr", "q_ptr", "m_ptr", "z_ptr")
     bwd = ("x_ptr", "q_ptr", "m_ptr", "g_ptr", "dx_ptr", "dq_ptr")

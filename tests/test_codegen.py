@@ -139,6 +139,23 @@ def test_asta_16_bit_tiles_have_the_fp32_layout(records, kernel, dtype, arch):
         f"{kernel} sm_{arch}: {dtype} needs {rec['registers']} registers a thread, fp32 {fp32['registers']}")
 
 
+def test_the_16_bit_forwards_launch_with_the_register_cap_their_code_is_checked_with(monkeypatch):
+    """The cases above compile the 16-bit forwards with maxnreg (without it ptxas spilled one for
+    sm_90 with Triton 3.3 and 3.6); the launcher must set the same cap, and none for fp32 or under
+    the interpreter."""
+    import torch
+
+    sta = importlib.import_module("kernels.sparse_target_attention")
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        caps = {c["name"]: c.get("maxnreg") for c in sta.codegen_cases(dtype)}
+        want = sta.FORWARD_MAX_REGISTERS_16_BIT if dtype != torch.float32 else None
+        assert caps == {"asta_fwd": want, "asta_bwd": None, "asta_gather_fwd": want, "asta_gather_bwd": None}, dtype
+        monkeypatch.setattr(sta, "INTERPRETING", False)
+        assert sta._register_cap(torch.empty(0, dtype=dtype)) == ({"maxnreg": want} if want else {})
+        monkeypatch.setattr(sta, "INTERPRETING", True)
+        assert sta._register_cap(torch.empty(0, dtype=dtype)) == {}
+
+
 @pytest.mark.parametrize("kernel,dtype,arch", _params(QNN_KERNELS))
 def test_qnn_passes_use_128_bit_accesses(records, kernel, dtype, arch):
     rec = _record(records, kernel, dtype, arch)
