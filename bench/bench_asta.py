@@ -236,8 +236,10 @@ def _layout_rows(batch, seq_len, dtype, device, copy_gbs):
     """The Triton ops as they run (4 values of a row a thread: fp32's thread layout in every dtype)
     against the same kernels in Triton's own layout for the dtype (VEC=0: 16 bytes a thread, which
     for 16-bit values splits a tile's rows over warps), every position live: the plain op and the
-    gathered one. 16-bit dtypes only: in fp32 the two layouts are the same code. Yields each row as
-    it is measured; the layout stays only where this shows it pays."""
+    gathered one. The forced line is the kernels as they were before the layout changed (no
+    register cap either: kernels.sparse_target_attention._register_cap). 16-bit dtypes only: in
+    fp32 the two layouts are the same code. Yields each row as it is measured; the layout stays
+    only where this shows it pays."""
     _, x, mask, _, grad_out = make_block(batch, seq_len, dtype, device, full_mask=True)
     query = (torch.randn(batch, DIM, device=device, dtype=dtype) / DIM**0.5).requires_grad_()
     own, as_run = "triton, Triton's own layout", "triton, fp32's layout"

@@ -9,7 +9,9 @@ spreads its 8 rows over 2 warps, and the sum over L crosses warps (shared memory
 each trip), where the fp32 tile keeps its 8 rows in each thread. _config now launches every dtype
 with 4 values a thread (VEC=4, fp32's layout), chosen from the generated code, not yet timed.
 The candidates below keep a row block within one warp or not, in either layout for 16-bit values
-(in fp32 VEC=0 and VEC=4 are the same code); the timings decide. num_stages is not a candidate:
+(in fp32 VEC=0 and VEC=4 are the same code); the timings decide. A candidate launches with ptxas's
+own register allocation; "_config's" line with _config's cap on the 16-bit forwards (maxnreg 72),
+which a winner would need checked again. num_stages is not a candidate:
 the L loop has no tl.dot, and 1 or 3 stages give the same PTX (Triton 3.9, sm_90).
 
 Each candidate runs the plain op and the gathered op (the model's), forward and fwd+bwd, inside

@@ -192,13 +192,15 @@ def _config(seq_len: int, dim: int, interpreting: bool = INTERPRETING) -> dict:
 # sm_90 to reach a higher occupancy tier (56 registers and 8 bytes of stack, with the ptxas of
 # Triton 3.3 and 3.6; not with 3.9's). With a cap of 72, what the fp32 forwards use, every forward
 # keeps all in registers with each of those versions, for sm_89 and sm_90 (tests/test_codegen.py;
-# a cap of 64 spilled for sm_89). fp32 launches keep ptxas's own choice.
+# a cap of 64 spilled for sm_89). fp32 launches keep ptxas's own choice, and so do configurations
+# forced_config sets: the cap is checked for _config's alone (Triton's own 16-bit layout, VEC=0,
+# spilled under it for sm_89, and larger tiles need more registers).
 FORWARD_MAX_REGISTERS_16_BIT = 72
 
 
 def _register_cap(x: torch.Tensor) -> dict:
     """The forward's launch option maxnreg, where it is set (see FORWARD_MAX_REGISTERS_16_BIT)."""
-    if INTERPRETING or x.element_size() != 2:
+    if INTERPRETING or x.element_size() != 2 or _FORCED:
         return {}
     return {"maxnreg": FORWARD_MAX_REGISTERS_16_BIT}
 

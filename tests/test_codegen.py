@@ -141,8 +141,8 @@ def test_asta_16_bit_tiles_have_the_fp32_layout(records, kernel, dtype, arch):
 
 def test_the_16_bit_forwards_launch_with_the_register_cap_their_code_is_checked_with(monkeypatch):
     """The cases above compile the 16-bit forwards with maxnreg (without it ptxas spilled one for
-    sm_90 with Triton 3.3 and 3.6); the launcher must set the same cap, and none for fp32 or under
-    the interpreter."""
+    sm_90 with Triton 3.3 and 3.6); the launcher must set the same cap, and none for fp32, under
+    the interpreter, or for a forced configuration (the old layout spilled under it for sm_89)."""
     import torch
 
     sta = importlib.import_module("kernels.sparse_target_attention")
@@ -152,6 +152,8 @@ def test_the_16_bit_forwards_launch_with_the_register_cap_their_code_is_checked_
         assert caps == {"asta_fwd": want, "asta_bwd": None, "asta_gather_fwd": want, "asta_gather_bwd": None}, dtype
         monkeypatch.setattr(sta, "INTERPRETING", False)
         assert sta._register_cap(torch.empty(0, dtype=dtype)) == ({"maxnreg": want} if want else {})
+        with sta.forced_config(VEC=0):  # a forced configuration (timed against _config's) gets ptxas's own choice
+            assert sta._register_cap(torch.empty(0, dtype=dtype)) == {}
         monkeypatch.setattr(sta, "INTERPRETING", True)
         assert sta._register_cap(torch.empty(0, dtype=dtype)) == {}
 
