@@ -25,8 +25,9 @@ backend in eval (and in training at p = 0 on the Triton backend); kernels/refere
 literal M-group form as the oracle, and the torch backend trains with it (with dropout as
 reference.training_quadratic_projection, which keeps what these kernels keep).
 
-The dropout stream: element (b, r, j) of the hidden keeps iff tl.rand(seed, b*M*D + r*D + j) >= p
-(int32 offsets). The seed is an int64 tensor input of the op (drawn on the device from torch's
+The dropout stream: the groups go in quads (r = 4q + i, i < 4); element (b, r, j) of the hidden
+keeps iff the i-th number of tl.rand4x(seed, (b * ceil(M/4) + q) * D + j) is >= p (int32 counters):
+one Philox call draws four groups' decisions. The seed is an int64 tensor input of the op (drawn on the device from torch's
 generator when not given), so a compiled graph replays it; `dropout_keep_mask` regenerates the
 mask, for tests and replays.
 """
@@ -48,9 +49,35 @@ _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _keep(seed, offsets, p):
-    """The dropout decision shared by every kernel: one Philox draw per hidden element."""
-    return tl.rand(seed, offsets) >= p
+def _keep4(seed, draws, p):
+    """The dropout decisions of four groups at once, shared by every kernel: one Philox call gives
+    four independent numbers, one per group of the quad (a draw each would spend 4x the integer
+    work, which bound these passes on an H200: bench/results/gpu-h200-2026-12-04-3f11c2d)."""
+    u0, u1, u2, u3 = tl.rand4x(seed, draws)
+    return u0 >= p, u1 >= p, u2 >= p, u3 >= p
+
+
+@triton.jit
+def _draws(offs_b, offs_d, quad, D, M):
+    """The Philox counters of one quad of groups (r = 4*quad .. 4*quad + 3) for a (b, j) tile."""
+    return (offs_b[:, None] * tl.cdiv(M, 4) + quad) * D + offs_d[None, :]
+
+
+@triton.jit
+def _kept_group(h_ptr, offs_b, offs_d, r, M, D, tile_mask, keep, scale, ACC_DTYPE: tl.constexpr):
+    """keep * h_r / (1-p) for group r of the tile; zero for r >= M (the last quad's unused lanes)."""
+    column = r * D + offs_d[None, :]  # past M * D exactly where r >= M
+    hidden = offs_b[:, None] * (M * D) + column
+    h = tl.load(h_ptr + hidden, mask=tile_mask & (column < M * D), other=0.0).to(ACC_DTYPE)
+    return tl.where(keep, h * scale, 0.0)
+
+
+@triton.jit
+def _store_group(g_ptr, offs_b, offs_d, r, M, D, tile_mask, keep, gs):
+    """G of group r for the tile: gs where kept, else 0; nothing for r >= M."""
+    column = r * D + offs_d[None, :]  # past M * D exactly where r >= M
+    hidden = offs_b[:, None] * (M * D) + column
+    tl.store(g_ptr + hidden, tl.where(keep, gs, 0.0).to(g_ptr.dtype.element_ty), mask=tile_mask & (column < M * D))
 
 
 @triton.jit
@@ -70,10 +97,12 @@ def _qnn_dropout_sum_kernel(
     p = tl.full((), P, tl.float32)
     seed = tl.load(seed_ptr)
     s = tl.zeros((BLOCK_B, BLOCK_D), dtype=ACC_DTYPE)
-    for r in range(0, M):
-        hidden = offs_b[:, None] * (M * D) + r * D + offs_d[None, :]
-        h = tl.load(h_ptr + hidden, mask=tile_mask, other=0.0).to(ACC_DTYPE)
-        s += tl.where(_keep(seed, hidden, p), h * scale, 0.0)
+    for quad in range(0, tl.cdiv(M, 4)):
+        k0, k1, k2, k3 = _keep4(seed, _draws(offs_b, offs_d, quad, D, M), p)
+        s += _kept_group(h_ptr, offs_b, offs_d, 4 * quad, M, D, tile_mask, k0, scale, ACC_DTYPE)
+        s += _kept_group(h_ptr, offs_b, offs_d, 4 * quad + 1, M, D, tile_mask, k1, scale, ACC_DTYPE)
+        s += _kept_group(h_ptr, offs_b, offs_d, 4 * quad + 2, M, D, tile_mask, k2, scale, ACC_DTYPE)
+        s += _kept_group(h_ptr, offs_b, offs_d, 4 * quad + 3, M, D, tile_mask, k3, scale, ACC_DTYPE)
     tile = offs_b[:, None] * D + offs_d[None, :]
     x = tl.load(x_ptr + tile, mask=tile_mask, other=0.0).to(ACC_DTYPE)
     tl.store(y_ptr + tile, (x * s).to(y_ptr.dtype.element_ty), mask=tile_mask)
@@ -98,19 +127,28 @@ def _qnn_masked_grad_kernel(
     x = tl.load(x_ptr + tile, mask=tile_mask, other=0.0).to(ACC_DTYPE)
     s = tl.load(s_ptr + tile, mask=tile_mask, other=0.0).to(ACC_DTYPE)
     gs = gy * x * scale
-    for r in range(0, M):
-        hidden = offs_b[:, None] * (M * D) + r * D + offs_d[None, :]
-        g = tl.where(_keep(seed, hidden, p), gs, 0.0)
-        tl.store(g_ptr + hidden, g.to(g_ptr.dtype.element_ty), mask=tile_mask)
+    for quad in range(0, tl.cdiv(M, 4)):
+        k0, k1, k2, k3 = _keep4(seed, _draws(offs_b, offs_d, quad, D, M), p)
+        _store_group(g_ptr, offs_b, offs_d, 4 * quad, M, D, tile_mask, k0, gs)
+        _store_group(g_ptr, offs_b, offs_d, 4 * quad + 1, M, D, tile_mask, k1, gs)
+        _store_group(g_ptr, offs_b, offs_d, 4 * quad + 2, M, D, tile_mask, k2, gs)
+        _store_group(g_ptr, offs_b, offs_d, 4 * quad + 3, M, D, tile_mask, k3, gs)
     tl.store(gys_ptr + tile, (gy * s).to(gys_ptr.dtype.element_ty), mask=tile_mask)
 
 
 @triton.jit
-def _qnn_keep_mask_kernel(out_ptr, n, seed, p, BLOCK: tl.constexpr):
-    """Element e of the flat (B, M*D) hidden: 1 if kept. Same offsets as the kernels above."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    keep = _keep(seed, offs, tl.cast(p, tl.float32))
-    tl.store(out_ptr + offs, keep.to(tl.int8), mask=offs < n)
+def _qnn_keep_mask_kernel(out_ptr, B, D, M, seed, p, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (B, M*D) keep mask as int8, 1 where kept: the kernels' draws, for one (b, j) tile."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tile_mask = (offs_b < B)[:, None] & (offs_d < D)[None, :]
+    one = tl.full((BLOCK_B, BLOCK_D), 1, tl.int8)
+    for quad in range(0, tl.cdiv(M, 4)):
+        k0, k1, k2, k3 = _keep4(seed, _draws(offs_b, offs_d, quad, D, M), tl.cast(p, tl.float32))
+        _store_group(out_ptr, offs_b, offs_d, 4 * quad, M, D, tile_mask, k0, one)
+        _store_group(out_ptr, offs_b, offs_d, 4 * quad + 1, M, D, tile_mask, k1, one)
+        _store_group(out_ptr, offs_b, offs_d, 4 * quad + 2, M, D, tile_mask, k2, one)
+        _store_group(out_ptr, offs_b, offs_d, 4 * quad + 3, M, D, tile_mask, k3, one)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,14 +156,15 @@ def _qnn_keep_mask_kernel(out_ptr, n, seed, p, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------------------------
 
 def _config(dim: int, interpreting: bool = INTERPRETING) -> dict:
-    """Tiles of the two elementwise passes. On a GPU 16 x 128 = 2048 elements per program with
-    4 warps: 16 values a thread, 128-bit accesses along D, 55-80 registers next to the Philox
-    state, so these memory-bound passes keep 0.375-0.75 of the SM's warps resident (32 x 128
-    needed 95-168 registers: 0.19-0.42). Checked by tests/test_codegen.py. The interpreter runs
+    """Tiles of the two elementwise passes (and of the mask kernel). On a GPU 8 x 128 = 1024 (b, j)
+    positions per program with 4 warps: 8 values a thread, 128-bit accesses along D, and for a
+    quad of groups 8 Philox states of four outputs each: 64-76 registers (Triton 3.9, sm_89/sm_90),
+    0.44-0.67 of the SM's warps resident. 16 x 128 needed 112-168 registers (0.19-0.33), where
+    one draw a group had needed 55-80. Checked by tests/test_codegen.py. The interpreter runs
     each program in numpy: fewer, larger programs are faster there."""
     if interpreting:
         return dict(BLOCK_B=16, BLOCK_D=64, num_warps=1, num_stages=1)
-    return dict(BLOCK_B=16, BLOCK_D=128 if dim >= 128 else 64, num_warps=4, num_stages=1)
+    return dict(BLOCK_B=8, BLOCK_D=128 if dim >= 128 else 64, num_warps=4, num_stages=1)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -344,9 +383,10 @@ def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: 
         raise ValueError(f"a mask of {n} elements does not fit the kernels' int32 offsets")
     out = torch.empty((batch, num_row * dim), dtype=torch.int8, device=device)
     if n:
-        block = 4096 if INTERPRETING else 1024  # the interpreter: few large numpy programs
+        cfg = _config(dim)
         with launching_on(device):
-            _qnn_keep_mask_kernel[(triton.cdiv(n, block),)](out, n, seed, p, BLOCK=block)
+            _qnn_keep_mask_kernel[_grid(batch, dim, cfg)](out, batch, dim, num_row, seed, p, BLOCK_B=cfg["BLOCK_B"],
+                                                          BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
     return out.bool()
 
 

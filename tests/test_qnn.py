@@ -155,6 +155,20 @@ def test_kept_fraction_is_one_minus_p(device, p):
     assert not torch.equal(mask[0], mask[1]) and not torch.equal(mask[:, :256], mask[:, 256:512])
 
 
+def test_groups_draw_independently_within_and_across_quads(device):
+    """One Philox call draws the decisions of four groups (r = 4q .. 4q+3): each group keeps at
+    1 - p, and every pair of groups, in one quad or two, keeps together at (1 - p)^2, as independent
+    draws do (M=6: a full quad and a partial one)."""
+    p, batch, num_row, dim = 0.5, 64, 6, 256
+    keep = dropout_keep_mask(11, batch, num_row, dim, p, device).view(batch, num_row, dim).double().cpu()
+    q, n = 1 - p, batch * dim
+    for r in range(num_row):
+        assert abs(keep[:, r].mean().item() - q) <= 5 * math.sqrt(p * q / n), r
+        for other in range(r + 1, num_row):
+            both = (keep[:, r] * keep[:, other]).mean().item()
+            assert abs(both - q * q) <= 5 * math.sqrt(q * q * (1 - q * q) / n), (r, other, both)
+
+
 def test_zero_dropout_mask_keeps_everything(device):
     assert dropout_keep_mask(3, 5, 2, 7, 0.0, device).all()
 
