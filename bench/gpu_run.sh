@@ -10,16 +10,22 @@
 # GPU_RUN_CAP_<stage> seconds for one stage instead of its cap below, e.g. GPU_RUN_CAP_train=300
 # GPU_RUN_STAGES="device tune" GPU_RUN_CAP_tune=300: the ASTA kernels' launch configurations timed
 #                    (bench/tune_asta.py, to tune.csv; 3-5 minutes), not a default stage either
+# GPU_RUN_STAGES="device fullrun": `qin train` to its end, eager and then as CUDA graphs, bf16,
+#                    on a generated dataset of 500k rows (bench/full_run.py: compile time, samples/s
+#                    per epoch, AUC, into bench.log; at most 300 s), not a default stage either
 # GPU_RUN_PARITY_ARGS more arguments for `qin parity`. parity is not a default stage: it does not
 #                    fit beside the benchmarks and the tests. A second call runs it alone (its full
 #                    check with --training takes about 5-8 minutes),
 #                    GPU_RUN_STAGES="device parity" GPU_RUN_CAP_parity=540 GPU_RUN_PARITY_ARGS=--training
-# The default caps (train 125, asta 95, qnn 65, report 20, profile 20, tests 220 on a GPU) sum to
-# 545 s of the 560: the device stage takes the rest. On the H200 (2026-12-04) the stages took train
+# The default caps (train 120, asta 110, qnn 70, report 20, profile 20, tests 200 on a GPU) sum to
+# 540 s of the 560: the device stage takes the rest. On the H200 (2026-12-04) the stages took train
 # 108 s, report 8, profile 12, tests 175, while asta and qnn were stopped at 60 and 50 s before
 # their last rows: their caps took the others' spare time. In its second run (b0662d3) they took
 # train 95, asta 89, qnn 51, report 8, profile 15, and the tests ran out of their 180 s four tests
-# before the end: the tests' cap took the others' spare time. Until the tests stage runs, the stages
+# before the end. In the third (3f11c2d, asta and qnn given 115 and 75 s) train 113, asta 103, qnn
+# 66, report 11, profile 17, and the tests ran out of 220 s three tests before the end, one test
+# having taken 77 s in inductor's first compile of the process (it now traces with
+# backend="eager"). Until the tests stage runs, the stages
 # before it keep the tests' cap in reserve, so a slow stage (or one that needs timeout's KILL)
 # shortens the benchmarks, never the CUDA suite. Within a stage the most valuable rows come first
 # (bench_asta and bench_qnn: bf16 first, fp16 last, every dtype's op rows before any sweep;
@@ -57,6 +63,7 @@ if [ "${GPU_RUN_DRY:-0}" = 1 ]; then
   REPORT=(--device cpu)  # the training step timed at full length (8 steps): no --quick caveat
   PROFILE=(--batch 64 --steps 1 --top 5)
   TUNE=(env TRITON_INTERPRET=1 python3 -m bench.tune_asta --quick)  # the interpreter: checks the script alone
+  FULLRUN=(python3 -m bench.full_run --device cpu --rows 3000 --items 300 --epochs 2 --batch 512)  # eager alone
   TESTS_CAP=60
   # The CPU compiles two variants of the paper's model (minutes), and its op tables take a minute
   # or two on a loaded 2-core machine: more than the GPU's caps (a stage cut short here would
@@ -68,7 +75,8 @@ else
   REPORT=(--device cuda --quick)  # its verdicts say they come from --quick timings
   PROFILE=(--batch 8192 --steps 5 --top 15)
   TUNE=(python3 -m bench.tune_asta)
-  TESTS_CAP=220
+  FULLRUN=(python3 -m bench.full_run --device cuda)
+  TESTS_CAP=200
 fi
 BUDGET=${GPU_RUN_BUDGET:-560}
 TESTS_CAP=${GPU_RUN_CAP_tests:-$TESTS_CAP}
@@ -113,9 +121,9 @@ if [[ $STAGES == *" device "* ]]; then
   cat "$OUT/device.txt"
 fi
 
-stage train 125 "$OUT/bench.log" python3 -m bench.bench_train --device "$DEV" "${TRAIN[@]}" --csv "$OUT/results.csv"
-stage asta 95 "$OUT/bench.log" python3 -m bench.bench_asta --device "$DEV" --quick --csv "$OUT/results.csv"
-stage qnn 65 "$OUT/bench.log" python3 -m bench.bench_qnn --device "$DEV" --quick --csv "$OUT/results.csv"
+stage train 120 "$OUT/bench.log" python3 -m bench.bench_train --device "$DEV" "${TRAIN[@]}" --csv "$OUT/results.csv"
+stage asta 110 "$OUT/bench.log" python3 -m bench.bench_asta --device "$DEV" --quick --csv "$OUT/results.csv"
+stage qnn 70 "$OUT/bench.log" python3 -m bench.bench_qnn --device "$DEV" --quick --csv "$OUT/results.csv"
 stage report 20 "$OUT/bench.log" python3 -m bench.csv_report "$OUT/results.csv" "${REPORT[@]}" --out "$OUT/report.md"
 stage profile 20 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" "${PROFILE[@]}" \
   --precision fp32 bf16 --out "$OUT/profile.md"
@@ -123,7 +131,8 @@ stage profile 20 "$OUT/bench.log" python3 -m bench.profile_step --device "$DEV" 
 # (a compiled training step replayed as CUDA graphs; the file's other tests are CPU ones) and the
 # registered ops (opcheck, and their autocast on CUDA: bf16 and fp16). The one test of
 # test_ops.py that compiles for the CPU stays CI's. Then the kernels against float64 and
-# backend="auto". -v names every test that ran before a time box; a failure does not stop the rest.
+# backend="auto". -v names every test that ran before a time box, with its seconds (tests/conftest.py); a
+# failure does not stop the rest.
 # cuBLAS under torch.use_deterministic_algorithms (test_choice) needs a fixed workspace on older CUDA.
 CUDA_TESTS=(tests/test_cuda_graphs.py::test_compiled_training_step_runs_as_cuda_graphs
   tests/test_ops.py --deselect tests/test_ops.py::test_compiled_torch_backend_keeps_no_history
@@ -136,6 +145,7 @@ else  # collected only: on the CPU the kernel tests run through Triton's interpr
   stage tests "$TESTS_CAP" "$OUT/tests_cuda.log" python3 -m pytest "${CUDA_TESTS[@]}" -q -p no:cacheprovider --collect-only
 fi
 stage tune 300 "$OUT/bench.log" "${TUNE[@]}" --device "$DEV" --csv "$OUT/tune.csv"
+stage fullrun 300 "$OUT/bench.log" "${FULLRUN[@]}"
 if [[ $STAGES == *" parity "* ]]; then
   if python3 -m qin parity --help > /dev/null 2>&1; then
     # shellcheck disable=SC2086  # the arguments are meant to split

@@ -34,6 +34,14 @@ settings.register_profile("cuda", deadline=None, max_examples=8, derandomize=Tru
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cuda" if os.environ.get("QIN_TEST_CUDA") else "ci"))
 
 
+def pytest_report_teststatus(report, config):
+    """On CUDA (QIN_TEST_CUDA=1, bench/gpu_run.sh's tests stage, run with -v) each passed test's line
+    says its seconds: that stage runs in a time box, which kills pytest before --durations prints."""
+    if os.environ.get("QIN_TEST_CUDA") and report.when == "call" and report.passed:
+        return "passed", ".", f"PASSED {report.duration:.1f}s"
+    return None
+
+
 @pytest.fixture(autouse=True)
 def same_random_state_whatever_ran_before():
     """torch's global generator seeded afresh for every test function: what its body draws without a

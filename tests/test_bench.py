@@ -299,6 +299,17 @@ def test_gpu_run_dry_mode_runs_its_stages_on_the_cpu(tmp_path):
     assert len(list(out.rglob("*"))) <= 8
 
 
+def test_gpu_run_full_run_stage_trains_to_the_end_on_the_cpu(tmp_path):
+    """The fullrun stage (bench/full_run.py): on the CPU the eager run alone, to its last epoch,
+    its table in bench.log."""
+    result, out = _gpu_run(tmp_path, GPU_RUN_STAGES="device fullrun")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "stage fullrun: exit 0" in (out / "device.txt").read_text()
+    log = (out / "bench.log").read_text()
+    assert "| run | wall s |" in log and "| eager |" in log and "CUDA graphs |" not in log
+    assert len([line for line in log.splitlines() if line.startswith("| eager |")]) == 2  # both epochs
+
+
 def test_gpu_run_skips_a_stage_the_budget_cannot_fit(tmp_path):
     result, out = _gpu_run(tmp_path, GPU_RUN_STAGES="report", GPU_RUN_BUDGET="5")
     assert result.returncode == 1
