@@ -115,7 +115,7 @@ def _projection_rows(device, dtype, batches, dim, rate, label):
 
 
 def _backward_parts_rows(device, dtype, batch, dim, label):
-    """Backward alone, eager's, the torch backend's and the Triton op's (forward run once, its graph kept), then each
+    """Forward with its graph kept, then backward alone, eager's, the torch backend's and the Triton op's, then each
     part of the Triton backward on the tensors it gets: the masked-gradient pass, the products
     for grad_x and grad_W, grad_b's sum over the batch, and that sum as a product with a ones
     vector (the alternative). Why: on an H200 (b0662d3) the Triton op's bf16 forward took eager's
@@ -124,7 +124,8 @@ def _backward_parts_rows(device, dtype, batch, dim, label):
     qp = importlib.import_module("kernels.quadratic_projection")
     x, weight, bias, gy = _make(batch, dim, dtype, device)
     kw = dict(device=device, dtype=label)
-    row = lambda provider, times: make_row("qnn_backward", provider, "bwd", "time", "ms", "batch", batch, times, **kw)
+    row = lambda provider, times, mode="bwd": make_row("qnn_backward", provider, mode, "time", "ms", "batch", batch,
+                                                       times, **kw)
     providers = _providers(device)
     ops = {"eager": providers["eager"], "torch backend": providers["torch backend"],
            "triton": lambda x, w, b: kernels.quadratic_projection(x, w, b, ROWS, dropout_p=DROPOUT, training=True,
@@ -132,6 +133,10 @@ def _backward_parts_rows(device, dtype, batch, dim, label):
     for provider, op in ops.items():
         if STOPPED.is_set():
             return
+        # The forward as training runs it, grad on and its graph kept: the op table's "fwd" runs
+        # under no_grad, where the torch backend takes the plain reference, not its autograd
+        # Function (on the H200 at 3f11c2d its fwd+bwd exceeded its fwd plus its backward by 0.3 ms).
+        yield row(f"{provider} forward, graph kept", time_ms(lambda: op(x, weight, bias), device), "fwd (grad on)")
         y = op(x, weight, bias)
         yield row(f"{provider} backward", time_ms(
             lambda: torch.autograd.grad(y, (x, weight, bias), gy, retain_graph=True), device))

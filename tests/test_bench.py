@@ -672,6 +672,7 @@ def test_report_says_which_kernel_variants_stay_and_where_the_qnn_backward_goes(
     rows += [dict(_time("qnn_backward", provider, "bwd", "bf16", ms))
              for provider, ms in (("eager backward", 0.4), ("triton backward", 1.2), ("masked-gradient pass", 0.9),
                                   ("grad_x product", 0.1))]
+    rows += [_time("qnn_backward", "torch backend forward, graph kept", "fwd (grad on)", "bf16", 0.5)]
     text = "\n".join(kernel_choices(rows))
     assert "**asta_tile_skip**: skipping tiles of padding alone (SKIP_EMPTY_TILES) against reading every tile: stays." in text
     assert "| bf16 | fwd | 3.00x |" in text and "| bf16 | fwd+bwd | 1.30x |" in text
@@ -680,6 +681,7 @@ def test_report_says_which_kernel_variants_stay_and_where_the_qnn_backward_goes(
     assert "asta_layout_gathered" not in text  # not timed: no line
     assert "(share of its 1.2 ms)" in text and "| masked-gradient pass | 0.9 | 75% |" in text
     assert "| eager backward | 0.4 |  |" in text  # a whole backward has no share of another
+    assert "| torch backend forward, graph kept | 0.5 |  |" in text  # nor a forward
     assert kernel_choices([_time("qnn", "eager", "fwd", "bf16", 1.0)]) == []
     for r in rows:
         r.update(section="ASTA", device="cuda", timestamp="", torch="", triton="", commit="")
@@ -1032,8 +1034,10 @@ def test_the_qnn_backward_is_timed_part_by_part(amp):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):
         rows = list(bench_qnn._backward_parts_rows(torch.device("cpu"), torch.float32, 8, 16, "label"))
     assert [r["provider"] for r in rows] == [
-        "eager backward", "torch backend backward", "triton backward", "masked-gradient pass", "grad_x product", "grad_W product",
+        "eager forward, graph kept", "eager backward", "torch backend forward, graph kept", "torch backend backward",
+        "triton forward, graph kept", "triton backward", "masked-gradient pass", "grad_x product", "grad_W product",
         "grad_b sum", "grad_b as a product with ones"]
+    assert {r["mode"] for r in rows if "forward" in r["provider"]} == {"fwd (grad on)"}
     assert all(r["kernel"] == "qnn_backward" and r["metric"] == "time" and r["p50"] > 0 for r in rows)
     # The parts are the op's backward: put together, they give the gradients autograd gets.
     qp = importlib.import_module("kernels.quadratic_projection")
