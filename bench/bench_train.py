@@ -16,6 +16,7 @@ keeps every variant finished before it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ BF16, FP16 = torch.bfloat16, torch.float16
 # A variant's "compiled" field beyond True/False: compile_model(cuda_graphs=True); or eager with
 # the model made graph-safe (qin.model.make_graph_safe), which waits for the device nowhere.
 CUDA_GRAPHS, GRAPH_SAFE = "cuda graphs", "graph-safe eager"
+# ... or eager with the QNN's torch path as plain autograd through the reference (qnn_through_autograd).
+QNN_AUTOGRAD = "qnn through autograd"
 # (name, config overrides, torch.compile the model (or the two above), autocast dtype or None). The
 # stock recipes a user has without us (the literal model, eager or compiled, fp32 or under
 # autocast bf16) sit beside ours, so every ratio is against the strongest torch-only alternative
@@ -59,6 +62,8 @@ VARIANTS = [
     ("default (auto)", {}, False, None),  # what `qin train` runs: the kernels' backend="auto"
     ("default (auto), autocast bf16", {}, False, BF16),
     ("default (auto) graph-safe, autocast bf16", {}, GRAPH_SAFE, BF16),  # is the eager default's waiting costly?
+    # Does the torch QNN path's autograd Function cost time in the step? (qnn_through_autograd)
+    ("default (auto), QNN through autograd, autocast bf16", {}, QNN_AUTOGRAD, BF16),
     (f"default (auto){BF16_OP}, autocast bf16", dict(asta_precision="autocast"), False, BF16),
     # Compiled, in the order of what they decide, should the time box stop the table early:
     # the strongest stock recipe (every bf16 target's yardstick), then ours in bf16, then fp32.
@@ -84,6 +89,26 @@ PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 # replay, so its figure likely leaves out the step's activations: a metric of its own, compared
 # with no other variant's peak (it feeds no target).
 GRAPHS_MEMORY = "peak_memory_beyond_graph_pool"
+
+
+@contextlib.contextmanager
+def qnn_through_autograd():
+    """The QNN's torch path (what backend="auto" trains with until Triton measures faster) as plain
+    autograd through the reference, bench_qnn's "eager" line, instead of its memory-saving autograd
+    Function (reference.training_quadratic_projection). On the H200 at 3f11c2d the op alone ran
+    faster so: bf16 fwd+bwd 0.586 ms against the Function's 0.95, under autocast 0.799 against 1.13."""
+    from kernels import reference
+
+    kept = reference.training_quadratic_projection
+
+    def plain(x, weight, bias, num_row, dropout_p, training, dtype):
+        return reference.quadratic_projection(x, weight, bias, num_row, dropout_p, training)
+
+    reference.training_quadratic_projection = plain
+    try:
+        yield
+    finally:
+        reference.training_quadratic_projection = kept
 
 
 def saved_bytes(forward, resident_tensors) -> int:
@@ -167,7 +192,10 @@ def run_batch(device: torch.device, quick: bool, batch: int):
         if device.type != "cuda" and (name not in CPU_VARIANTS or (quick and compiled)):
             print(f"skipped on the CPU: {name} (GPU only: Triton, or too slow here to say anything)")
             continue
+        patch = contextlib.ExitStack()
         try:
+            if how == QNN_AUTOGRAD:
+                patch.enter_context(qnn_through_autograd())
             model = build(QINConfig(**overrides), device)
             optimizer = make_optimizer(model, 2e-3)  # the trainer's own optimizer, for every variant
             if how == GRAPH_SAFE:
@@ -218,6 +246,7 @@ def run_batch(device: torch.device, quick: bool, batch: int):
         except Exception as exc:  # report and go on: one broken variant must not hide the others
             print(f"variant {name!r} failed: {type(exc).__name__}: {exc}")
         finally:
+            patch.close()
             model = optimizer = forward = step = scaler = None  # free this variant's weights before the next
             if compiled:
                 torch._dynamo.reset()  # the next compiled variant starts from an empty cache

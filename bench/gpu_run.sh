@@ -17,7 +17,7 @@
 #                    fit beside the benchmarks and the tests. A second call runs it alone (its full
 #                    check with --training takes about 5-8 minutes),
 #                    GPU_RUN_STAGES="device parity" GPU_RUN_CAP_parity=540 GPU_RUN_PARITY_ARGS=--training
-# The default caps (train 120, asta 110, qnn 75, report 20, profile 20, tests 200 on a GPU) sum to
+# The default caps (train 125, asta 110, qnn 75, report 20, profile 20, tests 195 on a GPU) sum to
 # 545 s of the 560: the device stage takes the rest. On the H200 (2026-12-04) the stages took train
 # 108 s, report 8, profile 12, tests 175, while asta and qnn were stopped at 60 and 50 s before
 # their last rows: their caps took the others' spare time. In its second run (b0662d3) they took
@@ -76,7 +76,7 @@ else
   PROFILE=(--batch 8192 --steps 5 --top 15)
   TUNE=(python3 -m bench.tune_asta)
   FULLRUN=(python3 -m bench.full_run --device cuda)
-  TESTS_CAP=200
+  TESTS_CAP=195
 fi
 BUDGET=${GPU_RUN_BUDGET:-560}
 TESTS_CAP=${GPU_RUN_CAP_tests:-$TESTS_CAP}
@@ -121,7 +121,7 @@ if [[ $STAGES == *" device "* ]]; then
   cat "$OUT/device.txt"
 fi
 
-stage train 120 "$OUT/bench.log" python3 -m bench.bench_train --device "$DEV" "${TRAIN[@]}" --csv "$OUT/results.csv"
+stage train 125 "$OUT/bench.log" python3 -m bench.bench_train --device "$DEV" "${TRAIN[@]}" --csv "$OUT/results.csv"
 stage asta 110 "$OUT/bench.log" python3 -m bench.bench_asta --device "$DEV" --quick --csv "$OUT/results.csv"
 stage qnn 75 "$OUT/bench.log" python3 -m bench.bench_qnn --device "$DEV" --quick --csv "$OUT/results.csv"
 stage report 20 "$OUT/bench.log" python3 -m bench.csv_report "$OUT/results.csv" "${REPORT[@]}" --out "$OUT/report.md"

@@ -247,7 +247,7 @@ def test_report_says_what_auto_runs_on_the_device(monkeypatch):
 
 
 def test_every_training_variant_is_a_valid_config():
-    from bench.bench_train import CPU_VARIANTS, CUDA_GRAPHS, GRAPH_SAFE, VARIANTS
+    from bench.bench_train import CPU_VARIANTS, CUDA_GRAPHS, GRAPH_SAFE, QNN_AUTOGRAD, VARIANTS
     from qin.config import QINConfig
 
     names = [name for name, *_ in VARIANTS]
@@ -255,7 +255,7 @@ def test_every_training_variant_is_a_valid_config():
     for name, overrides, compiled, amp in VARIANTS:
         QINConfig(**overrides).validate()
         assert amp in (None, torch.bfloat16, torch.float16), name
-        assert compiled in (False, True, CUDA_GRAPHS, GRAPH_SAFE), name
+        assert compiled in (False, True, CUDA_GRAPHS, GRAPH_SAFE, QNN_AUTOGRAD), name
 
 
 def _gpu_run(tmp_path, rows=(), **env):
@@ -885,6 +885,22 @@ def test_profile_step_ranks_the_operators_and_gives_per_step_times_that_add_up(t
     assert sum(ms for ms, _ in rows) == pytest.approx(float(total), abs=0.001 * len(rows))
     assert sum(share for _, share in rows) == pytest.approx(100.0, abs=0.05 * len(rows))
     assert 0.5 * wall < float(total) <= 1.05 * wall
+
+
+def test_the_qnn_through_autograd_variant_trains_the_plain_reference_and_restores_the_function():
+    """bench_train's QNN_AUTOGRAD variant: inside qnn_through_autograd the model's torch QNN path is
+    autograd through the reference (no autograd Function in the graph), and after it the Function."""
+    import kernels
+    from bench.bench_train import qnn_through_autograd
+    from kernels import reference
+
+    x, weight, bias = (torch.randn(*shape, requires_grad=True) for shape in ((4, 8), (16, 8), (16,)))
+    op = lambda: kernels.quadratic_projection(x, weight, bias, 2, dropout_p=0.1, training=True, backend="torch")
+    with qnn_through_autograd():
+        inside = op().grad_fn
+    assert "TrainingQuadraticProjection" not in type(inside).__name__
+    assert "TrainingQuadraticProjection" in type(op().grad_fn).__name__
+    assert reference.training_quadratic_projection.__name__ == "training_quadratic_projection"
 
 
 def test_profile_says_when_the_host_bounds_a_step():
