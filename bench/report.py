@@ -426,10 +426,18 @@ KERNEL_CHOICES = (
 )
 
 
+# (variant, the training step it runs against, what it decides): bench/bench_train.py times both.
+STEP_CHOICES = (
+    ("default (auto), QNN through autograd, autocast bf16", "default (auto), autocast bf16",
+     "the QNN's torch path as plain autograd through the reference, against its autograd Function"),
+)
+
+
 def kernel_choices(rows: list[dict]) -> list[str]:
     """For each kernel variant the run timed against its alternative: the ratios per dtype and mode,
     and whether it stays (not slower in any case timed) or goes. Then where the Triton QNN's
-    backward spends its time (bench_qnn's qnn_backward rows). [] where none of these was timed."""
+    backward spends its time (bench_qnn's qnn_backward rows), and each training-step variant of
+    STEP_CHOICES against the step it would replace. [] where none of these was timed."""
     lines = []
     for table, metric, runs, other in KERNEL_CHOICES:
         found = [r for r in rows if r["kernel"] == table and r["metric"] == metric and _number(r["p50"])]
@@ -451,6 +459,16 @@ def kernel_choices(rows: list[dict]) -> list[str]:
                   "| part | ms | share |", "|---|---|---|"]
         lines += [f"| {name} | {ms:.3g} | {f'{ms / whole:.0%}' if whole and 'ward' not in name else ''} |"
                   for name, ms in times.items()] + [""]
+    for variant, baseline, decides in STEP_CHOICES:
+        found = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "throughput"]
+        ours = {r["x_value"]: _number(r["p50"]) for r in found if r["provider"] == variant}
+        base = {r["x_value"]: _number(r["p50"]) for r in found if r["provider"] == baseline}
+        for batch in (b for b in ours if ours[b] and base.get(b)):
+            ratio = ours[batch] / base[batch]
+            verdict = ("faster by more than a training step's noise: time it again, and switch where it wins twice"
+                       if ratio > 1.1 else "not faster beyond the noise: the default stays")
+            lines += [f"**train_step**, batch {batch}: {decides}: {ratio:.2f}x ({ours[batch]:,.0f} against "
+                      f"{base[batch]:,.0f} samples/s); {verdict}.", ""]
     return lines
 
 

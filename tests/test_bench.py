@@ -683,6 +683,14 @@ def test_report_says_which_kernel_variants_stay_and_where_the_qnn_backward_goes(
     assert "| eager backward | 0.4 |  |" in text  # a whole backward has no share of another
     assert "| torch backend forward, graph kept | 0.5 |  |" in text  # nor a forward
     assert kernel_choices([_time("qnn", "eager", "fwd", "bf16", 1.0)]) == []
+    step = lambda provider, value: dict(_time("train_step", provider, "full", "bf16", value), metric="throughput")
+    steps = kernel_choices([step("default (auto), autocast bf16", 800_000.0),
+                            step("default (auto), QNN through autograd, autocast bf16", 960_000.0)])
+    assert any("against its autograd Function: 1.20x (960,000 against 800,000 samples/s); faster" in line
+               for line in steps), steps
+    steps = kernel_choices([step("default (auto), autocast bf16", 800_000.0),
+                            step("default (auto), QNN through autograd, autocast bf16", 820_000.0)])
+    assert any("1.02x" in line and "the default stays" in line for line in steps), steps
     for r in rows:
         r.update(section="ASTA", device="cuda", timestamp="", torch="", triton="", commit="")
     report = render(rows, [], torch.device("cpu"), True, [], None)
