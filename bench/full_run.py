@@ -30,8 +30,8 @@ COMPILE_LINE = "torch.compile: the first step took "
 def train(data: Path, out: Path, device: str, graphs: bool, epochs: int, batch: int, precision: str) -> dict:
     """One `qin train` run; its wall seconds, the compile seconds it logged, its metrics.jsonl."""
     command = [sys.executable, "-m", "qin", "train", "--data", str(data), "--out", str(out),
-               f"train.device={device}", f"train.epochs={epochs}", f"train.batch_size={batch}", f"train.precision={precision}",
-               f"train.cuda_graphs={str(graphs).lower()}", "train.patience=100"]
+               f"train.device={device}", f"train.epochs={epochs}", f"train.batch_size={batch}",
+               f"train.precision={precision}", f"train.cuda_graphs={str(graphs).lower()}", "train.patience=100"]
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start

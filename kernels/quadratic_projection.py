@@ -27,9 +27,9 @@ reference.training_quadratic_projection, which keeps what these kernels keep).
 
 The dropout stream: the groups go in quads (r = 4q + i, i < 4); element (b, r, j) of the hidden
 keeps iff the i-th number of tl.rand4x(seed, (b * ceil(M/4) + q) * D + j) is >= p (int32 counters):
-one Philox call draws four groups' decisions. The seed is an int64 tensor input of the op (drawn on the device from torch's
-generator when not given), so a compiled graph replays it; `dropout_keep_mask` regenerates the
-mask, for tests and replays.
+one Philox call draws four groups' decisions. The seed is an int64 tensor input of the op (drawn
+on the device from torch's generator when not given), so a compiled graph replays it;
+`dropout_keep_mask` regenerates the mask, for tests and replays.
 """
 from __future__ import annotations
 
