@@ -310,6 +310,17 @@ def test_gpu_run_full_run_stage_trains_to_the_end_on_the_cpu(tmp_path):
     assert len([line for line in log.splitlines() if line.startswith("| eager |")]) == 2  # both epochs
 
 
+def test_full_run_reads_the_compile_time_the_trainer_logs():
+    import inspect
+
+    from bench.full_run import COMPILE_LINE, compile_seconds
+    from qin import train
+
+    assert f'f"{COMPILE_LINE}{{' in inspect.getsource(train)  # the trainer still logs it so
+    assert compile_seconds(f"epoch 1\n[qin] {COMPILE_LINE}41.5 s, compilation included\n") == 41.5
+    assert compile_seconds("epoch 1: train loss 0.5") is None
+
+
 def test_gpu_run_skips_a_stage_the_budget_cannot_fit(tmp_path):
     result, out = _gpu_run(tmp_path, GPU_RUN_STAGES="report", GPU_RUN_BUDGET="5")
     assert result.returncode == 1
