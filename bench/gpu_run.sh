@@ -24,10 +24,9 @@
 # train 95, asta 89, qnn 51, report 8, profile 15, and the tests ran out of their 180 s four tests
 # before the end. In the third (3f11c2d, asta and qnn given 115 and 75 s) train 113, asta 103, qnn
 # 66, report 11, profile 17, and the tests ran out of 220 s three tests before the end, one test
-# having taken 77 s in inductor's first compile of the process (it now traces with
-# backend="eager"). Until the tests stage runs, the stages
-# before it keep the tests' cap in reserve, so a slow stage (or one that needs timeout's KILL)
-# shortens the benchmarks, never the CUDA suite. Within a stage the most valuable rows come first
+# having taken 77 s in inductor's first compile of the process (it now traces with backend="eager").
+# Until the tests stage runs, the stages before it keep the tests' cap in reserve, so a slow stage
+# (or one that needs timeout's KILL) shortens the benchmarks, never the CUDA suite. Within a stage the most valuable rows come first
 # (bench_asta and bench_qnn: bf16 first, fp16 last, every dtype's op rows before any sweep;
 # bench_train: the eager variants, then the compiled ones, the stock recipe first), and every
 # row is in results.csv as soon as it is measured.

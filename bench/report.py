@@ -457,10 +457,11 @@ def kernel_choices(rows: list[dict]) -> list[str]:
                   "forward with its graph kept and backward alone, and the Triton backward's parts timed apart"
                   + (f" (share of its {whole:.3g} ms)" if whole else "") + ":", "",
                   "| part | ms | share |", "|---|---|---|"]
-        lines += [f"| {name} | {ms:.3g} | {f'{ms / whole:.0%}' if whole and 'ward' not in name else ''} |"
+        whole_ops = ("forward, graph kept", "backward")  # a whole forward or backward: no share of another
+        lines += [f"| {name} | {ms:.3g} | {f'{ms / whole:.0%}' if whole and not name.endswith(whole_ops) else ''} |"
                   for name, ms in times.items()] + [""]
+    found = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "throughput"]
     for variant, baseline, decides in STEP_CHOICES:
-        found = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "throughput"]
         ours = {r["x_value"]: _number(r["p50"]) for r in found if r["provider"] == variant}
         base = {r["x_value"]: _number(r["p50"]) for r in found if r["provider"] == baseline}
         for batch in (b for b in ours if ours[b] and base.get(b)):
