@@ -27,8 +27,8 @@ import importlib
 import torch
 
 import kernels
-from bench.common import (STOPPED, keep, kernel_bench_main, make_row, measure_matmul_tflops, peak_memory_mb,
-                          print_table, time_ms)
+from bench.common import (STOPPED, host_ms, host_rows, keep, kernel_bench_main, make_row, measure_matmul_tflops,
+                          peak_memory_mb, print_table, time_ms)
 from kernels import reference
 
 DIM, ROWS, DROPOUT = 1024, 4, 0.1  # the paper's QNN width and num_row
@@ -112,6 +112,9 @@ def _projection_rows(device, dtype, batches, dim, rate, label):
                 memory = peak_memory_mb(fn, device)
                 if memory is not None:
                     yield make_row("qnn", provider, mode, "peak_memory", "MB", "batch", batch, memory, **kw)
+                if device.type == "cuda" and mode == "fwd+bwd":  # bound by its launches? (at 3f11c2d the
+                    # torch backend's fwd+bwd took 0.36 ms more than eager's in bf16, its fp32 no more)
+                    yield from host_rows("qnn", provider, mode, "batch", batch, host_ms(fn, device), times[0], **kw)
 
 
 def _backward_parts_rows(device, dtype, batch, dim, label):

@@ -84,6 +84,23 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
     return percentiles(samples)
 
 
+def host_ms(fn: Callable[[], object], device: torch.device, reps: int = 5) -> tuple[float, float, float]:
+    """(p50, p20, p80) milliseconds the host spends in fn(): each call starts with the device idle
+    and is not waited for at its end. A call whose launches (Python, dispatch, kernel launches)
+    take longer than its kernels shows here about the time time_ms gives it: it is bound by the
+    host, and a faster GPU would not speed it up. A device-bound call shows much less. A wait for
+    the device inside fn() (a host sync) counts. On the CPU, where the host does the work, the
+    same as time_ms."""
+    samples = []
+    for _ in range(reps):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    synchronize(device)
+    return percentiles(samples)
+
+
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
     # "inclusive": within the samples' range; the default extrapolates past it, far for a few
     # samples (3 epochs of 10, 300, 300 gave a p20 of -48).
@@ -153,6 +170,15 @@ def make_row(kernel: str, provider: str, mode: str, metric: str, unit: str, x_na
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__, "triton": triton_version(), "commit": git_commit(),
     }
+
+
+def host_rows(kernel: str, provider: str, mode: str, x_name: str, x_value, host: tuple[float, float, float],
+              device_ms: float, device: torch.device, dtype) -> list[dict]:
+    """The rows of a host_ms timing beside the call's time_ms median `device_ms`: the host's
+    milliseconds ("host_time"), and their share of the call ("host_share"; about 1 or more: the
+    call is bound by its launches, not by its kernels)."""
+    return [make_row(kernel, provider, mode, "host_time", "ms", x_name, x_value, host, device, dtype),
+            make_row(kernel, provider, mode, "host_share", "x", x_name, x_value, host[0] / device_ms, device, dtype)]
 
 
 SHORT_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64"}

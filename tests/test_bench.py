@@ -781,6 +781,30 @@ def test_cuda_timing_repeats_a_slow_step_and_fills_time_with_a_fast_op(monkeypat
     assert 19 < p20 <= p50 <= p80 < 2000  # milliseconds (a sleep of 20 ms; a loaded host adds to it)
 
 
+def test_host_time_counts_the_call_alone_each_started_with_the_device_idle(monkeypatch):
+    import time
+
+    from bench import common
+
+    waits = []
+
+    def synchronize(device=None):  # a device that takes 50 ms to go idle
+        waits.append(1)
+        time.sleep(0.05)
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    calls = []
+    p50, p20, p80 = common.host_ms(lambda: (calls.append(len(waits)), time.sleep(0.005)), torch.device("cuda"), reps=4)
+    assert calls == [1, 2, 3, 4]  # each call after a wait for the device
+    assert len(waits) == 5  # and one after the last: nothing is left running
+    assert 4.9 < p20 <= p50 <= p80 < 45  # milliseconds: the call's 5, none of the waits' 50
+    device_ms = 10.0
+    rows = common.host_rows("train_step", "default", "full", "batch", 64, (p50, p20, p80), device_ms,
+                            torch.device("cpu"), "bf16")
+    assert [r["metric"] for r in rows] == ["host_time", "host_share"]
+    assert rows[1]["p50"] == pytest.approx(p50 / device_ms)
+
+
 def test_op_tables_run_bf16_first_and_every_dtypes_ops_before_any_sweep(monkeypatch):
     from bench import bench_asta, bench_qnn
 
