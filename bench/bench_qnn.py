@@ -27,8 +27,8 @@ import importlib
 import torch
 
 import kernels
-from bench.common import (STOPPED, host_ms, host_rows, keep, kernel_bench_main, make_row, measure_matmul_tflops,
-                          peak_memory_mb, print_table, time_ms)
+from bench.common import (STOPPED, device_kernels, host_ms, host_rows, keep, kernel_bench_main, make_row,
+                          measure_matmul_tflops, peak_memory_mb, print_table, time_ms)
 from kernels import reference
 
 DIM, ROWS, DROPOUT = 1024, 4, 0.1  # the paper's QNN width and num_row
@@ -144,6 +144,14 @@ def _backward_parts_rows(device, dtype, batch, dim, label):
         yield row(f"{provider} backward", time_ms(
             lambda: torch.autograd.grad(y, (x, weight, bias), gy, retain_graph=True), device))
         del y
+        if device.type == "cuda":  # the kernels of one fwd+bwd: against its time, how long the GPU sat idle
+            total, listing = device_kernels(lambda: torch.autograd.grad(op(x, weight, bias), (x, weight, bias), gy),
+                                            device)
+            yield make_row("qnn_backward", f"{provider} fwd+bwd, its kernels' time", "fwd+bwd", "kernel_time", "ms",
+                           "batch", batch, total, **kw)
+            print(f"{provider} fwd+bwd ({label}), its kernels a call: {total:.3f} ms")
+            for name, count, ms in listing[:10]:
+                print(f"  {ms:8.3f} ms  x{count:g}  {name[:110]}")
     # The operands as the op's backward has them: x and W in the products' dtype (autocast's under
     # autocast), s from the forward, gy in y's dtype, grad_x in x's own dtype.
     on = torch.is_autocast_enabled(device.type)

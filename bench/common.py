@@ -101,6 +101,32 @@ def host_ms(fn: Callable[[], object], device: torch.device, reps: int = 5) -> tu
     return percentiles(samples)
 
 
+def device_kernels(fn: Callable[[], object], device: torch.device, calls: int = 3) -> tuple[float, list[tuple]]:
+    """What fn() runs on the device, under torch.profiler over `calls` calls after one warm-up:
+    (the kernels' total milliseconds a call, [(name, launches a call, milliseconds a call), ...]
+    costliest first). On CUDA the CUDA kernels; on the CPU the operators' self CPU time. Against
+    time_ms's figure, the kernels' total says how much of a call the device spent idle: waiting
+    for the host, or at a sync."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    listing = []
+    for event in prof.key_averages():
+        if cuda and getattr(event, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+        us = float(next((getattr(event, n) for n in names if hasattr(event, n)), 0.0))
+        listing.append((event.key, event.count / calls, us / calls / 1e3))
+    listing.sort(key=lambda item: item[2], reverse=True)
+    return sum(ms for _, _, ms in listing), listing
+
+
 def percentiles(samples: list[float]) -> tuple[float, float, float]:
     # "inclusive": within the samples' range; the default extrapolates past it, far for a few
     # samples (3 epochs of 10, 300, 300 gave a p20 of -48).

@@ -805,6 +805,18 @@ def test_host_time_counts_the_call_alone_each_started_with_the_device_idle(monke
     assert rows[1]["p50"] == pytest.approx(p50 / device_ms)
 
 
+def test_device_kernels_lists_what_a_call_runs_costliest_first():
+    from bench import common
+
+    a = torch.randn(256, 256)
+    total, listing = common.device_kernels(lambda: (a @ a).relu_(), torch.device("cpu"), calls=2)
+    names = [name for name, _, _ in listing]
+    assert "aten::mm" in names and "aten::relu_" in names
+    assert all(count == 1 for name, count, _ in listing if name in ("aten::mm", "aten::relu_"))  # a call, not in all
+    times = [ms for _, _, ms in listing]
+    assert times == sorted(times, reverse=True) and total == pytest.approx(sum(times)) and total > 0
+
+
 def test_op_tables_run_bf16_first_and_every_dtypes_ops_before_any_sweep(monkeypatch):
     from bench import bench_asta, bench_qnn
 
