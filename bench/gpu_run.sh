@@ -10,9 +10,10 @@
 # GPU_RUN_CAP_<stage> seconds for one stage instead of its cap below, e.g. GPU_RUN_CAP_train=300
 # GPU_RUN_STAGES="device tune" GPU_RUN_CAP_tune=300: the ASTA kernels' launch configurations timed
 #                    (bench/tune_asta.py, to tune.csv; 3-5 minutes), not a default stage either
-# GPU_RUN_STAGES="device fullrun": `qin train` to its end, eager and then as CUDA graphs, bf16,
-#                    on a generated dataset of 500k rows (bench/full_run.py: compile time, samples/s
-#                    per epoch, AUC, into bench.log; at most 300 s), not a default stage either
+# GPU_RUN_STAGES="device fullrun": `qin train` to its end, eager and then twice as CUDA graphs
+#                    (compile cache cold, then warm), bf16, on a generated dataset of 500k rows
+#                    (bench/full_run.py: compile time, samples/s per epoch, AUC, where graphs pay
+#                    back their compile; into bench.log; at most 300 s), not a default stage either
 # GPU_RUN_PARITY_ARGS more arguments for `qin parity`. parity is not a default stage: it does not
 #                    fit beside the benchmarks and the tests. A second call runs it alone (its full
 #                    check with --training takes about 5-8 minutes),

@@ -321,6 +321,22 @@ def test_full_run_reads_the_compile_time_the_trainer_logs():
     assert compile_seconds("epoch 1: train loss 0.5") is None
 
 
+def test_full_run_says_after_how_many_samples_graphs_pay_back_their_compile():
+    from bench.full_run import MICROLENS_TRAIN_ROWS, payback, steady_rate
+
+    def run(rates, compile_s=None):
+        return {"compile_s": compile_s, "epochs": [{"samples_per_s": r} for r in rates]}
+
+    eager, graphs = run([500_000, 750_000]), run([20_000, 1_500_000], compile_s=60.0)
+    assert steady_rate(graphs) == 1_500_000  # the last epoch: the first carries the compile
+    # 60 s = N / 750k - N / 1.5M  ->  N = 90M samples
+    line = payback(eager, graphs, rows=500_000)
+    assert "2.00x" in line and "90,000,000 samples" in line and "180.0 epochs of this data" in line
+    assert f"{90e6 / MICROLENS_TRAIN_ROWS:.1f} of MicroLens" in line
+    assert "never paid back" in payback(eager, run([700_000], compile_s=60.0), rows=500_000)
+    assert payback(eager, run([1_500_000]), rows=500_000) is None  # no compile time logged
+
+
 def test_gpu_run_skips_a_stage_the_budget_cannot_fit(tmp_path):
     result, out = _gpu_run(tmp_path, GPU_RUN_STAGES="report", GPU_RUN_BUDGET="5")
     assert result.returncode == 1
