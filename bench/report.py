@@ -430,6 +430,8 @@ KERNEL_CHOICES = (
 STEP_CHOICES = (
     ("default (auto), QNN through autograd, autocast bf16", "default (auto), autocast bf16",
      "the QNN's torch path as plain autograd through the reference, against its autograd Function"),
+    ("default (auto) graph-safe, whole step as one CUDA graph, autocast bf16", "default (auto), autocast bf16",
+     "the eager step replayed as one CUDA graph (captured in a second, no compile), against the eager step"),
 )
 
 
@@ -460,6 +462,18 @@ def kernel_choices(rows: list[dict]) -> list[str]:
         whole_ops = ("forward, graph kept", "backward")  # a whole forward or backward: no share of another
         lines += [f"| {name} | {ms:.3g} | {f'{ms / whole:.0%}' if whole and not name.endswith(whole_ops) else ''} |"
                   for name, ms in times.items()] + [""]
+        # Each provider's fwd+bwd under the profiler: its kernels' time against the op table's time
+        # of the same call; the rest the GPU sat idle (waiting for the host, or at a sync).
+        for r in rows:
+            if r["kernel"] == "qnn_backward" and r["metric"] == "kernel_time" and r["dtype"] == dtype:
+                provider = r["provider"].split(" fwd+bwd")[0]
+                call = _value(rows, kernel="qnn", provider=provider, mode="fwd+bwd", metric="time", dtype=dtype,
+                              x_value=r["x_value"])
+                kernels_ms = _number(r["p50"])
+                if call and kernels_ms:
+                    lines.append(f"- {provider} fwd+bwd: its kernels {kernels_ms:.3g} ms of the call's {call:.3g} ms "
+                                 f"(the GPU idle {max(0.0, 1 - kernels_ms / call):.0%} of it)")
+        lines.append("")
     found = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "throughput"]
     for variant, baseline, decides in STEP_CHOICES:
         ours = {r["x_value"]: _number(r["p50"]) for r in found if r["provider"] == variant}

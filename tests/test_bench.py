@@ -247,7 +247,7 @@ def test_report_says_what_auto_runs_on_the_device(monkeypatch):
 
 
 def test_every_training_variant_is_a_valid_config():
-    from bench.bench_train import CPU_VARIANTS, CUDA_GRAPHS, GRAPH_SAFE, QNN_AUTOGRAD, VARIANTS
+    from bench.bench_train import CPU_VARIANTS, CUDA_GRAPHS, GRAPH_SAFE, QNN_AUTOGRAD, VARIANTS, WHOLE_STEP_GRAPH
     from qin.config import QINConfig
 
     names = [name for name, *_ in VARIANTS]
@@ -255,7 +255,60 @@ def test_every_training_variant_is_a_valid_config():
     for name, overrides, compiled, amp in VARIANTS:
         QINConfig(**overrides).validate()
         assert amp in (None, torch.bfloat16, torch.float16), name
-        assert compiled in (False, True, CUDA_GRAPHS, GRAPH_SAFE, QNN_AUTOGRAD), name
+        assert compiled in (False, True, CUDA_GRAPHS, GRAPH_SAFE, QNN_AUTOGRAD, WHOLE_STEP_GRAPH), name
+        # The whole-step graph has no gradient scaler (fp16's) and needs CUDA.
+        assert compiled != WHOLE_STEP_GRAPH or (amp != torch.float16 and name not in CPU_VARIANTS), name
+
+
+def test_the_whole_step_graph_is_captured_after_warm_up_steps_on_a_side_stream(monkeypatch):
+    """bench_train.whole_step_graph follows torch.cuda.graph's whole-network recipe (CUDA's objects
+    stand in for here: the capture itself needs a GPU)."""
+    import contextlib
+
+    from bench import bench_train
+
+    log = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(f"{self.name} waits for {other.name}")
+
+    class Graph:
+        def replay(self):
+            log.append("replay")
+
+    @contextlib.contextmanager
+    def on(stream):
+        log.append(f"on {stream.name}")
+        yield
+        log.append(f"off {stream.name}")
+
+    @contextlib.contextmanager
+    def capture(graph):
+        log.append("capture")
+        yield
+        log.append("captured")
+
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: Stream("side"))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: Stream("main"))
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+
+    class Optimizer:
+        def zero_grad(self, set_to_none):
+            assert set_to_none  # the captured backward allocates the gradients in the graph's pool
+            log.append("zero_grad")
+
+    replay = bench_train.whole_step_graph(lambda: log.append("step"), Optimizer(), torch.device("cuda"), warmup=2)
+    assert log == ["side waits for main", "on side", "zero_grad", "step", "zero_grad", "step", "off side",
+                   "main waits for side", "zero_grad", "capture", "step", "captured"]
+    log.clear()
+    replay()
+    assert log == ["replay"]
 
 
 def _gpu_run(tmp_path, rows=(), **env):
@@ -700,7 +753,11 @@ def test_report_says_which_kernel_variants_stay_and_where_the_qnn_backward_goes(
              for provider, ms in (("eager backward", 0.4), ("triton backward", 1.2), ("masked-gradient pass", 0.9),
                                   ("grad_x product", 0.1))]
     rows += [_time("qnn_backward", "torch backend forward, graph kept", "fwd (grad on)", "bf16", 0.5)]
+    # The profiled kernels of a fwd+bwd against the op table's time of the call.
+    rows += [dict(_time("qnn_backward", "torch backend fwd+bwd, its kernels' time", "fwd+bwd", "bf16", 0.6),
+                  metric="kernel_time"), _time("qnn", "torch backend", "fwd+bwd", "bf16", 0.95)]
     text = "\n".join(kernel_choices(rows))
+    assert "- torch backend fwd+bwd: its kernels 0.6 ms of the call's 0.95 ms (the GPU idle 37% of it)" in text
     assert "**asta_tile_skip**: skipping tiles of padding alone (SKIP_EMPTY_TILES) against reading every tile: stays." in text
     assert "| bf16 | fwd | 3.00x |" in text and "| bf16 | fwd+bwd | 1.30x |" in text
     assert ("**asta_layout_plain**: 16-bit rows in fp32's thread layout (VEC=4) against Triton's own layout (VEC=0): "
@@ -718,6 +775,9 @@ def test_report_says_which_kernel_variants_stay_and_where_the_qnn_backward_goes(
     steps = kernel_choices([step("default (auto), autocast bf16", 800_000.0),
                             step("default (auto), QNN through autograd, autocast bf16", 820_000.0)])
     assert any("1.02x" in line and "the default stays" in line for line in steps), steps
+    steps = kernel_choices([step("default (auto), autocast bf16", 800_000.0),
+                            step("default (auto) graph-safe, whole step as one CUDA graph, autocast bf16", 1_200_000.0)])
+    assert any("replayed as one CUDA graph" in line and "1.50x" in line for line in steps), steps
     for r in rows:
         r.update(section="ASTA", device="cuda", timestamp="", torch="", triton="", commit="")
     report = render(rows, [], torch.device("cpu"), True, [], None)
