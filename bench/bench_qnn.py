@@ -27,7 +27,7 @@ import importlib
 import torch
 
 import kernels
-from bench.common import (STOPPED, device_kernels, host_ms, host_rows, keep, kernel_bench_main, make_row,
+from bench.common import (STOPPED, device_kernels, diagnosed, host_ms, host_rows, keep, kernel_bench_main, make_row,
                           measure_matmul_tflops, peak_memory_mb, print_table, time_ms)
 from kernels import reference
 
@@ -112,7 +112,7 @@ def _projection_rows(device, dtype, batches, dim, rate, label):
                 memory = peak_memory_mb(fn, device)
                 if memory is not None:
                     yield make_row("qnn", provider, mode, "peak_memory", "MB", "batch", batch, memory, **kw)
-                if device.type == "cuda" and mode == "fwd+bwd":  # bound by its launches? (at 3f11c2d the
+                if diagnosed(device) and mode == "fwd+bwd":  # bound by its launches? (at 3f11c2d the
                     # torch backend's fwd+bwd took 0.36 ms more than eager's in bf16, its fp32 no more)
                     yield from host_rows("qnn", provider, mode, "batch", batch, host_ms(fn, device), times[0], **kw)
 
@@ -144,7 +144,7 @@ def _backward_parts_rows(device, dtype, batch, dim, label):
         yield row(f"{provider} backward", time_ms(
             lambda: torch.autograd.grad(y, (x, weight, bias), gy, retain_graph=True), device))
         del y
-        if device.type == "cuda":  # the kernels of one fwd+bwd: against its time, how long the GPU sat idle
+        if diagnosed(device):  # the kernels of one fwd+bwd: against its time, how long the GPU sat idle
             try:
                 total, listing = device_kernels(
                     lambda: torch.autograd.grad(op(x, weight, bias), (x, weight, bias), gy), device)

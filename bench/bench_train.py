@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bench.report import BF16_OP, timed_section
-from bench.common import (STOPPED, device_argument, host_ms, host_rows, keep, make_row, peak_memory_mb,
+from bench.common import (STOPPED, device_argument, diagnosed, host_ms, host_rows, keep, make_row, peak_memory_mb,
                           print_table, stop_on_sigterm, time_ms)
 from qin.config import QINConfig
 from qin.host_memory import bound_kept_memory, keep_freed_memory
@@ -269,7 +269,7 @@ def run_batch(device: torch.device, quick: bool, batch: int):
             # Samples/s from the median time; p20 time gives the higher throughput.
             yield make_row("train_step", name, "full", "throughput", "samples/s", "batch", batch,
                            (batch / p50 * 1e3, batch / p80 * 1e3, batch / p20 * 1e3), device, amp or "fp32")
-            if device.type == "cuda":  # is the step bound by its launches? (on the CPU the host does the work)
+            if diagnosed(device):  # is the step bound by its launches? (on the CPU the host does the work)
                 yield from host_rows("train_step", name, "full", "batch", batch, host_ms(step, device), p50, device,
                                      amp or "fp32")
             memory = peak_memory_mb(step, device)

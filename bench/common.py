@@ -84,6 +84,15 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 2, 
     return percentiles(samples)
 
 
+# Device types whose benchmark rows add the host's time and the kernels' listing (host_ms,
+# device_kernels): where the host and the device work apart. Tests add "cpu" to run that code.
+DIAGNOSED_DEVICE_TYPES = {"cuda"}
+
+
+def diagnosed(device: torch.device) -> bool:
+    return device.type in DIAGNOSED_DEVICE_TYPES
+
+
 def host_ms(fn: Callable[[], object], device: torch.device, reps: int = 5) -> tuple[float, float, float]:
     """(p50, p20, p80) milliseconds the host spends in fn(): each call starts with the device idle
     and is not waited for at its end. A call whose launches (Python, dispatch, kernel launches)

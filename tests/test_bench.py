@@ -1092,6 +1092,65 @@ def test_the_cuda_graphs_step_memory_is_labelled_and_compared_with_nothing(monke
     assert any("peak memory beyond graph pool (MB)" in line for line in pivot_tables(rows))
 
 
+def test_on_a_gpu_each_step_and_qnn_call_gets_its_host_time_and_the_qnn_its_kernels(monkeypatch):
+    """The rows bench_train and bench_qnn add on CUDA, run here on the CPU (common.DIAGNOSED_DEVICE_TYPES)."""
+    from bench import bench_qnn, bench_train, common
+
+    monkeypatch.setattr(common, "DIAGNOSED_DEVICE_TYPES", {"cuda", "cpu"})
+    name = "+ item dedup"
+    monkeypatch.setattr(bench_train, "VARIANTS", [v for v in bench_train.VARIANTS if v[0] == name])
+    monkeypatch.setattr(bench_train, "time_ms", lambda fn, device, **kwargs: (1e4, 9e3, 1.1e4))
+    rows = list(bench_train.run_batch(torch.device("cpu"), True, 16))
+    host = {r["metric"]: r for r in rows if r["metric"].startswith("host_")}
+    assert set(host) == {"host_time", "host_share"} and host["host_time"]["provider"] == name
+    # A CPU step is all host: its host time is the step, here against a faked 10 s step time.
+    assert 0 < host["host_share"]["p50"] == pytest.approx(host["host_time"]["p50"] / 1e4)
+    rows = list(bench_qnn._projection_rows(torch.device("cpu"), torch.float32, [8], 16, 1.0, "fp32"))
+    # Every provider timed fwd+bwd (compile, where this CPU can compile, too) and only fwd+bwd.
+    timed = {r["provider"] for r in rows if r["metric"] == "time" and r["mode"] == "fwd+bwd"}
+    assert {"eager", "torch backend"} <= timed
+    assert {r["provider"] for r in rows if r["metric"] == "host_time"} == timed
+    assert all(r["mode"] == "fwd+bwd" for r in rows if r["metric"] in ("host_time", "host_share"))
+    rows = list(bench_qnn._backward_parts_rows(torch.device("cpu"), torch.float32, 8, 16, "fp32"))
+    listed = [r["provider"] for r in rows if r["metric"] == "kernel_time"]
+    assert listed == ["eager fwd+bwd, its kernels' time", "torch backend fwd+bwd, its kernels' time",
+                      "triton fwd+bwd, its kernels' time"]
+    assert all(r["p50"] > 0 for r in rows if r["metric"] == "kernel_time")
+
+
+def test_the_whole_step_graph_variant_trains_the_graph_safe_model_with_a_capturable_adam(monkeypatch):
+    """bench_train's whole-step graph variant up to the capture (which needs a GPU: a stand-in runs
+    the step uncaptured here): the model made graph-safe, Adam capturable, a step that trains."""
+    from bench import bench_train
+    from qin.model import FeatureModules
+
+    name = next(v[0] for v in bench_train.VARIANTS if v[2] == bench_train.WHOLE_STEP_GRAPH)
+    monkeypatch.setattr(bench_train, "VARIANTS", [v for v in bench_train.VARIANTS if v[0] == name])
+    monkeypatch.setattr(bench_train, "CPU_VARIANTS", (name,))
+    seen = {}
+
+    def uncaptured(body, optimizer, device, warmup=3):
+        seen["capturable"] = all(g["capturable"] for g in optimizer.param_groups)
+        seen["graph safe"] = all(m.graph_safe for m in seen["model"].modules() if isinstance(m, FeatureModules))
+        weights = [p.detach().clone() for p in optimizer.param_groups[0]["params"]]
+        optimizer.zero_grad(set_to_none=True)
+        body()
+        seen["trained"] = any(not torch.equal(a, p) for a, p in zip(weights, optimizer.param_groups[0]["params"]))
+
+        def replay():
+            optimizer.zero_grad(set_to_none=True)
+            body()
+        return replay
+
+    build = bench_train.build
+    monkeypatch.setattr(bench_train, "build", lambda *a, **k: seen.setdefault("model", build(*a, **k)))
+    monkeypatch.setattr(bench_train, "whole_step_graph", uncaptured)
+    monkeypatch.setattr(bench_train, "time_ms", lambda fn, device, **kwargs: (10.0, 9.0, 11.0))
+    rows = list(bench_train.run_batch(torch.device("cpu"), True, 16))
+    assert seen == {"model": seen["model"], "capturable": True, "graph safe": True, "trained": True}
+    assert {r["metric"] for r in rows} == {"throughput", "saved_bytes"}
+
+
 def test_percentiles_of_a_few_samples_stay_within_them():
     from bench.common import percentiles
 
