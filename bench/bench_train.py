@@ -227,11 +227,12 @@ def run_batch(device: torch.device, quick: bool, batch: int):
             if how == QNN_AUTOGRAD:
                 patch.enter_context(qnn_through_autograd())
             model = build(QINConfig(**overrides), device)
-            optimizer = make_optimizer(model, 2e-3)  # the trainer's own optimizer, for every variant
+            # The trainer's own optimizer, for every variant; for a captured step the same fused Adam
+            # with its step count kept on the device.
+            optimizer = (torch.optim.Adam(model.parameters(), lr=2e-3, fused=True, capturable=True)
+                         if how == WHOLE_STEP_GRAPH else make_optimizer(model, 2e-3))
             if how in (GRAPH_SAFE, WHOLE_STEP_GRAPH):
                 make_graph_safe(model)
-            if how == WHOLE_STEP_GRAPH:  # the same fused Adam, its step count kept on the device
-                optimizer = torch.optim.Adam(model.parameters(), lr=2e-3, fused=True, capturable=True)
             forward = compile_model(model, cuda_graphs=how == CUDA_GRAPHS) if compiled else model
             # As the trainer steps: disabled (passing everything through) unless fp16.
             scaler = torch.amp.GradScaler(device.type, enabled=amp == FP16)

@@ -464,6 +464,7 @@ def kernel_choices(rows: list[dict]) -> list[str]:
                   for name, ms in times.items()] + [""]
         # Each provider's fwd+bwd under the profiler: its kernels' time against the op table's time
         # of the same call; the rest the GPU sat idle (waiting for the host, or at a sync).
+        idle = []
         for r in rows:
             if r["kernel"] == "qnn_backward" and r["metric"] == "kernel_time" and r["dtype"] == dtype:
                 provider = r["provider"].split(" fwd+bwd")[0]
@@ -471,9 +472,9 @@ def kernel_choices(rows: list[dict]) -> list[str]:
                               x_value=r["x_value"])
                 kernels_ms = _number(r["p50"])
                 if call and kernels_ms:
-                    lines.append(f"- {provider} fwd+bwd: its kernels {kernels_ms:.3g} ms of the call's {call:.3g} ms "
-                                 f"(the GPU idle {max(0.0, 1 - kernels_ms / call):.0%} of it)")
-        lines.append("")
+                    idle.append(f"- {provider} fwd+bwd: its kernels {kernels_ms:.3g} ms of the call's {call:.3g} ms "
+                                f"(the GPU idle {max(0.0, 1 - kernels_ms / call):.0%} of it)")
+        lines += idle + [""] * bool(idle)
     found = [r for r in rows if r["kernel"] == "train_step" and r["metric"] == "throughput"]
     for variant, baseline, decides in STEP_CHOICES:
         ours = {r["x_value"]: _number(r["p50"]) for r in found if r["provider"] == variant}
