@@ -1,7 +1,8 @@
 """Fused Triton kernels for QIN, each behind one entry point with a `backend=` argument.
 
 backend="triton" runs the Triton kernels (CUDA, or the CPU under TRITON_INTERPRET=1) through
-the registered ops qin::sparse_target_attention and qin::quadratic_projection_dropout,
+the registered ops qin::sparse_target_attention and qin::quadratic_projection_dropout (eager
+calls through autograd Functions running the same code, without the dispatcher's host cost),
 backend="torch" runs the plain-PyTorch reference of kernels/reference.py, and backend="auto"
 runs Triton only where it measured faster on the GPU at hand: a one-time timing of both paths
 there (kernels.choice), or where nothing is timed, kernels.utils.MEASURED_FASTER (our benchmark

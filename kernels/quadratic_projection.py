@@ -30,6 +30,11 @@ keeps iff the i-th number of tl.rand4x(seed, (b * ceil(M/4) + q) * D + j) is >= 
 one Philox call draws four groups' decisions. The seed is an int64 tensor input of the op (drawn
 on the device from torch's generator when not given), so a compiled graph replays it;
 `dropout_keep_mask` regenerates the mask, for tests and replays.
+
+The op and its backward are registered (qin::quadratic_projection_dropout, ..._backward), which is
+what torch.compile and torch.export trace; an eager call of plain tensors runs the same code
+through _DirectQNN, a plain autograd.Function, skipping the dispatcher's host cost
+(kernels.utils.needs_registered_op).
 """
 from __future__ import annotations
 
@@ -38,8 +43,9 @@ import triton
 import triton.language as tl
 
 from kernels import choice, reference
-from kernels.utils import (INT32_LIMIT, INTERPRETING, cast, check_dropout_p, check_projection_args, check_seed,
-                           compute_dtype, differentiable_backend, launching_on, register_autocast, resolve_backend)
+from kernels.utils import (INT32_LIMIT, INTERPRETING, call_op, cast, check_dropout_p, check_projection_args,
+                           check_seed, compute_dtype, differentiable_backend, direct_autograd, launching_on,
+                           needs_registered_op, register_autocast, resolve_backend)
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -172,7 +178,9 @@ def _acc_dtype(dtype: torch.dtype):
 
 
 def _grid(batch: int, dim: int, cfg: dict):
-    return (triton.cdiv(batch, cfg["BLOCK_B"]), triton.cdiv(dim, cfg["BLOCK_D"]))
+    # Integer division, not triton.cdiv: in Triton 3.9 that is a ConstexprFunction, 4 us a call on
+    # the host (our 2-core machine), two calls a launch.
+    return (-(-batch // cfg["BLOCK_B"]), -(-dim // cfg["BLOCK_D"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,13 +255,18 @@ def _backward(gy, x, weight, s, seed, num_row, p, x_dtype, needs=(True, True, Tr
 # backward
 # ----------------------------------------------------------------------------------------------
 
+def _op_forward(x, weight, bias, seed, num_row, p, dtype):
+    """What the op computes. The GEMM reads weight and bias in `dtype`, cast here: backward casts
+    the weight again rather than autograd keeping the copy (under autocast 2 bytes a weight, 32 MB
+    for QIN's four layers)."""
+    _check_offsets_fit(x, num_row)
+    return _forward(x.contiguous(), weight.to(dtype).contiguous(), bias.to(dtype).contiguous(), seed, num_row, p)
+
+
 @torch.library.custom_op("qin::quadratic_projection_dropout", mutates_args=())
 def _qnn_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, seed: torch.Tensor, num_row: int,
             p: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The GEMM reads weight and bias in `dtype`, cast here: backward casts the weight again rather
-    than autograd keeping the copy (under autocast 2 bytes a weight, 32 MB for QIN's four layers)."""
-    _check_offsets_fit(x, num_row)
-    return _forward(x.contiguous(), weight.to(dtype).contiguous(), bias.to(dtype).contiguous(), seed, num_row, p)
+    return _op_forward(x, weight, bias, seed, num_row, p, dtype)
 
 
 @_qnn_op.register_fake
@@ -267,6 +280,10 @@ def _(x, weight, bias, seed, num_row, p, dtype):
 def _qnn_backward_op(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, s: torch.Tensor, seed: torch.Tensor,
                      num_row: int, p: float, x_dtype: torch.dtype, need_x: bool = True, need_weight: bool = True,
                      need_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _op_backward(gy, x, weight, s, seed, num_row, p, x_dtype, need_x, need_weight, need_bias)
+
+
+def _op_backward(gy, x, weight, s, seed, num_row, p, x_dtype, need_x=True, need_weight=True, need_bias=True):
     if x.dtype != weight.dtype:
         raise ValueError(f"x must have the weight's dtype {weight.dtype} (the forward's x as the GEMMs "
                          f"read it), got {x.dtype}")
@@ -305,8 +322,8 @@ def _autograd_backward(ctx, gy, _grad_s):
             x, weight, bias, ctx.num_row, ctx.p, keep, ctx.needs_input_grad[:3], ctx.x_dtype, gy)
         return grad_x, grad_w, grad_b, None, None, None, None
     needs = ctx.needs_input_grad[:3]  # a frozen weight: its product with G is not run
-    grad_x, grad_w, grad_b = _qnn_backward_op(gy, x, weight.to(x.dtype), s, seed, ctx.num_row, ctx.p, ctx.x_dtype,
-                                              *needs)
+    backward = _qnn_backward_op if needs_registered_op(gy, x, weight, s, seed) else _op_backward
+    grad_x, grad_w, grad_b = backward(gy, x, weight.to(x.dtype), s, seed, ctx.num_row, ctx.p, ctx.x_dtype, *needs)
     # Each gradient in its input's dtype, rounded to `dtype` first as autograd through a cast
     # outside the op would round it.
     return (grad_x if needs[0] else None, grad_w.to(weight.dtype) if needs[1] else None,
@@ -314,6 +331,7 @@ def _autograd_backward(ctx, gy, _grad_s):
 
 
 _qnn_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+_DirectQNN = direct_autograd("_DirectQNN", _op_forward, _setup_context, _autograd_backward, autocast_free=True)
 # Autocast sets the dtype the GEMM reads the weight and bias in (argument 6); x stays as it is
 # (_forward reads it in that dtype for the GEMM, and as it is for the product).
 register_autocast("qin::quadratic_projection_dropout", _qnn_op, dtype_arg=6)
@@ -367,7 +385,7 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     # residual stream under autocast; reference.quadratic_product says why).
     if not kernel_runs:
         return reference.folded_quadratic_projection(x, *cast(dtype, weight, bias), num_row)
-    return _qnn_op(x, weight, bias, _seed_tensor(seed, x.device), num_row, p, dtype)[0]
+    return call_op(_qnn_op, _DirectQNN, x, weight, bias, _seed_tensor(seed, x.device), num_row, p, dtype)[0]
 
 
 def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: float,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dropout import draw_seed, draws_from_lanes, dropout, keep_mask, keep_multiplier
-from kernels.utils import autocast_off, transforms_active
+from kernels.utils import autocast_off, call_op, direct_autograd, needs_registered_op, transforms_active
 
 
 def sparse_target_attention(history: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,8 @@ def differentiable_attention_gradients(index, x, query, mask, needs, grad_z) -> 
 
 
 # The torch backend's gathered ASTA in training: a registered op (qin::regathered_attention and
-# its backward), so that eager autograd, torch.compile and torch.export all keep what it keeps.
+# its backward), so that eager autograd, torch.compile and torch.export all keep what it keeps
+# (eager calls of plain tensors run the same code through _DirectRegathered: utils.call_op).
 #
 # Autograd through the reference would keep the gathered (B, L, D) history, the largest tensor of
 # the training step (100 MB in fp32 at batch 1024 on MicroLens), and so would a compiler that sees
@@ -87,6 +88,10 @@ def differentiable_attention_gradients(index, x, query, mask, needs, grad_z) -> 
 @torch.library.custom_op("qin::regathered_attention", mutates_args=())
 def _regathered_op(reps: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _regathered_forward(reps, index, query, mask)
+
+
+def _regathered_forward(reps, index, query, mask):
     """(z, scores) of gathered_sparse_target_attention."""
     history = F.embedding(index, reps)
     scores = torch.einsum("bld,bd->bl", history, query)
@@ -103,6 +108,10 @@ def _regathered_backward_op(grad_z: torch.Tensor, reps: torch.Tensor, index: tor
                             mask: torch.Tensor, scores: torch.Tensor,
                             needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad reps, grad query, grad mask); `needs` says which are wanted, the others are empty."""
+    return _regathered_backward_autocast_off(grad_z, reps, index, query, mask, scores, needs)
+
+
+def _regathered_backward_autocast_off(grad_z, reps, index, query, mask, scores, needs):
     # Autocast stays off: a backward run inside an autocast region (the trainer's is outside, a
     # user's or kernels.choice's timing may be inside) would run the sparse product below in
     # bf16, summing a popular item's terms in 16 bits on the CPU and failing on CUDA
@@ -194,12 +203,16 @@ def _regathered_autograd_backward(ctx, grad_z, _grad_scores):
     if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
         grad_reps, grad_query, grad_mask = differentiable_attention_gradients(index, reps, query, mask, needs, grad_z)
         return grad_reps, None, grad_query, grad_mask
-    grads = _regathered_backward_op(grad_z, reps, index, query, mask, scores, needs)
+    backward = (_regathered_backward_op if needs_registered_op(grad_z, reps, index, query, mask, scores)
+                else _regathered_backward_autocast_off)
+    grads = backward(grad_z, reps, index, query, mask, scores, needs)
     grad_reps, grad_query, grad_mask = (g if need else None for g, need in zip(grads, needs))
     return grad_reps, None, grad_query, grad_mask
 
 
 _regathered_op.register_autograd(_regathered_autograd_backward, setup_context=_regathered_setup_context)
+_DirectRegathered = direct_autograd("_DirectRegathered", _regathered_forward, _regathered_setup_context,
+                                    _regathered_autograd_backward, autocast_free=False)
 
 
 def regathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, query: torch.Tensor,
@@ -210,7 +223,7 @@ def regathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, 
     reference."""
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (reps, query, mask)) or transforms_active():
         return gathered_sparse_target_attention(reps, index, query, mask)
-    return _regathered_op(reps, index, query, mask)[0]
+    return call_op(_regathered_op, _DirectRegathered, reps, index, query, mask)[0]
 
 
 def quadratic_projection(

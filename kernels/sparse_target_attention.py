@@ -23,7 +23,10 @@ backward  one program per row, one more pass over x: with g = dz, u_l = <g, x_l>
           (B, L, D) temporary; the order of the float additions varies from run to run on a GPU.
 
 Both are registered as torch.library custom ops (qin::sparse_target_attention and its
-backward), with fake implementations for tracing, autograd and autocast registered on them.
+backward), with fake implementations for tracing, autograd and autocast registered on them; what
+torch.compile and torch.export trace calls them. An eager call of plain tensors runs the same
+implementation, setup and backward through _DirectASTA, a plain autograd.Function, which skips the
+dispatcher's host cost (kernels.utils.needs_registered_op).
 """
 from __future__ import annotations
 
@@ -35,9 +38,10 @@ import triton
 import triton.language as tl
 
 from kernels import choice, reference
-from kernels.utils import (INTERPRETING, alert_not_deterministic, cast, check_attention_args,
-                           check_gathered_attention_args, compute_dtype, differentiable_backend, launching_on,
-                           next_power_of_2, register_autocast, resolve_backend, triton_cannot_run, warn_reference_runs)
+from kernels.utils import (INTERPRETING, alert_not_deterministic, call_op, cast, check_attention_args,
+                           check_gathered_attention_args, compute_dtype, differentiable_backend, direct_autograd,
+                           launching_on, needs_registered_op, next_power_of_2, register_autocast, resolve_backend,
+                           triton_cannot_run, warn_reference_runs)
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # A whole row of D lives in registers (BLOCK_D = next power of two of D). Past this width the
@@ -319,6 +323,10 @@ def _backward(grad_z, x, index, query, mask, need_x=True):
 
 @torch.library.custom_op("qin::sparse_target_attention", mutates_args=())
 def _asta_op(x: torch.Tensor, index: torch.Tensor | None, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return _op_forward(x, index, query, mask)
+
+
+def _op_forward(x, index, query, mask):
     why = triton_cannot_run(x.device)
     if why:  # a program exported where the kernel ran (qin export on a GPU), run where it cannot
         warn_reference_runs("qin::sparse_target_attention", why)
@@ -341,6 +349,10 @@ def _(x, index, query, mask):
 @torch.library.custom_op("qin::sparse_target_attention_backward", mutates_args=())
 def _asta_backward_op(grad_z: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None, query: torch.Tensor,
                       mask: torch.Tensor, need_x: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    return _op_backward(grad_z, x, index, query, mask, need_x)
+
+
+def _op_backward(grad_z, x, index, query, mask, need_x=True):
     why = triton_cannot_run(x.device)
     if why:  # as the forward op: the same gradients, from the torch path's backward, in fp32
         warn_reference_runs("qin::sparse_target_attention_backward", why)
@@ -381,12 +393,14 @@ def _autograd_backward(ctx, grad_z):
                                 "is summed by atomic adds, in whatever order the GPU runs them)")
     # x frozen (a fixed item table): its gradient, the atomics of the gathered form, is not formed.
     need_x = ctx.needs_input_grad[0]
-    grad_x, grad_q = _asta_backward_op(grad_z, x, index, query, mask, need_x)
+    backward = _asta_backward_op if needs_registered_op(grad_z, x, index, query, mask) else _op_backward
+    grad_x, grad_q = backward(grad_z, x, index, query, mask, need_x)
     return grad_x if need_x else None, None, grad_q, None
 
 
 _asta_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 register_autocast("qin::sparse_target_attention", _asta_op, float_args=(0, 2))
+_DirectASTA = direct_autograd("_DirectASTA", _op_forward, _setup_context, _autograd_backward, autocast_free=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,7 +433,7 @@ def sparse_target_attention(history, query, mask, *, backend="auto"):
     if resolve_backend(backend, history.device, "asta", dtype, trial) == "torch":
         return reference.sparse_target_attention(history, query, mask)
     _check_width(dim)
-    return _asta_op(history, None, query, mask)
+    return call_op(_asta_op, _DirectASTA, history, None, query, mask)
 
 
 def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"):
@@ -448,7 +462,7 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
     if resolve_backend(backend, reps.device, "asta", dtype, trial) == "torch":
         return reference.regathered_sparse_target_attention(reps, index, query, mask)
     _check_width(dim)
-    return _asta_op(reps, index, query, mask)
+    return call_op(_asta_op, _DirectASTA, reps, index, query, mask)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -196,6 +196,48 @@ def cast(dtype: torch.dtype, *tensors: torch.Tensor) -> list[torch.Tensor]:
 
 _LIBRARIES: list = []  # a Library's registrations last as long as the object
 
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def needs_registered_op(*args) -> bool:
+    """Whether a call of one of our ops must go through its registered op (torch.library) rather
+    than straight to its implementation: while torch.compile or torch.export trace it (the graph
+    must hold the op; their tensors are fake or functional ones), under a Python dispatch mode
+    (FakeTensorMode, FlopCounterMode, a user's: they see the op whole), or for a tensor subclass.
+
+    Why not always: on the host the dispatcher's path for a custom op with Python autograd
+    (redispatch, the generated autograd function, filling in the schema's defaults, dynamo's
+    disable wrapper) costs about 50 us a forward and backward of the Triton QNN on our 2-core test
+    machine, as much again as everything else that call runs there; and a GPU step of QIN in bf16
+    is bound by its host (bench/results/gpu-h200-2026-12-04-3f11c2d)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return True
+    return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSOR_TYPES for a in args)
+
+
+def call_op(registered, direct, *args):
+    """registered(*args), the registered op, where needs_registered_op(*args), else
+    direct.apply(*args), its direct_autograd function: the same values and gradients."""
+    return registered(*args) if needs_registered_op(*args) else direct.apply(*args)
+
+
+def direct_autograd(name: str, implementation, setup_context, backward, autocast_free: bool):
+    """An autograd.Function computing what a registered op computes, for eager calls of plain
+    tensors (needs_registered_op): forward is the op's `implementation`, then its
+    `setup_context(ctx, inputs, output)`, and `backward(ctx, *grads)` the op's autograd backward
+    (which calls its backward's implementation the same way). `autocast_free`: the op has an
+    autocast registration, which runs it with autocast off (register_autocast): so does forward."""
+    def forward(ctx, *inputs):
+        device = next(t for t in inputs if isinstance(t, torch.Tensor)).device
+        with autocast_off(device.type) if autocast_free else contextlib.nullcontext():
+            output = implementation(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), dict(
+        forward=staticmethod(forward), backward=staticmethod(backward),
+        __doc__=f"Eager calls of plain tensors: {implementation.__name__} and its autograd, without the dispatcher."))
+
 
 def register_autocast(qualname: str, op, float_args: tuple[int, ...] = (), dtype_arg: int | None = None) -> None:
     """Autocast on a custom op: the floating arguments at positions `float_args` are cast to the

@@ -7,10 +7,12 @@ import contextlib
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
 from kernels import reference
-from kernels.utils import INTERPRETING
+from kernels.utils import INTERPRETING, needs_registered_op
 
 ASTA = torch.ops.qin.sparse_target_attention.default
 QNN = torch.ops.qin.quadratic_projection_dropout.default
@@ -79,6 +81,74 @@ def test_compiled_torch_backend_keeps_no_history():
     grad = torch.randn_like(eager)
     assert all(torch.allclose(a, b) for a, b in zip(torch.autograd.grad(compiled, (reps, query), grad),
                                                      torch.autograd.grad(eager, (reps, query), grad)))
+
+
+class _SeenOps(TorchDispatchMode):
+    """Passes every op through, noting the names of our registered ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.ours = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "qin":
+            self.ours.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+def _op_call(kind, dtype, device):
+    """(a call of one of our ops through its public entry point on fresh leaves, its inputs that
+    take gradients, the registered ops the call runs)."""
+    if kind == "qnn":
+        x, weight, bias, _, num_row, p, _ = qnn_args(dtype, device)
+        return (lambda: kernels.quadratic_projection(x, weight, bias, num_row, dropout_p=p, training=True, seed=77,
+                                                     backend="triton"),
+                (x, weight, bias), ["qin::quadratic_projection_dropout", "qin::quadratic_projection_dropout_backward"])
+    gathered = kind != "asta plain"
+    x, index, query, mask = asta_args(dtype, gathered, device)
+    mask = mask.to(dtype)  # as the model passes it
+    if kind == "regathered":
+        return (lambda: reference.regathered_sparse_target_attention(x, index, query, mask), (x, query),
+                ["qin::regathered_attention", "qin::regathered_attention_backward"])
+    entry = (lambda: kernels.gathered_sparse_target_attention(x, index, query, mask, backend="triton")) if gathered \
+        else (lambda: kernels.sparse_target_attention(x, query, mask, backend="triton"))
+    return entry, (x, query), ["qin::sparse_target_attention", "qin::sparse_target_attention_backward"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["qnn", "asta plain", "asta gathered", "regathered"])
+def test_eager_calls_skip_the_dispatcher_and_compute_what_the_registered_op_does(device, kind, dtype):
+    """An eager call of plain tensors runs the op's implementation through its direct autograd
+    function (the dispatcher's path for a Python custom op costs host time: utils.needs_registered_op);
+    under a dispatch mode the same call runs the registered ops, forward and backward. Values and
+    gradients are the same to the bit: the same kernels on the same inputs and seed."""
+    call, leaves, registered = _op_call(kind, dtype, device)
+    results = []
+    for mode in (contextlib.nullcontext(), _SeenOps()):
+        with mode:
+            out = call()
+            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+        results.append((out, grads))
+        if isinstance(mode, _SeenOps):
+            assert sorted(set(mode.ours)) == registered
+            assert "GeneratedBackwardFor_qin" in type(out.grad_fn).__name__
+        else:
+            assert type(out.grad_fn).__name__.startswith("_Direct")
+    (direct, direct_grads), (op, op_grads) = results
+    assert torch.equal(direct, op)
+    for a, b in zip(direct_grads, op_grads):
+        assert torch.equal(a, b)
+
+
+def test_only_eager_calls_of_plain_tensors_skip_the_registered_op():
+    plain, parameter = torch.ones(2), torch.nn.Parameter(torch.ones(2))
+    assert not needs_registered_op(plain, parameter, None, 3, 0.5, torch.float32)
+    with _SeenOps():
+        assert needs_registered_op(plain)
+    with FakeTensorMode() as fake:
+        fake_tensor = fake.from_tensor(plain)
+    assert needs_registered_op(plain, fake_tensor)
+    assert torch.compile(lambda t: t + needs_registered_op(t), fullgraph=True, backend="eager")(plain).tolist() == [2, 2]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
