@@ -40,8 +40,9 @@ BF16, FP16 = torch.bfloat16, torch.float16
 # A variant's "compiled" field beyond True/False: compile_model(cuda_graphs=True); or eager with
 # the model made graph-safe (qin.model.make_graph_safe), which waits for the device nowhere.
 CUDA_GRAPHS, GRAPH_SAFE = "cuda graphs", "graph-safe eager"
-# ... or eager with the QNN's torch path as plain autograd through the reference (qnn_through_autograd).
-QNN_AUTOGRAD = "qnn through autograd"
+# ... or eager with the QNN's torch path in one form, whichever auto timed faster
+# (qnn_torch_form): plain autograd through the reference, or its autograd Function.
+QNN_AUTOGRAD, QNN_FUNCTION = "qnn through autograd", "qnn through its Function"
 # ... or the graph-safe eager step, forward to optimizer, captured once as one CUDA graph and
 # replayed (whole_step_graph): no compile.
 WHOLE_STEP_GRAPH = "whole-step graph"
@@ -65,8 +66,10 @@ VARIANTS = [
     ("default (auto)", {}, False, None),  # what `qin train` runs: the kernels' backend="auto"
     ("default (auto), autocast bf16", {}, False, BF16),
     ("default (auto) graph-safe, autocast bf16", {}, GRAPH_SAFE, BF16),  # is the eager default's waiting costly?
-    # Does the torch QNN path's autograd Function cost time in the step? (qnn_through_autograd)
+    # The QNN's torch path in each of its forms, whichever auto's own timing of the op chose
+    # (on the H200 at 3f11c2d plain autograd ran the op faster): does the op's verdict hold in the step?
     ("default (auto), QNN through autograd, autocast bf16", {}, QNN_AUTOGRAD, BF16),
+    ("default (auto), QNN through its Function, autocast bf16", {}, QNN_FUNCTION, BF16),
     (f"default (auto){BF16_OP}, autocast bf16", dict(asta_precision="autocast"), False, BF16),
     # Compiled, in the order of what they decide, should the time box stop the table early:
     # the strongest stock recipe (every bf16 target's yardstick), then ours in bf16, then fp32.
@@ -100,19 +103,20 @@ GRAPHS_MEMORY = "peak_memory_beyond_graph_pool"
 
 
 @contextlib.contextmanager
-def qnn_through_autograd():
-    """The QNN's torch path (what backend="auto" trains with until Triton measures faster) as plain
-    autograd through the reference, bench_qnn's "eager" line, instead of its memory-saving autograd
-    Function (reference.training_quadratic_projection). On the H200 at 3f11c2d the op alone ran
-    faster so: bf16 fwd+bwd 0.586 ms against the Function's 0.95, under autocast 0.799 against 1.13."""
+def qnn_torch_form(form: str):
+    """The QNN's torch path (what backend="auto" trains with until Triton measures faster) in
+    `form` whatever auto chose (reference.QNN_TORCH_FORMS): "autograd", plain autograd through the
+    reference (bench_qnn's "eager" line), or "function", its memory-saving autograd Function. On
+    the H200 at 3f11c2d the op alone ran faster as plain autograd: bf16 fwd+bwd 0.586 ms against
+    the Function's 0.95, under autocast 0.799 against 1.13."""
     from kernels import reference
 
     kept = reference.training_quadratic_projection
 
-    def plain(x, weight, bias, num_row, dropout_p, training, dtype):
-        return reference.quadratic_projection(x, weight, bias, num_row, dropout_p, training)
+    def forced(x, weight, bias, num_row, dropout_p, training, dtype, form_chosen=None):
+        return kept(x, weight, bias, num_row, dropout_p, training, dtype, form)
 
-    reference.training_quadratic_projection = plain
+    reference.training_quadratic_projection = forced
     try:
         yield
     finally:
@@ -224,8 +228,8 @@ def run_batch(device: torch.device, quick: bool, batch: int):
             continue
         patch = contextlib.ExitStack()
         try:
-            if how == QNN_AUTOGRAD:
-                patch.enter_context(qnn_through_autograd())
+            if how in (QNN_AUTOGRAD, QNN_FUNCTION):
+                patch.enter_context(qnn_torch_form("autograd" if how == QNN_AUTOGRAD else "function"))
             model = build(QINConfig(**overrides), device)
             # The trainer's own optimizer, for every variant; for a captured step the same fused Adam
             # with its step count kept on the device.

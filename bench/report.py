@@ -429,7 +429,9 @@ KERNEL_CHOICES = (
 # (variant, the training step it runs against, what it decides): bench/bench_train.py times both.
 STEP_CHOICES = (
     ("default (auto), QNN through autograd, autocast bf16", "default (auto), autocast bf16",
-     "the QNN's torch path as plain autograd through the reference, against its autograd Function"),
+     "the QNN's torch path as plain autograd through the reference, against the form auto chose"),
+    ("default (auto), QNN through its Function, autocast bf16", "default (auto), autocast bf16",
+     "the QNN's torch path through its autograd Function, against the form auto chose"),
     ("default (auto) graph-safe, whole step as one CUDA graph, autocast bf16", "default (auto), autocast bf16",
      "the eager step replayed as one CUDA graph (captured in a second, no compile), against the eager step"),
 )

@@ -4,7 +4,10 @@ faster.
 A Triton path may run under "auto" only where it measured faster than the torch path on that
 device, in the same run. The first call of an op for a shape class times one forward (plus
 backward when training) of each path on copies of its inputs, and keeps Triton only if it took at
-most MARGIN of torch's time. The decision is logged, kept for the process and written to a JSON
+most MARGIN of torch's time. The QNN's torch path has two forms in training (its autograd
+Function, the default, and plain autograd through the reference: reference.QNN_TORCH_FORMS),
+both timed: the plain one runs where it took at most MARGIN of the Function's time, and Triton
+must beat the form that runs. The decision is logged, kept for the process and written to a JSON
 file (QIN_CACHE or ~/.cache/qin, backend_choice.json), keyed by the GPU, torch and Triton versions
 and a hash of the kernels' source, so a later run on the same machine and code does not time
 again, and a code change times afresh. kernels.utils.MEASURED_FASTER (what our benchmark runs
@@ -55,6 +58,7 @@ TIMED_DEVICE_TYPES = {"cuda"}
 TRACED_BATCH = "B=traced"  # the batch class of a call that torch.compile or torch.export traces
 _decisions: dict[str, dict] = {}  # key -> record, this process (and what was read from the file)
 _by_call: dict[tuple, str] = {}  # (op, dtype, shape, device) -> choice: the per-call lookup
+_forms_by_call: dict[tuple, str] = {}  # the same -> the torch path's form, where another than its default won
 _loaded_from: list[Path] = []
 
 
@@ -62,11 +66,13 @@ _loaded_from: list[Path] = []
 class Trial:
     """One call of an op, ready to be replayed on either backend: `shape` names its shape class
     (what a decision is kept for), `run(backend)` runs forward, and backward where the call trains,
-    on copies of the call's inputs."""
+    on copies of the call's inputs. `torch_forms`: other forms of the torch path, timed beside its
+    default (run(form) runs one), of which the fastest by MARGIN is what "torch" then runs."""
     op: str
     dtype: torch.dtype
     shape: tuple
     run: Callable[[str], None]
+    torch_forms: tuple[str, ...] = ()
 
 
 def mode() -> str:
@@ -166,7 +172,10 @@ def _well_formed(record) -> bool:
             and isinstance(record.get("dtype"), str) and isinstance(record.get("shape"), list)
             and all(isinstance(part, (int, float, str)) for part in record["shape"])  # hashable: a key
             and number(record.get("torch_ms")) and (record.get("triton_ms") is None or number(record["triton_ms"]))
-            and isinstance(record.get("error", ""), str))
+            and isinstance(record.get("error", ""), str)
+            and isinstance(record.get("torch_forms", {}), dict)
+            and all(isinstance(k, str) and number(v) for k, v in record.get("torch_forms", {}).items())
+            and record.get("torch_form") in (None, *record.get("torch_forms", {})))
 
 
 def _save() -> None:
@@ -222,24 +231,35 @@ def _warm(run: Callable[[], None], device: torch.device) -> str | None:
 
 
 def _time(trial: Trial, device: torch.device) -> dict:
-    """The trial's record: torch_ms, triton_ms (None: failed) and choice. torch_ms None (the
-    torch path failed, or either ran out of memory: the copies and the call's own activations
-    share the device, so that says nothing of the path) means: do not decide now."""
+    """The trial's record: torch_ms (the torch path's default form), triton_ms (None: failed) and
+    choice; with torch_forms, each other form's time (torch_forms) and the form the torch path
+    runs, where one took at most MARGIN of the default's time and is the fastest (torch_form).
+    Triton is chosen where it took at most MARGIN of the time of the torch form that runs.
+    torch_ms None (the torch path failed, or any ran out of memory: the copies and the call's own
+    activations share the device, so that says nothing of the path) means: do not decide now."""
     record = {"op": trial.op, "dtype": str(trial.dtype).removeprefix("torch."), "shape": list(trial.shape)}
-    runs = {backend: (lambda backend=backend: trial.run(backend)) for backend in ("torch", "triton")}
+    runs = {backend: (lambda backend=backend: trial.run(backend))
+            for backend in ("torch", *trial.torch_forms, "triton")}
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         errors = {backend: _warm(run, device) for backend, run in runs.items()}
         out_of_memory = any(e and e.startswith("OutOfMemoryError") for e in errors.values())
         if errors["torch"] or out_of_memory:
-            record.update(torch_ms=None, error=errors["torch"] or errors["triton"])
+            record.update(torch_ms=None, error=errors["torch"] or next(e for e in errors.values() if e))
             return record
-        if errors["triton"]:  # any other failure of the Triton path means torch
-            record["error"] = errors["triton"]
-            del runs["triton"]
+        for backend, error in errors.items():  # any other failure: that path is not chosen
+            if error:
+                record["error"] = f"{backend}: {error}" if backend != "triton" else error
+                del runs[backend]
         times = _median_ms(runs, device)
     record["torch_ms"], record["triton_ms"] = times["torch"], times.get("triton")
-    faster = record["triton_ms"] is not None and record["triton_ms"] <= MARGIN * record["torch_ms"]
+    torch_ms = times["torch"]
+    if trial.torch_forms:
+        record["torch_forms"] = {form: times[form] for form in trial.torch_forms if form in times}
+        form, form_ms = min(record["torch_forms"].items(), key=lambda item: item[1], default=(None, None))
+        if form_ms is not None and form_ms <= MARGIN * torch_ms:
+            record["torch_form"], torch_ms = form, form_ms
+    faster = record["triton_ms"] is not None and record["triton_ms"] <= MARGIN * torch_ms
     record["choice"] = "triton" if faster else "torch"
     return record
 
@@ -257,7 +277,7 @@ def decide(trial: Trial, device: torch.device) -> str | None:
     key = _key(trial, device)
     record = _decisions.get(key)
     if record is not None:
-        _by_call[call] = record["choice"]
+        _remember(call, record)
         return record["choice"]
     record = _time(trial, device)
     trial.run = None  # the copies of the inputs go now, before the real call runs
@@ -268,13 +288,36 @@ def decide(trial: Trial, device: torch.device) -> str | None:
         return "torch"
     record["key"] = key
     _decisions[key] = record
-    _by_call[call] = record["choice"]
+    _remember(call, record)
     _save()
     triton_ms = "failed" if record["triton_ms"] is None else f"{record['triton_ms']:.3f} ms"
-    logger.info("backend='auto' timed %s (%s, %s) on %s: torch %.3f ms, triton %s -> %s%s", trial.op,
-                record["dtype"], ", ".join(map(str, trial.shape)), key.split("|")[3], record["torch_ms"],
-                triton_ms, record["choice"], f" ({record['error']})" if "error" in record else "")
+    forms = "".join(f", torch as {form} {ms:.3f} ms" for form, ms in record.get("torch_forms", {}).items())
+    logger.info("backend='auto' timed %s (%s, %s) on %s: torch %.3f ms%s, triton %s -> %s%s", trial.op,
+                record["dtype"], ", ".join(map(str, trial.shape)), key.split("|")[3], record["torch_ms"], forms,
+                triton_ms, _runs(record), f" ({record['error']})" if "error" in record else "")
     return record["choice"]
+
+
+def _remember(call: tuple, record: dict) -> None:
+    _by_call[call] = record["choice"]
+    if record.get("torch_form"):
+        _forms_by_call[call] = record["torch_form"]
+    else:
+        _forms_by_call.pop(call, None)
+
+
+def _runs(record: dict) -> str:
+    """What a decision runs: "triton", "torch", or the torch path's form ("torch (autograd)")."""
+    form = record.get("torch_form")
+    return f"torch ({form})" if record["choice"] == "torch" and form else record["choice"]
+
+
+def torch_form(trial: Trial | None, device: torch.device) -> str | None:
+    """The form of the torch path that a decision made for this call's shape class chose (after
+    decide), or None: the torch path's default."""
+    if trial is None:
+        return None
+    return _forms_by_call.get((trial.op, trial.dtype, trial.shape, device))
 
 
 def _largest_batch_decision(call: tuple) -> str | None:
@@ -304,7 +347,7 @@ def preload(device: torch.device) -> int:
     for record in _decisions.values():
         dtype = getattr(torch, str(record.get("dtype")), None)
         if record["key"].endswith(_suffix(device)) and isinstance(dtype, torch.dtype) and isinstance(record.get("shape"), list):
-            _by_call[(record["op"], dtype, tuple(record["shape"]), device)] = record["choice"]
+            _remember((record["op"], dtype, tuple(record["shape"]), device), record)
             count += 1
     return count
 
@@ -332,8 +375,9 @@ def table(records: list[dict], with_device: bool = False) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         triton_ms = "failed: " + r.get("error", "")[:80] if r.get("triton_ms") is None else f"{r['triton_ms']:.3f}"
+        torch_ms = f"{r['torch_ms']:.3f}" + "".join(f" (as {form}: {ms:.3f})" for form, ms in r.get("torch_forms", {}).items())
         cells = [r["key"].split("|")[3]] * with_device + [
-            r["op"], r["dtype"], ", ".join(map(str, r["shape"])), f"{r['torch_ms']:.3f}", triton_ms, r["choice"]]
+            r["op"], r["dtype"], ", ".join(map(str, r["shape"])), torch_ms, triton_ms, _runs(r)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -342,13 +386,14 @@ def forget() -> None:
     """Drop what this process knows (tests; a changed QIN_CACHE is read afresh)."""
     _decisions.clear()
     _by_call.clear()
+    _forms_by_call.clear()
     _loaded_from.clear()
     _gpu_label.cache_clear()
     _say_once.cache_clear()
 
 
 def trial(backend: str, device: torch.device, op: str, dtype: torch.dtype, shape: tuple, fn: Callable,
-          tensors: tuple, kwargs: dict, train: bool | None = None) -> Trial | None:
+          tensors: tuple, kwargs: dict, train: bool | None = None, torch_forms: tuple[str, ...] = ()) -> Trial | None:
     """The Trial of a call of `fn(*tensors, backend=..., **kwargs)` (a public op), or None where
     "auto" will not time it: another backend asked for, a device it does not time on, or
     QIN_AUTO_BACKEND=table. The shape class gets the batch (first dimension of the first tensor)
@@ -366,7 +411,7 @@ def trial(backend: str, device: torch.device, op: str, dtype: torch.dtype, shape
     size = TRACED_BATCH if torch.compiler.is_compiling() else f"B<={1 << max(0, (int(batch) - 1).bit_length())}"
     tf32 = ("tf32",) if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else ()
     shape = (size, *shape, "fwd+bwd" if train else "fwd", *tf32)
-    return Trial(op, dtype, shape, _replay(fn, tensors, kwargs, train))
+    return Trial(op, dtype, shape, _replay(fn, tensors, kwargs, train), torch_forms if train else ())
 
 
 def _replay(fn: Callable, tensors: tuple, kwargs: dict, train: bool) -> Callable[[str], None]:

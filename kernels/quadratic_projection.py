@@ -374,18 +374,30 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
         backend = "torch"  # past the kernels' int32 offsets: whatever MEASURED_FASTER says
     # Only training with dropout has a Triton path to choose, and only there must Triton run:
     # elsewhere 'triton' means the fold below (so a model with dropout 0 trains on any device).
-    trial = choice.trial(backend, x.device, "qnn", dtype, (f"D={x.shape[1]}", f"M={num_row}"), quadratic_projection,
-                         (x, weight, bias), dict(num_row=num_row, dropout_p=p, training=True, seed=0), train=True) \
-        if kernel_runs else None
+    # "auto" times the torch path's two forms in training (reference.QNN_TORCH_FORMS) beside Triton.
+    trial = choice.trial(backend, x.device, "qnn", dtype, (f"D={x.shape[1]}", f"M={num_row}"), _trial_call,
+                         (x, weight, bias), dict(num_row=num_row, dropout_p=p, training=True, seed=0), train=True,
+                         torch_forms=reference.QNN_TORCH_FORMS[1:]) if kernel_runs else None
     chosen = "triton" if backend == "triton" and not kernel_runs else \
         resolve_backend(backend, x.device, "qnn", dtype, trial)
-    if training and chosen == "torch":  # keeping what the kernels keep (reference.py)
-        return reference.training_quadratic_projection(x, weight, bias, num_row, p, training, dtype)
+    if training and chosen == "torch":  # by default keeping what the kernels keep (reference.py)
+        form = choice.torch_form(trial, x.device) or reference.QNN_TORCH_FORMS[0]
+        return reference.training_quadratic_projection(x, weight, bias, num_row, p, training, dtype, form)
     # x is not cast: the GEMM reads it in `dtype`, the product y = x * s as it is (the fp32
     # residual stream under autocast; reference.quadratic_product says why).
     if not kernel_runs:
         return reference.folded_quadratic_projection(x, *cast(dtype, weight, bias), num_row)
     return call_op(_qnn_op, _DirectQNN, x, weight, bias, _seed_tensor(seed, x.device), num_row, p, dtype)[0]
+
+
+def _trial_call(x, weight, bias, *, backend, num_row, dropout_p, training, seed):
+    """quadratic_projection as backend="auto" times it: backend "torch" or "triton", or one of the
+    torch path's forms (reference.QNN_TORCH_FORMS)."""
+    if backend in reference.QNN_TORCH_FORMS:
+        return reference.training_quadratic_projection(x, weight, bias, num_row, dropout_p, training,
+                                                       compute_dtype(x.device, x, weight, bias), backend)
+    return quadratic_projection(x, weight, bias, num_row, dropout_p=dropout_p, training=training, seed=seed,
+                                backend=backend)
 
 
 def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: float,

@@ -247,7 +247,8 @@ def test_report_says_what_auto_runs_on_the_device(monkeypatch):
 
 
 def test_every_training_variant_is_a_valid_config():
-    from bench.bench_train import CPU_VARIANTS, CUDA_GRAPHS, GRAPH_SAFE, QNN_AUTOGRAD, VARIANTS, WHOLE_STEP_GRAPH
+    from bench.bench_train import (CPU_VARIANTS, CUDA_GRAPHS, GRAPH_SAFE, QNN_AUTOGRAD, QNN_FUNCTION, VARIANTS,
+                                   WHOLE_STEP_GRAPH)
     from qin.config import QINConfig
 
     names = [name for name, *_ in VARIANTS]
@@ -255,7 +256,7 @@ def test_every_training_variant_is_a_valid_config():
     for name, overrides, compiled, amp in VARIANTS:
         QINConfig(**overrides).validate()
         assert amp in (None, torch.bfloat16, torch.float16), name
-        assert compiled in (False, True, CUDA_GRAPHS, GRAPH_SAFE, QNN_AUTOGRAD, WHOLE_STEP_GRAPH), name
+        assert compiled in (False, True, CUDA_GRAPHS, GRAPH_SAFE, QNN_AUTOGRAD, QNN_FUNCTION, WHOLE_STEP_GRAPH), name
         # The whole-step graph has no gradient scaler (fp16's) and needs CUDA.
         assert compiled != WHOLE_STEP_GRAPH or (amp != torch.float16 and name not in CPU_VARIANTS), name
 
@@ -770,7 +771,7 @@ def test_report_says_which_kernel_variants_stay_and_where_the_qnn_backward_goes(
     step = lambda provider, value: dict(_time("train_step", provider, "full", "bf16", value), metric="throughput")
     steps = kernel_choices([step("default (auto), autocast bf16", 800_000.0),
                             step("default (auto), QNN through autograd, autocast bf16", 960_000.0)])
-    assert any("against its autograd Function: 1.20x (960,000 against 800,000 samples/s); faster" in line
+    assert any("against the form auto chose: 1.20x (960,000 against 800,000 samples/s); faster" in line
                for line in steps), steps
     steps = kernel_choices([step("default (auto), autocast bf16", 800_000.0),
                             step("default (auto), QNN through autograd, autocast bf16", 820_000.0)])
@@ -1018,19 +1019,25 @@ def test_profile_step_ranks_the_operators_and_gives_per_step_times_that_add_up(t
     assert 0.5 * wall < float(total) <= 1.05 * wall
 
 
-def test_the_qnn_through_autograd_variant_trains_the_plain_reference_and_restores_the_function():
-    """bench_train's QNN_AUTOGRAD variant: inside qnn_through_autograd the model's torch QNN path is
-    autograd through the reference (no autograd Function in the graph), and after it the Function."""
+def test_the_qnn_torch_form_variants_force_their_form_and_restore_the_choice(monkeypatch):
+    """bench_train's QNN_AUTOGRAD and QNN_FUNCTION variants: inside qnn_torch_form the model's torch
+    QNN path is autograd through the reference (no autograd Function in the graph), or the Function,
+    whatever form it was given; after it, the form given again."""
     import kernels
-    from bench.bench_train import qnn_through_autograd
+    from bench.bench_train import qnn_torch_form
     from kernels import reference
 
     x, weight, bias = (torch.randn(*shape, requires_grad=True) for shape in ((4, 8), (16, 8), (16,)))
     op = lambda: kernels.quadratic_projection(x, weight, bias, 2, dropout_p=0.1, training=True, backend="torch")
-    with qnn_through_autograd():
+    with qnn_torch_form("autograd"):
         inside = op().grad_fn
     assert "TrainingQuadraticProjection" not in type(inside).__name__
     assert "TrainingQuadraticProjection" in type(op().grad_fn).__name__
+    plain = lambda *args: reference.training_quadratic_projection(*args, "autograd")
+    with qnn_torch_form("function"):  # over a chosen plain form
+        inside = plain(x, weight, bias, 2, 0.1, True, torch.float32).grad_fn
+    assert "TrainingQuadraticProjection" in type(inside).__name__
+    assert "TrainingQuadraticProjection" not in type(plain(x, weight, bias, 2, 0.1, True, torch.float32).grad_fn).__name__
     assert reference.training_quadratic_projection.__name__ == "training_quadratic_projection"
 
 

@@ -51,9 +51,16 @@ def test_auto_times_both_paths_once_and_keeps_the_decision(timed, device, caplog
     assert "backend='auto' timed qnn" in caplog.text
     # The trials left the generators where they were: auto's output is the chosen backend's for
     # the same seed, bitwise, and the generator moved as that backend alone moves it.
+    # (The torch path's plain-autograd form, where it won: the Function scales before summing the
+    # groups, the reference after, so the two differ in the last bits.)
+    assert record["torch_forms"].keys() == {"autograd"}
     torch.manual_seed(1)
-    y_chosen = kernels.quadratic_projection(x, weight, bias, 2, dropout_p=0.25, training=True,
-                                            backend=record["choice"], seed=None)
+    if record.get("torch_form"):
+        y_chosen = reference.training_quadratic_projection(x, weight, bias, 2, 0.25, True, torch.float32,
+                                                           record["torch_form"])
+    else:
+        y_chosen = kernels.quadratic_projection(x, weight, bias, 2, dropout_p=0.25, training=True,
+                                                backend=record["choice"], seed=None)
     assert torch.equal(y_auto, y_chosen)
     assert all(torch.equal(a, b) for a, b in zip(after_auto, _rng_states(device)))
     # Written to the file; a new process (here: forgetting) reads it and does not time again.
@@ -112,6 +119,62 @@ def test_triton_is_chosen_only_when_faster_by_the_margin(timed, device, monkeypa
     assert resolve_backend("auto", device, "asta", torch.float32, trial) == picked
     assert len(ran) == 1
     assert resolve_backend("auto", device, "asta", torch.float32, trial) == picked and len(ran) == 1  # kept
+
+
+def _fake_qnn_trial(fail_form=False):
+    def run(backend):
+        if backend == "autograd" and fail_form:
+            raise RuntimeError("form failed")
+
+    return choice.Trial("qnn", torch.float32, ("B<=8", f"fake {fail_form}"), run, ("autograd",))
+
+
+@pytest.mark.parametrize("autograd_ms, triton_ms, runs", [
+    (0.9, 0.5, ("triton", "autograd")),  # Triton against the faster torch form: 0.5 <= 0.95 * 0.9
+    (0.9, 0.9, ("torch", "autograd")),  # the plain form by the margin; Triton not faster than it
+    (0.96, 0.93, ("triton", None)),  # the plain form not faster by the margin: Triton against the Function
+    (0.96, 1.5, ("torch", None)),
+    (0.5, 0.5, ("torch", "autograd")),
+])
+def test_the_qnn_torch_path_runs_its_faster_form_and_triton_must_beat_that(timed, device, monkeypatch, autograd_ms,
+                                                                           triton_ms, runs):
+    """The QNN's trial times the torch path's two forms (its autograd Function, 1.0 here, and
+    plain autograd) beside Triton: the plain form runs where it took at most MARGIN of the
+    Function's time, and Triton only where it took at most MARGIN of the torch form that runs."""
+    trial = _fake_qnn_trial()
+    _fake_timings(monkeypatch, 1.0, autograd_ms, triton_ms)
+    assert (resolve_backend("auto", device, "qnn", torch.float32, trial), choice.torch_form(trial, device)) == runs
+    (record,) = choice.decisions(device)
+    assert record["torch_forms"] == {"autograd": autograd_ms} and record.get("torch_form") == runs[1]
+    shown = "torch (autograd)" if runs == ("torch", "autograd") else runs[0]  # the form where it runs
+    assert "(as autograd: " in choice.table([record])[2] and choice.table([record])[2].endswith(f"| {shown} |")
+    choice.forget()  # read back from the file: the form too
+    assert choice.preload(device) == 1
+    call = (trial.op, trial.dtype, trial.shape, device)
+    assert (choice._by_call[call], choice.torch_form(trial, device)) == runs
+
+
+def test_a_failing_torch_form_is_left_out_and_said(timed, device, monkeypatch):
+    trial = _fake_qnn_trial(fail_form=True)
+    _fake_timings(monkeypatch, 1.0, 2.0)  # torch, triton: the failed form is not timed
+    assert resolve_backend("auto", device, "qnn", torch.float32, trial) == "torch"
+    (record,) = choice.decisions(device)
+    assert record["torch_forms"] == {} and "torch_form" not in record and record["error"] == "autograd: RuntimeError: form failed"
+    assert choice.torch_form(trial, device) is None
+
+
+def test_a_qnn_call_runs_the_torch_form_auto_chose(timed, device, monkeypatch):
+    """Where the plain form won, the call trains through autograd of the reference (no autograd
+    Function in its graph); where it lost, through the Function."""
+    x, weight, bias = _qnn_inputs(device)
+    for autograd_ms, node in ((0.5, "MulBackward0"), (1.0, "_TrainingQuadraticProjectionBackward")):
+        timed.unlink(missing_ok=True)  # a decision of its own each time
+        choice.forget()
+        _fake_timings(monkeypatch, 1.0, autograd_ms, 10.0)
+        y = kernels.quadratic_projection(x, weight, bias, 2, dropout_p=0.25, training=True)
+        assert type(y.grad_fn).__name__ == node
+        with torch.no_grad():  # nothing trains: neither form, nor a trial
+            assert kernels.quadratic_projection(x, weight, bias, 2, dropout_p=0.25, training=True).grad_fn is None
 
 
 def test_a_failing_triton_path_means_torch_and_says_why(timed, device):
@@ -190,7 +253,8 @@ def test_a_compiled_model_follows_the_preloaded_decisions_and_never_times(timed,
     from tests.test_compile import step, tiny_batch, tiny_model
 
     monkeypatch.setattr(kernels.utils, "MEASURED_FASTER", set())
-    _fake_timings(monkeypatch, *[1.0, 0.5] * 4)  # torch, then Triton, for each op: Triton wins
+    # Triton wins every op, against each form of the torch path.
+    monkeypatch.setattr(choice, "_median_ms", lambda runs, dev: {name: 0.5 if name == "triton" else 1.0 for name in runs})
     model = tiny_model(dropout=0.1).to(device)
     batch = {k: v.to(device) for k, v in tiny_batch().items()}
     step(model, model, batch)  # eager: times both ops
