@@ -375,7 +375,8 @@ def table(records: list[dict], with_device: bool = False) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         triton_ms = "failed: " + r.get("error", "")[:80] if r.get("triton_ms") is None else f"{r['triton_ms']:.3f}"
-        torch_ms = f"{r['torch_ms']:.3f}" + "".join(f" (as {form}: {ms:.3f})" for form, ms in r.get("torch_forms", {}).items())
+        forms = r.get("torch_forms", {})
+        torch_ms = f"{r['torch_ms']:.3f}" + "".join(f" (as {form}: {ms:.3f})" for form, ms in forms.items())
         cells = [r["key"].split("|")[3]] * with_device + [
             r["op"], r["dtype"], ", ".join(map(str, r["shape"])), torch_ms, triton_ms, _runs(r)]
         lines.append("| " + " | ".join(cells) + " |")

@@ -45,7 +45,7 @@ import triton.language as tl
 from kernels import choice, reference
 from kernels.utils import (INT32_LIMIT, INTERPRETING, call_op, cast, check_dropout_p, check_projection_args,
                            check_seed, compute_dtype, differentiable_backend, direct_autograd, launching_on,
-                           needs_registered_op, register_autocast, resolve_backend)
+                           register_autocast, resolve_backend)
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -322,8 +322,8 @@ def _autograd_backward(ctx, gy, _grad_s):
             x, weight, bias, ctx.num_row, ctx.p, keep, ctx.needs_input_grad[:3], ctx.x_dtype, gy)
         return grad_x, grad_w, grad_b, None, None, None, None
     needs = ctx.needs_input_grad[:3]  # a frozen weight: its product with G is not run
-    backward = _qnn_backward_op if needs_registered_op(gy, x, weight, s, seed) else _op_backward
-    grad_x, grad_w, grad_b = backward(gy, x, weight.to(x.dtype), s, seed, ctx.num_row, ctx.p, ctx.x_dtype, *needs)
+    grad_x, grad_w, grad_b = call_op(_qnn_backward_op, _op_backward, gy, x, weight.to(x.dtype), s, seed, ctx.num_row,
+                                     ctx.p, ctx.x_dtype, *needs)
     # Each gradient in its input's dtype, rounded to `dtype` first as autograd through a cast
     # outside the op would round it.
     return (grad_x if needs[0] else None, grad_w.to(weight.dtype) if needs[1] else None,
@@ -387,7 +387,7 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     # residual stream under autocast; reference.quadratic_product says why).
     if not kernel_runs:
         return reference.folded_quadratic_projection(x, *cast(dtype, weight, bias), num_row)
-    return call_op(_qnn_op, _DirectQNN, x, weight, bias, _seed_tensor(seed, x.device), num_row, p, dtype)[0]
+    return call_op(_qnn_op, _DirectQNN.apply, x, weight, bias, _seed_tensor(seed, x.device), num_row, p, dtype)[0]
 
 
 def _trial_call(x, weight, bias, *, backend, num_row, dropout_p, training, seed):

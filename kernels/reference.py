@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.dropout import draw_seed, draws_from_lanes, dropout, keep_mask, keep_multiplier
-from kernels.utils import autocast_off, call_op, direct_autograd, needs_registered_op, transforms_active
+from kernels.utils import autocast_off, call_op, direct_autograd, transforms_active
 
 
 def sparse_target_attention(history: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -203,9 +203,8 @@ def _regathered_autograd_backward(ctx, grad_z, _grad_scores):
     if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable themselves
         grad_reps, grad_query, grad_mask = differentiable_attention_gradients(index, reps, query, mask, needs, grad_z)
         return grad_reps, None, grad_query, grad_mask
-    backward = (_regathered_backward_op if needs_registered_op(grad_z, reps, index, query, mask, scores)
-                else _regathered_backward_autocast_off)
-    grads = backward(grad_z, reps, index, query, mask, scores, needs)
+    grads = call_op(_regathered_backward_op, _regathered_backward_autocast_off, grad_z, reps, index, query, mask,
+                    scores, needs)
     grad_reps, grad_query, grad_mask = (g if need else None for g, need in zip(grads, needs))
     return grad_reps, None, grad_query, grad_mask
 
@@ -223,7 +222,7 @@ def regathered_sparse_target_attention(reps: torch.Tensor, index: torch.Tensor, 
     reference."""
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (reps, query, mask)) or transforms_active():
         return gathered_sparse_target_attention(reps, index, query, mask)
-    return call_op(_regathered_op, _DirectRegathered, reps, index, query, mask)[0]
+    return call_op(_regathered_op, _DirectRegathered.apply, reps, index, query, mask)[0]
 
 
 def quadratic_projection(

@@ -40,8 +40,8 @@ import triton.language as tl
 from kernels import choice, reference
 from kernels.utils import (INTERPRETING, alert_not_deterministic, call_op, cast, check_attention_args,
                            check_gathered_attention_args, compute_dtype, differentiable_backend, direct_autograd,
-                           launching_on, needs_registered_op, next_power_of_2, register_autocast, resolve_backend,
-                           triton_cannot_run, warn_reference_runs)
+                           launching_on, next_power_of_2, register_autocast, resolve_backend, triton_cannot_run,
+                           warn_reference_runs)
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # A whole row of D lives in registers (BLOCK_D = next power of two of D). Past this width the
@@ -393,8 +393,7 @@ def _autograd_backward(ctx, grad_z):
                                 "is summed by atomic adds, in whatever order the GPU runs them)")
     # x frozen (a fixed item table): its gradient, the atomics of the gathered form, is not formed.
     need_x = ctx.needs_input_grad[0]
-    backward = _asta_backward_op if needs_registered_op(grad_z, x, index, query, mask) else _op_backward
-    grad_x, grad_q = backward(grad_z, x, index, query, mask, need_x)
+    grad_x, grad_q = call_op(_asta_backward_op, _op_backward, grad_z, x, index, query, mask, need_x)
     return grad_x if need_x else None, None, grad_q, None
 
 
@@ -433,7 +432,7 @@ def sparse_target_attention(history, query, mask, *, backend="auto"):
     if resolve_backend(backend, history.device, "asta", dtype, trial) == "torch":
         return reference.sparse_target_attention(history, query, mask)
     _check_width(dim)
-    return call_op(_asta_op, _DirectASTA, history, None, query, mask)
+    return call_op(_asta_op, _DirectASTA.apply, history, None, query, mask)
 
 
 def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"):
@@ -462,7 +461,7 @@ def gathered_sparse_target_attention(reps, index, query, mask, *, backend="auto"
     if resolve_backend(backend, reps.device, "asta", dtype, trial) == "torch":
         return reference.regathered_sparse_target_attention(reps, index, query, mask)
     _check_width(dim)
-    return call_op(_asta_op, _DirectASTA, reps, index, query, mask)
+    return call_op(_asta_op, _DirectASTA.apply, reps, index, query, mask)
 
 
 # ----------------------------------------------------------------------------------------------

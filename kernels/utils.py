@@ -216,9 +216,10 @@ def needs_registered_op(*args) -> bool:
 
 
 def call_op(registered, direct, *args):
-    """registered(*args), the registered op, where needs_registered_op(*args), else
-    direct.apply(*args), its direct_autograd function: the same values and gradients."""
-    return registered(*args) if needs_registered_op(*args) else direct.apply(*args)
+    """registered(*args), the registered op, where needs_registered_op(*args), else direct(*args):
+    the same code without the dispatcher (a direct_autograd function's apply, or a backward op's
+    implementation), so the same values and gradients."""
+    return (registered if needs_registered_op(*args) else direct)(*args)
 
 
 def direct_autograd(name: str, implementation, setup_context, backward, autocast_free: bool):

@@ -1037,7 +1037,8 @@ def test_the_qnn_torch_form_variants_force_their_form_and_restore_the_choice(mon
     with qnn_torch_form("function"):  # over a chosen plain form
         inside = plain(x, weight, bias, 2, 0.1, True, torch.float32).grad_fn
     assert "TrainingQuadraticProjection" in type(inside).__name__
-    assert "TrainingQuadraticProjection" not in type(plain(x, weight, bias, 2, 0.1, True, torch.float32).grad_fn).__name__
+    outside = plain(x, weight, bias, 2, 0.1, True, torch.float32).grad_fn
+    assert "TrainingQuadraticProjection" not in type(outside).__name__
     assert reference.training_quadratic_projection.__name__ == "training_quadratic_projection"
 
 

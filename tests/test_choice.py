@@ -159,7 +159,8 @@ def test_a_failing_torch_form_is_left_out_and_said(timed, device, monkeypatch):
     _fake_timings(monkeypatch, 1.0, 2.0)  # torch, triton: the failed form is not timed
     assert resolve_backend("auto", device, "qnn", torch.float32, trial) == "torch"
     (record,) = choice.decisions(device)
-    assert record["torch_forms"] == {} and "torch_form" not in record and record["error"] == "autograd: RuntimeError: form failed"
+    assert record["torch_forms"] == {} and "torch_form" not in record
+    assert record["error"] == "autograd: RuntimeError: form failed"
     assert choice.torch_form(trial, device) is None
 
 
@@ -254,7 +255,8 @@ def test_a_compiled_model_follows_the_preloaded_decisions_and_never_times(timed,
 
     monkeypatch.setattr(kernels.utils, "MEASURED_FASTER", set())
     # Triton wins every op, against each form of the torch path.
-    monkeypatch.setattr(choice, "_median_ms", lambda runs, dev: {name: 0.5 if name == "triton" else 1.0 for name in runs})
+    monkeypatch.setattr(choice, "_median_ms", lambda runs, dev: {name: 0.5 if name == "triton" else 1.0
+                                                                 for name in runs})
     model = tiny_model(dropout=0.1).to(device)
     batch = {k: v.to(device) for k, v in tiny_batch().items()}
     step(model, model, batch)  # eager: times both ops

@@ -148,7 +148,8 @@ def test_only_eager_calls_of_plain_tensors_skip_the_registered_op():
     with FakeTensorMode() as fake:
         fake_tensor = fake.from_tensor(plain)
     assert needs_registered_op(plain, fake_tensor)
-    assert torch.compile(lambda t: t + needs_registered_op(t), fullgraph=True, backend="eager")(plain).tolist() == [2, 2]
+    compiled = torch.compile(lambda t: t + needs_registered_op(t), fullgraph=True, backend="eager")
+    assert compiled(plain).tolist() == [2, 2]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

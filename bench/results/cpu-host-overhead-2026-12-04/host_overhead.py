@@ -19,13 +19,23 @@ b = torch.randn(M*D, generator=g, requires_grad=True); gy = torch.randn(B, D, ge
 reps = torch.randn(U, D, generator=g, requires_grad=True); q = torch.randn(B, D, generator=g, requires_grad=True)
 index = torch.randint(0, U, (B, L), generator=g); mask = torch.ones(B, L)
 hist = torch.randn(B, L, D, generator=g, requires_grad=True)
+
+
+def fwd_bwd(op, *args, **kwargs):
+    return lambda: op(*args, **kwargs).backward(gy)
+
+
 calls = {
-    "QNN, Triton": lambda: kernels.quadratic_projection(x, w, b, M, dropout_p=0.1, training=True, backend="triton").backward(gy),
-    "QNN, torch (its autograd Function)": lambda: kernels.quadratic_projection(x, w, b, M, dropout_p=0.1, training=True, backend="torch").backward(gy),
-    "ASTA plain, Triton": lambda: kernels.sparse_target_attention(hist, q, mask, backend="triton").backward(gy),
-    "ASTA gathered, Triton": lambda: kernels.gathered_sparse_target_attention(reps, index, q, mask, backend="triton").backward(gy),
-    "ASTA gathered, torch (regathered op)": lambda: kernels.gathered_sparse_target_attention(reps, index, q, mask, backend="torch").backward(gy),
+    "QNN, Triton": fwd_bwd(kernels.quadratic_projection, x, w, b, M, dropout_p=0.1, training=True, backend="triton"),
+    "QNN, torch (its autograd Function)": fwd_bwd(kernels.quadratic_projection, x, w, b, M, dropout_p=0.1,
+                                                  training=True, backend="torch"),
+    "ASTA plain, Triton": fwd_bwd(kernels.sparse_target_attention, hist, q, mask, backend="triton"),
+    "ASTA gathered, Triton": fwd_bwd(kernels.gathered_sparse_target_attention, reps, index, q, mask, backend="triton"),
+    "ASTA gathered, torch (regathered op)": fwd_bwd(kernels.gathered_sparse_target_attention, reps, index, q, mask,
+                                                    backend="torch"),
 }
+
+
 def t(f, n=1000):
     for _ in range(100): f()
     best = 1e9
@@ -34,4 +44,6 @@ def t(f, n=1000):
         for _ in range(n): f()
         best = min(best, (time.perf_counter() - s) / n * 1e6)
     return best
+
+
 print(json.dumps({k: round(t(f), 1) for k, f in calls.items()}))
