@@ -21,14 +21,14 @@ import contextlib
 import numpy as np
 import torch
 
-from bench.report import BF16_OP, timed_section
+from bench.report import BF16_OP, BF16_SLOWDOWN, timed_section
 from bench.common import (STOPPED, device_argument, diagnosed, host_ms, host_rows, keep, make_row, peak_memory_mb,
                           print_table, stop_on_sigterm, time_ms)
 from qin.config import QINConfig
 from qin.host_memory import bound_kept_memory, keep_freed_memory
 from qin.cli import positive_int
 from qin.model import QIN, compile_model, make_graph_safe
-from qin.train import loss_fn, make_optimizer
+from qin.train import SLOW_MATMUL, loss_fn, make_optimizer, matmul_slowdown
 
 AUTHORS_SAMPLES_PER_S = 21_000  # SPEC.md: 2.8 min an epoch of 3.6M rows on an RTX 4090
 AUTHORS_DEVICE = "RTX 4090 (authors' log)"
@@ -203,20 +203,36 @@ def default_batches(device: torch.device, quick: bool) -> list[int]:
     return [1024] if quick else [1024, 256, 2048]
 
 
+def bf16_left_out(device: torch.device) -> float | None:
+    """On a CPU with no bf16 matrix instructions, how many times slower a bf16 product runs than
+    fp32's (qin.train.matmul_slowdown), where that passes qin.train.SLOW_MATMUL; else None.
+
+    torch then multiplies bf16 in a scalar loop (27-48x slower than fp32 on a 2-core Zen 2 without
+    AVX-512): a bf16 variant's time there says nothing of bf16, and the CPU's bf16 variants made
+    `qin bench --quick` take most of an hour. The trainer warns of the same (train.precision)."""
+    slowdown = matmul_slowdown(device, "bf16")
+    return slowdown if slowdown is not None and slowdown > SLOW_MATMUL else None
+
+
 def run(device: torch.device, quick: bool = False, batch: int | None = None, csv: str | None = None) -> list[dict]:
     if device.type == "cpu":
         keep_freed_memory()  # as `qin train` does on the CPU, for every variant alike
     rows = []
+    slowdown = bf16_left_out(device)
+    if slowdown is not None:
+        print(f"bf16 variants left out: a bf16 matrix product runs {slowdown:.0f}x slower than fp32's on this "
+              f"CPU (no bf16 instructions), so their times would say nothing of bf16")
+        keep(rows, [make_row("train_step", "torch", "probe", BF16_SLOWDOWN, "x", "", "", slowdown, device, BF16)], csv)
     for size in ([batch] if batch is not None else default_batches(device, quick)):
         if not STOPPED.is_set():
-            keep(rows, run_batch(device, quick, size), csv)
+            keep(rows, run_batch(device, quick, size, skip_bf16=slowdown is not None), csv)
     if not STOPPED.is_set():
         keep(rows, loader_rows(device, batch or default_batches(device, quick)[0], quick), csv)
     return rows
 
 
-def run_batch(device: torch.device, quick: bool, batch: int):
-    """Yields each row as it is measured."""
+def run_batch(device: torch.device, quick: bool, batch: int, skip_bf16: bool = False):
+    """Yields each row as it is measured; without the bf16 variants where skip_bf16 (bf16_left_out)."""
     data = synthetic_batch(batch, device)
     for name, overrides, how, amp in VARIANTS:
         compiled = how in (True, CUDA_GRAPHS)
@@ -226,6 +242,8 @@ def run_batch(device: torch.device, quick: bool, batch: int):
         if device.type != "cuda" and (name not in CPU_VARIANTS or (quick and compiled)):
             print(f"skipped on the CPU: {name} (GPU only: Triton, or too slow here to say anything)")
             continue
+        if skip_bf16 and amp == BF16:
+            continue  # said once, in run
         patch = contextlib.ExitStack()
         try:
             if how in (QNN_AUTOGRAD, QNN_FUNCTION):

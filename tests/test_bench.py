@@ -24,6 +24,9 @@ def quick_report(tmp_path_factory):
 
 
 def test_quick_bench_writes_report_csv_and_plots(quick_report):
+    from bench import bench_train
+    from bench.report import BF16_SLOWDOWN
+
     code, out = quick_report
     assert code == 0, (out / "report.md").read_text() if (out / "report.md").exists() else "no report"
     names = {p.name for p in out.iterdir()}
@@ -64,14 +67,43 @@ def test_quick_bench_writes_report_csv_and_plots(quick_report):
     # Every ratio in the training table compares with the literal eager model of the same run.
     providers = {r["provider"] for r in rows if r["kernel"] == "train_step"}
     assert {"literal eager", "+ hoisted ASTA", "+ item dedup"} <= providers
-    # Mixed precision beside fp32, same run: a bf16 step, and the bytes saved for backward.
+    # Mixed precision beside fp32, same run: a bf16 step, and the bytes saved for backward; on a CPU
+    # without bf16 instructions, no bf16 step, and the report says why (the bytes: the test below).
     speed = {(r["provider"], r["dtype"]) for r in rows if r["kernel"] == "train_step" and r["metric"] == "throughput"}
+    slowdown = [float(r["p50"]) for r in rows if r["metric"] == BF16_SLOWDOWN]
+    assert bool(slowdown) == (bench_train.bf16_left_out(torch.device("cpu")) is not None), slowdown
     bf16_op = "+ item dedup, ASTA op in bf16, autocast bf16"  # model.asta_precision=autocast
-    assert {("+ item dedup", "fp32"), ("+ item dedup, autocast bf16", "bf16"), (bf16_op, "bf16")} <= speed
-    saved = {r["provider"]: float(r["p50"]) for r in rows if r["metric"] == "saved_bytes"}
-    assert 0 < saved[bf16_op] < saved["+ item dedup, autocast bf16"] < saved["+ item dedup"] < saved["literal eager"]
+    if slowdown:
+        assert ("+ item dedup", "fp32") in speed and not [name for name, dtype in speed if dtype == "bf16"]
+        assert "bf16 matrix products ran" in _target(report.splitlines(), "CPU: training step in bf16 >= 2.0x fp32 (default model")
+    else:
+        assert {("+ item dedup", "fp32"), ("+ item dedup, autocast bf16", "bf16"), (bf16_op, "bf16")} <= speed
+        saved = {r["provider"]: float(r["p50"]) for r in rows if r["metric"] == "saved_bytes"}
+        assert 0 < saved[bf16_op] < saved["+ item dedup, autocast bf16"] < saved["+ item dedup"] < saved["literal eager"]
     assert "training step in bf16 >= 2.0x fp32 (default model" in report
     assert "Saved for backward: bf16 bytes/sample <= 0.55x fp32 (model.asta_precision=autocast)" in report
+
+
+def test_bf16_keeps_fewer_bytes_for_backward_than_fp32_and_the_op_in_bf16_fewer_still():
+    """Issue 15's memory figure, from bench_train's own variants and count, on any CPU (the quick
+    bench leaves the bf16 steps out where bf16 has no instructions; one forward each is cheap)."""
+    from bench import bench_train
+    from qin.config import QINConfig
+
+    cpu = torch.device("cpu")
+    data = bench_train.synthetic_batch(256, cpu)
+    variants = {name: (overrides, amp) for name, overrides, _, amp in bench_train.VARIANTS}
+
+    def saved(name):
+        overrides, amp = variants[name]
+        model = bench_train.build(QINConfig(**overrides), cpu)
+        return bench_train.saved_bytes(lambda: bench_train._forward_loss(model, data, amp),
+                                       [*model.parameters(), *model.buffers(), *data.values()])
+
+    names = ("+ item dedup, ASTA op in bf16, autocast bf16", "+ item dedup, autocast bf16", "+ item dedup",
+             "literal eager")
+    sizes = [saved(name) for name in names]
+    assert 0 < sizes[0] < sizes[1] < sizes[2] < sizes[3], dict(zip(names, sizes))
 
 
 def test_saved_bytes_counts_each_storage_once_and_leaves_resident_tensors_out():
@@ -643,6 +675,36 @@ def test_cpu_targets_read_the_headline_batch_when_larger_ones_were_timed_too():
     lines = targets(rows, torch.device("cpu"))
     assert _target(lines, "CPU: full training step >= 2x").endswith(
         "| 2.40x (+ item dedup, batch 1024: 1,200 vs 500 samples/s) | met |")
+
+
+@pytest.mark.parametrize("slowdown", [48.0, 1.5, None])
+def test_a_cpu_without_bf16_instructions_times_no_bf16_variant_and_the_report_says_why(slowdown, monkeypatch, capsys):
+    """Where a bf16 matrix product runs more than SLOW_MATMUL times slower than fp32's (torch's scalar
+    loop on a CPU without bf16 instructions), bench_train leaves every bf16 variant out, says so and
+    records the slowdown; the report's bf16 targets then say why they are unmeasured. Elsewhere
+    (a fast or no probe) the bf16 variants run."""
+    from bench import bench_train
+    from bench.report import BF16_SLOWDOWN, targets
+
+    monkeypatch.setattr(bench_train, "matmul_slowdown", lambda device, precision: slowdown)
+    monkeypatch.setattr(bench_train, "CPU_VARIANTS", ("literal eager", "literal eager, autocast bf16"))
+    ran = []
+    monkeypatch.setattr(bench_train, "build", lambda cfg, device: ran.append(cfg) or (_ for _ in ()).throw(
+        RuntimeError("not built in this test")))
+    monkeypatch.setattr(bench_train, "loader_rows", lambda *args: iter(()))
+    rows = bench_train.run(torch.device("cpu"), quick=True)
+    out = capsys.readouterr().out
+    left_out = slowdown is not None and slowdown > 4
+    assert len(ran) == (1 if left_out else 2), out  # each variant tried reaches build, the bf16 one only if kept
+    assert ("bf16 variants left out" in out) == left_out, out
+    assert [r["p50"] for r in rows if r["metric"] == BF16_SLOWDOWN] == ([slowdown] if left_out else [])
+    fp32 = [_row("train_step", name, "throughput", 1000.0, "fp32", batch=1024) for name in ("literal eager", "+ item dedup")]
+    lines = targets(rows + fp32, torch.device("cpu"))
+    step, saved = (_target(lines, f"{what} (default model") for what in ("CPU: training step in bf16 >= 2.0x fp32",
+                                                                            "Saved for backward: bf16 bytes/sample <= 0.55x fp32"))
+    for line in (step, saved):
+        assert line.endswith("| unmeasured |"), line
+        assert ("ran 48x slower than fp32's on this CPU (no bf16 instructions)" in line) == left_out, line
 
 
 def test_gpu_step_targets_read_batch_8192_when_a_larger_batch_was_timed_too(monkeypatch):
