@@ -75,7 +75,8 @@ def test_quick_bench_writes_report_csv_and_plots(quick_report):
     bf16_op = "+ item dedup, ASTA op in bf16, autocast bf16"  # model.asta_precision=autocast
     if slowdown:
         assert ("+ item dedup", "fp32") in speed and not [name for name, dtype in speed if dtype == "bf16"]
-        assert "bf16 matrix products ran" in _target(report.splitlines(), "CPU: training step in bf16 >= 2.0x fp32 (default model")
+        step = _target(report.splitlines(), "CPU: training step in bf16 >= 2.0x fp32 (default model")
+        assert "bf16 matrix products ran" in step
     else:
         assert {("+ item dedup", "fp32"), ("+ item dedup, autocast bf16", "bf16"), (bf16_op, "bf16")} <= speed
         saved = {r["provider"]: float(r["p50"]) for r in rows if r["metric"] == "saved_bytes"}
@@ -685,6 +686,7 @@ def test_a_cpu_without_bf16_instructions_times_no_bf16_variant_and_the_report_sa
     (a fast or no probe) the bf16 variants run."""
     from bench import bench_train
     from bench.report import BF16_SLOWDOWN, targets
+    from qin.train import SLOW_MATMUL
 
     monkeypatch.setattr(bench_train, "matmul_slowdown", lambda device, precision: slowdown)
     monkeypatch.setattr(bench_train, "CPU_VARIANTS", ("literal eager", "literal eager, autocast bf16"))
@@ -694,14 +696,16 @@ def test_a_cpu_without_bf16_instructions_times_no_bf16_variant_and_the_report_sa
     monkeypatch.setattr(bench_train, "loader_rows", lambda *args: iter(()))
     rows = bench_train.run(torch.device("cpu"), quick=True)
     out = capsys.readouterr().out
-    left_out = slowdown is not None and slowdown > 4
+    left_out = slowdown is not None and slowdown > SLOW_MATMUL
     assert len(ran) == (1 if left_out else 2), out  # each variant tried reaches build, the bf16 one only if kept
     assert ("bf16 variants left out" in out) == left_out, out
     assert [r["p50"] for r in rows if r["metric"] == BF16_SLOWDOWN] == ([slowdown] if left_out else [])
-    fp32 = [_row("train_step", name, "throughput", 1000.0, "fp32", batch=1024) for name in ("literal eager", "+ item dedup")]
+    fp32 = [_row("train_step", name, "throughput", 1000.0, "fp32", batch=1024)
+            for name in ("literal eager", "+ item dedup")]
     lines = targets(rows + fp32, torch.device("cpu"))
-    step, saved = (_target(lines, f"{what} (default model") for what in ("CPU: training step in bf16 >= 2.0x fp32",
-                                                                            "Saved for backward: bf16 bytes/sample <= 0.55x fp32"))
+    step, saved = (_target(lines, f"{what} (default model")
+                   for what in ("CPU: training step in bf16 >= 2.0x fp32",
+                                "Saved for backward: bf16 bytes/sample <= 0.55x fp32"))
     for line in (step, saved):
         assert line.endswith("| unmeasured |"), line
         assert ("ran 48x slower than fp32's on this CPU (no bf16 instructions)" in line) == left_out, line
