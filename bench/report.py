@@ -109,7 +109,10 @@ def pytest_benchmark_rows(device: torch.device, quick: bool) -> list[dict]:
     if missing:  # else pytest's "unrecognized arguments: --benchmark-only" would not say what is missing
         raise BenchError(f"the pytest-benchmark suite needs {' and '.join(missing)}: pip install -e \".[bench]\"")
     suite = Path(__file__).with_name("test_ops_benchmark.py")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real kernels, never the interpreter
+    # The real kernels, never the interpreter; and a pytest session of its own: called from a
+    # pytest-xdist worker (the test suite), the worker's PYTEST_XDIST_* variables would make
+    # pytest-benchmark disable itself and refuse --benchmark-only.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and not k.startswith("PYTEST_XDIST_")}
     env.update(QIN_BENCH_DEVICE=device.type, QIN_BENCH_QUICK="1" if quick else "0")
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder) / "benchmark.json"

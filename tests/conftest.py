@@ -19,6 +19,16 @@ os.environ.setdefault("QIN_AUTO_BACKEND", "table")
 if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="qin-test-inductor-")
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+# Under pytest-xdist (`-n auto`, the README's test command) the workers share the cores: each
+# worker, and every process its tests start, gets its share of torch's threads, not all of them
+# (two workers of two threads each on two cores run slower than one).
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _cores() // _WORKERS))
 
 import pytest
 import torch
@@ -32,6 +42,14 @@ settings.register_profile("thorough", deadline=None, max_examples=200)
 # fewer draws keep the CUDA suite within minutes; the fixed-shape tests cover the paper's shapes.
 settings.register_profile("cuda", deadline=None, max_examples=8, derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "cuda" if os.environ.get("QIN_TEST_CUDA") else "ci"))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: a worker per core, at most 4. The README's command sends each test file to one
+    worker (--dist loadfile, so a module's shared fixture runs once), and the longest file
+    (test_bench.py, about 6 minutes on 2 cores) bounds the run: more workers would only add memory,
+    each importing torch and Triton."""
+    return max(1, min(_cores(), 4))
 
 
 def pytest_report_teststatus(report, config):
