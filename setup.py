@@ -24,7 +24,7 @@ setup(
         "tensorboard>=2.14",  # the event files of a training run (torch.utils.tensorboard writes them)
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.80", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "hypothesis>=6.80", "pytest-benchmark>=4", "pytest-xdist>=3"],
         "bench": ["pytest-benchmark>=4"],
     },
     entry_points={"console_scripts": ["qin=qin.cli:console_main"]},

@@ -53,7 +53,11 @@ run_tests() {
     shift 2
     log="$root/$(echo "$label" | tr -c 'A-Za-z0-9.\n' '_').log"
     start=$SECONDS
-    env "$@" "$python" -m pytest -q -p no:cacheprovider "${TESTS[@]}" >"$log" 2>&1
+    # A worker per core where pytest-xdist is installed (CI's venv, the pairs' `.[test]`), each test
+    # file on one worker, as the README's test command runs them.
+    local parallel=()
+    env "$@" "$python" -c "import xdist" 2>/dev/null && parallel=(-n auto --dist loadfile)
+    env "$@" "$python" -m pytest -q -p no:cacheprovider "${parallel[@]}" "${TESTS[@]}" >"$log" 2>&1
     rc=$?
     local versions
     versions=$(env "$@" "$python" -c 'import torch, triton, numpy; print(f"torch {torch.__version__}, triton {triton.__version__}, numpy {numpy.__version__}")' 2>&1 | tail -n 1)
