@@ -16,6 +16,8 @@ against the torch backend that "auto" trains with. "asta_tile_skip" (CUDA): the 
 op on real masks, skipping tiles of padding alone (as it runs) against reading every tile.
 "asta_layout_plain" / "asta_layout_gathered" (CUDA, bf16 and fp16): the Triton ops with every
 position live, in fp32's thread layout (as they run) against Triton's own layout for 16-bit values.
+"asta_register_cap_plain" / "asta_register_cap_gathered" (CUDA, bf16): the same ops, every
+position live, with the 16-bit forwards' register cap as they run (72) against a cap of 64.
 "asta_reps_gradient": the torch backend's gradient into the representations, as the sparse
 product it trains with and as the index_add_ it uses under CUDA graph capture.
 Forward and forward+backward (gradients of X, t and the four weights), over batch (L=64) and
@@ -24,7 +26,7 @@ like the real data.
 
 Order, so that a time box (bench/gpu_run.sh) cuts the least valuable rows: the bare ops (what the
 targets and MEASURED_FASTER rest on) in every dtype first, bf16 then fp32 then fp16; the tile
-skip in every dtype; the 16-bit layouts; then, dtype by dtype, the representations' gradient and the block sweeps.
+skip in every dtype; the 16-bit layouts; the register cap; then, dtype by dtype, the representations' gradient and the block sweeps.
 Each row is kept (and appended to --csv) as it is measured.
 
 Figures per case: time; "bandwidth" = bytes of history the op must cover (B*L*D elements read
@@ -257,6 +259,37 @@ def _layout_rows(batch, seq_len, dtype, device, copy_gbs):
                           speedup="speedup_vs_triton_layout", contexts=contexts)
 
 
+# The register cap timed against the 16-bit forwards' own (FORWARD_MAX_REGISTERS_16_BIT, 72). From the
+# code alone (bench.codegen on the CPU): for sm_90, ptxas fits both forwards in 64 registers without
+# spilling (Triton 3.6 and 3.9), which is fp32's occupancy tier (0.50 against 0.44); for sm_89 a cap
+# of 64 spills with Triton 3.6. Whether the tier pays is for these rows to say.
+REGISTER_CAP_CANDIDATE = 64
+
+
+def _register_cap_rows(batch, seq_len, dtype, device, copy_gbs):
+    """The Triton ops as they run (16-bit forwards capped at FORWARD_MAX_REGISTERS_16_BIT registers
+    a thread) against the same kernels with the forwards capped at REGISTER_CAP_CANDIDATE, every
+    position live: the plain op and the gathered one. The backward is the same code in both (the
+    cap is the forwards'); fwd+bwd says what the forward's change is worth in training. Yields each
+    row as it is measured; the cap changes only where this shows it pays."""
+    _, x, mask, _, grad_out = make_block(batch, seq_len, dtype, device, full_mask=True)
+    query = (torch.randn(batch, DIM, device=device, dtype=dtype) / DIM**0.5).requires_grad_()
+    other, as_run = f"triton, maxnreg {REGISTER_CAP_CANDIDATE}", "triton, maxnreg as run"
+    contexts = {other: lambda: forced_config(maxnreg=REGISTER_CAP_CANDIDATE)}
+    speedup = "speedup_vs_other_register_cap"
+    plain = lambda x, q, m: kernels.sparse_target_attention(x, q, m, backend="triton")
+    yield from _case_rows("asta_register_cap_plain", {other: plain, as_run: plain}, (x, query, mask), (x, query),
+                          grad_out, x, "batch", batch, dtype, device, copy_gbs, True, speedup=speedup,
+                          contexts=contexts)
+    del x, query, mask, grad_out
+    reps, index, query, mask, grad_out = make_gathered(batch, seq_len, dtype, device, full_mask=True)
+    history = torch.empty(batch, seq_len, DIM, dtype=dtype, device="meta")  # only its size is used
+    gathered = lambda r, i, q, m: kernels.gathered_sparse_target_attention(r, i, q, m, backend="triton")
+    yield from _case_rows("asta_register_cap_gathered", {other: gathered, as_run: gathered},
+                          (reps, index, query, mask), (reps, query), grad_out, history, "batch", batch, dtype, device,
+                          copy_gbs, True, speedup=speedup, contexts=contexts)
+
+
 def _reps_gradient_rows(batch, seq_len, dtype, device):
     """The torch backend's gradient into reps, formed both ways it can be on one deduplicated batch:
     the sparse product it trains with (its coalescing sorts 2*B*L entries and sizes the result on
@@ -317,6 +350,10 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
         if device.type == "cuda" and dtype != torch.float32:
             yield from _layout_rows(paper, HIST_LEN, dtype, device, copy_gbs)
 
+    def register_cap_rows(dtype):  # whether a cap of 64 pays for the 16-bit forwards: bf16 stands for both
+        if device.type == "cuda" and dtype == torch.bfloat16:
+            yield from _register_cap_rows(paper, HIST_LEN, dtype, device, copy_gbs)
+
     def sweep_rows(dtype):
         yield from _reps_gradient_rows(paper, HIST_LEN, dtype, device)
         if device.type == "cuda":  # every position live: the paper's shape at full density
@@ -326,7 +363,7 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
         for n in lengths:
             yield from _block_rows(length_batch, n, dtype, device, copy_gbs, "history_len", n)
 
-    for rows_of in (op_rows, tile_skip_rows, layout_rows, sweep_rows):
+    for rows_of in (op_rows, tile_skip_rows, layout_rows, register_cap_rows, sweep_rows):
         for dtype in dtypes:
             if STOPPED.is_set():
                 break

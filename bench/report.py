@@ -435,6 +435,12 @@ KERNEL_CHOICES = (
      "Triton's own layout (VEC=0)"),
     ("asta_layout_gathered", "speedup_vs_triton_layout", "16-bit rows in fp32's thread layout (VEC=4)",
      "Triton's own layout (VEC=0)"),
+    ("asta_register_cap_plain", "speedup_vs_other_register_cap",
+     "the 16-bit forwards' register cap as committed (FORWARD_MAX_REGISTERS_16_BIT)",
+     "bench_asta's REGISTER_CAP_CANDIDATE"),
+    ("asta_register_cap_gathered", "speedup_vs_other_register_cap",
+     "the 16-bit forwards' register cap as committed (FORWARD_MAX_REGISTERS_16_BIT)",
+     "bench_asta's REGISTER_CAP_CANDIDATE"),
 )
 
 

@@ -186,7 +186,7 @@ def _config(seq_len: int, dim: int, interpreting: bool = INTERPRETING) -> dict:
         # layout (VEC=0) read half the bytes in more time than fp32 there. bench/bench_asta.py times
         # the two layouts against each other.
         cfg = dict(BLOCK_L=block_l, BLOCK_D=block_d, SKIP_EMPTY_TILES=True, VEC=4, num_warps=num_warps, num_stages=1)
-    cfg.update(_FORCED)
+    cfg.update({k: v for k, v in _FORCED.items() if k != "maxnreg"})  # that one is _register_cap's
     cfg["VEC"] = min(cfg["VEC"], block_d)  # a row narrower than the vector is one vector
     return cfg
 
@@ -203,23 +203,29 @@ FORWARD_MAX_REGISTERS_16_BIT = 72
 
 
 def _register_cap(x: torch.Tensor) -> dict:
-    """The forward's launch option maxnreg, where it is set (see FORWARD_MAX_REGISTERS_16_BIT)."""
-    if INTERPRETING or x.element_size() != 2 or _FORCED:
+    """The forward's launch option maxnreg, where it is set (see FORWARD_MAX_REGISTERS_16_BIT): a
+    cap forced_config sets, in any dtype; else the 16-bit cap, unless other options are forced."""
+    if INTERPRETING:
+        return {}
+    if "maxnreg" in _FORCED:
+        return {"maxnreg": _FORCED["maxnreg"]}
+    if x.element_size() != 2 or _FORCED:
         return {}
     return {"maxnreg": FORWARD_MAX_REGISTERS_16_BIT}
 
 
 # A launch configuration in force instead of _config's (forced_config): empty in use.
 _FORCED: dict = {}
-FORCEABLE = ("BLOCK_L", "num_warps", "num_stages", "SKIP_EMPTY_TILES", "VEC")
+FORCEABLE = ("BLOCK_L", "num_warps", "num_stages", "SKIP_EMPTY_TILES", "VEC", "maxnreg")
 
 
 @contextlib.contextmanager
 def forced_config(**cfg):
-    """Launch the kernels with `cfg` (any of BLOCK_L, num_warps, num_stages, SKIP_EMPTY_TILES, VEC)
-    in place of _config's within the block: for timing candidate configurations on a GPU
-    (bench/tune_asta.py), and in bench/bench_asta.py the kernels reading every tile against
-    skipping those of padding alone, and Triton's own thread layout (VEC=0) against _config's.
+    """Launch the kernels with `cfg` (any of BLOCK_L, num_warps, num_stages, SKIP_EMPTY_TILES, VEC,
+    and maxnreg, the forwards' register cap on a GPU) in place of _config's within the block: for
+    timing candidate configurations on a GPU (bench/tune_asta.py), and in bench/bench_asta.py the
+    kernels reading every tile against skipping those of padding alone, Triton's own thread layout
+    (VEC=0) against _config's, and another register cap against FORWARD_MAX_REGISTERS_16_BIT.
     BLOCK_D stays the row's width: the kernels hold a whole row."""
     if set(cfg) - set(FORCEABLE):
         raise ValueError(f"forced_config takes {', '.join(FORCEABLE)}; got {', '.join(sorted(set(cfg) - set(FORCEABLE)))}")
@@ -230,9 +236,9 @@ def forced_config(**cfg):
         elif name == "VEC":
             if type(value) is not int or value < 0 or value & (value - 1):
                 raise ValueError(f"forced_config: VEC must be 0 (Triton's choice) or a power of two; got {value!r}")
-        elif type(value) is not int or value < 1 or (name != "num_stages" and value & (value - 1)):
+        elif type(value) is not int or value < 1 or (name not in ("num_stages", "maxnreg") and value & (value - 1)):
             raise ValueError(f"forced_config: {name} must be a positive integer"
-                             f"{'' if name == 'num_stages' else ', a power of two'}; got {value!r}")
+                             f"{'' if name in ('num_stages', 'maxnreg') else ', a power of two'}; got {value!r}")
     if _FORCED:
         raise RuntimeError("forced_config is already in force (its blocks do not nest)")
     _FORCED.update(cfg)

@@ -998,8 +998,10 @@ def test_a_forced_launch_configuration_gives_the_ops_result(device):
     reps, index = history[0, :5].clone(), torch.randint(0, 5, (3, 7), device=device)
     own = sta._config(7, 20)["BLOCK_L"]
     assert sta._config(7, 20)["VEC"] == 4 and sta._config(7, 2)["VEC"] == 2  # capped at the row's BLOCK_D
-    with sta.forced_config(BLOCK_L=2, num_warps=2, num_stages=2, VEC=0):  # VEC=0: Triton's own layout
+    # VEC=0: Triton's own layout; maxnreg (a GPU launch option) stays out of _config's constexprs.
+    with sta.forced_config(BLOCK_L=2, num_warps=2, num_stages=2, VEC=0, maxnreg=72):
         assert sta._config(7, 20)["BLOCK_L"] == 2 != own and sta._config(7, 20)["VEC"] == 0
+        assert "maxnreg" not in sta._config(7, 20)
         got = run_triton(history, query, mask, grad_z)
         got_gathered = run_gathered(reps, index, query, mask, grad_z)
         with pytest.raises(RuntimeError, match="already in force"):
@@ -1014,7 +1016,9 @@ def test_a_forced_launch_configuration_gives_the_ops_result(device):
     for bad, match in ((dict(BLOCK_L=3), "power of two"), (dict(num_warps=0), "positive"), (dict(BLOCK_L=True), "integer"),
                        (dict(SKIP_EMPTY_TILES=0), "True or False; got 0"), (dict(VEC=3), "VEC must be 0 .* got 3"),
                        (dict(VEC=-4), "VEC must be 0"), (dict(VEC=4.0), "VEC must be 0"),
-                       (dict(BLOCK_D=64), "takes BLOCK_L, num_warps, num_stages, SKIP_EMPTY_TILES, VEC; got BLOCK_D")):
+                       (dict(maxnreg=0), "maxnreg must be a positive integer; got 0"),
+                       (dict(BLOCK_D=64), "takes BLOCK_L, num_warps, num_stages, SKIP_EMPTY_TILES, VEC, maxnreg; "
+                                          "got BLOCK_D")):
         with pytest.raises(ValueError, match=match):
             with sta.forced_config(**bad):
                 pass

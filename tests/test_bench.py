@@ -978,7 +978,8 @@ def test_op_tables_run_bf16_first_and_every_dtypes_ops_before_any_sweep(monkeypa
         return rows
 
     from bench.common import short_dtype as common_name
-    for name in ("_op_rows", "_gathered_rows", "_tile_skip_rows", "_layout_rows", "_reps_gradient_rows", "_block_rows"):
+    for name in ("_op_rows", "_gathered_rows", "_tile_skip_rows", "_layout_rows", "_register_cap_rows",
+                 "_reps_gradient_rows", "_block_rows"):
         monkeypatch.setattr(bench_asta, name, fake(name))
     monkeypatch.setattr(bench_asta, "measure_copy_bandwidth_gbs", lambda *args: 1000.0)
     bench_asta.run(torch.device("cuda"), quick=True)
@@ -989,10 +990,12 @@ def test_op_tables_run_bf16_first_and_every_dtypes_ops_before_any_sweep(monkeypa
     skips = [i for i, kind in enumerate(kinds) if kind == "_tile_skip_rows"]
     sweeps = [i for i, kind in enumerate(kinds) if kind in ("_reps_gradient_rows", "_block_rows")]
     layouts = [i for i, kind in enumerate(kinds) if kind == "_layout_rows"]
-    # the ops, then the skip, then the layouts, then the sweeps
-    assert last_op < min(skips) and max(skips) < min(layouts) and max(layouts) < min(sweeps)
+    caps = [i for i, kind in enumerate(kinds) if kind == "_register_cap_rows"]
+    # the ops, then the skip, then the layouts, then the register cap, then the sweeps
+    assert last_op < min(skips) and max(skips) < min(layouts) and max(layouts) < min(caps) and max(caps) < min(sweeps)
     assert [order[i][1] for i in skips] == ["bf16", "fp32", "fp16"]
     assert [order[i][1] for i in layouts] == ["bf16", "fp16"]  # in fp32 the two layouts are one code
+    assert [order[i][1] for i in caps] == ["bf16"]  # the cap is the 16-bit forwards'; bf16 stands for fp16
     order.clear()
     monkeypatch.setattr(bench_qnn, "measure_matmul_tflops", lambda *args: 100.0)
     monkeypatch.setattr(bench_qnn, "_stack_rows", fake("stack"))
@@ -1315,6 +1318,29 @@ def test_the_16_bit_layout_is_timed_against_tritons_own(monkeypatch):
     half = len(vecs) // 2
     assert vecs[:half] == sorted(vecs[:half]) and vecs[half:] == sorted(vecs[half:])
     assert vecs.count(0) == vecs.count(4) > 6 and set(vecs) == {0, 4}
+
+
+def test_the_16_bit_register_cap_is_timed_against_the_candidate(monkeypatch):
+    """bench_asta's asta_register_cap rows on the CPU (Triton's interpreter, B=4): the plain and the
+    gathered op with every position live, launched with the candidate cap forced and as they run,
+    with the speed-up of the committed cap over the candidate, per form and mode."""
+    from bench import bench_asta
+
+    sta = importlib.import_module("kernels.sparse_target_attention")
+    seen, cap = [], sta._register_cap
+    monkeypatch.setattr(sta, "_register_cap", lambda x: seen.append(sta._FORCED.get("maxnreg")) or cap(x))
+    rows = list(bench_asta._register_cap_rows(4, 16, torch.bfloat16, torch.device("cpu"), 10.0))
+    other, as_run = f"triton, maxnreg {bench_asta.REGISTER_CAP_CANDIDATE}", "triton, maxnreg as run"
+    for form in ("plain", "gathered"):
+        form_rows = [r for r in rows if r["kernel"] == f"asta_register_cap_{form}"]
+        assert {(r["provider"], r["mode"]) for r in form_rows if r["metric"] == "time"} == {
+            (p, m) for p in (other, as_run) for m in ("fwd full mask", "fwd+bwd full mask")}
+        assert {(r["provider"], r["mode"]) for r in form_rows if r["metric"] == "speedup_vs_other_register_cap"} == {
+            (as_run, "fwd full mask"), (as_run, "fwd+bwd full mask")}
+    # Per form: every forward launch with the candidate forced, then every one as the ops run.
+    half = len(seen) // 2
+    assert seen == [64] * (half // 2) + [None] * (half // 2) + [64] * (half // 2) + [None] * (half // 2), seen
+    assert half > 6 and bench_asta.REGISTER_CAP_CANDIDATE == 64 != sta.FORWARD_MAX_REGISTERS_16_BIT
 
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])

@@ -145,7 +145,8 @@ def test_asta_16_bit_tiles_have_the_fp32_layout(records, kernel, dtype, arch):
 def test_the_16_bit_forwards_launch_with_the_register_cap_their_code_is_checked_with(monkeypatch):
     """The cases above compile the 16-bit forwards with maxnreg (without it ptxas spilled one for
     sm_90 with Triton 3.3 and 3.6); the launcher must set the same cap, and none for fp32, under
-    the interpreter, or for a forced configuration (the old layout spilled under it for sm_89)."""
+    the interpreter, or for a forced configuration (the old layout spilled under it for sm_89),
+    unless that forces a cap of its own."""
     import torch
 
     sta = importlib.import_module("kernels.sparse_target_attention")
@@ -157,8 +158,14 @@ def test_the_16_bit_forwards_launch_with_the_register_cap_their_code_is_checked_
         assert sta._register_cap(torch.empty(0, dtype=dtype)) == ({"maxnreg": want} if want else {})
         with sta.forced_config(VEC=0):  # a forced configuration (timed against _config's) gets ptxas's own choice
             assert sta._register_cap(torch.empty(0, dtype=dtype)) == {}
+        with sta.forced_config(maxnreg=64):  # unless it forces the cap (bench_asta's register-cap rows), in any dtype
+            assert sta._register_cap(torch.empty(0, dtype=dtype)) == {"maxnreg": 64}
+        with sta.forced_config(VEC=0, maxnreg=64):
+            assert sta._register_cap(torch.empty(0, dtype=dtype)) == {"maxnreg": 64}
         monkeypatch.setattr(sta, "INTERPRETING", True)
         assert sta._register_cap(torch.empty(0, dtype=dtype)) == {}
+        with sta.forced_config(maxnreg=64):  # the interpreter has no registers to cap
+            assert sta._register_cap(torch.empty(0, dtype=dtype)) == {}
 
 
 @pytest.mark.parametrize("kernel,dtype,arch", _params(QNN_KERNELS))
