@@ -242,21 +242,28 @@ def _layout_rows(batch, seq_len, dtype, device, copy_gbs):
     register cap either: kernels.sparse_target_attention._register_cap). 16-bit dtypes only: in
     fp32 the two layouts are the same code. Yields each row as it is measured; the layout stays
     only where this shows it pays."""
+    yield from _forced_against_as_run("asta_layout", "triton, Triton's own layout", "triton, fp32's layout",
+                                      lambda: forced_config(VEC=0), "speedup_vs_triton_layout", batch, seq_len, dtype,
+                                      device, copy_gbs)
+
+
+def _forced_against_as_run(prefix, forced, as_run, context, speedup, batch, seq_len, dtype, device, copy_gbs):
+    """The Triton plain op (table prefix_plain), then the gathered one (prefix_gathered), every
+    position live, launched first within context() (provider `forced`), then as they run (`as_run`,
+    with its speed-up over the forced line). Yields each row as it is measured."""
     _, x, mask, _, grad_out = make_block(batch, seq_len, dtype, device, full_mask=True)
     query = (torch.randn(batch, DIM, device=device, dtype=dtype) / DIM**0.5).requires_grad_()
-    own, as_run = "triton, Triton's own layout", "triton, fp32's layout"
-    contexts = {own: lambda: forced_config(VEC=0)}
     plain = lambda x, q, m: kernels.sparse_target_attention(x, q, m, backend="triton")
-    yield from _case_rows("asta_layout_plain", {own: plain, as_run: plain}, (x, query, mask), (x, query), grad_out,
-                          x, "batch", batch, dtype, device, copy_gbs, True, speedup="speedup_vs_triton_layout",
-                          contexts=contexts)
+    yield from _case_rows(f"{prefix}_plain", {forced: plain, as_run: plain}, (x, query, mask), (x, query), grad_out,
+                          x, "batch", batch, dtype, device, copy_gbs, True, speedup=speedup,
+                          contexts={forced: context})
     del x, query, mask, grad_out
     reps, index, query, mask, grad_out = make_gathered(batch, seq_len, dtype, device, full_mask=True)
     history = torch.empty(batch, seq_len, DIM, dtype=dtype, device="meta")  # only its size is used
     gathered = lambda r, i, q, m: kernels.gathered_sparse_target_attention(r, i, q, m, backend="triton")
-    yield from _case_rows("asta_layout_gathered", {own: gathered, as_run: gathered}, (reps, index, query, mask),
+    yield from _case_rows(f"{prefix}_gathered", {forced: gathered, as_run: gathered}, (reps, index, query, mask),
                           (reps, query), grad_out, history, "batch", batch, dtype, device, copy_gbs, True,
-                          speedup="speedup_vs_triton_layout", contexts=contexts)
+                          speedup=speedup, contexts={forced: context})
 
 
 # The register cap timed against the 16-bit forwards' own (FORWARD_MAX_REGISTERS_16_BIT, 72). From the
@@ -272,22 +279,9 @@ def _register_cap_rows(batch, seq_len, dtype, device, copy_gbs):
     position live: the plain op and the gathered one. The backward is the same code in both (the
     cap is the forwards'); fwd+bwd says what the forward's change is worth in training. Yields each
     row as it is measured; the cap changes only where this shows it pays."""
-    _, x, mask, _, grad_out = make_block(batch, seq_len, dtype, device, full_mask=True)
-    query = (torch.randn(batch, DIM, device=device, dtype=dtype) / DIM**0.5).requires_grad_()
-    other, as_run = f"triton, maxnreg {REGISTER_CAP_CANDIDATE}", "triton, maxnreg as run"
-    contexts = {other: lambda: forced_config(maxnreg=REGISTER_CAP_CANDIDATE)}
-    speedup = "speedup_vs_other_register_cap"
-    plain = lambda x, q, m: kernels.sparse_target_attention(x, q, m, backend="triton")
-    yield from _case_rows("asta_register_cap_plain", {other: plain, as_run: plain}, (x, query, mask), (x, query),
-                          grad_out, x, "batch", batch, dtype, device, copy_gbs, True, speedup=speedup,
-                          contexts=contexts)
-    del x, query, mask, grad_out
-    reps, index, query, mask, grad_out = make_gathered(batch, seq_len, dtype, device, full_mask=True)
-    history = torch.empty(batch, seq_len, DIM, dtype=dtype, device="meta")  # only its size is used
-    gathered = lambda r, i, q, m: kernels.gathered_sparse_target_attention(r, i, q, m, backend="triton")
-    yield from _case_rows("asta_register_cap_gathered", {other: gathered, as_run: gathered},
-                          (reps, index, query, mask), (reps, query), grad_out, history, "batch", batch, dtype, device,
-                          copy_gbs, True, speedup=speedup, contexts=contexts)
+    yield from _forced_against_as_run("asta_register_cap", f"triton, maxnreg {REGISTER_CAP_CANDIDATE}",
+                                      "triton, maxnreg as run", lambda: forced_config(maxnreg=REGISTER_CAP_CANDIDATE),
+                                      "speedup_vs_other_register_cap", batch, seq_len, dtype, device, copy_gbs)
 
 
 def _reps_gradient_rows(batch, seq_len, dtype, device):
