@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-KERNEL_MODULES = ("kernels.sparse_target_attention", "kernels.quadratic_projection")
+KERNEL_MODULES = ("kernels.sparse_target_attention", "kernels.quadratic_projection", "kernels.fp32_gemm")
 DTYPES = ("fp32", "bf16", "fp16")
 ARCHS = (89, 90)
 ARCH_NAMES = {80: "A100", 89: "RTX 4090", 90: "H100", 100: "B200"}  # ARCHS: the ones compiled by default

@@ -51,7 +51,7 @@ MARGIN = 0.95  # Triton must take at most 95% of torch's time: noise never flips
 MODES = ("timed", "table")
 # What a decision depends on: the two paths, and how they are timed and chosen (MARGIN, _time).
 _SOURCES = ("quadratic_projection.py", "sparse_target_attention.py", "reference.py", "dropout.py", "choice.py",
-            "utils.py")
+            "utils.py", "fp32_gemm.py")
 # Device types where "auto" may time the two paths. Only CUDA: on the CPU the Triton path is the
 # interpreter (slow by design). Tests add "cpu" to check the mechanism there.
 TIMED_DEVICE_TYPES = {"cuda"}

@@ -3,7 +3,9 @@
 x (B, D), weight (M*D, D) laid out like nn.Linear(D, M*D) (row r*D + j is W_r[j]), bias (M*D,).
 
 The matrix products run in the vendor GEMM (torch.addmm / mm: cuBLAS on a GPU, following torch's
-TF32 switch in fp32), which a hand-written Triton GEMM only matched at 0.24-0.27x on an H200.
+TF32 switch in fp32), which a hand-written Triton GEMM only matched at 0.24-0.27x on an H200;
+except fp32 with TF32 off on a data-centre GPU (sm_80, sm_90), where they run on the tensor cores
+through the 3xTF32 split (kernels/fp32_gemm.py: cuBLAS multiplies on the CUDA cores there).
 Triton fuses what surrounds them, so that no dropout mask is ever stored:
   forward   h = x @ W.T + b (one GEMM, B x M*D); one Triton pass draws the Philox keep mask,
             sums the M groups and multiplies by x: y (B, D) and s = sum_r dropout(h_r) (B, D in
@@ -42,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import choice, reference
+from kernels import choice, fp32_gemm, reference
 from kernels.utils import (INT32_LIMIT, INTERPRETING, call_op, cast, check_dropout_p, check_projection_args,
                            check_seed, compute_dtype, differentiable_backend, direct_autograd, launching_on,
                            register_autocast, resolve_backend)
@@ -201,7 +203,11 @@ def _forward(x, weight, bias, seed, num_row, p):
     The GEMM reads x in the weight's dtype, the product x as it is; y has
     reference.product_dtype(x, weight): the weight's dtype, or in fp16 a wider x's."""
     batch, dim = x.shape
-    hidden = torch.addmm(bias, x.to(weight.dtype), weight.t())  # (B, M*D)
+    x_gemm = x.to(weight.dtype)
+    if fp32_gemm.applies(x.device, x_gemm, weight, bias):  # fp32 on tensor cores (3xTF32), where it pays
+        hidden = fp32_gemm.matmul(x_gemm, weight.t(), bias=bias)
+    else:
+        hidden = torch.addmm(bias, x_gemm, weight.t())  # (B, M*D)
     # s stays in fp32 (fp64): rounding it to a 16-bit dtype would add one more rounding to grad_x.
     y = torch.empty_like(x, dtype=reference.product_dtype(x.dtype, weight.dtype))
     s = torch.empty_like(x, dtype=torch.promote_types(weight.dtype, torch.float32))
@@ -239,13 +245,17 @@ def _backward(gy, x, weight, s, seed, num_row, p, x_dtype, needs=(True, True, Tr
     weight) is left empty, its product not run."""
     g, gys = _masked_gradient(gy, x, s, seed, num_row, p, x_dtype)
     need_x, need_weight, need_bias = needs
+    tensor_cores = fp32_gemm.applies(x.device, g, weight, x)  # fp32 products in 3xTF32, where they pay
     if not need_x:
         grad_x = gys.new_empty(0)
     elif x_dtype == weight.dtype:
-        grad_x = torch.addmm(gys, g, weight)
+        grad_x = fp32_gemm.matmul(g, weight, addend=gys) if tensor_cores else torch.addmm(gys, g, weight)
     else:
         grad_x = gys.add_(g @ weight)
-    grad_w = g.t() @ x if need_weight else weight.new_empty(0)
+    if not need_weight:
+        grad_w = weight.new_empty(0)
+    else:
+        grad_w = fp32_gemm.matmul(g.t(), x) if tensor_cores else g.t() @ x
     grad_b = g.sum(0, dtype=s.dtype).to(weight.dtype) if need_bias else weight.new_empty(0)
     return grad_x, grad_w, grad_b
 
@@ -426,7 +436,7 @@ def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: 
 
 def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """One dict per Triton kernel launched in training with dropout at B=8192, D=1024, M=4 (the
-    GEMMs around them are cuBLAS's), in `dtype`, or for a 16-bit dtype as QIN launches them
+    GEMMs around them are cuBLAS's, or in fp32 on sm_80/sm_90 kernels.fp32_gemm's), in `dtype`, or for a 16-bit dtype as QIN launches them
     under autocast (the forward's x and gy * s in fp32, and in fp16 y and gy too).
 
     Each has name, fn, signature, constexprs, attrs, num_warps, num_stages, so that

@@ -1,0 +1,210 @@
+"""fp32 matrix products on tensor cores: C = A @ B (+ bias) (+ addend) through the 3xTF32 split.
+
+Why: with torch's TF32 switch off, cuBLAS multiplies fp32 on the CUDA cores (SIMT SGEMM). On an
+H200 the QNN's twelve such products (four layers, forward and two backward each) took 17.3 of
+the 23.3 ms of the default fp32 training step's kernels, each at the fp32 ceiling (51 TFLOP/s;
+bench/results/gpu-h200-2026-12-04-3f11c2d). The tensor cores of a data-centre GPU multiply TF32
+several times faster than its CUDA cores multiply fp32 (dense: A100 156 against 19.5 TFLOP/s,
+H100 495 against 67). TF32 alone keeps 10 of fp32's 23 mantissa bits; 3xTF32 keeps nearly all:
+a = a_big + a_small with a_big = tf32(a), and a @ b ~ a_big @ b_big + a_big @ b_small +
+a_small @ b_big, three TF32 products accumulated in fp32 (Triton's input_precision="tf32x3";
+the dropped a_small @ b_small is ~2^-22 of each term). Emulated on the CPU against float64 at
+the QNN's shapes (K = 1024, 4096, 8192), its largest error, relative to the sum of |terms|, was
+1.2-3.3x that of the CPU's fp32 product, 200-600x below TF32's, and 0.01 of the fp32 tolerance
+of kernels/tolerances.py (bench/results/cpu-3xtf32-accuracy-2026-12-05). The CUDA tests hold it
+to that tolerance at the paper's shape, as any fp32 path is, and bench_qnn measures its error
+beside cuBLAS's on the GPU.
+
+Where: only where tensor cores pay for three passes (`tensor_cores_pay`: sm_80 and sm_90 and
+later data-centre parts, not the consumer GPUs, whose TF32 rate is about their fp32 rate: an RTX
+4090 would run these products 3x slower), for fp32 operands, with TF32 off (TF32 on, cuBLAS's
+single TF32 pass is the faster product and is what the user asked for). QIN's Triton QNN uses
+these products there (kernels/quadratic_projection.py); whether that path trains is decided by
+backend="auto"'s timing on the GPU at hand, against the torch path's cuBLAS products.
+QIN_FP32_GEMM=vendor (read at import) keeps cuBLAS for every fp32 product.
+
+Under Triton's interpreter tl.dot multiplies in IEEE fp32 whatever input_precision says: the CPU
+tests check the kernel's indexing, masks, bias and addend; a GPU checks the split's accuracy.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.utils import INT32_LIMIT, INTERPRETING, launching_on
+
+# Compute capabilities whose tensor cores multiply TF32 at 4x or more their CUDA cores' fp32
+# rate (dense, vendor data sheets): A100 (8.0) 8x, H100/H200 (9.0) 7.4x, B200 (10.0) more. The
+# consumer and workstation parts (8.6, 8.9, 12.x) run TF32 at 1-2x their fp32 rate: three
+# passes lose there.
+TENSOR_CORE_FP32_CAPABILITIES = {(8, 0), (9, 0), (10, 0)}
+
+_DEFAULT = "vendor" if os.environ.get("QIN_FP32_GEMM") == "vendor" else "auto"
+_mode = _DEFAULT  # "auto" (3xTF32 where it applies), "vendor" (cuBLAS always), "3xtf32" (forced, for tests)
+MODES = ("auto", "vendor", "3xtf32")
+
+
+@contextlib.contextmanager
+def products(mode: str):
+    """Within the block, fp32 products follow `mode`: "auto" (3xTF32 where `applies`), "vendor"
+    (cuBLAS everywhere; the benchmark's baseline) or "3xtf32" (this kernel wherever Triton runs,
+    the CPU interpreter included: the tests' way in). Not thread-safe: a process-wide setting."""
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"fp32 products mode must be one of {MODES}, got {mode!r}")
+    before, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = before
+
+
+def tensor_cores_pay(device: torch.device) -> bool:
+    """Whether 3xTF32 can beat the CUDA cores' fp32 on this device (TENSOR_CORE_FP32_CAPABILITIES)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) in TENSOR_CORE_FP32_CAPABILITIES
+
+
+def applies(device: torch.device, *operands: torch.Tensor) -> bool:
+    """Whether fp32 products of these operands run here (else the caller's torch product does):
+    every operand fp32 and under 2**31 elements (int32 offsets), and the mode "3xtf32", or "auto"
+    on a device where tensor cores pay with torch's TF32 switch off."""
+    if _mode == "vendor" or not all(t.dtype == torch.float32 and t.numel() < INT32_LIMIT for t in operands):
+        return False
+    if _mode == "3xtf32":
+        return device.type == "cuda" or INTERPRETING
+    return not torch.backends.cuda.matmul.allow_tf32 and tensor_cores_pay(device)
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, addend_ptr, M, N, K,
+                   stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_addend_m,
+                   HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, EVEN_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One (BLOCK_M, BLOCK_N) tile of C = A @ B (+ bias[n]) (+ addend[m, n]). Tiles are ordered in
+    groups of GROUP_M rows, so consecutive programs share B's column tiles in L2. A and B take any
+    strides: the QNN's backward reads G transposed (grad_W = G.T @ x) as a view."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past M and columns past N read row 0 / column 0 again (in bounds, unmasked loads); the
+    # store drops them.
+    safe_m = tl.where(offs_m < M, offs_m, 0)
+    safe_n = tl.where(offs_n < N, offs_n, 0)
+    a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + safe_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            left = K - k
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_ADDEND:
+        acc += tl.load(addend_ptr + offs_m[:, None] * stride_addend_m + offs_n[None, :], mask=inside, other=0.0)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc, mask=inside)
+
+
+def _config(interpreting: bool = INTERPRETING) -> dict:
+    """One launch configuration (no autotuning). On a GPU 128 x 128 tiles over 16-deep slices, 8
+    warps, 4 stages: 65 KB of shared memory and 176-255 registers a thread, without spills for
+    sm_80 and sm_90 (tests/test_codegen.py). 32-deep slices spilled there (the split keeps both
+    halves of A's and B's fragments live), as did 128 x 256 tiles. The interpreter runs each
+    program in numpy: small tiles keep the tests' odd shapes cheap."""
+    if interpreting:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
+           addend: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b (+ bias, a row vector) (+ addend, an (M, N) tensor), all fp32, as a new contiguous
+    (M, N) tensor. a and b may be any strided views (a transpose is not copied)."""
+    for name, t, ndim in (("a", a, 2), ("b", b, 2), ("bias", bias, 1), ("addend", addend, 2)):
+        if t is not None and (t.dtype != torch.float32 or t.dim() != ndim or t.device != a.device):
+            raise ValueError(f"{name} must be a {ndim}-d fp32 tensor on {a.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    (m, k), (k2, n) = a.shape, b.shape
+    if k != k2:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} cannot be multiplied")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if addend is not None and addend.shape != (m, n):
+        raise ValueError(f"addend must have shape ({m}, {n}), got {tuple(addend.shape)}")
+    if m * n >= INT32_LIMIT or a.numel() >= INT32_LIMIT or b.numel() >= INT32_LIMIT:
+        raise ValueError(f"a {tuple(a.shape)} @ b {tuple(b.shape)}: 2**31 or more elements; the kernel's offsets are int32")
+    c = torch.empty((m, n), device=a.device, dtype=torch.float32)
+    if m == 0 or n == 0:
+        return c
+    if k == 0:
+        return c.zero_().add_(bias if bias is not None else 0.0).add_(addend if addend is not None else 0.0)
+    bias = bias.contiguous() if bias is not None else None
+    if addend is not None and addend.stride(1) != 1:
+        addend = addend.contiguous()
+    cfg = _config()
+    grid = (-(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"]),)
+    with launching_on(c.device):
+        _matmul_kernel[grid](
+            a, b, c, bias if bias is not None else c, addend if addend is not None else c, m, n, k,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+            addend.stride(0) if addend is not None else 0,
+            HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
+    return c
+
+
+def codegen_cases(dtype: torch.dtype = torch.float32) -> list[dict]:
+    """The three products of a QNN layer at the paper's shape (B=8192, D=1024, M=4), as
+    kernels/quadratic_projection.py launches them in fp32: forward h = x @ W.T + b, grad_x = G @ W
+    + gy * s, grad_W = G.T @ x. fp32 only: no other dtype runs this kernel."""
+    if dtype != torch.float32:
+        return []
+    cfg = _config(interpreting=False)
+    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    batch, dim, hidden = 8192, 1024, 4 * 1024
+
+    def case(name, m, n, k, strides, bias, addend):
+        # strides: (stride_am, stride_ak, stride_bk, stride_bn); the unit ones are what the JIT
+        # specialises (an int equal to 1 becomes a constant), the others divisible by 16.
+        values = dict(M=m, N=n, K=k, stride_am=strides[0], stride_ak=strides[1], stride_bk=strides[2],
+                      stride_bn=strides[3], stride_cm=n, stride_addend_m=n if addend else 0)
+        constexprs = dict(HAS_BIAS=bias, HAS_ADDEND=addend, EVEN_K=True, **cfg)
+        constexprs.update({arg: 1 for arg, v in values.items() if v == 1})
+        signature = {arg: "*fp32" for arg in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "addend_ptr")}
+        signature.update({arg: ("constexpr" if v == 1 else "i32") for arg, v in values.items()})
+        signature.update({arg: "constexpr" for arg in constexprs})
+        signature = {arg: signature[arg] for arg in _matmul_kernel.arg_names}
+        aligned = [arg for arg in _matmul_kernel.arg_names if signature[arg] in ("*fp32", "i32")
+                   and values.get(arg, 16) % 16 == 0]
+        attrs = {(_matmul_kernel.arg_names.index(arg),): [["tt.divisibility", 16]] for arg in aligned}
+        return dict(name=name, fn=_matmul_kernel, signature=signature, constexprs=constexprs, attrs=attrs,
+                    num_warps=num_warps, num_stages=num_stages)
+
+    return [
+        # x (B, D) row-major, W.T a view of W (M*D, D): both read along K.
+        case("fp32_gemm_forward", batch, hidden, dim, (dim, 1, 1, dim), bias=True, addend=False),
+        # G (B, M*D), W (M*D, D) row-major: B read across K.
+        case("fp32_gemm_grad_x", batch, dim, hidden, (hidden, 1, dim, 1), bias=False, addend=True),
+        # G.T a view of G, x (B, D): both read across K.
+        case("fp32_gemm_grad_w", hidden, dim, batch, (1, hidden, dim, 1), bias=False, addend=False),
+    ]
