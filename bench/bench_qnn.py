@@ -4,7 +4,9 @@ Training mode with dropout 0.1, as the model runs it. Per provider, dtype and ba
 forward+backward time, achieved TFLOP/s (forward 2*B*D*M*D FLOPs, forward+backward 3x) against
 the measured matmul rate of the same device and dtype, peak memory, and speed-up over eager in
 the same run. "qnn_backward" (CUDA, bf16 and fp32-tf32): backward alone, eager's, the torch backend's
-and the Triton op's, and each part of the Triton backward timed apart, at the paper's batch. Plus the 4-layer QNN stack (quadratic + BatchNorm + PReLU + dropout + residual)
+and the Triton op's, and each part of the Triton backward timed apart, at the paper's batch.
+"fp32_gemm" (CUDA, fp32 with TF32 off, where kernels/fp32_gemm.py applies): each of the three
+products alone, cuBLAS against 3xTF32, with each one's error against float64. Plus the 4-layer QNN stack (quadratic + BatchNorm + PReLU + dropout + residual)
 forward+backward time and peak memory, eager vs torch.compile vs Triton. On a GPU fp32 runs twice,
 with TF32 off ("fp32") and on ("fp32-tf32"): every path's products follow torch's switch, and
 auto must not lose under either; the matmul ceiling is measured under the same setting. bf16 runs
@@ -29,7 +31,7 @@ import torch
 import kernels
 from bench.common import (STOPPED, device_kernels, diagnosed, host_ms, host_rows, keep, kernel_bench_main, make_row,
                           measure_matmul_tflops, peak_memory_mb, print_table, time_ms)
-from kernels import reference
+from kernels import reference, tolerances
 
 DIM, ROWS, DROPOUT = 1024, 4, 0.1  # the paper's QNN width and num_row
 # The precisions whose backward is timed part by part: bf16, where the Triton op lost most to eager
@@ -115,6 +117,62 @@ def _projection_rows(device, dtype, batches, dim, rate, label):
                 if diagnosed(device) and mode == "fwd+bwd":  # bound by its launches? (at 3f11c2d the
                     # torch backend's fwd+bwd took 0.36 ms more than eager's in bf16, its fp32 no more)
                     yield from host_rows("qnn", provider, mode, "batch", batch, host_ms(fn, device), times[0], **kw)
+
+
+def _fp32_product_rows(device, batch, dim, label):
+    """fp32 with TF32 off, where kernels/fp32_gemm.py applies (a GPU whose tensor cores pay: sm_80,
+    sm_90): each of the Triton QNN's three products alone at its shape and layout, cuBLAS's SGEMM
+    against the 3xTF32 kernel the Triton path runs there. Time, TFLOP/s, the kernel's speed-up, and
+    each provider's largest error against float64 in units of the fp32 tolerance (kernels/tolerances.py:
+    below 1 passes), so the split's accuracy is measured beside cuBLAS's own."""
+    fp32_gemm = importlib.import_module("kernels.fp32_gemm")  # Triton's: imported only where it runs
+    probe = torch.empty(0, device=device)
+    if not fp32_gemm.applies(device, probe):
+        print(f"fp32 products: not timed, kernels/fp32_gemm.py does not apply on {device}")
+        return
+    g = torch.Generator().manual_seed(0)
+    hidden = ROWS * dim
+    x = torch.randn(batch, dim, generator=g).to(device)
+    weight = (torch.randn(hidden, dim, generator=g) / dim**0.5).to(device)
+    bias, grad_hidden = torch.randn(hidden, generator=g).to(device), torch.randn(batch, hidden, generator=g).to(device)
+    addend = torch.randn(batch, dim, generator=g).to(device)
+    products = {  # mode -> (a, b, bias, addend), as kernels/quadratic_projection.py passes them
+        "forward x @ W.T + b": (x, weight.t(), bias, None),
+        "grad_x G @ W + gy * s": (grad_hidden, weight, None, addend),
+        "grad_W G.T @ x": (grad_hidden.t(), x, None, None),
+    }
+    rtol = tolerances.OPS[torch.float32].rtol
+    for mode, (a, b, c, add) in products.items():
+        flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        if add is not None:
+            vendor = lambda a=a, b=b, add=add: torch.addmm(add, a, b)
+        elif c is not None:
+            vendor = lambda a=a, b=b, c=c: torch.addmm(c, a, b)
+        else:
+            vendor = lambda a=a, b=b: a @ b
+        split = lambda a=a, b=b, c=c, add=add: fp32_gemm.matmul(a, b, bias=c, addend=add)
+        want = a.double() @ b.double()
+        scale = a.double().abs() @ b.double().abs()
+        for extra in (c, add):
+            if extra is not None:
+                want, scale = want + extra.double(), scale + extra.double().abs()
+        scale += 1e-3 * scale.max()
+        base = None
+        for provider, fn in (("cuBLAS", vendor), ("3xTF32", split)):
+            if STOPPED.is_set():
+                return
+            error = ((fn().double() - want).abs() / scale).max().item() / rtol
+            times = time_ms(fn, device)
+            kw = dict(device=device, dtype=label)
+            yield make_row("fp32_gemm", provider, mode, "time", "ms", "batch", batch, times, **kw)
+            yield make_row("fp32_gemm", provider, mode, "tflops", "TFLOP/s", "batch", batch,
+                           flops / (times[0] * 1e-3) / 1e12, **kw)
+            yield make_row("fp32_gemm", provider, mode, "error_vs_float64", "x fp32 tolerance", "batch", batch, error, **kw)
+            if base is None:
+                base = times[0]
+            else:
+                yield make_row("fp32_gemm", provider, mode, "speedup_vs_cublas", "x", "batch", batch, base / times[0], **kw)
+        del want, scale
 
 
 def _backward_parts_rows(device, dtype, batch, dim, label):
@@ -237,6 +295,8 @@ def run(device: torch.device, quick: bool = False, csv: str | None = None) -> li
         yield from _projection_rows(device, dtype, batches[:1], dim, rates[label], label)
         if device.type == "cuda" and label in PARTS_LABELS:  # where the Triton backward's time goes
             yield from _backward_parts_rows(device, dtype, batches[0], dim, label)
+        if device.type == "cuda" and label == "fp32":  # the 3xTF32 products against cuBLAS's, where they apply
+            yield from _fp32_product_rows(device, batches[0], dim, label)
 
     def sweep_rows(label, dtype, amp):  # the other batches, then the 4-layer stack
         yield from _projection_rows(device, dtype, batches[1:], dim, rates[label], label)

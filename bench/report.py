@@ -441,6 +441,8 @@ KERNEL_CHOICES = (
     ("asta_register_cap_gathered", "speedup_vs_other_register_cap",
      "the 16-bit forwards' register cap as committed (FORWARD_MAX_REGISTERS_16_BIT)",
      "bench_asta's REGISTER_CAP_CANDIDATE"),
+    ("fp32_gemm", "speedup_vs_cublas", "the Triton QNN's fp32 products through 3xTF32 (kernels/fp32_gemm.py)",
+     "cuBLAS's SGEMM, TF32 off"),
 )
 
 

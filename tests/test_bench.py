@@ -1010,12 +1010,20 @@ def test_op_tables_run_bf16_first_and_every_dtypes_ops_before_any_sweep(monkeypa
         yield _row("qnn_backward", "fake", "time", 1.0, dtype)
 
     monkeypatch.setattr(bench_qnn, "_backward_parts_rows", backward_parts)
+
+    def fp32_products(device, batch, dim, label):
+        order.append((f"fp32 products {batch}", label))
+        yield _row("fp32_gemm", "fake", "time", 1.0, "fp32")
+
+    monkeypatch.setattr(bench_qnn, "_fp32_product_rows", fp32_products)
     bench_qnn.run(torch.device("cuda"), quick=False)
-    # Each op line, bf16's and fp32-tf32's followed by where its backward's time goes.
-    assert order[:6] == [("projection [8192]", "bf16"), ("backward parts 8192", "bf16"),
+    # Each op line, bf16's and fp32-tf32's followed by where its backward's time goes, fp32's (TF32
+    # off) by its products alone.
+    assert order[:7] == [("projection [8192]", "bf16"), ("backward parts 8192", "bf16"),
                          ("projection [8192]", "bf16-autocast"), ("projection [8192]", "fp32"),
+                         ("fp32 products 8192", "fp32"),
                          ("projection [8192]", "fp32-tf32"), ("backward parts 8192", "fp32-tf32")]
-    assert all(kind not in ("projection [8192]", "backward parts 8192") for kind, _ in order[6:])
+    assert all(kind not in ("projection [8192]", "backward parts 8192", "fp32 products 8192") for kind, _ in order[7:])
     assert ("stack", "bf16") in order
 
 
@@ -1341,6 +1349,27 @@ def test_the_16_bit_register_cap_is_timed_against_the_candidate(monkeypatch):
     half = len(seen) // 2
     assert seen == [64] * (half // 2) + [None] * (half // 2) + [64] * (half // 2) + [None] * (half // 2), seen
     assert half > 6 and bench_asta.REGISTER_CAP_CANDIDATE == 64 != sta.FORWARD_MAX_REGISTERS_16_BIT
+
+
+def test_the_qnn_fp32_products_are_timed_against_cublas_with_their_error():
+    """bench_qnn's fp32_gemm rows on the CPU (Triton's interpreter, the split forced, a toy size):
+    each of the three products, cuBLAS's and the kernel's, timed, with its error against float64
+    in units of the fp32 tolerance (under 1 here: the interpreter multiplies in IEEE fp32). Where
+    the kernel does not apply (the CPU, not forced) nothing is timed."""
+    from bench import bench_qnn
+    from kernels import fp32_gemm
+
+    assert list(bench_qnn._fp32_product_rows(torch.device("cpu"), 8, 16, "fp32")) == []
+    with fp32_gemm.products("3xtf32"):
+        rows = list(bench_qnn._fp32_product_rows(torch.device("cpu"), 8, 16, "fp32"))
+    modes = ["forward x @ W.T + b", "grad_x G @ W + gy * s", "grad_W G.T @ x"]
+    assert [(r["provider"], r["mode"]) for r in rows if r["metric"] == "time"] == [
+        (p, m) for m in modes for p in ("cuBLAS", "3xTF32")]
+    assert [r["mode"] for r in rows if r["metric"] == "speedup_vs_cublas"] == modes
+    assert all(r["provider"] == "3xTF32" for r in rows if r["metric"] == "speedup_vs_cublas")
+    errors = [r["p50"] for r in rows if r["metric"] == "error_vs_float64"]
+    assert len(errors) == 6 and all(0 <= e < 1 for e in errors), errors
+    assert {r["kernel"] for r in rows} == {"fp32_gemm"} and {r["dtype"] for r in rows} == {"fp32"}
 
 
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16-autocast"])
