@@ -71,7 +71,8 @@ def tensor_cores_pay(device: torch.device) -> bool:
 def applies(device: torch.device, *operands: torch.Tensor) -> bool:
     """Whether fp32 products of these operands run here (else the caller's torch product does):
     every operand fp32 and under 2**31 elements (int32 offsets), and the mode "3xtf32", or "auto"
-    on a device where tensor cores pay with torch's TF32 switch off."""
+    on a device where tensor cores pay with torch's TF32 switch off. Without operands: whether
+    fp32 products would run here at all."""
     if _mode == "vendor" or not all(t.dtype == torch.float32 and t.numel() < INT32_LIMIT for t in operands):
         return False
     if _mode == "3xtf32":

@@ -405,6 +405,25 @@ def test_fp32_on_cuda_is_its_own_shape_class_with_tf32(monkeypatch):
     assert shapes[True, torch.bfloat16] == shapes[False, torch.bfloat16] == ("B<=4", "D=4", "fwd+bwd")
 
 
+def test_the_qnn_decision_says_when_its_fp32_products_run_in_3xtf32(timed, device):
+    """Where the Triton QNN multiplies fp32 through 3xTF32 (kernels/fp32_gemm.py; forced here, as on
+    an H200 with TF32 off) its decision is a shape class of its own: a decision timed with cuBLAS's
+    products (QIN_FP32_GEMM=vendor, or before the split existed) does not stand for it, nor the
+    other way round. 16-bit calls never run the split and keep their class."""
+    from kernels import fp32_gemm
+
+    x, weight, bias = _qnn_inputs(device)
+    with fp32_gemm.products("3xtf32"):
+        kernels.quadratic_projection(x, weight, bias, 2, dropout_p=0.25, training=True)
+        kernels.quadratic_projection(x.double(), weight.double(), bias.double(), 2, dropout_p=0.25, training=True)
+    with fp32_gemm.products("vendor"):
+        kernels.quadratic_projection(x, weight, bias, 2, dropout_p=0.25, training=True)
+    shapes = {(r["dtype"], tuple(r["shape"])) for r in choice.decisions(device)}
+    assert shapes == {("float32", ("B<=8", "D=8", "M=2", "3xTF32", "fwd+bwd")),
+                      ("float64", ("B<=8", "D=8", "M=2", "fwd+bwd")),
+                      ("float32", ("B<=8", "D=8", "M=2", "fwd+bwd"))}, shapes
+
+
 def test_deterministic_algorithms_keep_auto_off_the_atomic_backward(timed, device, monkeypatch,
                                                                    deterministic_algorithms):
     """The gathered form's Triton backward sums into reps by atomic adds: under
