@@ -119,6 +119,27 @@ def _projection_rows(device, dtype, batches, dim, rate, label):
                     yield from host_rows("qnn", provider, mode, "batch", batch, host_ms(fn, device), times[0], **kw)
 
 
+def fp32_products(device, batch, dim) -> dict:
+    """The Triton QNN's three fp32 products at (batch, dim, M=ROWS), mode -> (a, b, bias, addend),
+    in the layouts kernels/quadratic_projection.py passes them (W.T and G.T as views)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = ROWS * dim
+    x = torch.randn(batch, dim, generator=g).to(device)
+    weight = (torch.randn(hidden, dim, generator=g) / dim**0.5).to(device)
+    bias, grad_hidden = torch.randn(hidden, generator=g).to(device), torch.randn(batch, hidden, generator=g).to(device)
+    addend = torch.randn(batch, dim, generator=g).to(device)
+    return {"forward x @ W.T + b": (x, weight.t(), bias, None),
+            "grad_x G @ W + gy * s": (grad_hidden, weight, None, addend),
+            "grad_W G.T @ x": (grad_hidden.t(), x, None, None)}
+
+
+def vendor_product(a, b, bias=None, addend=None):
+    """The same product as torch runs it (cuBLAS on a GPU): what the QNN ran before kernels/fp32_gemm.py."""
+    if addend is not None:
+        return torch.addmm(addend, a, b) if bias is None else torch.addmm(addend + bias, a, b)
+    return torch.addmm(bias, a, b) if bias is not None else a @ b
+
+
 def _fp32_product_rows(device, batch, dim, label):
     """fp32 with TF32 off, where kernels/fp32_gemm.py applies (a GPU whose tensor cores pay: sm_80,
     sm_90): each of the Triton QNN's three products alone at its shape and layout, cuBLAS's SGEMM
@@ -130,26 +151,10 @@ def _fp32_product_rows(device, batch, dim, label):
     if not fp32_gemm.applies(device, probe):
         print(f"fp32 products: not timed, kernels/fp32_gemm.py does not apply on {device}")
         return
-    g = torch.Generator().manual_seed(0)
-    hidden = ROWS * dim
-    x = torch.randn(batch, dim, generator=g).to(device)
-    weight = (torch.randn(hidden, dim, generator=g) / dim**0.5).to(device)
-    bias, grad_hidden = torch.randn(hidden, generator=g).to(device), torch.randn(batch, hidden, generator=g).to(device)
-    addend = torch.randn(batch, dim, generator=g).to(device)
-    products = {  # mode -> (a, b, bias, addend), as kernels/quadratic_projection.py passes them
-        "forward x @ W.T + b": (x, weight.t(), bias, None),
-        "grad_x G @ W + gy * s": (grad_hidden, weight, None, addend),
-        "grad_W G.T @ x": (grad_hidden.t(), x, None, None),
-    }
     rtol = tolerances.OPS[torch.float32].rtol
-    for mode, (a, b, c, add) in products.items():
+    for mode, (a, b, c, add) in fp32_products(device, batch, dim).items():
         flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
-        if add is not None:
-            vendor = lambda a=a, b=b, add=add: torch.addmm(add, a, b)
-        elif c is not None:
-            vendor = lambda a=a, b=b, c=c: torch.addmm(c, a, b)
-        else:
-            vendor = lambda a=a, b=b: a @ b
+        vendor = lambda a=a, b=b, c=c, add=add: vendor_product(a, b, c, add)
         split = lambda a=a, b=b, c=c, add=add: fp32_gemm.matmul(a, b, bias=c, addend=add)
         want = a.double() @ b.double()
         scale = a.double().abs() @ b.double().abs()

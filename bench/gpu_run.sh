@@ -10,6 +10,9 @@
 # GPU_RUN_CAP_<stage> seconds for one stage instead of its cap below, e.g. GPU_RUN_CAP_train=300
 # GPU_RUN_STAGES="device tune" GPU_RUN_CAP_tune=300: the ASTA kernels' launch configurations timed
 #                    (bench/tune_asta.py, to tune.csv; 3-5 minutes), not a default stage either
+# GPU_RUN_STAGES="device tunegemm": the 3xTF32 fp32 GEMM's launch configurations (kernels/fp32_gemm.py)
+#                    timed beside cuBLAS at the QNN's three products (bench/tune_fp32_gemm.py, to
+#                    tune.csv; about a minute on a GPU where the split applies), not a default stage either
 # GPU_RUN_STAGES="device fullrun": `qin train` to its end, eager and then twice as CUDA graphs
 #                    (compile cache cold, then warm), bf16, on a generated dataset of 500k rows
 #                    (bench/full_run.py: compile time, samples/s per epoch, AUC, where graphs pay
@@ -44,7 +47,7 @@
 #   profile.md      the top CUDA kernels of the default training step, fp32 and autocast bf16
 #   tests_cuda.log  a training step as CUDA graphs, the registered ops' checks (tests/test_ops.py)
 #                   and the kernel tests compiled for real (QIN_TEST_CUDA=1), on CUDA
-#   tune.csv        the tune stage's timings (bench/tune_asta.py), when it runs
+#   tune.csv        the tune stages' timings (bench/tune_asta.py, bench/tune_fp32_gemm.py), when they run
 #   parity/         `python3 -m qin parity --device cuda` where this tree has the command
 #                   (packed into parity.tar.gz if it would pass the file or folder-depth limits)
 set -uo pipefail
@@ -66,6 +69,7 @@ if [ "${GPU_RUN_DRY:-0}" = 1 ]; then
   REPORT=(--device cpu)  # the training step timed at full length (8 steps): no --quick caveat
   PROFILE=(--batch 64 --steps 1 --top 5)
   TUNE=(env TRITON_INTERPRET=1 python3 -m bench.tune_asta --quick)  # the interpreter: checks the script alone
+  TUNEGEMM=(env TRITON_INTERPRET=1 python3 -m bench.tune_fp32_gemm --quick)
   FULLRUN=(python3 -m bench.full_run --device cpu --rows 3000 --items 300 --epochs 2 --batch 512)  # eager alone
   TESTS_CAP=60
   # The CPU compiles two variants of the paper's model (minutes), and its op tables take a minute
@@ -78,6 +82,7 @@ else
   REPORT=(--device cuda --quick)  # its verdicts say they come from --quick timings
   PROFILE=(--batch 8192 --steps 5 --top 15)
   TUNE=(python3 -m bench.tune_asta)
+  TUNEGEMM=(python3 -m bench.tune_fp32_gemm)
   FULLRUN=(python3 -m bench.full_run --device cuda)
   TESTS_CAP=185
 fi
@@ -152,6 +157,7 @@ else  # collected only: on the CPU the kernel tests run through Triton's interpr
   stage tests "$TESTS_CAP" "$OUT/tests_cuda.log" python3 -m pytest "${CUDA_TESTS[@]}" -q -p no:cacheprovider --collect-only
 fi
 stage tune 300 "$OUT/bench.log" "${TUNE[@]}" --device "$DEV" --csv "$OUT/tune.csv"
+stage tunegemm 120 "$OUT/bench.log" "${TUNEGEMM[@]}" --device "$DEV" --csv "$OUT/tune.csv"
 stage fullrun 300 "$OUT/bench.log" "${FULLRUN[@]}"
 if [[ $STAGES == *" parity "* ]]; then
   if python3 -m qin parity --help > /dev/null 2>&1; then

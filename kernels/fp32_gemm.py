@@ -127,6 +127,27 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, addend_ptr, M, N, K,
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc, mask=inside)
 
 
+_FORCED: dict = {}
+FORCEABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
+
+
+@contextlib.contextmanager
+def forced_config(**cfg):
+    """Launch the kernel with `cfg` (any of FORCEABLE) in place of _config's within the block: for
+    timing candidate configurations on a GPU (bench/tune_fp32_gemm.py). Blocks do not nest."""
+    if set(cfg) - set(FORCEABLE):
+        raise ValueError(f"forced_config takes {', '.join(FORCEABLE)}; got {', '.join(sorted(set(cfg) - set(FORCEABLE)))}")
+    if any(type(v) is not int or v < 1 for v in cfg.values()):
+        raise ValueError(f"forced_config takes positive ints, got {cfg}")
+    if _FORCED:
+        raise RuntimeError("forced_config is already in force (its blocks do not nest)")
+    _FORCED.update(cfg)
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+
+
 def _config(interpreting: bool = INTERPRETING) -> dict:
     """One launch configuration (no autotuning). On a GPU 128 x 128 tiles over 16-deep slices, 8
     warps, 4 stages: 65 KB of shared memory and 176-255 registers a thread, without spills for
@@ -134,8 +155,10 @@ def _config(interpreting: bool = INTERPRETING) -> dict:
     halves of A's and B's fragments live), as did 128 x 256 tiles. The interpreter runs each
     program in numpy: small tiles keep the tests' odd shapes cheap."""
     if interpreting:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=4)
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=4)
+    return cfg | _FORCED
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,

@@ -1430,6 +1430,29 @@ def test_bad_bench_arguments_are_refused_before_anything_runs(tmp_path, capsys):
         assert exit_.value.code == 2 and named in capsys.readouterr().err
 
 
+def test_tune_fp32_gemm_times_each_candidate_beside_cublas_and_names_the_fastest(monkeypatch):
+    """bench/tune_fp32_gemm.py on the CPU (Triton's interpreter, a toy size, one candidate): per
+    product cuBLAS's line (torch's product), _config's and the candidate's, each launch with the
+    candidate's configuration forced, and a summary line per product."""
+    from bench import tune_fp32_gemm
+    from kernels import fp32_gemm
+
+    monkeypatch.setattr(tune_fp32_gemm, "CANDIDATES", [(16, 32, 16, 1, 1)])
+    seen, config = [], fp32_gemm._config
+    monkeypatch.setattr(fp32_gemm, "_config", lambda *a: seen.append(config(*a)) or seen[-1])
+    rows = list(tune_fp32_gemm._rows(torch.device("cpu"), 8, 16))
+    modes = ["forward x @ W.T + b", "grad_x G @ W + gy * s", "grad_W G.T @ x"]
+    lines = ["cuBLAS", "_config's", "16x32x16 warps=1 stages=1"]
+    assert [(r["mode"], r["provider"]) for r in rows if r["metric"] == "time"] == [(m, p) for m in modes for p in lines]
+    assert all(r["kernel"] == "fp32_gemm_config" and r["p50"] > 0 for r in rows)
+    assert {c["BLOCK_N"] for c in seen} == {16, 32} and all(c["BLOCK_K"] == 16 for c in seen)
+    summary = tune_fp32_gemm.summary(rows)
+    assert len(summary) == 3 and all("_config's" in line and "cuBLAS" in line for line in summary), summary
+    with pytest.raises(ValueError, match="forced_config takes"):
+        with fp32_gemm.forced_config(BLOCK_L=4):
+            pass
+
+
 def test_tune_asta_times_each_candidate_and_names_the_fastest(monkeypatch):
     """bench/tune_asta.py on the CPU (Triton's interpreter, a toy size, one candidate): a line per
     provider, form and mode, and a summary naming the fastest configuration against _config's."""
