@@ -65,7 +65,14 @@ def products(mode: str):
 
 def tensor_cores_pay(device: torch.device) -> bool:
     """Whether 3xTF32 can beat the CUDA cores' fp32 on this device (TENSOR_CORE_FP32_CAPABILITIES)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) in TENSOR_CORE_FP32_CAPABILITIES
+    if device.type != "cuda":
+        return False
+    return _capability_pays(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@torch.compiler.assume_constant_result  # asked once while torch.compile traces the op's caller, then a constant
+def _capability_pays(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) in TENSOR_CORE_FP32_CAPABILITIES
 
 
 def applies(device: torch.device, *operands: torch.Tensor) -> bool:

@@ -387,7 +387,7 @@ def quadratic_projection(x, weight, bias, num_row, *, dropout_p=0.0, training=Fa
     # "auto" times the torch path's two forms in training (reference.QNN_TORCH_FORMS) beside Triton.
     # Where the Triton path's fp32 products run in 3xTF32 (kernels/fp32_gemm.py) the decision is
     # its own: one timed with cuBLAS's products (QIN_FP32_GEMM=vendor) does not stand for it.
-    products = ("3xTF32",) if dtype == torch.float32 and fp32_gemm.applies(x.device) else ()
+    products = ("3xTF32",) if kernel_runs and dtype == torch.float32 and fp32_gemm.applies(x.device) else ()
     trial = choice.trial(backend, x.device, "qnn", dtype, (f"D={x.shape[1]}", f"M={num_row}", *products), _trial_call,
                          (x, weight, bias), dict(num_row=num_row, dropout_p=p, training=True, seed=0), train=True,
                          torch_forms=reference.QNN_TORCH_FORMS[1:]) if kernel_runs else None

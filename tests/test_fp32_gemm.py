@@ -107,7 +107,7 @@ def test_where_the_split_applies(monkeypatch, tf32_switch):
     """3xTF32 only for fp32 with TF32 off on a device whose tensor cores pay (A100, H100/H200, B200),
     never on the consumer GPUs (RTX 4090: TF32 runs at its fp32 rate), and never on the CPU unless
     forced; QIN_FP32_GEMM=vendor's mode turns it off everywhere."""
-    cuda = torch.device("cuda")
+    cuda = torch.device("cuda", 0)
     x = torch.empty(2, 2)
     capability = {"cc": (9, 0)}
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["cc"])
@@ -131,6 +131,28 @@ def test_where_the_split_applies(monkeypatch, tf32_switch):
     with pytest.raises(ValueError, match="must be one of"):
         with fp32_gemm.products("fast"):
             pass
+
+
+def test_where_it_applies_is_a_constant_under_torch_compile(monkeypatch, tf32_switch):
+    """quadratic_projection asks `applies` in the code torch.compile traces (auto's decision key):
+    on a GPU that must not break the graph (QIN compiles its step with fullgraph=True). The compute
+    capability is asked once while tracing and kept as a constant (torch.compiler.assume_constant_result).
+    Here a stand-in for torch.cuda.get_device_capability that dynamo cannot trace: traced, it breaks
+    the graph, which fullgraph=True refuses."""
+    def capability(device=None):
+        torch._dynamo.graph_break()
+        return (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    tf32_switch(False)
+    cuda = torch.device("cuda", 0)
+
+    def step(x):
+        return x * 2 if fp32_gemm.applies(cuda) else x
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.ones(3)), torch.full((3,), 2.0))
 
 
 def _count_products(monkeypatch) -> list:
