@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import INT32_LIMIT, INTERPRETING, launching_on
+from kernels.utils import INT32_LIMIT, INTERPRETING, forcing, launching_on
 
 # Compute capabilities whose tensor cores multiply TF32 at 4x or more their CUDA cores' fp32
 # rate (dense, vendor data sheets): A100 (8.0) 8x, H100/H200 (9.0) 7.4x, B200 (10.0) more. The
@@ -142,17 +142,11 @@ FORCEABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stage
 def forced_config(**cfg):
     """Launch the kernel with `cfg` (any of FORCEABLE) in place of _config's within the block: for
     timing candidate configurations on a GPU (bench/tune_fp32_gemm.py). Blocks do not nest."""
-    if set(cfg) - set(FORCEABLE):
-        raise ValueError(f"forced_config takes {', '.join(FORCEABLE)}; got {', '.join(sorted(set(cfg) - set(FORCEABLE)))}")
-    if any(type(v) is not int or v < 1 for v in cfg.values()):
-        raise ValueError(f"forced_config takes positive ints, got {cfg}")
-    if _FORCED:
-        raise RuntimeError("forced_config is already in force (its blocks do not nest)")
-    _FORCED.update(cfg)
-    try:
+    bad = {name: value for name, value in cfg.items() if type(value) is not int or value < 1}
+    if bad:
+        raise ValueError(f"forced_config takes positive integers; got {bad}")
+    with forcing(_FORCED, cfg, FORCEABLE):
         yield
-    finally:
-        _FORCED.clear()
 
 
 def _config(interpreting: bool = INTERPRETING) -> dict:

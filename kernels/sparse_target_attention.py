@@ -40,8 +40,8 @@ import triton.language as tl
 from kernels import choice, reference
 from kernels.utils import (INTERPRETING, alert_not_deterministic, call_op, cast, check_attention_args,
                            check_gathered_attention_args, compute_dtype, differentiable_backend, direct_autograd,
-                           launching_on, next_power_of_2, register_autocast, resolve_backend, triton_cannot_run,
-                           warn_reference_runs)
+                           forcing, launching_on, next_power_of_2, register_autocast, resolve_backend,
+                           triton_cannot_run, warn_reference_runs)
 
 _TL_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # A whole row of D lives in registers (BLOCK_D = next power of two of D). Past this width the
@@ -227,8 +227,6 @@ def forced_config(**cfg):
     kernels reading every tile against skipping those of padding alone, Triton's own thread layout
     (VEC=0) against _config's, and another register cap against FORWARD_MAX_REGISTERS_16_BIT.
     BLOCK_D stays the row's width: the kernels hold a whole row."""
-    if set(cfg) - set(FORCEABLE):
-        raise ValueError(f"forced_config takes {', '.join(FORCEABLE)}; got {', '.join(sorted(set(cfg) - set(FORCEABLE)))}")
     for name, value in cfg.items():
         if name == "SKIP_EMPTY_TILES":
             if type(value) is not bool:
@@ -239,13 +237,8 @@ def forced_config(**cfg):
         elif type(value) is not int or value < 1 or (name not in ("num_stages", "maxnreg") and value & (value - 1)):
             raise ValueError(f"forced_config: {name} must be a positive integer"
                              f"{'' if name in ('num_stages', 'maxnreg') else ', a power of two'}; got {value!r}")
-    if _FORCED:
-        raise RuntimeError("forced_config is already in force (its blocks do not nest)")
-    _FORCED.update(cfg)
-    try:
+    with forcing(_FORCED, cfg, FORCEABLE):
         yield
-    finally:
-        _FORCED.clear()
 
 
 def _acc_dtype(dtype: torch.dtype):

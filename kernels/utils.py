@@ -67,6 +67,21 @@ def triton_cannot_run(device: torch.device) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def forcing(forced: dict, cfg: dict, forceable: tuple[str, ...]):
+    """The body of a kernel module's forced_config: `cfg` (checked against `forceable`; the caller
+    checks the values) in `forced`, the dict its _config reads, for the block. Blocks do not nest."""
+    if set(cfg) - set(forceable):
+        raise ValueError(f"forced_config takes {', '.join(forceable)}; got {', '.join(sorted(set(cfg) - set(forceable)))}")
+    if forced:
+        raise RuntimeError("forced_config is already in force (its blocks do not nest)")
+    forced.update(cfg)
+    try:
+        yield
+    finally:
+        forced.clear()
+
+
 def warn_reference_runs(op: str, why: str) -> None:
     """Once per op and process: a registered Triton op called where Triton cannot run computes
     the same function with the plain-PyTorch reference."""
