@@ -43,15 +43,23 @@ from kernels.utils import INT32_LIMIT, INTERPRETING, forcing, launching_on
 # passes lose there.
 TENSOR_CORE_FP32_CAPABILITIES = {(8, 0), (9, 0), (10, 0)}
 
-_DEFAULT = "vendor" if os.environ.get("QIN_FP32_GEMM") == "vendor" else "auto"
-_mode = _DEFAULT  # "auto" (3xTF32 where it applies), "vendor" (cuBLAS always), "3xtf32" (forced, for tests)
 MODES = ("auto", "vendor", "3xtf32")
+
+
+def mode_from_env(value: str | None) -> str:
+    """QIN_FP32_GEMM's mode: unset or "auto" (3xTF32 where it applies), or "vendor" (cuBLAS always)."""
+    if value in (None, "", "auto", "vendor"):
+        return value or "auto"
+    raise ValueError(f"QIN_FP32_GEMM must be 'auto' or 'vendor' (cuBLAS for every fp32 product), got {value!r}")
+
+
+_mode = mode_from_env(os.environ.get("QIN_FP32_GEMM"))  # or "3xtf32" within products("3xtf32"): the tests'
 
 
 @contextlib.contextmanager
 def products(mode: str):
     """Within the block, fp32 products follow `mode`: "auto" (3xTF32 where `applies`), "vendor"
-    (cuBLAS everywhere; the benchmark's baseline) or "3xtf32" (this kernel wherever Triton runs,
+    (cuBLAS everywhere, as QIN_FP32_GEMM=vendor) or "3xtf32" (this kernel wherever Triton runs,
     the CPU interpreter included: the tests' way in). Not thread-safe: a process-wide setting."""
     global _mode
     if mode not in MODES:

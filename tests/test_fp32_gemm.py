@@ -131,6 +131,10 @@ def test_where_the_split_applies(monkeypatch, tf32_switch):
     with pytest.raises(ValueError, match="must be one of"):
         with fp32_gemm.products("fast"):
             pass
+    # QIN_FP32_GEMM, read at import: a value it does not know is refused, naming the variable.
+    assert [fp32_gemm.mode_from_env(v) for v in (None, "", "auto", "vendor")] == ["auto", "auto", "auto", "vendor"]
+    with pytest.raises(ValueError, match="QIN_FP32_GEMM must be 'auto' or 'vendor'.*'3xtf32'"):
+        fp32_gemm.mode_from_env("3xtf32")
 
 
 def test_where_it_applies_is_a_constant_under_torch_compile(monkeypatch, tf32_switch):
