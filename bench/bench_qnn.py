@@ -143,7 +143,9 @@ def vendor_product(a, b, bias=None, addend=None):
 def _fp32_product_rows(device, batch, dim, label):
     """fp32 with TF32 off, where kernels/fp32_gemm.py applies (a GPU whose tensor cores pay: sm_80,
     sm_90): each of the Triton QNN's three products alone at its shape and layout, cuBLAS's SGEMM
-    against the 3xTF32 kernel the Triton path runs there. Time, TFLOP/s, the kernel's speed-up, and
+    against the 3xTF32 kernel the Triton path runs there, with its operands split in the kernel
+    (Triton's tf32x3) and split in memory first (PRESPLIT; the split's pass timed with the
+    product). Time, TFLOP/s, each kernel's speed-up over cuBLAS, and
     each provider's largest error against float64 in units of the fp32 tolerance (kernels/tolerances.py:
     below 1 passes), so the split's accuracy is measured beside cuBLAS's own."""
     fp32_gemm = importlib.import_module("kernels.fp32_gemm")  # Triton's: imported only where it runs
@@ -155,7 +157,8 @@ def _fp32_product_rows(device, batch, dim, label):
     for mode, (a, b, c, add) in fp32_products(device, batch, dim).items():
         flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
         vendor = lambda a=a, b=b, c=c, add=add: vendor_product(a, b, c, add)
-        split = lambda a=a, b=b, c=c, add=add: fp32_gemm.matmul(a, b, bias=c, addend=add)
+        split = lambda a=a, b=b, c=c, add=add: fp32_gemm.matmul(a, b, bias=c, addend=add, presplit=False)
+        presplit = lambda a=a, b=b, c=c, add=add: fp32_gemm.matmul(a, b, bias=c, addend=add, presplit=True)
         want = a.double() @ b.double()
         scale = a.double().abs() @ b.double().abs()
         for extra in (c, add):
@@ -163,7 +166,7 @@ def _fp32_product_rows(device, batch, dim, label):
                 want, scale = want + extra.double(), scale + extra.double().abs()
         scale += 1e-3 * scale.max()
         base = None
-        for provider, fn in (("cuBLAS", vendor), ("3xTF32", split)):
+        for provider, fn in (("cuBLAS", vendor), ("3xTF32", split), ("3xTF32, split first", presplit)):
             if STOPPED.is_set():
                 return
             error = ((fn().double() - want).abs() / scale).max().item() / rtol

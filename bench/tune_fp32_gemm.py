@@ -7,7 +7,8 @@ Why: _config's 128 x 128 x 16 tiles (8 warps, 4 stages) were chosen from the gen
 without spilling in all three layouts (Triton 3.9; 32-deep slices with 128-wide tiles, and
 256-wide tiles but 256 x 64, spilled). cuBLAS's SGEMM (TF32 off: what the QNN ran before) and
 _config's line are the yardsticks of the same run. Printed last: per product, the fastest line and
-its speed-up over _config's and over cuBLAS. A candidate that fails to compile or run is skipped
+its speed-up over _config's and over cuBLAS. _config's also runs with its operands split in
+memory first (fp32_gemm.PRESPLIT), the split's pass timed with it. A candidate that fails to compile or run is skipped
 with its error. A winner by more than the spread of two runs goes into _config, and
 tests/test_codegen.py then checks it for spills.
 
@@ -27,7 +28,7 @@ from kernels.utils import INTERPRETING
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 CANDIDATES = [(128, 128, 16, 8, 3), (128, 128, 16, 8, 5), (128, 128, 8, 8, 6), (128, 64, 16, 4, 4),
               (64, 64, 32, 4, 4), (256, 64, 16, 8, 4)]
-DEFAULT, VENDOR = "_config's", "cuBLAS"
+DEFAULT, VENDOR, PRESPLIT = "_config's", "cuBLAS", "_config's, split first"
 
 
 def _name(block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> str:
@@ -38,16 +39,18 @@ def _rows(device: torch.device, batch: int, dim: int):
     fp32_gemm = importlib.import_module("kernels.fp32_gemm")  # Triton's: imported only where it runs
     for mode, (a, b, bias, addend) in fp32_products(device, batch, dim).items():
         flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
-        lines = [(VENDOR, None), (DEFAULT, {})]
-        lines += [(_name(*c), dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), c)))
+        # (provider, forced configuration, operands split in memory first); the candidates split in the kernel
+        lines = [(VENDOR, None, False), (DEFAULT, {}, False), (PRESPLIT, {}, True)]
+        lines += [(_name(*c), dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages"), c)), False)
                   for c in CANDIDATES]
-        for provider, cfg in lines:
+        for provider, cfg, presplit in lines:
             if STOPPED.is_set():
                 return
             if cfg is None:
                 fn = lambda: vendor_product(a, b, bias, addend)  # noqa: E731
             else:
-                fn = lambda: fp32_gemm.matmul(a, b, bias=bias, addend=addend)  # noqa: E731
+                fn = lambda presplit=presplit: fp32_gemm.matmul(a, b, bias=bias, addend=addend,  # noqa: E731
+                                                                presplit=presplit)
             try:
                 with fp32_gemm.forced_config(**cfg) if cfg else contextlib.nullcontext():
                     times = time_ms(fn, device)  # its warm-up compiles

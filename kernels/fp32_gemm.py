@@ -96,13 +96,30 @@ def applies(device: torch.device, *operands: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, addend_ptr, M, N, K,
+def _split_kernel(x_ptr, big_ptr, small_ptr, n, BLOCK: tl.constexpr):
+    """big = x rounded to TF32 (nearest, ties away: cvt.rna's rounding, on the bits), small = x - big
+    (exact in fp32; a TF32 product reads its top 11 bits)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < n
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0)
+    big = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
+    tl.store(big_ptr + offs, big, mask=inside)
+    tl.store(small_ptr + offs, x - big, mask=inside)
+
+
+@triton.jit
+def _matmul_kernel(a_ptr, b_ptr, a_small_ptr, b_small_ptr, c_ptr, bias_ptr, addend_ptr, M, N, K,
                    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_addend_m,
-                   HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, EVEN_K: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, EVEN_K: tl.constexpr, PRESPLIT: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One (BLOCK_M, BLOCK_N) tile of C = A @ B (+ bias[n]) (+ addend[m, n]). Tiles are ordered in
     groups of GROUP_M rows, so consecutive programs share B's column tiles in L2. A and B take any
-    strides: the QNN's backward reads G transposed (grad_W = G.T @ x) as a view."""
+    strides: the QNN's backward reads G transposed (grad_W = G.T @ x) as a view.
+    PRESPLIT: A and B hold the TF32 parts of the operands, a_small and b_small (same strides) the
+    rest, split once in memory (_split_kernel), so that the tiles go from shared memory to the
+    tensor cores as they are (Triton's tf32x3 splits each tile in registers and stores both parts
+    back to shared memory, in every program that reads it). The two small products accumulate
+    apart from the big one, so that the tensor cores' truncation of the large sum does not eat them."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -119,9 +136,12 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, addend_ptr, M, N, K,
     # store drops them.
     safe_m = tl.where(offs_m < M, offs_m, 0)
     safe_n = tl.where(offs_n < N, offs_n, 0)
-    a_ptrs = a_ptr + safe_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + safe_n[None, :] * stride_bn
+    a_offs = safe_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_offs = offs_k[:, None] * stride_bk + safe_n[None, :] * stride_bn
+    a_ptrs, a_small_ptrs = a_ptr + a_offs, a_small_ptr + a_offs
+    b_ptrs, b_small_ptrs = b_ptr + b_offs, b_small_ptr + b_offs
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_small = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs)
@@ -130,9 +150,24 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, addend_ptr, M, N, K,
             left = K - k
             a = tl.load(a_ptrs, mask=offs_k[None, :] < left, other=0.0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < left, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision="tf32x3")
+        if PRESPLIT:
+            if EVEN_K:
+                a_small = tl.load(a_small_ptrs)
+                b_small = tl.load(b_small_ptrs)
+            else:
+                a_small = tl.load(a_small_ptrs, mask=offs_k[None, :] < left, other=0.0)
+                b_small = tl.load(b_small_ptrs, mask=offs_k[:, None] < left, other=0.0)
+            acc_small = tl.dot(a_small, b, acc_small, input_precision="tf32")
+            acc_small = tl.dot(a, b_small, acc_small, input_precision="tf32")
+            acc = tl.dot(a, b, acc, input_precision="tf32")
+            a_small_ptrs += BLOCK_K * stride_ak
+            b_small_ptrs += BLOCK_K * stride_bk
+        else:
+            acc = tl.dot(a, b, acc, input_precision="tf32x3")
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
+    if PRESPLIT:
+        acc += acc_small
 
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_BIAS:
@@ -141,6 +176,11 @@ def _matmul_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, addend_ptr, M, N, K,
         acc += tl.load(addend_ptr + offs_m[:, None] * stride_addend_m + offs_n[None, :], mask=inside, other=0.0)
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc, mask=inside)
 
+
+# Where the operands are split: False, in the kernel (Triton's tf32x3); True, once in memory before
+# it (_split_kernel, 12 bytes an element moved). Neither is timed on a GPU yet: bench_qnn's
+# fp32_gemm rows time both beside cuBLAS.
+PRESPLIT = False
 
 _FORCED: dict = {}
 FORCEABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
@@ -157,23 +197,42 @@ def forced_config(**cfg):
         yield
 
 
-def _config(interpreting: bool = INTERPRETING) -> dict:
+def _config(interpreting: bool = INTERPRETING, presplit: bool = False) -> dict:
     """One launch configuration (no autotuning). On a GPU 128 x 128 tiles over 16-deep slices, 8
     warps, 4 stages: 65 KB of shared memory and 176-255 registers a thread, without spills for
-    sm_80 and sm_90 (tests/test_codegen.py). 32-deep slices spilled there (the split keeps both
+    sm_80 and sm_90 (tests/test_codegen.py). Split first (PRESPLIT), where both parts of both tiles
+    are staged and two accumulators live, 3 stages: 97 KB and 170-254 registers for sm_90, without
+    spills in Triton 3.3.1, 3.6 and 3.9 (4 stages spilled 24 bytes in G.T @ x with 3.3.1). 32-deep slices spilled there (the split keeps both
     halves of A's and B's fragments live), as did 128 x 256 tiles. The interpreter runs each
     program in numpy: small tiles keep the tests' odd shapes cheap."""
     if interpreting:
         cfg = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, num_warps=1, num_stages=1)
     else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=4)
+        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=16, GROUP_M=8, num_warps=8, num_stages=3 if presplit else 4)
     return cfg | _FORCED
 
 
+def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(big, small): t's TF32 part and the rest, t = big + small exactly, with t's strides where t
+    or its transpose is contiguous (the QNN's operands and their .t() views), else contiguous."""
+    if t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous():
+        big, small = split(t.t())
+        return big.t(), small.t()
+    t = t.contiguous()
+    big, small = torch.empty_like(t), torch.empty_like(t)
+    if t.numel():
+        block = 1024
+        with launching_on(t.device):
+            _split_kernel[(-(-t.numel() // block),)](t, big, small, t.numel(), BLOCK=block)
+    return big, small
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
-           addend: torch.Tensor | None = None) -> torch.Tensor:
+           addend: torch.Tensor | None = None, presplit: bool | None = None) -> torch.Tensor:
     """a @ b (+ bias, a row vector) (+ addend, an (M, N) tensor), all fp32, as a new contiguous
-    (M, N) tensor. a and b may be any strided views (a transpose is not copied)."""
+    (M, N) tensor. a and b may be any strided views (a transpose is not copied). presplit: split
+    the operands in memory first (the kernel's PRESPLIT), or Triton's tf32x3 in the kernel; None
+    follows PRESPLIT, the module's choice."""
     for name, t, ndim in (("a", a, 2), ("b", b, 2), ("bias", bias, 1), ("addend", addend, 2)):
         if t is not None and (t.dtype != torch.float32 or t.dim() != ndim or t.device != a.device):
             raise ValueError(f"{name} must be a {ndim}-d fp32 tensor on {a.device}, got {t.dtype} "
@@ -195,35 +254,43 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
     bias = bias.contiguous() if bias is not None else None
     if addend is not None and addend.stride(1) != 1:
         addend = addend.contiguous()
-    cfg = _config()
+    presplit = PRESPLIT if presplit is None else presplit
+    if presplit:
+        (a, a_small), (b, b_small) = split(a), split(b)
+    else:
+        a_small, b_small = a, b  # not read
+    cfg = _config(presplit=presplit)
     grid = (-(-m // cfg["BLOCK_M"]) * -(-n // cfg["BLOCK_N"]),)
     with launching_on(c.device):
         _matmul_kernel[grid](
-            a, b, c, bias if bias is not None else c, addend if addend is not None else c, m, n, k,
+            a, b, a_small, b_small, c, bias if bias is not None else c, addend if addend is not None else c, m, n, k,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
             addend.stride(0) if addend is not None else 0,
-            HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, EVEN_K=k % cfg["BLOCK_K"] == 0, **cfg)
+            HAS_BIAS=bias is not None, HAS_ADDEND=addend is not None, EVEN_K=k % cfg["BLOCK_K"] == 0,
+            PRESPLIT=presplit, **cfg)
     return c
 
 
 def codegen_cases(dtype: torch.dtype = torch.float32) -> list[dict]:
     """The three products of a QNN layer at the paper's shape (B=8192, D=1024, M=4), as
     kernels/quadratic_projection.py launches them in fp32: forward h = x @ W.T + b, grad_x = G @ W
-    + gy * s, grad_W = G.T @ x. fp32 only: no other dtype runs this kernel."""
+    + gy * s, grad_W = G.T @ x; each with the operands split in the kernel (fp32_gemm_<product>)
+    and split in memory first (fp32_gemm_presplit_<product>). fp32 only: no other dtype runs
+    this kernel."""
     if dtype != torch.float32:
         return []
-    cfg = _config(interpreting=False)
-    num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
     batch, dim, hidden = 8192, 1024, 4 * 1024
 
-    def case(name, m, n, k, strides, bias, addend):
+    def case(name, m, n, k, strides, bias, addend, presplit):
+        cfg = _config(interpreting=False, presplit=presplit)
+        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         # strides: (stride_am, stride_ak, stride_bk, stride_bn); the unit ones are what the JIT
         # specialises (an int equal to 1 becomes a constant), the others divisible by 16.
         values = dict(M=m, N=n, K=k, stride_am=strides[0], stride_ak=strides[1], stride_bk=strides[2],
                       stride_bn=strides[3], stride_cm=n, stride_addend_m=n if addend else 0)
-        constexprs = dict(HAS_BIAS=bias, HAS_ADDEND=addend, EVEN_K=True, **cfg)
+        constexprs = dict(HAS_BIAS=bias, HAS_ADDEND=addend, EVEN_K=True, PRESPLIT=presplit, **cfg)
         constexprs.update({arg: 1 for arg, v in values.items() if v == 1})
-        signature = {arg: "*fp32" for arg in ("a_ptr", "b_ptr", "c_ptr", "bias_ptr", "addend_ptr")}
+        signature = {arg: "*fp32" for arg in _matmul_kernel.arg_names if arg.endswith("_ptr")}
         signature.update({arg: ("constexpr" if v == 1 else "i32") for arg, v in values.items()})
         signature.update({arg: "constexpr" for arg in constexprs})
         signature = {arg: signature[arg] for arg in _matmul_kernel.arg_names}
@@ -233,11 +300,11 @@ def codegen_cases(dtype: torch.dtype = torch.float32) -> list[dict]:
         return dict(name=name, fn=_matmul_kernel, signature=signature, constexprs=constexprs, attrs=attrs,
                     num_warps=num_warps, num_stages=num_stages)
 
-    return [
-        # x (B, D) row-major, W.T a view of W (M*D, D): both read along K.
-        case("fp32_gemm_forward", batch, hidden, dim, (dim, 1, 1, dim), bias=True, addend=False),
-        # G (B, M*D), W (M*D, D) row-major: B read across K.
-        case("fp32_gemm_grad_x", batch, dim, hidden, (hidden, 1, dim, 1), bias=False, addend=True),
-        # G.T a view of G, x (B, D): both read across K.
-        case("fp32_gemm_grad_w", hidden, dim, batch, (1, hidden, dim, 1), bias=False, addend=False),
-    ]
+    return [case(f"fp32_gemm_{'presplit_' * presplit}{name}", *shape, presplit=presplit)
+            for presplit in (False, True) for name, *shape in (
+                # x (B, D) row-major, W.T a view of W (M*D, D): both read along K.
+                ("forward", batch, hidden, dim, (dim, 1, 1, dim), True, False),
+                # G (B, M*D), W (M*D, D) row-major: B read across K.
+                ("grad_x", batch, dim, hidden, (hidden, 1, dim, 1), False, True),
+                # G.T a view of G, x (B, D): both read across K.
+                ("grad_w", hidden, dim, batch, (1, hidden, dim, 1), False, False))]

@@ -1353,9 +1353,9 @@ def test_the_16_bit_register_cap_is_timed_against_the_candidate(monkeypatch):
 
 def test_the_qnn_fp32_products_are_timed_against_cublas_with_their_error():
     """bench_qnn's fp32_gemm rows on the CPU (Triton's interpreter, the split forced, a toy size):
-    each of the three products, cuBLAS's and the kernel's, timed, with its error against float64
-    in units of the fp32 tolerance (under 1 here: the interpreter multiplies in IEEE fp32). Where
-    the kernel does not apply (the CPU, not forced) nothing is timed."""
+    each of the three products, cuBLAS's and the kernel's in both forms, timed, with its error
+    against float64 in units of the fp32 tolerance (under 1 here: the interpreter multiplies in
+    IEEE fp32). Where the kernel does not apply (the CPU, not forced) nothing is timed."""
     from bench import bench_qnn
     from kernels import fp32_gemm
 
@@ -1363,12 +1363,18 @@ def test_the_qnn_fp32_products_are_timed_against_cublas_with_their_error():
     with fp32_gemm.products("3xtf32"):
         rows = list(bench_qnn._fp32_product_rows(torch.device("cpu"), 8, 16, "fp32"))
     modes = ["forward x @ W.T + b", "grad_x G @ W + gy * s", "grad_W G.T @ x"]
+    kernels = ("3xTF32", "3xTF32, split first")
     assert [(r["provider"], r["mode"]) for r in rows if r["metric"] == "time"] == [
-        (p, m) for m in modes for p in ("cuBLAS", "3xTF32")]
-    assert [r["mode"] for r in rows if r["metric"] == "speedup_vs_cublas"] == modes
-    assert all(r["provider"] == "3xTF32" for r in rows if r["metric"] == "speedup_vs_cublas")
+        (p, m) for m in modes for p in ("cuBLAS", *kernels)]
+    assert [(r["provider"], r["mode"]) for r in rows if r["metric"] == "speedup_vs_cublas"] == [
+        (p, m) for m in modes for p in kernels]
     errors = [r["p50"] for r in rows if r["metric"] == "error_vs_float64"]
-    assert len(errors) == 6 and all(0 <= e < 1 for e in errors), errors
+    assert len(errors) == 9 and all(0 <= e < 1 for e in errors), errors
+    # The report: a verdict per kernel form against cuBLAS.
+    from bench import report
+
+    lines = "\n".join(report.kernel_choices(rows))
+    assert "**fp32_gemm** (3xTF32):" in lines and "**fp32_gemm** (3xTF32, split first):" in lines
     assert {r["kernel"] for r in rows} == {"fp32_gemm"} and {r["dtype"] for r in rows} == {"fp32"}
 
 
@@ -1442,7 +1448,7 @@ def test_tune_fp32_gemm_times_each_candidate_beside_cublas_and_names_the_fastest
     monkeypatch.setattr(fp32_gemm, "_config", lambda *a: seen.append(config(*a)) or seen[-1])
     rows = list(tune_fp32_gemm._rows(torch.device("cpu"), 8, 16))
     modes = ["forward x @ W.T + b", "grad_x G @ W + gy * s", "grad_W G.T @ x"]
-    lines = ["cuBLAS", "_config's", "16x32x16 warps=1 stages=1"]
+    lines = ["cuBLAS", "_config's", "_config's, split first", "16x32x16 warps=1 stages=1"]
     assert [(r["mode"], r["provider"]) for r in rows if r["metric"] == "time"] == [(m, p) for m in modes for p in lines]
     assert all(r["kernel"] == "fp32_gemm_config" and r["p50"] > 0 for r in rows)
     assert {c["BLOCK_N"] for c in seen} == {16, 32} and all(c["BLOCK_K"] == 16 for c in seen)

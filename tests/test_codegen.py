@@ -182,15 +182,16 @@ def test_qnn_passes_use_128_bit_accesses(records, kernel, dtype, arch):
             f"{kernel} ({dtype}, sm_{arch}) stores {pointer} with {stores.get(pointer)}-bit stores (all: {stores})")
 
 
-FP32_GEMM_KERNELS = ["fp32_gemm_forward", "fp32_gemm_grad_x", "fp32_gemm_grad_w"]
+FP32_GEMM_KERNELS = [f"fp32_gemm_{form}{product}" for form in ("", "presplit_") for product in ("forward", "grad_x", "grad_w")]
 
 
 @pytest.mark.parametrize("kernel", FP32_GEMM_KERNELS)
 def test_fp32_gemm_multiplies_on_sm_90_tensor_cores_without_spilling(records, kernel):
-    """kernels/fp32_gemm.py, the QNN's three fp32 products in their layouts (x @ W.T, G @ W, G.T @ x)
-    on Hopper, where they run: wgmma (HGMMA), nothing in local memory (32-deep slices spilled 24
-    bytes in G.T @ x). sm_89 compiles too (HMMA), though no RTX 4090 runs it: the split does not
-    pay there. Only fp32 has these cases."""
+    """kernels/fp32_gemm.py, the QNN's three fp32 products in their layouts (x @ W.T, G @ W, G.T @ x),
+    the operands split in the kernel or in memory first (presplit_), on Hopper, where they run:
+    wgmma (HGMMA), nothing in local memory (32-deep slices spilled 24 bytes in G.T @ x). sm_89
+    compiles too (HMMA), though no RTX 4090 runs it: the split does not pay there. Only fp32 has
+    these cases."""
     rec = _record(records, kernel, "fp32", 90)
     assert "HGMMA" in rec["matrix_instructions"].split(","), rec["matrix_instructions"]
     assert rec["local_memory"] == 0, f"{kernel}: {rec['local_memory']} bytes of local memory at {rec['registers']} registers"

@@ -46,13 +46,30 @@ fixture_ok = settings(suppress_health_check=[HealthCheck.function_scoped_fixture
 
 @fixture_ok
 @given(m=st.integers(1, 40), n=st.integers(1, 40), k=st.integers(1, 50), a_t=st.booleans(), b_t=st.booleans(),
-       with_bias=st.booleans(), with_addend=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_matches_float64_at_odd_sizes_and_strides(device, m, n, k, a_t, b_t, with_bias, with_addend, seed):
+       with_bias=st.booleans(), with_addend=st.booleans(), presplit=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_matches_float64_at_odd_sizes_and_strides(device, m, n, k, a_t, b_t, with_bias, with_addend, presplit, seed):
+    """Both forms: the operands split in the kernel (tf32x3), or in memory first (PRESPLIT)."""
     g = torch.Generator().manual_seed(seed)
     a, b = _operand(m, k, a_t, device, g), _operand(k, n, b_t, device, g)
     bias = torch.randn(n, generator=g).to(device) if with_bias else None
     addend = torch.randn(m, n, generator=g).to(device) if with_addend else None
-    assert_fp32_close(fp32_gemm.matmul(a, b, bias=bias, addend=addend), a, b, bias, addend)
+    assert_fp32_close(fp32_gemm.matmul(a, b, bias=bias, addend=addend, presplit=presplit), a, b, bias, addend)
+
+
+@fixture_ok
+@given(values=st.lists(st.floats(-2.0**100, 2.0**100, width=32), min_size=1, max_size=40),
+       transposed=st.booleans())
+def test_the_split_is_exact_and_its_big_part_is_tf32(device, values, transposed):
+    """split(t): t == big + small exactly; big keeps TF32's 10 stored mantissa bits (its low 13 bits
+    zero), rounded to nearest, so |small| is at most half a TF32 unit of t; a transposed view keeps
+    its strides (the QNN's G.T), and so do both parts."""
+    t = torch.tensor(values, dtype=torch.float32, device=device)
+    t = torch.stack([t, -t * 0.5]).t() if transposed else t.reshape(1, -1)
+    big, small = fp32_gemm.split(t)
+    assert big.stride() == small.stride() == t.stride()
+    assert torch.equal(big + small, t)
+    assert not (big.view(torch.int32) & 0x1FFF).any()
+    assert (small.abs() <= t.abs() * 2.0**-11).all()
 
 
 def test_tiles_across_groups_of_rows(device):
@@ -63,7 +80,8 @@ def test_tiles_across_groups_of_rows(device):
     n, k = cfg["BLOCK_N"] * 2 + 5, cfg["BLOCK_K"] * 2 + 7
     g = torch.Generator().manual_seed(1)
     a, b = _operand(m, k, False, device, g), _operand(k, n, True, device, g)
-    assert_fp32_close(fp32_gemm.matmul(a, b), a, b)
+    for presplit in (False, True):
+        assert_fp32_close(fp32_gemm.matmul(a, b, presplit=presplit), a, b)
 
 
 def test_empty_dimensions(device):
@@ -163,19 +181,21 @@ def _count_products(monkeypatch) -> list:
     calls = []
     real = fp32_gemm.matmul
 
-    def counted(a, b, bias=None, addend=None):
+    def counted(a, b, bias=None, addend=None, presplit=None):
         calls.append((tuple(a.shape), tuple(b.shape), bias is not None, addend is not None))
-        return real(a, b, bias=bias, addend=addend)
+        return real(a, b, bias=bias, addend=addend, presplit=presplit)
 
     monkeypatch.setattr(fp32_gemm, "matmul", counted)
     return calls
 
 
 @pytest.mark.parametrize("frozen_weight", [False, True])
-def test_qnn_triton_backend_with_split_products_matches_float64(device, monkeypatch, frozen_weight):
+@pytest.mark.parametrize("presplit", [False, True])
+def test_qnn_triton_backend_with_split_products_matches_float64(device, monkeypatch, frozen_weight, presplit):
     """The Triton QNN with its three fp32 products through this kernel (forced, as on an H200 with
-    TF32 off): forward and every gradient against the float64 reference on the kernel's own mask,
-    at the fp32 tolerance. A frozen weight skips the grad_W product."""
+    TF32 off), in either form: forward and every gradient against the float64 reference on the
+    kernel's own mask, at the fp32 tolerance. A frozen weight skips the grad_W product."""
+    monkeypatch.setattr(fp32_gemm, "PRESPLIT", presplit)
     calls = _count_products(monkeypatch)
     batch, dim, rows, p, seed = 21, 19, 3, 0.2, 5
     x, weight, bias, gy = make_inputs(batch, dim, rows, torch.float32, device, seed=3)
@@ -209,10 +229,12 @@ def test_qnn_keeps_vendor_products_where_the_split_does_not_pay(device, monkeypa
     assert calls == [] and weight.grad is not None
 
 
+@pytest.mark.parametrize("presplit", [False, True])
 @pytest.mark.parametrize("product", ["forward", "grad_x", "grad_w"])
-def test_the_qnn_products_at_the_papers_shape(device, product):
+def test_the_qnn_products_at_the_papers_shape(device, product, monkeypatch, presplit):
     """B=8192, D=1024, M=4 on a GPU (on the CPU a slice: the interpreter's time grows with the
-    size), in the layouts the QNN passes them: x @ W.T + b, G @ W + gy * s, G.T @ x."""
+    size), in the layouts the QNN passes them: x @ W.T + b, G @ W + gy * s, G.T @ x; in either form."""
+    monkeypatch.setattr(fp32_gemm, "PRESPLIT", presplit)
     batch, dim, hidden = (8192, 1024, 4096) if device.type == "cuda" else (48, 64, 96)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(batch, dim, generator=g).to(device)
