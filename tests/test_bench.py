@@ -1445,7 +1445,7 @@ def test_tune_fp32_gemm_times_each_candidate_beside_cublas_and_names_the_fastest
 
     monkeypatch.setattr(tune_fp32_gemm, "CANDIDATES", [(16, 32, 16, 1, 1)])
     seen, config = [], fp32_gemm._config
-    monkeypatch.setattr(fp32_gemm, "_config", lambda *a: seen.append(config(*a)) or seen[-1])
+    monkeypatch.setattr(fp32_gemm, "_config", lambda *a, **kw: seen.append(config(*a, **kw)) or seen[-1])
     rows = list(tune_fp32_gemm._rows(torch.device("cpu"), 8, 16))
     modes = ["forward x @ W.T + b", "grad_x G @ W + gy * s", "grad_W G.T @ x"]
     lines = ["cuBLAS", "_config's", "_config's, split first", "16x32x16 warps=1 stages=1"]
