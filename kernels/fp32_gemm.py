@@ -96,15 +96,20 @@ def applies(device: torch.device, *operands: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _split_kernel(x_ptr, big_ptr, small_ptr, n, BLOCK: tl.constexpr):
-    """big = x rounded to TF32 (nearest, ties away: cvt.rna's rounding, on the bits), small = x - big
-    (exact in fp32; a TF32 product reads its top 11 bits)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < n
-    x = tl.load(x_ptr + offs, mask=inside, other=0.0)
+def _split_kernel(x_ptr, big_ptr, small_ptr, R, C, stride_xr, stride_xc, stride_or, stride_oc,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One (BLOCK_R, BLOCK_C) tile of a 2-d x: big = x rounded to TF32 (nearest, ties away:
+    cvt.rna's rounding, on the bits), small = x - big (exact in fp32; a TF32 product reads its top
+    11 bits), both written with the output's strides, which may transpose x (Triton stages the tile
+    through shared memory so that reads and writes both run along their contiguous dimension)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = (offs_r[:, None] < R) & (offs_c[None, :] < C)
+    x = tl.load(x_ptr + offs_r[:, None] * stride_xr + offs_c[None, :] * stride_xc, mask=inside, other=0.0)
     big = ((x.to(tl.int32, bitcast=True) + 0x1000) & -0x2000).to(tl.float32, bitcast=True)
-    tl.store(big_ptr + offs, big, mask=inside)
-    tl.store(small_ptr + offs, x - big, mask=inside)
+    out = offs_r[:, None] * stride_or + offs_c[None, :] * stride_oc
+    tl.store(big_ptr + out, big, mask=inside)
+    tl.store(small_ptr + out, x - big, mask=inside)
 
 
 @triton.jit
@@ -116,7 +121,7 @@ def _matmul_kernel(a_ptr, b_ptr, a_small_ptr, b_small_ptr, c_ptr, bias_ptr, adde
     groups of GROUP_M rows, so consecutive programs share B's column tiles in L2. A and B take any
     strides: the QNN's backward reads G transposed (grad_W = G.T @ x) as a view.
     PRESPLIT: A and B hold the TF32 parts of the operands, a_small and b_small (same strides) the
-    rest, split once in memory (_split_kernel), so that the tiles go from shared memory to the
+    rest, split once in memory along K (_split_kernel), so that the tiles go from shared memory to the
     tensor cores as they are (Triton's tf32x3 splits each tile in registers and stores both parts
     back to shared memory, in every program that reads it). The two small products accumulate
     apart from the big one, so that the tensor cores' truncation of the large sum does not eat them."""
@@ -132,31 +137,30 @@ def _matmul_kernel(a_ptr, b_ptr, a_small_ptr, b_small_ptr, c_ptr, bias_ptr, adde
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    # Rows past M and columns past N read row 0 / column 0 again (in bounds, unmasked loads); the
-    # store drops them.
-    safe_m = tl.where(offs_m < M, offs_m, 0)
-    safe_n = tl.where(offs_n < N, offs_n, 0)
-    a_offs = safe_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    b_offs = offs_k[:, None] * stride_bk + safe_n[None, :] * stride_bn
+    # Rows past M and columns past N are masked, not clamped: clamped offsets (tl.where) lose
+    # their contiguity to Triton's analysis, and an operand contiguous along M or N (G.T, W and x
+    # in the backward) was then read 4 bytes at a time. Masks over M and N divisible by 16 keep
+    # the 16-byte accesses (tests/test_codegen.py).
+    a_offs = offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_offs = offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    a_inside = offs_m[:, None] < M
+    b_inside = offs_n[None, :] < N
     a_ptrs, a_small_ptrs = a_ptr + a_offs, a_small_ptr + a_offs
     b_ptrs, b_small_ptrs = b_ptr + b_offs, b_small_ptr + b_offs
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_small = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(b_ptrs)
+            a_mask = a_inside
+            b_mask = b_inside
         else:
-            left = K - k
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < left, other=0.0)
-            b = tl.load(b_ptrs, mask=offs_k[:, None] < left, other=0.0)
+            a_mask = a_inside & (offs_k[None, :] < K - k)
+            b_mask = b_inside & (offs_k[:, None] < K - k)
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
         if PRESPLIT:
-            if EVEN_K:
-                a_small = tl.load(a_small_ptrs)
-                b_small = tl.load(b_small_ptrs)
-            else:
-                a_small = tl.load(a_small_ptrs, mask=offs_k[None, :] < left, other=0.0)
-                b_small = tl.load(b_small_ptrs, mask=offs_k[:, None] < left, other=0.0)
+            a_small = tl.load(a_small_ptrs, mask=a_mask, other=0.0)
+            b_small = tl.load(b_small_ptrs, mask=b_mask, other=0.0)
             acc_small = tl.dot(a_small, b, acc_small, input_precision="tf32")
             acc_small = tl.dot(a, b_small, acc_small, input_precision="tf32")
             acc = tl.dot(a, b, acc, input_precision="tf32")
@@ -199,10 +203,10 @@ def forced_config(**cfg):
 
 def _config(interpreting: bool = INTERPRETING, presplit: bool = False) -> dict:
     """One launch configuration (no autotuning). On a GPU 128 x 128 tiles over 16-deep slices, 8
-    warps, 4 stages: 65 KB of shared memory and 176-255 registers a thread, without spills for
-    sm_80 and sm_90 (tests/test_codegen.py). Split first (PRESPLIT), where both parts of both tiles
-    are staged and two accumulators live, 3 stages: 97 KB and 170-254 registers for sm_90, without
-    spills in Triton 3.3.1, 3.6 and 3.9 (4 stages spilled 24 bytes in G.T @ x with 3.3.1). 32-deep slices spilled there (the split keeps both
+    warps, 4 stages: 65 KB of shared memory and 175-186 registers a thread for sm_90, without
+    spills, every operand read in 16-byte accesses (tests/test_codegen.py; Triton 3.3.1, 3.6, 3.9).
+    Split first (PRESPLIT), where both parts of both tiles are staged and two accumulators live,
+    3 stages: 97 KB and 168-224 registers (4 stages spilled 24 bytes in G.T @ x with 3.3.1). 32-deep slices spilled there (the split keeps both
     halves of A's and B's fragments live), as did 128 x 256 tiles. The interpreter runs each
     program in numpy: small tiles keep the tests' odd shapes cheap."""
     if interpreting:
@@ -212,18 +216,23 @@ def _config(interpreting: bool = INTERPRETING, presplit: bool = False) -> dict:
     return cfg | _FORCED
 
 
-def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(big, small): t's TF32 part and the rest, t = big + small exactly, with t's strides where t
-    or its transpose is contiguous (the QNN's operands and their .t() views), else contiguous."""
-    if t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous():
-        big, small = split(t.t())
-        return big.t(), small.t()
-    t = t.contiguous()
-    big, small = torch.empty_like(t), torch.empty_like(t)
+def split(t: torch.Tensor, contiguous_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(big, small) of a 2-d fp32 t: its TF32 part and the rest, t = big + small exactly, both laid
+    out with dimension `contiguous_dim` contiguous, whatever t's strides. matmul passes a product's
+    K dimension: Hopper's tensor cores read 32-bit operands from shared memory only along K, so a
+    tile copied there as loaded must already run along K (else Triton copies it 4 bytes at a time,
+    transposing as it goes)."""
+    rows, cols = t.shape
+    shape = (rows, cols) if contiguous_dim == 1 else (cols, rows)
+    big, small = (torch.empty(shape, device=t.device, dtype=torch.float32) for _ in range(2))
+    if contiguous_dim == 0:
+        big, small = big.t(), small.t()
     if t.numel():
-        block = 1024
+        block = 16 if INTERPRETING else 64
         with launching_on(t.device):
-            _split_kernel[(-(-t.numel() // block),)](t, big, small, t.numel(), BLOCK=block)
+            _split_kernel[(-(-rows // block), -(-cols // block))](
+                t, big, small, rows, cols, t.stride(0), t.stride(1), big.stride(0), big.stride(1),
+                BLOCK_R=block, BLOCK_C=block)
     return big, small
 
 
@@ -256,7 +265,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
         addend = addend.contiguous()
     presplit = PRESPLIT if presplit is None else presplit
     if presplit:
-        (a, a_small), (b, b_small) = split(a), split(b)
+        (a, a_small), (b, b_small) = split(a, 1), split(b, 0)  # both along K
     else:
         a_small, b_small = a, b  # not read
     cfg = _config(presplit=presplit)
@@ -300,7 +309,11 @@ def codegen_cases(dtype: torch.dtype = torch.float32) -> list[dict]:
         return dict(name=name, fn=_matmul_kernel, signature=signature, constexprs=constexprs, attrs=attrs,
                     num_warps=num_warps, num_stages=num_stages)
 
-    return [case(f"fp32_gemm_{'presplit_' * presplit}{name}", *shape, presplit=presplit)
+    # Split first, both operands' parts are laid out along K (split(a, 1), split(b, 0)), whatever
+    # the product's own layouts.
+    along_k = lambda m, n, k, strides, *rest: (m, n, k, (k, 1, 1, k), *rest)  # noqa: E731
+    return [case(f"fp32_gemm_{'presplit_' * presplit}{name}", *(along_k(*shape) if presplit else shape),
+                 presplit=presplit)
             for presplit in (False, True) for name, *shape in (
                 # x (B, D) row-major, W.T a view of W (M*D, D): both read along K.
                 ("forward", batch, hidden, dim, (dim, 1, 1, dim), True, False),

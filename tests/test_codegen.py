@@ -194,6 +194,10 @@ def test_fp32_gemm_multiplies_on_sm_90_tensor_cores_without_spilling(records, ke
     these cases."""
     rec = _record(records, kernel, "fp32", 90)
     assert "HGMMA" in rec["matrix_instructions"].split(","), rec["matrix_instructions"]
+    # Every operand in 16-byte accesses: rows past M clamped with tl.where had cost the offsets their
+    # contiguity, and G.T, W and x in the backward were read 4 bytes at a time.
+    operands = {p: w for p, w in rec["ptx_loads_by_pointer"].items() if p in ("a_ptr", "b_ptr", "a_small_ptr", "b_small_ptr")}
+    assert set(operands.values()) == {"128"}, f"{kernel}: operand loads {operands}"
     assert rec["local_memory"] == 0, f"{kernel}: {rec['local_memory']} bytes of local memory at {rec['registers']} registers"
     assert "HMMA" in _record(records, kernel, "fp32", 89)["matrix_instructions"].split(",")
     assert not [r for r in records if r["kernel"] == kernel and r["dtype"] != "fp32"]

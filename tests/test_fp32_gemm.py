@@ -58,15 +58,16 @@ def test_matches_float64_at_odd_sizes_and_strides(device, m, n, k, a_t, b_t, wit
 
 @fixture_ok
 @given(values=st.lists(st.floats(-2.0**100, 2.0**100, width=32), min_size=1, max_size=40),
-       transposed=st.booleans())
-def test_the_split_is_exact_and_its_big_part_is_tf32(device, values, transposed):
-    """split(t): t == big + small exactly; big keeps TF32's 10 stored mantissa bits (its low 13 bits
-    zero), rounded to nearest, so |small| is at most half a TF32 unit of t; a transposed view keeps
-    its strides (the QNN's G.T), and so do both parts."""
+       transposed=st.booleans(), contiguous_dim=st.sampled_from([0, 1]))
+def test_the_split_is_exact_and_its_big_part_is_tf32(device, values, transposed, contiguous_dim):
+    """split(t, dim): t == big + small exactly; big keeps TF32's 10 stored mantissa bits (its low 13
+    bits zero), rounded to nearest, so |small| is at most half a TF32 unit of t; both parts laid
+    out along `dim` (a product's K), whatever t's own strides (the QNN's G.T, W, x)."""
     t = torch.tensor(values, dtype=torch.float32, device=device)
-    t = torch.stack([t, -t * 0.5]).t() if transposed else t.reshape(1, -1)
-    big, small = fp32_gemm.split(t)
-    assert big.stride() == small.stride() == t.stride()
+    t = torch.stack([t, -t * 0.5, t * 3]).t() if transposed else torch.stack([t, t * 0.25])
+    big, small = fp32_gemm.split(t, contiguous_dim)
+    assert big.stride(contiguous_dim) == small.stride(contiguous_dim) == 1
+    assert big.shape == small.shape == t.shape
     assert torch.equal(big + small, t)
     assert not (big.view(torch.int32) & 0x1FFF).any()
     assert (small.abs() <= t.abs() * 2.0**-11).all()
