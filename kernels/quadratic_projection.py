@@ -439,8 +439,9 @@ def dropout_keep_mask(seed: int, batch: int, num_row: int, dim: int, dropout_p: 
 
 def codegen_cases(dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """One dict per Triton kernel launched in training with dropout at B=8192, D=1024, M=4 (the
-    GEMMs around them are cuBLAS's, or in fp32 on sm_80/sm_90 kernels.fp32_gemm's), in `dtype`, or for a 16-bit dtype as QIN launches them
-    under autocast (the forward's x and gy * s in fp32, and in fp16 y and gy too).
+    GEMMs around them are cuBLAS's, or in fp32 on sm_80/sm_90 kernels.fp32_gemm's, whose own
+    cases that module gives), in `dtype`, or for a 16-bit dtype as QIN launches them under
+    autocast (the forward's x and gy * s in fp32, and in fp16 y and gy too).
 
     Each has name, fn, signature, constexprs, attrs, num_warps, num_stages, so that
     triton.compile(ASTSource(fn, signature, constexprs, attrs), target=..., options=dict(
