@@ -43,7 +43,7 @@ from typing import Callable
 import torch
 
 from kernels.compile_cache import cache_root
-from kernels.utils import autocast_off
+from kernels.utils import autocast_off, constant_under_compile
 
 logger = logging.getLogger("kernels.choice")
 
@@ -105,7 +105,7 @@ def where(device: torch.device) -> str:
     return gpu_label(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@torch.compiler.assume_constant_result  # under torch.compile: asked once while tracing, a constant after
+@constant_under_compile  # under torch.compile: asked once while tracing, a constant after
 def gpu_label(index: int) -> str:
     return _gpu_label(index)
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.utils import INT32_LIMIT, INTERPRETING, forcing, launching_on
+from kernels.utils import INT32_LIMIT, INTERPRETING, constant_under_compile, forcing, launching_on
 
 # Compute capabilities whose tensor cores multiply TF32 at 4x or more their CUDA cores' fp32
 # rate (dense, vendor data sheets): A100 (8.0) 8x, H100/H200 (9.0) 7.4x, B200 (10.0) more. The
@@ -78,7 +78,7 @@ def tensor_cores_pay(device: torch.device) -> bool:
     return _capability_pays(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@torch.compiler.assume_constant_result  # asked once while torch.compile traces the op's caller, then a constant
+@constant_under_compile  # asked once while torch.compile traces the op's caller, then a constant
 def _capability_pays(index: int) -> bool:
     return torch.cuda.get_device_capability(index) in TENSOR_CORE_FP32_CAPABILITIES
 

@@ -82,6 +82,17 @@ def forcing(forced: dict, cfg: dict, forceable: tuple[str, ...]):
         forced.clear()
 
 
+def constant_under_compile(fn):
+    """torch.compiler.assume_constant_result(fn), without importing torch._dynamo: torch.compile
+    calls fn once while it traces and keeps its result as a constant. The public decorator imports
+    torch._dynamo (2.3 s on our 2-core test machine, a third of `qin --help`) only to set this one
+    mark on fn; dynamo reads the mark when it traces, by which time it is loaded anyway.
+    tests/test_compile.py holds the two to the same marks, so a torch that marks otherwise fails
+    there, not silently under compile."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def warn_reference_runs(op: str, why: str) -> None:
     """Once per op and process: a registered Triton op called where Triton cannot run computes
     the same function with the plain-PyTorch reference."""

@@ -1,6 +1,11 @@
-"""The package's imports point one way: no module imports, even lazily, one that imports it back."""
+"""The package's imports point one way: no module imports, even lazily, one that imports it back;
+and importing it stays cheap (no torch._dynamo until something compiles or builds an optimizer)."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import torch
 
 PACKAGE = Path(__file__).resolve().parents[1] / "qin"
 
@@ -45,3 +50,29 @@ def test_the_public_names_still_import():
 
     assert QIN is QINFromModel
     assert type(build_model(QINConfig(architecture="din", num_items=20, num_tags=5))).__name__ == "DIN"
+
+
+def test_importing_the_command_and_the_kernels_leaves_dynamo_unloaded():
+    """torch._dynamo takes 2.3 s to import on our 2-core test machine, a third of `qin --help`;
+    only torch.compile and the optimizers need it (torch's Optimizer imports it itself)."""
+    code = "import sys, qin.cli, kernels.fp32_gemm, kernels.choice; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent)
+    assert out.stdout.split() == ["False"], out.stderr
+
+
+def test_constant_under_compile_marks_as_torch_compiler_does():
+    """kernels.utils.constant_under_compile is torch.compiler.assume_constant_result without its
+    import of torch._dynamo: the same marks on the function, on this torch (a torch that marks
+    otherwise fails here; tests/test_fp32_gemm.py shows the mark holding under fullgraph=True)."""
+    from kernels.utils import constant_under_compile
+
+    def ours():
+        return 1
+
+    def torchs():
+        return 1
+
+    assert constant_under_compile(ours) is ours
+    assert torch.compiler.assume_constant_result(torchs) is torchs
+    assert vars(ours) == vars(torchs) == {"_dynamo_marked_constant": True}
