@@ -7,7 +7,6 @@ only when complete, and existing files are never overwritten without --force.
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import math
 import os
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from bench import common
+from bench.arguments import build_parser
 
 # Published, not measured here (SPEC.md): 2.8 minutes an epoch of 3.6M rows on an RTX 4090.
 AUTHORS_SAMPLES_PER_S = 21_000
@@ -791,21 +791,8 @@ def write_outputs(out: Path, rows: list[dict], failures: list[str], device: torc
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes and few repeats: minutes on a 2-core CPU")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="bench-report", help="folder for report.md, results.csv and plots")
-    parser.add_argument("--force", action="store_true", help="overwrite files already in --out")
-    parser.add_argument("--codegen", action="store_true",
-                        help="only compile every Triton kernel for sm_89 and sm_90 and report registers, spills, "
-                             "load widths, tensor-core instructions (part of every full run)")
-    parser.add_argument("--only", nargs="+", metavar="WORD", help="run only the sections whose title holds a word")
-    return parser
-
-
 def run_command(args) -> int:
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BenchError("--device cuda, but no CUDA device is available")
     out = Path(args.out)

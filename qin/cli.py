@@ -16,9 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from qin import distributed
-from qin.checkpoint import (CheckpointError, atomic_write, checkpoint_file, load_checkpoint, load_weights,
-                            training_there)
 from qin.commands_common import BUILTIN_SETTINGS, UsageError, file_in_the_way, load_data, override_key
 from qin.config import ConfigError, QINConfig, load_config, read_fuxictr_dataset, settings_help
 
@@ -135,6 +132,7 @@ def _add_dataset_block_args(p) -> None:
 
 
 def cmd_train(args) -> int:
+    from qin import distributed
     from qin.host_memory import keep_freed_memory
     from qin.train import Trainer, fill_vocab_from_data, resolve_device
 
@@ -205,6 +203,7 @@ def _kernels_that_run_here(cfg, overrides: list[str], resume: bool = False) -> N
     is loaded or written, or on --resume, where the run's config.yaml says so (a run trained on a
     GPU, continued on a CPU), 'auto' from here on (logged: how, not what, it computes)."""
     from kernels.utils import triton_cannot_run
+    from qin import distributed
     from qin.models import ops_not_in
     from qin.train import resolve_device
 
@@ -226,6 +225,9 @@ def _refuse_if_in_use(out_dir: Path) -> None:
     """Before the data loads, in one process (the run's lock decides again when training starts;
     under torchrun there, where every rank hears rank 0's answer: a rank that stopped before
     joining the others would leave those on other machines waiting)."""
+    from qin import distributed
+    from qin.checkpoint import training_there
+
     holder = training_there(out_dir) if not distributed.context_from_env().distributed else None
     if holder:
         raise UsageError(f"{out_dir} is in use: {holder} is training there (wait for it, or stop it)")
@@ -244,6 +246,8 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
     """The checkpoint's model in eval mode, and the dataset with the splits it will read (with
     `first_present`, only the first of them the folder holds; labels read strictly in `labelled`)."""
     from kernels import utils as kernels_utils
+    from qin import distributed
+    from qin.checkpoint import CheckpointError, checkpoint_file, load_checkpoint, load_weights
     from qin.data import warn_if_another_item_table
     from qin.models import build_model
     from qin.train import resolve_device, resolve_precision
@@ -276,6 +280,7 @@ def _model_from_checkpoint(path: str, data: str | None, device_name: str, precis
 
 
 def cmd_evaluate(args) -> int:
+    from qin import distributed
     from qin.data import require_both_classes
     from qin.train import evaluate
 
@@ -297,6 +302,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from qin import distributed
+    from qin.checkpoint import atomic_write
     from qin.train import predict
 
     output = _output_file(args.output, args.force)
@@ -335,6 +342,7 @@ def positive_int(text: str) -> int:
 
 def cmd_export(args) -> int:
     from qin import export
+    from qin.checkpoint import atomic_write
 
     output = _output_file(args.output, args.force)
     # Traced on a few rows of any split (their values never reach the program): --data may hold
@@ -400,6 +408,7 @@ def cmd_parity(args) -> int:
                          "be imported here (PyPI has triton wheels for Linux x86_64 and aarch64 only)")
     from qin import parity
 
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available")
     if args.training and args.device != "cuda":
@@ -530,16 +539,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="curves.png", help="the picture to write (replaced if it exists)")
     p.set_defaults(func=cmd_plot)
 
-    from bench.report import build_parser as bench_parser
+    from bench.arguments import build_parser as bench_parser
 
     p = sub.add_parser("bench", help="run the benchmarks; write report.md, results.csv and plots")
     bench_parser(p)
     p.set_defaults(func=cmd_bench)
 
-    import torch
-
     p = sub.add_parser("parity", help="check the fused kernels and the model against float64; write parity.md/.csv")
-    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda where a GPU is available, else cpu")
     p.add_argument("--quick", action="store_true", help="small shapes only (under a minute on a CPU)")
     p.add_argument("--out", default="runs/parity", help="folder for parity.md and parity.csv")
     p.add_argument("--force", action="store_true", help="overwrite an earlier report in --out")
@@ -574,8 +581,13 @@ SHARED_BY_RANKS = ("train", "evaluate", "predict")
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The arguments first: --help and a mistyped command answer before torch is imported (seconds).
+    args = _parse(build_parser(), argv)
+
     import torch
 
+    from qin import distributed
+    from qin.checkpoint import CheckpointError
     from qin.data import DataError
     from qin.train import TrainingError, TrainingInterrupted
 
@@ -587,7 +599,6 @@ def main(argv: list[str] | None = None) -> int:
     # Under torchrun the other ranks load the same data: only rank 0 logs, as only it writes.
     main_rank = ctx.is_main
     logging.basicConfig(level=logging.INFO if main_rank else logging.ERROR, format="%(message)s")
-    args = _parse(build_parser(), argv)
     if args.command not in ("make-data", "plot"):  # those run no model
         from kernels import choice
 
