@@ -13,3 +13,7 @@ def __getattr__(name: str):
 
         return QIN
     raise AttributeError(f"module 'qin' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), "QIN"})
