@@ -54,13 +54,15 @@ def test_the_public_names_still_import():
 
 
 def test_the_commands_help_and_usage_errors_answer_without_importing_torch():
-    """`qin --help`, `qin train --help` or a mistyped command: 0.3-0.4 s on our 2-core test machine,
-    where importing torch takes 3-4 s. The arguments are parsed before anything imports torch."""
+    """`qin --help`, `qin train --help`, a mistyped command or `python -m bench --help`: 0.3-0.4 s
+    on our 2-core test machine, where importing torch takes 3-4 s. The arguments are parsed before
+    anything imports torch."""
     code = ("import sys\nfrom qin.cli import main\nfor argv in (['--help'], ['train', '--help'], ['bench', '--help'], "
             "['parity', '--help'], ['trian']):\n    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "print('torch' in sys.modules, file=sys.stderr)")
+            "import runpy\nsys.argv = ['bench', '--help']\ntry:\n    runpy.run_module('bench', run_name='__main__')\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent)
-    assert "invalid choice: 'trian'" in out.stderr and "--data-config" in out.stdout
+    assert "invalid choice: 'trian'" in out.stderr and "--data-config" in out.stdout and "python -m bench" in out.stdout
     assert out.stderr.split()[-1] == "False", out.stderr
 
 
