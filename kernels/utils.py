@@ -87,7 +87,7 @@ def constant_under_compile(fn):
     calls fn once while it traces and keeps its result as a constant. The public decorator imports
     torch._dynamo (2.3 s on our 2-core test machine, a third of `qin --help`) only to set this one
     mark on fn; dynamo reads the mark when it traces, by which time it is loaded anyway.
-    tests/test_compile.py holds the two to the same marks, so a torch that marks otherwise fails
+    tests/test_imports.py holds the two to the same marks, so a torch that marks otherwise fails
     there, not silently under compile."""
     fn._dynamo_marked_constant = True
     return fn
